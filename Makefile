@@ -1,0 +1,32 @@
+# The README's two commands: `make quickstart` and `make test`.
+# Each creates .venv with the project and its pinned dependencies if missing.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN ?= runs/quickstart
+
+.PHONY: quickstart test test-fast test-slow bench venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+quickstart: venv
+	$(BIN)/lmstack prepare --corpus=data/shakespeare.txt.gz --workdir=$(RUN) --tokenizer=char
+
+# Fast tests first, then the ones marked slow (still part of every run).
+# pytest exits 5 when a marker selects nothing; that is not a failure here.
+test: venv
+	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m slow -q || [ $$? -eq 5 ]
+
+bench: venv
+	$(BIN)/python bench/pipeline_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache *.egg-info

@@ -1,0 +1,38 @@
+"""`lmstack SUBCOMMAND [--flag=value ...]`: the one command line of lmstack."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+import app  # noqa: F401  (sets the environment before TensorFlow loads)
+from app import cli
+
+# name -> (module, one-line summary). Modules load on demand so that
+# `lmstack --help` does not pay for importing TensorFlow.
+SUBCOMMANDS = {
+    "prepare": ("app.prepare", "corpus -> tokenizer -> train/val token shards in a workdir"),
+}
+
+
+def usage() -> str:
+    width = max(len(n) for n in SUBCOMMANDS)
+    rows = "\n".join(f"  {n.ljust(width)}  {summary}" for n, (_, summary) in SUBCOMMANDS.items())
+    return (
+        "usage: lmstack SUBCOMMAND [--flag=value ...]\n\n"
+        "Raw text to a language model: tokenize, train, slim, serve, ship.\n\n"
+        f"subcommands:\n{rows}\n\n"
+        "`lmstack SUBCOMMAND --help` explains that subcommand's flags.")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0 if argv else cli.EXIT_USAGE)
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        sys.exit(cli.fail("lmstack", f"unknown subcommand {name!r}; choose one of {', '.join(SUBCOMMANDS)}"))
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    sys.exit(cli.run_subcommand(f"lmstack {name}", module, rest))

@@ -1,0 +1,261 @@
+"""`prepare`: corpus -> tokenizer -> token shards in a workdir.
+
+Reads the corpus, splits it into train and validation blocks, learns the
+tokenizer on the training text, tokenizes both splits with the tokenizer's own
+TensorFlow graph (the one that serving will run), and writes:
+
+    WORKDIR/tokenizer/               tokenizer.json + vocabulary or model
+    WORKDIR/data/{train,val}-*.tfrecord.gz
+    WORKDIR/data/manifest.json       files, counts, input hashes, tokenizer config
+    WORKDIR/config.json              the run's config; written last, it commits the stage
+
+Everything is built in a staging directory and renamed into place, so a failed
+or interrupted run leaves the workdir as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pathlib
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from pipelines import corpus as corpus_lib
+from pipelines import tokenizers
+from pipelines import workdir as workdir_lib
+from pipelines.errors import UserError
+from pipelines.progress import Progress
+
+MANIFEST_FORMAT = 1
+SPLITS = ("train", "val")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """How to turn a corpus into a tokenizer and token shards.
+
+    Attributes:
+        corpus: files or globs (.gz is decompressed), read in this order.
+        tokenizer: which tokenizer to learn.
+        val_fraction: share of the corpus's line blocks held out for validation.
+        seed: picks the validation blocks.
+        encoding_errors: 'strict' stops at bytes that are not UTF-8; 'replace'
+            turns them into U+FFFD.
+        num_blocks: the corpus is cut into about this many blocks of whole lines
+            for the split.
+        shard_tokens: at most this many tokens per shard.
+        min_train_shards: at least this many training shards, so file-based
+            auto-sharding can feed that many workers.
+        min_val_shards: at least this many validation shards.
+        record_tokens: tokens per TFRecord record.
+    """
+    corpus: tuple[str, ...]
+    tokenizer: tokenizers.TokenizerConfig = tokenizers.TokenizerConfig()
+    val_fraction: float = 0.1
+    seed: int = 0
+    encoding_errors: str = "strict"
+    num_blocks: int = 100
+    shard_tokens: int = 1_000_000
+    min_train_shards: int = 8
+    min_val_shards: int = 2
+    record_tokens: int = 4096
+
+    def validate(self) -> None:
+        self.tokenizer.validate()
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val_fraction={self.val_fraction}: expected a fraction in [0, 1), such as 0.1")
+        if self.encoding_errors not in corpus_lib.ENCODING_ERRORS:
+            raise UserError(f"--encoding_errors={self.encoding_errors!r}: expected one of "
+                            f"{', '.join(corpus_lib.ENCODING_ERRORS)}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"corpus": list(self.corpus)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareResult:
+    """What `prepare` did: `reused` is True when the workdir was already up to date."""
+    workdir: workdir_lib.Workdir
+    manifest: dict[str, Any]
+    reused: bool
+
+
+def prepare(config: PrepareConfig, workdir: str | os.PathLike, overwrite: bool = False,
+            progress: Progress | None = None) -> PrepareResult:
+    """Builds (or reuses) the tokenizer and token shards of a workdir.
+
+    Args:
+        config: what to read and how to tokenize it.
+        workdir: the run directory; created if missing.
+        overwrite: replace a workdir prepared from other inputs (and every later
+            stage's outputs in it, which were built from the old data).
+        progress: where progress goes; silent by default.
+    Returns:
+        The manifest and whether the existing workdir was reused.
+    Raises:
+        UserError: bad input; the workdir is left as it was.
+    """
+    progress = progress or Progress()
+    config.validate()
+    wd = workdir_lib.Workdir(workdir)
+    docs = corpus_lib.read_corpus(config.corpus, config.encoding_errors)
+    progress.note(f"read {len(docs)} file(s), {sum(d.size for d in docs) / 1e6:.1f} MB")
+    fingerprint = _fingerprint(config, docs)
+
+    if wd.root.exists():
+        _check_existing(wd, fingerprint, overwrite)
+        if wd.is_prepared() and not overwrite:
+            progress.note(f"{wd.root} is already prepared from these inputs; reusing it")
+            return PrepareResult(wd, wd.read_manifest(), reused=True)
+    created = workdir_lib.ensure_writable_dir(wd.root)
+    try:
+        with workdir_lib.staging_dir(wd, "prepare") as staging:
+            manifest = _build(config, docs, fingerprint, staging, progress)
+            if overwrite or not wd.is_prepared():
+                removed = workdir_lib.remove_stage_outputs(wd)
+                if removed and overwrite:
+                    progress.note(f"--overwrite: replaced {', '.join(removed)} in {wd.root}")
+            os.rename(staging / workdir_lib.TOKENIZER_DIR, wd.tokenizer_dir)
+            os.rename(staging / workdir_lib.DATA_DIR, wd.data_dir)
+            workdir_lib.write_json(wd.config_path, {
+                "lmstack_config_version": 1,
+                "prepare": config.to_json() | {"fingerprint": fingerprint},
+            })
+    except BaseException:
+        if created:
+            _remove_if_empty(wd.root)
+        raise
+    return PrepareResult(wd, manifest, reused=False)
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    """A short human summary of a manifest: documents, characters, tokens, vocabulary, shards."""
+    tok = manifest["tokenizer"]
+    rows = [("split", "documents", "characters", "tokens", "chars/token", "shards")]
+    for name in SPLITS:
+        s = manifest["splits"][name]
+        ratio = f"{s['chars'] / s['tokens']:.2f}" if s["tokens"] else "-"
+        rows.append((name, f"{s['documents']:,}", f"{s['chars']:,}", f"{s['tokens']:,}", ratio, str(len(s["files"]))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.append(f"tokenizer: {tok['kind']}, vocabulary {tok['vocab_size']:,} tokens")
+    return "\n".join(lines)
+
+
+def _check_existing(wd: workdir_lib.Workdir, fingerprint: str, overwrite: bool) -> None:
+    if not wd.root.is_dir():
+        raise UserError(f"workdir {wd.root} exists and is not a directory; choose another --workdir")
+    foreign = [p.name for p in wd.root.iterdir()
+               if p.name not in workdir_lib.STAGE_OUTPUTS and not p.name.startswith(".")]
+    if foreign:
+        raise UserError(
+            f"{wd.root} is not an lmstack workdir (it holds {', '.join(sorted(foreign)[:3])}); "
+            "choose a new or empty --workdir")
+    if wd.is_prepared() and not overwrite:
+        old = workdir_lib.read_json(wd.config_path).get("prepare", {})
+        if old.get("fingerprint") != fingerprint:
+            raise UserError(
+                f"{wd.root} was prepared from other inputs or settings; pass --overwrite to "
+                "replace it (and every stage built on it), or choose another --workdir")
+
+
+def _fingerprint(config: PrepareConfig, docs: Sequence[corpus_lib.Document]) -> str:
+    """Hash of the input bytes and every setting that shapes the output (not the paths)."""
+    settings = config.to_json()
+    del settings["corpus"]
+    blob = json.dumps({"inputs": [d.sha256 for d in docs], "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _build(config: PrepareConfig, docs: Sequence[corpus_lib.Document], fingerprint: str,
+           out: pathlib.Path, progress: Progress) -> dict[str, Any]:
+    blocks = corpus_lib.make_blocks(docs, config.num_blocks)
+    train, val, val_idx = corpus_lib.split_blocks(blocks, config.val_fraction, config.seed)
+
+    tok_dir = out / workdir_lib.TOKENIZER_DIR
+    tok_dir.mkdir()
+    progress.note(f"learning the {config.tokenizer.kind} tokenizer on the training text")
+    tokenizers.learn(config.tokenizer, (line for b in train for line in b.text.splitlines()), tok_dir)
+    tokenizer = tokenizers.load(tok_dir)
+
+    data_dir = out / workdir_lib.DATA_DIR
+    data_dir.mkdir()
+    splits = {}
+    for name, split_blocks, min_shards in (("train", train, config.min_train_shards),
+                                           ("val", val, config.min_val_shards)):
+        ids = _tokenize_blocks(tokenizer, split_blocks, name, progress)
+        files, shard_sizes = _write_shards(ids, data_dir, name, config, min_shards, progress)
+        splits[name] = {
+            "files": files, "shard_tokens": shard_sizes, "tokens": int(ids.size),
+            "chars": sum(len(b.text) for b in split_blocks),
+            "documents": len({b.doc for b in split_blocks}), "blocks": len(split_blocks),
+        }
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "fingerprint": fingerprint,
+        "sources": [{"path": d.path, "sha256": d.sha256, "bytes": d.size} for d in docs],
+        "tokenizer": tokenizers.load_config(tok_dir),
+        "split": {"val_fraction": config.val_fraction, "seed": config.seed,
+                  "blocks": len(blocks), "val_blocks": val_idx},
+        "record_tokens": config.record_tokens,
+        "splits": splits,
+    }
+    workdir_lib.write_json(data_dir / workdir_lib.MANIFEST_FILE, manifest)
+    return manifest
+
+
+def _tokenize_blocks(tokenizer, blocks: Sequence[corpus_lib.Block], split: str,
+                     progress: Progress) -> np.ndarray:
+    """One int32 token stream; [EOS] closes each document's last block in the split."""
+    if not blocks:
+        return np.zeros([0], np.int32)
+    # Tokenize inside tf.data: the graph path, identical to training and serving.
+    ds = tf.data.Dataset.from_tensor_slices([b.text for b in blocks]).map(
+        tokenizer.tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    pieces, eos = [], np.array([tokenizers.EOS_ID], np.int32)
+    for i, ids in enumerate(ds.as_numpy_iterator()):
+        pieces.append(ids.astype(np.int32))
+        if i + 1 == len(blocks) or blocks[i + 1].doc != blocks[i].doc:
+            pieces.append(eos)
+        progress.count(f"tokenizing {split}", i + 1, len(blocks), "blocks")
+    return np.concatenate(pieces)
+
+
+def _write_shards(ids: np.ndarray, out: pathlib.Path, split: str, config: PrepareConfig,
+                  min_shards: int, progress: Progress) -> tuple[list[str], list[int]]:
+    """Cuts the stream into contiguous shards of GZIP'd TFRecords of raw int32 records."""
+    if ids.size == 0:
+        return [], []
+    num = min(ids.size, max(min_shards, math.ceil(ids.size / config.shard_tokens)))
+    bounds = np.linspace(0, ids.size, num + 1).astype(np.int64)
+    files, sizes = [], []
+    options = tf.io.TFRecordOptions(compression_type="GZIP")
+    for i in range(num):
+        name = f"{split}-{i:05d}-of-{num:05d}.tfrecord.gz"
+        shard = ids[bounds[i]:bounds[i + 1]].astype("<i4")
+        with tf.io.TFRecordWriter(str(out / name), options) as writer:
+            for start in range(0, shard.size, config.record_tokens):
+                writer.write(shard[start:start + config.record_tokens].tobytes())
+        files.append(name)
+        sizes.append(int(shard.size))
+        progress.count(f"writing {split} shards", i + 1, num)
+    return files, sizes
+
+
+def _remove_if_empty(path: pathlib.Path) -> None:
+    """Removes a workdir this run created, if it holds nothing but scratch."""
+    try:
+        for p in path.iterdir():
+            if not p.name.startswith("."):
+                return
+        for p in path.iterdir():
+            os.unlink(p) if p.is_file() else None
+        path.rmdir()
+    except OSError:
+        pass

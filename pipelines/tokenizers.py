@@ -1,0 +1,304 @@
+"""Tokenizers: learned from the corpus, saved in the workdir, loaded as keras-nlp tokenizers.
+
+Four kinds, all with the same reserved ids (so models and samplers never ask
+which kind they have):
+
+    0 [PAD]   1 [UNK]   2 [BOS]   3 [EOS]
+
+- `char`: one id per character seen in the training text (most frequent
+  first); exact round trip of text whose characters are in the vocabulary.
+- `byte`: one id per UTF-8 byte (ids 4..259); exact round trip of any text.
+- `wordpiece`: keras-nlp's `compute_word_piece_vocabulary` + `WordPieceTokenizer`.
+- `sentencepiece`: keras-nlp's `compute_sentence_piece_proto` (unigram) +
+  `SentencePieceTokenizer`.
+
+The subword kinds normalize white space (WordPiece splits on it and rejoins
+with single spaces; SentencePiece's NFKC rules turn newlines into spaces), so
+use `char` or `byte` when layout matters.
+
+Every tokenizer is a `keras_nlp.tokenizers.Tokenizer` that runs as TensorFlow
+ops: the same graph tokenizes in `prepare`, in tf.data and inside exported
+SavedModels, which need only tensorflow and tensorflow_text to run.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import os
+import pathlib
+from typing import Any, Iterable, Sequence
+
+import keras_nlp
+import tensorflow as tf
+
+from pipelines import workdir as workdir_lib
+from pipelines.errors import UserError
+
+RESERVED_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(len(RESERVED_TOKENS))
+KINDS = ("char", "byte", "wordpiece", "sentencepiece")
+DEFAULT_SUBWORD_VOCAB = 8000
+BYTE_VOCAB_SIZE = len(RESERVED_TOKENS) + 256
+
+CONFIG_FILE = "tokenizer.json"
+CHAR_VOCAB_FILE = "vocabulary.json"
+WORDPIECE_VOCAB_FILE = "vocabulary.txt"
+SENTENCEPIECE_FILE = "sentencepiece.model"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """What tokenizer to learn.
+
+    Attributes:
+        kind: one of KINDS.
+        vocab_size: the vocabulary size including the 4 reserved tokens; 0 means
+            the kind's natural size (every character seen; 260 for bytes; 8000
+            for subwords).
+        lowercase: fold case before tokenizing (subword kinds only).
+    """
+    kind: str = "char"
+    vocab_size: int = 0
+    lowercase: bool = False
+
+    def validate(self) -> None:
+        """Raises UserError naming the bad value."""
+        if self.kind not in KINDS:
+            raise UserError(f"--tokenizer={self.kind!r}: expected one of {'|'.join(KINDS)}")
+        if self.vocab_size < 0:
+            raise UserError(f"--vocab_size={self.vocab_size}: must be positive (or 0 for the default)")
+        if self.kind == "byte" and self.vocab_size not in (0, BYTE_VOCAB_SIZE):
+            raise UserError(
+                f"--vocab_size={self.vocab_size}: the byte tokenizer has a fixed vocabulary of "
+                f"{BYTE_VOCAB_SIZE} (256 bytes + 4 reserved tokens); drop --vocab_size")
+        minimum = len(RESERVED_TOKENS) + 1
+        if self.vocab_size and self.vocab_size < minimum:
+            raise UserError(
+                f"--vocab_size={self.vocab_size} is too small: {self.kind} needs the "
+                f"{len(RESERVED_TOKENS)} reserved tokens {' '.join(RESERVED_TOKENS)} plus at least "
+                f"one token of text; use --vocab_size={minimum} or more")
+        if self.lowercase and self.kind in ("char", "byte"):
+            raise UserError(f"--lowercase applies to wordpiece and sentencepiece, not {self.kind}")
+
+
+class CharTokenizer(keras_nlp.tokenizers.Tokenizer):
+    """One id per character, with a vocabulary learned from the corpus.
+
+    Text is decoded into Unicode code points and a lookup table turns code
+    points into ids (unknown characters into [UNK]).
+    Detokenizing drops [PAD]/[BOS]/[EOS] and writes [UNK] as U+FFFD.
+
+    Args:
+        vocabulary: the 4 reserved tokens, then one single-character string per id.
+
+    Example:
+    >>> tok = CharTokenizer(list(RESERVED_TOKENS) + list("ab "))
+    >>> tok.tokenize("ab ba").numpy().tolist()
+    [4, 5, 6, 5, 4]
+    """
+
+    def __init__(self, vocabulary: Sequence[str], **kwargs):
+        super().__init__(**kwargs)
+        vocabulary = list(vocabulary)
+        if tuple(vocabulary[:len(RESERVED_TOKENS)]) != RESERVED_TOKENS:
+            raise ValueError(f"a char vocabulary starts with {RESERVED_TOKENS}, got {vocabulary[:4]}")
+        chars = vocabulary[len(RESERVED_TOKENS):]
+        if any(len(c) != 1 for c in chars):
+            raise ValueError("a char vocabulary holds single characters after the reserved tokens")
+        self.vocabulary = vocabulary
+        self._to_id = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(
+                tf.constant([ord(c) for c in chars], tf.int32),
+                tf.range(len(RESERVED_TOKENS), len(vocabulary), dtype=tf.int32)),
+            default_value=UNK_ID)
+        # id -> code point; -1 marks ids that print as nothing.
+        self._to_codepoint = tf.constant(
+            [-1, 0xFFFD, -1, -1] + [ord(c) for c in chars], tf.int32)
+
+    def tokenize(self, inputs):
+        # [] -> [T] or [B] -> ragged [B, None]; bad UTF-8 becomes U+FFFD, i.e. [UNK].
+        codepoints = tf.strings.unicode_decode(
+            tf.convert_to_tensor(inputs, tf.string), "UTF-8", errors="replace")
+        if isinstance(codepoints, tf.RaggedTensor):
+            return tf.ragged.map_flat_values(self._to_id.lookup, codepoints)
+        return self._to_id.lookup(codepoints)
+
+    def detokenize(self, inputs):
+        codepoints = tf.gather(self._to_codepoint, _as_ids(inputs))
+        codepoints = tf.ragged.boolean_mask(codepoints, codepoints >= 0)
+        return tf.strings.unicode_encode(codepoints, "UTF-8")
+
+    def get_vocabulary(self) -> list[str]:
+        return list(self.vocabulary)
+
+    def vocabulary_size(self) -> int:
+        return len(self.vocabulary)
+
+    def id_to_token(self, id: int) -> str:
+        return self.vocabulary[id]
+
+    def token_to_id(self, token: str) -> int:
+        return self.vocabulary.index(token)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "vocabulary": self.vocabulary}
+
+
+class ByteTokenizer(keras_nlp.tokenizers.Tokenizer):
+    """One id per UTF-8 byte: id = byte + 4, after the reserved tokens.
+
+    Round-trips any valid UTF-8 exactly (keras-nlp's own `ByteTokenizer`
+    has no room for reserved ids and drops NUL bytes).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._byte_strings = tf.constant([bytes([b]) for b in range(256)])
+
+    def tokenize(self, inputs):
+        inputs = tf.convert_to_tensor(inputs, tf.string)
+        byte_strings = tf.strings.bytes_split(inputs)  # [T] or ragged [B, None]
+        if isinstance(byte_strings, tf.RaggedTensor):
+            return tf.ragged.map_flat_values(_decode_bytes, byte_strings)
+        return _decode_bytes(byte_strings)
+
+    def detokenize(self, inputs):
+        ids = _as_ids(inputs)
+        ids = tf.ragged.boolean_mask(ids, ids >= len(RESERVED_TOKENS))
+        # id -> one-byte string, joined per sequence; a model can emit byte
+        # sequences that are not UTF-8, so those are replaced with U+FFFD.
+        byte_strings = tf.gather(self._byte_strings, ids - len(RESERVED_TOKENS))
+        text = tf.strings.reduce_join(byte_strings, axis=-1)
+        return tf.strings.unicode_transcode(text, "UTF-8", "UTF-8", errors="replace")
+
+    def get_vocabulary(self) -> list[str]:
+        return list(RESERVED_TOKENS) + [f"<0x{b:02X}>" for b in range(256)]
+
+    def vocabulary_size(self) -> int:
+        return BYTE_VOCAB_SIZE
+
+    def id_to_token(self, id: int) -> str:
+        return self.get_vocabulary()[id]
+
+    def token_to_id(self, token: str) -> int:
+        return self.get_vocabulary().index(token)
+
+
+def _decode_bytes(byte_strings: tf.Tensor) -> tf.Tensor:
+    """[N] one-byte strings -> [N] int32 ids."""
+    values = tf.reshape(tf.io.decode_raw(byte_strings, tf.uint8), [-1])
+    return tf.cast(values, tf.int32) + len(RESERVED_TOKENS)
+
+
+def _as_ids(inputs) -> tf.Tensor | tf.RaggedTensor:
+    if isinstance(inputs, (tf.Tensor, tf.RaggedTensor)):
+        return tf.cast(inputs, tf.int32)
+    if isinstance(inputs, list) and inputs and isinstance(inputs[0], list):
+        return tf.ragged.constant(inputs, dtype=tf.int32)
+    return tf.convert_to_tensor(inputs, tf.int32)
+
+
+# ---------------------------------------------------------------------------
+# Learning, saving and loading.
+
+
+def learn(config: TokenizerConfig, lines: Iterable[str], directory: pathlib.Path) -> None:
+    """Learns a tokenizer from training text and writes it to `directory`.
+
+    Args:
+        config: what to learn.
+        lines: the training text, line by line.
+        directory: an existing, empty directory.
+    Raises:
+        UserError: the vocabulary size does not fit the corpus.
+    """
+    config.validate()
+    lines = [line for line in lines if line.strip()]
+    size = config.vocab_size
+    if config.kind == "char":
+        counts = collections.Counter()
+        for line in lines:
+            counts.update(line)
+        counts.update("\n")  # lines were split on it; keep it in the vocabulary
+        chars = sorted(counts, key=lambda c: (-counts[c], ord(c)))
+        if size:
+            chars = chars[:size - len(RESERVED_TOKENS)]
+        workdir_lib.write_json(directory / CHAR_VOCAB_FILE, list(RESERVED_TOKENS) + chars)
+        size = len(RESERVED_TOKENS) + len(chars)
+    elif config.kind == "byte":
+        size = BYTE_VOCAB_SIZE
+    elif config.kind == "wordpiece":
+        vocab = keras_nlp.tokenizers.compute_word_piece_vocabulary(
+            tf.data.Dataset.from_tensor_slices(lines).batch(1024),
+            vocabulary_size=size or DEFAULT_SUBWORD_VOCAB,
+            lowercase=config.lowercase, strip_accents=False,
+            reserved_tokens=list(RESERVED_TOKENS))
+        (directory / WORDPIECE_VOCAB_FILE).write_text("\n".join(vocab) + "\n", encoding="utf-8")
+        size = len(vocab)
+    else:
+        size = size or DEFAULT_SUBWORD_VOCAB
+        try:
+            with _quiet_stderr():  # SentencePiece's trainer logs pages of settings
+                proto = keras_nlp.tokenizers.compute_sentence_piece_proto(
+                    tf.data.Dataset.from_tensor_slices(lines), vocabulary_size=size,
+                    lowercase=config.lowercase)
+        except RuntimeError as e:
+            raise UserError(
+                f"--vocab_size={size} does not fit this corpus for sentencepiece "
+                f"({str(e).strip().splitlines()[-1]}); choose another --vocab_size") from None
+        (directory / SENTENCEPIECE_FILE).write_bytes(_rename_special_pieces(proto))
+    workdir_lib.write_json(directory / CONFIG_FILE, {
+        **dataclasses.asdict(config), "vocab_size": size,
+        "requested_vocab_size": config.vocab_size, "reserved_tokens": list(RESERVED_TOKENS),
+    })
+
+
+def load(directory: str | os.PathLike) -> keras_nlp.tokenizers.Tokenizer:
+    """Loads the tokenizer saved in `directory` (a workdir's tokenizer/)."""
+    directory = pathlib.Path(directory)
+    config = load_config(directory)
+    kind = config["kind"]
+    if kind == "char":
+        return CharTokenizer(workdir_lib.read_json(directory / CHAR_VOCAB_FILE))
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "wordpiece":
+        return keras_nlp.tokenizers.WordPieceTokenizer(
+            vocabulary=str(directory / WORDPIECE_VOCAB_FILE), lowercase=config["lowercase"],
+            strip_accents=False, oov_token=RESERVED_TOKENS[UNK_ID], _allow_python_workflow=False)
+    return keras_nlp.tokenizers.SentencePieceTokenizer(
+        proto=(directory / SENTENCEPIECE_FILE).read_bytes(), _allow_python_workflow=False)
+
+
+def load_config(directory: str | os.PathLike) -> dict[str, Any]:
+    path = pathlib.Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"no tokenizer at {directory} ({CONFIG_FILE} is missing); run `lmstack prepare` first")
+    return workdir_lib.read_json(path)
+
+
+def _rename_special_pieces(proto: bytes) -> bytes:
+    """Names SentencePiece's ids 0-3 like the other kinds' reserved tokens."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto.FromString(proto)
+    for i, token in enumerate(RESERVED_TOKENS):
+        model.pieces[i].piece = token
+    spec = model.trainer_spec
+    spec.pad_piece, spec.unk_piece, spec.bos_piece, spec.eos_piece = RESERVED_TOKENS
+    return model.SerializeToString()
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silences C++ logging on file descriptor 2 for the duration."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -1,0 +1,170 @@
+"""The workdir: the run directory that is the contract between stages.
+
+Every stage reads and writes one workdir (see DESIGN.md, "The flow"):
+
+    runs/NAME/
+      config.json      every config of the run, one section per stage
+      tokenizer/       tokenizer.json + vocabulary / SentencePiece model
+      data/            train/val TFRecord shards + manifest.json
+      checkpoints/ logs/ metrics.json optimized/ export/ tflite/ report/
+
+Writes are atomic: a file is written under a temporary name and renamed, a
+directory is built in a staging directory and renamed, so a crash never leaves
+a half-written artifact that a later stage would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+from pipelines.errors import UserError
+
+CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"
+DATA_DIR = "data"
+MANIFEST_FILE = "manifest.json"
+
+# Everything a stage may write at the top of a workdir. `prepare --overwrite`
+# removes these, since they were all built from the old data and tokenizer.
+STAGE_OUTPUTS = (
+    CONFIG_FILE, TOKENIZER_DIR, DATA_DIR, "checkpoints", "logs", "metrics.json",
+    "optimized", "export", "tflite", "report",
+)
+
+
+class Workdir:
+    """Paths of one run directory.
+
+    Args:
+        root: the run directory; it need not exist yet.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = pathlib.Path(root)
+
+    def __repr__(self) -> str:
+        return f"Workdir({str(self.root)!r})"
+
+    @property
+    def config_path(self) -> pathlib.Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def tokenizer_dir(self) -> pathlib.Path:
+        return self.root / TOKENIZER_DIR
+
+    @property
+    def data_dir(self) -> pathlib.Path:
+        return self.root / DATA_DIR
+
+    @property
+    def manifest_path(self) -> pathlib.Path:
+        return self.data_dir / MANIFEST_FILE
+
+    def is_prepared(self) -> bool:
+        """True once `prepare` has committed (config.json is written last)."""
+        return self.config_path.is_file() and self.manifest_path.is_file()
+
+    def read_config(self) -> dict[str, Any]:
+        """The run's config.json; raises UserError if the workdir is not prepared."""
+        if not self.is_prepared():
+            raise UserError(
+                f"{self.root} is not a prepared lmstack workdir (no {CONFIG_FILE} "
+                f"or {DATA_DIR}/{MANIFEST_FILE}); run `lmstack prepare --workdir={self.root}` first")
+        return read_json(self.config_path)
+
+    def read_manifest(self) -> dict[str, Any]:
+        self.read_config()  # same check, same message
+        return read_json(self.manifest_path)
+
+    def update_config(self, section: str, values: dict[str, Any]) -> None:
+        """Writes one stage's section of config.json, keeping the others."""
+        config = read_json(self.config_path) if self.config_path.is_file() else {}
+        config[section] = values
+        write_json(self.config_path, config)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes JSON atomically: a reader sees the old file or the new one, never half."""
+    path = pathlib.Path(path)
+    text = json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give it a normal file's mode
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def ensure_writable_dir(path: pathlib.Path) -> bool:
+    """Creates `path` if needed and checks we can write in it.
+
+    Returns:
+        True if this call created the directory (so a failed stage may remove it).
+    Raises:
+        UserError: the directory cannot be created or written.
+    """
+    existed = path.exists()
+    if existed and not path.is_dir():
+        raise UserError(f"workdir {path} exists and is not a directory; choose another --workdir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-")
+        probe.close()
+    except OSError as e:
+        raise UserError(
+            f"cannot write to workdir {path}: {e.strerror}; choose a writable --workdir") from None
+    return not existed
+
+
+@contextlib.contextmanager
+def staging_dir(workdir: Workdir, stage: str) -> Iterator[pathlib.Path]:
+    """A scratch directory inside the workdir, removed whatever happens.
+
+    Building a stage's outputs here and renaming them into place keeps a crash
+    from leaving half an artifact where later stages look (rename within one
+    file system is atomic).
+    """
+    path = pathlib.Path(tempfile.mkdtemp(dir=workdir.root, prefix=f".staging-{stage}-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stage_outputs(workdir: Workdir) -> list[str]:
+    """Removes every stage output of a workdir; returns the names removed."""
+    removed = []
+    for name in STAGE_OUTPUTS:
+        path = workdir.root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
