@@ -1,0 +1,135 @@
+"""Tokenizer and tf.data throughput on the bundled corpus.
+
+Measures, interleaved over several rounds in one process (the machines are
+shared and noisy, so only same-run ratios mean much):
+
+- keras-nlp tokenizers as lmstack runs them (char, wordpiece): MB/s of text
+  and tokens/s, tokenizing the corpus line batches through tf.data;
+- HF `tokenizers` WordPiece with the *same* vocabulary as the reference;
+- the training input (`pipelines.dataset.train_dataset`): tokens/s delivered.
+
+Prints a table and writes bench/results/pipeline_throughput.json.
+
+usage: python bench/pipeline_throughput.py [--rounds=3] [--batches=3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import app  # noqa: E402,F401  (environment before TensorFlow)
+import tensorflow as tf  # noqa: E402
+
+from pipelines import dataset, prepare, tokenizers  # noqa: E402
+
+CORPUS = ROOT / "data" / "shakespeare.txt.gz"
+RESULTS = ROOT / "bench" / "results"
+
+
+def keras_nlp_rate(tok, lines: list[str], nbytes: int) -> tuple[float, int]:
+    ds = tf.data.Dataset.from_tensor_slices(lines).batch(1024).map(
+        tok.tokenize, num_parallel_calls=tf.data.AUTOTUNE).map(lambda r: r.flat_values)
+    start = time.perf_counter()
+    tokens = sum(int(t.shape[0]) for t in ds)
+    return nbytes / (time.perf_counter() - start) / 1e6, tokens
+
+
+def hf_wordpiece(vocab_file: pathlib.Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(vocab_file.read_text(encoding="utf-8").splitlines())}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return tok
+
+
+def hf_rate(tok, lines: list[str], nbytes: int) -> tuple[float, int]:
+    start = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(lines), 1024):
+        tokens += sum(len(e.ids) for e in tok.encode_batch(lines[i:i + 1024], add_special_tokens=False))
+    return nbytes / (time.perf_counter() - start) / 1e6, tokens
+
+
+def dataset_rate(workdir: pathlib.Path, batches: int, seq_len: int = 128, batch: int = 16) -> float:
+    ds = dataset.train_dataset(workdir, seq_len, batch, seed=0)
+    it = iter(ds)
+    for _ in range(50):  # warm-up: fill the shuffle buffer and prefetch
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * seq_len * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=3000)
+    args = parser.parse_args()
+
+    text = gzip.open(CORPUS, "rt", encoding="utf-8").read()
+    lines = text.splitlines()
+    nbytes = len(text.encode("utf-8"))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmstack-bench-"))
+    toks = {}
+    for kind, size in (("char", 0), ("wordpiece", 8000)):
+        (tmp / kind).mkdir()
+        tokenizers.learn(tokenizers.TokenizerConfig(kind, size), lines, tmp / kind)
+        toks[f"keras-nlp {kind}"] = tokenizers.load(tmp / kind)
+    hf = hf_wordpiece(tmp / "wordpiece" / tokenizers.WORDPIECE_VOCAB_FILE)
+    config = prepare.PrepareConfig(corpus=(str(CORPUS),), tokenizer=tokenizers.TokenizerConfig("char"))
+    prepare.prepare(config, tmp / "run")
+
+    rates: dict[str, list[float]] = {name: [] for name in [*toks, "HF tokenizers wordpiece (reference)"]}
+    counts: dict[str, int] = {}
+    pipeline: list[float] = []
+    for r in range(args.rounds):
+        for name, tok in toks.items():
+            mbs, counts[name] = keras_nlp_rate(tok, lines, nbytes)
+            rates[name].append(mbs)
+        ref = "HF tokenizers wordpiece (reference)"
+        mbs, counts[ref] = hf_rate(hf, lines, nbytes)
+        rates[ref].append(mbs)
+        pipeline.append(dataset_rate(tmp / "run", args.batches))
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+
+    ref_mbs = statistics.median(rates["HF tokenizers wordpiece (reference)"])
+    rows = []
+    for name, values in rates.items():
+        mbs = statistics.median(values)
+        rows.append({"name": name, "mb_per_s": round(mbs, 2), "tokens_per_s": round(mbs * 1e6 / nbytes * counts[name]),
+                     "tokens": counts[name], "vs_hf_wordpiece": round(mbs / ref_mbs, 2)})
+    result = {
+        "benchmark": "pipeline_throughput",
+        "corpus": CORPUS.name, "corpus_bytes": nbytes, "rounds": args.rounds,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "tensorflow": tf.__version__},
+        "tokenizers": rows,
+        "train_dataset": {"seq_len": 128, "batch_size": 16, "tokenizer": "char",
+                          "tokens_per_s": round(statistics.median(pipeline)),
+                          "rounds_tokens_per_s": [round(p) for p in pipeline]},
+    }
+    print(f"\n{'tokenizer':38} {'MB/s':>8} {'tokens/s':>12} {'vs HF':>7}")
+    for row in rows:
+        print(f"{row['name']:38} {row['mb_per_s']:8.2f} {row['tokens_per_s']:12,} {row['vs_hf_wordpiece']:7.2f}")
+    print(f"\ntrain_dataset (char, seq 128, batch 16): {result['train_dataset']['tokens_per_s']:,} tokens/s")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "pipeline_throughput.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
