@@ -1,0 +1,18 @@
+"""The one place lmstack imports Keras from.
+
+Models are tf_keras (Keras 2) models because TF-MOT wraps only those
+(tensorflow/model-optimization#1119). Everything else in `models/` writes
+`from models.backend import keras`; nothing uses `tf.keras` or Keras 3.
+"""
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import tensorflow_model_optimization as tfmot  # noqa: E402
+import tf_keras as keras  # noqa: E402
+
+# Custom layers subclass this so `prune_low_magnitude` can wrap a whole model.
+PrunableLayer = tfmot.sparsity.keras.PrunableLayer
+
+__all__ = ["keras", "PrunableLayer"]

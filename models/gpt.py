@@ -1,0 +1,170 @@
+"""A GPT-style decoder: the transformer model of lmstack.
+
+token + learned position embedding -> N pre-LayerNorm blocks (causal
+multi-head self-attention, GELU MLP, residuals through `Add` layers) -> final
+LayerNorm -> logits through the tied token embedding. Every layer is a stock
+tf_keras layer or one of `models.layers`, so TF-MOT can wrap all of them.
+
+`GPTDecoder` runs the same layers incrementally with a key/value cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import tensorflow as tf
+
+from models import layers
+from models.backend import keras
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Shape of a GPT decoder.
+
+    Attributes:
+        vocab_size: token ids (from the tokenizer).
+        seq_len: the context: the longest sequence the position table covers.
+        layers: transformer blocks.
+        d_model: width of the residual stream.
+        heads: attention heads; d_model must divide by it.
+        mlp_ratio: the MLP's hidden width is mlp_ratio * d_model.
+        dropout: after the embedding, the attention output and the MLP.
+    """
+    vocab_size: int
+    seq_len: int = 128
+    layers: int = 4
+    d_model: int = 128
+    heads: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.1
+
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "tiny": dict(seq_len=16, layers=2, d_model=32, heads=2, dropout=0.0),
+        "small": dict(seq_len=128, layers=4, d_model=128, heads=4, dropout=0.1),
+        "base": dict(seq_len=256, layers=6, d_model=384, heads=6, dropout=0.1),
+    }
+
+    def __post_init__(self):
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model={self.d_model} does not divide into heads={self.heads}")
+        for name in ("vocab_size", "seq_len", "layers", "d_model", "heads", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.heads
+
+    def num_params(self) -> int:
+        d, f = self.d_model, self.mlp_ratio * self.d_model
+        per_block = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d  # q,k,v,o + MLP + 2 LayerNorms
+        return self.vocab_size * d + self.seq_len * d + self.layers * per_block + 2 * d
+
+    def flops_per_token(self) -> int:
+        """Forward-pass FLOPs per token at full context (x3 for a training step).
+
+        2 FLOPs per multiply-add of every matmul (projections, MLP, tied output)
+        plus attention's QK^T and AV over `seq_len` keys (PaLM's convention).
+        """
+        d, f = self.d_model, self.mlp_ratio * self.d_model
+        matmul_params = self.layers * (4 * d * d + 2 * d * f) + self.vocab_size * d
+        return 2 * matmul_params + 2 * 2 * self.layers * self.seq_len * d
+
+
+def build_gpt(config: GPTConfig, seq_len: int | None = None) -> keras.Model:
+    """The functional model: int32 ids `[B, T]` -> float32 logits `[B, T, vocab_size]`.
+
+    Args:
+        config: the shape.
+        seq_len: a static sequence length (TFLite wants one); None accepts any T <= config.seq_len.
+    """
+    c = config
+    ids = keras.Input(shape=(seq_len,), dtype="int32", name="token_ids")
+    x, table = layers.TokenEmbedding(c.vocab_size, c.d_model, name="token_embedding")(ids)  # (B, T, d), (V, d)
+    x = layers.PositionEmbedding(c.seq_len, name="position_embedding")(x)
+    x = keras.layers.Dropout(c.dropout, name="embedding_dropout")(x)
+    for i in range(c.layers):
+        h = keras.layers.LayerNormalization(epsilon=1e-5, name=f"block{i}_ln1")(x)
+        q = keras.layers.Dense(c.d_model, name=f"block{i}_query")(h)
+        k = keras.layers.Dense(c.d_model, name=f"block{i}_key")(h)
+        v = keras.layers.Dense(c.d_model, name=f"block{i}_value")(h)
+        a = layers.CausalAttention(c.heads, name=f"block{i}_attention")([q, k, v])
+        a = keras.layers.Dense(c.d_model, name=f"block{i}_attention_output")(a)
+        a = keras.layers.Dropout(c.dropout, name=f"block{i}_attention_dropout")(a)
+        x = keras.layers.Add(name=f"block{i}_attention_residual")([x, a])
+        h = keras.layers.LayerNormalization(epsilon=1e-5, name=f"block{i}_ln2")(x)
+        h = keras.layers.Dense(c.mlp_ratio * c.d_model, activation="gelu", name=f"block{i}_mlp_in")(h)
+        h = keras.layers.Dense(c.d_model, name=f"block{i}_mlp_out")(h)
+        h = keras.layers.Dropout(c.dropout, name=f"block{i}_mlp_dropout")(h)
+        x = keras.layers.Add(name=f"block{i}_mlp_residual")([x, h])
+    x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_ln")(x)
+    logits = layers.TiedLogits(name="logits")([x, table])  # (B, T, V)
+    return keras.Model(ids, logits, name="gpt")
+
+
+class GPTDecoder:
+    """Incremental decoding with a key/value cache, on the layers of a built GPT.
+
+    The cache is one float tensor `[B, layers, 2, max_length, heads, head_dim]`
+    (keys, then values); position p of the cache holds the keys/values of the
+    token at position p.
+
+    Args:
+        model: a model from `build_gpt` (its weights are used, not copied).
+        config: the config it was built from.
+    """
+
+    def __init__(self, model: keras.Model, config: GPTConfig):
+        self.model = model
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.max_length = config.seq_len
+        self._layer = model.get_layer
+
+    def init_cache(self, batch_size, max_length: int | None = None) -> tf.Tensor:
+        c = self.config
+        length = max_length or c.seq_len
+        dtype = self.model.get_layer("block0_query").compute_dtype
+        return tf.zeros([batch_size, c.layers, 2, length, c.heads, c.head_dim], dtype)
+
+    def call_with_cache(self, ids: tf.Tensor, cache: tf.Tensor, index) -> tuple[tf.Tensor, tf.Tensor]:
+        """Runs tokens at positions `index .. index + S - 1` against the cache.
+
+        Args:
+            ids: int32 `[B, S]`.
+            cache: from `init_cache` or a previous call.
+            index: position of `ids[:, 0]` (scalar int).
+        Returns:
+            `(logits [B, S, V] float32, updated cache)`.
+        """
+        c, get = self.config, self._layer
+        index = tf.convert_to_tensor(index, tf.int32)
+        batch, length = tf.shape(ids)[0], tf.shape(ids)[1]
+        max_length = tf.shape(cache)[3]
+        q_positions = index + tf.range(length)
+        k_positions = tf.range(max_length)
+        x, table = get("token_embedding")(ids)
+        x = get("position_embedding")(x, start_index=index)  # (B, S, d)
+        new_cache = []
+        for i in range(c.layers):
+            h = get(f"block{i}_ln1")(x)
+            q, k, v = (get(f"block{i}_{n}")(h) for n in ("query", "key", "value"))  # (B, S, d) each
+            kv = tf.stack([k, v], axis=1)  # (B, 2, S, d)
+            kv = tf.reshape(kv, [batch, 2, length, c.heads, c.head_dim])
+            old = cache[:, i]  # (B, 2, max_len, nh, hs)
+            # Write positions index .. index+S-1; slices + concat run anywhere (CPU, GPU, TFLite).
+            layer_cache = tf.concat([old[:, :, :index], kv, old[:, :, index + length:]], axis=2)
+            layer_cache.set_shape(old.shape)  # static shape for tf.while_loop
+            new_cache.append(layer_cache)
+            keys = tf.reshape(layer_cache[:, 0], [batch, max_length, c.d_model])
+            values = tf.reshape(layer_cache[:, 1], [batch, max_length, c.d_model])
+            a = layers.attention(q, keys, values, c.heads, q_positions, k_positions)
+            x = get(f"block{i}_attention_residual")([x, get(f"block{i}_attention_output")(a)])
+            h = get(f"block{i}_mlp_out")(get(f"block{i}_mlp_in")(get(f"block{i}_ln2")(x)))
+            x = get(f"block{i}_mlp_residual")([x, h])
+        logits = get("logits")([get("final_ln")(x), table])
+        return logits, tf.stack(new_cache, axis=1)

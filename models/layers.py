@@ -1,0 +1,188 @@
+"""The few layers lmstack's models need beyond stock tf_keras ones.
+
+Each is a `PrunableLayer`, so TF-MOT's `prune_low_magnitude` can wrap a whole
+model, and each stores its constructor arguments in `get_config()`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from models.backend import PrunableLayer, keras
+
+
+class TokenEmbedding(keras.layers.Layer, PrunableLayer):
+    """Token ids -> vectors, plus the embedding table for a tied output layer.
+
+    Returning the table as a second output lets `TiedLogits` reuse it through
+    the functional graph, so the tie survives TF-MOT's model cloning (a layer
+    holding a Python reference to another layer would not).
+
+    Args:
+        vocab_size: number of token ids.
+        dim: vector size.
+        initializer_stddev: standard deviation of the normal initializer.
+
+    Call arguments:
+        ids: int `[B, T]`.
+
+    Returns:
+        `[embeddings (B, T, dim), table (vocab_size, dim)]`.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, initializer_stddev: float = 0.02, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.dim = dim
+        self.initializer_stddev = initializer_stddev
+
+    def build(self, input_shape):
+        self.embeddings = self.add_weight(
+            "embeddings", shape=[self.vocab_size, self.dim],
+            initializer=keras.initializers.RandomNormal(stddev=self.initializer_stddev))
+        super().build(input_shape)
+
+    def call(self, ids):
+        table = tf.convert_to_tensor(self.embeddings)  # (V, d), in the compute dtype
+        return [tf.gather(table, ids), table]
+
+    def compute_output_shape(self, input_shape):
+        return [tf.TensorShape(input_shape).concatenate([self.dim]), tf.TensorShape([self.vocab_size, self.dim])]
+
+    def get_prunable_weights(self):
+        return [self.embeddings]
+
+    def get_config(self):
+        return {**super().get_config(), "vocab_size": self.vocab_size, "dim": self.dim,
+                "initializer_stddev": self.initializer_stddev}
+
+
+class PositionEmbedding(keras.layers.Layer, PrunableLayer):
+    """Adds a learned vector per position: `x + table[start:start + T]`.
+
+    Args:
+        max_length: the longest sequence (the model's context).
+        initializer_stddev: standard deviation of the normal initializer.
+
+    Call arguments:
+        x: float `[B, T, d]`.
+        start_index: position of `x[:, 0]` (cached decoding feeds later positions).
+    """
+
+    def __init__(self, max_length: int, initializer_stddev: float = 0.02, **kwargs):
+        super().__init__(**kwargs)
+        self.max_length = max_length
+        self.initializer_stddev = initializer_stddev
+
+    def build(self, input_shape):
+        self.positions = self.add_weight(
+            "positions", shape=[self.max_length, input_shape[-1]],
+            initializer=keras.initializers.RandomNormal(stddev=self.initializer_stddev))
+        super().build(input_shape)
+
+    def call(self, x, start_index=0):
+        length = tf.shape(x)[1]
+        table = tf.convert_to_tensor(self.positions)
+        return x + tf.slice(table, [start_index, 0], [length, -1])[tf.newaxis]  # (B, T, d)
+
+    def get_prunable_weights(self):
+        return []  # max_length x d: too small to be worth pruning
+
+    def get_config(self):
+        return {**super().get_config(), "max_length": self.max_length,
+                "initializer_stddev": self.initializer_stddev}
+
+
+def attention(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, num_heads: int,
+              q_positions: tf.Tensor, k_positions: tf.Tensor) -> tf.Tensor:
+    """Causal multi-head attention of queries over keys/values.
+
+    A query at position p sees the keys at positions <= p.
+
+    Args:
+        q: `[B, Tq, d]`; k, v: `[B, Tk, d]`.
+        num_heads: heads; d must divide by it.
+        q_positions: int `[Tq]`; k_positions: int `[Tk]`.
+    Returns:
+        `[B, Tq, d]`.
+    """
+    batch, d = tf.shape(q)[0], q.shape[-1]
+    head_dim = d // num_heads
+
+    def heads(x):  # (B, T, d) -> (B, nh, T, hs)
+        return tf.transpose(tf.reshape(x, [batch, -1, num_heads, head_dim]), [0, 2, 1, 3])
+
+    scores = tf.matmul(heads(q), heads(k), transpose_b=True)  # (B, nh, Tq, Tk)
+    scores = scores * tf.cast(1.0 / math.sqrt(head_dim), scores.dtype)
+    visible = q_positions[:, tf.newaxis] >= k_positions[tf.newaxis, :]  # (Tq, Tk)
+    # Softmax in float32 even under mixed precision; masked scores get a large negative.
+    scores = tf.where(visible, tf.cast(scores, tf.float32), -1e9)
+    weights = tf.cast(tf.nn.softmax(scores, axis=-1), v.dtype)
+    out = tf.matmul(weights, heads(v))  # (B, nh, Tq, hs)
+    return tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [batch, -1, d])  # (B, Tq, d)
+
+
+class CausalAttention(keras.layers.Layer, PrunableLayer):
+    """The weightless core of causal self-attention: softmax(QK^T / sqrt(hs)) V per head.
+
+    The query/key/value/output projections are plain `Dense` layers around it,
+    so TF-MOT prunes them and its default 8-bit QAT quantizes them (it does
+    not cover `MultiHeadAttention`).
+
+    Args:
+        num_heads: number of heads.
+
+    Call arguments:
+        inputs: `[q, k, v]`, each `[B, T, d]`.
+    """
+
+    def __init__(self, num_heads: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+
+    def call(self, inputs):
+        q, k, v = inputs
+        positions = tf.range(tf.shape(q)[1])
+        return attention(q, k, v, self.num_heads, positions, positions)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+    def get_prunable_weights(self):
+        return []
+
+    def get_config(self):
+        return {**super().get_config(), "num_heads": self.num_heads}
+
+
+class TiedLogits(keras.layers.Layer, PrunableLayer):
+    """Logits from hidden states and the (tied) token embedding table: `h @ table^T`.
+
+    Computed in float32 under mixed precision, for a stable softmax.
+
+    Call arguments:
+        inputs: `[hidden (B, T, d), table (V, d)]`.
+    Returns:
+        `[B, T, V]`.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+    def call(self, inputs):
+        hidden, table = inputs
+        return tf.einsum("btd,vd->btv", hidden, table)
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape[0][:-1]).concatenate(input_shape[1][:1])
+
+    def get_prunable_weights(self):
+        return []
+
+
+def custom_objects() -> dict[str, type]:
+    """For `keras.models.load_model`, `clone_model` and TF-MOT's `quantize_scope`."""
+    return {cls.__name__: cls for cls in (TokenEmbedding, PositionEmbedding, CausalAttention, TiedLogits)}

@@ -1,0 +1,156 @@
+"""The LSTM baseline: Embedding -> stacked LSTM (or GRU) -> dropout -> logits at every position.
+
+Stock tf_keras recurrent layers, so TF-MOT prunes their kernels and TFLite
+fuses a whole-sequence LSTM into its built-in kernel. With
+`tie_embeddings=True` the top layer's output is projected to the embedding
+width and multiplied by the embedding table (fewer parameters for large
+vocabularies).
+
+`LSTMDecoder` runs the same layers one step at a time, carrying `(h, c)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import tensorflow as tf
+
+from models import layers
+from models.backend import keras
+
+CELLS = ("lstm", "gru")
+
+
+@dataclasses.dataclass(frozen=True)
+class LSTMConfig:
+    """Shape of the LSTM language model.
+
+    Attributes:
+        vocab_size: token ids (from the tokenizer).
+        embedding_dim: width of the token embedding.
+        units: width of each recurrent layer.
+        layers: stacked recurrent layers.
+        cell: 'lstm' or 'gru'.
+        dropout: between layers and before the output.
+        tie_embeddings: logits through the embedding table (after a projection to embedding_dim).
+        seq_len: the training sequence length (recurrent models have no context limit).
+    """
+    vocab_size: int
+    embedding_dim: int = 128
+    units: int = 512
+    layers: int = 2
+    cell: str = "lstm"
+    dropout: float = 0.1
+    tie_embeddings: bool = False
+    seq_len: int = 128
+
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "tiny": dict(embedding_dim=16, units=32, layers=2, dropout=0.0, seq_len=16),
+        "small": dict(embedding_dim=128, units=512, layers=2, dropout=0.1, seq_len=128),
+        "base": dict(embedding_dim=256, units=1024, layers=3, dropout=0.2, seq_len=256),
+    }
+
+    def __post_init__(self):
+        if self.cell not in CELLS:
+            raise ValueError(f"cell={self.cell!r}: expected one of {', '.join(CELLS)}")
+        for name in ("vocab_size", "embedding_dim", "units", "layers", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def gates(self) -> int:
+        return 4 if self.cell == "lstm" else 3
+
+    def num_params(self) -> int:
+        e, u, g = self.embedding_dim, self.units, self.gates
+        total = self.vocab_size * e
+        for i in range(self.layers):
+            fan_in = e if i == 0 else u
+            # GRU in Keras (reset_after=True) has two bias vectors per gate.
+            total += g * u * (fan_in + u) + g * u * (1 if self.cell == "lstm" else 2)
+        if self.tie_embeddings:
+            return total + u * e + e
+        return total + u * self.vocab_size + self.vocab_size
+
+    def flops_per_token(self) -> int:
+        """Forward-pass FLOPs per token (x3 for a training step): 2 per multiply-add."""
+        e, u, g = self.embedding_dim, self.units, self.gates
+        macs = sum(g * u * ((e if i == 0 else u) + u) for i in range(self.layers))
+        macs += u * e + e * self.vocab_size if self.tie_embeddings else u * self.vocab_size
+        return 2 * macs
+
+
+def _recurrent(config: LSTMConfig, i: int):
+    cls = keras.layers.LSTM if config.cell == "lstm" else keras.layers.GRU
+    return cls(config.units, return_sequences=True, return_state=True, name=f"rnn{i}")
+
+
+def build_lstm(config: LSTMConfig, seq_len: int | None = None) -> keras.Model:
+    """The functional model: int32 ids `[B, T]` -> float32 logits `[B, T, vocab_size]`.
+
+    Args:
+        config: the shape.
+        seq_len: a static sequence length (TFLite fuses the LSTM only with one).
+    """
+    c = config
+    ids = keras.Input(shape=(seq_len,), dtype="int32", name="token_ids")
+    x, table = layers.TokenEmbedding(c.vocab_size, c.embedding_dim, name="token_embedding")(ids)
+    for i in range(c.layers):
+        x = _recurrent(c, i)(x)[0]  # (B, T, units); the final states are for decoding
+        x = keras.layers.Dropout(c.dropout, name=f"rnn{i}_dropout")(x)
+    if c.tie_embeddings:
+        x = keras.layers.Dense(c.embedding_dim, name="projection")(x)  # (B, T, e)
+        logits = layers.TiedLogits(name="logits")([x, table])
+    else:
+        logits = keras.layers.Dense(c.vocab_size, dtype="float32", name="logits")(x)
+    return keras.Model(ids, logits, name="lstm")
+
+
+class LSTMDecoder:
+    """Incremental decoding on the layers of a built LSTM model, carrying its state.
+
+    The state is one float tensor `[B, layers, 2, units]`: `(h, c)` per layer
+    (a GRU uses only `h`; its second slot stays zero).
+
+    Args:
+        model: a model from `build_lstm` (its weights are used, not copied).
+        config: the config it was built from.
+    """
+
+    max_length = None  # no context limit
+
+    def __init__(self, model: keras.Model, config: LSTMConfig):
+        self.model = model
+        self.config = config
+        self.vocab_size = config.vocab_size
+
+    def init_cache(self, batch_size, max_length: int | None = None) -> tf.Tensor:
+        c = self.config
+        dtype = self.model.get_layer("rnn0").compute_dtype
+        return tf.zeros([batch_size, c.layers, 2, c.units], dtype)
+
+    def call_with_cache(self, ids: tf.Tensor, cache: tf.Tensor, index=None) -> tuple[tf.Tensor, tf.Tensor]:
+        """Feeds tokens `[B, S]` after the state in `cache`; `index` is unused (state is sequential).
+
+        Returns:
+            `(logits [B, S, V] float32, updated state)`.
+        """
+        c, get = self.config, self.model.get_layer
+        x, table = get("token_embedding")(ids)
+        states = []
+        for i in range(c.layers):
+            layer = get(f"rnn{i}")
+            if c.cell == "lstm":
+                x, h, cell = layer(x, initial_state=[cache[:, i, 0], cache[:, i, 1]])
+            else:
+                x, h = layer(x, initial_state=cache[:, i, 0])
+                cell = tf.zeros_like(h)
+            states.append(tf.stack([h, cell], axis=1))  # (B, 2, units)
+        if c.tie_embeddings:
+            logits = get("logits")([get("projection")(x), table])
+        else:
+            logits = get("logits")(x)
+        return logits, tf.stack(states, axis=1)
