@@ -13,6 +13,7 @@ from app import cli
 # `lmstack --help` does not pay for importing TensorFlow.
 SUBCOMMANDS = {
     "prepare": ("app.prepare", "corpus -> tokenizer -> train/val token shards in a workdir"),
+    "generate": ("app.generate", "continue a prompt with the workdir's newest model, streaming"),
 }
 
 

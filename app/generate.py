@@ -1,0 +1,45 @@
+"""Continue a prompt with the workdir's newest model, streaming the text as it comes.
+
+Loads WORKDIR's tokenizer and newest checkpoint, tokenizes --prompt, and
+prints the continuation token by token. Stops at [EOS] or --max_new_tokens.
+An empty prompt starts a new document.
+
+example:
+  lmstack generate --workdir=runs/shakespeare --prompt="ROMEO." --max_new_tokens=200 --sampler=top_k --seed=1
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "a workdir with a trained model", flag_values=fv)
+    flags.DEFINE_string("prompt", "", "text to continue (empty: start a new document)", flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", 100, "tokens to generate at most", flag_values=fv)
+    flags.DEFINE_enum("sampler", "greedy", ["greedy", "top_k", "top_p", "random"],
+                      "how to pick each token (keras-nlp samplers)", flag_values=fv)
+    flags.DEFINE_float("temperature", 1.0, "divides the logits before sampling (not greedy)", flag_values=fv)
+    flags.DEFINE_integer("top_k", 40, "candidates kept by --sampler=top_k", flag_values=fv)
+    flags.DEFINE_float("top_p", 0.9, "probability mass kept by --sampler=top_p", flag_values=fv)
+    flags.DEFINE_integer("seed", None, "the same seed gives the same text", flag_values=fv)
+    flags.mark_flags_as_required(["workdir"], flag_values=fv)
+
+
+def run(fv: flags.FlagValues) -> int:
+    from models.generation import SamplerConfig
+    from pipelines.errors import UserError
+    from pipelines.generate import TextGenerator
+
+    try:
+        sampler = SamplerConfig(fv.sampler, fv.temperature, fv.top_k, fv.top_p, fv.seed)
+    except ValueError as e:
+        raise UserError(f"--{e}") from None
+    generator = TextGenerator(fv.workdir)
+    for piece in generator.stream(fv.prompt, fv.max_new_tokens, sampler):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,150 @@
+"""Text generation from a cached decoder with keras-nlp's samplers.
+
+Two entry points over the same decoders (`GPTDecoder`, `LSTMDecoder`):
+
+- `generate`: a batch of prompts of different lengths, one graph loop
+  (keras-nlp's `Sampler.__call__`, a `tf.while_loop`): prompt tokens are
+  kept, the rest are sampled one position at a time from the cache.
+- `stream`: one prompt, a Python loop that yields each token as it is
+  chosen, for a terminal. Greedy choices are the same as `generate`'s.
+
+Samplers are built outside `tf.function` (they own a seed variable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+import keras_nlp
+import numpy as np
+import tensorflow as tf
+
+SAMPLERS = ("greedy", "top_k", "top_p", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """How to pick the next token.
+
+    Attributes:
+        name: 'greedy' (argmax), 'top_k', 'top_p' (nucleus) or 'random' (the full distribution).
+        temperature: divides the logits before the softmax (not used by greedy).
+        top_k: candidates kept by 'top_k'.
+        top_p: probability mass kept by 'top_p'.
+        seed: the same seed gives the same text; None draws a fresh one.
+    """
+    name: str = "greedy"
+    temperature: float = 1.0
+    top_k: int = 40
+    top_p: float = 0.9
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.name not in SAMPLERS:
+            raise ValueError(f"sampler {self.name!r}: expected one of {'|'.join(SAMPLERS)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be positive")
+        if self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be at least 1")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+def make_sampler(config: SamplerConfig) -> keras_nlp.samplers.Sampler:
+    """A fresh keras-nlp sampler (a fresh seed state: same seed, same draws)."""
+    s = keras_nlp.samplers
+    if config.name == "greedy":
+        return s.GreedySampler()
+    if config.name == "top_k":
+        return s.TopKSampler(k=config.top_k, seed=config.seed, temperature=config.temperature)
+    if config.name == "top_p":
+        return s.TopPSampler(p=config.top_p, seed=config.seed, temperature=config.temperature)
+    return s.RandomSampler(seed=config.seed, temperature=config.temperature)
+
+
+def fit_to_context(prompt: Sequence[int], max_new_tokens: int, max_length: int | None) -> list[int]:
+    """Keeps the end of a prompt that, with the new tokens, would overflow the context."""
+    if max_length is None:
+        return list(prompt)
+    if max_new_tokens >= max_length:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+                         f"model's context of {max_length} tokens")
+    return list(prompt)[-(max_length - max_new_tokens):]
+
+
+def generate(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+             sampler: keras_nlp.samplers.Sampler, stop_token_ids: Sequence[int] = ()) -> list[list[int]]:
+    """Continues a batch of prompts.
+
+    Args:
+        decoder: a `GPTDecoder` or `LSTMDecoder`.
+        prompts: token ids per prompt (non-empty; lengths may differ).
+        max_new_tokens: per batch or per prompt.
+        sampler: from `make_sampler`.
+        stop_token_ids: a row ends at the first of these (not included in the result).
+    Returns:
+        The new tokens of every prompt.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (start with [EOS] for none)")
+    batch = len(prompts)
+    new = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    prompts = [fit_to_context(p, n, decoder.max_length) for p, n in zip(prompts, new)]
+    lengths = [len(p) for p in prompts]
+    total = max(n + k for n, k in zip(lengths, new))
+    padded = np.zeros([batch, total], np.int32)
+    for i, p in enumerate(prompts):
+        padded[i, :len(p)] = p
+    mask = np.arange(total)[None, :] < np.array(lengths)[:, None]  # True where a prompt token stands
+    out = _sample(decoder, sampler, tf.constant(padded), tf.constant(mask), min(lengths),
+                  tuple(stop_token_ids) or None).numpy()
+    results = []
+    for row, n, k in zip(out, lengths, new):
+        tokens = row[n:n + k].tolist()
+        cut = [i for i, t in enumerate(tokens) if t in stop_token_ids]
+        results.append(tokens[:cut[0]] if cut else tokens)
+    return results
+
+
+def _sample(decoder, sampler, prompt, mask, start: int, stop_token_ids):
+    # One traced graph per (batch, length, start); the loop itself is a tf.while_loop.
+    key = (id(decoder), id(sampler), tuple(prompt.shape), start, stop_token_ids)
+    fn = _SAMPLE_FNS.get(key)
+    if fn is None:
+        @tf.function
+        def fn(prompt, mask):
+            cache = decoder.init_cache(tf.shape(prompt)[0], prompt.shape[1])
+            if start > 1:  # prefill the tokens every row has, but the last
+                _, cache = decoder.call_with_cache(prompt[:, :start - 1], cache, 0)
+
+            def next_logits(prompt, cache, index):
+                logits, cache = decoder.call_with_cache(prompt[:, index - 1:index], cache, index - 1)
+                return logits[:, 0, :], None, cache  # (B, V)
+
+            return sampler(next_logits, prompt, cache, index=start, mask=mask, stop_token_ids=stop_token_ids)
+        _SAMPLE_FNS.clear()  # keep one: a CLI or server generates with one decoder at a time
+        _SAMPLE_FNS[key] = fn
+    return fn(prompt, mask)
+
+
+_SAMPLE_FNS: dict = {}
+
+
+def stream(decoder, prompt: Sequence[int], max_new_tokens: int, sampler: keras_nlp.samplers.Sampler,
+           stop_token_ids: Sequence[int] = ()) -> Iterator[int]:
+    """Yields the new tokens of one prompt as they are chosen (a stop token ends it, unyielded)."""
+    if len(prompt) == 0:
+        raise ValueError("the prompt needs at least one token (start with [EOS] for none)")
+    prompt = fit_to_context(prompt, max_new_tokens, decoder.max_length)
+    step = tf.function(decoder.call_with_cache)
+    cache = decoder.init_cache(1, len(prompt) + max_new_tokens)
+    logits, cache = step(tf.constant([prompt], tf.int32), cache, tf.constant(0))
+    for i in range(max_new_tokens):
+        probabilities = sampler.compute_probabilities(logits[:, -1, :])  # (1, V)
+        token = int(np.asarray(sampler.get_next_token(probabilities))[0])
+        if token in stop_token_ids:
+            return
+        yield token
+        if i + 1 < max_new_tokens:
+            logits, cache = step(tf.constant([[token]], tf.int32), cache, tf.constant(len(prompt) + i))

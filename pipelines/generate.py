@@ -1,0 +1,88 @@
+"""Text in, text out: generation from a workdir's newest checkpoint.
+
+Prompts are tokenized by the workdir's tokenizer; an empty prompt starts
+after [EOS], which is what precedes every document in the training stream.
+Generation stops at [EOS] or after `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
+
+import tensorflow as tf
+
+import models
+from models import generation
+from pipelines import checkpoints, tokenizers
+from pipelines import workdir as workdir_lib
+from pipelines.errors import UserError
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.tokenize(tf.constant(text))
+    return [int(i) for i in (ids.numpy() if hasattr(ids, "numpy") else ids)]
+
+
+def decode(tokenizer, ids: Sequence[int]) -> str:
+    text = tokenizer.detokenize(tf.constant(list(ids), tf.int32))
+    if hasattr(text, "numpy"):
+        text = text.numpy()
+    return text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
+class TextGenerator:
+    """A workdir's tokenizer and newest model, ready to continue text.
+
+    Args:
+        workdir: a workdir with a trained model (checkpoints/).
+    """
+
+    def __init__(self, workdir: str | os.PathLike):
+        wd = workdir_lib.Workdir(workdir)
+        wd.read_config()  # a clear error for a directory that is not a prepared workdir
+        self.tokenizer = tokenizers.load(wd.tokenizer_dir)
+        self.model, self.config, self.step = checkpoints.load_model(workdir)
+        self.decoder = models.decoder(self.model, self.config)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return encode(self.tokenizer, prompt) if prompt else [tokenizers.EOS_ID]
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int,
+                 sampler: generation.SamplerConfig = generation.SamplerConfig()) -> list[str]:
+        """Continuations of a batch of prompts."""
+        _check(max_new_tokens, self.decoder.max_length)
+        ids = generation.generate(self.decoder, [self.prompt_ids(p) for p in prompts], max_new_tokens,
+                                  generation.make_sampler(sampler), stop_token_ids=[tokenizers.EOS_ID])
+        return [decode(self.tokenizer, row) for row in ids]
+
+    def stream(self, prompt: str, max_new_tokens: int,
+               sampler: generation.SamplerConfig = generation.SamplerConfig()) -> Iterator[str]:
+        """Yields pieces of the continuation as tokens are chosen.
+
+        Text is decoded from all tokens so far and only the new part is
+        yielded; a piece that ends in an incomplete character (byte
+        tokenizer) waits for the next token.
+        """
+        _check(max_new_tokens, self.decoder.max_length)
+        shown, tokens = "", []
+        for token in generation.stream(self.decoder, self.prompt_ids(prompt), max_new_tokens,
+                                       generation.make_sampler(sampler), stop_token_ids=[tokenizers.EOS_ID]):
+            tokens.append(token)
+            text = decode(self.tokenizer, tokens)
+            if text.endswith("\ufffd"):
+                continue
+            if text.startswith(shown):
+                yield text[len(shown):]
+                shown = text
+        text = decode(self.tokenizer, tokens)
+        if text != shown and text.startswith(shown):
+            yield text[len(shown):]
+
+
+def _check(max_new_tokens: int, max_length: int | None) -> None:
+    if max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens={max_new_tokens}: must be at least 1")
+    if max_length is not None and max_new_tokens >= max_length:
+        raise UserError(f"--max_new_tokens={max_new_tokens} does not fit the model's context of "
+                        f"{max_length} tokens; use at most {max_length - 1}")

@@ -1,0 +1,151 @@
+"""The shared harness: the same checks over both model families (STYLE.md, habit 9)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import models
+from models import generation
+from models.backend import keras
+from models.layers import custom_objects
+
+VOCAB = 24
+T = 12
+
+# The two families get every check; the LSTM's variants (tied output, GRU
+# cell) get the structural ones (`any_variant`), which is where they differ.
+FAMILIES = {
+    "gpt": ("transformer", {}),
+    "lstm": ("lstm", {}),
+}
+VARIANTS = {
+    **FAMILIES,
+    "lstm_tied": ("lstm", {"tie_embeddings": True}),
+    "gru": ("lstm", {"cell": "gru"}),
+}
+
+
+def _build(name):
+    family, overrides = VARIANTS[name]
+    keras.utils.set_random_seed(0)
+    config = models.make_config(family, "tiny", vocab_size=VOCAB, **overrides)
+    return config, models.build(config)
+
+
+@pytest.fixture(params=list(FAMILIES), scope="module")
+def built(request):
+    return _build(request.param)
+
+
+@pytest.fixture(params=list(VARIANTS), scope="module")
+def any_variant(request):
+    return _build(request.param)
+
+
+def random_ids(batch=3, length=T, seed=0):
+    return np.random.default_rng(seed).integers(0, VOCAB, size=[batch, length]).astype(np.int32)
+
+
+def test_shapes_and_parameter_count(any_variant):
+    config, model = any_variant
+    logits = model(random_ids())
+    assert logits.shape == (3, T, VOCAB) and logits.dtype == tf.float32
+    assert model.count_params() == models.stats(config)["params"]
+    assert models.stats(config)["flops_per_token"] > 2 * (model.count_params() - VOCAB * 32) * 0.5
+
+
+def test_causality(any_variant):
+    _, model = any_variant
+    ids = random_ids(batch=1)
+    changed = ids.copy()
+    changed[0, 7:] = (changed[0, 7:] + 1) % VOCAB
+    a, b = model(ids).numpy(), model(changed).numpy()
+    np.testing.assert_allclose(a[0, :7], b[0, :7], atol=1e-6)
+    assert not np.allclose(a[0, 7:], b[0, 7:])
+
+
+def test_config_round_trip(any_variant):
+    config, model = any_variant
+    assert models.config_from_json(models.config_to_json(config)) == config
+    clone = keras.Model.from_config(model.get_config(), custom_objects=custom_objects())
+    clone.set_weights(model.get_weights())
+    np.testing.assert_allclose(clone(random_ids()).numpy(), model(random_ids()).numpy(), atol=1e-6)
+
+
+def test_cached_decoding_equals_full_recomputation(any_variant):
+    config, model = any_variant
+    ids = random_ids(batch=2, length=T)
+    full = model(ids).numpy()
+    decoder = models.decoder(model, config)
+    cache = decoder.init_cache(2, config.seq_len)
+    logits, cache = decoder.call_with_cache(ids[:, :5], cache, 0)  # prefill, then one token at a time
+    steps = [logits.numpy()]
+    for t in range(5, T):
+        logits, cache = decoder.call_with_cache(ids[:, t:t + 1], cache, t)
+        steps.append(logits.numpy())
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-4)
+
+
+def test_fit_on_tf_data_lowers_the_loss(built):
+    config, _ = built
+    model = models.build(config)  # a fresh copy: training must not disturb the other checks
+    # A learnable stream: the next token is the current one plus one.
+    start = np.random.default_rng(1).integers(0, VOCAB, size=[64, 1])
+    seq = (start + np.arange(T + 1)[None, :]) % VOCAB
+    ds = tf.data.Dataset.from_tensor_slices((seq[:, :-1].astype(np.int32), seq[:, 1:].astype(np.int32))).batch(16)
+    model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = model.evaluate(ds, verbose=0)
+    model.fit(ds.repeat(), steps_per_epoch=30, epochs=1, verbose=0)
+    assert model.evaluate(ds, verbose=0) < before * 0.7
+
+
+@pytest.mark.slow
+def test_save_and_load(built, tmp_path):
+    config, model = built
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path, custom_objects=custom_objects())
+    np.testing.assert_allclose(loaded(random_ids()).numpy(), model(random_ids()).numpy(), atol=1e-6)
+    tf.saved_model.save(model, str(tmp_path / "saved"))
+    restored = tf.saved_model.load(str(tmp_path / "saved"))
+    out = restored.signatures["serving_default"](token_ids=tf.constant(random_ids()))
+    np.testing.assert_allclose(list(out.values())[0].numpy(), model(random_ids()).numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_batched_prompts_of_different_lengths_match_one_by_one(built):
+    config, model = built
+    decoder = models.decoder(model, config)
+    prompts = [[3, 4, 5], [6, 7, 8, 9, 10, 11], [12]]
+    batch = generation.generate(decoder, prompts, 6, generation.make_sampler(generation.SamplerConfig()))
+    alone = [generation.generate(decoder, [p], 6, generation.make_sampler(generation.SamplerConfig()))[0]
+             for p in prompts]
+    streamed = [list(generation.stream(decoder, p, 6, generation.make_sampler(generation.SamplerConfig())))
+                for p in prompts]
+    assert batch == alone == streamed
+    assert all(len(row) == 6 for row in batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["top_k", "top_p", "random"])
+def test_samplers_are_seeded(built, name):
+    config, model = built
+    decoder = models.decoder(model, config)
+    prompts = [[3, 4], [5, 6, 7]]
+
+    def run(seed):
+        sampler = generation.make_sampler(generation.SamplerConfig(name, temperature=2.0, top_k=8, seed=seed))
+        return generation.generate(decoder, prompts, 8, sampler)
+
+    assert run(5) == run(5)
+    assert run(5) != run(6)
+
+
+def test_stop_tokens_end_a_row(built):
+    config, model = built
+    decoder = models.decoder(model, config)
+    greedy = generation.generate(decoder, [[3, 4, 5]], 6, generation.make_sampler(generation.SamplerConfig()))[0]
+    stop = greedy[2]
+    cut = generation.generate(decoder, [[3, 4, 5]], 6, generation.make_sampler(generation.SamplerConfig()),
+                              stop_token_ids=[stop])[0]
+    assert cut == greedy[:greedy.index(stop)]
