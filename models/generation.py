@@ -112,23 +112,31 @@ def _sample(decoder, sampler, prompt, mask, start: int, stop_token_ids):
     key = (id(decoder), id(sampler), tuple(prompt.shape), start, stop_token_ids)
     fn = _SAMPLE_FNS.get(key)
     if fn is None:
-        @tf.function
+        # XLA fuses the many small ops of one decoding step (2-5x faster on CPU).
+        @tf.function(jit_compile=True)
         def fn(prompt, mask):
             cache = decoder.init_cache(tf.shape(prompt)[0], prompt.shape[1])
             if start > 1:  # prefill the tokens every row has, but the last
                 _, cache = decoder.call_with_cache(prompt[:, :start - 1], cache, 0)
 
             def next_logits(prompt, cache, index):
-                logits, cache = decoder.call_with_cache(prompt[:, index - 1:index], cache, index - 1)
+                # prompt[:, index - 1][:, None], not prompt[:, index - 1:index]: a static [B, 1]
+                # shape, or XLA pads every step to the full length.
+                token = prompt[:, index - 1][:, tf.newaxis]  # (B, 1)
+                logits, cache = decoder.call_with_cache(token, cache, index - 1)
                 return logits[:, 0, :], None, cache  # (B, V)
 
             return sampler(next_logits, prompt, cache, index=start, mask=mask, stop_token_ids=stop_token_ids)
-        _SAMPLE_FNS.clear()  # keep one: a CLI or server generates with one decoder at a time
+        if len(_SAMPLE_FNS) >= _MAX_SAMPLE_FNS:  # drop the oldest trace
+            del _SAMPLE_FNS[next(iter(_SAMPLE_FNS))]
         _SAMPLE_FNS[key] = fn
     return fn(prompt, mask)
 
 
+# Traced loops by (decoder, sampler, shape, start, stop tokens); the values keep
+# the decoder and sampler alive, so their ids in the keys stay unique.
 _SAMPLE_FNS: dict = {}
+_MAX_SAMPLE_FNS = 16
 
 
 def stream(decoder, prompt: Sequence[int], max_new_tokens: int, sampler: keras_nlp.samplers.Sampler,
@@ -137,7 +145,7 @@ def stream(decoder, prompt: Sequence[int], max_new_tokens: int, sampler: keras_n
     if len(prompt) == 0:
         raise ValueError("the prompt needs at least one token (start with [EOS] for none)")
     prompt = fit_to_context(prompt, max_new_tokens, decoder.max_length)
-    step = tf.function(decoder.call_with_cache)
+    step = tf.function(decoder.call_with_cache, jit_compile=True)
     cache = decoder.init_cache(1, len(prompt) + max_new_tokens)
     logits, cache = step(tf.constant([prompt], tf.int32), cache, tf.constant(0))
     for i in range(max_new_tokens):

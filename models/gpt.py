@@ -106,6 +106,23 @@ def build_gpt(config: GPTConfig, seq_len: int | None = None) -> keras.Model:
     return keras.Model(ids, logits, name="gpt")
 
 
+def write_cache(old: tf.Tensor, update: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
+    """Writes `update` into `old` at `positions` along axis 2, keeping every shape static.
+
+    A one-hot placement (an einsum) instead of slicing at a dynamic index, so
+    the decoding loop compiles with XLA and converts to TFLite built-in ops.
+
+    Args:
+        old: `[B, 2, max_len, nh, hs]`.
+        update: `[B, 2, S, nh, hs]`.
+        positions: int `[S]`, distinct.
+    """
+    place = tf.one_hot(positions, tf.shape(old)[2], dtype=old.dtype)  # (S, max_len)
+    written = tf.einsum("sm,bksnh->bkmnh", place, update)  # update rows moved to their positions
+    keep = 1.0 - tf.reduce_sum(place, axis=0)  # (max_len,): 0 where written
+    return old * keep[:, tf.newaxis, tf.newaxis] + written
+
+
 class GPTDecoder:
     """Incremental decoding with a key/value cache, on the layers of a built GPT.
 
@@ -155,10 +172,7 @@ class GPTDecoder:
             q, k, v = (get(f"block{i}_{n}")(h) for n in ("query", "key", "value"))  # (B, S, d) each
             kv = tf.stack([k, v], axis=1)  # (B, 2, S, d)
             kv = tf.reshape(kv, [batch, 2, length, c.heads, c.head_dim])
-            old = cache[:, i]  # (B, 2, max_len, nh, hs)
-            # Write positions index .. index+S-1; slices + concat run anywhere (CPU, GPU, TFLite).
-            layer_cache = tf.concat([old[:, :, :index], kv, old[:, :, index + length:]], axis=2)
-            layer_cache.set_shape(old.shape)  # static shape for tf.while_loop
+            layer_cache = write_cache(cache[:, i], kv, q_positions)  # (B, 2, max_len, nh, hs)
             new_cache.append(layer_cache)
             keys = tf.reshape(layer_cache[:, 0], [batch, max_length, c.d_model])
             values = tf.reshape(layer_cache[:, 1], [batch, max_length, c.d_model])

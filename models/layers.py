@@ -85,7 +85,8 @@ class PositionEmbedding(keras.layers.Layer, PrunableLayer):
     def call(self, x, start_index=0):
         length = tf.shape(x)[1]
         table = tf.convert_to_tensor(self.positions)
-        return x + tf.slice(table, [start_index, 0], [length, -1])[tf.newaxis]  # (B, T, d)
+        # A static width (not -1) keeps the slice XLA-compilable at a dynamic start.
+        return x + tf.slice(table, [start_index, 0], [length, table.shape[-1]])[tf.newaxis]  # (B, T, d)
 
     def get_prunable_weights(self):
         return []  # max_length x d: too small to be worth pruning

@@ -31,6 +31,7 @@ def test_loads_the_newest_checkpoint(workdir):
     assert generator.step == 7
 
 
+@pytest.mark.slow
 def test_streamed_text_equals_batched_text(workdir):
     generator = TextGenerator(workdir)
     streamed = "".join(generator.stream("To be", 10))
@@ -38,6 +39,7 @@ def test_streamed_text_equals_batched_text(workdir):
     assert streamed  # an untrained model still writes characters of the vocabulary
 
 
+@pytest.mark.slow
 def test_cli_prints_the_continuation(capsys, workdir):
     generator = TextGenerator(workdir)
     code, out, err = run(capsys, f"--workdir={workdir}", "--prompt=To be", "--max_new_tokens=10")
