@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/quickstart
 
-.PHONY: quickstart test test-fast test-slow bench venv clean
+.PHONY: quickstart test bench venv clean
 
 venv: $(VENV)/.installed
 
