@@ -13,6 +13,8 @@ from app import cli
 # `lmstack --help` does not pay for importing TensorFlow.
 SUBCOMMANDS = {
     "prepare": ("app.prepare", "corpus -> tokenizer -> train/val token shards in a workdir"),
+    "train": ("app.train", "train the workdir's model under a tf.distribute strategy (resumable)"),
+    "evaluate": ("app.evaluate", "validation loss, perplexity and bits/char of the newest checkpoint"),
     "generate": ("app.generate", "continue a prompt with the workdir's newest model, streaming"),
 }
 

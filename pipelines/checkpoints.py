@@ -42,10 +42,12 @@ def read_model_config(workdir: str | os.PathLike) -> models.ModelConfig:
 
 
 def save(workdir: str | os.PathLike, model, config: models.ModelConfig, step: int) -> str:
-    """Writes the model's weights as checkpoint `step` (and its config); returns the path."""
+    """Writes the model's weights as checkpoint `ckpt-STEP` (and its config); returns the path.
+
+    Training saves through its own manager (with the optimizer), in the same layout.
+    """
     save_model_config(workdir, config)
-    checkpoint = tf.train.Checkpoint(model=model, step=tf.Variable(step, dtype=tf.int64))
-    return manager(workdir, checkpoint).save(checkpoint_number=step)
+    return manager(workdir, tf.train.Checkpoint(model=model)).save(checkpoint_number=step)
 
 
 def load_model(workdir: str | os.PathLike):
@@ -61,7 +63,6 @@ def load_model(workdir: str | os.PathLike):
     if latest is None:
         raise UserError(f"no checkpoint in {checkpoint_dir(workdir)}; run `lmstack train --workdir={workdir}` first")
     model = models.build(config)
-    step = tf.Variable(0, dtype=tf.int64)
     # expect_partial: a training checkpoint also holds the optimizer, not needed here.
-    tf.train.Checkpoint(model=model, step=step).restore(latest).expect_partial()
-    return model, config, int(step.numpy())
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    return model, config, int(latest.rsplit("-", 1)[1])  # ckpt-STEP

@@ -189,7 +189,7 @@ def _build(config: PrepareConfig, docs: Sequence[corpus_lib.Document], fingerpri
     splits = {}
     for name, split_blocks, min_shards in (("train", train, config.min_train_shards),
                                            ("val", val, config.min_val_shards)):
-        ids = _tokenize_blocks(tokenizer, split_blocks, name, progress)
+        ids = tokenize_blocks(tokenizer, split_blocks, name, progress)
         files, shard_sizes = _write_shards(ids, data_dir, name, config, min_shards, progress)
         splits[name] = {
             "files": files, "shard_tokens": shard_sizes, "tokens": int(ids.size),
@@ -210,8 +210,8 @@ def _build(config: PrepareConfig, docs: Sequence[corpus_lib.Document], fingerpri
     return manifest
 
 
-def _tokenize_blocks(tokenizer, blocks: Sequence[corpus_lib.Block], split: str,
-                     progress: Progress) -> np.ndarray:
+def tokenize_blocks(tokenizer, blocks: Sequence[corpus_lib.Block], split: str,
+                    progress: Progress) -> np.ndarray:
     """One int32 token stream; [EOS] closes each document's last block in the split."""
     if not blocks:
         return np.zeros([0], np.int32)

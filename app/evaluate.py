@@ -1,0 +1,33 @@
+"""Validation loss, perplexity and bits per character of the workdir's newest model.
+
+Scores the workdir's validation split, or --corpus (tokenized with the run's
+tokenizer). Prints one JSON object (loss, perplexity, bits_per_char, tokens,
+chars) on stdout and writes WORKDIR/metrics.json. Bits per character are total
+nats / characters / ln 2, so runs with different tokenizers compare.
+
+example:
+  lmstack evaluate --workdir=runs/shakespeare --corpus=other_play.txt
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import flags
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "a workdir with a trained model", flag_values=fv)
+    flags.DEFINE_list("corpus", None, "text files or globs to score instead of the validation split",
+                      flag_values=fv)
+    flags.mark_flags_as_required(["workdir"], flag_values=fv)
+
+
+def run(fv: flags.FlagValues) -> int:
+    from pipelines import evaluate
+    from pipelines.progress import Progress
+
+    result = evaluate.evaluate(fv.workdir, corpus=fv.corpus, progress=Progress(sys.stderr))
+    print(json.dumps(result))
+    return 0

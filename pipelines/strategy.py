@@ -1,0 +1,98 @@
+"""Choosing a tf.distribute strategy: TensorFlow's own engines, nothing home-made.
+
+- `default`: one device.
+- `mirrored`: `MirroredStrategy` over every local GPU (or, without GPUs, over
+  the logical CPU devices made by `split_cpu`, which is how it is tested).
+- `multi_worker`: `MultiWorkerMirroredStrategy`, configured by `TF_CONFIG`
+  (what Kubeflow's TFJob and `lmstack launch` set).
+- `auto`: multi_worker if TF_CONFIG names more than one worker, mirrored if
+  there is more than one GPU, else default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import tensorflow as tf
+
+from pipelines.errors import UserError
+
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+
+
+def split_cpu(count: int) -> None:
+    """Makes `count` logical CPU devices (before TensorFlow initializes its devices)."""
+    if count <= 1:
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError as e:  # devices already initialized: only an error if the split differs
+        if len(tf.config.list_logical_devices("CPU")) != count:
+            raise UserError(f"cannot split the CPU into {count} devices now: {e}") from None
+
+
+def tf_config() -> dict[str, Any] | None:
+    """The parsed TF_CONFIG, or None when it is unset.
+
+    Raises:
+        UserError: TF_CONFIG is not JSON with a cluster and a task.
+    """
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+        workers = config["cluster"]["worker"]
+        task = config["task"]
+        if not isinstance(workers, list) or not workers or task["type"] not in config["cluster"]:
+            raise ValueError("no workers, or a task type that is not in the cluster")
+        int(task["index"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(
+            f"TF_CONFIG is malformed ({e}); expected JSON like "
+            '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}') from None
+    return config
+
+
+def make(name: str) -> tf.distribute.Strategy:
+    """Builds the strategy `name` (one of STRATEGIES).
+
+    Raises:
+        UserError: an unknown name, or multi_worker without TF_CONFIG.
+    """
+    if name not in STRATEGIES:
+        raise UserError(f"--strategy={name!r}: expected one of {'|'.join(STRATEGIES)}")
+    cluster = tf_config()
+    if name == "auto":
+        gpus = tf.config.list_physical_devices("GPU")
+        if cluster and len(cluster["cluster"].get("worker", [])) > 1:
+            name = "multi_worker"
+        elif len(gpus) > 1:
+            name = "mirrored"
+        else:
+            name = "default"
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        if tf.config.list_physical_devices("GPU"):
+            return tf.distribute.MirroredStrategy()
+        devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if cluster is None:
+        raise UserError("--strategy=multi_worker needs TF_CONFIG; start the workers with "
+                        "`lmstack launch --workers=N -- train ...` or set TF_CONFIG yourself")
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Only the chief writes checkpoints and artifacts (worker 0 when there is no chief task)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and \
+        "chief" not in resolver.cluster_spec().as_dict()

@@ -1,0 +1,383 @@
+"""`train`: Keras `fit` under a tf.distribute strategy, resumable after a kill.
+
+    strategy.scope(): build the model, AdamW (warmup + cosine, global-norm
+    clipping), token cross-entropy; fit on `dataset.train_dataset` with the
+    global batch = per-replica batch x replicas.
+
+Fault tolerance is TensorFlow's own: `BackupAndRestore` saves model,
+optimizer, epoch and batch every `checkpoint_every` steps in
+`checkpoints/backup/`, and a rerun of the same command resumes there
+(mid-epoch) and stops at the requested step. The checkpoints later stages
+read are `checkpoints/ckpt-STEP` (model + optimizer, the last K kept). Under
+MultiWorkerMirroredStrategy every worker saves, but only the chief into the
+workdir; the others write to temporary directories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import tensorflow as tf
+
+import models
+from models.backend import keras
+from pipelines import checkpoints, dataset, evaluate
+from pipelines import strategy as strategy_lib
+from pipelines import workdir as workdir_lib
+from pipelines.errors import UserError
+from pipelines.progress import Progress
+
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+TRAIN_SECTION = "train"
+# Settings a resumed run must share with the run that wrote the checkpoints.
+RESUME_KEYS = ("batch_size", "learning_rate", "warmup_steps", "schedule", "weight_decay", "mixed_precision")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train.
+
+    Attributes:
+        steps: optimizer steps in all (a rerun with more steps continues).
+        batch_size: sequences per replica; the global batch is this x replicas.
+        learning_rate: peak learning rate, reached after `warmup_steps`.
+        warmup_steps: linear warmup from 0.
+        schedule: 'cosine' (decay to 10% of the peak at `steps`) or 'constant'.
+        weight_decay: AdamW's decoupled weight decay (not on biases, norms, positions).
+        clip_norm: global gradient-norm clipping; 0 turns it off.
+        strategy: one of `pipelines.strategy.STRATEGIES`.
+        mixed_precision: 'none', 'bf16' or 'fp16'.
+        jit_compile: XLA-compile the train step.
+        eval_every: validate every this many steps; 0 only at the end.
+        eval_batches: validation batches per periodic evaluation.
+        checkpoint_every: save every this many steps.
+        keep_checkpoints: checkpoints kept in checkpoints/.
+        seed: model initialization and data order.
+        profile_steps: 'FIRST,LAST' steps to trace with the TF profiler; '' for none.
+        logical_cpus: split the CPU into this many devices (to run `mirrored` without GPUs).
+    """
+    steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    strategy: str = "auto"
+    mixed_precision: str = "none"
+    jit_compile: bool = False
+    eval_every: int = 200
+    eval_batches: int = 50
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    seed: int = 0
+    profile_steps: str = ""
+    logical_cpus: int = 0
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name}={getattr(self, name)}: must be at least 1")
+        for name in ("warmup_steps", "eval_every", "eval_batches", "weight_decay", "clip_norm"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name}={getattr(self, name)}: must not be negative")
+        if self.learning_rate <= 0:
+            raise UserError(f"--learning_rate={self.learning_rate}: must be positive")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"--schedule={self.schedule!r}: expected one of {'|'.join(SCHEDULES)}")
+        if self.mixed_precision not in PRECISIONS:
+            raise UserError(f"--mixed_precision={self.mixed_precision!r}: expected one of {'|'.join(PRECISIONS)}")
+        if self.warmup_steps >= self.steps and self.schedule == "cosine":
+            raise UserError(f"--warmup_steps={self.warmup_steps} leaves no steps to decay over "
+                            f"(--steps={self.steps}); lower it")
+        self.profile_range()
+
+    def profile_range(self) -> tuple[int, int] | None:
+        if not self.profile_steps:
+            return None
+        try:
+            first, last = (int(s) for s in self.profile_steps.split(","))
+        except ValueError:
+            raise UserError(f"--profile_steps={self.profile_steps!r}: expected FIRST,LAST such as 10,20") from None
+        if not 0 < first <= last:
+            raise UserError(f"--profile_steps={self.profile_steps!r}: expected 0 < FIRST <= LAST")
+        return first, last
+
+
+class TokenCrossEntropy(keras.metrics.Mean):
+    """Mean token cross-entropy (nats), reported as a transform of it.
+
+    Args:
+        name: the metric's name.
+        transform: 'perplexity' (exp) or 'bits_per_char' (x tokens/char / ln 2).
+        tokens_per_char: the corpus's ratio, for bits per character.
+    """
+
+    def __init__(self, name: str, transform: str, tokens_per_char: float = 1.0, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.transform = transform
+        self.tokens_per_char = tokens_per_char
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        nats = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)  # (B, T)
+        return super().update_state(nats, sample_weight)
+
+    def result(self):
+        nats = super().result()
+        if self.transform == "perplexity":
+            return tf.exp(nats)
+        return nats * self.tokens_per_char / math.log(2.0)
+
+    def get_config(self):
+        return {**super().get_config(), "transform": self.transform, "tokens_per_char": self.tokens_per_char}
+
+
+class _StepCounter(keras.callbacks.Callback):
+    """Knows the optimizer step without reading the variable every batch (a device sync)."""
+
+    step = 0
+
+    def on_train_begin(self, logs=None):
+        self.step = int(self.model.optimizer.iterations)  # after BackupAndRestore restored it
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+
+
+class _StopAtStep(_StepCounter):
+    """Ends `fit` at exactly `steps` optimizer steps, wherever a resume started."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps = steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        if self.step >= self.steps:
+            self.model.stop_training = True
+
+
+class _NaNGuard(_StepCounter):
+    """Stops at a non-finite loss before anything saves the broken weights.
+
+    It must come first among the callbacks: raising here skips the savers
+    that would run after it for this batch.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise TrainingDiverged(self.step, float(loss))
+
+
+class TrainingDiverged(UserError):
+    def __init__(self, step: int, loss: float):
+        super().__init__(
+            f"the loss became {loss} at step {step}; training stopped and the last good checkpoint "
+            "is kept; lower --learning_rate, raise --warmup_steps or set --clip_norm, then rerun")
+        self.step = step
+
+
+class _Checkpointer(_StepCounter):
+    """Saves `ckpt-STEP` every `every` steps and at the end; reports progress and speed."""
+
+    def __init__(self, manager: tf.train.CheckpointManager, every: int, tokens_per_step: int,
+                 progress: Progress, log: dict[str, Any]):
+        super().__init__()
+        self.manager, self.every, self.tokens_per_step = manager, every, tokens_per_step
+        self.progress, self.log = progress, log
+        self._last_saved = -1
+        self._window: list[tuple[float, int]] = []
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        step = self.step
+        if step > 0:
+            self.progress.note(f"resuming from step {step}")
+        self.log["start_step"] = step
+        self._window = [(time.perf_counter(), step)]
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        step = self.step
+        now = time.perf_counter()
+        self._window = (self._window + [(now, step)])[-21:]
+        (t0, s0), (t1, s1) = self._window[0], self._window[-1]
+        if t1 > t0 and logs is not None:
+            logs["tokens_per_s"] = (s1 - s0) * self.tokens_per_step / (t1 - t0)
+            self.log["tokens_per_s"] = logs["tokens_per_s"]
+        if step % self.every == 0:
+            self._save(step)
+
+    def on_train_end(self, logs=None):
+        self._save(self.step)
+
+    def _save(self, step: int) -> None:
+        if step != self._last_saved:
+            self.manager.save(checkpoint_number=step)
+            self._last_saved = step
+
+
+def _has_files(path: str) -> bool:
+    return any(files for _, _, files in os.walk(path))
+
+
+def _strategy_name(strategy: tf.distribute.Strategy) -> str:
+    return {"_DefaultDistributionStrategy": "default"}.get(type(strategy).__name__, type(strategy).__name__)
+
+
+def _learning_rate(config: TrainConfig):
+    # CosineDecay's warmup goes linearly from 0 to the peak; alpha=1.0 makes it constant after.
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0, decay_steps=max(1, config.steps - config.warmup_steps),
+        alpha=0.1 if config.schedule == "cosine" else 1.0,
+        warmup_target=config.learning_rate, warmup_steps=config.warmup_steps)
+
+
+def _check_resume(wd: workdir_lib.Workdir, model_config: models.ModelConfig, config: TrainConfig) -> None:
+    saved = wd.read_config()
+    if "model" not in saved or not os.path.isdir(checkpoints.checkpoint_dir(wd.root)):
+        return
+    old_model = saved["model"]
+    new_model = models.config_to_json(model_config)
+    diffs = [f"{k}={old_model.get(k)!r} (now {v!r})" for k, v in new_model.items() if old_model.get(k) != v]
+    old_train = saved.get(TRAIN_SECTION, {})
+    diffs += [f"{k}={old_train.get(k)!r} (now {getattr(config, k)!r})" for k in RESUME_KEYS
+              if k in old_train and old_train[k] != getattr(config, k)]
+    if diffs:
+        raise UserError(
+            f"{wd.root} holds checkpoints trained with other settings: {', '.join(diffs)}; "
+            "rerun with the same flags to resume, or use a new --workdir")
+
+
+def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: TrainConfig,
+          progress: Progress | None = None, verbose: int = 1) -> dict[str, Any]:
+    """Trains (or resumes training) the workdir's model to `config.steps` steps.
+
+    Args:
+        workdir: a prepared workdir.
+        model_config: the model to build (its vocab_size must match the tokenizer).
+        config: how to train.
+        progress: where notes go; Keras prints its own progress bar (`verbose`).
+        verbose: Keras's progress bar: 0 none, 1 bar, 2 one line per epoch.
+    Returns:
+        The summary written to metrics.json (chief), with evaluation results.
+    Raises:
+        UserError: bad settings, an unprepared workdir, a resume with other settings, a NaN loss.
+    """
+    progress = progress or Progress()
+    config.validate()
+    wd = workdir_lib.Workdir(workdir)
+    manifest = wd.read_manifest()
+    vocab = manifest["tokenizer"]["vocab_size"]
+    if model_config.vocab_size != vocab:
+        raise UserError(f"the model's vocab_size={model_config.vocab_size} differs from the tokenizer's {vocab}")
+    _check_resume(wd, model_config, config)
+
+    strategy_lib.split_cpu(config.logical_cpus)
+    strategy = strategy_lib.make(config.strategy)
+    chief = strategy_lib.is_chief(strategy)
+    keras.mixed_precision.set_global_policy(PRECISIONS[config.mixed_precision])
+    keras.utils.set_random_seed(config.seed)
+    replicas = strategy.num_replicas_in_sync
+    global_batch = config.batch_size * replicas
+    seq_len = model_config.seq_len
+    splits = manifest["splits"]
+    tokens_per_char = (splits["train"]["tokens"] + splits["val"]["tokens"]) / max(
+        1, splits["train"]["chars"] + splits["val"]["chars"])
+    progress.note(f"training {models.family_of(model_config)} ({model_config.num_params():,} parameters) with "
+                  f"{_strategy_name(strategy)} on {replicas} replica(s), global batch {global_batch} x {seq_len}")
+
+    if chief:
+        checkpoints.save_model_config(wd.root, model_config)
+        wd.update_config(TRAIN_SECTION, dataclasses.asdict(config))
+
+    with strategy.scope():
+        model = models.build(model_config)
+        optimizer = keras.optimizers.AdamW(
+            learning_rate=_learning_rate(config), weight_decay=config.weight_decay,
+            global_clipnorm=config.clip_norm or None, beta_2=0.99)
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "positions"])
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[TokenCrossEntropy("perplexity", "perplexity"),
+                     TokenCrossEntropy("bits_per_char", "bits_per_char", tokens_per_char)],
+            jit_compile=config.jit_compile)
+
+    ckpt_dir = checkpoints.checkpoint_dir(wd.root) if chief else tempfile.mkdtemp(prefix="lmstack-worker-ckpt-")
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, optimizer=optimizer), ckpt_dir,
+                                         max_to_keep=config.keep_checkpoints)
+    latest = tf.train.latest_checkpoint(checkpoints.checkpoint_dir(wd.root))
+    backup_dir = os.path.join(checkpoints.checkpoint_dir(wd.root), "backup")
+    if latest and not _has_files(backup_dir):
+        # A finished run (its backup is deleted at the end): continue from its last checkpoint.
+        tf.train.Checkpoint(model=model, optimizer=optimizer).restore(latest).expect_partial()
+    start = int(optimizer.iterations)
+    if start >= config.steps:
+        progress.note(f"{wd.root} is already trained to step {start} (asked for {config.steps}); nothing to do")
+        return evaluate.evaluate_model(wd.root, model, model_config, write=chief)
+
+    steps_per_epoch = min(config.eval_every or config.steps, config.steps)
+    epochs = math.ceil(config.steps / steps_per_epoch)
+    train_ds = dataset.train_dataset(wd.root, seq_len, global_batch, seed=config.seed)
+    val_ds = None
+    if config.eval_every and config.eval_batches:
+        val_ds = dataset.val_dataset(wd.root, seq_len, global_batch).take(config.eval_batches)
+    log: dict[str, Any] = {}
+    callbacks = [
+        _NaNGuard(),
+        keras.callbacks.BackupAndRestore(backup_dir, save_freq=config.checkpoint_every),
+        _Checkpointer(manager, config.checkpoint_every, global_batch * seq_len, progress, log),
+        _StopAtStep(config.steps),
+    ]
+    if chief:
+        profile = config.profile_range() or 0
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(wd.root, "logs"), update_freq=50,
+                                                     profile_batch=profile))
+    began = time.perf_counter()
+    try:
+        history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                            initial_epoch=start // steps_per_epoch, validation_data=val_ds,
+                            callbacks=callbacks, verbose=verbose)
+    finally:
+        if not chief:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    wall = time.perf_counter() - began
+    summary = evaluate.evaluate_model(wd.root, model, model_config, write=False)
+    summary.update({
+        "model": models.family_of(model_config), "params": model_config.num_params(),
+        "steps": int(optimizer.iterations), "global_batch": global_batch, "seq_len": seq_len,
+        "replicas": replicas, "strategy": _strategy_name(strategy),
+        "train_loss": float(history.history["loss"][-1]) if history.history.get("loss") else None,
+        "tokens_per_s": log.get("tokens_per_s"), "wall_seconds": round(wall, 1),
+        "trained_steps_this_run": int(optimizer.iterations) - log.get("start_step", start),
+    })
+    if chief:
+        workdir_lib.write_json(wd.root / evaluate.METRICS_FILE, summary)
+    return summary
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """The end-of-training summary, for people."""
+    rate = summary.get("tokens_per_s")
+    return "\n".join([
+        f"trained {summary['model']} ({summary['params']:,} parameters) to step {summary['steps']} "
+        f"in {summary['wall_seconds']} s" + (f", {rate:,.0f} tokens/s" if rate else ""),
+        f"validation: loss {summary['loss']:.4f} nats/token, perplexity {summary['perplexity']:.2f}, "
+        f"{summary['bits_per_char']:.3f} bits/char over {summary['tokens']:,} tokens",
+    ])
+
+
+def json_line(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, sort_keys=True)
+
