@@ -75,18 +75,20 @@ def run_subcommand(prog: str, module: ModuleType, argv: Sequence[str]) -> int:
     """
     fv = flags.FlagValues()
     module.define_flags(fv)
-    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv):
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in own):
         print(help_text(prog, module, fv))
         return 0
     try:
         extra = fv([prog, *argv])[1:]
     except flags.Error as e:
         return fail(prog, f"{e}; see `{prog} --help`")
-    if extra:
+    takes_arguments = getattr(module, "TAKES_ARGUMENTS", False)
+    if extra and not takes_arguments:
         return fail(prog, f"unexpected argument(s) {' '.join(extra)}; flags are written --name=value")
     import_tensorflow_quietly()
     try:
-        return module.run(fv)
+        return module.run(fv, extra) if takes_arguments else module.run(fv)
     except UserError as e:
         return fail(prog, str(e))
     except KeyboardInterrupt:

@@ -146,7 +146,7 @@ class _StepCounter(keras.callbacks.Callback):
     step = 0
 
     def on_train_begin(self, logs=None):
-        self.step = int(self.model.optimizer.iterations)  # after BackupAndRestore restored it
+        self.step = int(self.model.optimizer.iterations.numpy())  # after BackupAndRestore restored it
 
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
@@ -322,7 +322,7 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     if latest and not _has_files(backup_dir):
         # A finished run (its backup is deleted at the end): continue from its last checkpoint.
         tf.train.Checkpoint(model=model, optimizer=optimizer).restore(latest).expect_partial()
-    start = int(optimizer.iterations)
+    start = int(optimizer.iterations.numpy())
     if start >= config.steps:
         progress.note(f"{wd.root} is already trained to step {start} (asked for {config.steps}); nothing to do")
         return evaluate.evaluate_model(wd.root, model, model_config, write=chief)
@@ -356,11 +356,11 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     summary = evaluate.evaluate_model(wd.root, model, model_config, write=False)
     summary.update({
         "model": models.family_of(model_config), "params": model_config.num_params(),
-        "steps": int(optimizer.iterations), "global_batch": global_batch, "seq_len": seq_len,
+        "steps": int(optimizer.iterations.numpy()), "global_batch": global_batch, "seq_len": seq_len,
         "replicas": replicas, "strategy": _strategy_name(strategy),
         "train_loss": float(history.history["loss"][-1]) if history.history.get("loss") else None,
         "tokens_per_s": log.get("tokens_per_s"), "wall_seconds": round(wall, 1),
-        "trained_steps_this_run": int(optimizer.iterations) - log.get("start_step", start),
+        "trained_steps_this_run": int(optimizer.iterations.numpy()) - log.get("start_step", start),
     })
     if chief:
         workdir_lib.write_json(wd.root / evaluate.METRICS_FILE, summary)
