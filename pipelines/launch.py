@@ -74,16 +74,17 @@ def launch(workers: int, argv: Sequence[str], out: TextIO = sys.stdout, grace_se
         pumps.append(pump)
     status = 0
     try:
-        while any(p.poll() is None for p in procs):
-            failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (None, 0)]
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
                 index, status = failed[0]
                 with lock:
                     out.write(f"[launch] worker {index} exited with status {status}; stopping the others\n")
                 break
+            if all(c == 0 for c in codes):
+                break
             time.sleep(0.2)
-        else:
-            status = next((p.returncode for p in procs if p.returncode), 0)
     except KeyboardInterrupt:
         status = 130
     finally:

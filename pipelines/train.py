@@ -37,8 +37,10 @@ from pipelines.progress import Progress
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 TRAIN_SECTION = "train"
-# Settings a resumed run must share with the run that wrote the checkpoints.
-RESUME_KEYS = ("batch_size", "learning_rate", "warmup_steps", "schedule", "weight_decay", "mixed_precision")
+# Settings a resumed run must share with the run that wrote the checkpoints (with the
+# whole model config). The optimizer's settings may change: lowering the learning
+# rate after a divergence is how one recovers.
+RESUME_KEYS = ("batch_size", "mixed_precision", "seed")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,229 @@
+"""Training, evaluation and resumption, on a tiny model and a tiny corpus."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import models
+from app.main import main
+from pipelines import prepare, tokenizers, train
+from pipelines.errors import UserError
+
+TINY = ["--model=transformer", "--preset=tiny", "--warmup_steps=5", "--eval_every=10", "--eval_batches=2",
+        "--checkpoint_every=10", "--batch_size=8", "--progress=none"]
+
+
+@pytest.fixture
+def workdir(tmp_path, english_text):
+    (tmp_path / "corpus.txt").write_text(english_text * 3, encoding="utf-8")
+    config = prepare.PrepareConfig(corpus=(str(tmp_path / "corpus.txt"),), tokenizer=tokenizers.TokenizerConfig("char"))
+    prepare.prepare(config, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def vocab(workdir):
+    return json.loads((workdir / "data" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+
+
+def run_cli(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def lmstack(*argv, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "app", *argv], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600, **kw)
+
+
+def checkpoint_steps(workdir):
+    return sorted(int(p.name.split("-")[1].split(".")[0]) for p in (workdir / "checkpoints").glob("ckpt-*.index"))
+
+
+def test_train_writes_checkpoints_metrics_and_logs(workdir, capsys):
+    code, out, err = run_cli(capsys, "train", f"--workdir={workdir}", *TINY, "--steps=30")
+    assert code == 0, err
+    assert checkpoint_steps(workdir) == [10, 20, 30]
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["steps"] == 30 and metrics["bits_per_char"] > 0
+    assert math.isclose(metrics["perplexity"], math.exp(metrics["loss"]), rel_tol=1e-6)
+    assert metrics["loss"] < math.log(vocab(workdir))  # learned something beyond uniform
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["model"]["family"] == "transformer" and config["train"]["steps"] == 30
+    assert list((workdir / "logs").rglob("events.out.tfevents.*"))
+    assert "trained transformer" in out and "bits/char" in out
+
+    # evaluate: one JSON object on stdout, also metrics.json
+    code, out, err = run_cli(capsys, "evaluate", f"--workdir={workdir}")
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result) >= {"loss", "perplexity", "bits_per_char", "tokens", "chars"}
+    assert math.isclose(result["loss"], metrics["loss"], rel_tol=1e-5)
+    assert math.isclose(result["bits_per_char"], result["loss"] * result["tokens"] / result["chars"] / math.log(2),
+                        rel_tol=1e-3)
+
+    # a rerun with more steps continues from the last checkpoint
+    code, _, err = run_cli(capsys, "train", f"--workdir={workdir}", *TINY, "--steps=40")
+    assert code == 0, err
+    assert checkpoint_steps(workdir)[-1] == 40
+    assert json.loads((workdir / "metrics.json").read_text())["trained_steps_this_run"] == 10
+
+
+def test_evaluate_a_new_corpus_with_the_runs_tokenizer(workdir, capsys, tmp_path):
+    run_cli(capsys, "train", f"--workdir={workdir}", *TINY, "--steps=10")
+    other = tmp_path / "other.txt"
+    other.write_text("Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 20)
+    code, out, err = run_cli(capsys, "evaluate", f"--workdir={workdir}", f"--corpus={other}")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["text"] == str(other) and result["tokens"] > 0
+    assert result["chars"] <= len(other.read_text())
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(workdir, capsys):
+    code, _, err = run_cli(capsys, "train", f"--workdir={workdir}", *TINY, "--steps=10")
+    assert code == 0, err
+    before = checkpoint_steps(workdir)
+    code, _, err = run_cli(capsys, "train", f"--workdir={workdir}", *TINY, "--steps=60", "--learning_rate=1e30",
+                           "--clip_norm=0")
+    assert code == 2
+    lines = [l for l in err.splitlines() if "error:" in l]
+    assert len(lines) == 1 and "the loss became nan" in lines[0].lower() and "Traceback" not in err
+    assert checkpoint_steps(workdir) == before  # the diverged weights were never saved
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--heads=3"], "does not divide into heads=3"),
+    (["--steps=0"], "--steps=0"),
+    (["--warmup_steps=50", "--steps=20"], "--warmup_steps=50"),
+    (["--profile_steps=abc"], "--profile_steps"),
+])
+def test_bad_settings(workdir, capsys, args, message):
+    code, _, err = run_cli(capsys, "train", f"--workdir={workdir}", *TINY, "--steps=20", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (workdir / "checkpoints").exists()
+
+
+def test_unprepared_workdir(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", f"--workdir={tmp_path}", *TINY)
+    assert code == 2 and "lmstack prepare" in err
+
+
+def test_resume_with_other_settings_leaves_checkpoints_alone(workdir, capsys):
+    run_cli(capsys, "train", f"--workdir={workdir}", *TINY, "--steps=10")
+    before = {p.name: p.read_bytes() for p in (workdir / "checkpoints").iterdir() if p.is_file()}
+    code, _, err = run_cli(capsys, "train", f"--workdir={workdir}", *TINY, "--steps=20", "--layers=3")
+    assert code == 2 and "layers=2 (now 3)" in err
+    after = {p.name: p.read_bytes() for p in (workdir / "checkpoints").iterdir() if p.is_file()}
+    assert after == before
+
+
+def test_malformed_tf_config(workdir, capsys, monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    code, _, err = run_cli(capsys, "train", f"--workdir={workdir}", *TINY, "--strategy=multi_worker")
+    assert code == 2 and "TF_CONFIG is malformed" in err
+
+
+def test_learning_rate_schedule_warms_up_and_decays():
+    config = train.TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-3)
+    schedule = train._learning_rate(config)
+    values = [float(schedule(s)) for s in (0, 5, 10, 55, 100)]
+    assert values[0] < values[1] < values[2] and math.isclose(values[2], 1e-3, rel_tol=1e-5)
+    assert values[2] > values[3] > values[4] and math.isclose(values[4], 1e-4, rel_tol=1e-3)
+    constant = train._learning_rate(train.TrainConfig(steps=100, warmup_steps=10, schedule="constant"))
+    assert math.isclose(float(constant(90)), 1e-3, rel_tol=1e-5)
+
+
+@pytest.mark.slow
+def test_mirrored_on_two_logical_cpus(workdir):
+    result = lmstack("train", f"--workdir={workdir}", *TINY, "--steps=20", "--strategy=mirrored",
+                     "--logical_cpus=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MirroredStrategy on 2 replica(s), global batch 16" in result.stderr
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["replicas"] == 2 and metrics["global_batch"] == 16 and metrics["steps"] == 20
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_resumes(workdir):
+    args = ["train", f"--workdir={workdir}", *TINY, "--steps=400", "--checkpoint_every=20"]
+    proc = subprocess.Popen([sys.executable, "-m", "app", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not (workdir / "checkpoints").exists()
+                                           or not checkpoint_steps(workdir) or checkpoint_steps(workdir)[-1] < 40):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoint_steps(workdir)[-1]
+    assert 40 <= killed_at < 400
+    result = lmstack(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = [l for l in result.stderr.splitlines() if l.startswith("resuming from step")]
+    assert resumed and int(resumed[0].split()[-1]) >= killed_at
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["steps"] == 400 and metrics["trained_steps_this_run"] <= 400 - killed_at
+
+
+def epoch_losses(output: str, prefix: str = "") -> list[float]:
+    return [float(line.split(" - loss: ")[1].split()[0]) for line in output.splitlines()
+            if line.startswith(prefix) and " - loss: " in line]
+
+
+MULTI = ["--model=transformer", "--preset=tiny", "--warmup_steps=5", "--eval_every=10", "--eval_batches=2",
+         "--checkpoint_every=10", "--progress=epoch", "--seed=3"]
+
+
+@pytest.mark.slow
+def test_two_workers_match_one_process_with_the_same_global_batch(workdir, tmp_path):
+    import shutil
+    single = tmp_path / "single"
+    shutil.copytree(workdir, single)
+    one = lmstack("train", f"--workdir={single}", *MULTI, "--steps=30", "--batch_size=16", "--strategy=default")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = lmstack("launch", "--workers=2", "--", "train", f"--workdir={workdir}", *MULTI, "--steps=30",
+                  "--batch_size=8", "--strategy=multi_worker")
+    assert two.returncode == 0, two.stdout[-3000:]
+    assert "CollectiveAllReduceStrategy on 2 replica(s), global batch 16" in two.stdout
+    single_losses = epoch_losses(one.stdout + one.stderr)
+    chief_losses = epoch_losses(two.stdout, "[worker 0]")
+    assert len(single_losses) == len(chief_losses) == 3
+    # Same model, seed and global batch; the workers read different shards (file
+    # auto-sharding), so batches differ: trajectories agree within 5% per epoch.
+    for a, b in zip(single_losses, chief_losses):
+        assert abs(a - b) / a < 0.05, (single_losses, chief_losses)
+    assert epoch_losses(two.stdout, "[worker 1]") == chief_losses  # all-reduced: one model
+    assert checkpoint_steps(workdir) == [10, 20, 30]  # the chief's; workers wrote to temp dirs
+    assert not any("worker" in p.name for p in (workdir / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_kill_one_worker_then_relaunch_resumes(workdir):
+    args = ["launch", "--workers=2", "--", "train", f"--workdir={workdir}", *MULTI, "--steps=200",
+            "--batch_size=8", "--strategy=multi_worker", "--checkpoint_every=10"]
+    proc = subprocess.Popen([sys.executable, "-m", "app", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not (workdir / "checkpoints").exists()
+                                           or not checkpoint_steps(workdir) or checkpoint_steps(workdir)[-1] < 20):
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-f", f"app train --workdir={workdir}"], capture_output=True, text=True)
+    pids = [int(p) for p in workers.stdout.split()]
+    assert len(pids) == 2
+    os.kill(pids[-1], signal.SIGKILL)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and "stopping the others" in output
+    killed_at = checkpoint_steps(workdir)[-1]
+    assert killed_at < 200
+    again = lmstack(*args[:-1])
+    assert again.returncode == 0, again.stdout[-3000:]
+    resumed = [l for l in again.stdout.splitlines() if "resuming from step" in l]
+    assert resumed and int(resumed[0].split()[-1]) >= 20
+    assert json.loads((workdir / "metrics.json").read_text())["steps"] == 200
