@@ -15,8 +15,8 @@ SUBCOMMANDS = {
     "prepare": ("app.prepare", "corpus -> tokenizer -> train/val token shards in a workdir"),
     "train": ("app.train", "train the workdir's model under a tf.distribute strategy (resumable)"),
     "evaluate": ("app.evaluate", "validation loss, perplexity and bits/char of the newest checkpoint"),
-    "launch": ("app.launch", "start N local workers of a command with TF_CONFIG (multi-worker dev)"),
     "generate": ("app.generate", "continue a prompt with the workdir's newest model, streaming"),
+    "launch": ("app.launch", "start N local workers of a command with TF_CONFIG (multi-worker dev)"),
 }
 
 

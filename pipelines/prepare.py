@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 from typing import Any, Sequence
 
 import numpy as np
@@ -117,10 +118,10 @@ def prepare(config: PrepareConfig, workdir: str | os.PathLike, overwrite: bool =
     try:
         with workdir_lib.staging_dir(wd, "prepare") as staging:
             manifest = _build(config, docs, fingerprint, staging, progress)
-            if overwrite or not wd.is_prepared():
-                removed = workdir_lib.remove_stage_outputs(wd)
-                if removed and overwrite:
-                    progress.note(f"--overwrite: replaced {', '.join(removed)} in {wd.root}")
+            # Old outputs (with --overwrite) or uncommitted leftovers of a crashed run.
+            removed = workdir_lib.remove_stage_outputs(wd)
+            if removed and overwrite:
+                progress.note(f"--overwrite: replaced {', '.join(removed)} in {wd.root}")
             os.rename(staging / workdir_lib.TOKENIZER_DIR, wd.tokenizer_dir)
             os.rename(staging / workdir_lib.DATA_DIR, wd.data_dir)
             workdir_lib.write_json(wd.config_path, {
@@ -249,13 +250,10 @@ def _write_shards(ids: np.ndarray, out: pathlib.Path, split: str, config: Prepar
 
 
 def _remove_if_empty(path: pathlib.Path) -> None:
-    """Removes a workdir this run created, if it holds nothing but scratch."""
+    """Removes a workdir this run created, unless something else appeared in it."""
     try:
-        for p in path.iterdir():
-            if not p.name.startswith("."):
-                return
-        for p in path.iterdir():
-            os.unlink(p) if p.is_file() else None
-        path.rmdir()
+        if any(not p.name.startswith(".") for p in path.iterdir()):
+            return
+        shutil.rmtree(path)
     except OSError:
         pass

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -33,6 +34,15 @@ from pipelines import strategy as strategy_lib
 from pipelines import workdir as workdir_lib
 from pipelines.errors import UserError
 from pipelines.progress import Progress
+
+class _QuietSlowCallbackWarning(logging.Filter):
+    # Keras warns when per-batch callbacks take longer than a tiny model's step;
+    # ours read one loss value per batch (the NaN guard), which is the point.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is slow compared to the batch time" not in record.getMessage()
+
+
+tf.get_logger().addFilter(_QuietSlowCallbackWarning())
 
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -245,6 +255,25 @@ def _learning_rate(config: TrainConfig):
         warmup_target=config.learning_rate, warmup_steps=config.warmup_steps)
 
 
+def build_and_compile(model_config: models.ModelConfig, config: TrainConfig, tokens_per_char: float = 1.0):
+    """The model, compiled for training: AdamW, token cross-entropy, perplexity and bits/char.
+
+    Call it inside `strategy.scope()` (and after setting the mixed-precision policy).
+    """
+    model = models.build(model_config)
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=_learning_rate(config), weight_decay=config.weight_decay,
+        global_clipnorm=config.clip_norm or None, beta_2=0.99)
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "positions"])
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[TokenCrossEntropy("perplexity", "perplexity"),
+                 TokenCrossEntropy("bits_per_char", "bits_per_char", tokens_per_char)],
+        jit_compile=config.jit_compile)
+    return model
+
+
 def _check_resume(wd: workdir_lib.Workdir, model_config: models.ModelConfig, config: TrainConfig) -> None:
     saved = wd.read_config()
     if "model" not in saved or not os.path.isdir(checkpoints.checkpoint_dir(wd.root)):
@@ -304,17 +333,8 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
         wd.update_config(TRAIN_SECTION, dataclasses.asdict(config))
 
     with strategy.scope():
-        model = models.build(model_config)
-        optimizer = keras.optimizers.AdamW(
-            learning_rate=_learning_rate(config), weight_decay=config.weight_decay,
-            global_clipnorm=config.clip_norm or None, beta_2=0.99)
-        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "positions"])
-        model.compile(
-            optimizer=optimizer,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=[TokenCrossEntropy("perplexity", "perplexity"),
-                     TokenCrossEntropy("bits_per_char", "bits_per_char", tokens_per_char)],
-            jit_compile=config.jit_compile)
+        model = build_and_compile(model_config, config, tokens_per_char)
+    optimizer = model.optimizer
 
     ckpt_dir = checkpoints.checkpoint_dir(wd.root) if chief else tempfile.mkdtemp(prefix="lmstack-worker-ckpt-")
     manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, optimizer=optimizer), ckpt_dir,
