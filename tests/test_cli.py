@@ -52,3 +52,12 @@ def test_installed_console_script_and_module_entry_point(tmp_path):
     script = subprocess.run([str(__import__("pathlib").Path(sys.executable).parent / "lmstack"), "prepare", "--help"],
                             capture_output=True, text=True, timeout=120)
     assert script.returncode == 0 and "--corpus" in script.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["launch", "--workers=2"], "no command to launch"),
+    (["launch", "--workers=0", "--", "train"], "--workers=0"),
+])
+def test_launch_usage_errors(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

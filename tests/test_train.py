@@ -48,9 +48,10 @@ def checkpoint_steps(workdir):
 
 
 def test_train_writes_checkpoints_metrics_and_logs(workdir, capsys):
-    code, out, err = run_cli(capsys, "train", f"--workdir={workdir}", *TINY, "--steps=30")
+    code, out, err = run_cli(capsys, "train", f"--workdir={workdir}", *TINY, "--steps=30", "--profile_steps=3,5")
     assert code == 0, err
     assert checkpoint_steps(workdir) == [10, 20, 30]
+    assert list((workdir / "logs" / "plugins" / "profile").rglob("*.xplane.pb"))  # the profiler trace
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["steps"] == 30 and metrics["bits_per_char"] > 0
     assert math.isclose(metrics["perplexity"], math.exp(metrics["loss"]), rel_tol=1e-6)
