@@ -35,12 +35,26 @@ RESULTS = ROOT / "bench" / "results"
 COMPRESSORS = {"gzip -9": 3.14, "bzip2 -9": 2.37, "xz -9e": 2.50}
 
 
+def _finished(run: pathlib.Path, model_config, steps: int):
+    """The metrics of a finished run of this exact model and step count, else None."""
+    try:
+        config = json.loads((run / "config.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if config.get("model") != models.config_to_json(model_config) or metrics.get("steps") != steps:
+        return None
+    return metrics
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--models", default="transformer,lstm")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench-quality"))
+    parser.add_argument("--reuse", action="store_true",
+                        help="take a model's figures from its finished run (same config and steps) instead of training")
     args = parser.parse_args()
 
     base = pathlib.Path(args.workdir)
@@ -49,15 +63,17 @@ def main() -> None:
     rows = []
     for family in args.models.split(","):
         run = base / family
-        if run.exists():
-            shutil.rmtree(run)
-        shutil.copytree(base / "data-only", run)
         model_config = models.make_config(family, "small", manifest["tokenizer"]["vocab_size"])
         train_config = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=2e-3,
                                          warmup_steps=100, eval_every=500, eval_batches=20,
                                          checkpoint_every=500, jit_compile=True, strategy="default")
-        print(f"training {family} ...", file=sys.stderr)
-        summary = train.train(run, model_config, train_config, verbose=2)
+        summary = _finished(run, model_config, args.steps) if args.reuse else None
+        if summary is None:
+            if run.exists():
+                shutil.rmtree(run)
+            shutil.copytree(base / "data-only", run)
+            print(f"training {family} ...", file=sys.stderr)
+            summary = train.train(run, model_config, train_config, verbose=2)
         rows.append({"model": family, "params": summary["params"], "steps": summary["steps"],
                      "tokens_per_step": args.batch_size * model_config.seq_len,
                      "val_loss_nats_per_char": summary["loss"], "val_bits_per_char": summary["bits_per_char"],

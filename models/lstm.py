@@ -38,7 +38,7 @@ class LSTMConfig:
     """
     vocab_size: int
     embedding_dim: int = 128
-    units: int = 512
+    units: int = 256
     layers: int = 2
     cell: str = "lstm"
     dropout: float = 0.1
@@ -47,8 +47,9 @@ class LSTMConfig:
 
     PRESETS: ClassVar[dict[str, dict]] = {
         "tiny": dict(embedding_dim=16, units=32, layers=2, dropout=0.0, seq_len=16),
-        "small": dict(embedding_dim=128, units=512, layers=2, dropout=0.1, seq_len=128),
-        "base": dict(embedding_dim=256, units=1024, layers=3, dropout=0.2, seq_len=256),
+        # small/base match the transformer presets' parameters and FLOPs per token.
+        "small": dict(embedding_dim=128, units=256, layers=2, dropout=0.1, seq_len=128),
+        "base": dict(embedding_dim=256, units=1024, layers=2, dropout=0.1, seq_len=256),
     }
 
     def __post_init__(self):
