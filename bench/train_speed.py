@@ -12,6 +12,7 @@ same process.
 Prints a table and writes bench/results/train_speed.json.
 
 usage: python bench/train_speed.py [--rounds=2] [--steps=60] [--batch_size=16]
+(--steps caps the timed steps; each configuration is timed for about 15 s.)
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def matmul_peak_gflops(seconds: float = 2.0) -> float:
     return 2 * n ** 3 * count / (time.perf_counter() - start) / 1e9
 
 
-def measure(impl: str, preset: str, xla: bool, steps: int, batch: int, workdir: str) -> dict:
+def measure(impl: str, preset: str, xla: bool, steps: int, batch: int, workdir: str,
+            seconds_budget: float = 15.0) -> dict:
     """Runs in a child process: one configuration, timed after warm-up steps."""
     import app  # noqa: F401
     import tensorflow as tf
@@ -76,18 +78,22 @@ def measure(impl: str, preset: str, xla: bool, steps: int, batch: int, workdir: 
         ds = ds.map(lambda x, y: ({"token_ids": x, "padding_mask": tf.ones_like(x, tf.bool)}, y))
         params = model.count_params()
     else:
-        model = train.build_and_compile(config, train.TrainConfig(steps=steps + 20, warmup_steps=10,
+        model = train.build_and_compile(config, train.TrainConfig(steps=10_000, warmup_steps=10,
                                                                   jit_compile=xla))
         params = model.count_params()
-    warmup = 10
-    model.fit(ds, steps_per_epoch=warmup, epochs=1, verbose=0)  # trace, compile, fill buffers
-    start = time.perf_counter()
-    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+    model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # trace, compile, fill buffers
+    # Whole fit() calls of 5 steps until `seconds_budget` has passed (a slow
+    # configuration still finishes in bounded time; a fast one gets many steps).
+    done, start = 0, time.perf_counter()
+    while done < steps and (done < 5 or time.perf_counter() - start < seconds_budget):
+        model.fit(ds, steps_per_epoch=5, epochs=1, verbose=0)
+        done += 5
     seconds = time.perf_counter() - start
-    tokens_per_s = steps * batch * seq / seconds
+    tokens_per_s = done * batch * seq / seconds
     flops = 3 * config.flops_per_token()
     peak = matmul_peak_gflops()
     return {"impl": impl, "preset": preset, "xla": xla, "params": params, "seq_len": seq, "batch": batch,
+            "steps_timed": done,
             "tokens_per_s": tokens_per_s, "train_flops_per_token": flops, "matmul_peak_gflops": peak,
             "mfu": tokens_per_s * flops / (peak * 1e9),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
