@@ -16,6 +16,7 @@ from typing import ClassVar
 import tensorflow as tf
 
 from models import layers
+from models.config import check_sizes
 from models.backend import keras
 
 
@@ -49,11 +50,7 @@ class GPTConfig:
     def __post_init__(self):
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} does not divide into heads={self.heads}")
-        for name in ("vocab_size", "seq_len", "layers", "d_model", "heads", "mlp_ratio"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        check_sizes(self, ("vocab_size", "seq_len", "layers", "d_model", "heads", "mlp_ratio"))
 
     @property
     def head_dim(self) -> int:

@@ -17,6 +17,7 @@ from typing import ClassVar
 import tensorflow as tf
 
 from models import layers
+from models.config import check_sizes
 from models.backend import keras
 
 CELLS = ("lstm", "gru")
@@ -55,11 +56,7 @@ class LSTMConfig:
     def __post_init__(self):
         if self.cell not in CELLS:
             raise ValueError(f"cell={self.cell!r}: expected one of {', '.join(CELLS)}")
-        for name in ("vocab_size", "embedding_dim", "units", "layers", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        check_sizes(self, ("vocab_size", "embedding_dim", "units", "layers", "seq_len"))
 
     @property
     def gates(self) -> int:
