@@ -2,7 +2,7 @@
 
 Models are tf_keras (Keras 2) models because TF-MOT wraps only those
 (tensorflow/model-optimization#1119). Everything else in `models/` writes
-`from models.backend import keras`; nothing uses `tf.keras` or Keras 3.
+`from models.backend import keras`; nothing imports Keras 3 or TensorFlow's keras alias.
 """
 
 import os
