@@ -16,7 +16,6 @@ workdir; the others write to temporary directories.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -313,6 +312,7 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     if model_config.vocab_size != vocab:
         raise UserError(f"the model's vocab_size={model_config.vocab_size} differs from the tokenizer's {vocab}")
     _check_resume(wd, model_config, config)
+    dataset.shard_files(wd.root, "val")  # the final evaluation needs it: fail now, not after training
 
     strategy_lib.split_cpu(config.logical_cpus)
     strategy = strategy_lib.make(config.strategy)
@@ -398,8 +398,3 @@ def describe(summary: dict[str, Any]) -> str:
         f"validation: loss {summary['loss']:.4f} nats/token, perplexity {summary['perplexity']:.2f}, "
         f"{summary['bits_per_char']:.3f} bits/char over {summary['tokens']:,} tokens",
     ])
-
-
-def json_line(summary: dict[str, Any]) -> str:
-    return json.dumps(summary, sort_keys=True)
-
