@@ -4,8 +4,10 @@ For the transformer and the LSTM at the `tiny` and `small` presets, XLA off
 and on, and the same transformer built with keras-hub (`GPT2Backbone` in a
 `GPT2CausalLM`, Keras 3) as the reference, each configuration trains in its own
 process (so peak resident memory is its own) on the bundled corpus through
-`pipelines.train.build_and_compile` and `dataset.train_dataset`. Rounds
-alternate the order of configurations (these machines are shared and noisy).
+`pipelines.train.build_and_compile` and `dataset.train_dataset`. The ratio to
+keras-hub comes from the reference trained in the same process, interleaved
+with ours; rounds alternate the order of configurations (these machines are
+shared and noisy).
 MFU = tokens/s x training FLOPs per token / a matmul peak measured in the
 same process.
 
@@ -51,52 +53,78 @@ def matmul_peak_gflops(seconds: float = 2.0) -> float:
     return 2 * n ** 3 * count / (time.perf_counter() - start) / 1e9
 
 
-def measure(impl: str, preset: str, xla: bool, steps: int, batch: int, workdir: str,
-            seconds_budget: float = 15.0) -> dict:
-    """Runs in a child process: one configuration, timed after warm-up steps."""
-    import app  # noqa: F401
+def _build(impl: str, config, vocab: int, xla: bool, ds):
+    """(model, its dataset) for one implementation, compiled and warmed up."""
     import tensorflow as tf
 
-    import models
-    from pipelines import dataset, train
+    from pipelines import train
 
-    vocab = json.loads((pathlib.Path(workdir) / "data" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
-    family = "lstm" if impl == "lstm" else "transformer"
-    config = models.make_config(family, preset, vocab, dropout=0.0)
-    seq = config.seq_len
-    ds = dataset.train_dataset(workdir, seq, batch, seed=0)
     if impl == "keras-hub":
         import keras
         import keras_hub
 
         backbone = keras_hub.models.GPT2Backbone(
             vocabulary_size=vocab, num_layers=config.layers, num_heads=config.heads, hidden_dim=config.d_model,
-            intermediate_dim=config.mlp_ratio * config.d_model, dropout=0.0, max_sequence_length=seq)
+            intermediate_dim=config.mlp_ratio * config.d_model, dropout=0.0, max_sequence_length=config.seq_len)
         model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
         model.compile(optimizer=keras.optimizers.AdamW(1e-3, weight_decay=0.01, global_clipnorm=1.0),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=xla)
         ds = ds.map(lambda x, y: ({"token_ids": x, "padding_mask": tf.ones_like(x, tf.bool)}, y))
-        params = model.count_params()
     else:
-        model = train.build_and_compile(config, train.TrainConfig(steps=10_000, warmup_steps=10,
-                                                                  jit_compile=xla))
-        params = model.count_params()
+        model = train.build_and_compile(config, train.TrainConfig(steps=10_000, warmup_steps=10, jit_compile=xla))
     model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # trace, compile, fill buffers
+    return model, ds
+
+
+def measure(impl: str, preset: str, xla: bool, steps: int, batch: int, workdir: str,
+            seconds_budget: float = 15.0) -> dict:
+    """Runs in a child process: one configuration, timed after warm-up steps.
+
+    Peak memory is read before anything else is built. For lmstack's models the
+    keras-hub transformer of the same preset is then built in the same process
+    and the two alternate fit() calls of 5 steps, so `vs_keras_hub` is a ratio
+    of interleaved timings (the machine's load swings hit both alike).
+    """
+    import app  # noqa: F401
+
+    import models
+    from pipelines import dataset
+
+    vocab = json.loads((pathlib.Path(workdir) / "data" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    family = "lstm" if impl == "lstm" else "transformer"
+    config = models.make_config(family, preset, vocab, dropout=0.0)
+    seq = config.seq_len
+    ds = dataset.train_dataset(workdir, seq, batch, seed=0)
+    model, model_ds = _build(impl, config, vocab, xla, ds)
+    params = model.count_params()
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    contenders = [(model, model_ds)]
+    if impl != "keras-hub":
+        reference = models.make_config("transformer", preset, vocab, dropout=0.0)
+        contenders.append(_build("keras-hub", reference, vocab, xla,
+                                 dataset.train_dataset(workdir, reference.seq_len, batch, seed=0)))
     # Whole fit() calls of 5 steps until `seconds_budget` has passed (a slow
     # configuration still finishes in bounded time; a fast one gets many steps).
+    seconds = [[] for _ in contenders]
     done, start = 0, time.perf_counter()
-    while done < steps and (done < 5 or time.perf_counter() - start < seconds_budget):
-        model.fit(ds, steps_per_epoch=5, epochs=1, verbose=0)
+    while done < steps and (done < 5 or time.perf_counter() - start < seconds_budget * len(contenders)):
+        for (m, d), times in zip(contenders, seconds):
+            began = time.perf_counter()
+            m.fit(d, steps_per_epoch=5, epochs=1, verbose=0)
+            times.append(time.perf_counter() - began)
         done += 5
-    seconds = time.perf_counter() - start
-    tokens_per_s = done * batch * seq / seconds
+    tokens_per_s = done * batch * seq / sum(seconds[0])
     flops = 3 * config.flops_per_token()
     peak = matmul_peak_gflops()
-    return {"impl": impl, "preset": preset, "xla": xla, "params": params, "seq_len": seq, "batch": batch,
-            "steps_timed": done,
-            "tokens_per_s": tokens_per_s, "train_flops_per_token": flops, "matmul_peak_gflops": peak,
-            "mfu": tokens_per_s * flops / (peak * 1e9),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    row = {"impl": impl, "preset": preset, "xla": xla, "params": params, "seq_len": seq, "batch": batch,
+           "steps_timed": done,
+           "tokens_per_s": tokens_per_s, "train_flops_per_token": flops, "matmul_peak_gflops": peak,
+           "mfu": tokens_per_s * flops / (peak * 1e9), "peak_rss_mb": peak_rss_mb}
+    if impl != "keras-hub":
+        # Per interleaved pair: reference seconds / ours for the same tokens.
+        row["vs_keras_hub"] = statistics.median(
+            (ref / ours) * (seq / reference.seq_len) for ours, ref in zip(*seconds))
+    return row
 
 
 def main() -> None:
@@ -136,9 +164,8 @@ def main() -> None:
         for field in ("tokens_per_s", "mfu", "matmul_peak_gflops", "peak_rss_mb"):
             row[field] = statistics.median(v[field] for v in values)
         rows.append(row)
-    for row in rows:
-        ref = next(r for r in rows if (r["impl"], r["preset"], r["xla"]) == ("keras-hub", row["preset"], row["xla"]))
-        row["vs_keras_hub"] = row["tokens_per_s"] / ref["tokens_per_s"]
+    for key, row in zip(runs, rows):
+        row["vs_keras_hub"] = statistics.median(v.get("vs_keras_hub", 1.0) for v in runs[key])
     result = {"benchmark": "train_speed", "steps": args.steps, "batch_size": args.batch_size, "rounds": args.rounds,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows}
     header = f"{'model':12} {'preset':6} {'xla':5} {'params':>9} {'tokens/s':>9} {'vs keras-hub':>12} {'MFU':>6} {'peak MB':>8}"

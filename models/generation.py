@@ -14,6 +14,7 @@ Samplers are built outside `tf.function` (they own a seed variable).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterator, Sequence
 
 import keras_nlp
@@ -156,3 +157,113 @@ def stream(decoder, prompt: Sequence[int], max_new_tokens: int, sampler: keras_n
         yield token
         if i + 1 < max_new_tokens:
             logits, cache = step(tf.constant([[token]], tf.int32), cache, tf.constant(len(prompt) + i))
+
+
+# ---------------------------------------------------------------------------
+# Generation as one TensorFlow graph, with per-row settings (for exported SavedModels).
+
+
+def sample_next(logits: tf.Tensor, position: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
+                top_p: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Picks one token per row, each row with its own settings.
+
+    A row with `temperature <= 0` takes the argmax (greedy). Otherwise the
+    logits are divided by the temperature, cut to the `top_k` most likely
+    tokens (0: no cut), then to the smallest set of those whose probability
+    reaches `top_p` (1 or 0: no cut), and a token is drawn from what is left.
+    The draw depends only on the row's `seed` and `position` (Gumbel-max with
+    stateless noise), so a request gets the same tokens whatever else is in
+    its batch.
+
+    Args:
+        logits: float `[B, V]`.
+        position: int32 scalar, the position being chosen.
+        temperature, top_p: float `[B]`; top_k, seed: int32 `[B]`.
+    Returns:
+        int32 `[B]`.
+    """
+    logits = tf.cast(logits, tf.float32)
+    vocab = tf.shape(logits)[1]
+    greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    scaled = logits / tf.where(temperature > 0, temperature, 1.0)[:, tf.newaxis]
+    ranked = tf.sort(scaled, axis=-1, direction="DESCENDING")  # (B, V)
+    k = tf.where(top_k > 0, tf.minimum(top_k, vocab), vocab)  # (B,)
+    in_top_k = tf.range(vocab)[tf.newaxis, :] < k[:, tf.newaxis]
+    probabilities = tf.nn.softmax(tf.where(in_top_k, ranked, -math.inf))
+    mass_before = tf.cumsum(probabilities, axis=-1, exclusive=True)
+    p = tf.where((top_p > 0) & (top_p < 1), top_p, 1.0)
+    kept = tf.reduce_sum(tf.cast(in_top_k & (mass_before < p[:, tf.newaxis]), tf.int32), axis=-1)  # >= 1
+    threshold = tf.gather(ranked, kept - 1, batch_dims=1)  # the smallest kept logit
+    filtered = tf.where(scaled >= threshold[:, tf.newaxis], scaled, -math.inf)
+
+    def row_noise(row_seed):
+        return tf.random.stateless_uniform([vocab], seed=tf.stack([row_seed, position]),
+                                           minval=1e-7, maxval=1.0)
+
+    uniform = tf.map_fn(row_noise, tf.cast(seed, tf.int32), fn_output_signature=tf.float32)  # (B, V)
+    sampled = tf.argmax(filtered - tf.math.log(-tf.math.log(uniform)), axis=-1, output_type=tf.int32)
+    return tf.where(temperature > 0, sampled, greedy)
+
+
+def generate_graph(decoder, prompts: tf.RaggedTensor, max_new_tokens: tf.Tensor, choose,
+                   stop_token_id: int, empty_prompt_id: int) -> tf.RaggedTensor:
+    """Continues a batch of prompts inside one graph: what exported models run.
+
+    The same loop as `generate` (prompt tokens kept, the rest chosen one
+    position at a time from the cache), written with TensorFlow ops only, so
+    it runs inside a SavedModel signature with per-row lengths and settings.
+
+    Args:
+        decoder: a `GPTDecoder` or `LSTMDecoder`.
+        prompts: int32 ragged `[B, None]`; an empty row starts from `empty_prompt_id`.
+        max_new_tokens: int32 `[B]`; cut to fit the context (the prompt's start is dropped first).
+        choose: `(logits [B, V], position) -> int32 [B]`, e.g. argmax or `sample_next`.
+        stop_token_id: a row ends at this token (not returned).
+        empty_prompt_id: the token an empty prompt starts from.
+    Returns:
+        The new tokens, int32 ragged `[B, None]`.
+    """
+    batch = tf.shape(max_new_tokens)[0]
+    lengths = tf.cast(prompts.row_lengths(), tf.int32)
+    dense = prompts.to_tensor(default_value=0)
+    dense = tf.concat([dense, tf.zeros([batch, 1], tf.int32)], axis=1)  # at least one column
+    first = tf.where(lengths > 0, dense[:, 0], empty_prompt_id)
+    dense = tf.concat([first[:, tf.newaxis], dense[:, 1:]], axis=1)
+    lengths = tf.maximum(lengths, 1)
+    new = tf.maximum(max_new_tokens, 0)
+    keep = lengths
+    if decoder.max_length is not None:
+        new = tf.minimum(new, decoder.max_length - 1)
+        keep = tf.minimum(lengths, decoder.max_length - new)
+    # Left-align the kept end of every prompt: row i holds its last keep[i] tokens.
+    total = tf.reduce_max(keep + new)
+    columns = tf.range(total)[tf.newaxis, :]
+    source = tf.minimum((lengths - keep)[:, tf.newaxis] + columns, tf.shape(dense)[1] - 1)
+    tokens = tf.where(columns < keep[:, tf.newaxis], tf.gather(dense, source, batch_dims=1), 0)  # (B, total)
+
+    start = tf.reduce_min(keep)
+    cache = decoder.init_cache(batch, total)
+    cache = tf.cond(start > 1,
+                    lambda: decoder.call_with_cache(tokens[:, :start - 1], cache, 0)[1],
+                    lambda: cache)
+
+    def step(index, tokens, cache, done):
+        logits, cache = decoder.call_with_cache(tokens[:, index - 1][:, tf.newaxis], cache, index - 1)
+        chosen = choose(logits[:, 0, :], index)
+        in_prompt = index < keep
+        column = tf.one_hot(index, total, on_value=True, off_value=False)[tf.newaxis, :]  # (1, total)
+        written = tf.where(in_prompt, tokens[:, index], tf.where(done, 0, chosen))
+        tokens = tf.where(column, written[:, tf.newaxis], tokens)
+        finished = ~in_prompt & ((chosen == stop_token_id) | (index + 1 - keep >= new))
+        return index + 1, tokens, cache, done | finished
+
+    _, tokens, _, _ = tf.while_loop(
+        lambda index, tokens, cache, done: (index < total) & ~tf.reduce_all(done),
+        step, (start, tokens, cache, new <= 0))
+    # Row i's new tokens are tokens[i, keep[i]:keep[i] + new[i]], up to its first stop token.
+    width = tf.reduce_max(new)
+    offsets = tf.range(width)[tf.newaxis, :]
+    generated = tf.gather(tokens, tf.minimum(keep[:, tf.newaxis] + offsets, total - 1), batch_dims=1)
+    stops = tf.cumsum(tf.cast(generated == stop_token_id, tf.int32), axis=1)
+    valid = (offsets < new[:, tf.newaxis]) & (stops == 0)
+    return tf.ragged.boolean_mask(generated, valid)

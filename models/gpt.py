@@ -141,7 +141,7 @@ class GPTDecoder:
 
     def init_cache(self, batch_size, max_length: int | None = None) -> tf.Tensor:
         c = self.config
-        length = max_length or c.seq_len
+        length = c.seq_len if max_length is None else max_length
         dtype = self.model.get_layer("block0_query").compute_dtype
         return tf.zeros([batch_size, c.layers, 2, length, c.heads, c.head_dim], dtype)
 

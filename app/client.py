@@ -1,0 +1,66 @@
+"""Send a prompt to a TensorFlow Serving endpoint (or `lmstack serve`) and print the completion.
+
+Greedy (the serving_default signature) unless --temperature is above 0, then
+sampled (the generate signature; the same --seed gives the same text).
+--score prints the text's log-likelihood instead; --status and --metadata
+print what the server says about the model, as JSON.
+
+example:
+  lmstack client --target=localhost:8500 --prompt="ROMEO." --max_new_tokens=80
+  lmstack client --target=localhost:8501 --protocol=rest --prompt="ROMEO." --temperature=0.8 --top_k=40 --seed=3
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import flags
+
+from pipelines.errors import UserError
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("target", "localhost:8500", "HOST:PORT of the server (gRPC 8500, REST 8501 by default)",
+                        flag_values=fv)
+    flags.DEFINE_enum("protocol", "grpc", ["grpc", "rest"], "TensorFlow Serving API to use", flag_values=fv)
+    flags.DEFINE_string("model_name", "lm", "the model's name on the server", flag_values=fv)
+    flags.DEFINE_integer("version", None, "a specific version (default: the server's latest)", flag_values=fv)
+    flags.DEFINE_string("prompt", "", "text to continue", flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", 50, "tokens to generate at most", flag_values=fv)
+    flags.DEFINE_float("temperature", 0.0, "0: greedy; above 0: sample at this temperature", flag_values=fv)
+    flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0: all)", flag_values=fv)
+    flags.DEFINE_float("top_p", 1.0, "sample from the smallest set with this probability mass", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "the same seed gives the same sampled text", flag_values=fv)
+    flags.DEFINE_bool("score", False, "print the prompt's log-likelihood instead of a completion", flag_values=fv)
+    flags.DEFINE_bool("status", False, "print the model's version status", flag_values=fv)
+    flags.DEFINE_bool("metadata", False, "print the model's signatures", flag_values=fv)
+    flags.DEFINE_float("timeout", 60.0, "seconds to wait for an answer", flag_values=fv)
+    flags.DEFINE_integer("retries", 3, "retries while the server is UNAVAILABLE", flag_values=fv)
+
+
+def run(fv: flags.FlagValues) -> int:
+    from serving import client as client_lib
+
+    if fv.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens={fv.max_new_tokens}: must be at least 1")
+    if fv.temperature < 0:
+        raise UserError(f"--temperature={fv.temperature}: must not be negative (0 is greedy)")
+    if not 0 <= fv.top_p <= 1:
+        raise UserError(f"--top_p={fv.top_p}: must be in [0, 1]")
+    client = client_lib.connect(fv.target, fv.protocol, model_name=fv.model_name, version=fv.version,
+                                timeout=fv.timeout, retries=fv.retries)
+    try:
+        if fv.status:
+            print(json.dumps(client.status()))
+        elif fv.metadata:
+            print(json.dumps(client.metadata(), indent=2))
+        elif fv.score:
+            (log_likelihood, tokens), = client.score([fv.prompt])
+            print(json.dumps({"log_likelihood": log_likelihood, "num_tokens": tokens}))
+        else:
+            completion, = client.generate([fv.prompt], fv.max_new_tokens, fv.temperature, fv.top_k, fv.top_p,
+                                          fv.seed)
+            print(completion)
+    except client_lib.ServingError as e:
+        raise UserError(f"{fv.target} ({fv.protocol}) answered {e.code}: {e.message}") from None
+    return 0

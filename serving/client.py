@@ -1,0 +1,238 @@
+"""Clients for TensorFlow Serving's REST and gRPC APIs (and `lmstack serve`, which speaks both).
+
+    client = serving.client.connect("localhost:8500", protocol="grpc", model_name="lm")
+    client.generate(["ROMEO."], max_new_tokens=50)        # -> ["..."]
+    client.score(["To be, or not to be"])                 # -> [(log_likelihood, num_tokens)]
+
+Both clients send the signatures of `serving.contract`, time out after
+`timeout` seconds, retry a request the server answers UNAVAILABLE (HTTP 503,
+or no connection yet) up to `retries` times with exponential backoff, and
+raise `ServingError` with the server's own message for anything else.
+
+The gRPC client uses tensorflow-serving-api's `PredictionServiceStub` and
+`ModelServiceStub`; the REST client uses only the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Sequence
+
+from serving import contract as c
+
+PROTOCOLS = ("rest", "grpc")
+
+
+ServingError = c.ServingError
+
+# The gRPC status behind each HTTP status of TensorFlow Serving's REST API.
+_HTTP_TO_CODE = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                 409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL",
+                 501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+class _Client:
+    """What both protocols offer; subclasses implement `predict`, `metadata` and `status`."""
+
+    def __init__(self, target: str, model_name: str = c.DEFAULT_MODEL_NAME, version: int | None = None,
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.25):
+        self.target = target
+        self.model_name = model_name
+        self.version = version
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+
+    def predict(self, signature: str, inputs: dict[str, Sequence]) -> dict[str, list]:
+        """Calls one signature with columnar inputs; returns its outputs as lists."""
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def status(self) -> list[dict[str, Any]]:
+        """[{"version": int, "state": "AVAILABLE" | ..., "error_code": ..., "error_message": ...}]"""
+        raise NotImplementedError
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 50, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+        """Continuations of `prompts`: greedy (serving_default) at temperature 0, else sampled (generate)."""
+        n = len(prompts)
+        inputs: dict[str, list] = {c.PROMPT: list(prompts), c.MAX_NEW_TOKENS: [max_new_tokens] * n}
+        signature = c.SERVING_DEFAULT
+        if temperature > 0:
+            signature = c.GENERATE
+            inputs.update({c.TEMPERATURE: [float(temperature)] * n, c.TOP_K: [top_k] * n,
+                           c.TOP_P: [float(top_p)] * n, c.SEED: [seed] * n})
+        return [_text(s) for s in self.predict(signature, inputs)[c.COMPLETION]]
+
+    def score(self, texts: Sequence[str]) -> list[tuple[float, int]]:
+        """(log-likelihood in nats, tokens) of each text."""
+        out = self.predict(c.SCORE, {c.TEXT: list(texts)})
+        return [(float(ll), int(n)) for ll, n in zip(out[c.LOG_LIKELIHOOD], out[c.NUM_TOKENS])]
+
+    def next_token_logits(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+        return self.predict(c.NEXT_TOKEN_LOGITS, {c.TOKEN_IDS: [list(row) for row in token_ids]})[c.LOGITS]
+
+    def _with_retries(self, call):
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except ServingError as e:
+                if e.code != "UNAVAILABLE" or attempt == self.retries:
+                    raise
+            time.sleep(self.backoff * 2 ** attempt)
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+class RestClient(_Client):
+    """TensorFlow Serving's REST API: `POST /v1/models/NAME[/versions/N]:predict`, columnar inputs.
+
+    Args:
+        target: 'host:port' (the REST port, 8501 by default in TensorFlow Serving) or an http(s) URL.
+    """
+
+    def _url(self, suffix: str = "") -> str:
+        base = self.target if self.target.startswith(("http://", "https://")) else f"http://{self.target}"
+        path = f"{base.rstrip('/')}/v1/models/{self.model_name}"
+        if self.version is not None:
+            path += f"/versions/{self.version}"
+        return path + suffix
+
+    def _request(self, url: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+
+        def call():
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                text = e.read().decode("utf-8", errors="replace")
+                try:
+                    message = json.loads(text).get("error", text)
+                except ValueError:
+                    message = text or e.reason
+                raise ServingError(_HTTP_TO_CODE.get(e.code, f"HTTP {e.code}"), message) from None
+            except (urllib.error.URLError, ConnectionError) as e:
+                reason = getattr(e, "reason", e)
+                if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+                    raise ServingError("DEADLINE_EXCEEDED", f"no answer from {url} in {self.timeout} s") from None
+                raise ServingError("UNAVAILABLE", f"cannot reach {url}: {reason}") from None
+            except TimeoutError:
+                raise ServingError("DEADLINE_EXCEEDED", f"no answer from {url} in {self.timeout} s") from None
+
+        return self._with_retries(call)
+
+    def predict(self, signature: str, inputs: dict[str, Sequence]) -> dict[str, list]:
+        body = {"signature_name": signature, "inputs": {k: list(v) for k, v in inputs.items()}}
+        outputs = self._request(self._url(":predict"), body)["outputs"]
+        if not isinstance(outputs, dict):  # a signature with one output answers with its value
+            outputs = {next(iter(c.SIGNATURES[signature].outputs)): outputs}
+        return outputs
+
+    def metadata(self) -> dict[str, Any]:
+        return self._request(self._url("/metadata"))
+
+    def status(self) -> list[dict[str, Any]]:
+        answer = self._request(self._url())
+        return [{"version": int(v["version"]), "state": v["state"],
+                 "error_code": v.get("status", {}).get("error_code", "OK"),
+                 "error_message": v.get("status", {}).get("error_message", "")}
+                for v in answer.get("model_version_status", [])]
+
+
+class GrpcClient(_Client):
+    """TensorFlow Serving's gRPC API through tensorflow-serving-api's stubs.
+
+    Args:
+        target: 'host:port' (the gRPC port, 8500 by default in TensorFlow Serving).
+    """
+
+    def __init__(self, target: str, *args, **kwargs):
+        super().__init__(target, *args, **kwargs)
+        import grpc
+        from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+        self._grpc = grpc
+        self._channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)])
+        self._predictions = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _spec(self, signature: str = ""):
+        from tensorflow_serving.apis import model_pb2
+
+        spec = model_pb2.ModelSpec(name=self.model_name, signature_name=signature)
+        if self.version is not None:
+            spec.version.value = self.version
+        return spec
+
+    def _call(self, method, request):
+        def call():
+            try:
+                return method(request, timeout=self.timeout)
+            except self._grpc.RpcError as e:
+                raise ServingError(e.code().name, e.details() or str(e)) from None
+        return self._with_retries(call)
+
+    def predict(self, signature: str, inputs: dict[str, Sequence]) -> dict[str, list]:
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
+        request = predict_pb2.PredictRequest(model_spec=self._spec(signature))
+        for name, value in inputs.items():
+            tensor = c.SIGNATURES.get(signature, c.SIGNATURES[c.SERVING_DEFAULT]).inputs.get(name)
+            dtype = tf.dtypes.as_dtype(tensor.dtype) if tensor else None
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=dtype))
+        response = self._call(self._predictions.Predict, request)
+        return {name: tf.make_ndarray(proto).tolist() for name, proto in response.outputs.items()}
+
+    def metadata(self) -> dict[str, Any]:
+        from google.protobuf import json_format
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        request = get_model_metadata_pb2.GetModelMetadataRequest(model_spec=self._spec(),
+                                                                metadata_field=["signature_def"])
+        response = self._call(self._predictions.GetModelMetadata, request)
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signatures)
+        return {"model_spec": json_format.MessageToDict(response.model_spec, preserving_proto_field_name=True),
+                "metadata": {"signature_def": json_format.MessageToDict(signatures, preserving_proto_field_name=True)}}
+
+    def status(self) -> list[dict[str, Any]]:
+        from tensorflow_serving.apis import get_model_status_pb2
+
+        request = get_model_status_pb2.GetModelStatusRequest(model_spec=self._spec())
+        response = self._call(self._models.GetModelStatus, request)
+        return [{"version": v.version, "state": get_model_status_pb2.ModelVersionStatus.State.Name(v.state),
+                 "error_code": _code_name(v.status.error_code), "error_message": v.status.error_message}
+                for v in response.model_version_status]
+
+
+def _code_name(code: int) -> str:
+    import grpc
+
+    return next((s.name for s in grpc.StatusCode if s.value[0] == code), str(code))
+
+
+def connect(target: str, protocol: str = "grpc", **kwargs) -> RestClient | GrpcClient:
+    """A client for `protocol` ('rest' or 'grpc'); kwargs as for the client classes."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r}: expected one of {'|'.join(PROTOCOLS)}")
+    return RestClient(target, **kwargs) if protocol == "rest" else GrpcClient(target, **kwargs)

@@ -1,0 +1,100 @@
+"""The serving contract: signature, tensor and file names shared by the exporter, the server and the clients.
+
+An exported language model answers four signatures (TensorFlow Serving's
+`signature_name`); every tensor's first dimension is the batch:
+
+    serving_default    prompt string [B], max_new_tokens int32 [B]
+                       -> completion string [B], token_ids int32 [B, L]   (greedy)
+    generate           the same + temperature float [B], top_k int32 [B], top_p float [B], seed int32 [B]
+                       -> completion, token_ids                            (sampled; same seed, same text)
+    score              text string [B] -> log_likelihood float [B], num_tokens int32 [B]
+    next_token_logits  token_ids int32 [B, T] -> logits float [B, V]       (no tokenizer)
+
+This module imports nothing but the standard library, so a client can use it
+without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+DEFAULT_MODEL_NAME = "lm"
+
+# Signature names.
+SERVING_DEFAULT = "serving_default"
+GENERATE = "generate"
+SCORE = "score"
+NEXT_TOKEN_LOGITS = "next_token_logits"
+
+# Tensor names.
+PROMPT = "prompt"
+MAX_NEW_TOKENS = "max_new_tokens"
+TEMPERATURE = "temperature"
+TOP_K = "top_k"
+TOP_P = "top_p"
+SEED = "seed"
+COMPLETION = "completion"
+TOKEN_IDS = "token_ids"
+TEXT = "text"
+LOG_LIKELIHOOD = "log_likelihood"
+NUM_TOKENS = "num_tokens"
+LOGITS = "logits"
+
+# Files inside an export's version directory.
+ASSETS_EXTRA = "assets.extra"
+WARMUP_FILE = "tf_serving_warmup_requests"  # TensorFlow Serving reads assets.extra/ + this name
+CONFIG_FILE = "lmstack_config.json"  # the run's config, the tokenizer's and the export's own
+
+
+class ServingError(Exception):
+    """A request failed, as TensorFlow Serving reports it.
+
+    Attributes:
+        code: the gRPC status name ('INVALID_ARGUMENT', 'NOT_FOUND', 'UNAVAILABLE', ...).
+        message: the server's message.
+    """
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+# The HTTP status TensorFlow Serving's REST API answers for each gRPC status.
+HTTP_STATUS = {"OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504,
+               "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
+               "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501,
+               "INTERNAL": 500, "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One input or output of a signature: dtype name (as in TensorFlow) and rank."""
+    dtype: str
+    rank: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    inputs: dict[str, Tensor]
+    outputs: dict[str, Tensor]
+
+
+_COMPLETION_OUTPUTS = {COMPLETION: Tensor("string", 1), TOKEN_IDS: Tensor("int32", 2)}
+
+SIGNATURES: dict[str, Signature] = {
+    SERVING_DEFAULT: Signature(
+        inputs={PROMPT: Tensor("string", 1), MAX_NEW_TOKENS: Tensor("int32", 1)},
+        outputs=_COMPLETION_OUTPUTS),
+    GENERATE: Signature(
+        inputs={PROMPT: Tensor("string", 1), MAX_NEW_TOKENS: Tensor("int32", 1),
+                TEMPERATURE: Tensor("float32", 1), TOP_K: Tensor("int32", 1), TOP_P: Tensor("float32", 1),
+                SEED: Tensor("int32", 1)},
+        outputs=_COMPLETION_OUTPUTS),
+    SCORE: Signature(
+        inputs={TEXT: Tensor("string", 1)},
+        outputs={LOG_LIKELIHOOD: Tensor("float32", 1), NUM_TOKENS: Tensor("int32", 1)}),
+    NEXT_TOKEN_LOGITS: Signature(
+        inputs={TOKEN_IDS: Tensor("int32", 2)},
+        outputs={LOGITS: Tensor("float32", 2)}),
+}

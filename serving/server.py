@@ -1,0 +1,383 @@
+"""A model server that speaks TensorFlow Serving's REST and gRPC APIs.
+
+`tensorflow_model_server` cannot be installed on every machine (it is on
+neither PyPI nor Debian), so lmstack ships this one: the same URLs, the same
+protos (tensorflow-serving-api's generated gRPC services), the same JSON and
+the same status codes, so a client written for one works with the other.
+
+    gRPC  PredictionService.Predict / GetModelMetadata, ModelService.GetModelStatus
+    REST  POST /v1/models/NAME[/versions/N]:predict   ("inputs" columnar or "instances" rows)
+          GET  /v1/models/NAME[/versions/N]           (version status)
+          GET  /v1/models/NAME[/versions/N]/metadata  (signatures)
+
+It loads the newest version under the model's base path with TensorFlow's
+own loader and runs the SavedModel's signatures; it imports only TensorFlow,
+tensorflow-text (whose ops the tokenizers use) and `serving.contract`.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import pathlib
+import re
+import threading
+from concurrent import futures
+from http import server as http_server
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_text  # noqa: F401  (registers the tokenizer ops the exported graphs use)
+
+from serving.contract import HTTP_STATUS, ServingError
+
+log = logging.getLogger("lmstack.serve")
+
+
+@dataclasses.dataclass
+class LoadedVersion:
+    version: int
+    path: pathlib.Path
+    model: Any  # what tf.saved_model.load returns
+    signatures: dict[str, Any]  # name -> concrete function
+
+
+class ServedModel:
+    """One model name: its base path and the loaded version(s).
+
+    Args:
+        name: the name requests use.
+        base_path: a directory of integer version subdirectories.
+    """
+
+    def __init__(self, name: str, base_path: str | pathlib.Path):
+        self.name = name
+        self.base_path = pathlib.Path(base_path)
+        self.versions: dict[int, LoadedVersion] = {}
+        self._lock = threading.Lock()
+
+    def available_versions(self) -> list[int]:
+        if not self.base_path.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.base_path.iterdir()
+                      if p.is_dir() and p.name.isdigit() and (p / "saved_model.pb").is_file())
+
+    def load_latest(self) -> LoadedVersion:
+        """Loads the newest version on disk (if not loaded yet) and serves only it."""
+        versions = self.available_versions()
+        if not versions:
+            raise ServingError("NOT_FOUND", f"no version of {self.name!r} under {self.base_path} "
+                                            "(expected BASE/1/saved_model.pb; run `lmstack export`)")
+        newest = versions[-1]
+        with self._lock:
+            if newest not in self.versions:
+                path = self.base_path / str(newest)
+                loaded = tf.saved_model.load(str(path))
+                self.versions = {newest: LoadedVersion(newest, path, loaded, dict(loaded.signatures))}
+                log.info("serving %s version %d from %s", self.name, newest, path)
+            return self.versions[newest]
+
+    def get(self, version: int | None) -> LoadedVersion:
+        with self._lock:
+            if not self.versions:
+                raise ServingError("UNAVAILABLE", f"model {self.name!r} has no loaded version yet")
+            if version is None:
+                return self.versions[max(self.versions)]
+            if version not in self.versions:
+                raise ServingError("NOT_FOUND", f"Servable not found for request: Specific({self.name}, {version})")
+            return self.versions[version]
+
+
+class ModelServer:
+    """The models a server answers for and what a request does with them (protocol-free)."""
+
+    def __init__(self, models: dict[str, ServedModel]):
+        self.models = models
+
+    def model(self, name: str) -> ServedModel:
+        if name not in self.models:
+            raise ServingError("NOT_FOUND", f"Servable not found for request: Latest({name})")
+        return self.models[name]
+
+    def predict(self, name: str, version: int | None, signature: str,
+                inputs: dict[str, np.ndarray]) -> tuple[LoadedVersion, dict[str, np.ndarray]]:
+        loaded = self.model(name).get(version)
+        signature = signature or "serving_default"
+        if signature not in loaded.signatures:
+            raise ServingError("FAILED_PRECONDITION",
+                               f"Serving signature name: \"{signature}\" not found in signature def "
+                               f"(have: {', '.join(sorted(loaded.signatures))})")
+        fn = loaded.signatures[signature]
+        specs = fn.structured_input_signature[1]
+        missing = sorted(set(specs) - set(inputs))
+        extra = sorted(set(inputs) - set(specs))
+        if missing or extra:
+            raise ServingError("INVALID_ARGUMENT", f"signature {signature!r} expects inputs "
+                                                   f"{sorted(specs)}; missing {missing}, unexpected {extra}")
+        tensors = {}
+        for key, spec in specs.items():
+            try:
+                tensors[key] = tf.constant(inputs[key], dtype=spec.dtype)
+            except (TypeError, ValueError) as e:
+                raise ServingError("INVALID_ARGUMENT", f"input {key!r} is not {spec.dtype.name}: {e}") from None
+            if not spec.shape.is_compatible_with(tensors[key].shape):
+                raise ServingError("INVALID_ARGUMENT", f"input {key!r} has shape {tensors[key].shape.as_list()}, "
+                                                       f"expected {spec.shape}")
+        try:
+            outputs = fn(**tensors)
+        except tf.errors.OpError as e:
+            code = {tf.errors.InvalidArgumentError: "INVALID_ARGUMENT",
+                    tf.errors.ResourceExhaustedError: "RESOURCE_EXHAUSTED"}.get(type(e), "INTERNAL")
+            raise ServingError(code, _op_error_message(e.message)) from None
+        return loaded, {k: v.numpy() for k, v in outputs.items()}
+
+    def status(self, name: str, version: int | None) -> list[dict[str, Any]]:
+        model = self.model(name)
+        versions = sorted(model.versions) if version is None else [model.get(version).version]
+        return [{"version": v, "state": "AVAILABLE"} for v in versions]
+
+    def signature_defs(self, name: str, version: int | None):
+        """(version, the SavedModel's SignatureDefMap proto) as TensorFlow Serving reports metadata."""
+        from tensorflow.core.protobuf import saved_model_pb2
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        loaded = self.model(name).get(version)
+        saved = saved_model_pb2.SavedModel.FromString((loaded.path / "saved_model.pb").read_bytes())
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        for key, value in saved.meta_graphs[0].signature_def.items():
+            if not key.startswith("__"):  # TensorFlow's internal signatures (e.g. __saved_model_init_op)
+                signatures.signature_def[key].CopyFrom(value)
+        return loaded.version, signatures
+
+
+def _op_error_message(message: str) -> str:
+    """The line of a TensorFlow error that says what went wrong (not the graph location)."""
+    for line in message.splitlines():
+        line = line.strip()
+        if line.startswith("assertion failed: ["):  # tf.debugging asserts: the message is the first [...]
+            return line[len("assertion failed: ["):].split("]", 1)[0].strip()
+        if line and not line.startswith(("Graph execution error", "Detected at node", "<stack traces", "[[", "File ")):
+            return line.split(" [[", 1)[0]
+    return message.strip()
+
+
+# ---------------------------------------------------------------------------
+# gRPC
+
+
+def grpc_servicers(core: ModelServer):
+    """PredictionService and ModelService servicers over `core` (tensorflow-serving-api's base classes)."""
+    import grpc
+    from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
+                                         predict_pb2, prediction_service_pb2_grpc)
+
+    def fail(context, error: ServingError):
+        context.abort(getattr(grpc.StatusCode, error.code, grpc.StatusCode.UNKNOWN), error.message)
+
+    def version_of(spec) -> int | None:
+        return spec.version.value if spec.HasField("version") else None
+
+    class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def Predict(self, request, context):
+            try:
+                inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+                loaded, outputs = core.predict(request.model_spec.name, version_of(request.model_spec),
+                                               request.model_spec.signature_name, inputs)
+            except ServingError as e:
+                return fail(context, e)
+            response = predict_pb2.PredictResponse()
+            response.model_spec.name = request.model_spec.name
+            response.model_spec.version.value = loaded.version
+            response.model_spec.signature_name = request.model_spec.signature_name or "serving_default"
+            names = set(request.output_filter) or set(outputs)
+            for key in names:
+                response.outputs[key].CopyFrom(tf.make_tensor_proto(outputs[key]))
+            return response
+
+        def GetModelMetadata(self, request, context):
+            if list(request.metadata_field) != ["signature_def"]:
+                return fail(context, ServingError("INVALID_ARGUMENT", "Metadata field signature_def is the only one "
+                                                                      "supported; set metadata_field"))
+            try:
+                version, signatures = core.signature_defs(request.model_spec.name, version_of(request.model_spec))
+            except ServingError as e:
+                return fail(context, e)
+            response = get_model_metadata_pb2.GetModelMetadataResponse()
+            response.model_spec.name = request.model_spec.name
+            response.model_spec.version.value = version
+            response.metadata["signature_def"].Pack(signatures)
+            return response
+
+    class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+        def GetModelStatus(self, request, context):
+            try:
+                statuses = core.status(request.model_spec.name, version_of(request.model_spec))
+            except ServingError as e:
+                return fail(context, e)
+            response = get_model_status_pb2.GetModelStatusResponse()
+            for s in statuses:
+                v = response.model_version_status.add()
+                v.version = s["version"]
+                v.state = get_model_status_pb2.ModelVersionStatus.State.Value(s["state"])
+            return response
+
+    return PredictionService(), ModelService()
+
+
+def start_grpc(core: ModelServer, port: int, workers: int = 8):
+    """Starts the gRPC server on `port` (0: a free one); returns (server, port)."""
+    import grpc
+    from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=[
+        ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)])
+    predictions, models = grpc_servicers(core)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(predictions, server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(models, server)
+    bound = server.add_insecure_port(f"[::]:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the gRPC port {port}")
+    server.start()
+    return server, bound
+
+
+# ---------------------------------------------------------------------------
+# REST
+
+_PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?P<rest>/metadata|:predict)?$")
+
+
+def _json_value(array: np.ndarray):
+    if array.dtype.kind in ("O", "S"):
+        return np.vectorize(lambda b: b.decode("utf-8", errors="replace") if isinstance(b, bytes) else b,
+                            otypes=[object])(array).tolist() if array.size else array.tolist()
+    return array.tolist()
+
+
+def _from_json(value):
+    """JSON values -> a numpy array; {"b64": ...} objects become bytes (TensorFlow Serving's convention)."""
+    def convert(v):
+        if isinstance(v, dict) and set(v) == {"b64"}:
+            return base64.b64decode(v["b64"])
+        if isinstance(v, str):
+            return v.encode("utf-8")
+        if isinstance(v, list):
+            return [convert(x) for x in v]
+        return v
+    converted = convert(value)
+    return np.array(converted, dtype=object) if _has_bytes(converted) else np.array(converted)
+
+
+def _has_bytes(value) -> bool:
+    while isinstance(value, list) and value:
+        value = value[0]
+    return isinstance(value, bytes)
+
+
+def rest_predict(core: ModelServer, name: str, version: int | None, body: dict) -> dict:
+    """A :predict body -> the response body, in the row ("instances") or columnar ("inputs") format."""
+    signature = body.get("signature_name", "")
+    if ("instances" in body) == ("inputs" in body):
+        raise ServingError("INVALID_ARGUMENT", "Missing 'inputs' or 'instances' key" if "instances" not in body
+                           else "Only one of 'inputs' or 'instances' may be given")
+    if "inputs" in body:
+        inputs = body["inputs"]
+        if not isinstance(inputs, dict):
+            inputs = {_only_input(core, name, version, signature): inputs}
+        _, outputs = core.predict(name, version, signature, {k: _from_json(v) for k, v in inputs.items()})
+        values = {k: _json_value(v) for k, v in outputs.items()}
+        return {"outputs": values if len(values) > 1 else next(iter(values.values()))}
+    rows = body["instances"]
+    if not isinstance(rows, list) or not rows:
+        raise ServingError("INVALID_ARGUMENT", "'instances' must be a non-empty list")
+    if isinstance(rows[0], dict):
+        keys = set(rows[0])
+        if any(set(r) != keys for r in rows if isinstance(r, dict)) or not all(isinstance(r, dict) for r in rows):
+            raise ServingError("INVALID_ARGUMENT", "every instance must name the same inputs")
+        columns = {k: [r[k] for r in rows] for k in keys}
+    else:
+        columns = {_only_input(core, name, version, signature): rows}
+    _, outputs = core.predict(name, version, signature, {k: _from_json(v) for k, v in columns.items()})
+    values = {k: _json_value(v) for k, v in outputs.items()}
+    if len(values) == 1:
+        return {"predictions": next(iter(values.values()))}
+    return {"predictions": [{k: v[i] for k, v in values.items()} for i in range(len(rows))]}
+
+
+def _only_input(core: ModelServer, name: str, version: int | None, signature: str) -> str:
+    loaded = core.model(name).get(version)
+    fn = loaded.signatures.get(signature or "serving_default")
+    specs = list(fn.structured_input_signature[1]) if fn is not None else []
+    if len(specs) != 1:
+        raise ServingError("INVALID_ARGUMENT", f"the signature takes inputs {specs}: name them in a JSON object")
+    return specs[0]
+
+
+def make_rest_handler(core: ModelServer):
+    from google.protobuf import json_format
+
+    class Handler(http_server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "lmstack-serving"
+
+        def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+            log.debug("%s %s", self.address_string(), format % args)
+
+        def _reply(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _route(self, method: str) -> None:
+            try:
+                match = _PATH.match(self.path.split("?")[0])
+                if not match:
+                    raise ServingError("NOT_FOUND", f"Malformed request: {method} {self.path}")
+                name, rest = match["name"], match["rest"]
+                version = int(match["version"]) if match["version"] else None
+                if method == "POST" and rest == ":predict":
+                    length = int(self.headers.get("Content-Length") or 0)
+                    try:
+                        body = json.loads(self.rfile.read(length) or b"{}")
+                    except ValueError as e:
+                        raise ServingError("INVALID_ARGUMENT", f"JSON Parse error: {e}") from None
+                    if not isinstance(body, dict):
+                        raise ServingError("INVALID_ARGUMENT", "the request body must be a JSON object")
+                    self._reply(200, rest_predict(core, name, version, body))
+                elif method == "GET" and rest is None:
+                    statuses = core.status(name, version)
+                    self._reply(200, {"model_version_status": [
+                        {"version": str(s["version"]), "state": s["state"],
+                         "status": {"error_code": "OK", "error_message": ""}} for s in statuses]})
+                elif method == "GET" and rest == "/metadata":
+                    served, signatures = core.signature_defs(name, version)
+                    self._reply(200, {
+                        "model_spec": {"name": name, "signature_name": "", "version": str(served)},
+                        "metadata": {"signature_def": json_format.MessageToDict(
+                            signatures, preserving_proto_field_name=True)}})
+                else:
+                    raise ServingError("NOT_FOUND", f"Malformed request: {method} {self.path}")
+            except ServingError as e:
+                self._reply(HTTP_STATUS.get(e.code, 500), {"error": e.message})
+
+        def do_GET(self):  # noqa: N802 (BaseHTTPRequestHandler's names)
+            self._route("GET")
+
+        def do_POST(self):  # noqa: N802
+            self._route("POST")
+
+    return Handler
+
+
+def start_rest(core: ModelServer, port: int):
+    """Starts the REST server on `port` (0: a free one) in a thread; returns (server, port)."""
+    httpd = http_server.ThreadingHTTPServer(("", port), make_rest_handler(core))
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, name="rest", daemon=True).start()
+    return httpd, httpd.server_address[1]

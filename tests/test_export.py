@@ -1,0 +1,331 @@
+"""`lmstack export`: the SavedModel's four signatures, its layout, and the clients that call it."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import models
+from app.main import main
+from models import generation
+from pipelines import checkpoints, prepare, tokenizers, train
+from pipelines.errors import UserError
+from pipelines.generate import TextGenerator, encode
+from serving import client as client_lib
+from serving import contract as c
+from serving import export, server
+
+PROMPTS = ["ROMEO.", "", "What light through yonder window breaks"]
+
+
+def trained_workdir(root: pathlib.Path, text: str, family: str) -> pathlib.Path:
+    (root / "corpus.txt").write_text(text, encoding="utf-8")
+    prepare.prepare(prepare.PrepareConfig(corpus=(str(root / "corpus.txt"),),
+                                          tokenizer=tokenizers.TokenizerConfig("char")), root / "run")
+    vocab = json.loads((root / "run" / "data" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    model_config = models.make_config(family, "tiny", vocab)
+    train.train(root / "run", model_config, train.TrainConfig(steps=40, batch_size=8, warmup_steps=5, eval_every=0,
+                                                              checkpoint_every=40), verbose=0)
+    return root / "run"
+
+
+@pytest.fixture(scope="module", params=["transformer", pytest.param("lstm", marks=pytest.mark.slow)])
+def exported(request, tmp_path_factory, english_text):
+    workdir = trained_workdir(tmp_path_factory.mktemp(request.param), english_text, request.param)
+    path = export.export(workdir)
+    return workdir, path, tf.saved_model.load(str(path))
+
+
+def call(loaded, signature, **inputs):
+    return {k: v.numpy() for k, v in loaded.signatures[signature](**inputs).items()}
+
+
+def complete(loaded, prompts, max_new_tokens):
+    return call(loaded, c.SERVING_DEFAULT, prompt=tf.constant(prompts),
+                max_new_tokens=tf.constant(max_new_tokens, tf.int32))
+
+
+def sample(loaded, prompts, seeds, temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=12):
+    n = len(prompts)
+    return call(loaded, c.GENERATE, prompt=tf.constant(prompts), max_new_tokens=tf.fill([n], max_new_tokens),
+                temperature=tf.fill([n], float(temperature)), top_k=tf.fill([n], top_k),
+                top_p=tf.fill([n], float(top_p)), seed=tf.constant(seeds, tf.int32))
+
+
+def test_layout(exported):
+    workdir, path, _ = exported
+    assert path == workdir / "export" / "lm" / "1"
+    assert (path / "saved_model.pb").is_file() and (path / "variables").is_dir()
+    assert (path / "assets" / "vocabulary.json").is_file()  # the char tokenizer's vocabulary
+    info = json.loads((path / c.ASSETS_EXTRA / c.CONFIG_FILE).read_text())
+    assert info["checkpoint_step"] == 40
+    assert info["model"] == models.config_to_json(checkpoints.read_model_config(workdir))
+    assert set(info["signatures"]) == set(c.SIGNATURES)
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_signature_shapes_and_dtypes(exported):
+    _, _, loaded = exported
+    assert set(loaded.signatures) == set(c.SIGNATURES)
+    for name, contract in c.SIGNATURES.items():
+        fn = loaded.signatures[name]
+        inputs = fn.structured_input_signature[1]
+        assert {k: (v.dtype.name, v.shape.rank) for k, v in inputs.items()} == {
+            k: (t.dtype, t.rank) for k, t in contract.inputs.items()}
+        assert {k: (v.dtype.name, v.shape.rank) for k, v in fn.structured_outputs.items()} == {
+            k: (t.dtype, t.rank) for k, t in contract.outputs.items()}
+    out = complete(loaded, PROMPTS, [12, 5, 0])
+    assert out[c.COMPLETION].shape == (3,) and out[c.TOKEN_IDS].shape == (3, 12)
+    assert out[c.COMPLETION][2] == b"" and not out[c.TOKEN_IDS][2].any()  # max_new_tokens=0
+
+
+def test_greedy_equals_lmstack_generate_token_for_token(exported):
+    workdir, _, loaded = exported
+    generator = TextGenerator(workdir)
+    out = complete(loaded, PROMPTS, [12] * 3)
+    for prompt, text, ids in zip(PROMPTS, out[c.COMPLETION], out[c.TOKEN_IDS]):
+        streamed = "".join(generator.stream(prompt, 12))  # what `lmstack generate --sampler=greedy` prints
+        assert text.decode("utf-8") == streamed
+        assert [int(i) for i in ids if i] == encode(generator.tokenizer, streamed)
+
+
+def test_seeded_sampling_repeats_and_does_not_depend_on_the_batch(exported):
+    _, _, loaded = exported
+    first = sample(loaded, ["ROMEO.", "ROMEO.", "ROMEO."], [1, 1, 2])[c.COMPLETION]
+    again = sample(loaded, ["ROMEO."], [1])[c.COMPLETION]
+    assert first[0] == first[1] == again[0]
+    assert first[0] != first[2]  # another seed, other text (temperature 1.5 on a barely trained model)
+    # top_k=1 is greedy whatever the seed.
+    greedy = complete(loaded, ["ROMEO."], [12])[c.COMPLETION]
+    assert sample(loaded, ["ROMEO."], [5], top_k=1)[c.COMPLETION] == greedy
+
+
+def keras_log_likelihood(model, ids: list[int]) -> float:
+    sequence = [tokenizers.EOS_ID] + ids
+    logits = model(tf.constant([sequence[:-1]]), training=False)[0]
+    log_p = tf.nn.log_softmax(logits)
+    return float(sum(log_p[i, t] for i, t in enumerate(sequence[1:])))
+
+
+def test_score_equals_the_keras_models_log_likelihood(exported):
+    workdir, _, loaded = exported
+    generator = TextGenerator(workdir)
+    texts = ["To be", "What light"]
+    out = call(loaded, c.SCORE, text=tf.constant(texts))
+    for text, ll, n in zip(texts, out[c.LOG_LIKELIHOOD], out[c.NUM_TOKENS]):
+        ids = encode(generator.tokenizer, text)
+        assert n == len(ids)
+        assert ll == pytest.approx(keras_log_likelihood(generator.model, ids), rel=1e-4)
+
+
+def test_score_reads_text_longer_than_the_context_in_windows(exported):
+    workdir, _, loaded = exported
+    generator = TextGenerator(workdir)
+    text = "What light through yonder window breaks? It is the east"  # > 16 tokens, the tiny context
+    ids = encode(generator.tokenizer, text)
+    out = call(loaded, c.SCORE, text=tf.constant([text]))
+    assert out[c.NUM_TOKENS][0] == len(ids)
+    context = generator.decoder.max_length
+    if context is None:  # the LSTM reads any length at once
+        expected = keras_log_likelihood(generator.model, ids)
+    else:
+        sequence = [tokenizers.EOS_ID] + ids
+        expected = 0.0
+        for start in range(0, len(ids), context):
+            window = sequence[start:start + context + 1]
+            log_p = tf.nn.log_softmax(generator.model(tf.constant([window[:-1]]), training=False)[0])
+            expected += float(sum(log_p[i, t] for i, t in enumerate(window[1:])))
+    assert out[c.LOG_LIKELIHOOD][0] == pytest.approx(expected, rel=1e-4)
+
+
+def test_next_token_logits_equal_the_keras_model(exported):
+    workdir, _, loaded = exported
+    generator = TextGenerator(workdir)
+    ids = [encode(generator.tokenizer, "To be, or"), encode(generator.tokenizer, "not to be")]
+    out = call(loaded, c.NEXT_TOKEN_LOGITS, token_ids=tf.constant(ids, tf.int32))[c.LOGITS]
+    expected = generator.model(tf.constant(ids), training=False)[:, -1, :].numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_warmup_records_are_prediction_logs_that_run(exported):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    _, path, loaded = exported
+    records = list(tf.data.TFRecordDataset(str(path / c.ASSETS_EXTRA / c.WARMUP_FILE)).as_numpy_iterator())
+    logs = [prediction_log_pb2.PredictionLog.FromString(r) for r in records]
+    assert sorted(log.predict_log.request.model_spec.signature_name for log in logs) == sorted(c.SIGNATURES)
+    for log in logs:
+        request = log.predict_log.request
+        assert request.model_spec.name == "lm"
+        inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+        assert loaded.signatures[request.model_spec.signature_name](**inputs)
+
+
+def test_versions_and_bad_input(exported, tmp_path, capsys, english_text):
+    workdir, _, _ = exported
+    base = tmp_path / "models" / "lm"
+    assert export.export(workdir, export.ExportConfig(export_base=str(base), version=7)) == base / "7"
+    assert export.export(workdir, export.ExportConfig(export_base=str(base))) == base / "8"  # the next free one
+    with pytest.raises(UserError, match="already exists"):
+        export.export(workdir, export.ExportConfig(export_base=str(base), version=7))
+    code, out, err = run_cli(capsys, "export", f"--workdir={workdir}", "--variant=pruned",
+                             f"--export_base={tmp_path / 'other'}")
+    assert code == 2 and "no optimized variant 'pruned'" in err and "Traceback" not in err
+    assert not (tmp_path / "other").exists()
+    assert sorted(p.name for p in base.iterdir()) == ["7", "8"]
+
+
+def test_workdir_without_a_checkpoint(tmp_path, capsys, english_text):
+    (tmp_path / "corpus.txt").write_text(english_text, encoding="utf-8")
+    prepare.prepare(prepare.PrepareConfig(corpus=(str(tmp_path / "corpus.txt"),),
+                                          tokenizer=tokenizers.TokenizerConfig("char")), tmp_path / "run")
+    code, _, err = run_cli(capsys, "export", f"--workdir={tmp_path / 'run'}")
+    assert code == 2 and "no trained model yet" in err
+    assert not (tmp_path / "run" / "export").exists()
+
+
+def run_cli(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+@pytest.mark.slow
+def test_reloads_in_a_process_with_only_tensorflow_and_tensorflow_text(exported):
+    workdir, path, loaded = exported
+    script = f"""
+import json, sys
+import tensorflow as tf, tensorflow_text
+m = tf.saved_model.load({str(path)!r})
+out = m.signatures["serving_default"](prompt=tf.constant(["ROMEO."]), max_new_tokens=tf.constant([15]))
+project = sorted(n for n in sys.modules if n.split(".")[0] in ("keras_nlp", "keras_hub", "tf_keras", "models",
+                                                               "pipelines", "serving", "app"))
+print(json.dumps({{"completion": out["completion"].numpy()[0].decode(), "project": project}}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd="/", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["project"] == []
+    assert answer["completion"] == complete(loaded, ["ROMEO."], [15])[c.COMPLETION][0].decode()
+
+
+@pytest.mark.slow
+def test_saved_model_cli_shows_and_runs_it(exported):
+    _, path, loaded = exported
+    cli = pathlib.Path(sys.executable).parent / "saved_model_cli"
+    shown = subprocess.run([str(cli), "show", "--all", "--dir", str(path)], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    for name in c.SIGNATURES:
+        assert f"signature_def['{name}']" in shown.stdout
+    ran = subprocess.run([str(cli), "run", "--dir", str(path), "--tag_set", "serve",
+                          "--signature_def", "score", "--input_exprs", "text=[b'To be']"],
+                         capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    expected = call(loaded, c.SCORE, text=tf.constant(["To be"]))[c.LOG_LIKELIHOOD][0]
+    assert f"{expected:.4f}"[:6] in ran.stdout.replace("\n", " ")
+
+
+# ---------------------------------------------------------------------------
+# Clients against the server (TensorFlow Serving's API), both protocols.
+
+
+@pytest.fixture(scope="module")
+def served(exported):
+    workdir, path, loaded = exported
+    model = server.ServedModel("lm", path.parent)
+    model.load_latest()
+    core = server.ModelServer({"lm": model})
+    grpc_server, grpc_port = server.start_grpc(core, 0)
+    rest_server, rest_port = server.start_rest(core, 0)
+    yield {"grpc": f"localhost:{grpc_port}", "rest": f"localhost:{rest_port}", "loaded": loaded}
+    rest_server.shutdown()
+    grpc_server.stop(grace=None)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_clients_generate_score_status_metadata(served, protocol):
+    client = client_lib.connect(served[protocol], protocol)
+    loaded = served["loaded"]
+    assert client.generate(PROMPTS, max_new_tokens=10) == [
+        t.decode() for t in complete(loaded, PROMPTS, [10] * 3)[c.COMPLETION]]
+    sampled = client.generate(["ROMEO."], max_new_tokens=12, temperature=1.5, seed=1)
+    assert sampled == [sample(loaded, ["ROMEO."], [1])[c.COMPLETION][0].decode()]
+    (ll, n), = client.score(["To be"])
+    assert n == 5 and ll == pytest.approx(float(call(loaded, c.SCORE, text=tf.constant(["To be"]))[c.LOG_LIKELIHOOD][0]),
+                                          rel=1e-5)
+    assert client.status() == [{"version": int(loaded_version(served)), "state": "AVAILABLE", "error_code": "OK",
+                                "error_message": ""}]
+    signatures = client.metadata()["metadata"]["signature_def"]["signature_def"]
+    assert set(signatures) == set(c.SIGNATURES)
+    assert set(signatures[c.GENERATE]["inputs"]) == set(c.SIGNATURES[c.GENERATE].inputs)
+
+
+def loaded_version(served):
+    return client_lib.connect(served["grpc"], "grpc").status()[0]["version"]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_clients_raise_the_servers_message(served, protocol):
+    client = client_lib.connect(served[protocol], protocol)
+    with pytest.raises(client_lib.ServingError, match="at least one token per row") as e:
+        client.next_token_logits([[]])
+    assert e.value.code == "INVALID_ARGUMENT"
+    with pytest.raises(client_lib.ServingError, match="not found") as e:
+        client_lib.connect(served[protocol], protocol, model_name="nope").status()
+    assert e.value.code == "NOT_FOUND"
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_clients_retry_until_the_server_is_up(exported, protocol):
+    _, path, _ = exported
+    port = free_port()
+    model = server.ServedModel("lm", path.parent)
+    model.load_latest()
+    core = server.ModelServer({"lm": model})
+    started = {}
+
+    def start_later():
+        time.sleep(1.0)
+        started["server"] = (server.start_grpc if protocol == "grpc" else server.start_rest)(core, port)[0]
+
+    thread = threading.Thread(target=start_later)
+    thread.start()
+    try:
+        client = client_lib.connect(f"localhost:{port}", protocol, retries=6, backoff=0.2, timeout=5)
+        assert client.status()[0]["state"] == "AVAILABLE"
+    finally:
+        thread.join()
+        s = started.get("server")
+        if s is not None:
+            s.stop(None) if protocol == "grpc" else s.shutdown()
+    with pytest.raises(client_lib.ServingError) as e:
+        client_lib.connect(f"localhost:{free_port()}", protocol, retries=1, backoff=0.01, timeout=2).status()
+    assert e.value.code == "UNAVAILABLE"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_client_cli_prints_the_completion(served, protocol, capsys):
+    code, out, err = run_cli(capsys, "client", f"--target={served[protocol]}", f"--protocol={protocol}",
+                             "--prompt=ROMEO.", "--max_new_tokens=10")
+    assert code == 0, err
+    assert out == complete(served["loaded"], ["ROMEO."], [10])[c.COMPLETION][0].decode() + "\n"
+    code, _, err = run_cli(capsys, "client", f"--target={served[protocol]}", f"--protocol={protocol}",
+                           "--model_name=nope", "--prompt=x")
+    assert code == 2 and "NOT_FOUND" in err and "Traceback" not in err
