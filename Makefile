@@ -28,6 +28,7 @@ test: venv
 bench: venv
 	$(BIN)/python bench/pipeline_throughput.py
 	$(BIN)/python bench/generation_speed.py
+	$(BIN)/python bench/export_latency.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache *.egg-info

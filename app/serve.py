@@ -1,9 +1,13 @@
 """Serve exported models over TensorFlow Serving's REST and gRPC APIs.
 
 The flags are `tensorflow_model_server`'s: --port (gRPC), --rest_api_port,
---model_name and --model_base_path (a directory of integer versions, as
-`lmstack export` writes them). The newest version is loaded with TensorFlow's
-SavedModel loader; clients written for TensorFlow Serving work unchanged.
+and either --model_name with --model_base_path (a directory of integer
+versions, as `lmstack export` writes them) or --model_config_file (the same
+ModelServerConfig text file TensorFlow Serving reads: several models, version
+policies latest/all/specific, version labels). New versions under a base path
+load while the server runs (checked every --file_system_poll_wait_seconds),
+after their warm-up requests, and old ones unload under the version policy.
+Clients written for TensorFlow Serving work unchanged.
 
 example:
   lmstack serve --model_name=lm --model_base_path=runs/shakespeare/export/lm
@@ -25,33 +29,52 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("port", 8500, "gRPC port (0: any free port)", flag_values=fv)
     flags.DEFINE_integer("rest_api_port", 8501, "REST port (0: any free port)", flag_values=fv)
     flags.DEFINE_string("model_name", "lm", "the name requests use", flag_values=fv)
-    flags.DEFINE_string("model_base_path", None, "directory holding the model's version directories",
+    flags.DEFINE_string("model_base_path", "", "directory holding the model's version directories",
                         flag_values=fv)
-    flags.mark_flags_as_required(["model_base_path"], flag_values=fv)
+    flags.DEFINE_string("model_config_file", "", "a ModelServerConfig text file (instead of --model_base_path)",
+                        flag_values=fv)
+    flags.DEFINE_integer("file_system_poll_wait_seconds", 1,
+                         "seconds between checks for new versions (0: load once at start)", flag_values=fv)
 
 
 def run(fv: flags.FlagValues) -> int:
+    import logging
+
     from serving import server
     from serving.contract import ServingError
 
-    model = server.ServedModel(fv.model_name, fv.model_base_path)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    server.log.addHandler(handler)
+    server.log.setLevel(logging.INFO)
+    if bool(fv.model_base_path) == bool(fv.model_config_file):
+        raise UserError("give either --model_base_path (with --model_name) or --model_config_file")
     try:
-        loaded = model.load_latest()
+        if fv.model_config_file:
+            served = server.models_from_config_file(fv.model_config_file)
+        else:
+            served = {fv.model_name: server.ServedModel(fv.model_name, fv.model_base_path)}
+        loaded = {name: model.load_latest() for name, model in served.items()}
     except ServingError as e:
-        raise UserError(f"--model_base_path={fv.model_base_path}: {e.message}") from None
-    core = server.ModelServer({fv.model_name: model})
+        raise UserError(e.message) from None
+    core = server.ModelServer(served)
+    core.start_polling(fv.file_system_poll_wait_seconds)
     try:
         grpc_server, grpc_port = server.start_grpc(core, fv.port)
         rest_server, rest_port = server.start_rest(core, fv.rest_api_port)
     except (OSError, RuntimeError) as e:
         raise UserError(f"cannot listen: {e}; choose other --port/--rest_api_port") from None
-    print(f"serving {fv.model_name} version {loaded.version} from {loaded.path}: "
-          f"gRPC on port {grpc_port}, REST on port {rest_port}", file=sys.stderr, flush=True)
+    for name, version in loaded.items():
+        print(f"serving {name} version {version.version} from {version.path}", file=sys.stderr)
+    print(f"gRPC on port {grpc_port}, REST on port {rest_port}", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    print("stopping", file=sys.stderr, flush=True)
-    rest_server.shutdown()
-    grpc_server.stop(grace=5).wait()
+    print("stopping: no new requests, finishing the ones in flight", file=sys.stderr, flush=True)
+    core.stop_polling()
+    rest_server.shutdown()  # stops accepting connections
+    done = grpc_server.stop(grace=30)  # refuses new RPCs, lets running ones finish
+    core.drain(timeout=30)
+    done.wait()
     return 0

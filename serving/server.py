@@ -45,50 +45,168 @@ class LoadedVersion:
     signatures: dict[str, Any]  # name -> concrete function
 
 
+@dataclasses.dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions on disk to serve (TensorFlow Serving's `model_version_policy`).
+
+    Attributes:
+        kind: 'latest' (the `num_versions` newest), 'all', or 'specific' (`versions`).
+    """
+    kind: str = "latest"
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+    def choose(self, on_disk: list[int]) -> list[int]:
+        if self.kind == "all":
+            return list(on_disk)
+        if self.kind == "specific":
+            return [v for v in on_disk if v in self.versions]
+        return sorted(on_disk)[-max(1, self.num_versions):]
+
+
+def replay_warmup(loaded: LoadedVersion, warmup_file: pathlib.Path) -> int:
+    """Runs the PredictionLog requests of assets.extra/tf_serving_warmup_requests, as TensorFlow Serving does."""
+    if not warmup_file.is_file():
+        return 0
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    count = 0
+    for record in tf.data.TFRecordDataset(str(warmup_file)).as_numpy_iterator():
+        log_record = prediction_log_pb2.PredictionLog.FromString(record)
+        if log_record.WhichOneof("log_type") != "predict_log":
+            continue
+        request = log_record.predict_log.request
+        fn = loaded.signatures[request.model_spec.signature_name or "serving_default"]
+        fn(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
+        count += 1
+    return count
+
+
 class ServedModel:
-    """One model name: its base path and the loaded version(s).
+    """One model name: its base path, version policy and labels, and the versions loaded now.
+
+    `refresh()` makes the loaded versions match the policy and what is on
+    disk: new versions load (and replay their warm-up requests) before old
+    ones unload, so there is always a version to answer; a version that
+    fails to load is reported in the status and left out of the policy's
+    choice (versions are immutable once exported), so the others keep serving.
+    Requests hold the `LoadedVersion` they started with, so a swap never
+    cuts one short.
 
     Args:
         name: the name requests use.
         base_path: a directory of integer version subdirectories.
+        policy: which versions to serve.
+        labels: label -> version (`/labels/L` in REST, `version_label` in gRPC).
     """
 
-    def __init__(self, name: str, base_path: str | pathlib.Path):
+    def __init__(self, name: str, base_path: str | pathlib.Path, policy: VersionPolicy = VersionPolicy(),
+                 labels: dict[str, int] | None = None):
         self.name = name
         self.base_path = pathlib.Path(base_path)
+        self.policy = policy
+        self.labels = dict(labels or {})
         self.versions: dict[int, LoadedVersion] = {}
+        self.failed: dict[int, str] = {}  # version -> why it did not load
         self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
 
-    def available_versions(self) -> list[int]:
+    def on_disk(self) -> list[int]:
         if not self.base_path.is_dir():
             return []
         return sorted(int(p.name) for p in self.base_path.iterdir()
                       if p.is_dir() and p.name.isdigit() and (p / "saved_model.pb").is_file())
 
-    def load_latest(self) -> LoadedVersion:
-        """Loads the newest version on disk (if not loaded yet) and serves only it."""
-        versions = self.available_versions()
-        if not versions:
-            raise ServingError("NOT_FOUND", f"no version of {self.name!r} under {self.base_path} "
-                                            "(expected BASE/1/saved_model.pb; run `lmstack export`)")
-        newest = versions[-1]
-        with self._lock:
-            if newest not in self.versions:
-                path = self.base_path / str(newest)
-                loaded = tf.saved_model.load(str(path))
-                self.versions = {newest: LoadedVersion(newest, path, loaded, dict(loaded.signatures))}
-                log.info("serving %s version %d from %s", self.name, newest, path)
-            return self.versions[newest]
+    def refresh(self) -> None:
+        """Loads the versions the policy wants and unloads the others (see the class docstring)."""
+        with self._refresh_lock:
+            wanted = self.policy.choose([v for v in self.on_disk() if v not in self.failed])
+            for version in wanted:
+                if version in self.versions:
+                    continue
+                path = self.base_path / str(version)
+                try:
+                    model = tf.saved_model.load(str(path))
+                    loaded = LoadedVersion(version, path, model, dict(model.signatures))
+                    warmed = replay_warmup(loaded, path / "assets.extra" / "tf_serving_warmup_requests")
+                except Exception as e:  # a broken export must not take the server down
+                    self.failed[version] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    log.error("%s version %d failed to load: %s", self.name, version, self.failed[version])
+                    continue
+                with self._lock:
+                    self.versions = {**self.versions, version: loaded}
+                log.info("%s version %d loaded from %s (%d warm-up requests)", self.name, version, path, warmed)
+            keep = set(wanted) if any(v in self.versions for v in wanted) else set(self.versions)
+            for version in sorted(set(self.versions) - keep):
+                with self._lock:
+                    self.versions = {v: lv for v, lv in self.versions.items() if v != version}
+                log.info("%s version %d unloaded", self.name, version)
 
-    def get(self, version: int | None) -> LoadedVersion:
+    def load_latest(self) -> LoadedVersion:
+        """Refreshes and returns the newest loaded version (an error if none loads)."""
+        self.refresh()
         with self._lock:
             if not self.versions:
-                raise ServingError("UNAVAILABLE", f"model {self.name!r} has no loaded version yet")
-            if version is None:
-                return self.versions[max(self.versions)]
-            if version not in self.versions:
-                raise ServingError("NOT_FOUND", f"Servable not found for request: Specific({self.name}, {version})")
-            return self.versions[version]
+                why = "; ".join(f"version {v}: {m}" for v, m in sorted(self.failed.items()))
+                raise ServingError("NOT_FOUND", f"no loadable version of {self.name!r} under {self.base_path} "
+                                                f"({why or 'expected BASE/1/saved_model.pb; run `lmstack export`'})")
+            return self.versions[max(self.versions)]
+
+    def get(self, version: int | None = None, label: str | None = None) -> LoadedVersion:
+        with self._lock:
+            versions = self.versions
+        if label:
+            if label not in self.labels:
+                raise ServingError("INVALID_ARGUMENT", f"Unrecognized servable version label: {label}")
+            version = self.labels[label]
+        if not versions:
+            raise ServingError("UNAVAILABLE", f"model {self.name!r} has no loaded version yet")
+        if version is None:
+            return versions[max(versions)]
+        if version not in versions:
+            raise ServingError("NOT_FOUND", f"Servable not found for request: Specific({self.name}, {version})")
+        return versions[version]
+
+    def status(self, version: int | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            loaded = set(self.versions)
+        rows = [{"version": v, "state": "AVAILABLE", "error_code": "OK", "error_message": ""} for v in loaded]
+        rows += [{"version": v, "state": "END", "error_code": "UNKNOWN", "error_message": m}
+                 for v, m in self.failed.items()]
+        if version is not None:
+            rows = [r for r in rows if r["version"] == version]
+            if not rows:
+                raise ServingError("NOT_FOUND", f"Could not find version {version} of model {self.name}")
+        return sorted(rows, key=lambda r: r["version"], reverse=True)
+
+
+def models_from_config_file(path: str | pathlib.Path) -> dict[str, ServedModel]:
+    """ServedModels from a ModelServerConfig text proto (TensorFlow Serving's --model_config_file)."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    try:
+        config = text_format.Parse(pathlib.Path(path).read_text(), model_server_config_pb2.ModelServerConfig())
+    except (OSError, text_format.ParseError) as e:
+        raise ServingError("INVALID_ARGUMENT", f"cannot read the model config file {path}: {e}") from None
+    served = {}
+    for m in config.model_config_list.config:
+        if not m.name or not m.base_path:
+            raise ServingError("INVALID_ARGUMENT", f"{path}: every model config needs a name and a base_path")
+        if m.model_platform not in ("", "tensorflow"):
+            raise ServingError("INVALID_ARGUMENT", f"{path}: model {m.name!r} has platform {m.model_platform!r}; "
+                                                   "only 'tensorflow' SavedModels are served")
+        which = m.model_version_policy.WhichOneof("policy_choice")
+        if which == "all":
+            policy = VersionPolicy("all")
+        elif which == "specific":
+            policy = VersionPolicy("specific", versions=tuple(m.model_version_policy.specific.versions))
+        else:
+            policy = VersionPolicy("latest", num_versions=m.model_version_policy.latest.num_versions or 1)
+        served[m.name] = ServedModel(m.name, m.base_path, policy, dict(m.version_labels))
+    if not served:
+        raise ServingError("INVALID_ARGUMENT", f"{path} configures no model (model_config_list is empty)")
+    return served
 
 
 class ModelServer:
@@ -96,15 +214,61 @@ class ModelServer:
 
     def __init__(self, models: dict[str, ServedModel]):
         self.models = models
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self._in_flight = 0
+        self._idle = threading.Condition()
+
+    def track(self):
+        """A context manager around one request, so `drain` can wait for the requests in flight."""
+        core = self
+
+        class _Request:
+            def __enter__(self):
+                with core._idle:
+                    core._in_flight += 1
+
+            def __exit__(self, *exc):
+                with core._idle:
+                    core._in_flight -= 1
+                    core._idle.notify_all()
+        return _Request()
+
+    def drain(self, timeout: float) -> bool:
+        """Waits until no request is in flight (True) or `timeout` passes (False)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def refresh(self) -> None:
+        for model in list(self.models.values()):
+            model.refresh()
+
+    def start_polling(self, seconds: float) -> None:
+        """Checks the base paths for new or removed versions every `seconds` (0: never)."""
+        if seconds <= 0:
+            return
+
+        def poll():
+            while not self._stop.wait(seconds):
+                try:
+                    self.refresh()
+                except Exception:  # noqa: BLE001 (keep polling; the error is logged)
+                    log.exception("refreshing the model versions failed")
+
+        self._poller = threading.Thread(target=poll, name="version-poller", daemon=True)
+        self._poller.start()
+
+    def stop_polling(self) -> None:
+        self._stop.set()
 
     def model(self, name: str) -> ServedModel:
         if name not in self.models:
             raise ServingError("NOT_FOUND", f"Servable not found for request: Latest({name})")
         return self.models[name]
 
-    def predict(self, name: str, version: int | None, signature: str,
-                inputs: dict[str, np.ndarray]) -> tuple[LoadedVersion, dict[str, np.ndarray]]:
-        loaded = self.model(name).get(version)
+    def predict(self, name: str, version: int | None, signature: str, inputs: dict[str, np.ndarray],
+                label: str | None = None) -> tuple[LoadedVersion, dict[str, np.ndarray]]:
+        loaded = self.model(name).get(version, label)
         signature = signature or "serving_default"
         if signature not in loaded.signatures:
             raise ServingError("FAILED_PRECONDITION",
@@ -134,17 +298,18 @@ class ModelServer:
             raise ServingError(code, _op_error_message(e.message)) from None
         return loaded, {k: v.numpy() for k, v in outputs.items()}
 
-    def status(self, name: str, version: int | None) -> list[dict[str, Any]]:
+    def status(self, name: str, version: int | None = None, label: str | None = None) -> list[dict[str, Any]]:
         model = self.model(name)
-        versions = sorted(model.versions) if version is None else [model.get(version).version]
-        return [{"version": v, "state": "AVAILABLE"} for v in versions]
+        if label:
+            version = model.get(None, label).version
+        return model.status(version)
 
-    def signature_defs(self, name: str, version: int | None):
+    def signature_defs(self, name: str, version: int | None = None, label: str | None = None):
         """(version, the SavedModel's SignatureDefMap proto) as TensorFlow Serving reports metadata."""
         from tensorflow.core.protobuf import saved_model_pb2
         from tensorflow_serving.apis import get_model_metadata_pb2
 
-        loaded = self.model(name).get(version)
+        loaded = self.model(name).get(version, label)
         saved = saved_model_pb2.SavedModel.FromString((loaded.path / "saved_model.pb").read_bytes())
         signatures = get_model_metadata_pb2.SignatureDefMap()
         for key, value in saved.meta_graphs[0].signature_def.items():
@@ -177,15 +342,21 @@ def grpc_servicers(core: ModelServer):
     def fail(context, error: ServingError):
         context.abort(getattr(grpc.StatusCode, error.code, grpc.StatusCode.UNKNOWN), error.message)
 
-    def version_of(spec) -> int | None:
-        return spec.version.value if spec.HasField("version") else None
+    def version_of(spec) -> dict[str, Any]:
+        which = spec.WhichOneof("version_choice")
+        return {"version": spec.version.value if which == "version" else None,
+                "label": spec.version_label if which == "version_label" else None}
 
     class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         def Predict(self, request, context):
+            with core.track():
+                return self._predict(request, context)
+
+        def _predict(self, request, context):
             try:
                 inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
-                loaded, outputs = core.predict(request.model_spec.name, version_of(request.model_spec),
-                                               request.model_spec.signature_name, inputs)
+                loaded, outputs = core.predict(request.model_spec.name, signature=request.model_spec.signature_name,
+                                               inputs=inputs, **version_of(request.model_spec))
             except ServingError as e:
                 return fail(context, e)
             response = predict_pb2.PredictResponse()
@@ -202,7 +373,7 @@ def grpc_servicers(core: ModelServer):
                 return fail(context, ServingError("INVALID_ARGUMENT", "Metadata field signature_def is the only one "
                                                                       "supported; set metadata_field"))
             try:
-                version, signatures = core.signature_defs(request.model_spec.name, version_of(request.model_spec))
+                version, signatures = core.signature_defs(request.model_spec.name, **version_of(request.model_spec))
             except ServingError as e:
                 return fail(context, e)
             response = get_model_metadata_pb2.GetModelMetadataResponse()
@@ -214,7 +385,7 @@ def grpc_servicers(core: ModelServer):
     class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         def GetModelStatus(self, request, context):
             try:
-                statuses = core.status(request.model_spec.name, version_of(request.model_spec))
+                statuses = core.status(request.model_spec.name, **version_of(request.model_spec))
             except ServingError as e:
                 return fail(context, e)
             response = get_model_status_pb2.GetModelStatusResponse()
@@ -222,6 +393,8 @@ def grpc_servicers(core: ModelServer):
                 v = response.model_version_status.add()
                 v.version = s["version"]
                 v.state = get_model_status_pb2.ModelVersionStatus.State.Value(s["state"])
+                v.status.error_code = getattr(grpc.StatusCode, s["error_code"]).value[0]
+                v.status.error_message = s["error_message"]
             return response
 
     return PredictionService(), ModelService()
@@ -247,7 +420,8 @@ def start_grpc(core: ModelServer, port: int, workers: int = 8):
 # ---------------------------------------------------------------------------
 # REST
 
-_PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?P<rest>/metadata|:predict)?$")
+_PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+                   r"(?P<rest>/metadata|:predict)?$")
 
 
 def _json_value(array: np.ndarray):
@@ -277,7 +451,7 @@ def _has_bytes(value) -> bool:
     return isinstance(value, bytes)
 
 
-def rest_predict(core: ModelServer, name: str, version: int | None, body: dict) -> dict:
+def rest_predict(core: ModelServer, name: str, version: int | None, body: dict, label: str | None = None) -> dict:
     """A :predict body -> the response body, in the row ("instances") or columnar ("inputs") format."""
     signature = body.get("signature_name", "")
     if ("instances" in body) == ("inputs" in body):
@@ -286,8 +460,8 @@ def rest_predict(core: ModelServer, name: str, version: int | None, body: dict) 
     if "inputs" in body:
         inputs = body["inputs"]
         if not isinstance(inputs, dict):
-            inputs = {_only_input(core, name, version, signature): inputs}
-        _, outputs = core.predict(name, version, signature, {k: _from_json(v) for k, v in inputs.items()})
+            inputs = {_only_input(core, name, version, signature, label): inputs}
+        _, outputs = core.predict(name, version, signature, {k: _from_json(v) for k, v in inputs.items()}, label)
         values = {k: _json_value(v) for k, v in outputs.items()}
         return {"outputs": values if len(values) > 1 else next(iter(values.values()))}
     rows = body["instances"]
@@ -299,16 +473,16 @@ def rest_predict(core: ModelServer, name: str, version: int | None, body: dict) 
             raise ServingError("INVALID_ARGUMENT", "every instance must name the same inputs")
         columns = {k: [r[k] for r in rows] for k in keys}
     else:
-        columns = {_only_input(core, name, version, signature): rows}
-    _, outputs = core.predict(name, version, signature, {k: _from_json(v) for k, v in columns.items()})
+        columns = {_only_input(core, name, version, signature, label): rows}
+    _, outputs = core.predict(name, version, signature, {k: _from_json(v) for k, v in columns.items()}, label)
     values = {k: _json_value(v) for k, v in outputs.items()}
     if len(values) == 1:
         return {"predictions": next(iter(values.values()))}
     return {"predictions": [{k: v[i] for k, v in values.items()} for i in range(len(rows))]}
 
 
-def _only_input(core: ModelServer, name: str, version: int | None, signature: str) -> str:
-    loaded = core.model(name).get(version)
+def _only_input(core: ModelServer, name: str, version: int | None, signature: str, label: str | None) -> str:
+    loaded = core.model(name).get(version, label)
     fn = loaded.signatures.get(signature or "serving_default")
     specs = list(fn.structured_input_signature[1]) if fn is not None else []
     if len(specs) != 1:
@@ -335,11 +509,15 @@ def make_rest_handler(core: ModelServer):
             self.wfile.write(data)
 
         def _route(self, method: str) -> None:
+            with core.track():
+                self._answer(method)
+
+        def _answer(self, method: str) -> None:
             try:
                 match = _PATH.match(self.path.split("?")[0])
                 if not match:
                     raise ServingError("NOT_FOUND", f"Malformed request: {method} {self.path}")
-                name, rest = match["name"], match["rest"]
+                name, rest, label = match["name"], match["rest"], match["label"]
                 version = int(match["version"]) if match["version"] else None
                 if method == "POST" and rest == ":predict":
                     length = int(self.headers.get("Content-Length") or 0)
@@ -349,14 +527,15 @@ def make_rest_handler(core: ModelServer):
                         raise ServingError("INVALID_ARGUMENT", f"JSON Parse error: {e}") from None
                     if not isinstance(body, dict):
                         raise ServingError("INVALID_ARGUMENT", "the request body must be a JSON object")
-                    self._reply(200, rest_predict(core, name, version, body))
+                    self._reply(200, rest_predict(core, name, version, body, label))
                 elif method == "GET" and rest is None:
-                    statuses = core.status(name, version)
+                    statuses = core.status(name, version, label)
                     self._reply(200, {"model_version_status": [
                         {"version": str(s["version"]), "state": s["state"],
-                         "status": {"error_code": "OK", "error_message": ""}} for s in statuses]})
+                         "status": {"error_code": s["error_code"], "error_message": s["error_message"]}}
+                        for s in statuses]})
                 elif method == "GET" and rest == "/metadata":
-                    served, signatures = core.signature_defs(name, version)
+                    served, signatures = core.signature_defs(name, version, label)
                     self._reply(200, {
                         "model_spec": {"name": name, "signature_name": "", "version": str(served)},
                         "metadata": {"signature_def": json_format.MessageToDict(

@@ -329,3 +329,23 @@ def test_client_cli_prints_the_completion(served, protocol, capsys):
     code, _, err = run_cli(capsys, "client", f"--target={served[protocol]}", f"--protocol={protocol}",
                            "--model_name=nope", "--prompt=x")
     assert code == 2 and "NOT_FOUND" in err and "Traceback" not in err
+
+
+def test_deploy_files_configure_tensorflow_serving():
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    deploy = pathlib.Path(__file__).resolve().parent.parent / "deploy" / "serving"
+    config = text_format.Parse((deploy / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
+    model, = config.model_config_list.config
+    assert model.name == c.DEFAULT_MODEL_NAME and model.model_platform == "tensorflow"
+    compose = (deploy / "docker-compose.yml").read_text()
+    kubernetes = (deploy / "kubernetes.yaml").read_text()
+    for text in (compose, kubernetes):
+        assert "--port=8500" in text and "--rest_api_port=8501" in text and "--enable_batching=true" in text
+    # Every config file the server is pointed at is mounted from a file that exists.
+    for flag in ("model_config_file", "batching_parameters_file", "monitoring_config_file"):
+        mounted = compose.split(f"--{flag}=")[1].split()[0]
+        assert f"./{pathlib.Path(mounted).name}:{mounted}" in compose
+        assert (deploy / pathlib.Path(mounted).name).is_file()
+    assert f"./models:{pathlib.PurePosixPath(model.base_path).parent}" in compose
