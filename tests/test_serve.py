@@ -20,13 +20,24 @@ from tests.test_export import free_port, trained_workdir
 
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory, english_text):
-    """A base path with versions 1 and 2 of a tiny transformer (the same weights)."""
+    """A base path with versions 1 and 2 of a tiny transformer (the same export, copied)."""
     root = tmp_path_factory.mktemp("serve")
     workdir = trained_workdir(root, english_text, "transformer")
     base = root / "models" / "lm"
     export.export(workdir, export.ExportConfig(export_base=str(base), version=1))
-    export.export(workdir, export.ExportConfig(export_base=str(base), version=2))
+    shutil.copytree(base / "1", base / "2")
     return base
+
+
+@pytest.fixture(scope="module")
+def running(versions):
+    """A server on `versions` (newest version), for tests that do not change what it serves."""
+    core = server.ModelServer({"lm": server.ServedModel("lm", versions)})
+    core.refresh()
+    grpc_server, rest_server, grpc_target, rest_target = start(core)
+    yield {"grpc": grpc_target, "rest": rest_target}
+    rest_server.shutdown()
+    grpc_server.stop(None)
 
 
 def start(core):
@@ -137,36 +148,23 @@ model_config_list {{
     (b'{"inputs": {"prompt": [["x"]], "max_new_tokens": [1]}}', 400, "shape"),
     (b'{"signature_name": "nope", "inputs": {"prompt": ["x"], "max_new_tokens": [1]}}', 400, "nope"),
 ])
-def test_bad_requests_get_tensorflow_serving_errors_and_the_server_keeps_serving(versions, body, status, message):
-    core = server.ModelServer({"lm": server.ServedModel("lm", versions)})
-    core.refresh()
-    grpc_server, rest_server, _, rest_target = start(core)
-    try:
-        got_status, got = post(f"http://{rest_target}/v1/models/lm:predict", body)
-        assert got_status == status and message in got["error"]
-        got_status, got = post(f"http://{rest_target}/v1/models/lm/versions/9:predict",
-                               b'{"inputs": {"prompt": ["x"], "max_new_tokens": [1]}}')
-        assert got_status == 404
-        assert client_lib.connect(rest_target, "rest").generate(["To be"], 3)  # still serving
-    finally:
-        rest_server.shutdown()
-        grpc_server.stop(None)
+def test_bad_requests_get_tensorflow_serving_errors_and_the_server_keeps_serving(running, body, status, message):
+    rest_target = running["rest"]
+    got_status, got = post(f"http://{rest_target}/v1/models/lm:predict", body)
+    assert got_status == status and message in got["error"]
+    got_status, got = post(f"http://{rest_target}/v1/models/lm/versions/9:predict",
+                           b'{"inputs": {"prompt": ["x"], "max_new_tokens": [1]}}')
+    assert got_status == 404
+    assert client_lib.connect(rest_target, "rest").generate(["To be"], 3)  # still serving
 
 
-def test_row_and_columnar_formats_agree(versions):
-    core = server.ModelServer({"lm": server.ServedModel("lm", versions)})
-    core.refresh()
-    grpc_server, rest_server, _, rest_target = start(core)
-    try:
-        url = f"http://{rest_target}/v1/models/lm:predict"
-        _, rows = post(url, json.dumps({"signature_name": "score", "instances": [{"text": "To be"},
-                                                                                 {"text": "or not"}]}).encode())
-        _, columns = post(url, json.dumps({"signature_name": "score", "inputs": {"text": ["To be", "or not"]}}).encode())
-        assert [r["log_likelihood"] for r in rows["predictions"]] == columns["outputs"]["log_likelihood"]
-        assert [r["num_tokens"] for r in rows["predictions"]] == columns["outputs"]["num_tokens"] == [5, 6]
-    finally:
-        rest_server.shutdown()
-        grpc_server.stop(None)
+def test_row_and_columnar_formats_agree(running):
+    url = f"http://{running['rest']}/v1/models/lm:predict"
+    _, rows = post(url, json.dumps({"signature_name": "score", "instances": [{"text": "To be"},
+                                                                             {"text": "or not"}]}).encode())
+    _, columns = post(url, json.dumps({"signature_name": "score", "inputs": {"text": ["To be", "or not"]}}).encode())
+    assert [r["log_likelihood"] for r in rows["predictions"]] == columns["outputs"]["log_likelihood"]
+    assert [r["num_tokens"] for r in rows["predictions"]] == columns["outputs"]["num_tokens"] == [5, 6]
 
 
 @pytest.mark.slow
