@@ -9,8 +9,17 @@ load while the server runs (checked every --file_system_poll_wait_seconds),
 after their warm-up requests, and old ones unload under the version policy.
 Clients written for TensorFlow Serving work unchanged.
 
+With --enable_batching, concurrent requests to one signature run as one
+batch (--batching_parameters_file: the BatchingParameters text format);
+--monitoring_config_file turns on Prometheus metrics on the REST port under
+TensorFlow Serving's metric names. SIGTERM stops accepting requests and lets
+the ones in flight finish.
+
 example:
   lmstack serve --model_name=lm --model_base_path=runs/shakespeare/export/lm
+  lmstack serve --model_config_file=deploy/serving/models.config --enable_batching \
+      --batching_parameters_file=deploy/serving/batching_parameters.txt \
+      --monitoring_config_file=deploy/serving/monitoring.config
   curl -d '{"inputs": {"prompt": ["ROMEO."], "max_new_tokens": [40]}}' localhost:8501/v1/models/lm:predict
 """
 
@@ -35,11 +44,17 @@ def define_flags(fv: flags.FlagValues) -> None:
                         flag_values=fv)
     flags.DEFINE_integer("file_system_poll_wait_seconds", 1,
                          "seconds between checks for new versions (0: load once at start)", flag_values=fv)
+    flags.DEFINE_bool("enable_batching", False, "merge concurrent requests into batches", flag_values=fv)
+    flags.DEFINE_string("batching_parameters_file", "",
+                        "BatchingParameters text file (max_batch_size, batch_timeout_micros, ...)", flag_values=fv)
+    flags.DEFINE_string("monitoring_config_file", "",
+                        "MonitoringConfig text file: prometheus_config { enable: true path: ... }", flag_values=fv)
 
 
 def run(fv: flags.FlagValues) -> int:
     import logging
 
+    from serving import batching as batching_lib
     from serving import server
     from serving.contract import ServingError
 
@@ -49,7 +64,14 @@ def run(fv: flags.FlagValues) -> int:
     server.log.setLevel(logging.INFO)
     if bool(fv.model_base_path) == bool(fv.model_config_file):
         raise UserError("give either --model_base_path (with --model_name) or --model_config_file")
+    if fv.batching_parameters_file and not fv.enable_batching:
+        raise UserError("--batching_parameters_file needs --enable_batching")
     try:
+        batching = None
+        if fv.enable_batching:
+            batching = (batching_lib.read_parameters(fv.batching_parameters_file) if fv.batching_parameters_file
+                        else batching_lib.BatchingParameters())
+        metrics_path = server.read_monitoring_config(fv.monitoring_config_file) if fv.monitoring_config_file else None
         if fv.model_config_file:
             served = server.models_from_config_file(fv.model_config_file)
         else:
@@ -57,7 +79,8 @@ def run(fv: flags.FlagValues) -> int:
         loaded = {name: model.load_latest() for name, model in served.items()}
     except ServingError as e:
         raise UserError(e.message) from None
-    core = server.ModelServer(served)
+    core = server.ModelServer(served, batching=batching, metrics_path=metrics_path)
+    core.refresh()
     core.start_polling(fv.file_system_poll_wait_seconds)
     try:
         grpc_server, grpc_port = server.start_grpc(core, fv.port)
@@ -66,7 +89,9 @@ def run(fv: flags.FlagValues) -> int:
         raise UserError(f"cannot listen: {e}; choose other --port/--rest_api_port") from None
     for name, version in loaded.items():
         print(f"serving {name} version {version.version} from {version.path}", file=sys.stderr)
-    print(f"gRPC on port {grpc_port}, REST on port {rest_port}", file=sys.stderr, flush=True)
+    print(f"gRPC on port {grpc_port}, REST on port {rest_port}"
+          + (f", batching up to {batching.max_batch_size} rows" if batching else "")
+          + (f", metrics at {metrics_path}" if metrics_path else ""), file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -77,4 +102,6 @@ def run(fv: flags.FlagValues) -> int:
     done = grpc_server.stop(grace=30)  # refuses new RPCs, lets running ones finish
     core.drain(timeout=30)
     done.wait()
+    if core.batcher is not None:
+        core.batcher.close()
     return 0

@@ -24,6 +24,7 @@ import logging
 import pathlib
 import re
 import threading
+import time
 from concurrent import futures
 from http import server as http_server
 from typing import Any
@@ -32,7 +33,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  (registers the tokenizer ops the exported graphs use)
 
+from serving import textproto
+from serving.batching import Batcher, BatchingParameters
 from serving.contract import HTTP_STATUS, ServingError
+from serving.metrics import Registry
+
+DEFAULT_METRICS_PATH = "/monitoring/prometheus/metrics"
 
 log = logging.getLogger("lmstack.serve")
 
@@ -189,12 +195,17 @@ def models_from_config_file(path: str | pathlib.Path) -> dict[str, ServedModel]:
         config = text_format.Parse(pathlib.Path(path).read_text(), model_server_config_pb2.ModelServerConfig())
     except (OSError, text_format.ParseError) as e:
         raise ServingError("INVALID_ARGUMENT", f"cannot read the model config file {path}: {e}") from None
+    return models_from_config(config, str(path))
+
+
+def models_from_config(config, source: str = "the model config") -> dict[str, ServedModel]:
+    """ServedModels from a ModelServerConfig proto (a file's or a HandleReloadConfigRequest's)."""
     served = {}
     for m in config.model_config_list.config:
         if not m.name or not m.base_path:
-            raise ServingError("INVALID_ARGUMENT", f"{path}: every model config needs a name and a base_path")
+            raise ServingError("INVALID_ARGUMENT", f"{source}: every model config needs a name and a base_path")
         if m.model_platform not in ("", "tensorflow"):
-            raise ServingError("INVALID_ARGUMENT", f"{path}: model {m.name!r} has platform {m.model_platform!r}; "
+            raise ServingError("INVALID_ARGUMENT", f"{source}: model {m.name!r} has platform {m.model_platform!r}; "
                                                    "only 'tensorflow' SavedModels are served")
         which = m.model_version_policy.WhichOneof("policy_choice")
         if which == "all":
@@ -205,15 +216,38 @@ def models_from_config_file(path: str | pathlib.Path) -> dict[str, ServedModel]:
             policy = VersionPolicy("latest", num_versions=m.model_version_policy.latest.num_versions or 1)
         served[m.name] = ServedModel(m.name, m.base_path, policy, dict(m.version_labels))
     if not served:
-        raise ServingError("INVALID_ARGUMENT", f"{path} configures no model (model_config_list is empty)")
+        raise ServingError("INVALID_ARGUMENT", f"{source} configures no model (model_config_list is empty)")
     return served
 
 
-class ModelServer:
-    """The models a server answers for and what a request does with them (protocol-free)."""
+def read_monitoring_config(path: str | pathlib.Path) -> str | None:
+    """The Prometheus path of a MonitoringConfig text file, or None if it is not enabled."""
+    schema = {"prometheus_config": {"enable": bool, "path": str}}
+    try:
+        config = textproto.parse(pathlib.Path(path).read_text(), schema).get("prometheus_config", {})
+    except (OSError, ValueError) as e:
+        raise ServingError("INVALID_ARGUMENT", f"monitoring config file {path}: {e}") from None
+    if not config.get("enable", False):
+        return None
+    return config.get("path") or DEFAULT_METRICS_PATH
 
-    def __init__(self, models: dict[str, ServedModel]):
+
+class ModelServer:
+    """The models a server answers for and what a request does with them (protocol-free).
+
+    Args:
+        models: name -> ServedModel.
+        batching: dynamic batching parameters; None runs every request on its own.
+        metrics: where request counts, latencies and batch sizes go.
+        metrics_path: the REST path that serves them (None: not served).
+    """
+
+    def __init__(self, models: dict[str, ServedModel], batching: BatchingParameters | None = None,
+                 metrics: Registry | None = None, metrics_path: str | None = None):
         self.models = models
+        self.metrics = metrics or Registry()
+        self.metrics_path = metrics_path
+        self.batcher = Batcher(batching, self._observe_batch) if batching else None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._in_flight = 0
@@ -242,6 +276,31 @@ class ModelServer:
     def refresh(self) -> None:
         for model in list(self.models.values()):
             model.refresh()
+            self.metrics.loaded_versions.set(model.name, value=len(model.versions))
+
+    def reload(self, models: dict[str, ServedModel]) -> None:
+        """Serves `models` from now on (HandleReloadConfigRequest): new ones load, dropped ones go.
+
+        A model whose name and base path stay keeps its loaded versions and takes the new
+        policy and labels. Raises ServingError if a model of the new config loads no version
+        (the old config then stays in force).
+        """
+        merged = {}
+        for name, model in models.items():
+            old = self.models.get(name)
+            if old is not None and old.base_path == model.base_path:
+                old.policy, old.labels = model.policy, model.labels
+                model = old
+            merged[name] = model
+        for model in merged.values():
+            model.load_latest()
+        self.models = merged
+        self.refresh()
+
+    def _observe_batch(self, model_name: str, rows: int, waited_us: float) -> None:
+        self.metrics.batch_size.observe(model_name, value=rows)
+        self.metrics.queuing_latency.observe(model_name, value=waited_us)
+        self.metrics.queued_rows.set(model_name, value=self.batcher.queued_rows())
 
     def start_polling(self, seconds: float) -> None:
         """Checks the base paths for new or removed versions every `seconds` (0: never)."""
@@ -267,9 +326,22 @@ class ModelServer:
         return self.models[name]
 
     def predict(self, name: str, version: int | None, signature: str, inputs: dict[str, np.ndarray],
-                label: str | None = None) -> tuple[LoadedVersion, dict[str, np.ndarray]]:
-        loaded = self.model(name).get(version, label)
+                label: str | None = None, entrypoint: str = "GRPC") -> tuple[LoadedVersion, dict[str, np.ndarray]]:
+        """Runs one request (batched with others if batching is on); counts and times it."""
+        began, status = time.perf_counter(), "OK"
         signature = signature or "serving_default"
+        try:
+            return self._predict(name, version, signature, inputs, label)
+        except ServingError as e:
+            status = e.code
+            raise
+        finally:
+            self.metrics.request_count.inc(name, signature, status)
+            self.metrics.request_latency.observe(name, "predict", entrypoint,
+                                                 value=(time.perf_counter() - began) * 1e6)
+
+    def _predict(self, name, version, signature, inputs, label):
+        loaded = self.model(name).get(version, label)
         if signature not in loaded.signatures:
             raise ServingError("FAILED_PRECONDITION",
                                f"Serving signature name: \"{signature}\" not found in signature def "
@@ -291,7 +363,10 @@ class ModelServer:
                 raise ServingError("INVALID_ARGUMENT", f"input {key!r} has shape {tensors[key].shape.as_list()}, "
                                                        f"expected {spec.shape}")
         try:
-            outputs = fn(**tensors)
+            if self.batcher is not None:
+                outputs = self.batcher.run((name, loaded.version, signature), name, fn, tensors)
+            else:
+                outputs = fn(**tensors)
         except tf.errors.OpError as e:
             code = {tf.errors.InvalidArgumentError: "INVALID_ARGUMENT",
                     tf.errors.ResourceExhaustedError: "RESOURCE_EXHAUSTED"}.get(type(e), "INTERNAL")
@@ -397,6 +472,15 @@ def grpc_servicers(core: ModelServer):
                 v.status.error_message = s["error_message"]
             return response
 
+        def HandleReloadConfigRequest(self, request, context):
+            from tensorflow_serving.apis import model_management_pb2
+
+            try:
+                core.reload(models_from_config(request.config, "the reload request"))
+            except ServingError as e:
+                return fail(context, e)
+            return model_management_pb2.ReloadConfigResponse()
+
     return PredictionService(), ModelService()
 
 
@@ -451,7 +535,8 @@ def _has_bytes(value) -> bool:
     return isinstance(value, bytes)
 
 
-def rest_predict(core: ModelServer, name: str, version: int | None, body: dict, label: str | None = None) -> dict:
+def rest_predict(core: ModelServer, name: str, version: int | None, body: dict, label: str | None = None,
+                 entrypoint: str = "REST") -> dict:
     """A :predict body -> the response body, in the row ("instances") or columnar ("inputs") format."""
     signature = body.get("signature_name", "")
     if ("instances" in body) == ("inputs" in body):
@@ -461,7 +546,8 @@ def rest_predict(core: ModelServer, name: str, version: int | None, body: dict, 
         inputs = body["inputs"]
         if not isinstance(inputs, dict):
             inputs = {_only_input(core, name, version, signature, label): inputs}
-        _, outputs = core.predict(name, version, signature, {k: _from_json(v) for k, v in inputs.items()}, label)
+        _, outputs = core.predict(name, version, signature, {k: _from_json(v) for k, v in inputs.items()}, label,
+                                  entrypoint)
         values = {k: _json_value(v) for k, v in outputs.items()}
         return {"outputs": values if len(values) > 1 else next(iter(values.values()))}
     rows = body["instances"]
@@ -474,7 +560,8 @@ def rest_predict(core: ModelServer, name: str, version: int | None, body: dict, 
         columns = {k: [r[k] for r in rows] for k in keys}
     else:
         columns = {_only_input(core, name, version, signature, label): rows}
-    _, outputs = core.predict(name, version, signature, {k: _from_json(v) for k, v in columns.items()}, label)
+    _, outputs = core.predict(name, version, signature, {k: _from_json(v) for k, v in columns.items()}, label,
+                              entrypoint)
     values = {k: _json_value(v) for k, v in outputs.items()}
     if len(values) == 1:
         return {"predictions": next(iter(values.values()))}
@@ -513,6 +600,14 @@ def make_rest_handler(core: ModelServer):
                 self._answer(method)
 
         def _answer(self, method: str) -> None:
+            if method == "GET" and core.metrics_path and self.path.split("?")[0] == core.metrics_path:
+                data = core.metrics.render().encode("utf-8")
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
             try:
                 match = _PATH.match(self.path.split("?")[0])
                 if not match:
@@ -527,7 +622,7 @@ def make_rest_handler(core: ModelServer):
                         raise ServingError("INVALID_ARGUMENT", f"JSON Parse error: {e}") from None
                     if not isinstance(body, dict):
                         raise ServingError("INVALID_ARGUMENT", "the request body must be a JSON object")
-                    self._reply(200, rest_predict(core, name, version, body, label))
+                    self._reply(200, rest_predict(core, name, version, body, label, entrypoint="REST"))
                 elif method == "GET" and rest is None:
                     statuses = core.status(name, version, label)
                     self._reply(200, {"model_version_status": [

@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 
 from serving import client as client_lib
@@ -194,3 +195,115 @@ def test_serve_bad_flags(tmp_path, capsys):
         main(["serve", f"--model_base_path={tmp_path}"])
     assert e.value.code == 2
     assert "no loadable version" in capsys.readouterr().err
+
+
+def test_batched_answers_equal_unbatched_ones_and_batches_form(versions):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving import batching
+
+    prompts = ["ROMEO.", "To be, or not", "", "What light through yonder window", "A", "Enter HAMLET"] * 3
+    token_rows = [[5, 6, 7], [8, 9], [5, 6, 7], [10]] * 3  # next_token_logits of different lengths
+
+    def answers(parameters):
+        core = server.ModelServer({"lm": server.ServedModel("lm", versions)}, batching=parameters)
+        core.refresh()
+        grpc_server, rest_server, grpc_target, rest_target = start(core)
+        try:
+            grpc_client = client_lib.connect(grpc_target, "grpc")
+            rest_client = client_lib.connect(rest_target, "rest")
+
+            def one(i):
+                p = prompts[i % len(prompts)]
+                cl = grpc_client if i % 2 else rest_client
+                return (cl.generate([p], 6), cl.generate([p], 6, temperature=1.2, seed=i),
+                        cl.score([p]), cl.next_token_logits([token_rows[i % len(token_rows)]]))
+            with ThreadPoolExecutor(16) as pool:
+                results = list(pool.map(one, range(32)))
+            return results, core.metrics
+        finally:
+            rest_server.shutdown()
+            grpc_server.stop(None)
+            if core.batcher:
+                core.batcher.close()
+
+    unbatched, _ = answers(None)
+    batched, metrics = answers(batching.BatchingParameters(max_batch_size=8, batch_timeout_micros=50_000))
+    for (text, sampled, score, logits), (b_text, b_sampled, b_score, b_logits) in zip(unbatched, batched):
+        assert (text, sampled) == (b_text, b_sampled)
+        assert score[0][1] == b_score[0][1] and score[0][0] == pytest.approx(b_score[0][0], rel=1e-4)
+        np.testing.assert_allclose(logits, b_logits, rtol=1e-4, atol=1e-4)
+    batches = metrics.batch_size.count("lm")
+    assert 0 < batches < 4 * 32  # requests were merged: fewer batches than requests
+    assert metrics.request_count.value("lm", "serving_default", "OK") == 32
+
+
+def test_prometheus_metrics_under_tensorflow_serving_names(versions, tmp_path):
+    monitoring = tmp_path / "monitoring.config"
+    monitoring.write_text('prometheus_config {\n  enable: true\n  path: "/monitoring/prometheus/metrics"\n}\n')
+    core = server.ModelServer({"lm": server.ServedModel("lm", versions)},
+                              metrics_path=server.read_monitoring_config(monitoring))
+    core.refresh()
+    grpc_server, rest_server, _, rest_target = start(core)
+    try:
+        client = client_lib.connect(rest_target, "rest")
+        client.generate(["To be"], 3)
+        with pytest.raises(client_lib.ServingError):
+            client.predict("nope", {"prompt": ["x"]})
+        with urllib.request.urlopen(f"http://{rest_target}/monitoring/prometheus/metrics") as r:
+            text = r.read().decode()
+    finally:
+        rest_server.shutdown()
+        grpc_server.stop(None)
+    assert ':tensorflow:serving:request_count{model_name="lm",signature_name="serving_default",status="OK"} 1' in text
+    assert 'status="FAILED_PRECONDITION"} 1' in text
+    assert ':tensorflow:serving:request_latency_count{model_name="lm",API="predict",entrypoint="REST"} 2' in text
+    assert 'lmstack:model:loaded_versions{model_name="lm"} 1' in text
+    (tmp_path / "off.config").write_text("prometheus_config { enable: false }")
+    assert server.read_monitoring_config(tmp_path / "off.config") is None
+    (tmp_path / "typo.config").write_text("prometheus_config { enabled: true }")
+    with pytest.raises(c.ServingError, match="unknown field 'enabled'"):
+        server.read_monitoring_config(tmp_path / "typo.config")
+
+
+def test_batching_parameters_file(tmp_path):
+    from serving import batching
+
+    path = tmp_path / "batching.txt"
+    path.write_text("max_batch_size { value: 32 }\nbatch_timeout_micros { value: 1000 }\n"
+                    "num_batch_threads { value: 2 }  # a comment\npad_variable_length_inputs: true\n")
+    assert batching.read_parameters(path) == batching.BatchingParameters(
+        max_batch_size=32, batch_timeout_micros=1000, num_batch_threads=2, pad_variable_length_inputs=True)
+    path.write_text("max_batch_size { value: 0 }")
+    with pytest.raises(c.ServingError, match="max_batch_size must be at least 1"):
+        batching.read_parameters(path)
+    path.write_text("max_batch_sise { value: 8 }")
+    with pytest.raises(c.ServingError, match="unknown field 'max_batch_sise'"):
+        batching.read_parameters(path)
+
+
+def test_reload_config_request_adds_and_drops_models(versions):
+    import grpc
+    from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
+    from tensorflow_serving.config import model_server_config_pb2
+
+    core = server.ModelServer({"lm": server.ServedModel("lm", versions)})
+    core.refresh()
+    grpc_server, rest_server, grpc_target, _ = start(core)
+    try:
+        stub = model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(grpc_target))
+        config = model_server_config_pb2.ModelServerConfig()
+        config.model_config_list.config.add(name="second", base_path=str(versions), model_platform="tensorflow")
+        stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=config), timeout=60)
+        assert client_lib.connect(grpc_target, "grpc", model_name="second").generate(["To be"], 3)
+        with pytest.raises(client_lib.ServingError) as e:
+            client_lib.connect(grpc_target, "grpc", model_name="lm").status()
+        assert e.value.code == "NOT_FOUND"
+        config.model_config_list.config.add(name="broken", base_path=str(versions / "missing"))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=config), timeout=60)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert client_lib.connect(grpc_target, "grpc", model_name="second").status()  # the old config stands
+    finally:
+        rest_server.shutdown()
+        grpc_server.stop(None)

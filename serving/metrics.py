@@ -1,0 +1,118 @@
+"""Prometheus metrics under TensorFlow Serving's names, so one dashboard reads both servers.
+
+TensorFlow Serving exports its monitoring metrics with '/' turned into ':'
+(`/tensorflow/serving/request_count` -> `:tensorflow:serving:request_count`).
+Metrics TensorFlow Serving has no name for are prefixed `lmstack:`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from typing import Sequence
+
+REQUEST_COUNT = ":tensorflow:serving:request_count"
+REQUEST_LATENCY = ":tensorflow:serving:request_latency"  # microseconds, as TensorFlow Serving reports it
+BATCH_SIZE = ":tensorflow:serving:batching_session:processed_batch_size"
+QUEUING_LATENCY = ":tensorflow:serving:batching_session:queuing_latency"  # microseconds
+QUEUE_ROWS = "lmstack:batching:queued_rows"
+LOADED_VERSIONS = "lmstack:model:loaded_versions"
+
+LATENCY_BUCKETS_US = tuple(float(10 * 1.8 ** i) for i in range(33))  # 10 us .. ~2.6e9 us, TF Serving's scheme
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
+    parts = [f'{n}="{str(v)}"' for n, v in zip(names, values)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+class _Metric:
+    kind = ""
+
+    def __init__(self, name: str, help_text: str, labels: Sequence[str]):
+        self.name, self.help, self.label_names = name, help_text, tuple(labels)
+        self._lock = threading.Lock()
+        self._values: dict[tuple, object] = {}
+
+    def _header(self) -> list[str]:
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+
+
+class Counter(_Metric):
+    kind = "counter"
+
+    def inc(self, *labels: str, amount: float = 1.0) -> None:
+        with self._lock:
+            self._values[labels] = self._values.get(labels, 0.0) + amount
+
+    def value(self, *labels: str) -> float:
+        return self._values.get(labels, 0.0)
+
+    def render(self) -> list[str]:
+        return self._header() + [f"{self.name}{_labels(self.label_names, k)} {v:g}" for k, v in self._values.items()]
+
+
+class Gauge(Counter):
+    kind = "gauge"
+
+    def set(self, *labels: str, value: float) -> None:
+        with self._lock:
+            self._values[labels] = value
+
+
+class Histogram(_Metric):
+    kind = "histogram"
+
+    def __init__(self, name: str, help_text: str, labels: Sequence[str], buckets: Sequence[float]):
+        super().__init__(name, help_text, labels)
+        self.buckets = tuple(buckets)
+
+    def observe(self, *labels: str, value: float) -> None:
+        with self._lock:
+            counts, total = self._values.get(labels, ([0] * (len(self.buckets) + 1), 0.0))
+            counts = list(counts)
+            counts[bisect.bisect_left(self.buckets, value)] += 1
+            self._values[labels] = (counts, total + value)
+
+    def count(self, *labels: str) -> int:
+        counts, _ = self._values.get(labels, ([0], 0.0))
+        return sum(counts)
+
+    def render(self) -> list[str]:
+        lines = self._header()
+        for key, (counts, total) in self._values.items():
+            running = 0
+            for bound, n in zip(list(self.buckets) + [float("inf")], counts):
+                running += n
+                le = "+Inf" if bound == float("inf") else f"{bound:g}"
+                bucket = _labels(self.label_names, key, 'le="' + le + '"')
+                lines.append(f"{self.name}_bucket{bucket} {running}")
+            lines.append(f"{self.name}_sum{_labels(self.label_names, key)} {total:g}")
+            lines.append(f"{self.name}_count{_labels(self.label_names, key)} {running}")
+        return lines
+
+
+class Registry:
+    """The server's metrics; `render()` is the Prometheus text exposition format."""
+
+    def __init__(self):
+        self.request_count = Counter(REQUEST_COUNT, "The number of requests, by model, signature and status.",
+                                     ("model_name", "signature_name", "status"))
+        self.request_latency = Histogram(
+            REQUEST_LATENCY, "Request latency in microseconds, by model, API and entrypoint.",
+            ("model_name", "API", "entrypoint"), LATENCY_BUCKETS_US)
+        self.batch_size = Histogram(BATCH_SIZE, "Rows in each batch the server ran.", ("model_name",), BATCH_BUCKETS)
+        self.queuing_latency = Histogram(QUEUING_LATENCY, "Microseconds a request waited to join a batch.",
+                                         ("model_name",), LATENCY_BUCKETS_US)
+        self.queued_rows = Gauge(QUEUE_ROWS, "Rows waiting in the batching queues.", ("model_name",))
+        self.loaded_versions = Gauge(LOADED_VERSIONS, "Versions loaded and serving, by model.", ("model_name",))
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for metric in (self.request_count, self.request_latency, self.batch_size, self.queuing_latency,
+                       self.queued_rows, self.loaded_versions):
+            lines += metric.render()
+        return "\n".join(lines) + "\n"
