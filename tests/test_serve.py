@@ -188,13 +188,22 @@ def test_lmstack_serve_answers_then_stops_on_sigterm(versions):
             process.kill()
 
 
-def test_serve_bad_flags(tmp_path, capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--model_base_path={tmp}"], "no loadable version"),
+    ([], "give either --model_base_path"),
+    (["--model_base_path={tmp}", "--batching_parameters_file={tmp}/b.txt"], "needs --enable_batching"),
+    (["--model_base_path={tmp}", "--enable_batching", "--batching_parameters_file={tmp}/b.txt"],
+     "unknown field 'max_batch'"),
+    (["--model_config_file={tmp}/missing.config"], "cannot read the model config file"),
+])
+def test_serve_bad_flags(tmp_path, capsys, flags, message):
     from app.main import main
 
+    (tmp_path / "b.txt").write_text("max_batch { value: 8 }")
     with pytest.raises(SystemExit) as e:
-        main(["serve", f"--model_base_path={tmp_path}"])
-    assert e.value.code == 2
-    assert "no loadable version" in capsys.readouterr().err
+        main(["serve", *(f.format(tmp=tmp_path) for f in flags)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
 
 
 def test_batched_answers_equal_unbatched_ones_and_batches_form(versions):

@@ -1,0 +1,202 @@
+"""Server load: throughput, p50/p99 latency and resident memory of `lmstack serve`, batching off and on.
+
+A `tiny` transformer (char tokenizer on the bundled corpus) is exported and
+served by `lmstack serve` in its own process. N concurrent clients (threads
+of this process, each with its own connection) send `serving_default`
+requests of one prompt (16 new tokens) over gRPC or REST for `--seconds`
+each; the rows are 1 and 32 clients x both protocols x batching off/on
+(`max_batch_size` 32, `batch_timeout_micros` 2000). The reference is the
+same signature called in-process (`tf.saved_model.load`) in this process,
+timed just before: the gRPC overhead is the p50 difference at one client.
+The server's resident memory is read from /proc with one loaded version and
+with two (a `model_version_policy { all {} }` config over two versions).
+
+Prints a table and writes bench/results/serve_load.json.
+
+usage: python bench/serve_load.py [--seconds=8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+CORPUS = ROOT / "data" / "shakespeare.txt.gz"
+PROMPTS = ["ROMEO.", "What light through yonder window", "To be, or not to be", "Enter HAMLET", "Good night"]
+NEW_TOKENS = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Server:
+    """`lmstack serve` in a subprocess, ready once its status answers."""
+
+    def __init__(self, *flags: str):
+        self.grpc, self.rest = free_port(), free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve", f"--port={self.grpc}", f"--rest_api_port={self.rest}",
+             "--file_system_poll_wait_seconds=0", *flags],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        from serving import client
+        client.connect(f"localhost:{self.grpc}", "grpc", retries=12, backoff=0.5).status()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def load(target: str, protocol: str, clients: int, seconds: float) -> dict:
+    from serving import client as client_lib
+
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def worker(i: int) -> None:
+        c = client_lib.connect(target, protocol)
+        n = 0
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            try:
+                c.generate([PROMPTS[(i + n) % len(PROMPTS)]], NEW_TOKENS)
+            except client_lib.ServingError:
+                with lock:
+                    errors[0] += 1
+                continue
+            with lock:
+                latencies.append(time.perf_counter() - start)
+            n += 1
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    ms = np.array(latencies) * 1000
+    return {"requests": len(latencies), "errors": errors[0], "requests_per_s": len(latencies) / elapsed,
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=8.0)
+    args = parser.parse_args()
+
+    import app  # noqa: F401
+    import tensorflow as tf
+
+    import models
+    from pipelines import checkpoints, prepare, tokenizers
+    from serving import export
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmstack-serve-bench-"))
+    prepare.prepare(prepare.PrepareConfig(corpus=(str(CORPUS),), tokenizer=tokenizers.TokenizerConfig("char")),
+                    tmp / "run")
+    vocab = json.loads((tmp / "run" / "data" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    config = models.make_config("transformer", "tiny", vocab)
+    checkpoints.save(tmp / "run", models.build(config), config, step=1)
+    base = tmp / "models" / "lm"
+    version = export.export(tmp / "run", export.ExportConfig(export_base=str(base)))
+
+    # The reference: the same signature in-process, batch 1.
+    loaded = tf.saved_model.load(str(version))
+    fn = loaded.signatures["serving_default"]
+    for _ in range(3):
+        fn(prompt=tf.constant([PROMPTS[0]]), max_new_tokens=tf.constant([NEW_TOKENS]))
+    in_process = []
+    for i in range(60):
+        start = time.perf_counter()
+        fn(prompt=tf.constant([PROMPTS[i % len(PROMPTS)]]), max_new_tokens=tf.constant([NEW_TOKENS]))
+        in_process.append((time.perf_counter() - start) * 1000)
+    reference = {"p50_ms": float(np.percentile(in_process, 50)), "p99_ms": float(np.percentile(in_process, 99)),
+                 "requests_per_s": 1000 / float(np.mean(in_process))}
+    print(f"in-process: p50 {reference['p50_ms']:.2f} ms", file=sys.stderr)
+
+    batching_file = tmp / "batching.txt"
+    batching_file.write_text("max_batch_size { value: 32 }\nbatch_timeout_micros { value: 2000 }\n"
+                             "num_batch_threads { value: 2 }\nmax_enqueued_batches { value: 100 }\n")
+    rows = []
+    for batching in (False, True):
+        flags = [f"--model_base_path={base}", "--model_name=lm"]
+        if batching:
+            flags += ["--enable_batching", f"--batching_parameters_file={batching_file}"]
+        server = Server(*flags)
+        try:
+            for protocol in ("grpc", "rest"):
+                target = f"localhost:{server.grpc if protocol == 'grpc' else server.rest}"
+                load(target, protocol, 4, 1.0)  # warm connections and the batch shapes
+                for clients in (1, 32):
+                    row = {"protocol": protocol, "batching": batching, "clients": clients,
+                           **load(target, protocol, clients, args.seconds),
+                           "server_rss_mb": rss_mb(server.process.pid)}
+                    rows.append(row)
+                    print(f"{protocol} batching={batching} clients={clients}: {row['requests_per_s']:.1f} req/s, "
+                          f"p50 {row['p50_ms']:.1f} ms", file=sys.stderr)
+        finally:
+            server.stop()
+
+    # Memory with two loaded versions.
+    shutil.copytree(version, base / "2")
+    two = tmp / "two.config"
+    two.write_text(f'model_config_list {{ config {{ name: "lm" base_path: "{base}" '
+                   f'model_version_policy {{ all {{}} }} }} }}')
+    server = Server(f"--model_config_file={two}")
+    try:
+        load(f"localhost:{server.grpc}", "grpc", 4, 1.0)
+        rss_two = rss_mb(server.process.pid)
+    finally:
+        server.stop()
+
+    for row in rows:
+        off = next(r for r in rows if (r["protocol"], r["clients"], r["batching"]) ==
+                   (row["protocol"], row["clients"], False))
+        row["vs_unbatched"] = row["requests_per_s"] / off["requests_per_s"]
+        row["p50_over_in_process_ms"] = row["p50_ms"] - reference["p50_ms"]
+    result = {"benchmark": "serve_load", "seconds": args.seconds, "new_tokens": NEW_TOKENS, "preset": "tiny",
+              "in_process": reference, "server_rss_mb_two_versions": rss_two,
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows}
+    print(f"{'protocol':8} {'batching':8} {'clients':>7} {'req/s':>8} {'vs off':>7} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'p50 - in-proc':>13} {'RSS MB':>7}")
+    print(f"{'in-proc':8} {'-':8} {1:7} {reference['requests_per_s']:8.1f} {'':>7} {reference['p50_ms']:8.2f} "
+          f"{reference['p99_ms']:8.2f} {'':>13} {'':>7}")
+    for r in rows:
+        print(f"{r['protocol']:8} {str(r['batching']):8} {r['clients']:7} {r['requests_per_s']:8.1f} "
+              f"{r['vs_unbatched']:6.2f}x {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['p50_over_in_process_ms']:13.2f} "
+              f"{r['server_rss_mb']:7.0f}")
+    print(f"server RSS with two versions loaded: {rss_two:.0f} MB")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serve_load.json").write_text(json.dumps(result, indent=2) + "\n")
+    print("wrote bench/results/serve_load.json")
+
+
+if __name__ == "__main__":
+    main()
