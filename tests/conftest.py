@@ -30,3 +30,33 @@ def corpus_file(tmp_path, english_text) -> pathlib.Path:
     path.parent.mkdir()
     path.write_text(english_text, encoding="utf-8")
     return path
+
+
+def trained_workdir(root: pathlib.Path, text: str, family: str) -> pathlib.Path:
+    """A char-level workdir with a `tiny` model of `family` trained for 40 steps."""
+    import json
+
+    import models
+    from pipelines import prepare, tokenizers, train
+
+    (root / "corpus.txt").write_text(text, encoding="utf-8")
+    prepare.prepare(prepare.PrepareConfig(corpus=(str(root / "corpus.txt"),),
+                                          tokenizer=tokenizers.TokenizerConfig("char")), root / "run")
+    vocab = json.loads((root / "run" / "data" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    model_config = models.make_config(family, "tiny", vocab)
+    train.train(root / "run", model_config, train.TrainConfig(steps=40, batch_size=8, warmup_steps=5, eval_every=0,
+                                                              checkpoint_every=40), verbose=0)
+    return root / "run"
+
+
+_EXPORTS: dict = {}
+
+
+def tiny_export(family: str, tmp_path_factory, text: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """(workdir, WORKDIR/export/lm/1) of a trained tiny model, made once per test session."""
+    if family not in _EXPORTS:
+        from serving import export
+
+        workdir = trained_workdir(tmp_path_factory.mktemp(f"export-{family}"), text, family)
+        _EXPORTS[family] = (workdir, export.export(workdir))
+    return _EXPORTS[family]

@@ -15,18 +15,18 @@ import pytest
 
 from serving import client as client_lib
 from serving import contract as c
-from serving import export, server
-from tests.test_export import free_port, trained_workdir
+from serving import server
+from tests.conftest import tiny_export
+from tests.test_export import free_port
 
 
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory, english_text):
     """A base path with versions 1 and 2 of a tiny transformer (the same export, copied)."""
-    root = tmp_path_factory.mktemp("serve")
-    workdir = trained_workdir(root, english_text, "transformer")
-    base = root / "models" / "lm"
-    export.export(workdir, export.ExportConfig(export_base=str(base), version=1))
-    shutil.copytree(base / "1", base / "2")
+    _, exported = tiny_export("transformer", tmp_path_factory, english_text)
+    base = tmp_path_factory.mktemp("serve") / "models" / "lm"
+    shutil.copytree(exported, base / "1")
+    shutil.copytree(exported, base / "2")
     return base
 
 
@@ -100,10 +100,6 @@ model_config_list {{
     version_labels {{ key: "stable" value: 1 }}
     version_labels {{ key: "canary" value: 2 }}
   }}
-  config {{
-    name: "newest"
-    base_path: "{versions}"
-  }}
 }}
 """)
     models = server.models_from_config_file(config)
@@ -112,7 +108,6 @@ model_config_list {{
     grpc_server, rest_server, grpc_target, rest_target = start(core)
     try:
         assert sorted(s["version"] for s in client_lib.connect(grpc_target, "grpc").status()) == [1, 2]
-        assert [s["version"] for s in client_lib.connect(grpc_target, "grpc", model_name="newest").status()] == [2]
         assert client_lib.connect(rest_target, "rest", version=1).generate(["To be"], 5)
         for label, version in (("stable", 1), ("canary", 2)):
             status, body = post(f"http://{rest_target}/v1/models/lm/labels/{label}:predict",
