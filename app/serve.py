@@ -44,6 +44,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                         flag_values=fv)
     flags.DEFINE_integer("file_system_poll_wait_seconds", 1,
                          "seconds between checks for new versions (0: load once at start)", flag_values=fv)
+    flags.DEFINE_integer("grpc_max_threads", 64, "threads answering gRPC requests (requests in flight at once)",
+                         flag_values=fv)
     flags.DEFINE_bool("enable_batching", False, "merge concurrent requests into batches", flag_values=fv)
     flags.DEFINE_string("batching_parameters_file", "",
                         "BatchingParameters text file (max_batch_size, batch_timeout_micros, ...)", flag_values=fv)
@@ -83,7 +85,7 @@ def run(fv: flags.FlagValues) -> int:
     core.refresh()
     core.start_polling(fv.file_system_poll_wait_seconds)
     try:
-        grpc_server, grpc_port = server.start_grpc(core, fv.port)
+        grpc_server, grpc_port = server.start_grpc(core, fv.port, workers=fv.grpc_max_threads)
         rest_server, rest_port = server.start_rest(core, fv.rest_api_port)
     except (OSError, RuntimeError) as e:
         raise UserError(f"cannot listen: {e}; choose other --port/--rest_api_port") from None

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any, Callable
 
-import tensorflow as tf
+import numpy as np
 
 from serving import textproto
 from serving.contract import ServingError
@@ -67,11 +67,11 @@ def read_parameters(path: str | pathlib.Path) -> BatchingParameters:
 
 @dataclasses.dataclass
 class _Task:
-    inputs: dict[str, tf.Tensor]
+    inputs: dict[str, np.ndarray]
     rows: int
     enqueued: float
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
-    outputs: dict[str, tf.Tensor] | None = None
+    outputs: dict[str, np.ndarray] | None = None
     error: BaseException | None = None
 
 
@@ -100,13 +100,16 @@ class Batcher:
     def queued_rows(self) -> int:
         return self._rows
 
-    def run(self, key: Any, model_name: str, fn: Callable[..., dict], inputs: dict[str, tf.Tensor]) -> dict:
-        """Runs `fn(**inputs)` in a batch with other requests of the same key; returns this request's rows."""
+    def run(self, key: Any, model_name: str, fn: Callable[..., dict], inputs: dict[str, np.ndarray]) -> dict:
+        """Runs `fn(**inputs)` in a batch with other requests of the same key; returns this request's rows.
+
+        `fn` takes and returns numpy arrays whose first dimension is the batch.
+        """
         rows = int(next(iter(inputs.values())).shape[0])
         p = self.parameters
         if rows > p.max_batch_size or rows == 0:
             return fn(**inputs)
-        shape_key = (key, tuple((k, tuple(v.shape[1:]), v.dtype.name) for k, v in sorted(inputs.items())))
+        shape_key = (key, tuple((k, v.shape[1:], v.dtype.str) for k, v in sorted(inputs.items())))
         task = _Task(inputs, rows, time.perf_counter())
         with self._cond:
             if self._rows + rows > p.max_enqueued_batches * p.max_batch_size:
@@ -170,7 +173,7 @@ class Batcher:
             if len(batch) == 1:
                 outputs = [fn(**batch[0].inputs)]
             else:
-                merged = {k: tf.concat([t.inputs[k] for t in batch], axis=0) for k in batch[0].inputs}
+                merged = {k: np.concatenate([t.inputs[k] for t in batch], axis=0) for k in batch[0].inputs}
                 result = fn(**merged)
                 outputs, start = [], 0
                 for task in batch:

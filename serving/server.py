@@ -50,6 +50,24 @@ class LoadedVersion:
     model: Any  # what tf.saved_model.load returns
     signatures: dict[str, Any]  # name -> concrete function
 
+    def input_specs(self, signature: str) -> dict[str, tf.TensorSpec]:
+        return self.signatures[signature].structured_input_signature[1]
+
+    def numpy_function(self, signature: str):
+        """The signature as numpy arrays in, numpy arrays out (what the batcher merges and splits)."""
+        fn = self.signatures[signature]
+        specs = self.input_specs(signature)
+
+        def run(**arrays):
+            outputs = fn(**{k: tf.constant(v, dtype=specs[k].dtype) for k, v in arrays.items()})
+            return {k: v.numpy() for k, v in outputs.items()}
+        return run
+
+    def __post_init__(self):
+        # structured_input_signature rebuilds its answer on every access: read it once.
+        specs = {name: fn.structured_input_signature[1] for name, fn in self.signatures.items()}
+        self.input_specs = specs.__getitem__
+
 
 @dataclasses.dataclass(frozen=True)
 class VersionPolicy:
@@ -347,31 +365,24 @@ class ModelServer:
                                f"Serving signature name: \"{signature}\" not found in signature def "
                                f"(have: {', '.join(sorted(loaded.signatures))})")
         fn = loaded.signatures[signature]
-        specs = fn.structured_input_signature[1]
+        specs = loaded.input_specs(signature)
         missing = sorted(set(specs) - set(inputs))
         extra = sorted(set(inputs) - set(specs))
         if missing or extra:
             raise ServingError("INVALID_ARGUMENT", f"signature {signature!r} expects inputs "
                                                    f"{sorted(specs)}; missing {missing}, unexpected {extra}")
-        tensors = {}
-        for key, spec in specs.items():
-            try:
-                tensors[key] = tf.constant(inputs[key], dtype=spec.dtype)
-            except (TypeError, ValueError) as e:
-                raise ServingError("INVALID_ARGUMENT", f"input {key!r} is not {spec.dtype.name}: {e}") from None
-            if not spec.shape.is_compatible_with(tensors[key].shape):
-                raise ServingError("INVALID_ARGUMENT", f"input {key!r} has shape {tensors[key].shape.as_list()}, "
-                                                       f"expected {spec.shape}")
+        arrays = {key: _as_input(key, inputs[key], spec) for key, spec in specs.items()}
+        run = loaded.numpy_function(signature)
         try:
             if self.batcher is not None:
-                outputs = self.batcher.run((name, loaded.version, signature), name, fn, tensors)
+                outputs = self.batcher.run((name, loaded.version, signature), name, run, arrays)
             else:
-                outputs = fn(**tensors)
+                outputs = run(**arrays)
         except tf.errors.OpError as e:
             code = {tf.errors.InvalidArgumentError: "INVALID_ARGUMENT",
                     tf.errors.ResourceExhaustedError: "RESOURCE_EXHAUSTED"}.get(type(e), "INTERNAL")
             raise ServingError(code, _op_error_message(e.message)) from None
-        return loaded, {k: v.numpy() for k, v in outputs.items()}
+        return loaded, outputs
 
     def status(self, name: str, version: int | None = None, label: str | None = None) -> list[dict[str, Any]]:
         model = self.model(name)
@@ -391,6 +402,28 @@ class ModelServer:
             if not key.startswith("__"):  # TensorFlow's internal signatures (e.g. __saved_model_init_op)
                 signatures.signature_def[key].CopyFrom(value)
         return loaded.version, signatures
+
+
+def _as_input(key: str, value, spec: tf.TensorSpec) -> np.ndarray:
+    """A request's value for one input as a numpy array of the signature's dtype and a compatible shape."""
+    array = np.asarray(value)
+    if spec.dtype == tf.string:
+        if array.dtype.kind not in ("O", "S", "U") or (array.dtype.kind == "O" and array.size and not all(
+                isinstance(x, (bytes, str)) for x in array.flat)):
+            raise ServingError("INVALID_ARGUMENT", f"input {key!r} must be strings")
+        array = array.astype(object)
+    else:
+        try:
+            if array.dtype.kind in ("O", "S", "U"):
+                raise ValueError(f"got {array.dtype.kind!r} values")
+            # JSON numbers arrive as int64/float64: narrowing is fine, a float for an int input is not.
+            strict = array.dtype.kind == "f" and array.size and spec.dtype.is_integer
+            array = array.astype(spec.dtype.as_numpy_dtype, casting="same_kind" if strict else "unsafe")
+        except (TypeError, ValueError) as e:
+            raise ServingError("INVALID_ARGUMENT", f"input {key!r} is not {spec.dtype.name}: {e}") from None
+    if not spec.shape.is_compatible_with(array.shape):
+        raise ServingError("INVALID_ARGUMENT", f"input {key!r} has shape {list(array.shape)}, expected {spec.shape}")
+    return array
 
 
 def _op_error_message(message: str) -> str:
@@ -484,8 +517,12 @@ def grpc_servicers(core: ModelServer):
     return PredictionService(), ModelService()
 
 
-def start_grpc(core: ModelServer, port: int, workers: int = 8):
-    """Starts the gRPC server on `port` (0: a free one); returns (server, port)."""
+def start_grpc(core: ModelServer, port: int, workers: int = 64):
+    """Starts the gRPC server on `port` (0: a free one) with `workers` threads; returns (server, port).
+
+    Each request holds a thread while it waits in a batching queue, so batches
+    can grow only as large as there are threads.
+    """
     import grpc
     from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
@@ -581,8 +618,9 @@ def make_rest_handler(core: ModelServer):
     from google.protobuf import json_format
 
     class Handler(http_server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+        protocol_version = "HTTP/1.1"  # keep-alive connections
         server_version = "lmstack-serving"
+        disable_nagle_algorithm = True  # headers and body go out at once, not 40 ms apart (delayed ACK)
 
         def log_message(self, format, *args):  # noqa: A002 (the base class's name)
             log.debug("%s %s", self.address_string(), format % args)
