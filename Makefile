@@ -29,6 +29,7 @@ bench: venv
 	$(BIN)/python bench/pipeline_throughput.py
 	$(BIN)/python bench/generation_speed.py
 	$(BIN)/python bench/export_latency.py
+	$(BIN)/python bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache *.egg-info

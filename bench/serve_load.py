@@ -8,8 +8,10 @@ for `--seconds` each; the rows are 1 and 32 clients x both protocols x batching 
 (`max_batch_size` 32, `batch_timeout_micros` 5000). The reference is the
 same signature called in-process (`tf.saved_model.load`) in this process,
 timed just before: the gRPC overhead is the p50 difference at one client.
-The server's resident memory is read from /proc with one loaded version and
-with two (a `model_version_policy { all {} }` config over two versions).
+The protocol overhead is the median difference between a server call and an
+in-process call made one after the other, 80 pairs at one client (batching
+off). The server's resident memory is read from /proc with one loaded version
+and with two (a `model_version_policy { all {} }` config over two versions).
 
 Prints a table and writes bench/results/serve_load.json.
 
@@ -148,6 +150,25 @@ def load(target: str, protocol: str, clients: int, seconds: float) -> dict:
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
 
+def paired_overhead(fn, server: Server, reps: int = 80) -> dict:
+    """p50 of (remote - in-process) latency over interleaved pairs of calls: the protocol's own cost."""
+    import tensorflow as tf
+
+    senders = {"grpc": _request_senders(f"localhost:{server.grpc}", "grpc")(),
+               "rest": _request_senders(f"localhost:{server.rest}", "rest")()}
+    differences: dict[str, list[float]] = {name: [] for name in senders}
+    for i in range(reps + 5):
+        start = time.perf_counter()
+        fn(prompt=tf.constant([PROMPTS[i % len(PROMPTS)]]), max_new_tokens=tf.constant([NEW_TOKENS]))
+        local = time.perf_counter() - start
+        for name, send in senders.items():
+            start = time.perf_counter()
+            send(i)
+            if i >= 5:  # the first calls open connections
+                differences[name].append((time.perf_counter() - start - local) * 1000)
+    return {name: float(np.median(d)) for name, d in differences.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -202,6 +223,8 @@ def main() -> None:
             flags += ["--enable_batching", f"--batching_parameters_file={batching_file}"]
         server = Server(*flags)
         try:
+            if not batching:
+                overhead = paired_overhead(fn, server)
             for protocol in ("grpc", "rest"):
                 target = f"localhost:{server.grpc if protocol == 'grpc' else server.rest}"
                 load(target, protocol, 4, 1.0)  # warm connections and the batch shapes
@@ -233,16 +256,18 @@ def main() -> None:
         row["vs_unbatched"] = row["requests_per_s"] / off["requests_per_s"]
         row["p50_over_in_process_ms"] = row["p50_ms"] - reference["p50_ms"]
     result = {"benchmark": "serve_load", "seconds": args.seconds, "new_tokens": NEW_TOKENS, "preset": "tiny",
-              "in_process": reference, "server_rss_mb_two_versions": rss_two,
+              "in_process": reference, "p50_overhead_ms_paired": overhead, "server_rss_mb_two_versions": rss_two,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows}
     print(f"{'protocol':8} {'batching':8} {'clients':>7} {'req/s':>8} {'vs off':>7} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'p50 - in-proc':>13} {'RSS MB':>7}")
+          f"{'p50 - in-proc':>13} {'RSS MB':>7} {'errors':>6}")
     print(f"{'in-proc':8} {'-':8} {1:7} {reference['requests_per_s']:8.1f} {'':>7} {reference['p50_ms']:8.2f} "
           f"{reference['p99_ms']:8.2f} {'':>13} {'':>7}")
     for r in rows:
         print(f"{r['protocol']:8} {str(r['batching']):8} {r['clients']:7} {r['requests_per_s']:8.1f} "
               f"{r['vs_unbatched']:6.2f}x {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['p50_over_in_process_ms']:13.2f} "
-              f"{r['server_rss_mb']:7.0f}")
+              f"{r['server_rss_mb']:7.0f} {r['errors']:6}")
+    print(f"protocol overhead, p50 of paired (server - in-process) calls at 1 client: "
+          f"gRPC {overhead['grpc']:.2f} ms, REST {overhead['rest']:.2f} ms")
     print(f"server RSS with two versions loaded: {rss_two:.0f} MB; in-process batch of 32: "
           f"{reference['batch32_rows_per_s']:.0f} rows/s")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ from serving.contract import HTTP_STATUS, ServingError
 from serving.metrics import Registry
 
 DEFAULT_METRICS_PATH = "/monitoring/prometheus/metrics"
+MAX_REQUEST_BYTES = 64 << 20  # REST bodies; gRPC messages have the same limit (grpc.max_receive_message_length)
 
 log = logging.getLogger("lmstack.serve")
 
@@ -527,7 +528,7 @@ def start_grpc(core: ModelServer, port: int, workers: int = 64):
     from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=[
-        ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)])
+        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.max_send_message_length", 256 << 20)])
     predictions, models = grpc_servicers(core)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(predictions, server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(models, server)
@@ -654,6 +655,10 @@ def make_rest_handler(core: ModelServer):
                 version = int(match["version"]) if match["version"] else None
                 if method == "POST" and rest == ":predict":
                     length = int(self.headers.get("Content-Length") or 0)
+                    if length > MAX_REQUEST_BYTES:
+                        self.close_connection = True  # the unread body cannot be skipped safely
+                        raise ServingError("INVALID_ARGUMENT", f"request body of {length} bytes is larger than "
+                                                               f"the {MAX_REQUEST_BYTES} bytes accepted")
                     try:
                         body = json.loads(self.rfile.read(length) or b"{}")
                     except ValueError as e:
@@ -687,9 +692,13 @@ def make_rest_handler(core: ModelServer):
     return Handler
 
 
+class _RestServer(http_server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the listen backlog; socketserver's 5 drops connections from many clients at once
+
+
 def start_rest(core: ModelServer, port: int):
     """Starts the REST server on `port` (0: a free one) in a thread; returns (server, port)."""
-    httpd = http_server.ThreadingHTTPServer(("", port), make_rest_handler(core))
-    httpd.daemon_threads = True
+    httpd = _RestServer(("", port), make_rest_handler(core))
     threading.Thread(target=httpd.serve_forever, name="rest", daemon=True).start()
     return httpd, httpd.server_address[1]

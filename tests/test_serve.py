@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -70,12 +71,33 @@ def test_new_versions_load_while_serving_and_old_ones_unload(versions, tmp_path)
         # A broken version 3 is reported and does not replace the good one...
         (base / "3").mkdir()
         (base / "3" / "saved_model.pb").write_bytes(b"not a SavedModel")
-        # ...and a good version 2 (copied in under a hidden name, then renamed, as `lmstack export` does) does.
+        # ...and a good version 2 (copied in under a hidden name, then renamed, as `lmstack export` does) does,
+        # while clients keep sending requests: none of them may fail.
+        failures, answered, stop = [], [0], threading.Event()
+
+        def hammer(protocol, target):
+            c = client_lib.connect(target, protocol, retries=0)
+            while not stop.is_set():
+                try:
+                    assert c.generate(["ROMEO."], 8) == before
+                    answered[0] += 1
+                except Exception as e:  # noqa: BLE001 (collected and asserted below)
+                    failures.append(repr(e))
+
+        threads = [threading.Thread(target=hammer, args=args) for args in
+                   [("grpc", grpc_target), ("rest", rest_target)] * 2]
+        for t in threads:
+            t.start()
         shutil.copytree(versions / "2", base / ".incoming")
         os.rename(base / ".incoming", base / "2")
         deadline = time.time() + 60
         while time.time() < deadline and [s["version"] for s in client.status() if s["state"] == "AVAILABLE"] != [2]:
             time.sleep(0.2)
+        time.sleep(1.0)  # requests keep flowing on version 2
+        stop.set()
+        for t in threads:
+            t.join()
+        assert failures == [] and answered[0] > 10
         statuses = {s["version"]: s for s in client.status()}
         assert statuses[2]["state"] == "AVAILABLE" and 1 not in statuses
         assert statuses[3]["state"] == "END" and statuses[3]["error_message"]
@@ -152,6 +174,19 @@ def test_bad_requests_get_tensorflow_serving_errors_and_the_server_keeps_serving
                            b'{"inputs": {"prompt": ["x"], "max_new_tokens": [1]}}')
     assert got_status == 404
     assert client_lib.connect(rest_target, "rest").generate(["To be"], 3)  # still serving
+
+
+def test_oversized_bodies_are_refused(running):
+    import http.client
+
+    host, port = running["rest"].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.putrequest("POST", "/v1/models/lm:predict")
+    connection.putheader("Content-Length", str(server.MAX_REQUEST_BYTES + 1))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 400 and "larger than" in json.loads(response.read())["error"]
+    assert client_lib.connect(running["rest"], "rest").generate(["To be"], 3)  # still serving
 
 
 def test_row_and_columnar_formats_agree(running):
