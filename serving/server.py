@@ -10,9 +10,13 @@ the same status codes, so a client written for one works with the other.
           GET  /v1/models/NAME[/versions/N]           (version status)
           GET  /v1/models/NAME[/versions/N]/metadata  (signatures)
 
-It loads the newest version under the model's base path with TensorFlow's
-own loader and runs the SavedModel's signatures; it imports only TensorFlow,
-tensorflow-text (whose ops the tokenizers use) and `serving.contract`.
+Models come from `--model_base_path` or a ModelServerConfig file; versions
+load (with their warm-up requests) and unload under the version policy while
+the server runs (`ServedModel.refresh`); requests may be batched
+(`serving.batching`) and are counted in Prometheus metrics
+(`serving.metrics`). SavedModels are loaded with TensorFlow's own loader; the
+server imports only TensorFlow, tensorflow-text (whose ops the tokenizers use)
+and the `serving` modules, never `models/` or `pipelines/`.
 """
 
 from __future__ import annotations
@@ -51,8 +55,12 @@ class LoadedVersion:
     model: Any  # what tf.saved_model.load returns
     signatures: dict[str, Any]  # name -> concrete function
 
+    def __post_init__(self):
+        # structured_input_signature rebuilds its answer on every access: read it once.
+        self._specs = {name: fn.structured_input_signature[1] for name, fn in self.signatures.items()}
+
     def input_specs(self, signature: str) -> dict[str, tf.TensorSpec]:
-        return self.signatures[signature].structured_input_signature[1]
+        return self._specs[signature]
 
     def numpy_function(self, signature: str):
         """The signature as numpy arrays in, numpy arrays out (what the batcher merges and splits)."""
@@ -63,11 +71,6 @@ class LoadedVersion:
             outputs = fn(**{k: tf.constant(v, dtype=specs[k].dtype) for k, v in arrays.items()})
             return {k: v.numpy() for k, v in outputs.items()}
         return run
-
-    def __post_init__(self):
-        # structured_input_signature rebuilds its answer on every access: read it once.
-        specs = {name: fn.structured_input_signature[1] for name, fn in self.signatures.items()}
-        self.input_specs = specs.__getitem__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -608,8 +611,8 @@ def rest_predict(core: ModelServer, name: str, version: int | None, body: dict, 
 
 def _only_input(core: ModelServer, name: str, version: int | None, signature: str, label: str | None) -> str:
     loaded = core.model(name).get(version, label)
-    fn = loaded.signatures.get(signature or "serving_default")
-    specs = list(fn.structured_input_signature[1]) if fn is not None else []
+    signature = signature or "serving_default"
+    specs = list(loaded.input_specs(signature)) if signature in loaded.signatures else []
     if len(specs) != 1:
         raise ServingError("INVALID_ARGUMENT", f"the signature takes inputs {specs}: name them in a JSON object")
     return specs[0]
