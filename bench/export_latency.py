@@ -31,7 +31,6 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
-CORPUS = ROOT / "data" / "shakespeare.txt.gz"
 PROMPT = "ROMEO.\nWhat light through yonder window breaks?"
 TEXT = ("But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. "
         "Arise, fair sun, and kill the envious moon.")
@@ -50,26 +49,16 @@ def main() -> None:
     import app  # noqa: F401
     import tensorflow as tf
 
-    import models
+    from bench.common import untrained_export
     from models import generation
-    from pipelines import checkpoints, prepare, tokenizers
     from pipelines.generate import TextGenerator
     from serving import contract as c
-    from serving import export
 
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix="lmstack-export-bench-"))
-    prepare.prepare(prepare.PrepareConfig(corpus=(str(CORPUS),), tokenizer=tokenizers.TokenizerConfig("char")),
-                    workdir / "run")
-    vocab = json.loads((workdir / "run" / "data" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    root = pathlib.Path(tempfile.mkdtemp(prefix="lmstack-export-bench-"))
     rows = []
     for family in ("transformer", "lstm"):
-        run = workdir / family
-        if not run.exists():
-            import shutil
-            shutil.copytree(workdir / "run", run)
-        config = models.make_config(family, "small", vocab)
-        checkpoints.save(run, models.build(config), config, step=1)
-        loaded = tf.saved_model.load(str(export.export(run)))
+        run, version = untrained_export(root, family, "small")
+        loaded = tf.saved_model.load(str(version))
         reference = TextGenerator(run)
         n_new = args.max_new_tokens
         for batch in (1, 8):

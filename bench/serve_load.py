@@ -26,7 +26,6 @@ import os
 import pathlib
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,15 +37,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
-CORPUS = ROOT / "data" / "shakespeare.txt.gz"
 PROMPTS = ["ROMEO.", "What light through yonder window", "To be, or not to be", "Enter HAMLET", "Good night"]
 NEW_TOKENS = 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -60,7 +52,9 @@ class Server:
     """`lmstack serve` in a subprocess, ready once its status answers."""
 
     def __init__(self, *flags: str):
-        self.grpc, self.rest = free_port(), free_port()
+        from pipelines.launch import free_ports
+
+        self.grpc, self.rest = free_ports(2)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "app", "serve", f"--port={self.grpc}", f"--rest_api_port={self.rest}",
              "--file_system_poll_wait_seconds=0", *flags],
@@ -177,18 +171,11 @@ def main() -> None:
     import app  # noqa: F401
     import tensorflow as tf
 
-    import models
-    from pipelines import checkpoints, prepare, tokenizers
-    from serving import export
+    from bench.common import untrained_export
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmstack-serve-bench-"))
-    prepare.prepare(prepare.PrepareConfig(corpus=(str(CORPUS),), tokenizer=tokenizers.TokenizerConfig("char")),
-                    tmp / "run")
-    vocab = json.loads((tmp / "run" / "data" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
-    config = models.make_config("transformer", "tiny", vocab)
-    checkpoints.save(tmp / "run", models.build(config), config, step=1)
     base = tmp / "models" / "lm"
-    version = export.export(tmp / "run", export.ExportConfig(export_base=str(base)))
+    _, version = untrained_export(tmp, "transformer", "tiny", export_base=str(base))
 
     # The reference: the same signature in-process, batch 1.
     loaded = tf.saved_model.load(str(version))

@@ -197,8 +197,8 @@ class GrpcClient(_Client):
 
         request = predict_pb2.PredictRequest(model_spec=self._spec(signature))
         for name, value in inputs.items():
-            tensor = c.SIGNATURES.get(signature, c.SIGNATURES[c.SERVING_DEFAULT]).inputs.get(name)
-            dtype = tf.dtypes.as_dtype(tensor.dtype) if tensor else None
+            known = c.SIGNATURES[signature].inputs.get(name) if signature in c.SIGNATURES else None
+            dtype = tf.dtypes.as_dtype(known.dtype) if known else None  # else numpy's own
             request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=dtype))
         response = self._call(self._predictions.Predict, request)
         return {name: tf.make_ndarray(proto).tolist() for name, proto in response.outputs.items()}

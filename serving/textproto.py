@@ -12,6 +12,7 @@ same text, field names checked against the documented schema:
 
 from __future__ import annotations
 
+import ast
 import re
 from typing import Any
 
@@ -40,7 +41,7 @@ def _tokens(text: str) -> list[str]:
 
 def _value(token: str) -> Any:
     if token[0] in "\"'":
-        return bytes(token[1:-1], "utf-8").decode("unicode_escape")
+        return ast.literal_eval(token)  # the quotes and escapes of Python and text protos agree
     if token in ("true", "True"):
         return True
     if token in ("false", "False"):
@@ -60,8 +61,7 @@ def parse(text: str, schema: dict[str, Any]) -> dict[str, Any]:
     A field named twice becomes a list (repeated fields). Unknown fields raise
     `TextProtoError` naming them.
     """
-    tokens = _tokens(text)
-    result, position = _message(tokens, 0, schema, top=True)
+    result, _ = _message(_tokens(text), 0, schema, top=True)
     return result
 
 

@@ -17,6 +17,7 @@ from app.main import main
 from pipelines import checkpoints, prepare, tokenizers
 from pipelines.errors import UserError
 from pipelines.generate import TextGenerator, encode
+from pipelines.launch import free_ports
 from serving import client as client_lib
 from serving import contract as c
 from serving import export, server
@@ -284,7 +285,7 @@ def test_clients_raise_the_servers_message(served, protocol):
 @pytest.mark.parametrize("protocol", ["grpc", "rest"])
 def test_clients_retry_until_the_server_is_up(transformer, protocol):
     _, path, _ = transformer
-    port = free_port()
+    port, = free_ports(1)
     model = server.ServedModel("lm", path.parent)
     model.load_latest()
     core = server.ModelServer({"lm": model})
@@ -305,16 +306,8 @@ def test_clients_retry_until_the_server_is_up(transformer, protocol):
         if s is not None:
             s.stop(None) if protocol == "grpc" else s.shutdown()
     with pytest.raises(client_lib.ServingError) as e:
-        client_lib.connect(f"localhost:{free_port()}", protocol, retries=1, backoff=0.01, timeout=2).status()
+        client_lib.connect(f"localhost:{free_ports(1)[0]}", protocol, retries=1, backoff=0.01, timeout=2).status()
     assert e.value.code == "UNAVAILABLE"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "rest"])

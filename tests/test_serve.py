@@ -14,11 +14,11 @@ import urllib.request
 import numpy as np
 import pytest
 
+from pipelines.launch import free_ports
 from serving import client as client_lib
 from serving import contract as c
 from serving import server
 from tests.conftest import tiny_export
-from tests.test_export import free_port
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_row_and_columnar_formats_agree(running):
 
 @pytest.mark.slow
 def test_lmstack_serve_answers_then_stops_on_sigterm(versions):
-    grpc_port, rest_port = free_port(), free_port()
+    grpc_port, rest_port = free_ports(2)
     process = subprocess.Popen(
         [sys.executable, "-m", "app", "serve", f"--model_base_path={versions}", "--model_name=lm",
          f"--port={grpc_port}", f"--rest_api_port={rest_port}"],
