@@ -21,6 +21,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("workdir", None, "a workdir with a trained model", flag_values=fv)
     flags.DEFINE_list("corpus", None, "text files or globs to score instead of the validation split",
                       flag_values=fv)
+    flags.DEFINE_string("variant", "", "an optimized variant (WORKDIR/optimized/NAME) instead of the trained model",
+                        flag_values=fv)
     flags.mark_flags_as_required(["workdir"], flag_values=fv)
 
 
@@ -28,6 +30,6 @@ def run(fv: flags.FlagValues) -> int:
     from pipelines import evaluate
     from pipelines.progress import Progress
 
-    result = evaluate.evaluate(fv.workdir, corpus=fv.corpus, progress=Progress(sys.stderr))
+    result = evaluate.evaluate(fv.workdir, corpus=fv.corpus, variant=fv.variant, progress=Progress(sys.stderr))
     print(json.dumps(result))
     return 0

@@ -25,6 +25,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("top_k", 40, "candidates kept by --sampler=top_k", flag_values=fv)
     flags.DEFINE_float("top_p", 0.9, "probability mass kept by --sampler=top_p", flag_values=fv)
     flags.DEFINE_integer("seed", None, "the same seed gives the same text", flag_values=fv)
+    flags.DEFINE_string("variant", "", "an optimized variant (WORKDIR/optimized/NAME) instead of the trained model",
+                        flag_values=fv)
     flags.mark_flags_as_required(["workdir"], flag_values=fv)
 
 
@@ -37,7 +39,7 @@ def run(fv: flags.FlagValues) -> int:
         sampler = SamplerConfig(fv.sampler, fv.temperature, fv.top_k, fv.top_p, fv.seed)
     except ValueError as e:
         raise UserError(f"--{e}") from None
-    generator = TextGenerator(fv.workdir)
+    generator = TextGenerator(fv.workdir, fv.variant)
     for piece in generator.stream(fv.prompt, fv.max_new_tokens, sampler):
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -12,7 +12,9 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 import tensorflow_model_optimization as tfmot  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-# Custom layers subclass this so `prune_low_magnitude` can wrap a whole model.
+# Custom layers subclass these so `prune_low_magnitude` can wrap a whole model
+# and `cluster_weights` can wrap the layers that hold big weights.
 PrunableLayer = tfmot.sparsity.keras.PrunableLayer
+ClusterableLayer = tfmot.clustering.keras.ClusterableLayer
 
-__all__ = ["keras", "PrunableLayer"]
+__all__ = ["keras", "PrunableLayer", "ClusterableLayer"]

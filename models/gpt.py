@@ -137,12 +137,12 @@ class GPTDecoder:
         self.config = config
         self.vocab_size = config.vocab_size
         self.max_length = config.seq_len
-        self._layer = model.get_layer
+        self._layer = lambda name: layers.get_layer(model, name)
 
     def init_cache(self, batch_size, max_length: int | None = None) -> tf.Tensor:
         c = self.config
         length = c.seq_len if max_length is None else max_length
-        dtype = self.model.get_layer("block0_query").compute_dtype
+        dtype = self._layer("block0_query").compute_dtype
         return tf.zeros([batch_size, c.layers, 2, length, c.heads, c.head_dim], dtype)
 
     def call_with_cache(self, ids: tf.Tensor, cache: tf.Tensor, index) -> tuple[tf.Tensor, tf.Tensor]:

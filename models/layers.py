@@ -2,6 +2,8 @@
 
 Each is a `PrunableLayer`, so TF-MOT's `prune_low_magnitude` can wrap a whole
 model, and each stores its constructor arguments in `get_config()`.
+`get_layer` finds a layer by name also after TF-MOT's `quantize_apply`
+renamed its wrapper.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ import math
 
 import tensorflow as tf
 
-from models.backend import PrunableLayer, keras
+from models.backend import ClusterableLayer, PrunableLayer, keras
 
 
-class TokenEmbedding(keras.layers.Layer, PrunableLayer):
+class TokenEmbedding(keras.layers.Layer, PrunableLayer, ClusterableLayer):
     """Token ids -> vectors, plus the embedding table for a tied output layer.
 
     Returning the table as a second output lets `TiedLogits` reuse it through
@@ -53,6 +55,9 @@ class TokenEmbedding(keras.layers.Layer, PrunableLayer):
 
     def get_prunable_weights(self):
         return [self.embeddings]
+
+    def get_clusterable_weights(self):
+        return [("embeddings", self.embeddings)]
 
     def get_config(self):
         return {**super().get_config(), "vocab_size": self.vocab_size, "dim": self.dim,
@@ -182,6 +187,17 @@ class TiedLogits(keras.layers.Layer, PrunableLayer):
 
     def get_prunable_weights(self):
         return []
+
+
+QUANTIZED_PREFIX = "quant_"  # what TF-MOT's quantize_apply puts before a wrapped layer's name
+
+
+def get_layer(model: keras.Model, name: str) -> keras.layers.Layer:
+    """`model.get_layer(name)`, or its QAT wrapper `quant_NAME` (which applies the fake quantization)."""
+    try:
+        return model.get_layer(name)
+    except ValueError:
+        return model.get_layer(QUANTIZED_PREFIX + name)
 
 
 def custom_objects() -> dict[str, type]:

@@ -127,7 +127,7 @@ class LSTMDecoder:
 
     def init_cache(self, batch_size, max_length: int | None = None) -> tf.Tensor:
         c = self.config
-        dtype = self.model.get_layer("rnn0").compute_dtype
+        dtype = layers.get_layer(self.model, "rnn0").compute_dtype
         return tf.zeros([batch_size, c.layers, 2, c.units], dtype)
 
     def call_with_cache(self, ids: tf.Tensor, cache: tf.Tensor, index=None) -> tuple[tf.Tensor, tf.Tensor]:
@@ -136,7 +136,7 @@ class LSTMDecoder:
         Returns:
             `(logits [B, S, V] float32, updated state)`.
         """
-        c, get = self.config, self.model.get_layer
+        c, get = self.config, lambda name: layers.get_layer(self.model, name)
         x, table = get("token_embedding")(ids)
         states = []
         for i in range(c.layers):
@@ -146,6 +146,7 @@ class LSTMDecoder:
             else:
                 x, h = layer(x, initial_state=cache[:, i, 0])
                 cell = tf.zeros_like(h)
+            x = get(f"rnn{i}_dropout")(x)  # identity at inference; under QAT it may carry a fake-quant
             states.append(tf.stack([h, cell], axis=1))  # (B, 2, units)
         if c.tie_embeddings:
             logits = get("logits")([get("projection")(x), table])

@@ -2,11 +2,15 @@
 
 The model's config is saved with its weights (config.json's `model`
 section), so every later stage rebuilds the same model from the workdir alone.
+An optimized variant, `WORKDIR/optimized/NAME/`, has the same layout plus an
+`optimization` section saying how it was made; a quantization-aware variant
+is rebuilt with TF-MOT's wrappers before its weights are restored.
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 from typing import Any
 
 import tensorflow as tf
@@ -17,6 +21,8 @@ from pipelines.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 MODEL_SECTION = "model"
+OPTIMIZED_DIR = "optimized"
+OPTIMIZATION_SECTION = "optimization"
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
@@ -33,12 +39,46 @@ def save_model_config(workdir: str | os.PathLike, config: models.ModelConfig) ->
     workdir_lib.Workdir(workdir).update_config(MODEL_SECTION, models.config_to_json(config))
 
 
+def _read_config(source: str | os.PathLike) -> dict[str, Any]:
+    # A variant directory has a config.json but no data/ of its own.
+    path = pathlib.Path(source) / workdir_lib.CONFIG_FILE
+    return workdir_lib.read_json(path) if path.is_file() else workdir_lib.Workdir(source).read_config()
+
+
 def read_model_config(workdir: str | os.PathLike) -> models.ModelConfig:
     wd = workdir_lib.Workdir(workdir)
-    config: dict[str, Any] = wd.read_config()
+    config = _read_config(workdir)
     if MODEL_SECTION not in config:
         raise UserError(f"{wd.root} has no trained model yet; run `lmstack train --workdir={wd.root}` first")
     return models.config_from_json(config[MODEL_SECTION])
+
+
+def variants(workdir: str | os.PathLike) -> list[str]:
+    """Names of the workdir's optimized variants."""
+    root = workdir_lib.Workdir(workdir).root / OPTIMIZED_DIR
+    return sorted(p.parent.name for p in root.glob(f"*/{workdir_lib.CONFIG_FILE}") if not p.parent.name.startswith("."))
+
+
+def model_dir(workdir: str | os.PathLike, variant: str = "") -> pathlib.Path:
+    """Where a model lives: the workdir itself, or WORKDIR/optimized/VARIANT.
+
+    Raises:
+        UserError: no such variant.
+    """
+    root = workdir_lib.Workdir(workdir).root
+    if not variant:
+        return root
+    path = root / OPTIMIZED_DIR / variant
+    if variant.startswith(".") or "/" in variant or not (path / workdir_lib.CONFIG_FILE).is_file():
+        have = variants(root)
+        raise UserError(f"no optimized variant {variant!r} in {root} (have: {', '.join(have) or 'none'}); "
+                        "run `lmstack optimize` first or drop --variant")
+    return path
+
+
+def optimization(source: str | os.PathLike) -> dict[str, Any] | None:
+    """The `optimization` section of a model directory (None for a trained model)."""
+    return _read_config(source).get(OPTIMIZATION_SECTION)
 
 
 def save(workdir: str | os.PathLike, model, config: models.ModelConfig, step: int) -> str:
@@ -51,7 +91,7 @@ def save(workdir: str | os.PathLike, model, config: models.ModelConfig, step: in
 
 
 def load_model(workdir: str | os.PathLike):
-    """Rebuilds the workdir's model and restores its newest checkpoint.
+    """Rebuilds the model of a workdir (or variant directory) and restores its newest checkpoint.
 
     Returns:
         `(model, config, step)`.
@@ -63,6 +103,10 @@ def load_model(workdir: str | os.PathLike):
     if latest is None:
         raise UserError(f"no checkpoint in {checkpoint_dir(workdir)}; run `lmstack train --workdir={workdir}` first")
     model = models.build(config)
+    made = optimization(workdir) or {}
+    if made.get("quantized"):
+        from pipelines import mot  # TF-MOT's wrappers hold the learned quantization ranges
+        model = mot.quantize(model, preserve_sparsity=made.get("preserve_sparsity", False))
     # expect_partial: a training checkpoint also holds the optimizer, not needed here.
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
     return model, config, int(latest.rsplit("-", 1)[1])  # ckpt-STEP

@@ -81,8 +81,18 @@ def evaluate_model(workdir: str | os.PathLike, model, model_config: models.Model
     return result
 
 
-def evaluate(workdir: str | os.PathLike, corpus: Sequence[str] | None = None,
+def evaluate(workdir: str | os.PathLike, corpus: Sequence[str] | None = None, variant: str = "",
              progress: Progress | None = None) -> dict[str, Any]:
-    """Loads the workdir's newest checkpoint and evaluates it (see `evaluate_model`)."""
-    model, config, _ = checkpoints.load_model(workdir)
-    return evaluate_model(workdir, model, config, corpus=corpus, progress=progress)
+    """Loads the newest checkpoint of the workdir (or of an optimized variant) and evaluates it.
+
+    The result goes to the model's metrics.json (see `evaluate_model`); a
+    variant's metrics.json keeps what `optimize` wrote and gains an `evaluation`.
+    """
+    source = checkpoints.model_dir(workdir, variant)
+    model, config, _ = checkpoints.load_model(source)
+    result = evaluate_model(workdir, model, config, corpus=corpus, progress=progress, write=not variant)
+    if variant:
+        path = source / METRICS_FILE
+        metrics = workdir_lib.read_json(path) if path.is_file() else {}
+        workdir_lib.write_json(path, {**metrics, "evaluation": result})
+    return result

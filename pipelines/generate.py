@@ -36,13 +36,14 @@ class TextGenerator:
 
     Args:
         workdir: a workdir with a trained model (checkpoints/).
+        variant: an optimized variant's name (WORKDIR/optimized/NAME) instead of the trained model.
     """
 
-    def __init__(self, workdir: str | os.PathLike):
+    def __init__(self, workdir: str | os.PathLike, variant: str = ""):
         wd = workdir_lib.Workdir(workdir)
         wd.read_config()  # a clear error for a directory that is not a prepared workdir
         self.tokenizer = tokenizers.load(wd.tokenizer_dir)
-        self.model, self.config, self.step = checkpoints.load_model(workdir)
+        self.model, self.config, self.step = checkpoints.load_model(checkpoints.model_dir(workdir, variant))
         self.decoder = models.decoder(self.model, self.config)
 
     def prompt_ids(self, prompt: str) -> list[int]:

@@ -163,7 +163,7 @@ class _StepCounter(keras.callbacks.Callback):
         self.step += 1
 
 
-class _StopAtStep(_StepCounter):
+class StopAtStep(_StepCounter):
     """Ends `fit` at exactly `steps` optimizer steps, wherever a resume started."""
 
     def __init__(self, steps: int):
@@ -176,7 +176,7 @@ class _StopAtStep(_StepCounter):
             self.model.stop_training = True
 
 
-class _NaNGuard(_StepCounter):
+class NaNGuard(_StepCounter):
     """Stops at a non-finite loss before anything saves the broken weights.
 
     It must come first among the callbacks: raising here skips the savers
@@ -254,12 +254,11 @@ def _learning_rate(config: TrainConfig):
         warmup_target=config.learning_rate, warmup_steps=config.warmup_steps)
 
 
-def build_and_compile(model_config: models.ModelConfig, config: TrainConfig, tokens_per_char: float = 1.0):
-    """The model, compiled for training: AdamW, token cross-entropy, perplexity and bits/char.
+def compile_for_training(model, config: TrainConfig, tokens_per_char: float = 1.0):
+    """Compiles `model` for training: AdamW, token cross-entropy, perplexity and bits/char.
 
     Call it inside `strategy.scope()` (and after setting the mixed-precision policy).
     """
-    model = models.build(model_config)
     optimizer = keras.optimizers.AdamW(
         learning_rate=_learning_rate(config), weight_decay=config.weight_decay,
         global_clipnorm=config.clip_norm or None, beta_2=0.99)
@@ -271,6 +270,18 @@ def build_and_compile(model_config: models.ModelConfig, config: TrainConfig, tok
                  TokenCrossEntropy("bits_per_char", "bits_per_char", tokens_per_char)],
         jit_compile=config.jit_compile)
     return model
+
+
+def build_and_compile(model_config: models.ModelConfig, config: TrainConfig, tokens_per_char: float = 1.0):
+    """A new model, compiled for training (see `compile_for_training`)."""
+    return compile_for_training(models.build(model_config), config, tokens_per_char)
+
+
+def tokens_per_char(manifest: dict[str, Any]) -> float:
+    """The corpus's tokens per character (train and validation splits together)."""
+    splits = manifest["splits"]
+    return (splits["train"]["tokens"] + splits["val"]["tokens"]) / max(
+        1, splits["train"]["chars"] + splits["val"]["chars"])
 
 
 def _check_resume(wd: workdir_lib.Workdir, model_config: models.ModelConfig, config: TrainConfig) -> None:
@@ -322,9 +333,6 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     replicas = strategy.num_replicas_in_sync
     global_batch = config.batch_size * replicas
     seq_len = model_config.seq_len
-    splits = manifest["splits"]
-    tokens_per_char = (splits["train"]["tokens"] + splits["val"]["tokens"]) / max(
-        1, splits["train"]["chars"] + splits["val"]["chars"])
     progress.note(f"training {models.family_of(model_config)} ({model_config.num_params():,} parameters) with "
                   f"{_strategy_name(strategy)} on {replicas} replica(s), global batch {global_batch} x {seq_len}")
 
@@ -333,7 +341,7 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
         wd.update_config(TRAIN_SECTION, dataclasses.asdict(config))
 
     with strategy.scope():
-        model = build_and_compile(model_config, config, tokens_per_char)
+        model = build_and_compile(model_config, config, tokens_per_char(manifest))
     optimizer = model.optimizer
 
     ckpt_dir = checkpoints.checkpoint_dir(wd.root) if chief else tempfile.mkdtemp(prefix="lmstack-worker-ckpt-")
@@ -357,10 +365,10 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
         val_ds = dataset.val_dataset(wd.root, seq_len, global_batch).take(config.eval_batches)
     log: dict[str, Any] = {}
     callbacks = [
-        _NaNGuard(),
+        NaNGuard(),
         keras.callbacks.BackupAndRestore(backup_dir, save_freq=config.checkpoint_every),
         _Checkpointer(manager, config.checkpoint_every, global_batch * seq_len, progress, log),
-        _StopAtStep(config.steps),
+        StopAtStep(config.steps),
     ]
     if chief:
         profile = config.profile_range() or 0

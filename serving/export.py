@@ -177,13 +177,7 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
     """
     wd = workdir_lib.Workdir(workdir)
     run_config = wd.read_config()
-    source = wd.root
-    if config.variant:
-        source = wd.root / "optimized" / config.variant
-        if not (source / workdir_lib.CONFIG_FILE).is_file():
-            have = sorted(p.name for p in (wd.root / "optimized").glob("*") if p.is_dir())
-            raise UserError(f"no optimized variant {config.variant!r} in {wd.root} "
-                            f"(have: {', '.join(have) or 'none'}); run `lmstack optimize` first or drop --variant")
+    source = checkpoints.model_dir(wd.root, config.variant)  # UserError for an unknown variant
     base = pathlib.Path(config.export_base) if config.export_base else wd.root / DEFAULT_EXPORT_DIR / config.model_name
     if config.version < 0:
         raise UserError(f"--version={config.version}: must be positive (0 picks the next free one)")

@@ -1,0 +1,322 @@
+"""`optimize`: fine-tune a trained model under TF-MOT into a slimmer variant.
+
+    trained checkpoint (or a variant) ─► wrap (prune | qat | prune_qat | cluster)
+      ─► fine-tune `steps` on the training split ─► strip the wrappers (prune, cluster)
+      ─► evaluate on the validation split ─► WORKDIR/optimized/NAME/
+
+A variant directory has the workdir's layout (config.json with `model` and
+`optimization` sections, checkpoints/, logs/, metrics.json), so every later
+stage loads it with `--variant=NAME`. It is built in a hidden staging
+directory and renamed into place: a failed run leaves nothing behind.
+
+metrics.json holds the variant's validation loss, perplexity and bits/char
+next to the same figures of the model it started from (measured in the same
+run), non-zero parameters, and the sparsity and distinct values of every
+weight matrix (which ones were pruned; for QAT, which layers stay float).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import tensorflow as tf
+
+import models
+from models.backend import keras
+from pipelines import checkpoints, dataset, evaluate, mot, train
+from pipelines import workdir as workdir_lib
+from pipelines.errors import UserError
+from pipelines.progress import Progress
+
+METHODS = ("prune", "qat", "prune_qat", "cluster")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeConfig:
+    """How to make a variant.
+
+    Attributes:
+        method: one of METHODS.
+        steps: fine-tuning steps.
+        name: the variant's name; '' derives one (pruned50, pruned2by4, qat, pruned50-qat, cluster16).
+        from_variant: start from this variant instead of the trained model (prune_qat needs a pruned one).
+        target_sparsity: prune: the fraction of each pruned weight set to zero, in [0, 1).
+        schedule: prune: 'polynomial' (0 -> target between begin_step and end_step) or 'constant'.
+        begin_step: prune: first pruning step.
+        end_step: prune: last pruning step of the polynomial schedule; 0 picks ~70% of `steps`.
+        frequency: prune: steps between mask updates; 0 picks steps // 20.
+        sparsity_m_by_n: prune: 'M,N' keeps M non-zeros in every N weights (e.g. '2,4'); '' for none.
+        clusters: cluster: distinct values per clustered weight.
+        learning_rate: AdamW's learning rate after a short warmup (fine-tuning: lower than training's).
+        batch_size: sequences per step; 0 uses the run's training batch size.
+        overwrite: replace an existing variant of the same name.
+        seed: data order.
+    """
+    method: str
+    steps: int = 300
+    name: str = ""
+    from_variant: str = ""
+    target_sparsity: float = 0.5
+    schedule: str = "polynomial"
+    begin_step: int = 0
+    end_step: int = 0
+    frequency: int = 0
+    sparsity_m_by_n: str = ""
+    clusters: int = 16
+    learning_rate: float = 2e-4
+    batch_size: int = 0
+    overwrite: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"--method={self.method!r}: expected one of {'|'.join(METHODS)}")
+        if self.steps < 1:
+            raise UserError(f"--steps={self.steps}: must be at least 1")
+        if not 0.0 <= self.target_sparsity < 1.0:
+            raise UserError(f"--target_sparsity={self.target_sparsity}: must be in [0, 1), e.g. 0.5")
+        if self.schedule not in mot.SCHEDULES:
+            raise UserError(f"--schedule={self.schedule!r}: expected one of {'|'.join(mot.SCHEDULES)}")
+        if self.clusters < 2:
+            raise UserError(f"--clusters={self.clusters}: must be at least 2")
+        if self.learning_rate <= 0:
+            raise UserError(f"--learning_rate={self.learning_rate}: must be positive")
+        if self.batch_size < 0:
+            raise UserError(f"--batch_size={self.batch_size}: must not be negative (0 uses the run's)")
+        if self.name and (self.name.startswith(".") or "/" in self.name or self.name != self.name.strip()):
+            raise UserError(f"--name={self.name!r}: use a plain directory name such as pruned50")
+        self.m_by_n()
+        if self.method in ("prune",):
+            begin, end, frequency = self.pruning_steps()
+            if not 0 <= begin < self.steps:
+                raise UserError(f"--begin_step={begin}: must be in [0, --steps={self.steps})")
+            if self.schedule == "polynomial" and not begin < end < self.steps:
+                raise UserError(f"--end_step={end}: must be after --begin_step={begin} and before "
+                                f"--steps={self.steps} so the pruned model is fine-tuned at full sparsity")
+            if frequency < 1:
+                raise UserError(f"--frequency={frequency}: must be at least 1")
+            if self.schedule == "polynomial" and (end - begin) % frequency:
+                raise UserError(f"--end_step={end} - --begin_step={begin} is not a multiple of "
+                                f"--frequency={frequency}, so the target would never be reached; adjust one")
+
+    def m_by_n(self) -> tuple[int, int] | None:
+        if not self.sparsity_m_by_n:
+            return None
+        try:
+            m, n = (int(v) for v in self.sparsity_m_by_n.split(","))
+        except ValueError:
+            raise UserError(f"--sparsity_m_by_n={self.sparsity_m_by_n!r}: expected M,N such as 2,4") from None
+        if not 0 < m < n:
+            raise UserError(f"--sparsity_m_by_n={self.sparsity_m_by_n!r}: expected 0 < M < N, such as 2,4")
+        return m, n
+
+    def pruning_steps(self) -> tuple[int, int, int]:
+        """`(begin, end, frequency)` with the defaults filled in."""
+        frequency = self.frequency or max(1, self.steps // 20)
+        end = self.end_step
+        if not end:
+            span = max(1, int(0.7 * (self.steps - self.begin_step)) // frequency) * frequency
+            end = self.begin_step + span
+        return self.begin_step, end, frequency
+
+    def variant_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.method == "prune":
+            mn = self.m_by_n()
+            return f"pruned{mn[0]}by{mn[1]}" if mn else f"pruned{round(self.target_sparsity * 100)}"
+        if self.method == "qat":
+            return f"{self.from_variant}-qat" if self.from_variant else "qat"
+        if self.method == "prune_qat":
+            return f"{self.from_variant or 'pruned'}-qat"
+        return f"{self.from_variant + '-' if self.from_variant else ''}cluster{self.clusters}"
+
+
+def _pruned_variant(root: pathlib.Path, config: OptimizeConfig) -> str:
+    """The pruned variant prune_qat starts from: --from_variant, or the only one there is."""
+    if config.from_variant:
+        return config.from_variant
+    pruned = [v for v in checkpoints.variants(root)
+              if (checkpoints.optimization(checkpoints.model_dir(root, v)) or {}).get("method") == "prune"]
+    if len(pruned) != 1:
+        raise UserError(
+            "--method=prune_qat starts from a pruned variant: "
+            + ("run `lmstack optimize --method=prune` first" if not pruned
+               else f"pick one with --from_variant ({', '.join(pruned)})"))
+    return pruned[0]
+
+
+def _wrap(model: keras.Model, config: OptimizeConfig, log_dir: str) -> tuple[keras.Model, list]:
+    """The TF-MOT-wrapped model and the callbacks its training needs."""
+    if config.method == "prune":
+        begin, end, frequency = config.pruning_steps()
+        schedule = mot.pruning_schedule(config.schedule, config.target_sparsity, begin, end, frequency)
+        return mot.prune(model, schedule, config.m_by_n()), [
+            mot.sparsity.UpdatePruningStep(), mot.sparsity.PruningSummaries(log_dir=log_dir)]
+    if config.method in ("qat", "prune_qat"):
+        return mot.quantize(model, preserve_sparsity=config.method == "prune_qat"), []
+    return mot.cluster(model, config.clusters), []
+
+
+def _evaluation(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: result[k] for k in ("loss", "perplexity", "bits_per_char", "tokens", "chars")}
+
+
+def optimize(workdir: str | os.PathLike, config: OptimizeConfig, progress: Progress | None = None,
+             verbose: int = 1) -> dict[str, Any]:
+    """Makes WORKDIR/optimized/NAME and returns its metrics.
+
+    Raises:
+        UserError: bad settings, no trained checkpoint, an unknown or unsuitable source
+            variant, an existing variant without `overwrite`, a NaN loss.
+    """
+    progress = progress or Progress()
+    config.validate()
+    wd = workdir_lib.Workdir(workdir)
+    manifest = wd.read_manifest()
+    run_config = wd.read_config()
+    from_variant = _pruned_variant(wd.root, config) if config.method == "prune_qat" else config.from_variant
+    source = checkpoints.model_dir(wd.root, from_variant)
+    made = checkpoints.optimization(source) or {}
+    if config.method == "prune_qat" and made.get("method") != "prune":
+        raise UserError(f"--method=prune_qat needs a pruned variant; {from_variant!r} was made by "
+                        f"--method={made.get('method')}; run `lmstack optimize --method=prune` first")
+    if made.get("quantized"):
+        raise UserError(f"variant {from_variant!r} is quantization-aware already; start from the trained "
+                        "model or a pruned or clustered variant")
+    config = dataclasses.replace(config, from_variant=from_variant)
+    name = config.variant_name()
+    final = wd.root / checkpoints.OPTIMIZED_DIR / name
+    if final.exists() and not config.overwrite:
+        raise UserError(f"variant {name!r} exists ({final}); pass --overwrite to replace it or --name for a new one")
+    model, model_config, source_step = checkpoints.load_model(source)  # UserError without a checkpoint
+    source_pruned = []  # what the source variant pruned, for prune_qat's report
+    if config.method == "prune_qat":
+        source_pruned = [row["weight"] for row in workdir_lib.read_json(source / evaluate.METRICS_FILE)["weights"]
+                         if row["pruned"]]
+
+    batch_size = config.batch_size or run_config.get(train.TRAIN_SECTION, {}).get("batch_size", 32)
+    train_config = train.TrainConfig(
+        steps=config.steps, batch_size=batch_size, learning_rate=config.learning_rate,
+        warmup_steps=min(50, config.steps // 10), schedule="constant", weight_decay=0.0, seed=config.seed)
+    keras.utils.set_random_seed(config.seed)
+    progress.note(f"{config.method}: {models.family_of(model_config)} from "
+                  f"{('variant ' + from_variant) if from_variant else 'the trained model'} (step {source_step}), "
+                  f"{config.steps} fine-tuning steps of {batch_size} x {model_config.seq_len} tokens")
+    progress.note("evaluating the starting model on the validation split")
+    baseline = _evaluation(evaluate.evaluate_model(wd.root, model, model_config, write=False))
+
+    optimized_root = wd.root / checkpoints.OPTIMIZED_DIR
+    created_root = not optimized_root.exists()
+    optimized_root.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(dir=optimized_root, prefix=f".{name}-"))
+    try:
+        summary = _fine_tune(wd, model, model_config, config, train_config, manifest, staging, source_pruned,
+                             progress, verbose)
+        summary.update({"variant": name, "method": config.method, "from_variant": from_variant or None,
+                        "source_step": source_step, "baseline": baseline,
+                        "perplexity_change": summary["perplexity"] / baseline["perplexity"] - 1.0,
+                        "settings": dataclasses.asdict(config)})
+        workdir_lib.write_json(staging / evaluate.METRICS_FILE, summary)
+        variant_config = {**run_config, checkpoints.OPTIMIZATION_SECTION: {
+            "method": config.method, "from_variant": from_variant or None, "source_step": source_step,
+            "quantized": config.method in ("qat", "prune_qat"),
+            "preserve_sparsity": config.method == "prune_qat", "settings": dataclasses.asdict(config)}}
+        workdir_lib.write_json(staging / workdir_lib.CONFIG_FILE, variant_config)
+        os.chmod(staging, 0o755)
+        _replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created_root:
+            shutil.rmtree(optimized_root, ignore_errors=True)
+        raise
+    summary["path"] = str(final)
+    return summary
+
+
+def _fine_tune(wd, model, model_config, config: OptimizeConfig, train_config: train.TrainConfig,
+               manifest, staging: pathlib.Path, source_pruned: list[str], progress: Progress,
+               verbose: int) -> dict[str, Any]:
+    log_dir = str(staging / "logs")
+    wrapped, extra_callbacks = _wrap(model, config, log_dir)
+    pruned_names = mot.pruned_weight_names(wrapped) or source_pruned
+    frozen = mot.freeze_uncovered(wrapped, source_pruned) if config.method == "prune_qat" else []
+    train.compile_for_training(wrapped, train_config, train.tokens_per_char(manifest))
+    train_ds = dataset.train_dataset(wd.root, model_config.seq_len, train_config.batch_size, seed=config.seed)
+    callbacks = [train.NaNGuard(), train.StopAtStep(config.steps), *extra_callbacks,
+                 keras.callbacks.TensorBoard(log_dir, update_freq=max(1, config.steps // 50))]
+    began = time.perf_counter()
+    per_epoch = math.ceil(config.steps / 10)  # Keras "epochs" here are progress lines, not passes over the data
+    history = wrapped.fit(train_ds, epochs=math.ceil(config.steps / per_epoch), steps_per_epoch=per_epoch,
+                          callbacks=callbacks, verbose=verbose)
+    wall = time.perf_counter() - began
+
+    final = mot.strip(wrapped)  # QAT wrappers stay: they hold the learned ranges
+    left = mot.wrappers(final)
+    if config.method in ("prune", "cluster") and left:
+        raise RuntimeError(f"TF-MOT wrappers left after stripping: {left}")
+    checkpoints.manager(staging, tf.train.Checkpoint(model=final), max_to_keep=1).save(checkpoint_number=config.steps)
+    progress.note("evaluating the variant on the validation split")
+    result = _evaluation(evaluate.evaluate_model(wd.root, final, model_config, write=False))
+    weights = mot.weight_report(final)
+    quantized = config.method in ("qat", "prune_qat")
+    for row in weights:
+        row["pruned"] = row["weight"] in pruned_names
+    nonzero, total = mot.count_nonzero(final)
+    pruned = [row for row in weights if row["pruned"]]
+    result.update({
+        "family": models.family_of(model_config), "steps": config.steps,
+        "train_loss": float(history.history["loss"][-1]),
+        "wall_seconds": round(wall, 1),
+        "tokens_per_s": config.steps * train_config.batch_size * model_config.seq_len / wall,
+        "params": total, "nonzero_params": nonzero,
+        "sparsity": (1.0 - sum(r["nonzero"] for r in pruned) / sum(r["size"] for r in pruned)) if pruned else 0.0,
+        "weights": weights,
+    })
+    if quantized:
+        result["float_layers"] = mot.float_layers(final)
+        result["frozen_layers"] = frozen
+    return result
+
+
+def _replace(staging: pathlib.Path, final: pathlib.Path) -> None:
+    """Renames `staging` to `final`, replacing an existing `final` only once the new one is complete."""
+    if not final.exists():
+        os.rename(staging, final)
+        return
+    old = final.with_name(f".{final.name}-replaced-{os.getpid()}")
+    os.rename(final, old)
+    os.rename(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """The end-of-optimization summary, for people."""
+    base = summary["baseline"]
+    lines = [
+        f"{summary['method']} -> variant {summary['variant']} ({summary['path']}) in {summary['wall_seconds']} s",
+        f"validation perplexity {summary['perplexity']:.3f} (from {base['perplexity']:.3f}, "
+        f"{summary['perplexity_change']:+.1%}), {summary['bits_per_char']:.3f} bits/char "
+        f"(from {base['bits_per_char']:.3f})",
+        f"non-zero parameters {summary['nonzero_params']:,} of {summary['params']:,}"
+        + (f"; sparsity of the pruned weights {summary['sparsity']:.1%}" if summary["sparsity"] else ""),
+    ]
+    rows = [r for r in summary["weights"] if r["pruned"] or summary["method"] != "prune"]
+    width = max((len(r["weight"]) for r in rows), default=10)
+    lines.append(f"{'weight'.ljust(width)}  {'shape':>12}  {'sparsity':>8}  {'distinct':>8}")
+    lines += [f"{r['weight'].ljust(width)}  {'x'.join(map(str, r['shape'])):>12}  {r['sparsity']:8.1%}  "
+              f"{r['distinct']:8,}" for r in rows]
+    if summary.get("float_layers"):
+        lines.append(f"float (not quantized by TF-MOT's 8-bit scheme): {', '.join(summary['float_layers'])}")
+    if summary.get("frozen_layers"):
+        lines.append(f"frozen to keep their pruned zeros (float, outside the scheme): "
+                     f"{', '.join(summary['frozen_layers'])}")
+    lines.append(f"use it: lmstack evaluate|generate|export --workdir=... --variant={summary['variant']}")
+    return "\n".join(lines)
