@@ -181,7 +181,17 @@ def freeze_uncovered(quantized: keras.Model, pruned: list[str]) -> list[str]:
     return frozen
 
 
+def parameters(model: keras.Model) -> list:
+    """The model's own weights: without the ranges and step counters TF-MOT's QAT wrappers add."""
+    params = []
+    for layer in model.layers:
+        own = [w for w in layer.weights if not w.name.startswith(layer.name + "/")] \
+            if isinstance(layer, quantization.QuantizeWrapperV2) else layer.weights
+        params += own
+    return params
+
+
 def count_nonzero(model: keras.Model) -> tuple[int, int]:
-    """`(non-zero parameters, parameters)` over the model's trainable weights."""
-    values = [w.numpy() for w in model.trainable_weights]
+    """`(non-zero parameters, parameters)`."""
+    values = [w.numpy() for w in parameters(model)]
     return int(sum(np.count_nonzero(v) for v in values)), int(sum(v.size for v in values))
