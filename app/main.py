@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "evaluate": ("app.evaluate", "validation loss, perplexity and bits/char of the newest checkpoint"),
     "generate": ("app.generate", "continue a prompt with the workdir's newest model, streaming"),
     "optimize": ("app.optimize", "TF-MOT pruning, quantization-aware training or clustering into a variant"),
+    "report": ("app.report", "compare the trained model and its variants: size, quality, latency, plots"),
     "export": ("app.export", "SavedModel for TensorFlow Serving: text in, text out, four signatures"),
     "serve": ("app.serve", "serve exported models over TensorFlow Serving's REST and gRPC APIs"),
     "client": ("app.client", "send a prompt to a TensorFlow Serving (or lmstack serve) endpoint"),

@@ -192,11 +192,14 @@ def optimize(workdir: str | os.PathLike, config: OptimizeConfig, progress: Progr
         raise UserError(f"variant {from_variant!r} is quantization-aware already; start from the trained "
                         "model or a pruned or clustered variant")
     config = dataclasses.replace(config, from_variant=from_variant)
+    # The training step this fine-tuning continues from (a variant's own steps count after its source's).
+    start_step = made["start_step"] + made["settings"]["steps"] if made else None
     name = config.variant_name()
     final = wd.root / checkpoints.OPTIMIZED_DIR / name
     if final.exists() and not config.overwrite:
         raise UserError(f"variant {name!r} exists ({final}); pass --overwrite to replace it or --name for a new one")
     model, model_config, source_step = checkpoints.load_model(source)  # UserError without a checkpoint
+    start_step = source_step if start_step is None else start_step
     source_pruned = []  # what the source variant pruned, for prune_qat's report
     if config.method == "prune_qat":
         source_pruned = [row["weight"] for row in workdir_lib.read_json(source / evaluate.METRICS_FILE)["weights"]
@@ -227,6 +230,7 @@ def optimize(workdir: str | os.PathLike, config: OptimizeConfig, progress: Progr
         workdir_lib.write_json(staging / evaluate.METRICS_FILE, summary)
         variant_config = {**run_config, checkpoints.OPTIMIZATION_SECTION: {
             "method": config.method, "from_variant": from_variant or None, "source_step": source_step,
+            "start_step": start_step,
             "quantized": config.method in ("qat", "prune_qat"),
             "preserve_sparsity": config.method == "prune_qat", "settings": dataclasses.asdict(config)}}
         workdir_lib.write_json(staging / workdir_lib.CONFIG_FILE, variant_config)

@@ -150,3 +150,28 @@ def test_needs_a_trained_model_and_a_pruned_variant(capsys, tmp_path, english_te
     code, err = cli(capsys, f"--workdir={tmp_path / 'run'}", "--method=prune_qat")
     assert code == 2 and "run `lmstack optimize --method=prune` first" in err
     assert not (tmp_path / "run" / "optimized").exists()
+
+
+def test_report_compares_every_variant(run, capsys):
+    family, workdir = run
+    if family == "lstm":
+        pytest.skip("the report is family-independent")
+    with pytest.raises(SystemExit) as e:
+        main(["report", f"--workdir={workdir}"])
+    code = e.value.code
+    out = capsys.readouterr().out
+    assert code == 0
+    report = (workdir / "report" / "report.md").read_text()
+    rows = workdir_lib.read_json(workdir / "report" / "report.json")
+    names = [r["variant"] for r in rows]
+    assert names[0] == "dense" and {"pruned50", "pruned50-qat"} <= set(names)
+    for row in rows:
+        assert row["gzip_bytes"] < row["saved_model_bytes"] and row["ms_per_token"] > 0
+        assert f"| {row['variant']} |" in out and f"| {row['variant']} |" in report
+    pruned = next(r for r in rows if r["variant"] == "pruned50")
+    dense = rows[0]
+    assert pruned["nonzero_params"] < 0.6 * dense["nonzero_params"]
+    assert pruned["gzip_bytes"] < dense["gzip_bytes"]  # zeros compress
+    for png in ("size_vs_quality.png", "loss_curves.png"):
+        assert (workdir / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in report
