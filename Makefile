@@ -30,6 +30,7 @@ bench: venv
 	$(BIN)/python bench/generation_speed.py
 	$(BIN)/python bench/export_latency.py
 	$(BIN)/python bench/serve_load.py
+	$(BIN)/python bench/optimize.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache *.egg-info
