@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "optimize": ("app.optimize", "TF-MOT pruning, quantization-aware training or clustering into a variant"),
     "report": ("app.report", "compare the trained model and its variants: size, quality, latency, plots"),
     "export": ("app.export", "SavedModel for TensorFlow Serving: text in, text out, four signatures"),
+    "tflite": ("app.tflite", "TFLite for on-device generation: prefill/decode or sequence/step, built-in ops"),
     "serve": ("app.serve", "serve exported models over TensorFlow Serving's REST and gRPC APIs"),
     "client": ("app.client", "send a prompt to a TensorFlow Serving (or lmstack serve) endpoint"),
     "launch": ("app.launch", "start N local workers of a command with TF_CONFIG (multi-worker dev)"),

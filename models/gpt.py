@@ -110,22 +110,23 @@ def write_cache(old: tf.Tensor, update: tf.Tensor, positions: tf.Tensor) -> tf.T
     the decoding loop compiles with XLA and converts to TFLite built-in ops.
 
     Args:
-        old: `[B, 2, max_len, nh, hs]`.
-        update: `[B, 2, S, nh, hs]`.
+        old: `[B, 2, max_len, d]`.
+        update: `[B, 2, S, d]`.
         positions: int `[S]`, distinct.
     """
     place = tf.one_hot(positions, tf.shape(old)[2], dtype=old.dtype)  # (S, max_len)
-    written = tf.einsum("sm,bksnh->bkmnh", place, update)  # update rows moved to their positions
+    written = tf.einsum("sm,bksd->bkmd", place, update)  # update rows moved to their positions
     keep = 1.0 - tf.reduce_sum(place, axis=0)  # (max_len,): 0 where written
-    return old * keep[:, tf.newaxis, tf.newaxis] + written
+    return old * keep[:, tf.newaxis] + written
 
 
 class GPTDecoder:
     """Incremental decoding with a key/value cache, on the layers of a built GPT.
 
-    The cache is one float tensor `[B, layers, 2, max_length, heads, head_dim]`
-    (keys, then values); position p of the cache holds the keys/values of the
-    token at position p.
+    The cache is one float tensor `[B, layers, 2, max_length, d_model]`
+    (keys, then values, heads side by side); position p of the cache holds the
+    keys/values of the token at position p. Five dimensions at most: TFLite's
+    kernels (strided slice, int8 calibration) take no more.
 
     Args:
         model: a model from `build_gpt` (its weights are used, not copied).
@@ -143,7 +144,7 @@ class GPTDecoder:
         c = self.config
         length = c.seq_len if max_length is None else max_length
         dtype = self._layer("block0_query").compute_dtype
-        return tf.zeros([batch_size, c.layers, 2, length, c.heads, c.head_dim], dtype)
+        return tf.zeros([batch_size, c.layers, 2, length, c.d_model], dtype)
 
     def call_with_cache(self, ids: tf.Tensor, cache: tf.Tensor, index) -> tuple[tf.Tensor, tf.Tensor]:
         """Runs tokens at positions `index .. index + S - 1` against the cache.
@@ -168,11 +169,9 @@ class GPTDecoder:
             h = get(f"block{i}_ln1")(x)
             q, k, v = (get(f"block{i}_{n}")(h) for n in ("query", "key", "value"))  # (B, S, d) each
             kv = tf.stack([k, v], axis=1)  # (B, 2, S, d)
-            kv = tf.reshape(kv, [batch, 2, length, c.heads, c.head_dim])
-            layer_cache = write_cache(cache[:, i], kv, q_positions)  # (B, 2, max_len, nh, hs)
+            layer_cache = write_cache(cache[:, i], kv, q_positions)  # (B, 2, max_len, d)
             new_cache.append(layer_cache)
-            keys = tf.reshape(layer_cache[:, 0], [batch, max_length, c.d_model])
-            values = tf.reshape(layer_cache[:, 1], [batch, max_length, c.d_model])
+            keys, values = layer_cache[:, 0], layer_cache[:, 1]  # (B, max_len, d) each
             a = layers.attention(q, keys, values, c.heads, q_positions, k_positions)
             x = get(f"block{i}_attention_residual")([x, get(f"block{i}_attention_output")(a)])
             h = get(f"block{i}_mlp_out")(get(f"block{i}_mlp_in")(get(f"block{i}_ln2")(x)))

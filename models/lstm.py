@@ -130,8 +130,11 @@ class LSTMDecoder:
         dtype = layers.get_layer(self.model, "rnn0").compute_dtype
         return tf.zeros([batch_size, c.layers, 2, c.units], dtype)
 
-    def call_with_cache(self, ids: tf.Tensor, cache: tf.Tensor, index=None) -> tuple[tf.Tensor, tf.Tensor]:
+    def call_with_cache(self, ids: tf.Tensor, cache: tf.Tensor | None, index=None) -> tuple[tf.Tensor, tf.Tensor]:
         """Feeds tokens `[B, S]` after the state in `cache`; `index` is unused (state is sequential).
+
+        `cache=None` starts from the zero state without passing one, which is
+        what lets TFLite fuse each layer into its sequence-LSTM kernel.
 
         Returns:
             `(logits [B, S, V] float32, updated state)`.
@@ -141,15 +144,45 @@ class LSTMDecoder:
         states = []
         for i in range(c.layers):
             layer = get(f"rnn{i}")
+            initial = None if cache is None else [cache[:, i, 0], cache[:, i, 1]][:2 if c.cell == "lstm" else 1]
             if c.cell == "lstm":
-                x, h, cell = layer(x, initial_state=[cache[:, i, 0], cache[:, i, 1]])
+                x, h, cell = layer(x, initial_state=initial)
             else:
-                x, h = layer(x, initial_state=cache[:, i, 0])
+                x, h = layer(x, initial_state=initial)
                 cell = tf.zeros_like(h)
             x = get(f"rnn{i}_dropout")(x)  # identity at inference; under QAT it may carry a fake-quant
             states.append(tf.stack([h, cell], axis=1))  # (B, 2, units)
-        if c.tie_embeddings:
-            logits = get("logits")([get("projection")(x), table])
-        else:
-            logits = get("logits")(x)
-        return logits, tf.stack(states, axis=1)
+        return self._logits(x, table), tf.stack(states, axis=1)
+
+    def step(self, ids: tf.Tensor, cache: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """One token per row, `[B]`, through the cells directly (no recurrent loop op).
+
+        The same arithmetic as `call_with_cache` on one token; a TFLite model
+        built from it has only element-wise and fully-connected ops, which
+        quantize to int8 (TensorFlow's calibrator crashes on LSTM loops that
+        return their state).
+
+        Returns:
+            `(logits [B, V] float32, updated state)`.
+        """
+        c, get = self.config, lambda name: layers.get_layer(self.model, name)
+        x, table = get("token_embedding")(ids[:, tf.newaxis])
+        x = x[:, 0]  # (B, e)
+        states = []
+        for i in range(c.layers):
+            cell = get(f"rnn{i}").cell
+            if c.cell == "lstm":
+                x, (h, memory) = cell(x, [cache[:, i, 0], cache[:, i, 1]])
+            else:
+                x, h = cell(x, [cache[:, i, 0]])
+                h = h[0] if isinstance(h, (list, tuple)) else h
+                memory = tf.zeros_like(h)
+            x = get(f"rnn{i}_dropout")(x)
+            states.append(tf.stack([h, memory], axis=1))
+        return self._logits(x[:, tf.newaxis], table)[:, 0], tf.stack(states, axis=1)
+
+    def _logits(self, x: tf.Tensor, table: tf.Tensor) -> tf.Tensor:
+        get = lambda name: layers.get_layer(self.model, name)  # noqa: E731
+        if self.config.tie_embeddings:
+            return get("logits")([get("projection")(x), table])
+        return get("logits")(x)

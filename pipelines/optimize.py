@@ -193,7 +193,7 @@ def optimize(workdir: str | os.PathLike, config: OptimizeConfig, progress: Progr
                         "model or a pruned or clustered variant")
     config = dataclasses.replace(config, from_variant=from_variant)
     # The training step this fine-tuning continues from (a variant's own steps count after its source's).
-    start_step = made["start_step"] + made["settings"]["steps"] if made else None
+    start_step = made.get("start_step", made.get("source_step", 0)) + made["settings"]["steps"] if made else None
     name = config.variant_name()
     final = wd.root / checkpoints.OPTIMIZED_DIR / name
     if final.exists() and not config.overwrite:

@@ -1,0 +1,281 @@
+"""`tflite`: a workdir's model as a TFLite file that generates text on a device.
+
+The file holds signatures an app calls step by step, with fixed shapes
+(`max_seq_len` tokens, batch 1):
+
+    transformer  prefill(tokens int32 [1, T])              -> logits [1, T, V], cache [1, L, 2, T, d]
+                 decode(token int32 [1, 1], cache, position int32 []) -> logits [1, V], cache
+    lstm         sequence(tokens int32 [1, T])             -> logits [1, T, V]
+                 step(token int32 [1, 1], state [1, L, 2, units]) -> logits [1, V], state
+
+`prefill` runs a (right-padded) prompt at once; the app reads the logits at
+its last real position and calls `decode` from there. The LSTM's `sequence`
+starts from a zero state and converts to TFLite's fused
+UNIDIRECTIONAL_SEQUENCE_LSTM kernel (scoring a window); `step` carries the
+state token by token through the cells' arithmetic (prompts and generation).
+
+Only TFLite built-in ops are allowed: a model that would need Flex
+(SELECT_TF_OPS) kernels does not run in ai-edge-litert, so conversion fails
+with the ops named. Quantization as TFLite defines it: `float16` weights,
+`dynamic` range (int8 weights, float activations), `int8` full-integer with
+ranges calibrated on validation windows (float32 in and out). QAT variants
+bring their own learned ranges.
+
+Writes WORKDIR/tflite/NAME.tflite (NAME = family[-variant]-quantization), a
+NAME.json sidecar (model and tokenizer config, signatures with tensor shapes,
+quantization, op counts) and the tokenizer files in WORKDIR/tflite/tokenizer/.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow as tf
+
+import models
+from pipelines import checkpoints, dataset, mot, tokenizers
+from pipelines import workdir as workdir_lib
+from pipelines.errors import UserError
+from pipelines.progress import Progress
+
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+TFLITE_DIR = "tflite"
+PREFILL, DECODE, SEQUENCE, STEP = "prefill", "decode", "sequence", "step"
+SIGNATURES = {"transformer": (PREFILL, DECODE), "lstm": (SEQUENCE, STEP)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TFLiteConfig:
+    """What to convert.
+
+    Attributes:
+        variant: '' for the trained model, or an optimized variant's name.
+        quantize: one of QUANTIZATIONS ('none' keeps float32).
+        max_seq_len: the fixed sequence length (cache size); 0 uses the model's context.
+        calibration_windows: validation windows for int8's ranges.
+    """
+    variant: str = ""
+    quantize: str = "none"
+    max_seq_len: int = 0
+    calibration_windows: int = 32
+
+
+def file_name(family: str, variant: str, quantize: str) -> str:
+    return f"{family}{'-' + variant if variant else ''}-{'float32' if quantize == 'none' else quantize}"
+
+
+def _static_model(model, config, made: dict[str, Any], seq_len: int):
+    """The model rebuilt with a static sequence length (the fused LSTM kernel needs one), same weights."""
+    static = models.build(config, seq_len=seq_len)
+    if made.get("quantized"):
+        static = mot.quantize(static, preserve_sparsity=made.get("preserve_sparsity", False))
+    static.set_weights(model.get_weights())
+    return static
+
+
+def signature_functions(model, config, made: dict[str, Any], seq_len: int) -> tuple[dict[str, Callable], list]:
+    """The family's signatures as tf.functions with fixed input shapes, and the models they use."""
+    decoder = models.decoder(model, config)
+    family = models.family_of(config)
+    tokens = tf.TensorSpec([1, seq_len], tf.int32, name="tokens")
+    token = tf.TensorSpec([1, 1], tf.int32, name="token")
+    if family == "transformer":
+        cache = tf.TensorSpec(decoder.init_cache(1, seq_len).shape, tf.float32, name="cache")
+
+        def prefill(tokens):
+            logits, cache = decoder.call_with_cache(tokens, decoder.init_cache(1, seq_len), 0)
+            return {"logits": logits, "cache": cache}
+
+        def decode(token, cache, position):
+            logits, cache = decoder.call_with_cache(token, cache, position)
+            return {"logits": logits[:, 0], "cache": cache}
+
+        return {PREFILL: tf.function(prefill, input_signature=[tokens]),
+                DECODE: tf.function(decode, input_signature=[token, cache,
+                                                             tf.TensorSpec([], tf.int32, name="position")])}, [model]
+    state = tf.TensorSpec(decoder.init_cache(1).shape, tf.float32, name="state")
+    static = _static_model(model, config, made, seq_len)
+    static_decoder = models.decoder(static, config)
+
+    def sequence(tokens):
+        # No initial state: with one, TFLite cannot fuse the Keras LSTM into its sequence kernel.
+        # No final state either: TensorFlow's int8 calibrator crashes on an LSTM that returns it.
+        return {"logits": static_decoder.call_with_cache(tokens, None)[0]}
+
+    def step(token, state):
+        logits, state = decoder.step(token[:, 0], state)
+        return {"logits": logits, "state": state}
+
+    return {SEQUENCE: tf.function(sequence, input_signature=[tokens]),
+            STEP: tf.function(step, input_signature=[token, state])}, [model, static]
+
+
+def _op_counts(flat: bytes) -> dict[str, int]:
+    """Operators by name over every subgraph (signatures and loop bodies)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flat, 0))
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+    return dict(collections.Counter(names.get(codes[op.opcodeIndex], "?")
+                                    for graph in model.subgraphs for op in graph.operators or []))
+
+
+def non_builtin_ops(flat: bytes) -> list[str]:
+    """Custom and Flex ops in a TFLite flatbuffer (none may remain)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flat, 0))
+    custom = schema.BuiltinOperator.CUSTOM
+    return sorted({(code.customCode or b"?").decode() for code in model.operatorCodes
+                   if max(code.builtinCode, code.deprecatedBuiltinCode) == custom})
+
+
+def convert_functions(functions: dict[str, Callable], quantize: str = "none",
+                      representative: Callable | None = None, trackable=None) -> bytes:
+    """Converts tf.functions (with input signatures) to one TFLite model of built-in ops.
+
+    Raises:
+        UserError: an op has no TFLite built-in kernel (the ops are named).
+    """
+    with tempfile.TemporaryDirectory(prefix="lmstack-tflite-") as path:
+        module = trackable or tf.Module()
+        for name, fn in functions.items():
+            setattr(module, f"_{name}", fn)
+        tf.saved_model.save(module, path, signatures={n: f.get_concrete_function() for n, f in functions.items()})
+        converter = tf.lite.TFLiteConverter.from_saved_model(path, signature_keys=list(functions))
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if quantize != "none":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantize == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        if quantize == "int8":
+            converter.representative_dataset = representative
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        try:
+            flat = converter.convert()
+        except Exception as e:  # ConverterError; its text lists the ops without a built-in kernel
+            ops = sorted(set(re.findall(r"\btf\.[A-Za-z0-9_]+", str(e))))
+            if not ops:
+                raise
+            raise UserError(f"the model needs TensorFlow ops without a TFLite built-in kernel ({', '.join(ops)}); "
+                            "they would need Flex ops, which ai-edge-litert does not run") from None
+    bad = non_builtin_ops(flat)
+    if bad:
+        raise UserError(f"the converted model contains non-built-in ops ({', '.join(bad)}), which ai-edge-litert "
+                        "does not run")
+    return flat
+
+
+def _calibration(workdir, functions, decoder, family: str, seq_len: int, windows: int):
+    """int8's representative samples: validation windows and the caches/states they produce."""
+    ds = dataset.val_dataset(workdir, seq_len, 1).take(windows)
+    first, second = SIGNATURES[family]
+    rng = np.random.default_rng(0)
+
+    def samples():
+        for x, _ in ds:
+            tokens = x.numpy().astype(np.int32)
+            yield first, {"tokens": tokens}
+            position = int(rng.integers(1, seq_len))
+            token = tokens[:, position:position + 1]
+            if family == "transformer":
+                cache = functions[first](tf.constant(tokens))["cache"].numpy()
+                yield second, {"token": token, "cache": cache, "position": np.array(position, np.int32)}
+            else:
+                _, state = decoder.call_with_cache(tf.constant(tokens[:, :position]), decoder.init_cache(1))
+                yield second, {"token": token, "state": state.numpy()}
+    return samples
+
+
+def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
+            progress: Progress | None = None) -> pathlib.Path:
+    """Writes WORKDIR/tflite/NAME.tflite (+ NAME.json, tokenizer/) and returns its path.
+
+    Raises:
+        UserError: no trained model, an unknown variant or quantization, a bad
+            max_seq_len, an op without a built-in kernel.
+    """
+    progress = progress or Progress()
+    if config.quantize not in QUANTIZATIONS:
+        raise UserError(f"--quantize={config.quantize!r}: expected one of {'|'.join(QUANTIZATIONS)}")
+    wd = workdir_lib.Workdir(workdir)
+    wd.read_config()
+    source = checkpoints.model_dir(wd.root, config.variant)
+    model, model_config, step = checkpoints.load_model(source)
+    made = checkpoints.optimization(source) or {}
+    family = models.family_of(model_config)
+    seq_len = config.max_seq_len or model_config.seq_len
+    if seq_len < 2 or (family == "transformer" and seq_len > model_config.seq_len):
+        limit = f"2..{model_config.seq_len} (the model's context)" if family == "transformer" else "at least 2"
+        raise UserError(f"--max_seq_len={config.max_seq_len}: expected {limit}")
+    name = file_name(family, config.variant, config.quantize)
+    progress.note(f"converting {family}{' variant ' + config.variant if config.variant else ''} "
+                  f"(step {step}) to TFLite, {config.quantize} quantization, max_seq_len {seq_len}")
+    functions, used = signature_functions(model, model_config, made, seq_len)
+    representative = (_calibration(wd.root, functions, models.decoder(model, model_config), family, seq_len,
+                                   config.calibration_windows)
+                      if config.quantize == "int8" else None)
+    holder = tf.Module()
+    holder.models = used  # the functions' variables
+    flat = convert_functions(functions, config.quantize, representative, trackable=holder)
+
+    out = wd.root / TFLITE_DIR
+    out.mkdir(exist_ok=True)
+    tokenizer_out = out / "tokenizer"
+    if not tokenizer_out.is_dir():
+        staging = pathlib.Path(tempfile.mkdtemp(dir=out, prefix=".tokenizer-"))
+        for path in wd.tokenizer_dir.iterdir():
+            shutil.copy2(path, staging / path.name)
+        os.rename(staging, tokenizer_out)
+    info = {
+        "file": f"{name}.tflite", "family": family, "variant": config.variant or None,
+        "quantize": config.quantize, "max_seq_len": seq_len, "checkpoint_step": step,
+        "model": models.config_to_json(model_config), "tokenizer": tokenizers.load_config(wd.tokenizer_dir),
+        "tokenizer_dir": "tokenizer", "eos_id": tokenizers.EOS_ID, "bytes": len(flat),
+        "signatures": _signature_shapes(flat), "ops": _op_counts(flat),
+        "optimization": made.get("method"),
+    }
+    tmp = out / f".{name}.tflite.tmp"
+    tmp.write_bytes(flat)
+    os.replace(tmp, out / f"{name}.tflite")
+    workdir_lib.write_json(out / f"{name}.json", info)
+    return out / f"{name}.tflite"
+
+
+def _signature_shapes(flat: bytes) -> dict[str, Any]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flat)
+    result = {}
+    for name in interpreter.get_signature_list():
+        runner = interpreter.get_signature_runner(name)
+        result[name] = {
+            side: {k: {"shape": [int(d) for d in v["shape"]], "dtype": np.dtype(v["dtype"]).name}
+                   for k, v in details.items()}
+            for side, details in (("inputs", runner.get_input_details()), ("outputs", runner.get_output_details()))}
+    return result
+
+
+def describe(path: pathlib.Path) -> str:
+    info = workdir_lib.read_json(path.with_suffix(".json"))
+    def inputs(signature):
+        return ", ".join(f"{k} {v['shape']}" for k, v in signature["inputs"].items())
+
+    sigs = ", ".join(f"{n}({inputs(s)})" for n, s in info["signatures"].items())
+    fused = info["ops"].get("UNIDIRECTIONAL_SEQUENCE_LSTM")
+    return "\n".join([
+        f"wrote {path} ({info['bytes'] / 1e6:.2f} MB, {info['quantize']}) and {path.with_suffix('.json').name}",
+        f"signatures: {sigs}",
+        f"ops: {sum(info['ops'].values())} built-in" + (f", {fused} fused sequence LSTM" if fused else ""),
+        f"generate: lmstack generate --workdir={path.parent.parent} --backend=tflite --quantize={info['quantize']}"
+        + (f" --variant={info['variant']}" if info["variant"] else ""),
+    ])
