@@ -4,9 +4,12 @@ Scores the workdir's validation split, or --corpus (tokenized with the run's
 tokenizer). Prints one JSON object (loss, perplexity, bits_per_char, tokens,
 chars) on stdout and writes WORKDIR/metrics.json. Bits per character are total
 nats / characters / ln 2, so runs with different tokenizers compare.
+--variant scores an optimized variant; --backend=tflite scores a converted
+TFLite file in ai-edge-litert, so a quantization's cost is measured.
 
 example:
   lmstack evaluate --workdir=runs/shakespeare --corpus=other_play.txt
+  lmstack evaluate --workdir=runs/shakespeare --backend=tflite --quantize=int8
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
     flags.DEFINE_string("variant", "", "an optimized variant (WORKDIR/optimized/NAME) instead of the trained model",
                         flag_values=fv)
+    flags.DEFINE_enum("backend", "keras", ["keras", "tflite"], "keras: the checkpoint; tflite: the converted "
+                      "file in WORKDIR/tflite/ run by ai-edge-litert", flag_values=fv)
+    flags.DEFINE_string("quantize", "none", "tflite: which file (none = float32 | float16 | dynamic | int8)",
+                        flag_values=fv)
     flags.mark_flags_as_required(["workdir"], flag_values=fv)
 
 
@@ -30,6 +37,14 @@ def run(fv: flags.FlagValues) -> int:
     from pipelines import evaluate
     from pipelines.progress import Progress
 
-    result = evaluate.evaluate(fv.workdir, corpus=fv.corpus, variant=fv.variant, progress=Progress(sys.stderr))
+    if fv.backend == "tflite":
+        from serving import edge, tflite
+
+        model = edge.EdgeModel(tflite.find(fv.workdir, fv.variant, fv.quantize))
+        result = evaluate.evaluate_logits(fv.workdir, model.window_logits, model.max_seq_len, corpus=fv.corpus,
+                                          progress=Progress(sys.stderr))
+        result["backend"] = f"tflite ({model.path.name})"
+    else:
+        result = evaluate.evaluate(fv.workdir, corpus=fv.corpus, variant=fv.variant, progress=Progress(sys.stderr))
     print(json.dumps(result))
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -42,10 +42,38 @@ def evaluate_model(workdir: str | os.PathLike, model, model_config: models.Model
         `{"loss", "perplexity", "bits_per_char", "tokens", "chars", "text"}`; also
         written to WORKDIR/metrics.json when `write`.
     """
+    @tf.function
+    def nats(x, y):
+        logits = model(x, training=False)  # (B, T, V)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=tf.cast(logits, tf.float32))
+        return tf.reduce_sum(tf.cast(ce, tf.float64)), tf.size(y)
+
+    result = _score(workdir, model_config.seq_len, batch_size, lambda x, y: [float(v) for v in nats(x, y)],
+                    corpus, progress)
+    if write:
+        workdir_lib.write_json(workdir_lib.Workdir(workdir).root / METRICS_FILE, result)
+    return result
+
+
+def evaluate_logits(workdir: str | os.PathLike, logits_fn: Callable[[np.ndarray], np.ndarray], seq_len: int,
+                    corpus: Sequence[str] | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """`evaluate_model` for any scorer of one window: token ids `[T]` -> logits `[T, V]` (e.g. TFLite)."""
+    def nats(x, y):
+        total = 0.0
+        for window, targets in zip(x.numpy(), y.numpy()):
+            logits = logits_fn(window).astype(np.float64)
+            top = logits.max(axis=-1, keepdims=True)
+            log_z = np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0]
+            total += float(np.sum(log_z - logits[np.arange(len(targets)), targets]))
+        return total, int(y.shape[0] * y.shape[1])
+
+    return _score(workdir, seq_len, 8, nats, corpus, progress)
+
+
+def _score(workdir, seq_len: int, batch_size: int, nats, corpus, progress) -> dict[str, Any]:
     progress = progress or Progress()
     wd = workdir_lib.Workdir(workdir)
     manifest = wd.read_manifest()
-    seq_len = model_config.seq_len
     if corpus:
         docs = corpus_lib.read_corpus(corpus)
         tokenizer = tokenizers.load(wd.tokenizer_dir)
@@ -58,27 +86,18 @@ def evaluate_model(workdir: str | os.PathLike, model, model_config: models.Model
         chars_per_token = val["chars"] / max(1, val["tokens"])
         ds, text = dataset.val_dataset(wd.root, seq_len, batch_size, drop_remainder=False), "validation split"
 
-    @tf.function
-    def nats(x, y):
-        logits = model(x, training=False)  # (B, T, V)
-        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=tf.cast(logits, tf.float32))
-        return tf.reduce_sum(tf.cast(ce, tf.float64)), tf.size(y)
-
     total, count = 0.0, 0
     for x, y in ds:
         n, c = nats(x, y)
-        total, count = total + float(n), count + int(c)
+        total, count = total + n, count + int(c)
     if count == 0:
         raise UserError("nothing to evaluate: the validation split is shorter than one window; "
                         "prepare with a larger --val_fraction")
     loss = total / count
     chars = count * chars_per_token
-    result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-              "bits_per_char": total / chars / math.log(2.0), "tokens": count, "chars": round(chars),
-              "text": text}
-    if write:
-        workdir_lib.write_json(wd.root / METRICS_FILE, result)
-    return result
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "bits_per_char": total / chars / math.log(2.0), "tokens": count, "chars": round(chars),
+            "text": text}
 
 
 def evaluate(workdir: str | os.PathLike, corpus: Sequence[str] | None = None, variant: str = "",

@@ -72,6 +72,22 @@ def file_name(family: str, variant: str, quantize: str) -> str:
     return f"{family}{'-' + variant if variant else ''}-{'float32' if quantize == 'none' else quantize}"
 
 
+def find(workdir: str | os.PathLike, variant: str = "", quantize: str = "none") -> pathlib.Path:
+    """The TFLite file `convert` wrote for this model and quantization.
+
+    Raises:
+        UserError: an unknown quantization or variant, or no such file yet.
+    """
+    if quantize not in QUANTIZATIONS:
+        raise UserError(f"--quantize={quantize!r}: expected one of {'|'.join(QUANTIZATIONS)}")
+    config = checkpoints.read_model_config(checkpoints.model_dir(workdir, variant))
+    path = workdir_lib.Workdir(workdir).root / TFLITE_DIR / f"{file_name(models.family_of(config), variant, quantize)}.tflite"
+    if not path.is_file():
+        raise UserError(f"no {path}; run `lmstack tflite --workdir={workdir} --quantize={quantize}"
+                        + (f" --variant={variant}" if variant else "") + "` first")
+    return path
+
+
 def _static_model(model, config, made: dict[str, Any], seq_len: int):
     """The model rebuilt with a static sequence length (the fused LSTM kernel needs one), same weights."""
     static = models.build(config, seq_len=seq_len)

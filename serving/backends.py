@@ -1,0 +1,72 @@
+"""Generation with the model as it ships: the exported SavedModel or the TFLite file.
+
+`lmstack generate --backend=savedmodel|tflite` lands here; `keras` (the
+checkpoint) is `pipelines.generate.TextGenerator`. All three tokenize with the
+run's tokenizer and stop at [EOS]; in float32 their greedy text is the same.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import tensorflow as tf
+
+from models.generation import SamplerConfig
+from pipelines import tokenizers
+from pipelines import workdir as workdir_lib
+from pipelines.errors import UserError
+from pipelines.generate import decode, encode
+from serving import contract as c
+from serving import edge, tflite
+
+
+def newest_export(workdir: str | os.PathLike, model_name: str = c.DEFAULT_MODEL_NAME) -> pathlib.Path:
+    base = workdir_lib.Workdir(workdir).root / "export" / model_name
+    versions = sorted((int(p.name), p) for p in base.glob("*") if p.is_dir() and p.name.isdigit())
+    if not versions:
+        raise UserError(f"no export in {base}; run `lmstack export --workdir={workdir}` first or pass --export_dir")
+    return versions[-1][1]
+
+
+def generate(backend: str, workdir: str | os.PathLike, prompt: str, max_new_tokens: int, sampler: SamplerConfig,
+             variant: str = "", quantize: str = "none", export_dir: str = "", num_threads: int | None = None) -> str:
+    """The continuation of `prompt` by the `savedmodel` or `tflite` backend."""
+    if max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens={max_new_tokens}: must be at least 1")
+    if backend == "savedmodel":
+        return _savedmodel(pathlib.Path(export_dir) if export_dir else newest_export(workdir), prompt,
+                           max_new_tokens, sampler)
+    if backend != "tflite":
+        raise UserError(f"--backend={backend!r}: expected keras, savedmodel or tflite")
+    if sampler.name == "top_p":
+        raise UserError("--backend=tflite samples greedy, random or top_k; use one of those")
+    model = edge.EdgeModel(tflite.find(workdir, variant, quantize), num_threads=num_threads)
+    tokenizer = tokenizers.load(workdir_lib.Workdir(workdir).tokenizer_dir)
+    ids = encode(tokenizer, prompt) if prompt else [tokenizers.EOS_ID]
+    temperature = 0.0 if sampler.name == "greedy" else sampler.temperature
+    try:
+        new = model.generate(ids, max_new_tokens, stop_ids=[tokenizers.EOS_ID], temperature=temperature,
+                             top_k=sampler.top_k if sampler.name == "top_k" else 0, seed=sampler.seed)
+    except ValueError as e:
+        raise UserError(f"{e}; lower --max_new_tokens or convert with a larger --max_seq_len") from None
+    return decode(tokenizer, new)
+
+
+def _savedmodel(path: pathlib.Path, prompt: str, max_new_tokens: int, sampler: SamplerConfig) -> str:
+    if not (path / "saved_model.pb").is_file():
+        raise UserError(f"{path} is not a SavedModel version directory (no saved_model.pb)")
+    loaded = tf.saved_model.load(str(path))
+    if sampler.name == "greedy":
+        out = loaded.signatures[c.SERVING_DEFAULT](prompt=tf.constant([prompt]),
+                                                   max_new_tokens=tf.constant([max_new_tokens], tf.int32))
+    else:
+        seed = sampler.seed if sampler.seed is not None else int(np.random.default_rng().integers(2**31 - 1))
+        out = loaded.signatures[c.GENERATE](
+            prompt=tf.constant([prompt]), max_new_tokens=tf.constant([max_new_tokens], tf.int32),
+            temperature=tf.constant([sampler.temperature], tf.float32),
+            top_k=tf.constant([sampler.top_k if sampler.name == "top_k" else 0], tf.int32),
+            top_p=tf.constant([sampler.top_p if sampler.name == "top_p" else 1.0], tf.float32),
+            seed=tf.constant([seed], tf.int32))
+    return out[c.COMPLETION].numpy()[0].decode("utf-8")
