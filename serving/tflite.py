@@ -18,8 +18,10 @@ Only TFLite built-in ops are allowed: a model that would need Flex
 (SELECT_TF_OPS) kernels does not run in ai-edge-litert, so conversion fails
 with the ops named. Quantization as TFLite defines it: `float16` weights,
 `dynamic` range (int8 weights, float activations), `int8` full-integer with
-ranges calibrated on validation windows (float32 in and out). QAT variants
-bring their own learned ranges.
+ranges calibrated on validation windows (float32 in and out), except the
+LSTM's fused sequence kernel, which stays float (its int8 form loses the
+signal here; the step path quantizes well). QAT variants bring their own
+learned ranges.
 
 Writes WORKDIR/tflite/NAME.tflite (NAME = family[-variant]-quantization), a
 NAME.json sidecar (model and tokenizer config, signatures with tensor shapes,
@@ -50,6 +52,7 @@ QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 TFLITE_DIR = "tflite"
 PREFILL, DECODE, SEQUENCE, STEP = "prefill", "decode", "sequence", "step"
 SIGNATURES = {"transformer": (PREFILL, DECODE), "lstm": (SEQUENCE, STEP)}
+LSTM_FLOAT_OPS = ("UNIDIRECTIONAL_SEQUENCE_LSTM",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +159,12 @@ def non_builtin_ops(flat: bytes) -> list[str]:
 
 
 def convert_functions(functions: dict[str, Callable], quantize: str = "none",
-                      representative: Callable | None = None, trackable=None) -> bytes:
+                      representative: Callable | None = None, trackable=None,
+                      float_ops: tuple[str, ...] = ()) -> bytes:
     """Converts tf.functions (with input signatures) to one TFLite model of built-in ops.
+
+    `float_ops` (int8 only) are TFLite op names left in float: the rest is
+    quantized to int8 around them (TFLite's selective quantization).
 
     Raises:
         UserError: an op has no TFLite built-in kernel (the ops are named).
@@ -175,11 +182,18 @@ def convert_functions(functions: dict[str, Callable], quantize: str = "none",
             converter.target_spec.supported_types = [tf.float16]
         if quantize == "int8":
             converter.representative_dataset = representative
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            if not float_ops:
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         try:
-            flat = converter.convert()
+            if quantize == "int8" and float_ops:
+                debugger = tf.lite.experimental.QuantizationDebugger(
+                    converter=converter, debug_dataset=representative,
+                    debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops)))
+                flat = debugger.get_nondebug_quantized_model()
+            else:
+                flat = converter.convert()
         except Exception as e:  # ConverterError; its text lists the ops without a built-in kernel
-            ops = sorted(set(re.findall(r"\btf\.[A-Za-z0-9_]+", str(e))))
+            ops = sorted(set(re.findall(r"\btf\.[A-Z][A-Za-z0-9_]*", str(e))))
             if not ops:
                 raise
             raise UserError(f"the model needs TensorFlow ops without a TFLite built-in kernel ({', '.join(ops)}); "
@@ -242,7 +256,10 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
                       if config.quantize == "int8" else None)
     holder = tf.Module()
     holder.models = used  # the functions' variables
-    flat = convert_functions(functions, config.quantize, representative, trackable=holder)
+    # TFLite's int8 sequence-LSTM kernel, as fused from Keras, loses the signal (near-uniform
+    # predictions on our models): it stays float, everything around it is int8.
+    float_ops = LSTM_FLOAT_OPS if family == "lstm" and config.quantize == "int8" else ()
+    flat = convert_functions(functions, config.quantize, representative, trackable=holder, float_ops=float_ops)
 
     out = wd.root / TFLITE_DIR
     out.mkdir(exist_ok=True)
@@ -258,7 +275,7 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
         "model": models.config_to_json(model_config), "tokenizer": tokenizers.load_config(wd.tokenizer_dir),
         "tokenizer_dir": "tokenizer", "eos_id": tokenizers.EOS_ID, "bytes": len(flat),
         "signatures": _signature_shapes(flat), "ops": _op_counts(flat),
-        "optimization": made.get("method"),
+        "optimization": made.get("method"), "float_ops": list(float_ops),
     }
     tmp = out / f".{name}.tflite.tmp"
     tmp.write_bytes(flat)

@@ -1,0 +1,138 @@
+"""`lmstack tflite`: built-in-op TFLite files that generate on ai-edge-litert like the Keras model."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from app.main import main
+from pipelines import evaluate, optimize
+from pipelines.errors import UserError
+from pipelines.generate import TextGenerator, encode
+from serving import contract as c
+from serving import edge, tflite
+from tests.conftest import tiny_export
+
+PROMPTS = ["ROMEO.", "", "What light through yonder window"]
+# Validation perplexity of a quantized file may exceed the float32 file's by at most this much.
+TOLERANCE = {"float16": 0.005, "dynamic": 0.03, "int8": 0.05}
+_FILES: dict = {}
+
+
+@pytest.fixture(scope="module", params=["transformer", pytest.param("lstm", marks=pytest.mark.slow)])
+def run(request, tmp_path_factory, english_text):
+    """(family, workdir with a trained tiny model and its export, its float32 TFLite file)."""
+    family = request.param
+    if family not in _FILES:
+        workdir, export_path = tiny_export(family, tmp_path_factory, english_text)
+        _FILES[family] = (workdir, export_path, tflite.convert(workdir, tflite.TFLiteConfig()))
+    return (family, *_FILES[family])
+
+
+def test_signatures_shapes_and_built_in_ops(run):
+    family, workdir, _, path = run
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert path.name == f"{family}-float32.tflite" and info["quantize"] == "none"
+    model = info["model"]
+    t = info["max_seq_len"]
+    assert t == model["seq_len"]
+    sigs = info["signatures"]
+    if family == "transformer":
+        assert set(sigs) == {"prefill", "decode"}
+        cache = [1, model["layers"], 2, t, model["d_model"]]
+        assert sigs["prefill"]["inputs"]["tokens"] == {"shape": [1, t], "dtype": "int32"}
+        assert sigs["prefill"]["outputs"]["logits"]["shape"] == [1, t, model["vocab_size"]]
+        assert sigs["prefill"]["outputs"]["cache"]["shape"] == cache
+        assert sigs["decode"]["inputs"]["cache"]["shape"] == cache
+        assert sigs["decode"]["inputs"]["position"]["shape"] == []
+        assert sigs["decode"]["outputs"]["logits"]["shape"] == [1, model["vocab_size"]]
+    else:
+        assert set(sigs) == {"sequence", "step"}
+        assert sigs["step"]["inputs"]["state"]["shape"] == [1, model["layers"], 2, model["units"]]
+        assert info["ops"]["UNIDIRECTIONAL_SEQUENCE_LSTM"] == model["layers"]  # the fused kernel
+        assert "WHILE" not in info["ops"]
+    assert tflite.non_builtin_ops(path.read_bytes()) == []
+    assert (workdir / "tflite" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_float32_greedy_is_the_same_on_keras_savedmodel_and_tflite(run):
+    family, workdir, export_path, path = run
+    generator = TextGenerator(workdir)
+    keras_text = generator.generate(PROMPTS, 12)
+    loaded = tf.saved_model.load(str(export_path))
+    saved = loaded.signatures[c.SERVING_DEFAULT](prompt=tf.constant(PROMPTS),
+                                                 max_new_tokens=tf.constant([12] * 3, tf.int32))[c.COMPLETION]
+    model = edge.EdgeModel(path)
+    for prompt, expected, from_saved in zip(PROMPTS, keras_text, saved.numpy()):
+        ids = model.generate(generator.prompt_ids(prompt), 12, stop_ids=[model.eos_id])
+        assert ids == encode(generator.tokenizer, expected)
+        assert from_saved.decode() == expected
+    # Not only the argmax: the logits agree.
+    window = np.arange(model.max_seq_len, dtype=np.int32) % generator.config.vocab_size
+    reference = generator.model(window[None])[0].numpy()
+    np.testing.assert_allclose(model.window_logits(window), reference, atol=1e-4)
+    np.testing.assert_allclose(model.window_logits(window), reference, atol=1e-4)  # no state left over
+
+
+def test_quantized_files_are_smaller_and_within_tolerance(run):
+    family, workdir, _, path = run
+    float_model = edge.EdgeModel(path)
+    reference = evaluate.evaluate_logits(workdir, float_model.window_logits, float_model.max_seq_len)
+    keras = evaluate.evaluate(workdir)
+    assert reference["perplexity"] == pytest.approx(keras["perplexity"], rel=1e-4)
+    for quantize, tolerance in TOLERANCE.items():
+        quantized = tflite.convert(workdir, tflite.TFLiteConfig(quantize=quantize, calibration_windows=8))
+        assert quantized.name == f"{family}-{quantize}.tflite"
+        assert quantized.stat().st_size < path.stat().st_size
+        model = edge.EdgeModel(quantized)
+        result = evaluate.evaluate_logits(workdir, model.window_logits, model.max_seq_len)
+        assert result["perplexity"] <= reference["perplexity"] * (1 + tolerance), quantize
+        assert model.generate([1, 2, 3], 5)  # generates
+
+
+def test_a_flex_op_is_rejected_with_its_name():
+    f = tf.function(lambda x: {"y": tf.strings.to_number(tf.strings.as_string(x))},
+                    input_signature=[tf.TensorSpec([3], tf.float32)])
+    with pytest.raises(UserError, match=r"tf\.AsString.*ai-edge-litert"):
+        tflite.convert_functions({"f": f})
+
+
+@pytest.mark.slow
+def test_pruned_and_qat_variants_convert(run):
+    family, workdir, _, _ = run
+    for method in ("prune", "qat"):
+        optimize.optimize(workdir, optimize.OptimizeConfig(method, steps=6, batch_size=8, frequency=1, end_step=4,
+                                                           overwrite=True), verbose=0)
+    for variant, quantize in (("pruned50", "dynamic"), ("qat", "none"), ("qat", "int8")):
+        path = tflite.convert(workdir, tflite.TFLiteConfig(variant=variant, quantize=quantize, calibration_windows=4))
+        assert path.name == f"{family}-{variant}-{'float32' if quantize == 'none' else quantize}.tflite"
+        model = edge.EdgeModel(path)
+        result = evaluate.evaluate_logits(workdir, model.window_logits, model.max_seq_len)
+        keras = evaluate.evaluate(workdir, variant=variant)
+        assert result["perplexity"] == pytest.approx(keras["perplexity"], rel=0.05), (variant, quantize)
+
+
+def cli(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    return e.value.code, capsys.readouterr()
+
+
+def test_cli(run, capsys):
+    family, workdir, _, _ = run
+    code, out = cli(capsys, "generate", f"--workdir={workdir}", "--backend=tflite", "--prompt=ROMEO.",
+                    "--max_new_tokens=8")
+    assert code == 0
+    assert out.out.rstrip("\n") == TextGenerator(workdir).generate(["ROMEO."], 8)[0]
+    code, out = cli(capsys, "evaluate", f"--workdir={workdir}", "--backend=tflite")
+    assert code == 0 and json.loads(out.out)["backend"] == f"tflite ({family}-float32.tflite)"
+    for argv, message in [
+        (["tflite", f"--workdir={workdir}", "--quantize=int4"], "expected one of none|float16|dynamic|int8"),
+        (["tflite", f"--workdir={workdir}", "--variant=nope"], "no optimized variant 'nope'"),
+        (["generate", f"--workdir={workdir}", "--backend=tflite", "--quantize=float16", "--variant=nope"],
+         "no optimized variant"),
+        (["evaluate", f"--workdir={workdir}", "--backend=tflite", "--quantize=int4"], "expected one of"),
+    ]:
+        code, out = cli(capsys, *argv)
+        assert code == 2 and message in out.err and len(out.err.strip().splitlines()) == 1, out.err
