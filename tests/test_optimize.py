@@ -10,7 +10,7 @@ from pipelines import workdir as workdir_lib
 from pipelines.generate import TextGenerator
 from serving import contract as c
 from serving import export
-from tests.conftest import trained_workdir
+from tests.conftest import tiny_export
 
 # Short fine-tunes: the polynomial schedule reaches its target at step 8 and trains 4 more.
 PRUNE = dict(steps=12, frequency=2, end_step=8, batch_size=8)
@@ -30,7 +30,7 @@ def run(request, tmp_path_factory, english_text):
     """(family, workdir with a trained tiny model and its `pruned50` variant)."""
     family = request.param
     if family not in _RUNS:
-        workdir = trained_workdir(tmp_path_factory.mktemp(f"optimize-{family}"), english_text, family)
+        workdir, _ = tiny_export(family, tmp_path_factory, english_text)  # shares the trained model
         optimize.optimize(workdir, optimize.OptimizeConfig("prune", target_sparsity=0.5, **PRUNE), verbose=0)
         _RUNS[family] = workdir
     return family, _RUNS[family]
@@ -75,6 +75,8 @@ def test_prune_qat_keeps_the_zeros_and_quantizes_the_dense_layers(run):
 @pytest.mark.slow
 def test_qat_and_cluster(run):
     family, workdir = run
+    if family == "lstm":
+        pytest.skip("QAT and clustering wrap the same Dense-centred layers in both families; prune_qat covers the LSTM")
     qat = optimize.optimize(workdir, optimize.OptimizeConfig("qat", steps=6, batch_size=8), verbose=0)
     model, _ = weights_of(workdir / "optimized" / "qat")
     dense = "block0_query" if family == "transformer" else "logits"

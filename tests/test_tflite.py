@@ -17,6 +17,8 @@ from tests.conftest import tiny_export
 PROMPTS = ["ROMEO.", "", "What light through yonder window"]
 # Validation perplexity of a quantized file may exceed the float32 file's by at most this much.
 TOLERANCE = {"float16": 0.005, "dynamic": 0.03, "int8": 0.05}
+# The LSTM's own path is int8 (its fused kernel stays float); the other modes are family-independent.
+MODES = {"transformer": ("float16", "dynamic", "int8"), "lstm": ("int8",)}
 _FILES: dict = {}
 
 
@@ -81,7 +83,8 @@ def test_quantized_files_are_smaller_and_within_tolerance(run):
     reference = evaluate.evaluate_logits(workdir, float_model.window_logits, float_model.max_seq_len)
     keras = evaluate.evaluate(workdir)
     assert reference["perplexity"] == pytest.approx(keras["perplexity"], rel=1e-4)
-    for quantize, tolerance in TOLERANCE.items():
+    for quantize in MODES[family]:
+        tolerance = TOLERANCE[quantize]
         quantized = tflite.convert(workdir, tflite.TFLiteConfig(quantize=quantize, calibration_windows=8))
         assert quantized.name == f"{family}-{quantize}.tflite"
         assert quantized.stat().st_size < path.stat().st_size
@@ -99,12 +102,12 @@ def test_a_flex_op_is_rejected_with_its_name():
 
 
 @pytest.mark.slow
-def test_pruned_and_qat_variants_convert(run):
+def test_a_qat_variant_converts(run):
     family, workdir, _, _ = run
-    for method in ("prune", "qat"):
-        optimize.optimize(workdir, optimize.OptimizeConfig(method, steps=6, batch_size=8, frequency=1, end_step=4,
-                                                           overwrite=True), verbose=0)
-    for variant, quantize in (("pruned50", "dynamic"), ("qat", "none"), ("qat", "int8")):
+    if family == "lstm":
+        pytest.skip("QAT covers the Dense layers, which both families convert alike")
+    optimize.optimize(workdir, optimize.OptimizeConfig("qat", steps=4, batch_size=8, name="qat-edge"), verbose=0)
+    for variant, quantize in (("qat-edge", "none"), ("qat-edge", "int8")):
         path = tflite.convert(workdir, tflite.TFLiteConfig(variant=variant, quantize=quantize, calibration_windows=4))
         assert path.name == f"{family}-{variant}-{'float32' if quantize == 'none' else quantize}.tflite"
         model = edge.EdgeModel(path)
