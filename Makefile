@@ -30,7 +30,9 @@ bench: venv
 	$(BIN)/python bench/generation_speed.py
 	$(BIN)/python bench/export_latency.py
 	$(BIN)/python bench/serve_load.py
+	$(BIN)/python bench/quality.py --reuse
 	$(BIN)/python bench/optimize.py
+	$(BIN)/python bench/tflite.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache *.egg-info

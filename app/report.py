@@ -26,8 +26,10 @@ def define_flags(fv: flags.FlagValues) -> None:
 def run(fv: flags.FlagValues) -> int:
     from pipelines import report
     from pipelines.progress import Progress
+    from serving import tflite
 
-    path = report.write(fv.workdir, latency=fv.latency, progress=Progress(sys.stderr))
+    path = report.write(fv.workdir, latency=fv.latency, progress=Progress(sys.stderr),
+                        tflite_measure=tflite.measure)
     text = path.read_text(encoding="utf-8")
     print(next(block for block in text.split("\n\n") if block.startswith("| variant")))
     print(f"report: {path}", file=sys.stderr)

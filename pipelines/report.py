@@ -22,7 +22,7 @@ import statistics
 import tarfile
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import tensorflow as tf
 
@@ -89,8 +89,14 @@ def _dense_metrics(wd: workdir_lib.Workdir, model, config, progress: Progress) -
     return metrics
 
 
-def collect(workdir: str | os.PathLike, latency: bool = True, progress: Progress | None = None) -> list[Row]:
-    """The trained model, each optimized variant and each TFLite file, measured."""
+def collect(workdir: str | os.PathLike, latency: bool = True, progress: Progress | None = None,
+            tflite_measure: Callable[..., dict[str, Any]] | None = None) -> list[Row]:
+    """The trained model, each optimized variant and each TFLite file, measured.
+
+    `tflite_measure(workdir, path, latency)` -> `{perplexity, bits_per_char, ms_per_token}`
+    measures a TFLite file (serving.tflite.measure; injected, as pipelines does not
+    import serving); without it, TFLite rows have their size only.
+    """
     progress = progress or Progress()
     wd = workdir_lib.Workdir(workdir)
     wd.read_config()
@@ -115,9 +121,11 @@ def collect(workdir: str | os.PathLike, latency: bool = True, progress: Progress
     for path in sorted((wd.root / "tflite").glob("*.tflite")):
         sidecar = path.with_suffix(".json")
         info = workdir_lib.read_json(sidecar) if sidecar.is_file() else {}
+        progress.note(f"measuring {path.name}")
+        figures = tflite_measure(wd.root, path, latency) if tflite_measure else {}
         rows.append(Row(path.stem, "tflite", info.get("family", ""), tflite_bytes=path.stat().st_size,
-                        perplexity=info.get("perplexity"), bits_per_char=info.get("bits_per_char"),
-                        ms_per_token=info.get("ms_per_token")))
+                        perplexity=figures.get("perplexity"), bits_per_char=figures.get("bits_per_char"),
+                        ms_per_token=figures.get("ms_per_token")))
     return rows
 
 
@@ -220,11 +228,12 @@ def sparsity_table(rows: list[Row]) -> str:
     return "\n\n".join(parts)
 
 
-def write(workdir: str | os.PathLike, latency: bool = True, progress: Progress | None = None) -> pathlib.Path:
+def write(workdir: str | os.PathLike, latency: bool = True, progress: Progress | None = None,
+          tflite_measure: Callable[..., dict[str, Any]] | None = None) -> pathlib.Path:
     """Measures every model of the workdir and writes WORKDIR/report/ (report.md, PNGs, report.json)."""
     progress = progress or Progress()
     wd = workdir_lib.Workdir(workdir)
-    rows = collect(wd.root, latency, progress)
+    rows = collect(wd.root, latency, progress, tflite_measure)
     out = wd.root / REPORT_DIR
     out.mkdir(exist_ok=True)
     pngs = plot(rows, wd, out)
@@ -236,7 +245,7 @@ def write(workdir: str | os.PathLike, latency: bool = True, progress: Progress |
         f"{platform.node()} ({os.cpu_count()} CPUs, TensorFlow {tf.__version__}). Perplexity and bits/char "
         "are on the validation split; sizes are the Keras model's SavedModel (no tokenizer or serving "
         "signatures), raw and gzip'd; ms/token is greedy generation with the cached decoder, batch 1, on "
-        "the CPU.",
+        "the CPU (TFLite files: ai-edge-litert, 1 thread).",
         "",
         table(rows),
         "",

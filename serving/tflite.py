@@ -37,13 +37,14 @@ import pathlib
 import re
 import shutil
 import tempfile
+import time
 from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
 
 import models
-from pipelines import checkpoints, dataset, mot, tokenizers
+from pipelines import checkpoints, dataset, evaluate, mot, tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import UserError
 from pipelines.progress import Progress
@@ -312,3 +313,20 @@ def describe(path: pathlib.Path) -> str:
         f"generate: lmstack generate --workdir={path.parent.parent} --backend=tflite --quantize={info['quantize']}"
         + (f" --variant={info['variant']}" if info["variant"] else ""),
     ])
+
+
+def measure(workdir: str | os.PathLike, path: pathlib.Path, latency: bool = True) -> dict[str, Any]:
+    """A TFLite file's validation perplexity and bits/char, and ms per decoded token (1 thread)."""
+    from serving import edge
+
+    model = edge.EdgeModel(path, num_threads=1)
+    result = evaluate.evaluate_logits(workdir, model.window_logits, model.max_seq_len)
+    out = {"perplexity": result["perplexity"], "bits_per_char": result["bits_per_char"]}
+    if latency:
+        tokens = min(32, model.max_seq_len - 2) if model.family == "transformer" else 32
+        model.generate([tokenizers.EOS_ID], tokens)  # warm-up
+        began = time.perf_counter()
+        model.generate([tokenizers.EOS_ID], tokens)
+        out["ms_per_token"] = (time.perf_counter() - began) / tokens * 1e3
+    return out
+

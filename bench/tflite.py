@@ -1,0 +1,202 @@
+"""TFLite files of the `small` models against Keras and SavedModel, in one run.
+
+For each model trained by bench/quality.py (runs/bench-quality/{transformer,lstm})
+converts the float32, float16, dynamic and int8 files (and the `qat` variant to
+int8 when bench/optimize.py made it) through `lmstack tflite`'s code, then
+measures per file: size, the interpreter's resident memory (a fresh process:
+RSS after loading and one decode step, minus RSS before), ms per generated
+token in ai-edge-litert with XNNPACK at 1 and 2 threads (greedy, batch 1, the
+decode/step signature), and bits/char on the first validation windows. The
+references, same run: the Keras decoding step (`call_with_cache` on one token,
+tf.function, XLA) and the exported SavedModel's `serving_default` (greedy,
+per token), when the workdir has an export.
+
+Targets: int8 file <= 30 % of float32; dynamic within +3 % perplexity of
+float32; TFLite decode per token faster than the Keras step.
+
+Prints a table per model and writes bench/results/tflite.json.
+
+usage: python bench/tflite.py [--models=transformer,lstm] [--windows=256] [--rerun]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import app  # noqa: E402,F401  (environment before TensorFlow)
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import models  # noqa: E402
+from pipelines import checkpoints, dataset, tokenizers  # noqa: E402
+from serving import contract as c  # noqa: E402
+from serving import edge, tflite  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+NEW_TOKENS = 64
+FILES = [("", "none"), ("", "float16"), ("", "dynamic"), ("", "int8"), ("qat", "int8")]
+MEMORY_PROBE = """
+import sys, numpy as np
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+before = rss()
+sys.path.insert(0, {root!r})
+from serving import edge
+model = edge.EdgeModel({path!r}, num_threads=1)
+model.generate([1, 2, 3], 2)
+print(rss() - before)
+"""
+
+
+def nats_per_char(logits_fn, windows, chars_per_token: float) -> float:
+    total, count = 0.0, 0
+    for x, y in windows:
+        logits = logits_fn(x).astype(np.float64)
+        top = logits.max(axis=-1, keepdims=True)
+        total += float(np.sum(np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0] - logits[np.arange(len(y)), y]))
+        count += len(y)
+    return total / count / math.log(2.0) / chars_per_token
+
+
+def decode_ms(model: edge.EdgeModel, prompt: list[int], repeats: int = 3) -> float:
+    """ms per decode/step call (the prompt's prefill is not counted)."""
+    times = []
+    for _ in range(repeats):
+        steps = model.steps(prompt)
+        logits = next(steps)
+        began = time.perf_counter()
+        for _ in range(NEW_TOKENS):
+            logits = steps.send(int(np.argmax(logits)))
+        times.append((time.perf_counter() - began) / NEW_TOKENS * 1e3)
+        steps.close()
+    return statistics.median(times)
+
+
+def keras_step_ms(model, config, prompt: list[int], repeats: int = 3) -> float:
+    decoder = models.decoder(model, config)
+    step = tf.function(decoder.call_with_cache, jit_compile=True)
+    length = len(prompt) + NEW_TOKENS + 1
+    times = []
+    for _ in range(repeats + 1):  # the first traces
+        cache = decoder.init_cache(1, length if config.__class__.__name__ == "GPTConfig" else None)
+        _, cache = decoder.call_with_cache(tf.constant([prompt]), cache, 0)
+        token = tf.constant([[prompt[-1]]], tf.int32)
+        began = time.perf_counter()
+        for i in range(NEW_TOKENS):
+            logits, cache = step(token, cache, tf.constant(len(prompt) + i, tf.int32))
+            token = tf.argmax(logits[:, -1], axis=-1, output_type=tf.int32)[:, tf.newaxis]
+        token.numpy()
+        times.append((time.perf_counter() - began) / NEW_TOKENS * 1e3)
+    return statistics.median(times[1:])
+
+
+def savedmodel_ms(workdir: pathlib.Path, repeats: int = 3) -> float | None:
+    base = workdir / "export" / c.DEFAULT_MODEL_NAME
+    versions = sorted((int(p.name), p) for p in base.glob("*") if p.name.isdigit())
+    if not versions:
+        return None
+    fn = tf.saved_model.load(str(versions[-1][1])).signatures[c.SERVING_DEFAULT]
+    args = dict(prompt=tf.constant(["ROMEO."]), max_new_tokens=tf.constant([NEW_TOKENS], tf.int32))
+    fn(**args)
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn(**args)
+        times.append((time.perf_counter() - began) / NEW_TOKENS * 1e3)
+    return statistics.median(times)
+
+
+def memory(path: pathlib.Path) -> int:
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE.format(root=str(ROOT), path=str(path))],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="transformer,lstm")
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench-quality"))
+    parser.add_argument("--windows", type=int, default=256, help="validation windows for bits/char")
+    parser.add_argument("--rerun", action="store_true", help="reconvert files that exist")
+    args = parser.parse_args()
+    results = {"benchmark": "tflite", "machine": {"node": platform.node(), "cpus": len(tf.config.list_logical_devices("CPU"))},
+               "tensorflow": tf.__version__, "new_tokens": NEW_TOKENS, "windows": args.windows, "models": {}}
+    for family in args.models.split(","):
+        workdir = pathlib.Path(args.workdir) / family
+        model, config, _ = checkpoints.load_model(workdir)
+        manifest = json.loads((workdir / "data" / "manifest.json").read_text())
+        val = manifest["splits"]["val"]
+        chars_per_token = val["chars"] / val["tokens"]
+        windows = [(x.numpy()[0], y.numpy()[0]) for x, y in
+                   dataset.val_dataset(workdir, config.seq_len, 1).take(args.windows)]
+        prompt = [tokenizers.EOS_ID] + [int(t) for t in windows[0][0][:15]]
+        rows = [{"file": "keras (checkpoint)", "bits_per_char": nats_per_char(
+                    lambda x: model(x[None])[0].numpy(), windows, chars_per_token),
+                 "ms_per_token_1": keras_step_ms(model, config, prompt)}]
+        saved = savedmodel_ms(workdir)
+        if saved is not None:
+            rows.append({"file": "savedmodel (serving_default)", "ms_per_token_1": saved})
+        for variant, quantize in FILES:
+            if variant and variant not in checkpoints.variants(workdir):
+                continue
+            try:
+                path = tflite.find(workdir, variant, quantize)
+                if args.rerun:
+                    raise FileNotFoundError
+            except Exception:
+                path = tflite.convert(workdir, tflite.TFLiteConfig(variant=variant, quantize=quantize))
+            row = {"file": path.name, "bytes": path.stat().st_size, "memory_bytes": memory(path)}
+            for threads in (1, 2):
+                row[f"ms_per_token_{threads}"] = decode_ms(edge.EdgeModel(path, num_threads=threads), prompt)
+            row["bits_per_char"] = nats_per_char(edge.EdgeModel(path).window_logits, windows, chars_per_token)
+            rows.append(row)
+            print(f"  {family} {path.name}: done", file=sys.stderr)
+        float32 = next(r for r in rows if r["file"].endswith("-float32.tflite"))
+        keras_row = rows[0]
+        print(f"\n## {family} (small), {args.windows} validation windows, {NEW_TOKENS} new tokens\n")
+        print("| model | MB | vs float32 | interpreter MB | ms/token 1 thread | 2 threads | vs Keras step | bits/char |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            mb = f"{r['bytes'] / 1e6:.2f}" if "bytes" in r else "–"
+            ratio = f"{r['bytes'] / float32['bytes']:.0%}" if "bytes" in r else "–"
+            mem = f"{r['memory_bytes'] / 1e6:.1f}" if "memory_bytes" in r else "–"
+            two = f"{r['ms_per_token_2']:.2f}" if "ms_per_token_2" in r else "–"
+            speed = f"{keras_row['ms_per_token_1'] / r['ms_per_token_1']:.2f}×"
+            bpc = f"{r['bits_per_char']:.3f}" if "bits_per_char" in r else "–"
+            print(f"| {r['file']} | {mb} | {ratio} | {mem} | {r['ms_per_token_1']:.2f} | {two} | {speed} | {bpc} |")
+        by = {r["file"]: r for r in rows}
+        int8 = by.get(f"{family}-int8.tflite")
+        dynamic = by.get(f"{family}-dynamic.tflite")
+        ppl = lambda r: 2 ** (r["bits_per_char"] * chars_per_token)  # noqa: E731  (per token)
+        targets = [
+            ("int8 file <= 30 % of float32", f"{int8['bytes'] / float32['bytes']:.0%}",
+             int8["bytes"] <= 0.30 * float32["bytes"]),
+            ("dynamic perplexity <= +3 % of float32", f"{ppl(dynamic) / ppl(float32) - 1:+.2%}",
+             ppl(dynamic) <= 1.03 * ppl(float32)),
+            ("TFLite float32 decode faster than the Keras step",
+             f"{keras_row['ms_per_token_1'] / float32['ms_per_token_1']:.2f}×",
+             float32["ms_per_token_1"] < keras_row["ms_per_token_1"]),
+        ]
+        print()
+        for what, value, ok in targets:
+            print(f"- {what}: {value} ({'met' if ok else 'NOT met'})")
+        results["models"][family] = {"rows": rows, "targets": [
+            {"target": w, "value": v, "met": ok} for w, v, ok in targets]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "tflite.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {RESULTS / 'tflite.json'}")
+
+
+if __name__ == "__main__":
+    main()
