@@ -32,7 +32,7 @@ bench: venv
 	$(BIN)/python bench/serve_load.py
 	$(BIN)/python bench/quality.py --reuse
 	$(BIN)/python bench/optimize.py
-	$(BIN)/python bench/tflite.py
+	$(BIN)/python bench/edge.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache *.egg-info

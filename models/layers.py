@@ -123,8 +123,12 @@ def attention(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, num_heads: int,
     scores = tf.matmul(heads(q), heads(k), transpose_b=True)  # (B, nh, Tq, Tk)
     scores = scores * tf.cast(1.0 / math.sqrt(head_dim), scores.dtype)
     visible = q_positions[:, tf.newaxis] >= k_positions[tf.newaxis, :]  # (Tq, Tk)
-    # Softmax in float32 even under mixed precision; masked scores get a large negative.
-    scores = tf.where(visible, tf.cast(scores, tf.float32), -1e9)
+    # Softmax in float32 even under mixed precision. A masked score becomes 30 below the row's
+    # lowest, so its weight is under e^-30 of any visible one; no extreme constant such as
+    # -1e9, which would stretch an int8 range over every real score in a quantized TFLite model.
+    scores = tf.cast(scores, tf.float32)
+    floor = tf.stop_gradient(tf.reduce_min(scores, axis=-1, keepdims=True)) - 30.0
+    scores = tf.where(visible, scores, floor)
     weights = tf.cast(tf.nn.softmax(scores, axis=-1), v.dtype)
     out = tf.matmul(weights, heads(v))  # (B, nh, Tq, hs)
     return tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [batch, -1, d])  # (B, Tq, d)

@@ -19,9 +19,9 @@ Only TFLite built-in ops are allowed: a model that would need Flex
 with the ops named. Quantization as TFLite defines it: `float16` weights,
 `dynamic` range (int8 weights, float activations), `int8` full-integer with
 ranges calibrated on validation windows (float32 in and out), except the
-LSTM's fused sequence kernel, which stays float (its int8 form loses the
-signal here; the step path quantizes well). QAT variants bring their own
-learned ranges.
+ops in FLOAT_OPS: the LSTM's fused sequence kernel stays float (quantized,
+it loses the signal). QAT variants
+bring their own learned ranges.
 
 Writes WORKDIR/tflite/NAME.tflite (NAME = family[-variant]-quantization), a
 NAME.json sidecar (model and tokenizer config, signatures with tensor shapes,
@@ -53,7 +53,9 @@ QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 TFLITE_DIR = "tflite"
 PREFILL, DECODE, SEQUENCE, STEP = "prefill", "decode", "sequence", "step"
 SIGNATURES = {"transformer": (PREFILL, DECODE), "lstm": (SEQUENCE, STEP)}
-LSTM_FLOAT_OPS = ("UNIDIRECTIONAL_SEQUENCE_LSTM",)
+# Ops int8 keeps in float (TFLite's selective quantization), because quantized they lose the signal:
+# TFLite's int8 sequence-LSTM kernel, as fused from Keras, predicts near-uniformly on our models.
+FLOAT_OPS = {"transformer": (), "lstm": ("UNIDIRECTIONAL_SEQUENCE_LSTM",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,9 +259,7 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
                       if config.quantize == "int8" else None)
     holder = tf.Module()
     holder.models = used  # the functions' variables
-    # TFLite's int8 sequence-LSTM kernel, as fused from Keras, loses the signal (near-uniform
-    # predictions on our models): it stays float, everything around it is int8.
-    float_ops = LSTM_FLOAT_OPS if family == "lstm" and config.quantize == "int8" else ()
+    float_ops = FLOAT_OPS[family] if config.quantize == "int8" else ()
     flat = convert_functions(functions, config.quantize, representative, trackable=holder, float_ops=float_ops)
 
     out = wd.root / TFLITE_DIR

@@ -8,7 +8,7 @@ RSS after loading and one decode step, minus RSS before), ms per generated
 token in ai-edge-litert with XNNPACK at 1 and 2 threads (greedy, batch 1, the
 decode/step signature), and bits/char on the first validation windows. The
 references, same run: the Keras decoding step (`call_with_cache` on one token,
-tf.function, XLA) and the exported SavedModel's `serving_default` (greedy,
+tf.function, XLA, over the same full-context cache as the TFLite file) and the exported SavedModel's `serving_default` (greedy,
 per token), when the workdir has an export.
 
 Targets: int8 file <= 30 % of float32; dynamic within +3 % perplexity of
@@ -16,7 +16,7 @@ float32; TFLite decode per token faster than the Keras step.
 
 Prints a table per model and writes bench/results/tflite.json.
 
-usage: python bench/tflite.py [--models=transformer,lstm] [--windows=256] [--rerun]
+usage: python bench/edge.py [--models=transformer,lstm] [--windows=256] [--rerun]
 """
 
 from __future__ import annotations
@@ -86,10 +86,9 @@ def decode_ms(model: edge.EdgeModel, prompt: list[int], repeats: int = 3) -> flo
 def keras_step_ms(model, config, prompt: list[int], repeats: int = 3) -> float:
     decoder = models.decoder(model, config)
     step = tf.function(decoder.call_with_cache, jit_compile=True)
-    length = len(prompt) + NEW_TOKENS + 1
     times = []
     for _ in range(repeats + 1):  # the first traces
-        cache = decoder.init_cache(1, length if config.__class__.__name__ == "GPTConfig" else None)
+        cache = decoder.init_cache(1)  # the transformer's full context, as the TFLite file's cache
         _, cache = decoder.call_with_cache(tf.constant([prompt]), cache, 0)
         token = tf.constant([[prompt[-1]]], tf.int32)
         began = time.perf_counter()
