@@ -22,8 +22,8 @@ quickstart: venv
 # Fast tests first, then the ones marked slow (still part of every run).
 # pytest exits 5 when a marker selects nothing; that is not a failure here.
 test: venv
-	$(BIN)/python -m pytest -m "not slow" -q
-	$(BIN)/python -m pytest -m slow -q || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -m "not slow" -q --durations=10
+	$(BIN)/python -m pytest -m slow -q --durations=10 || [ $$? -eq 5 ]
 
 bench: venv
 	$(BIN)/python bench/pipeline_throughput.py
