@@ -158,7 +158,7 @@ class GPTDecoder:
         """
         c, get = self.config, self._layer
         index = tf.convert_to_tensor(index, tf.int32)
-        batch, length = tf.shape(ids)[0], tf.shape(ids)[1]
+        length = tf.shape(ids)[1]
         max_length = tf.shape(cache)[3]
         q_positions = index + tf.range(length)
         k_positions = tf.range(max_length)
