@@ -240,6 +240,8 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
     progress = progress or Progress()
     if config.quantize not in QUANTIZATIONS:
         raise UserError(f"--quantize={config.quantize!r}: expected one of {'|'.join(QUANTIZATIONS)}")
+    if config.calibration_windows < 1:
+        raise UserError(f"--calibration_windows={config.calibration_windows}: must be at least 1")
     wd = workdir_lib.Workdir(workdir)
     wd.read_config()
     source = checkpoints.model_dir(wd.root, config.variant)
