@@ -19,10 +19,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 quickstart: venv
 	$(BIN)/lmstack prepare --corpus=data/shakespeare.txt.gz --workdir=$(RUN) --tokenizer=char
 
-# Fast tests first, then the ones marked slow (still part of every run).
+# Fast tests first (two processes, one test file each at a time: the files'
+# shared fixtures stay in one process), then the ones marked slow (still part
+# of every run; one at a time, since several of them start processes of their own).
 # pytest exits 5 when a marker selects nothing; that is not a failure here.
 test: venv
-	$(BIN)/python -m pytest -m "not slow" -q --durations=10
+	$(BIN)/python -m pytest -m "not slow" -q --durations=10 -n 2 --dist loadfile
 	$(BIN)/python -m pytest -m slow -q --durations=10 || [ $$? -eq 5 ]
 
 bench: venv

@@ -1,14 +1,20 @@
 """Validation loss, perplexity and bits per character of the workdir's newest model.
 
-Scores the workdir's validation split, or --corpus (tokenized with the run's
+A language-model run: scores the workdir's validation split, or --corpus (tokenized with the run's
 tokenizer). Prints one JSON object (loss, perplexity, bits_per_char, tokens,
 chars) on stdout and writes WORKDIR/metrics.json. Bits per character are total
 nats / characters / ln 2, so runs with different tokenizers compare.
 --variant scores an optimized variant; --backend=tflite scores a converted
 TFLite file in ai-edge-litert, so a quantization's cost is measured.
 
+A classifier workdir (`lmstack finetune`): accuracy, per-class precision,
+recall and F1 and the confusion matrix on its validation split or on --corpus
+(labelled files with the columns it was trained on); one JSON object on stdout
+with an `accuracy` key, also in WORKDIR/metrics.json (under `evaluation`).
+
 example:
   lmstack evaluate --workdir=runs/shakespeare --corpus=other_play.txt
+  lmstack evaluate --workdir=runs/reviews-cls --corpus=more_reviews.csv
   lmstack evaluate --workdir=runs/shakespeare --backend=tflite --quantize=int8
 """
 
@@ -22,7 +28,8 @@ from absl import flags
 
 def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("workdir", None, "a workdir with a trained model", flag_values=fv)
-    flags.DEFINE_list("corpus", None, "text files or globs to score instead of the validation split",
+    flags.DEFINE_list("corpus", None, "text files or globs to score instead of the validation split (a "
+                      "classifier: labelled CSV / JSONL files with the columns it was trained on)",
                       flag_values=fv)
     flags.DEFINE_string("variant", "", "an optimized variant (WORKDIR/optimized/NAME) instead of the trained model",
                         flag_values=fv)
@@ -34,9 +41,11 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def run(fv: flags.FlagValues) -> int:
-    from pipelines import evaluate
+    from pipelines import checkpoints, evaluate
     from pipelines.progress import Progress
 
+    if checkpoints.classifier_section(fv.workdir) is not None:
+        return _evaluate_classifier(fv)
     if fv.backend == "tflite":
         from serving import edge, tflite
 
@@ -46,5 +55,19 @@ def run(fv: flags.FlagValues) -> int:
         result["backend"] = f"tflite ({model.path.name})"
     else:
         result = evaluate.evaluate(fv.workdir, corpus=fv.corpus, variant=fv.variant, progress=Progress(sys.stderr))
+    print(json.dumps(result))
+    return 0
+
+
+def _evaluate_classifier(fv: flags.FlagValues) -> int:
+    from pipelines import finetune
+    from pipelines.errors import UserError
+    from pipelines.progress import Progress
+
+    if fv.variant or fv.backend != "keras":
+        raise UserError(f"{fv.workdir} is a classifier workdir: --variant and --backend=tflite are for "
+                        "language models; drop them")
+    result = finetune.evaluate(fv.workdir, corpus=fv.corpus, progress=Progress(sys.stderr))
+    print(finetune.describe_metrics(result), file=sys.stderr)
     print(json.dumps(result))
     return 0

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "train": ("app.train", "train the workdir's model under a tf.distribute strategy (resumable)"),
     "evaluate": ("app.evaluate", "validation loss, perplexity and bits/char of the newest checkpoint"),
     "generate": ("app.generate", "continue a prompt with the workdir's newest model, streaming"),
+    "finetune": ("app.finetune", "fine-tune a trained run into a text classifier (transfer learning)"),
     "optimize": ("app.optimize", "TF-MOT pruning, quantization-aware training or clustering into a variant"),
     "report": ("app.report", "compare the trained model and its variants: size, quality, latency, plots"),
     "export": ("app.export", "SavedModel for TensorFlow Serving: text in, text out, four signatures"),

@@ -67,10 +67,13 @@ MODEL_FLAGS = ("layers", "d_model", "heads", "units", "embedding_dim", "cell", "
 
 def run(fv: flags.FlagValues) -> int:
     import models
-    from pipelines import train, workdir
+    from pipelines import checkpoints, train, workdir
     from pipelines.errors import UserError
     from pipelines.progress import Progress
 
+    if checkpoints.classifier_section(fv.workdir) is not None:
+        raise UserError(f"{fv.workdir} is a classifier workdir (made by `lmstack finetune`); train a language "
+                        "model in a workdir made by `lmstack prepare`")
     manifest = workdir.Workdir(fv.workdir).read_manifest()
     overrides = {name: fv[name].value for name in MODEL_FLAGS if fv[name].value is not None}
     try:

@@ -23,6 +23,7 @@ CHECKPOINT_DIR = "checkpoints"
 MODEL_SECTION = "model"
 OPTIMIZED_DIR = "optimized"
 OPTIMIZATION_SECTION = "optimization"
+CLASSIFIER_SECTION = "classifier"  # a classifier workdir (`lmstack finetune`), not a language model
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
@@ -48,9 +49,18 @@ def _read_config(source: str | os.PathLike) -> dict[str, Any]:
 def read_model_config(workdir: str | os.PathLike) -> models.ModelConfig:
     wd = workdir_lib.Workdir(workdir)
     config = _read_config(workdir)
+    if CLASSIFIER_SECTION in config:
+        raise UserError(f"{wd.root} is a classifier workdir (made by `lmstack finetune`); this command needs a "
+                        "language-model run (`lmstack evaluate` and `lmstack export` take classifiers too)")
     if MODEL_SECTION not in config:
         raise UserError(f"{wd.root} has no trained model yet; run `lmstack train --workdir={wd.root}` first")
     return models.config_from_json(config[MODEL_SECTION])
+
+
+def classifier_section(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """The `classifier` section of a workdir's config.json (None for a language-model run or no config)."""
+    path = workdir_lib.Workdir(workdir).config_path
+    return workdir_lib.read_json(path).get(CLASSIFIER_SECTION) if path.is_file() else None
 
 
 def variants(workdir: str | os.PathLike) -> list[str]:

@@ -10,6 +10,13 @@ An exported language model answers four signatures (TensorFlow Serving's
     score              text string [B] -> log_likelihood float [B], num_tokens int32 [B]
     next_token_logits  token_ids int32 [B, T] -> logits float [B, V]       (no tokenizer)
 
+A classifier export (`lmstack finetune`, then `lmstack export`) answers two:
+
+    serving_default    text string [B] -> label string [B], scores float [B, C]
+    classify           inputs: serialized tf.Example string [B] with a bytes feature `text`
+                       -> classes string [B, C], scores float [B, C]
+                       (method name tensorflow/serving/classify: TensorFlow Serving's Classify API)
+
 This module imports nothing but the standard library, so a client can use it
 without TensorFlow.
 """
@@ -39,6 +46,15 @@ TEXT = "text"
 LOG_LIKELIHOOD = "log_likelihood"
 NUM_TOKENS = "num_tokens"
 LOGITS = "logits"
+
+# The classifier's signatures and tensors (TensorFlow Serving's names for the Classify API).
+CLASSIFY = "classify"
+CLASSIFY_INPUTS = "inputs"
+CLASSES = "classes"
+SCORES = "scores"
+LABEL = "label"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+PREDICT_METHOD = "tensorflow/serving/predict"
 
 # Files inside an export's version directory.
 ASSETS_EXTRA = "assets.extra"
@@ -97,4 +113,13 @@ SIGNATURES: dict[str, Signature] = {
     NEXT_TOKEN_LOGITS: Signature(
         inputs={TOKEN_IDS: Tensor("int32", 2)},
         outputs={LOGITS: Tensor("float32", 2)}),
+}
+
+CLASSIFIER_SIGNATURES: dict[str, Signature] = {
+    SERVING_DEFAULT: Signature(
+        inputs={TEXT: Tensor("string", 1)},
+        outputs={LABEL: Tensor("string", 1), SCORES: Tensor("float32", 2)}),
+    CLASSIFY: Signature(
+        inputs={CLASSIFY_INPUTS: Tensor("string", 1)},
+        outputs={CLASSES: Tensor("string", 2), SCORES: Tensor("float32", 2)}),
 }

@@ -185,27 +185,41 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
     final = base / str(version)
     if final.exists():
         raise UserError(f"{final} already exists; pick another --version or leave it out for the next free one")
-    model, model_config, step = checkpoints.load_model(source)  # UserError without a checkpoint
     tokenizer = tokenizers.load(wd.tokenizer_dir)
+    files = _tokenizer_files(wd.tokenizer_dir)
+    if checkpoints.classifier_section(wd.root) is not None:
+        from serving import classifier_export
 
-    module = LanguageModelModule(model, model_config, tokenizer, _tokenizer_files(wd.tokenizer_dir))
+        if config.variant:
+            raise UserError(f"{wd.root} is a classifier workdir: it has no optimized variants; drop --variant")
+        module, info = classifier_export.build(wd.root, tokenizer, files)
+        signatures, warmup = c.CLASSIFIER_SIGNATURES, classifier_export.warmup_requests(config.model_name)
+        methods = {c.CLASSIFY: c.CLASSIFY_METHOD}
+    else:
+        model, model_config, step = checkpoints.load_model(source)  # UserError without a checkpoint
+        module = LanguageModelModule(model, model_config, tokenizer, files)
+        info = {"kind": "language_model", "checkpoint_step": step, "model": models.config_to_json(model_config)}
+        signatures, warmup, methods = c.SIGNATURES, warmup_requests(config.model_name), {}
+
     created_base = not base.exists()
     base.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(dir=base, prefix=f".export-{version}-"))
     try:
         tf.saved_model.save(module, str(staging), signatures=module.signatures())
+        if methods:
+            classifier_export.set_method_names(staging, methods)
         extra = staging / c.ASSETS_EXTRA
         extra.mkdir()
         with tf.io.TFRecordWriter(str(extra / c.WARMUP_FILE)) as writer:
-            for record in warmup_requests(config.model_name):
+            for record in warmup:
                 writer.write(record)
         workdir_lib.write_json(extra / c.CONFIG_FILE, {
             "model_name": config.model_name, "version": version, "variant": config.variant or None,
-            "checkpoint_step": step, "workdir": str(wd.root), "model": models.config_to_json(model_config),
+            **info, "workdir": str(wd.root),
             "tokenizer": tokenizers.load_config(wd.tokenizer_dir), "run": run_config,
             "signatures": {name: {"inputs": {k: dataclasses.asdict(v) for k, v in s.inputs.items()},
                                   "outputs": {k: dataclasses.asdict(v) for k, v in s.outputs.items()}}
-                           for name, s in c.SIGNATURES.items()},
+                           for name, s in signatures.items()},
         })
         os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the version from a server running as another user
         os.rename(staging, final)
@@ -221,10 +235,12 @@ def describe(path: pathlib.Path) -> str:
     """What was exported, for people."""
     info = json.loads((path / c.ASSETS_EXTRA / c.CONFIG_FILE).read_text())
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    what = (f"a classifier of {', '.join(info['labels'])} on a {info['classifier']['backbone']['family']} backbone"
+            if info.get("kind") == "classifier" else info["model"]["family"])
     return "\n".join([
-        f"exported {info['model']['family']} (checkpoint step {info['checkpoint_step']}"
+        f"exported {what} (checkpoint step {info['checkpoint_step']}"
         + (f", variant {info['variant']}" if info["variant"] else "") + f") to {path} ({size / 1e6:.1f} MB)",
-        f"signatures: {', '.join(c.SIGNATURES)}",
+        f"signatures: {', '.join(info['signatures'])}",
         f"serve it:   lmstack serve --model_name={info['model_name']} --model_base_path={path.parent}",
         f"            (or tensorflow/serving: see deploy/README.md)",
     ])

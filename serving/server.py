@@ -5,8 +5,9 @@ neither PyPI nor Debian), so lmstack ships this one: the same URLs, the same
 protos (tensorflow-serving-api's generated gRPC services), the same JSON and
 the same status codes, so a client written for one works with the other.
 
-    gRPC  PredictionService.Predict / GetModelMetadata, ModelService.GetModelStatus
+    gRPC  PredictionService.Predict / Classify / GetModelMetadata, ModelService.GetModelStatus
     REST  POST /v1/models/NAME[/versions/N]:predict   ("inputs" columnar or "instances" rows)
+          POST /v1/models/NAME[/versions/N]:classify  ("examples" + optional "context": tf.Example features)
           GET  /v1/models/NAME[/versions/N]           (version status)
           GET  /v1/models/NAME[/versions/N]/metadata  (signatures)
 
@@ -39,7 +40,7 @@ import tensorflow_text  # noqa: F401  (registers the tokenizer ops the exported 
 
 from serving import textproto
 from serving.batching import Batcher, BatchingParameters
-from serving.contract import HTTP_STATUS, ServingError
+from serving.contract import CLASSIFY_METHOD, HTTP_STATUS, ServingError
 from serving.metrics import Registry
 
 DEFAULT_METRICS_PATH = "/monitoring/prometheus/metrics"
@@ -54,6 +55,7 @@ class LoadedVersion:
     path: pathlib.Path
     model: Any  # what tf.saved_model.load returns
     signatures: dict[str, Any]  # name -> concrete function
+    methods: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> SignatureDef method name
 
     def __post_init__(self):
         # structured_input_signature rebuilds its answer on every access: read it once.
@@ -101,13 +103,46 @@ def replay_warmup(loaded: LoadedVersion, warmup_file: pathlib.Path) -> int:
     count = 0
     for record in tf.data.TFRecordDataset(str(warmup_file)).as_numpy_iterator():
         log_record = prediction_log_pb2.PredictionLog.FromString(record)
-        if log_record.WhichOneof("log_type") != "predict_log":
+        kind = log_record.WhichOneof("log_type")
+        if kind == "predict_log":
+            request = log_record.predict_log.request
+            fn = loaded.signatures[request.model_spec.signature_name or "serving_default"]
+            fn(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
+        elif kind == "classify_log":
+            request = log_record.classify_log.request
+            signature = request.model_spec.signature_name or "serving_default"
+            (key,) = loaded.input_specs(signature)
+            fn = loaded.signatures[signature]
+            fn(**{key: tf.constant(examples_of(request.input))})
+        else:
             continue
-        request = log_record.predict_log.request
-        fn = loaded.signatures[request.model_spec.signature_name or "serving_default"]
-        fn(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
         count += 1
     return count
+
+
+def method_names(path: pathlib.Path) -> dict[str, str]:
+    """Signature name -> method name (tensorflow/serving/predict, .../classify) from saved_model.pb."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+    return {k: v.method_name for k, v in saved.meta_graphs[0].signature_def.items()}
+
+
+def examples_of(request_input) -> list[bytes]:
+    """A ClassificationRequest's `input` as serialized tf.Examples (context merged into each, as TF Serving does)."""
+    kind = request_input.WhichOneof("kind")
+    if kind == "example_list":
+        return [e.SerializeToString() for e in request_input.example_list.examples]
+    if kind == "example_list_with_context":
+        with_context = request_input.example_list_with_context
+        merged = []
+        for e in with_context.examples:
+            example = tf.train.Example()
+            example.CopyFrom(with_context.context)
+            example.MergeFrom(e)
+            merged.append(example.SerializeToString())
+        return merged
+    return []
 
 
 class ServedModel:
@@ -155,7 +190,7 @@ class ServedModel:
                 path = self.base_path / str(version)
                 try:
                     model = tf.saved_model.load(str(path))
-                    loaded = LoadedVersion(version, path, model, dict(model.signatures))
+                    loaded = LoadedVersion(version, path, model, dict(model.signatures), method_names(path))
                     warmed = replay_warmup(loaded, path / "assets.extra" / "tf_serving_warmup_requests")
                 except Exception as e:  # a broken export must not take the server down
                     self.failed[version] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -388,6 +423,42 @@ class ModelServer:
             raise ServingError(code, _op_error_message(e.message)) from None
         return loaded, outputs
 
+    def classify(self, name: str, version: int | None, signature: str, examples: list[bytes],
+                 label: str | None = None, entrypoint: str = "GRPC") -> tuple[LoadedVersion, np.ndarray, np.ndarray]:
+        """Runs serialized tf.Examples through a classification signature (TensorFlow Serving's Classify).
+
+        Returns:
+            `(version, classes [B, C] bytes, scores [B, C] float)`.
+        """
+        began, status = time.perf_counter(), "OK"
+        signature = signature or "serving_default"
+        try:
+            if not examples:
+                raise ServingError("INVALID_ARGUMENT", "Input is empty.")
+            loaded = self.model(name).get(version, label)
+            if signature not in loaded.signatures:
+                raise ServingError("INVALID_ARGUMENT", f"No signature was found with the name: {signature}")
+            method = loaded.methods.get(signature, "")
+            if method != CLASSIFY_METHOD:
+                raise ServingError("INVALID_ARGUMENT", f"Expected classification signature method_name to be "
+                                                       f"{CLASSIFY_METHOD}. Was: {method}")
+            (key,) = loaded.input_specs(signature)
+            loaded, outputs = self._predict(name, loaded.version, signature,
+                                            {key: np.array(examples, dtype=object)}, None)
+            scores = outputs.get("scores")
+            classes = outputs.get("classes")
+            if scores is None and classes is None:
+                raise ServingError("INVALID_ARGUMENT", "Expected classification signature outputs "
+                                                       "classes and/or scores")
+            return loaded, classes, scores
+        except ServingError as e:
+            status = e.code
+            raise
+        finally:
+            self.metrics.request_count.inc(name, signature, status)
+            self.metrics.request_latency.observe(name, "classify", entrypoint,
+                                                 value=(time.perf_counter() - began) * 1e6)
+
     def status(self, name: str, version: int | None = None, label: str | None = None) -> list[dict[str, Any]]:
         model = self.model(name)
         if label:
@@ -448,8 +519,8 @@ def _op_error_message(message: str) -> str:
 def grpc_servicers(core: ModelServer):
     """PredictionService and ModelService servicers over `core` (tensorflow-serving-api's base classes)."""
     import grpc
-    from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
-                                         predict_pb2, prediction_service_pb2_grpc)
+    from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
+                                         model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
 
     def fail(context, error: ServingError):
         context.abort(getattr(grpc.StatusCode, error.code, grpc.StatusCode.UNKNOWN), error.message)
@@ -479,6 +550,28 @@ def grpc_servicers(core: ModelServer):
             for key in names:
                 response.outputs[key].CopyFrom(tf.make_tensor_proto(outputs[key]))
             return response
+
+        def Classify(self, request, context):
+            with core.track():
+                try:
+                    loaded, classes, scores = core.classify(
+                        request.model_spec.name, signature=request.model_spec.signature_name,
+                        examples=examples_of(request.input), **version_of(request.model_spec))
+                except ServingError as e:
+                    return fail(context, e)
+                response = classification_pb2.ClassificationResponse()
+                response.model_spec.name = request.model_spec.name
+                response.model_spec.version.value = loaded.version
+                response.model_spec.signature_name = request.model_spec.signature_name or "serving_default"
+                for row in range(len(scores if scores is not None else classes)):
+                    classifications = response.result.classifications.add()
+                    for j in range(len(scores[row] if scores is not None else classes[row])):
+                        cls = classifications.classes.add()
+                        if classes is not None:
+                            cls.label = classes[row][j].decode("utf-8", errors="replace")
+                        if scores is not None:
+                            cls.score = float(scores[row][j])
+                return response
 
         def GetModelMetadata(self, request, context):
             if list(request.metadata_field) != ["signature_def"]:
@@ -546,7 +639,7 @@ def start_grpc(core: ModelServer, port: int, workers: int = 64):
 # REST
 
 _PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-                   r"(?P<rest>/metadata|:predict)?$")
+                   r"(?P<rest>/metadata|:predict|:classify)?$")
 
 
 def _json_value(array: np.ndarray):
@@ -609,6 +702,44 @@ def rest_predict(core: ModelServer, name: str, version: int | None, body: dict, 
     return {"predictions": [{k: v[i] for k, v in values.items()} for i in range(len(rows))]}
 
 
+def _feature(name: str, value) -> tf.train.Feature:
+    """A JSON feature value (a value or a list; {"b64": ...} for bytes) -> a tf.train.Feature."""
+    values = value if isinstance(value, list) else [value]
+    if all(isinstance(v, str) or (isinstance(v, dict) and set(v) == {"b64"}) for v in values):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[
+            base64.b64decode(v["b64"]) if isinstance(v, dict) else v.encode("utf-8") for v in values]))
+    if all(isinstance(v, (int, bool)) for v in values):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
+    raise ServingError("INVALID_ARGUMENT", f"feature {name!r}: expected strings, numbers or lists of one type")
+
+
+def rest_classify(core: ModelServer, name: str, version: int | None, body: dict, label: str | None = None,
+                  entrypoint: str = "REST") -> dict:
+    """A :classify body ("examples", optional "context") -> {"result": [[[label, score], ...], ...]}."""
+    rows, context = body.get("examples"), body.get("context", {})
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise ServingError("INVALID_ARGUMENT", "'examples' must be a non-empty list of JSON objects")
+    if not isinstance(context, dict):
+        raise ServingError("INVALID_ARGUMENT", "'context' must be a JSON object")
+    examples = []
+    for row in rows:
+        shared = sorted(set(row) & set(context))
+        if shared:
+            raise ServingError("INVALID_ARGUMENT", f"features {shared} appear in both the context and an example")
+        features = {k: _feature(k, v) for k, v in {**context, **row}.items()}
+        examples.append(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
+    _, classes, scores = core.classify(name, version, body.get("signature_name", ""), examples, label, entrypoint)
+    count = len(scores if scores is not None else classes)
+    width = len(scores[0] if scores is not None else classes[0]) if count else 0
+    result = []
+    for i in range(count):
+        result.append([[classes[i][j].decode("utf-8", errors="replace") if classes is not None else str(j),
+                        float(scores[i][j]) if scores is not None else 0.0] for j in range(width)])
+    return {"result": result}
+
+
 def _only_input(core: ModelServer, name: str, version: int | None, signature: str, label: str | None) -> str:
     loaded = core.model(name).get(version, label)
     signature = signature or "serving_default"
@@ -656,7 +787,7 @@ def make_rest_handler(core: ModelServer):
                     raise ServingError("NOT_FOUND", f"Malformed request: {method} {self.path}")
                 name, rest, label = match["name"], match["rest"], match["label"]
                 version = int(match["version"]) if match["version"] else None
-                if method == "POST" and rest == ":predict":
+                if method == "POST" and rest in (":predict", ":classify"):
                     length = int(self.headers.get("Content-Length") or 0)
                     if length > MAX_REQUEST_BYTES:
                         self.close_connection = True  # the unread body cannot be skipped safely
@@ -668,7 +799,8 @@ def make_rest_handler(core: ModelServer):
                         raise ServingError("INVALID_ARGUMENT", f"JSON Parse error: {e}") from None
                     if not isinstance(body, dict):
                         raise ServingError("INVALID_ARGUMENT", "the request body must be a JSON object")
-                    self._reply(200, rest_predict(core, name, version, body, label, entrypoint="REST"))
+                    answer = rest_predict if rest == ":predict" else rest_classify
+                    self._reply(200, answer(core, name, version, body, label, entrypoint="REST"))
                 elif method == "GET" and rest is None:
                     statuses = core.status(name, version, label)
                     self._reply(200, {"model_version_status": [

@@ -1,0 +1,556 @@
+"""`finetune`: a pre-trained language model run -> a text classifier (transfer learning).
+
+    BASE (trained LM workdir) ─► tokenizer + backbone weights
+    labelled CSV / JSONL ─► train / validation examples, classes discovered
+      ─► classifier (backbone + pooling + Dense head; `models.classifier`)
+      ─► fit under a tf.distribute strategy, backbone frozen, partly frozen or not,
+         optionally unfrozen after `unfreeze_at` steps at a lower learning rate
+      ─► accuracy, per-class precision / recall / F1, confusion matrix ─► CLS/
+
+A classifier workdir:
+
+    CLS/
+      config.json     `classifier` (backbone config, classes, pooling, ...), `finetune`, `base`
+      tokenizer/      the base run's, copied: the classifier reads text exactly as its LM did
+      data/           train.jsonl.gz, val.jsonl.gz (text, label) + manifest.json
+      checkpoints/ logs/ metrics.json
+      baseline/       with --baseline: the same classifier trained from scratch (a classifier workdir)
+
+It is built in a hidden staging directory next to CLS and renamed into place,
+so a failed run leaves nothing behind. Under MultiWorkerMirroredStrategy only
+the chief writes CLS; the other workers build theirs in temporary directories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+import models
+from models import classifier as classifier_lib
+from models.backend import keras
+from pipelines import checkpoints, labelled, tokenizers, train
+from pipelines import strategy as strategy_lib
+from pipelines import workdir as workdir_lib
+from pipelines.errors import UserError
+from pipelines.progress import Progress
+
+CLASSIFIER_SECTION = checkpoints.CLASSIFIER_SECTION
+FINETUNE_SECTION = "finetune"
+BASELINE_DIR = "baseline"
+INITS = ("pretrained", "scratch")
+SPLIT_FILES = {"train": "train.jsonl.gz", "val": "val.jsonl.gz"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """How to make a classifier.
+
+    Attributes:
+        base: the pre-trained language-model workdir (its tokenizer and architecture are used).
+        train: labelled examples (CSV or JSONL, optionally .gz / .bz2).
+        text_column, label_column: the columns (JSON keys) holding text and label.
+        val: labelled validation examples; '' holds out `val_fraction` of `train`.
+        val_fraction: held out per class when `val` is not given.
+        freeze: 'all' (train the head only), 'none', or N: the embeddings and the bottom N blocks / layers.
+        unfreeze_at: after this many steps unfreeze everything and go on at `unfreeze_learning_rate` (0: never).
+        unfreeze_learning_rate: 0 means learning_rate / 10.
+        pooling: 'last' or 'mean' (see models.classifier).
+        init: 'pretrained' (the base's weights) or 'scratch' (the same network, randomly initialized).
+        baseline: also train the from-scratch classifier into CLS/baseline/ and compare.
+        model, tokenizer: the model family / tokenizer kind the base must have ('' accepts any).
+        steps, batch_size, learning_rate, warmup_steps, weight_decay, clip_norm: optimization (batch per replica).
+        dropout: before the head.
+        max_length: tokens read per text; 0 means the base's seq_len.
+        eval_every: validate every this many steps (0: only at the end).
+        strategy, logical_cpus, mixed_precision, jit_compile: as for `lmstack train`.
+        overwrite: replace an existing classifier workdir.
+        seed: split, initialization and data order.
+    """
+    base: str
+    train: str
+    text_column: str = "text"
+    label_column: str = "label"
+    val: str = ""
+    val_fraction: float = 0.1
+    freeze: str = "none"
+    unfreeze_at: int = 0
+    unfreeze_learning_rate: float = 0.0
+    pooling: str = "last"
+    init: str = "pretrained"
+    baseline: bool = False
+    model: str = ""
+    tokenizer: str = ""
+    steps: int = 500
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    dropout: float = 0.1
+    max_length: int = 0
+    eval_every: int = 0
+    strategy: str = "auto"
+    logical_cpus: int = 0
+    mixed_precision: str = "none"
+    jit_compile: bool = False
+    overwrite: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name}={getattr(self, name)}: must be at least 1")
+        for name in ("warmup_steps", "weight_decay", "clip_norm", "unfreeze_at", "unfreeze_learning_rate",
+                     "max_length", "eval_every"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name}={getattr(self, name)}: must not be negative")
+        if self.learning_rate <= 0:
+            raise UserError(f"--learning_rate={self.learning_rate}: must be positive")
+        if self.warmup_steps >= self.steps:
+            raise UserError(f"--warmup_steps={self.warmup_steps}: must be below --steps={self.steps}")
+        if self.pooling not in classifier_lib.POOLINGS:
+            raise UserError(f"--pooling={self.pooling!r}: expected one of {'|'.join(classifier_lib.POOLINGS)}")
+        if self.init not in INITS:
+            raise UserError(f"--init={self.init!r}: expected one of {'|'.join(INITS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout={self.dropout}: expected a fraction in [0, 1)")
+        if self.model and self.model not in models.FAMILIES:
+            raise UserError(f"--model={self.model!r}: expected one of {'|'.join(models.FAMILIES)}")
+        if self.tokenizer and self.tokenizer not in tokenizers.KINDS:
+            raise UserError(f"--tokenizer={self.tokenizer!r}: expected one of {'|'.join(tokenizers.KINDS)}")
+        self.frozen_layers_count(None)
+        if self.unfreeze_at and self.freeze == "none":
+            raise UserError(f"--unfreeze_at={self.unfreeze_at} needs a frozen start; pass --freeze=all or N")
+        if self.unfreeze_at and self.unfreeze_at >= self.steps:
+            raise UserError(f"--unfreeze_at={self.unfreeze_at}: must be below --steps={self.steps}")
+        if self.init == "scratch" and self.freeze != "none":
+            raise UserError(f"--freeze={self.freeze} with --init=scratch would freeze random weights; "
+                            "use --freeze=none")
+        if self.strategy not in strategy_lib.STRATEGIES:
+            raise UserError(f"--strategy={self.strategy!r}: expected one of {'|'.join(strategy_lib.STRATEGIES)}")
+        if self.mixed_precision not in train.PRECISIONS:
+            raise UserError(f"--mixed_precision={self.mixed_precision!r}: expected one of "
+                            f"{'|'.join(train.PRECISIONS)}")
+
+    def frozen_layers_count(self, layers: int | None) -> int | str:
+        """'all', or how many bottom blocks to freeze (0 = none)."""
+        if self.freeze in ("all", "none"):
+            return "all" if self.freeze == "all" else 0
+        try:
+            count = int(self.freeze)
+        except ValueError:
+            raise UserError(f"--freeze={self.freeze!r}: expected all, none or a number of bottom layers") from None
+        if count < 0 or (layers is not None and count > layers):
+            raise UserError(f"--freeze={self.freeze}: expected 0.." + (f"{layers} (the base has {layers} layers)"
+                                                                         if layers is not None else "N"))
+        return count
+
+
+# ---------------------------------------------------------------------------
+# Text -> model input
+
+
+def encode(tokenizer, texts: tf.Tensor, max_length: int) -> tf.Tensor:
+    """Strings `[B]` -> int32 ids `[B, max_length]`: [EOS] (a document's start, as in training),
+    the text's first `max_length - 1` tokens, then [PAD]s."""
+    tokens = tf.cast(tokenizer.tokenize(texts), tf.int32)[:, :max_length - 1]  # ragged (B, <= L-1)
+    start = tf.fill([tf.shape(texts)[0], 1], tokenizers.EOS_ID)
+    ids = tf.concat([tf.RaggedTensor.from_tensor(start), tokens], axis=1)
+    return ids.to_tensor(default_value=tokenizers.PAD_ID, shape=[None, max_length])
+
+
+def _dataset(tokenizer, texts: Sequence[str], label_ids: np.ndarray, max_length: int, batch_size: int,
+             shuffle_seed: int | None) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices((list(texts), label_ids.astype(np.int32)))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(texts), seed=shuffle_seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.batch(batch_size, drop_remainder=shuffle_seed is not None)
+    ds = ds.map(lambda x, y: (encode(tokenizer, x, max_length), y), num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # In-memory examples have no files to shard by: each worker takes every N-th batch.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+
+
+def classification_metrics(labels: Sequence[str], true: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
+    """Accuracy, per-class precision / recall / F1 / support, macro F1 and the confusion matrix.
+
+    `confusion[i][j]` counts examples of class i predicted as class j.
+    """
+    n = len(labels)
+    confusion = np.zeros((n, n), np.int64)
+    np.add.at(confusion, (true, predicted), 1)
+    per_class = {}
+    for i, label in enumerate(labels):
+        tp = confusion[i, i]
+        predicted_i, actual_i = confusion[:, i].sum(), confusion[i, :].sum()
+        precision = tp / predicted_i if predicted_i else 0.0
+        recall = tp / actual_i if actual_i else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
+                            "support": int(actual_i)}
+    return {"accuracy": float(np.trace(confusion) / max(1, confusion.sum())),
+            "macro_f1": float(np.mean([m["f1"] for m in per_class.values()])),
+            "examples": int(confusion.sum()), "per_class": per_class,
+            "labels": list(labels), "confusion": confusion.tolist()}
+
+
+def predict_ids(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities `[N, C]` of `texts`."""
+    ds = _dataset(tokenizer, texts, np.zeros(len(texts), np.int32), max_length, batch_size, None)
+
+    @tf.function
+    def probabilities(ids):
+        return tf.nn.softmax(tf.cast(model(ids, training=False), tf.float32))
+
+    return np.concatenate([probabilities(ids).numpy() for ids, _ in ds]) if texts else np.zeros((0, 0))
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def read_classifier_config(workdir: str | os.PathLike) -> tuple[classifier_lib.ClassifierConfig, list[str]]:
+    """The classifier's config and its classes (in class-id order)."""
+    section = checkpoints.classifier_section(workdir)
+    if section is None:
+        raise UserError(f"{workdir} is not a classifier workdir; make one with `lmstack finetune`")
+    return config_from_json(section), list(section["labels"])
+
+
+def config_to_json(config: classifier_lib.ClassifierConfig, labels: Sequence[str]) -> dict[str, Any]:
+    return {"backbone": models.config_to_json(config.backbone), "num_classes": config.num_classes,
+            "pooling": config.pooling, "dropout": config.dropout, "max_length": config.max_length,
+            "labels": list(labels)}
+
+
+def config_from_json(data: dict[str, Any]) -> classifier_lib.ClassifierConfig:
+    return classifier_lib.ClassifierConfig(
+        backbone=models.config_from_json(data["backbone"]), num_classes=data["num_classes"],
+        pooling=data["pooling"], dropout=data["dropout"], max_length=data["max_length"])
+
+
+def load_classifier(workdir: str | os.PathLike):
+    """Rebuilds a classifier workdir's model and restores its newest checkpoint.
+
+    Returns:
+        `(model, config, labels, step)`.
+    """
+    config, labels = read_classifier_config(workdir)
+    latest = tf.train.latest_checkpoint(checkpoints.checkpoint_dir(workdir))
+    if latest is None:
+        raise UserError(f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}; rerun `lmstack finetune`")
+    model = classifier_lib.build_classifier(config)
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    return model, config, labels, int(latest.rsplit("-", 1)[1])
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning
+
+
+def _check_base(config: FinetuneConfig) -> tuple[pathlib.Path, models.ModelConfig, dict[str, Any]]:
+    """The base run's root, model config and tokenizer config, checked against what the user expects."""
+    base = workdir_lib.Workdir(config.base)
+    if not base.root.is_dir():
+        raise UserError(f"--base={config.base}: no such directory; pass a workdir trained by `lmstack train`")
+    if checkpoints.classifier_section(base.root) is not None:
+        raise UserError(f"--base={config.base} is a classifier workdir; pass the language-model run it came from")
+    base.read_config()  # UserError if not a prepared workdir
+    model_config = checkpoints.read_model_config(base.root)  # UserError if never trained
+    if tf.train.latest_checkpoint(checkpoints.checkpoint_dir(base.root)) is None:
+        raise UserError(f"--base={config.base} has no checkpoint; run `lmstack train --workdir={config.base}` first")
+    tokenizer_config = tokenizers.load_config(base.tokenizer_dir)
+    family = models.family_of(model_config)
+    if config.model and config.model != family:
+        raise UserError(f"--base={config.base} holds a {family} model, not the --model={config.model} "
+                        "expected; pass another --base or drop --model")
+    if config.tokenizer and config.tokenizer != tokenizer_config["kind"]:
+        raise UserError(f"--base={config.base} uses the {tokenizer_config['kind']} tokenizer, not the "
+                        f"--tokenizer={config.tokenizer} expected; pass another --base or drop --tokenizer")
+    return base.root, model_config, tokenizer_config
+
+
+def _freeze(model: keras.Model, config: classifier_lib.ClassifierConfig, frozen: int | str) -> list[str]:
+    """Marks frozen layers not trainable; returns their names."""
+    backbone = model.get_layer("backbone")
+    if frozen == "all":
+        backbone.trainable = False
+        return [layer.name for layer in backbone.layers if layer.weights]
+    names = classifier_lib.bottom_layers(config.backbone, frozen) if frozen else []
+    for name in names:
+        backbone.get_layer(name).trainable = False
+    return [n for n in names if backbone.get_layer(n).weights]
+
+
+def _compile(model, config: FinetuneConfig, learning_rate: float, steps: int, warmup: int) -> None:
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0, decay_steps=max(1, steps - warmup), alpha=0.1,
+        warmup_target=learning_rate, warmup_steps=warmup)
+    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
+                                       global_clipnorm=config.clip_norm or None)
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "positions"])
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                  jit_compile=config.jit_compile)
+
+
+def _write_split(path: pathlib.Path, examples: labelled.Examples) -> None:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for text, label in zip(examples.texts, examples.labels):
+            f.write(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n")
+
+
+def read_split(workdir: str | os.PathLike, split: str) -> labelled.Examples:
+    """A classifier workdir's saved train or validation examples."""
+    path = workdir_lib.Workdir(workdir).data_dir / SPLIT_FILES[split]
+    return labelled.read(path, "text", "label")
+
+
+def finetune(workdir: str | os.PathLike, config: FinetuneConfig, progress: Progress | None = None,
+             verbose: int = 1) -> dict[str, Any]:
+    """Makes the classifier workdir (and its from-scratch baseline if asked) and returns its metrics.
+
+    Raises:
+        UserError: bad settings, a base run that is not a trained LM (or not the expected one),
+            unreadable examples, unknown columns, one class only, an existing workdir without `overwrite`.
+    """
+    progress = progress or Progress()
+    config.validate()
+    final = pathlib.Path(workdir)
+    if final.exists() and not config.overwrite:
+        raise UserError(f"{final} exists; pass --overwrite to replace it or choose another --workdir")
+    if final.exists() and not (final / workdir_lib.CONFIG_FILE).is_file() and any(final.iterdir()):
+        raise UserError(f"{final} is a non-empty directory that is not an lmstack workdir; choose another --workdir")
+    base_root, lm_config, tokenizer_config = _check_base(config)
+    frozen = config.frozen_layers_count(lm_config.layers)
+    context = lm_config.seq_len if models.family_of(lm_config) == "transformer" else None
+    max_length = config.max_length or lm_config.seq_len
+    if context is not None and max_length > context:
+        raise UserError(f"--max_length={max_length} is beyond the base transformer's context of {context}")
+    if max_length < 2:
+        raise UserError(f"--max_length={max_length}: must be at least 2")
+
+    examples = labelled.read(config.train, config.text_column, config.label_column)
+    classes = labelled.label_set(examples)
+    if config.val:
+        train_examples = examples
+        val_examples = labelled.read(config.val, config.text_column, config.label_column)
+    else:
+        train_examples, val_examples = labelled.split(examples, config.val_fraction, config.seed)
+    unknown = sorted(set(val_examples.labels) - set(classes))
+    if unknown:
+        raise UserError(f"{config.val}: labels {unknown} do not occur in --train={config.train}; "
+                        f"the classifier knows {classes}")
+    tokenizer = tokenizers.load(base_root / workdir_lib.TOKENIZER_DIR)
+    progress.note(f"{len(train_examples):,} training and {len(val_examples):,} validation examples, "
+                  f"classes {', '.join(classes)}; {models.family_of(lm_config)} backbone from {base_root} "
+                  f"({config.init}), {max_length} tokens per text")
+
+    strategy_lib.split_cpu(config.logical_cpus)
+    strategy = strategy_lib.make(config.strategy)
+    chief = strategy_lib.is_chief(strategy)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(dir=final.parent if chief else None, prefix=f".{final.name}-"))
+    try:
+        summary = _build(staging, config, strategy, base_root, lm_config, tokenizer_config, tokenizer, classes,
+                         train_examples, val_examples, frozen, max_length, progress, verbose)
+        if config.baseline and config.init == "pretrained":
+            progress.note("baseline: the same classifier trained from scratch (no pre-training)")
+            scratch = dataclasses.replace(config, init="scratch", freeze="none", unfreeze_at=0, baseline=False)
+            baseline = _build(staging / BASELINE_DIR, scratch, strategy, base_root, lm_config, tokenizer_config,
+                              tokenizer, classes, train_examples, val_examples, 0, max_length, progress, verbose)
+            summary["baseline"] = {k: baseline[k] for k in ("accuracy", "macro_f1", "per_class", "confusion",
+                                                            "wall_seconds")}
+            summary["accuracy_gain"] = summary["accuracy"] - baseline["accuracy"]
+            workdir_lib.write_json(staging / "metrics.json", summary)
+        if chief:
+            os.chmod(staging, 0o755)
+            _replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    summary["path"] = str(final)
+    return summary
+
+
+def _replace(staging: pathlib.Path, final: pathlib.Path) -> None:
+    if not final.exists():
+        os.rename(staging, final)
+        return
+    old = final.with_name(f".{final.name}-replaced-{os.getpid()}")
+    os.rename(final, old)
+    os.rename(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build(root: pathlib.Path, config: FinetuneConfig, strategy, base_root: pathlib.Path, lm_config,
+           tokenizer_config, tokenizer, classes: list[str], train_examples: labelled.Examples,
+           val_examples: labelled.Examples, frozen: int | str, max_length: int, progress: Progress,
+           verbose: int) -> dict[str, Any]:
+    """Writes one classifier workdir at `root` and returns its metrics."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(base_root / workdir_lib.TOKENIZER_DIR, root / workdir_lib.TOKENIZER_DIR)
+    data = root / workdir_lib.DATA_DIR
+    data.mkdir()
+    for split, examples in (("train", train_examples), ("val", val_examples)):
+        _write_split(data / SPLIT_FILES[split], examples)
+    counts = {split: {label: ex.labels.count(label) for label in classes}
+              for split, ex in (("train", train_examples), ("val", val_examples))}
+    workdir_lib.write_json(data / workdir_lib.MANIFEST_FILE, {
+        "kind": "classifier", "labels": classes, "text_column": config.text_column,
+        "label_column": config.label_column, "tokenizer": tokenizer_config,
+        "splits": {split: {"file": SPLIT_FILES[split], "examples": sum(counts[split].values()),
+                           "per_class": counts[split], "source": ex.source}
+                   for split, ex in (("train", train_examples), ("val", val_examples))}})
+
+    cls_config = classifier_lib.ClassifierConfig(lm_config, len(classes), config.pooling, config.dropout, max_length)
+    replicas = strategy.num_replicas_in_sync
+    global_batch = config.batch_size * replicas
+    keras.mixed_precision.set_global_policy(train.PRECISIONS[config.mixed_precision])
+    keras.utils.set_random_seed(config.seed)
+    base_step = None
+    with strategy.scope():
+        if config.init == "pretrained":
+            lm, _, base_step = checkpoints.load_model(base_root)
+        else:
+            lm = models.build(lm_config)
+        model = classifier_lib.build_classifier(cls_config, lm)
+        frozen_names = _freeze(model, cls_config, frozen)
+    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    total = int(sum(np.prod(w.shape) for w in model.weights))
+    progress.note(f"classifier: {total:,} parameters, {trainable:,} trainable"
+                  + (f" (frozen: {'the whole backbone' if frozen == 'all' else f'embeddings + {frozen} bottom layers'})"
+                     if frozen else "") + f"; {replicas} replica(s), global batch {global_batch}")
+    workdir_lib.write_json(root / workdir_lib.CONFIG_FILE, {
+        CLASSIFIER_SECTION: config_to_json(cls_config, classes),
+        FINETUNE_SECTION: dataclasses.asdict(config),
+        "base": {"workdir": str(base_root), "step": base_step, "init": config.init,
+                 "model": models.config_to_json(lm_config)},
+        "tokenizer": tokenizer_config,
+    })
+
+    label_index = {label: i for i, label in enumerate(classes)}
+    y_train = np.array([label_index[label] for label in train_examples.labels])
+    y_val = np.array([label_index[label] for label in val_examples.labels])
+    train_ds = _dataset(tokenizer, train_examples.texts, y_train, max_length, global_batch, config.seed)
+    val_ds = _dataset(tokenizer, val_examples.texts, y_val, max_length, global_batch, None)
+    log_dir = str(root / "logs")
+    phases = [(0, config.unfreeze_at or config.steps, config.learning_rate, config.warmup_steps)]
+    if config.unfreeze_at:
+        phases.append((config.unfreeze_at, config.steps,
+                       config.unfreeze_learning_rate or config.learning_rate / 10, min(config.warmup_steps, 20)))
+    began, history = time.perf_counter(), {}
+    for i, (start, end, learning_rate, warmup) in enumerate(phases):
+        if i:
+            progress.note(f"step {start}: unfreezing the backbone, learning rate {learning_rate:g}")
+            with strategy.scope():
+                model.get_layer("backbone").trainable = True
+                for layer in model.get_layer("backbone").layers:
+                    layer.trainable = True
+        with strategy.scope():
+            _compile(model, config, learning_rate, end - start, min(warmup, max(0, end - start - 1)))
+        every = min(config.eval_every or (end - start), end - start)
+        fitted = model.fit(train_ds, epochs=math.ceil((end - start) / every), steps_per_epoch=every,
+                           validation_data=val_ds, verbose=verbose, callbacks=[
+                               train.NaNGuard(), train.StopAtStep(end - start),
+                               keras.callbacks.TensorBoard(os.path.join(log_dir, f"phase{i}"), update_freq=10)])
+        for key, values in fitted.history.items():
+            history.setdefault(key, []).extend(values)
+    wall = time.perf_counter() - began
+    checkpoints.manager(root, tf.train.Checkpoint(model=model), max_to_keep=1).save(checkpoint_number=config.steps)
+
+    probabilities = predict_ids(model, tokenizer, val_examples.texts, max_length)
+    summary = classification_metrics(classes, y_val, probabilities.argmax(axis=1))
+    summary.update({
+        "split": "validation", "init": config.init, "freeze": config.freeze, "frozen_layers": frozen_names,
+        "unfreeze_at": config.unfreeze_at or None, "family": models.family_of(lm_config),
+        "params": total, "trainable_params": trainable, "steps": config.steps, "global_batch": global_batch,
+        "train_loss": float(history["loss"][-1]), "train_accuracy": float(history["accuracy"][-1]),
+        "wall_seconds": round(wall, 1), "examples_per_s": config.steps * global_batch / wall,
+        "majority_class_accuracy": float(np.bincount(y_val, minlength=len(classes)).max() / max(1, len(y_val))),
+    })
+    workdir_lib.write_json(root / "metrics.json", summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(workdir: str | os.PathLike, corpus: Sequence[str] | None = None,
+             progress: Progress | None = None) -> dict[str, Any]:
+    """Accuracy, per-class precision / recall / F1 and the confusion matrix of a classifier workdir.
+
+    Scores its validation split, or labelled files with the columns it was trained on.
+    Writes WORKDIR/metrics.json (keeping what `finetune` wrote, under the key `evaluation`).
+    """
+    progress = progress or Progress()
+    wd = workdir_lib.Workdir(workdir)
+    manifest = wd.read_manifest()
+    model, config, labels, step = load_classifier(wd.root)
+    if corpus:
+        parts = [labelled.read(p, manifest["text_column"], manifest["label_column"]) for p in corpus]
+        examples = labelled.Examples(sum((p.texts for p in parts), ()), sum((p.labels for p in parts), ()),
+                                     ",".join(corpus))
+    else:
+        examples = read_split(wd.root, "val")
+    unknown = sorted(set(examples.labels) - set(labels))
+    if unknown:
+        raise UserError(f"{examples.source}: labels {unknown} are not classes of this classifier ({labels})")
+    progress.note(f"classifying {len(examples):,} examples of {examples.source}")
+    tokenizer = tokenizers.load(wd.tokenizer_dir)
+    probabilities = predict_ids(model, tokenizer, examples.texts, config.max_length)
+    index = {label: i for i, label in enumerate(labels)}
+    result = classification_metrics(labels, np.array([index[x] for x in examples.labels]),
+                                    probabilities.argmax(axis=1))
+    result.update({"text": examples.source, "checkpoint_step": step})
+    path = wd.root / "metrics.json"
+    metrics = workdir_lib.read_json(path) if path.is_file() else {}
+    workdir_lib.write_json(path, {**metrics, "evaluation": result})
+    return result
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """The end-of-fine-tuning summary, for people."""
+    lines = [f"classifier ({summary['family']} backbone, {summary['init']}, freeze={summary['freeze']}) "
+             f"trained {summary['steps']} steps in {summary['wall_seconds']} s -> {summary['path']}",
+             describe_metrics(summary)]
+    if "baseline" in summary:
+        lines.append(f"from scratch (same network, no pre-training): accuracy {summary['baseline']['accuracy']:.1%}; "
+                     f"pre-training {summary['accuracy_gain']:+.1%}")
+    lines.append(f"next: lmstack evaluate --workdir={summary['path']} ; lmstack export --workdir={summary['path']}")
+    return "\n".join(lines)
+
+
+def describe_metrics(result: dict[str, Any]) -> str:
+    """Accuracy, a per-class table and the confusion matrix."""
+    labels = result["labels"]
+    width = max(8, *(len(x) for x in labels))
+    lines = [f"accuracy {result['accuracy']:.1%} on {result['examples']:,} examples, macro F1 "
+             f"{result['macro_f1']:.3f}",
+             f"{'class'.ljust(width)}  precision  recall     f1  support"]
+    for label in labels:
+        m = result["per_class"][label]
+        lines.append(f"{label.ljust(width)}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  "
+                     f"{m['support']:7,}")
+    lines.append("confusion (rows: true, columns: predicted)")
+    lines.append(" " * width + "  " + "  ".join(x.rjust(8) for x in labels))
+    for label, row in zip(labels, result["confusion"]):
+        lines.append(label.ljust(width) + "  " + "  ".join(f"{v:8,}" for v in row))
+    return "\n".join(lines)

@@ -1,0 +1,279 @@
+"""`lmstack finetune`: a tiny pre-trained LM -> classifier -> evaluate -> export -> Classify over REST and gRPC."""
+
+import bz2
+import csv
+import io
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipelines import checkpoints, finetune, labelled
+from pipelines.errors import UserError
+from serving import classifier_export, contract as c, export, server
+from tests.conftest import ROOT, trained_workdir
+from tests.test_serve import post, start
+
+REVIEWS = ROOT / "data" / "reviews.csv.bz2"
+
+
+def review_rows(count: int) -> list[dict]:
+    """`count` bundled review snippets, alternating fresh and rotten."""
+    rows = list(csv.DictReader(io.TextIOWrapper(bz2.open(REVIEWS), encoding="utf-8")))
+    fresh = [r for r in rows if r["label"] == "fresh"]
+    rotten = [r for r in rows if r["label"] == "rotten"]
+    return [r for pair in zip(fresh, rotten) for r in pair][:count]
+
+
+def write_csv(path: pathlib.Path, rows: list[dict], columns=("label", "text")) -> pathlib.Path:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, english_text):
+    return trained_workdir(tmp_path_factory.mktemp("base"), english_text, "transformer")
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    path = tmp_path_factory.mktemp("reviews") / "reviews.csv"
+    return write_csv(path, review_rows(160))
+
+
+def tiny_config(base, examples, **overrides) -> finetune.FinetuneConfig:
+    settings = dict(base=str(base), train=str(examples), steps=12, batch_size=8, warmup_steps=2, learning_rate=3e-3,
+                    val_fraction=0.25, dropout=0.0)
+    return finetune.FinetuneConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, base, examples):
+    workdir = tmp_path_factory.mktemp("cls") / "reviews"
+    summary = finetune.finetune(workdir, tiny_config(base, examples, baseline=True), verbose=0)
+    return workdir, summary
+
+
+def test_finetune_writes_a_classifier_workdir_with_metrics_and_a_baseline(classifier):
+    workdir, summary = classifier
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["labels"] == ["fresh", "rotten"]
+    assert metrics["examples"] == 40 and np.sum(metrics["confusion"]) == 40  # 25% of 160, per class
+    assert metrics["per_class"]["fresh"]["support"] == metrics["per_class"]["rotten"]["support"] == 20
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["init"] == "pretrained"
+    assert metrics["baseline"]["accuracy"] == pytest.approx(metrics["accuracy"] - metrics["accuracy_gain"])
+    baseline = json.loads((workdir / finetune.BASELINE_DIR / "metrics.json").read_text())
+    assert baseline["init"] == "scratch" and baseline["freeze"] == "none"
+    assert (workdir / "tokenizer" / "tokenizer.json").is_file()
+    assert not [p for p in workdir.parent.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_evaluate_agrees_with_finetune_and_scores_a_new_file(classifier, tmp_path):
+    workdir, summary = classifier
+    result = finetune.evaluate(workdir)
+    assert result["accuracy"] == pytest.approx(summary["accuracy"])
+    assert result["confusion"] == summary["confusion"]
+    # A JSONL file with the same columns, labels of both classes.
+    rows = review_rows(300)[200:230]
+    path = tmp_path / "more.jsonl.gz"
+    import gzip
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({"text": r["text"], "label": r["label"]}) + "\n")
+    other = finetune.evaluate(workdir, corpus=[str(path)])
+    assert other["examples"] == 30 and np.sum(other["confusion"]) == 30
+    assert json.loads((workdir / "metrics.json").read_text())["evaluation"]["examples"] == 30
+
+
+def test_exported_signatures_match_the_keras_model(classifier):
+    workdir, _ = classifier
+    path = export.export(workdir, export.ExportConfig(model_name="reviews"))
+    assert server.method_names(path)[c.CLASSIFY] == c.CLASSIFY_METHOD
+    assert server.method_names(path)[c.SERVING_DEFAULT] == c.PREDICT_METHOD
+    texts = ["A dark, dull thriller.", "Funny, warm and wise.", "x"]
+    model, config, labels, _ = finetune.load_classifier(workdir)
+    from pipelines import tokenizers
+    expected = finetune.predict_ids(model, tokenizers.load(workdir / "tokenizer"), texts, config.max_length)
+
+    loaded = tf.saved_model.load(str(path))
+    out = loaded.signatures[c.SERVING_DEFAULT](text=tf.constant(texts))
+    np.testing.assert_allclose(out[c.SCORES].numpy(), expected, atol=1e-5)
+    assert [x.decode() for x in out[c.LABEL].numpy()] == [labels[i] for i in expected.argmax(axis=1)]
+    out = loaded.signatures[c.CLASSIFY](inputs=tf.constant([classifier_export.example(t) for t in texts]))
+    np.testing.assert_allclose(out[c.SCORES].numpy(), expected, atol=1e-5)
+    assert out[c.CLASSES].numpy().tolist() == [[b"fresh", b"rotten"]] * 3
+
+
+@pytest.fixture(scope="module")
+def serving_classifier(classifier):
+    workdir, _ = classifier
+    base = workdir / "export" / "reviews"
+    if not base.exists():
+        export.export(workdir, export.ExportConfig(model_name="reviews"))
+    core = server.ModelServer({"reviews": server.ServedModel("reviews", base)})
+    core.refresh()
+    grpc_server, rest_server, grpc_target, rest_target = start(core)
+    yield {"grpc": grpc_target, "rest": rest_target, "path": base / "1"}
+    rest_server.shutdown()
+    grpc_server.stop(None)
+
+
+def test_classify_over_rest_and_grpc_as_tensorflow_serving_answers(serving_classifier):
+    import grpc
+    from tensorflow_serving.apis import classification_pb2, prediction_service_pb2_grpc
+
+    texts = ["A dark, dull thriller.", "Funny, warm and wise."]
+    loaded = tf.saved_model.load(str(serving_classifier["path"]))
+    expected = loaded.signatures[c.SERVING_DEFAULT](text=tf.constant(texts))[c.SCORES].numpy()
+    url = f"http://{serving_classifier['rest']}/v1/models/reviews"
+
+    status, body = post(f"{url}:classify", json.dumps(
+        {"signature_name": "classify", "examples": [{"text": t} for t in texts]}).encode())
+    assert status == 200, body
+    assert [[pair[0] for pair in row] for row in body["result"]] == [["fresh", "rotten"]] * 2
+    np.testing.assert_allclose([[pair[1] for pair in row] for row in body["result"]], expected, atol=1e-5)
+
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(serving_classifier["grpc"]))
+    request = classification_pb2.ClassificationRequest()
+    request.model_spec.name = "reviews"
+    request.model_spec.signature_name = "classify"
+    for t in texts:
+        request.input.example_list.examples.add().features.feature["text"].bytes_list.value.append(t.encode())
+    response = stub.Classify(request, timeout=30)
+    assert response.model_spec.version.value == 1
+    got = [[(k.label, k.score) for k in row.classes] for row in response.result.classifications]
+    assert [[label for label, _ in row] for row in got] == [["fresh", "rotten"]] * 2
+    np.testing.assert_allclose([[score for _, score in row] for row in got], expected, atol=1e-5)
+
+    # Plain predict clients: serving_default, text -> label + scores.
+    status, body = post(f"{url}:predict", json.dumps({"instances": texts}).encode())
+    assert status == 200 and [p["label"] for p in body["predictions"]] == \
+        [["fresh", "rotten"][i] for i in expected.argmax(axis=1)]
+
+
+def test_bad_classify_requests_get_tensorflow_serving_errors(serving_classifier):
+    import grpc
+    from tensorflow_serving.apis import classification_pb2, prediction_service_pb2_grpc
+
+    url = f"http://{serving_classifier['rest']}/v1/models/reviews:classify"
+    status, body = post(url, json.dumps({"examples": [{"text": "Fine."}]}).encode())  # serving_default is predict
+    assert status == 400 and "Expected classification signature method_name" in body["error"]
+    status, body = post(url, json.dumps({"signature_name": "classify", "examples": []}).encode())
+    assert status == 400 and "examples" in body["error"]
+    status, body = post(url, json.dumps({"signature_name": "nope", "examples": [{"text": "a"}]}).encode())
+    assert status == 400 and "No signature was found with the name: nope" in body["error"]
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(serving_classifier["grpc"]))
+    request = classification_pb2.ClassificationRequest()
+    request.model_spec.name = "reviews"
+    request.model_spec.signature_name = "classify"
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Classify(request, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "Input is empty" in e.value.details()
+    status, body = post(url, json.dumps({"signature_name": "classify", "examples": [{"text": "still serving"}]}).encode())
+    assert status == 200 and len(body["result"]) == 1
+
+
+def _weights(model) -> dict[str, np.ndarray]:
+    return {w.name: w.numpy() for w in model.weights}
+
+
+def test_freezing_really_freezes(base, examples, tmp_path):
+    lm, _, _ = checkpoints.load_model(base)
+    before = {w.name: w.numpy() for w in lm.weights}
+    finetune.finetune(tmp_path / "all", tiny_config(base, examples, freeze="all", steps=6), verbose=0)
+    model, *_ = finetune.load_classifier(tmp_path / "all")
+    backbone = model.get_layer("backbone")
+    for w in backbone.weights:
+        np.testing.assert_array_equal(w.numpy(), before[w.name], err_msg=w.name)
+    assert not np.allclose(model.get_layer("head").kernel.numpy(), 0.0)
+
+    finetune.finetune(tmp_path / "one", tiny_config(base, examples, freeze="1", steps=6), verbose=0)
+    model, *_ = finetune.load_classifier(tmp_path / "one")
+    changed = {w.name for w in model.get_layer("backbone").weights if not np.array_equal(w.numpy(), before[w.name])}
+    assert not any(n.startswith(("token_embedding", "position_embedding", "block0_")) for n in changed), changed
+    assert any(n.startswith("block1_") for n in changed) and any(n.startswith("final_ln") for n in changed)
+
+
+def test_unfreeze_at_trains_the_backbone_after_the_head(base, examples, tmp_path):
+    lm, _, _ = checkpoints.load_model(base)
+    before = {w.name: w.numpy() for w in lm.weights}
+    summary = finetune.finetune(tmp_path / "cls", tiny_config(base, examples, freeze="all", unfreeze_at=6, steps=10),
+                                verbose=0)
+    model, *_ = finetune.load_classifier(tmp_path / "cls")
+    assert any(not np.array_equal(w.numpy(), before[w.name]) for w in model.get_layer("backbone").weights)
+    assert summary["unfreeze_at"] == 6
+
+
+def test_labelled_files_read_csv_jsonl_and_compressed(tmp_path):
+    rows = review_rows(6)
+    plain = write_csv(tmp_path / "a.csv", rows)
+    packed = tmp_path / "a.csv.bz2"
+    packed.write_bytes(bz2.compress(plain.read_bytes()))
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text("".join(json.dumps({"review": r["text"], "stars": r["label"] == "fresh"}) + "\n" for r in rows))
+    a, b = labelled.read(plain, "text", "label"), labelled.read(packed, "text", "label")
+    assert a.texts == b.texts and a.labels == b.labels == ("fresh", "rotten") * 3
+    j = labelled.read(jsonl, "review", "stars")
+    assert j.texts == a.texts and j.labels == ("true", "false") * 3
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown column", "no column 'review'"),
+    ("one class", "a classifier needs at least two classes"),
+    ("empty text", "empty text in column 'text'"),
+    ("other family", "holds a transformer model, not the --model=lstm expected"),
+    ("other tokenizer", "uses the char tokenizer, not the --tokenizer=byte expected"),
+    ("untrained base", "has no trained model yet"),
+    ("classifier base", "is a classifier workdir"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, message, base, examples, classifier, tmp_path, capsys):
+    from app.main import main
+
+    rows = review_rows(20)
+    args = {"train": str(examples), "base": str(base), "text_column": "text"}
+    if case == "unknown column":
+        args["text_column"] = "review"
+    elif case == "one class":
+        args["train"] = str(write_csv(tmp_path / "one.csv", [r for r in rows if r["label"] == "fresh"]))
+    elif case == "empty text":
+        args["train"] = str(write_csv(tmp_path / "empty.csv", rows[:3] + [{"label": "fresh", "text": "  "}]))
+    elif case == "other family":
+        args["model"] = "lstm"
+    elif case == "other tokenizer":
+        args["tokenizer"] = "byte"
+    elif case == "untrained base":
+        untrained = tmp_path / "untrained"
+        untrained.mkdir()
+        for name in ("config.json", "data", "tokenizer"):
+            src = base / name
+            (untrained / name).write_text(src.read_text()) if src.is_file() else __import__("shutil").copytree(
+                src, untrained / name)
+        config = json.loads((untrained / "config.json").read_text())
+        config.pop("model", None)
+        (untrained / "config.json").write_text(json.dumps(config))
+        args["base"] = str(untrained)
+    elif case == "classifier base":
+        args["base"] = str(classifier[0])
+    argv = ["finetune", f"--workdir={tmp_path / 'out'}", "--steps=5", "--warmup_steps=1"] + \
+        [f"--{k}={v}" for k, v in args.items()]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_language_model_commands_refuse_a_classifier_workdir(classifier, capsys):
+    from app.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate", f"--workdir={classifier[0]}", "--prompt=The"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is a classifier workdir" in err and len(err.strip().splitlines()) == 1
