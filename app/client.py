@@ -2,12 +2,15 @@
 
 Greedy (the serving_default signature) unless --temperature is above 0, then
 sampled (the generate signature; the same --seed gives the same text).
---score prints the text's log-likelihood instead; --status and --metadata
-print what the server says about the model, as JSON.
+--score prints the text's log-likelihood instead; --classify sends the prompt
+to a classifier export (`lmstack finetune`) through TensorFlow Serving's
+Classify API and prints each class's score; --status and --metadata print
+what the server says about the model, as JSON.
 
 example:
   lmstack client --target=localhost:8500 --prompt="ROMEO." --max_new_tokens=80
   lmstack client --target=localhost:8501 --protocol=rest --prompt="ROMEO." --temperature=0.8 --top_k=40 --seed=3
+  lmstack client --model_name=reviews --classify --prompt="A dark, dull thriller."
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_float("top_p", 1.0, "sample from the smallest set with this probability mass", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "the same seed gives the same sampled text", flag_values=fv)
     flags.DEFINE_bool("score", False, "print the prompt's log-likelihood instead of a completion", flag_values=fv)
+    flags.DEFINE_bool("classify", False, "classify the prompt (a classifier export's Classify API)", flag_values=fv)
     flags.DEFINE_bool("status", False, "print the model's version status", flag_values=fv)
     flags.DEFINE_bool("metadata", False, "print the model's signatures", flag_values=fv)
     flags.DEFINE_float("timeout", 60.0, "seconds to wait for an answer", flag_values=fv)
@@ -54,6 +58,9 @@ def run(fv: flags.FlagValues) -> int:
             print(json.dumps(client.status()))
         elif fv.metadata:
             print(json.dumps(client.metadata(), indent=2))
+        elif fv.classify:
+            (pairs,) = client.classify([fv.prompt])
+            print(json.dumps({"label": max(pairs, key=lambda p: p[1])[0], "scores": dict(pairs)}))
         elif fv.score:
             (log_likelihood, tokens), = client.score([fv.prompt])
             print(json.dumps({"log_likelihood": log_likelihood, "num_tokens": tokens}))

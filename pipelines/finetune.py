@@ -333,6 +333,10 @@ def finetune(workdir: str | os.PathLike, config: FinetuneConfig, progress: Progr
     """
     progress = progress or Progress()
     config.validate()
+    # Before any TensorFlow op (the tokenizer's): devices and collective ops are fixed at startup.
+    strategy_lib.split_cpu(config.logical_cpus)
+    strategy = strategy_lib.make(config.strategy)
+    chief = strategy_lib.is_chief(strategy)
     final = pathlib.Path(workdir)
     if final.exists() and not config.overwrite:
         raise UserError(f"{final} exists; pass --overwrite to replace it or choose another --workdir")
@@ -363,11 +367,9 @@ def finetune(workdir: str | os.PathLike, config: FinetuneConfig, progress: Progr
                   f"classes {', '.join(classes)}; {models.family_of(lm_config)} backbone from {base_root} "
                   f"({config.init}), {max_length} tokens per text")
 
-    strategy_lib.split_cpu(config.logical_cpus)
-    strategy = strategy_lib.make(config.strategy)
-    chief = strategy_lib.is_chief(strategy)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(dir=final.parent if chief else None, prefix=f".{final.name}-"))
+    staging = workdir_lib.make_staging(final.parent, final.name) if chief else pathlib.Path(
+        tempfile.mkdtemp(prefix="lmstack-worker-finetune-"))
     try:
         summary = _build(staging, config, strategy, base_root, lm_config, tokenizer_config, tokenizer, classes,
                          train_examples, val_examples, frozen, max_length, progress, verbose)

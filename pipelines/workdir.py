@@ -155,6 +155,32 @@ def staging_dir(workdir: Workdir, stage: str) -> Iterator[pathlib.Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def make_staging(parent: pathlib.Path, name: str) -> pathlib.Path:
+    """A hidden staging directory `parent/.NAME-staging-PID-XXXX` for building `parent/NAME`.
+
+    A process killed mid-build (kill -9, SIGTERM) cannot remove its staging
+    directory; the next build of the same name removes those whose process is gone.
+    """
+    for old in parent.glob(f".{name}-staging-*"):
+        try:
+            pid = int(old.name[len(f".{name}-staging-"):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if not _alive(pid):
+            shutil.rmtree(old, ignore_errors=True)
+    return pathlib.Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}-staging-{os.getpid()}-"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_stage_outputs(workdir: Workdir) -> list[str]:
     """Removes every stage output of a workdir; returns the names removed."""
     removed = []

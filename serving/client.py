@@ -3,6 +3,7 @@
     client = serving.client.connect("localhost:8500", protocol="grpc", model_name="lm")
     client.generate(["ROMEO."], max_new_tokens=50)        # -> ["..."]
     client.score(["To be, or not to be"])                 # -> [(log_likelihood, num_tokens)]
+    client.classify(["A dark, dull thriller."])          # a classifier export -> [[("fresh", 0.2), ("rotten", 0.8)]]
 
 Both clients send the signatures of `serving.contract`, time out after
 `timeout` seconds, retry a request the server answers UNAVAILABLE (HTTP 503,
@@ -77,6 +78,10 @@ class _Client:
     def next_token_logits(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
         return self.predict(c.NEXT_TOKEN_LOGITS, {c.TOKEN_IDS: [list(row) for row in token_ids]})[c.LOGITS]
 
+    def classify(self, texts: Sequence[str], signature: str = c.CLASSIFY) -> list[list[tuple[str, float]]]:
+        """A classifier export's (label, score) pairs per text, through TensorFlow Serving's Classify API."""
+        raise NotImplementedError
+
     def _with_retries(self, call):
         for attempt in range(self.retries + 1):
             try:
@@ -136,6 +141,11 @@ class RestClient(_Client):
         if not isinstance(outputs, dict):  # a signature with one output answers with its value
             outputs = {next(iter(c.SIGNATURES[signature].outputs)): outputs}
         return outputs
+
+    def classify(self, texts: Sequence[str], signature: str = c.CLASSIFY) -> list[list[tuple[str, float]]]:
+        body = {"signature_name": signature, "examples": [{c.TEXT: t} for t in texts]}
+        return [[(label, float(score)) for label, score in row]
+                for row in self._request(self._url(":classify"), body)["result"]]
 
     def metadata(self) -> dict[str, Any]:
         return self._request(self._url("/metadata"))
@@ -202,6 +212,16 @@ class GrpcClient(_Client):
             request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=dtype))
         response = self._call(self._predictions.Predict, request)
         return {name: tf.make_ndarray(proto).tolist() for name, proto in response.outputs.items()}
+
+    def classify(self, texts: Sequence[str], signature: str = c.CLASSIFY) -> list[list[tuple[str, float]]]:
+        from tensorflow_serving.apis import classification_pb2
+
+        request = classification_pb2.ClassificationRequest(model_spec=self._spec(signature))
+        for text in texts:
+            request.input.example_list.examples.add().features.feature[c.TEXT].bytes_list.value.append(
+                text.encode("utf-8"))
+        response = self._call(self._predictions.Classify, request)
+        return [[(k.label, k.score) for k in row.classes] for row in response.result.classifications]
 
     def metadata(self) -> dict[str, Any]:
         from google.protobuf import json_format

@@ -150,6 +150,13 @@ def test_classify_over_rest_and_grpc_as_tensorflow_serving_answers(serving_class
     assert [[label for label, _ in row] for row in got] == [["fresh", "rotten"]] * 2
     np.testing.assert_allclose([[score for _, score in row] for row in got], expected, atol=1e-5)
 
+    # lmstack's own clients speak the same API.
+    from serving import client as client_lib
+    for protocol in ("rest", "grpc"):
+        target = serving_classifier["rest" if protocol == "rest" else "grpc"]
+        pairs = client_lib.connect(target, protocol, model_name="reviews").classify(texts)
+        np.testing.assert_allclose([[score for _, score in row] for row in pairs], expected, atol=1e-5)
+
     # Plain predict clients: serving_default, text -> label + scores.
     status, body = post(f"{url}:predict", json.dumps({"instances": texts}).encode())
     assert status == 200 and [p["label"] for p in body["predictions"]] == \
@@ -277,3 +284,31 @@ def test_language_model_commands_refuse_a_classifier_workdir(classifier, capsys)
         main(["generate", f"--workdir={classifier[0]}", "--prompt=The"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "is a classifier workdir" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_killed_runs_staging_directory_is_removed_by_the_next(base, examples, tmp_path):
+    stale = tmp_path / ".cls-staging-4194304-abcd"  # above Linux's largest pid_max: no such process
+    stale.mkdir()
+    (stale / "half-written").write_text("x")
+    finetune.finetune(tmp_path / "cls", tiny_config(base, examples, steps=3, warmup_steps=1), verbose=0)
+    assert not stale.exists() and (tmp_path / "cls" / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["mirrored", "multi_worker"])
+def test_finetune_runs_under_the_training_strategies(launcher, base, examples, tmp_path):
+    import subprocess
+    import sys
+
+    common = [f"--workdir={tmp_path / 'cls'}", f"--base={base}", f"--train={examples}", "--steps=6",
+              "--warmup_steps=1", "--batch_size=4", "--progress=none", "--val_fraction=0.25"]
+    if launcher == "mirrored":
+        argv = [sys.executable, "-m", "app", "finetune", *common, "--strategy=mirrored", "--logical_cpus=2"]
+    else:
+        argv = [sys.executable, "-m", "app", "launch", "--workers=2", "--", "finetune", *common,
+                "--strategy=multi_worker"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "cls" / "metrics.json").read_text())
+    assert metrics["global_batch"] == 8 and metrics["examples"] == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cls"]  # one workdir, written once, no staging
