@@ -4,7 +4,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-RUN ?= runs/quickstart
 
 .PHONY: quickstart test bench venv clean
 
@@ -16,8 +15,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
+# The main job: every stage for an LSTM and a transformer (quickstart.yaml).
 quickstart: venv
-	$(BIN)/lmstack prepare --corpus=data/shakespeare.txt.gz --workdir=$(RUN) --tokenizer=char
+	$(BIN)/lmstack pipeline --config=quickstart.yaml
 
 # Fast tests first (two processes, one test file each at a time: the files'
 # shared fixtures stay in one process), then the ones marked slow (still part

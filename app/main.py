@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "tflite": ("app.tflite", "TFLite for on-device generation: prefill/decode or sequence/step, built-in ops"),
     "serve": ("app.serve", "serve exported models over TensorFlow Serving's REST and gRPC APIs"),
     "client": ("app.client", "send a prompt to a TensorFlow Serving (or lmstack serve) endpoint"),
+    "pipeline": ("app.pipeline", "run every stage from one YAML/JSON config; finished stages are not redone"),
     "launch": ("app.launch", "start N local workers of a command with TF_CONFIG (multi-worker dev)"),
 }
 

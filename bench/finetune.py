@@ -10,12 +10,17 @@ through the real `lmstack finetune` code path:
     head only      pre-trained backbone frozen, only pooling + Dense head trained (--freeze=all)
     from scratch   the same network with random weights, everything trained (the baseline)
 
+With --in_domain, one more backbone: a `small` char-level transformer
+pre-trained by `lmstack train` on the *training* split's review texts alone,
+labels ignored (the validation texts are never seen: the split is the same
+seeded one) — ULMFiT's recipe of a language model of the target domain.
+
 Every run has the same steps, batch and pooling. Accuracy is on the held-out
 split; "majority" is the accuracy of always answering the larger class.
 
 Prints a table and writes bench/results/finetune.json.
 
-usage: python bench/finetune.py [--models=transformer,lstm] [--steps=400] [--rerun]
+usage: python bench/finetune.py [--models=transformer,lstm] [--steps=400] [--in_domain] [--rerun]
 """
 
 from __future__ import annotations
@@ -46,6 +51,27 @@ def run(base: pathlib.Path, out: pathlib.Path, rerun: bool, progress: Progress, 
     return finetune.finetune(out, config, progress=progress, verbose=2)
 
 
+def in_domain_base(root: pathlib.Path, steps: int, progress: Progress) -> pathlib.Path:
+    """A `small` transformer language model of the training split's review texts (labels unused)."""
+    import models
+    from pipelines import labelled, prepare, tokenizers, train
+
+    workdir = root / "reviews-lm"
+    if (workdir / "metrics.json").is_file():
+        return workdir
+    train_split, _ = labelled.split(labelled.read(REVIEWS, "text", "label"), 0.1, 0)  # finetune's split
+    corpus = root / "reviews-train-texts.txt"
+    root.mkdir(parents=True, exist_ok=True)
+    corpus.write_text("\n".join(train_split.texts) + "\n", encoding="utf-8")
+    prepare.prepare(prepare.PrepareConfig(corpus=(str(corpus),), tokenizer=tokenizers.TokenizerConfig("char"),
+                                          val_fraction=0.05), workdir, overwrite=True, progress=progress)
+    vocab = json.loads((workdir / "data" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    train.train(workdir, models.make_config("transformer", "small", vocab),
+                train.TrainConfig(steps=steps, batch_size=32, warmup_steps=100, eval_every=0,
+                                  checkpoint_every=steps), progress, verbose=2)
+    return workdir
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="transformer,lstm")
@@ -53,6 +79,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-finetune"))
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--pooling", default="mean")
+    parser.add_argument("--in_domain", action="store_true", help="also a transformer pre-trained on the review texts")
+    parser.add_argument("--in_domain_steps", type=int, default=1000)
     parser.add_argument("--rerun", action="store_true", help="retrain classifiers that exist")
     args = parser.parse_args()
     progress = Progress(sys.stderr)
@@ -72,8 +100,13 @@ def main() -> None:
                     baseline=True, **common)
         head = run(base, out / "head-only", args.rerun, progress, freeze="all", learning_rate=3e-3, **common)
         scratch = json.loads((out / "fine-tuned" / finetune.BASELINE_DIR / "metrics.json").read_text())
+        runs = [("fine-tuned", tuned), ("head only", head), ("from scratch", scratch)]
+        if args.in_domain and family == "transformer":
+            lm = in_domain_base(pathlib.Path(args.out), args.in_domain_steps, progress)
+            runs.insert(1, ("fine-tuned, LM of the review texts", run(
+                lm, out / "in-domain", args.rerun, progress, freeze="none", learning_rate=1e-3, **common)))
         entry = {}
-        for name, m in (("fine-tuned", tuned), ("head only", head), ("from scratch", scratch)):
+        for name, m in runs:
             entry[name] = {k: m[k] for k in ("accuracy", "macro_f1", "trainable_params", "params", "wall_seconds",
                                              "examples_per_s", "train_accuracy", "majority_class_accuracy")}
             rows.append((family, name, m))

@@ -1,0 +1,104 @@
+"""`lmstack pipeline`: one config file through every stage; finished stages are not redone."""
+
+import json
+
+import pytest
+
+from app import stages
+from app.main import main
+from pipelines.errors import UserError
+from tests.conftest import bundled_lines
+
+TINY = """
+workdir: run
+corpus: [corpus.txt]
+tokenizer: {kind: char}
+models:
+  transformer: {preset: tiny}
+prepare: {val_fraction: 0.1}
+train: {steps: 20, batch_size: 8, warmup_steps: 2, eval_every: 0, checkpoint_every: 20}
+optimize: {method: prune, target_sparsity: 0.5, steps: 10, frequency: 2, end_step: 6}
+export: {variant: pruned50}
+serve: {prompt: "ROMEO.", max_new_tokens: 8}
+tflite: {variant: pruned50, quantize: none, prompt: "ROMEO.", max_new_tokens: 8}
+report: {latency: false}
+"""
+
+
+def write_config(tmp_path, text=TINY, name="run.yaml"):
+    (tmp_path / "corpus.txt").write_text("".join(bundled_lines(2000, 600)), encoding="utf-8")
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def run(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def stage_lines(err: str) -> dict[str, str]:
+    """'transformer train' -> 'up to date' | 'done' | 'skipped', from the per-stage progress lines."""
+    result = {}
+    for line in err.splitlines():
+        if line.startswith("[") and ": " in line:
+            head, what = line.split("] ", 1)[1].split(": ", 1)
+            result[head] = what.split(" ", 1)[0] if not what.startswith("up to date") else "up to date"
+    return result
+
+
+@pytest.mark.slow
+def test_every_stage_runs_once_and_a_changed_setting_reruns_only_what_depends_on_it(tmp_path, capsys):
+    config = write_config(tmp_path)
+    code, out, err = run(capsys, "pipeline", f"--config={config}")
+    assert code == 0, err
+    state = json.loads((tmp_path / "run" / "pipeline.json").read_text())["stages"]
+    assert set(state) == {f"transformer/{s}" for s in stages.STAGES}
+    served = state["transformer/serve"]["result"]
+    assert served["rest"]["completion"] == served["grpc"]["completion"] != ""  # greedy: both protocols agree
+    assert state["transformer/tflite"]["result"]["completion"] != ""
+    assert (tmp_path / "run" / "transformer" / "report" / "report.md").is_file()
+    assert "| transformer | pruned50 |" in err and "artifacts:" in err
+    assert json.loads(out)["workdir"] == str(tmp_path / "run")
+
+    code, _, err = run(capsys, "pipeline", f"--config={config}")
+    assert code == 0 and set(stage_lines(err).values()) == {"up to date"}
+
+    config.write_text(TINY.replace("quantize: none", "quantize: dynamic"))
+    code, _, err = run(capsys, "pipeline", f"--config={config}", "--skip=serve")
+    assert code == 0, err
+    lines = stage_lines(err)
+    assert lines["transformer tflite"] == lines["transformer report"] == "done"
+    assert lines["transformer serve"] == "skipped"
+    assert all(lines[f"transformer {s}"] == "up to date" for s in ("prepare", "train", "evaluate", "optimize",
+                                                                   "export"))
+    assert (tmp_path / "run" / "transformer" / "tflite" / "transformer-pruned50-dynamic.tflite").is_file()
+    assert not (tmp_path / "run" / "transformer" / "tflite" / "transformer-pruned50-float32.tflite").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {transformer: {}}\ntrian: {}\n", "unknown key(s) trian"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {gpt: {}}\n", "`models` maps families"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\ntrain: {stpes: 3}\n", "train: unknown setting(s) stpes"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\nskip: [deploy]\n", "cannot skip deploy"),
+    ("workdir: run\nmodels: {lstm: {}}\n", "`corpus` is required"),
+    ("workdir: run\ncorpus: [c.txt\n", "not valid YAML"),
+])
+def test_bad_config_is_one_line_and_exit_2(text, message, tmp_path, capsys):
+    config = write_config(tmp_path, text)
+    code, _, err = run(capsys, "pipeline", f"--config={config}")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_json_configs_read_like_yaml(tmp_path):
+    config = write_config(tmp_path, json.dumps({"workdir": "run", "corpus": "corpus.txt",
+                                                "models": {"lstm": {"preset": "tiny"}}, "skip": ["serve"]}),
+                          name="run.json")
+    loaded = stages.load_config(config)
+    assert loaded.workdir == tmp_path / "run" and loaded.corpus == (str(tmp_path / "corpus.txt"),)
+    assert loaded.skip == ("serve",) and loaded.models == {"lstm": {"preset": "tiny"}}
+    with pytest.raises(UserError, match="--rerun: unknown stage"):
+        stages.Pipeline(loaded, progress=None, rerun=("deploy",))
