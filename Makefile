@@ -6,6 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .PHONY: quickstart test bench venv clean
+SHELL := /bin/bash
 
 venv: $(VENV)/.installed
 
@@ -27,14 +28,16 @@ test: venv
 	$(BIN)/python -m pytest -m "not slow" -q --durations=10 -n 2 --dist loadfile
 	$(BIN)/python -m pytest -m slow -q --durations=10 || [ $$? -eq 5 ]
 
+# Every benchmark, its table copied to bench/results/NAME.md next to its JSON,
+# then one page of all of them: bench/results/SUMMARY.md.
+BENCHES := pipeline_throughput train_speed generation_speed export_latency serve_load quality optimize edge finetune
+
 bench: venv
-	$(BIN)/python bench/pipeline_throughput.py
-	$(BIN)/python bench/generation_speed.py
-	$(BIN)/python bench/export_latency.py
-	$(BIN)/python bench/serve_load.py
-	$(BIN)/python bench/quality.py --reuse
-	$(BIN)/python bench/optimize.py
-	$(BIN)/python bench/edge.py
+	set -o pipefail; for b in $(BENCHES); do \
+	  args=$$( [ $$b = quality ] && echo --reuse ); \
+	  $(BIN)/python bench/$$b.py $$args | tee bench/results/$$b.md || exit 1; \
+	done
+	$(BIN)/python bench/summary.py $(BENCHES)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache *.egg-info

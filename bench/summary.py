@@ -1,0 +1,44 @@
+"""Joins the tables every benchmark printed (bench/results/NAME.md) into bench/results/SUMMARY.md.
+
+`make bench` runs each benchmark with its output copied to bench/results/NAME.md
+(next to the NAME.json it writes), then this script, so one page holds the
+latest figures with the machine and the date they came from.
+
+usage: python bench/summary.py NAME [NAME ...]   (in the order to show them)
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+import sys
+import time
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    names = sys.argv[1:] or sorted(p.stem for p in RESULTS.glob("*.md") if p.stem != "SUMMARY")
+    try:
+        import tensorflow as tf
+        tf_version = tf.__version__
+    except ImportError:
+        tf_version = "not installed"
+    lines = ["# lmstack benchmarks", "",
+             f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node()} ({platform.platform()}, "
+             f"{os.cpu_count()} CPUs), Python {platform.python_version()}, TensorFlow {tf_version}. "
+             "Each section is one `bench/` script's output; its JSON is next to it.", ""]
+    for name in names:
+        path = RESULTS / f"{name}.md"
+        if not path.is_file():
+            lines += [f"## {name}", "", f"(no output: run `python bench/{name}.py`)", ""]
+            continue
+        lines += [f"## {name} (`python bench/{name}.py`)", "", "```", path.read_text(encoding="utf-8").rstrip(),
+                  "```", ""]
+    (RESULTS / "SUMMARY.md").write_text("\n".join(lines), encoding="utf-8")
+    print(f"wrote {RESULTS / 'SUMMARY.md'}")
+
+
+if __name__ == "__main__":
+    main()
