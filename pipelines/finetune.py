@@ -384,21 +384,11 @@ def finetune(workdir: str | os.PathLike, config: FinetuneConfig, progress: Progr
             workdir_lib.write_json(staging / "metrics.json", summary)
         if chief:
             os.chmod(staging, 0o755)
-            _replace(staging, final)
+            workdir_lib.replace_dir(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     summary["path"] = str(final)
     return summary
-
-
-def _replace(staging: pathlib.Path, final: pathlib.Path) -> None:
-    if not final.exists():
-        os.rename(staging, final)
-        return
-    old = final.with_name(f".{final.name}-replaced-{os.getpid()}")
-    os.rename(final, old)
-    os.rename(staging, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _build(root: pathlib.Path, config: FinetuneConfig, strategy, base_root: pathlib.Path, lm_config,

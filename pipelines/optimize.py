@@ -22,7 +22,6 @@ import math
 import os
 import pathlib
 import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -219,7 +218,7 @@ def optimize(workdir: str | os.PathLike, config: OptimizeConfig, progress: Progr
     optimized_root = wd.root / checkpoints.OPTIMIZED_DIR
     created_root = not optimized_root.exists()
     optimized_root.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(dir=optimized_root, prefix=f".{name}-"))
+    staging = workdir_lib.make_staging(optimized_root, name)
     try:
         summary = _fine_tune(wd, model, model_config, config, train_config, manifest, staging, source_pruned,
                              progress, verbose)
@@ -235,7 +234,7 @@ def optimize(workdir: str | os.PathLike, config: OptimizeConfig, progress: Progr
             "preserve_sparsity": config.method == "prune_qat", "settings": dataclasses.asdict(config)}}
         workdir_lib.write_json(staging / workdir_lib.CONFIG_FILE, variant_config)
         os.chmod(staging, 0o755)
-        _replace(staging, final)
+        workdir_lib.replace_dir(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created_root:
@@ -288,17 +287,6 @@ def _fine_tune(wd, model, model_config, config: OptimizeConfig, train_config: tr
         result["float_layers"] = mot.float_layers(final)
         result["frozen_layers"] = frozen
     return result
-
-
-def _replace(staging: pathlib.Path, final: pathlib.Path) -> None:
-    """Renames `staging` to `final`, replacing an existing `final` only once the new one is complete."""
-    if not final.exists():
-        os.rename(staging, final)
-        return
-    old = final.with_name(f".{final.name}-replaced-{os.getpid()}")
-    os.rename(final, old)
-    os.rename(staging, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def describe(summary: dict[str, Any]) -> str:

@@ -155,6 +155,17 @@ def staging_dir(workdir: Workdir, stage: str) -> Iterator[pathlib.Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def replace_dir(staging: pathlib.Path, final: pathlib.Path) -> None:
+    """Renames a finished `staging` directory to `final`, replacing an old `final` only once the new one is complete."""
+    if not final.exists():
+        os.rename(staging, final)
+        return
+    old = final.with_name(f".{final.name}-replaced-{os.getpid()}")
+    os.rename(final, old)
+    os.rename(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def make_staging(parent: pathlib.Path, name: str) -> pathlib.Path:
     """A hidden staging directory `parent/.NAME-staging-PID-XXXX` for building `parent/NAME`.
 
