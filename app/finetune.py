@@ -38,7 +38,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     d.DEFINE_integer("unfreeze_at", 0, "after this many steps unfreeze everything (0: never)", flag_values=fv)
     d.DEFINE_float("unfreeze_learning_rate", 0.0, "learning rate after unfreezing (0: --learning_rate / 10)",
                    flag_values=fv)
-    d.DEFINE_enum("pooling", "last", ["last", "mean"], "last: the final token's state; mean: over the tokens",
+    d.DEFINE_enum("pooling", "mean", ["mean", "last"], "mean: over the text's tokens; last: the final token's state",
                   flag_values=fv)
     d.DEFINE_enum("init", "pretrained", ["pretrained", "scratch"], "the backbone's weights: the base's or random",
                   flag_values=fv)

@@ -18,7 +18,7 @@ A config file (see quickstart.yaml):
     workdir: runs/quickstart
     corpus: [data/shakespeare.txt.gz]
     tokenizer: {kind: char}
-    models: {lstm: {preset: small}, transformer: {preset: small, layers: 2}}
+    models: {lstm: {preset: small, train: {steps: 600}}, transformer: {preset: small, layers: 2}}
     prepare: {val_fraction: 0.05}
     train: {steps: 400, batch_size: 32}
     optimize: {method: prune, target_sparsity: 0.5, steps: 100}
@@ -67,7 +67,8 @@ class PipelineConfig:
         workdir: the run's root; each model family gets WORKDIR/FAMILY.
         corpus: text files (paths relative to the config file's directory).
         tokenizer: `pipelines.tokenizers.TokenizerConfig` fields.
-        models: family -> {"preset": NAME, plus model overrides such as layers, d_model}.
+        models: family -> {"preset": NAME, model overrides such as layers or d_model, and "train":
+            this family's overrides of the train stage's settings}.
         stages: stage -> its settings.
         skip: stages left out.
     """
@@ -123,6 +124,15 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
     for stage in STAGES:
         if not isinstance(data.get(stage) or {}, dict):
             raise UserError(f"--config={path}: `{stage}` holds settings (a mapping), got {data[stage]!r}")
+    allowed_model = {"preset", "train"} | {f.name for cls in models.FAMILIES.values() for f in dataclasses.fields(cls)}
+    for family, settings in families.items():
+        unknown = sorted(set(settings or {}) - allowed_model)
+        if unknown or not isinstance((settings or {}).get("train", {}), dict):
+            raise UserError(f"--config={path}: models.{family}: unknown setting(s) {', '.join(unknown) or 'train'}; "
+                            "it takes preset, train (overrides of the train stage) and the model's own fields")
+        bad = sorted(set((settings or {}).get("train", {})) - stage_settings()["train"])
+        if bad:
+            raise UserError(f"--config={path}: models.{family}.train: unknown setting(s) {', '.join(bad)}")
     for stage, allowed in stage_settings().items():
         unknown = sorted(set(data.get(stage) or {}) - allowed)
         if unknown:
@@ -258,6 +268,7 @@ class Pipeline:
 
         model_settings = dict(self.config.models[family])
         preset = model_settings.pop("preset", "small")
+        settings = {**settings, **model_settings.pop("train", {})}
         vocab = workdir_lib.Workdir(wd).read_manifest()["tokenizer"]["vocab_size"]
         try:
             model_config = models.make_config(family, preset, vocab, **model_settings)

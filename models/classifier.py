@@ -24,7 +24,7 @@ import tensorflow as tf
 from models import gpt, layers, lstm
 from models.backend import keras
 
-POOLINGS = ("last", "mean")
+POOLINGS = ("mean", "last")
 PAD_ID = 0  # pipelines.tokenizers.PAD_ID; models must not import pipelines
 
 
@@ -41,7 +41,7 @@ class ClassifierConfig:
     """
     backbone: Any
     num_classes: int
-    pooling: str = "last"
+    pooling: str = "mean"
     dropout: float = 0.1
     max_length: int = 128
 
@@ -90,7 +90,7 @@ class SequencePooling(keras.layers.Layer):
         pad_id: the padding id.
     """
 
-    def __init__(self, mode: str = "last", pad_id: int = PAD_ID, **kwargs):
+    def __init__(self, mode: str = "mean", pad_id: int = PAD_ID, **kwargs):
         super().__init__(**kwargs)
         self.mode = mode
         self.pad_id = pad_id

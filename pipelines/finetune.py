@@ -87,7 +87,7 @@ class FinetuneConfig:
     freeze: str = "none"
     unfreeze_at: int = 0
     unfreeze_learning_rate: float = 0.0
-    pooling: str = "last"
+    pooling: str = "mean"
     init: str = "pretrained"
     baseline: bool = False
     model: str = ""
@@ -215,7 +215,7 @@ def predict_ids(model, tokenizer, texts: Sequence[str], max_length: int, batch_s
     """Class probabilities `[N, C]` of `texts`."""
     ds = _dataset(tokenizer, texts, np.zeros(len(texts), np.int32), max_length, batch_size, None)
 
-    @tf.function
+    @tf.function(input_signature=[tf.TensorSpec([None, max_length], tf.int32)])  # one trace, any batch
     def probabilities(ids):
         return tf.nn.softmax(tf.cast(model(ids, training=False), tf.float32))
 

@@ -398,7 +398,10 @@ class ModelServer:
                                                  value=(time.perf_counter() - began) * 1e6)
 
     def _predict(self, name, version, signature, inputs, label):
-        loaded = self.model(name).get(version, label)
+        return self._run(name, self.model(name).get(version, label), signature, inputs)
+
+    def _run(self, name: str, loaded: LoadedVersion, signature: str, inputs: dict[str, np.ndarray]):
+        """One signature call on the version a request holds (batched if batching is on)."""
         if signature not in loaded.signatures:
             raise ServingError("FAILED_PRECONDITION",
                                f"Serving signature name: \"{signature}\" not found in signature def "
@@ -443,8 +446,7 @@ class ModelServer:
                 raise ServingError("INVALID_ARGUMENT", f"Expected classification signature method_name to be "
                                                        f"{CLASSIFY_METHOD}. Was: {method}")
             (key,) = loaded.input_specs(signature)
-            loaded, outputs = self._predict(name, loaded.version, signature,
-                                            {key: np.array(examples, dtype=object)}, None)
+            loaded, outputs = self._run(name, loaded, signature, {key: np.array(examples, dtype=object)})
             scores = outputs.get("scores")
             classes = outputs.get("classes")
             if scores is None and classes is None:

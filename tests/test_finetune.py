@@ -312,3 +312,19 @@ def test_finetune_runs_under_the_training_strategies(launcher, base, examples, t
     metrics = json.loads((tmp_path / "cls" / "metrics.json").read_text())
     assert metrics["global_batch"] == 8 and metrics["examples"] == 40
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cls"]  # one workdir, written once, no staging
+
+
+@pytest.mark.parametrize("family", ["transformer", "lstm"])
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_padding_does_not_change_a_texts_logits(family, pooling):
+    import models
+    from models import classifier as classifier_lib
+
+    config = classifier_lib.ClassifierConfig(models.make_config(family, "tiny", 20), 3, pooling, 0.0, 16)
+    model = classifier_lib.build_classifier(config)
+    ids = np.array([[3, 5, 6, 7, 0, 0, 0, 0], [3, 5, 6, 7, 8, 9, 10, 11]], np.int32)
+    padded, alone = model(ids).numpy(), model(ids[:1, :4]).numpy()
+    np.testing.assert_allclose(padded[0], alone[0], atol=1e-5)
+    assert not np.allclose(padded[0], padded[1])  # the longer text reads its own tokens
+    layer = model.get_layer("pooling")
+    assert classifier_lib.SequencePooling.from_config(layer.get_config()).get_config() == layer.get_config()

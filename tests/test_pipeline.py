@@ -84,6 +84,8 @@ def test_every_stage_runs_once_and_a_changed_setting_reruns_only_what_depends_on
     ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\ntrain: {stpes: 3}\n", "train: unknown setting(s) stpes"),
     ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\nskip: [deploy]\n", "cannot skip deploy"),
     ("workdir: run\nmodels: {lstm: {}}\n", "`corpus` is required"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {width: 3}}\n", "models.lstm: unknown setting(s) width"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {train: {stpes: 3}}}\n", "models.lstm.train: unknown setting(s) stpes"),
     ("workdir: run\ncorpus: [c.txt\n", "not valid YAML"),
 ])
 def test_bad_config_is_one_line_and_exit_2(text, message, tmp_path, capsys):
