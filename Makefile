@@ -34,7 +34,7 @@ BENCHES := pipeline_throughput train_speed generation_speed export_latency serve
 
 bench: venv
 	set -o pipefail; for b in $(BENCHES); do \
-	  args=$$( [ $$b = quality ] && echo --reuse ); \
+	  case $$b in quality) args=--reuse;; finetune) args=--in_domain;; *) args=;; esac; \
 	  $(BIN)/python bench/$$b.py $$args | tee bench/results/$$b.md || exit 1; \
 	done
 	$(BIN)/python bench/summary.py $(BENCHES)
