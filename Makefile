@@ -20,13 +20,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 quickstart: venv
 	$(BIN)/lmstack pipeline --config=quickstart.yaml
 
-# Fast tests first (two processes, one test file each at a time: the files'
-# shared fixtures stay in one process), then the ones marked slow (still part
-# of every run; one at a time, since several of them start processes of their own).
-# pytest exits 5 when a marker selects nothing; that is not a failure here.
+# Fast tests first, then the ones marked slow (still part of every run). Both
+# passes run in two processes, one test file at a time each (`--dist loadfile`:
+# a file's module fixtures are built once, and test_train's multi-worker tests
+# never overlap one another). pytest exits 5 when a marker selects nothing;
+# that is not a failure here.
 test: venv
 	$(BIN)/python -m pytest -m "not slow" -q --durations=10 -n 2 --dist loadfile
-	$(BIN)/python -m pytest -m slow -q --durations=10 || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -m slow -q --durations=10 -n 2 --dist loadfile || [ $$? -eq 5 ]
 
 # Every benchmark, its table copied to bench/results/NAME.md next to its JSON,
 # then one page of all of them: bench/results/SUMMARY.md.
