@@ -163,6 +163,19 @@ def test_classify_over_rest_and_grpc_as_tensorflow_serving_answers(serving_class
         [["fresh", "rotten"][i] for i in expected.argmax(axis=1)]
 
 
+def test_lmstack_client_classifies_a_prompt(serving_classifier, capsys):
+    from app.main import main
+
+    for protocol in ("grpc", "rest"):
+        with pytest.raises(SystemExit) as e:
+            main(["client", f"--target={serving_classifier[protocol]}", f"--protocol={protocol}",
+                  "--model_name=reviews", "--classify", "--prompt=Funny, warm and wise."])
+        answer = json.loads(capsys.readouterr().out)
+        assert e.value.code == 0 and answer["label"] in ("fresh", "rotten")
+        assert set(answer["scores"]) == {"fresh", "rotten"} and sum(answer["scores"].values()) == pytest.approx(1.0)
+        assert answer["label"] == max(answer["scores"], key=answer["scores"].get)
+
+
 def test_bad_classify_requests_get_tensorflow_serving_errors(serving_classifier):
     import grpc
     from tensorflow_serving.apis import classification_pb2, prediction_service_pb2_grpc
