@@ -472,7 +472,8 @@ def _build(root: pathlib.Path, config: FinetuneConfig, strategy, base_root: path
     summary.update({
         "split": "validation", "init": config.init, "freeze": config.freeze, "frozen_layers": frozen_names,
         "unfreeze_at": config.unfreeze_at or None, "family": models.family_of(lm_config),
-        "params": total, "trainable_params": trainable, "steps": config.steps, "global_batch": global_batch,
+        "params": total, "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+        "trainable_params_at_start": trainable, "steps": config.steps, "global_batch": global_batch,
         "train_loss": float(history["loss"][-1]), "train_accuracy": float(history["accuracy"][-1]),
         "wall_seconds": round(wall, 1), "examples_per_s": config.steps * global_batch / wall,
         "majority_class_accuracy": float(np.bincount(y_val, minlength=len(classes)).max() / max(1, len(y_val))),

@@ -227,6 +227,7 @@ def test_unfreeze_at_trains_the_backbone_after_the_head(base, examples, tmp_path
     model, *_ = finetune.load_classifier(tmp_path / "cls")
     assert any(not np.array_equal(w.numpy(), before[w.name]) for w in model.get_layer("backbone").weights)
     assert summary["unfreeze_at"] == 6
+    assert summary["trainable_params_at_start"] < summary["trainable_params"] == summary["params"]
 
 
 def test_labelled_files_read_csv_jsonl_and_compressed(tmp_path):
