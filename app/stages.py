@@ -41,7 +41,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 from pipelines import workdir as workdir_lib
 from pipelines.errors import UserError

@@ -107,8 +107,6 @@ def set_method_names(saved_model_dir: pathlib.Path, methods: dict[str, str]) -> 
 
 def build(workdir: pathlib.Path, tokenizer, asset_files: list[str]) -> tuple[ClassifierModule, dict[str, Any]]:
     """The module of a classifier workdir and what lmstack_config.json says about it."""
-    from models.backend import keras  # noqa: F401  (tf_keras before the model is rebuilt)
-
     model, config, labels, step = finetune.load_classifier(workdir)
     module = ClassifierModule(model, config.max_length, labels, tokenizer, asset_files)
     info = {"kind": "classifier", "checkpoint_step": step, "labels": labels,
