@@ -205,13 +205,15 @@ class GrpcClient(_Client):
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
 
+        from serving import tensors
+
         request = predict_pb2.PredictRequest(model_spec=self._spec(signature))
         for name, value in inputs.items():
             known = c.SIGNATURES[signature].inputs.get(name) if signature in c.SIGNATURES else None
             dtype = tf.dtypes.as_dtype(known.dtype) if known else None  # else numpy's own
             request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=dtype))
         response = self._call(self._predictions.Predict, request)
-        return {name: tf.make_ndarray(proto).tolist() for name, proto in response.outputs.items()}
+        return {name: tensors.to_ndarray(proto).tolist() for name, proto in response.outputs.items()}
 
     def classify(self, texts: Sequence[str], signature: str = c.CLASSIFY) -> list[list[tuple[str, float]]]:
         from tensorflow_serving.apis import classification_pb2

@@ -23,6 +23,7 @@ and the `serving` modules, never `models/` or `pipelines/`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import logging
@@ -38,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_text  # noqa: F401  (registers the tokenizer ops the exported graphs use)
 
-from serving import textproto
+from serving import tensors, textproto
 from serving.batching import Batcher, BatchingParameters
 from serving.contract import CLASSIFY_METHOD, HTTP_STATUS, ServingError
 from serving.metrics import Registry
@@ -310,20 +311,17 @@ class ModelServer:
         self._in_flight = 0
         self._idle = threading.Condition()
 
+    @contextlib.contextmanager
     def track(self):
-        """A context manager around one request, so `drain` can wait for the requests in flight."""
-        core = self
-
-        class _Request:
-            def __enter__(self):
-                with core._idle:
-                    core._in_flight += 1
-
-            def __exit__(self, *exc):
-                with core._idle:
-                    core._in_flight -= 1
-                    core._idle.notify_all()
-        return _Request()
+        """A context around one request, so `drain` can wait for the requests in flight."""
+        with self._idle:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
 
     def drain(self, timeout: float) -> bool:
         """Waits until no request is in flight (True) or `timeout` passes (False)."""
@@ -503,6 +501,13 @@ def _as_input(key: str, value, spec: tf.TensorSpec) -> np.ndarray:
     return array
 
 
+def _from_proto(key: str, proto) -> np.ndarray:
+    try:
+        return tensors.to_ndarray(proto)
+    except (ValueError, TypeError) as e:
+        raise ServingError("INVALID_ARGUMENT", f"input {key!r}: {e}") from None
+
+
 def _op_error_message(message: str) -> str:
     """The line of a TensorFlow error that says what went wrong (not the graph location)."""
     for line in message.splitlines():
@@ -539,7 +544,7 @@ def grpc_servicers(core: ModelServer):
 
         def _predict(self, request, context):
             try:
-                inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+                inputs = {k: _from_proto(k, v) for k, v in request.inputs.items()}
                 loaded, outputs = core.predict(request.model_spec.name, signature=request.model_spec.signature_name,
                                                inputs=inputs, **version_of(request.model_spec))
             except ServingError as e:
@@ -550,7 +555,7 @@ def grpc_servicers(core: ModelServer):
             response.model_spec.signature_name = request.model_spec.signature_name or "serving_default"
             names = set(request.output_filter) or set(outputs)
             for key in names:
-                response.outputs[key].CopyFrom(tf.make_tensor_proto(outputs[key]))
+                response.outputs[key].CopyFrom(tensors.to_proto(outputs[key]))
             return response
 
         def Classify(self, request, context):

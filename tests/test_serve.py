@@ -199,6 +199,25 @@ def test_row_and_columnar_formats_agree(running):
 
 
 @pytest.mark.slow
+def test_grpc_outputs_fill_the_typed_fields_like_tensorflow_serving(running):
+    """Clients that read `response.outputs[k].float_val` directly (as many TF Serving clients do) get values."""
+    import grpc
+    from tensorflow.core.framework import types_pb2
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
+
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(running["grpc"]))
+    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name="lm", signature_name="score"))
+    request.inputs["text"].dtype = types_pb2.DT_STRING  # built by hand, as a client without TensorFlow would
+    request.inputs["text"].tensor_shape.dim.add(size=2)
+    request.inputs["text"].string_val.extend([b"To be", b"or not"])
+    outputs = stub.Predict(request, timeout=30).outputs
+    assert list(outputs["num_tokens"].int_val) == [5, 6] and not outputs["num_tokens"].tensor_content
+    assert len(outputs["log_likelihood"].float_val) == 2 and all(v < 0 for v in outputs["log_likelihood"].float_val)
+    rest = client_lib.connect(running["rest"], "rest").score(["To be", "or not"])
+    assert [n for _, n in rest] == [5, 6]
+    assert np.allclose([ll for ll, _ in rest], outputs["log_likelihood"].float_val, rtol=1e-5)
+
+
 def test_lmstack_serve_answers_then_stops_on_sigterm(versions):
     grpc_port, rest_port = free_ports(2)
     process = subprocess.Popen(
