@@ -1,21 +1,26 @@
 """Server load: throughput, p50/p99 latency and resident memory of `lmstack serve`, batching off and on.
 
 A `tiny` transformer (char tokenizer on the bundled corpus) is exported and
-served by `lmstack serve` in its own process. N concurrent clients (threads
-of this process, each with its own connection and prebuilt requests) send
-`serving_default` requests of one prompt (16 new tokens) over gRPC or REST
-for `--seconds` each; the rows are 1 and 32 clients x both protocols x batching off/on
-(`max_batch_size` 32, `batch_timeout_micros` 5000). The reference is the
-same signature called in-process (`tf.saved_model.load`) in this process,
-timed just before: the gRPC overhead is the p50 difference at one client.
-The protocol overhead is the median difference between a server call and an
-in-process call made one after the other, 80 pairs at one client (batching
-off). The server's resident memory is read from /proc with one loaded version
-and with two (a `model_version_policy { all {} }` config over two versions).
+served by two `lmstack serve` processes side by side, one with batching
+(`max_batch_size` 32, `batch_timeout_micros` 5000, 2 batch threads) and one
+without, both with one thread per op (`THREADS`). N concurrent clients
+(threads of this process, each with its own connection and prebuilt requests)
+send `serving_default` requests of one prompt (16 new tokens) over gRPC or
+REST. Each row (protocol x 1 or 32 clients) runs `--rounds` pairs of
+`--seconds` windows, batching off then on, so every on-window has an
+off-window next to it in time: "vs off" is the median of those per-pair
+ratios (these machines are shared and their speed drifts between minutes).
+
+The reference is the same signature called in-process (`tf.saved_model.load`,
+the same threading) in this process. The protocol overhead is the median
+difference between a server call and an in-process call made one after the
+other, 80 pairs at one client (batching off). The server's resident memory is
+read from /proc with one loaded version and with two (a
+`model_version_policy { all {} }` config over two versions).
 
 Prints a table and writes bench/results/serve_load.json.
 
-usage: python bench/serve_load.py [--seconds=8]
+usage: python bench/serve_load.py [--seconds=4] [--rounds=3]
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 PROMPTS = ["ROMEO.", "What light through yonder window", "To be, or not to be", "Enter HAMLET", "Good night"]
 NEW_TOKENS = 16
+# One thread per op: a model this small gains nothing from splitting an op
+# across cores, and the freed core runs another request or batch (in-process,
+# a batch of 32 runs 1.8x the rows/s of TensorFlow's default threading here).
+THREADS = ("--tensorflow_intra_op_parallelism=1", "--tensorflow_inter_op_parallelism=2")
 
 
 def rss_mb(pid: int) -> float:
@@ -61,6 +70,9 @@ class Server:
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         from serving import client
         client.connect(f"localhost:{self.grpc}", "grpc", retries=12, backoff=0.5).status()
+
+    def target(self, protocol: str) -> str:
+        return f"localhost:{self.grpc if protocol == 'grpc' else self.rest}"
 
     def stop(self) -> None:
         self.process.terminate()
@@ -165,13 +177,18 @@ def paired_overhead(fn, server: Server, reps: int = 80) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of one load window")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating off/on windows per row")
     args = parser.parse_args()
 
     import app  # noqa: F401
     import tensorflow as tf
 
     from bench.common import untrained_export
+
+    for flag in THREADS:  # the servers' threading for the in-process reference too
+        name, value = flag.lstrip("-").split("=")
+        getattr(tf.config.threading, f"set_{name.replace('tensorflow_', '')}_threads")(int(value))
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmstack-serve-bench-"))
     base = tmp / "models" / "lm"
@@ -203,34 +220,45 @@ def main() -> None:
     batching_file = tmp / "batching.txt"
     batching_file.write_text("max_batch_size { value: 32 }\nbatch_timeout_micros { value: 5000 }\n"
                              "num_batch_threads { value: 2 }\nmax_enqueued_batches { value: 100 }\n")
-    rows = []
-    for batching in (False, True):
-        flags = [f"--model_base_path={base}", "--model_name=lm"]
-        if batching:
-            flags += ["--enable_batching", f"--batching_parameters_file={batching_file}"]
-        server = Server(*flags)
-        try:
-            if not batching:
-                overhead = paired_overhead(fn, server)
-            for protocol in ("grpc", "rest"):
-                target = f"localhost:{server.grpc if protocol == 'grpc' else server.rest}"
-                load(target, protocol, 4, 1.0)  # warm connections and the batch shapes
-                for clients in (1, 32):
-                    row = {"protocol": protocol, "batching": batching, "clients": clients,
-                           **load(target, protocol, clients, args.seconds),
-                           "server_rss_mb": rss_mb(server.process.pid)}
-                    rows.append(row)
-                    print(f"{protocol} batching={batching} clients={clients}: {row['requests_per_s']:.1f} req/s, "
-                          f"p50 {row['p50_ms']:.1f} ms", file=sys.stderr)
-        finally:
+    flags = [f"--model_base_path={base}", "--model_name=lm", *THREADS]
+    # Both servers run side by side; load windows alternate between them, so
+    # each batching-on window has a batching-off window next to it in time.
+    servers = {False: Server(*flags), True: Server(*flags, "--enable_batching",
+                                                   f"--batching_parameters_file={batching_file}")}
+    try:
+        overhead = paired_overhead(fn, servers[False])
+        windows: dict[tuple, list[dict]] = {}
+        for protocol in ("grpc", "rest"):
+            for batching, server in servers.items():
+                load(server.target(protocol), protocol, 4, 1.0)  # warm connections and the batch shapes
+            for clients in (1, 32):
+                for r in range(args.rounds):
+                    for batching, server in servers.items():
+                        window = load(server.target(protocol), protocol, clients, args.seconds)
+                        window["server_rss_mb"] = rss_mb(server.process.pid)
+                        windows.setdefault((protocol, batching, clients), []).append(window)
+                    on, off = (windows[(protocol, b, clients)][-1]["requests_per_s"] for b in (True, False))
+                    print(f"{protocol} clients={clients} round {r + 1}: batching off {off:.1f} req/s, "
+                          f"on {on:.1f} req/s ({on / off:.2f}x)", file=sys.stderr)
+    finally:
+        for server in servers.values():
             server.stop()
+    rows = []
+    for (protocol, batching, clients), runs in windows.items():
+        row = {"protocol": protocol, "batching": batching, "clients": clients,
+               **{k: float(np.median([w[k] for w in runs])) for k in runs[0] if k != "errors"},
+               "errors": sum(w["errors"] for w in runs), "rounds": len(runs)}
+        off = windows[(protocol, False, clients)]
+        # Per round: this window's throughput over the batching-off window beside it.
+        row["vs_unbatched"] = float(np.median([w["requests_per_s"] / o["requests_per_s"] for w, o in zip(runs, off)]))
+        rows.append(row)
 
     # Memory with two loaded versions.
     shutil.copytree(version, base / "2")
     two = tmp / "two.config"
     two.write_text(f'model_config_list {{ config {{ name: "lm" base_path: "{base}" '
                    f'model_version_policy {{ all {{}} }} }} }}')
-    server = Server(f"--model_config_file={two}")
+    server = Server(f"--model_config_file={two}", *THREADS)
     try:
         load(f"localhost:{server.grpc}", "grpc", 4, 1.0)
         rss_two = rss_mb(server.process.pid)
@@ -238,11 +266,9 @@ def main() -> None:
         server.stop()
 
     for row in rows:
-        off = next(r for r in rows if (r["protocol"], r["clients"], r["batching"]) ==
-                   (row["protocol"], row["clients"], False))
-        row["vs_unbatched"] = row["requests_per_s"] / off["requests_per_s"]
         row["p50_over_in_process_ms"] = row["p50_ms"] - reference["p50_ms"]
-    result = {"benchmark": "serve_load", "seconds": args.seconds, "new_tokens": NEW_TOKENS, "preset": "tiny",
+    result = {"benchmark": "serve_load", "seconds": args.seconds, "rounds": args.rounds,
+              "server_flags": list(THREADS), "new_tokens": NEW_TOKENS, "preset": "tiny",
               "in_process": reference, "p50_overhead_ms_paired": overhead, "server_rss_mb_two_versions": rss_two,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows}
     print(f"{'protocol':8} {'batching':8} {'clients':>7} {'req/s':>8} {'vs off':>7} {'p50 ms':>8} {'p99 ms':>8} "

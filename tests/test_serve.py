@@ -222,7 +222,8 @@ def test_lmstack_serve_answers_then_stops_on_sigterm(versions):
     grpc_port, rest_port = free_ports(2)
     process = subprocess.Popen(
         [sys.executable, "-m", "app", "serve", f"--model_base_path={versions}", "--model_name=lm",
-         f"--port={grpc_port}", f"--rest_api_port={rest_port}"],
+         f"--port={grpc_port}", f"--rest_api_port={rest_port}", "--tensorflow_intra_op_parallelism=1",
+         "--tensorflow_inter_op_parallelism=2"],
         stderr=subprocess.PIPE, text=True)
     try:
         client = client_lib.connect(f"localhost:{grpc_port}", "grpc", retries=8, backoff=0.5)
@@ -244,6 +245,7 @@ def test_lmstack_serve_answers_then_stops_on_sigterm(versions):
     (["--model_base_path={tmp}", "--enable_batching", "--batching_parameters_file={tmp}/b.txt"],
      "unknown field 'max_batch'"),
     (["--model_config_file={tmp}/missing.config"], "cannot read the model config file"),
+    (["--model_base_path={tmp}", "--tensorflow_intra_op_parallelism=-1"], "take 0 (TensorFlow's choice)"),
 ])
 def test_serve_bad_flags(tmp_path, capsys, flags, message):
     from app.main import main
