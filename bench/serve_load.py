@@ -47,7 +47,8 @@ NEW_TOKENS = 16
 # One thread per op: a model this small gains nothing from splitting an op
 # across cores, and the freed core runs another request or batch (in-process,
 # a batch of 32 runs 1.8x the rows/s of TensorFlow's default threading here).
-THREADS = ("--tensorflow_intra_op_parallelism=1", "--tensorflow_inter_op_parallelism=2")
+INTRA_OP, INTER_OP = 1, 2
+THREADS = (f"--tensorflow_intra_op_parallelism={INTRA_OP}", f"--tensorflow_inter_op_parallelism={INTER_OP}")
 
 
 def rss_mb(pid: int) -> float:
@@ -69,7 +70,7 @@ class Server:
              "--file_system_poll_wait_seconds=0", *flags],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         from serving import client
-        client.connect(f"localhost:{self.grpc}", "grpc", retries=12, backoff=0.5).status()
+        client.connect(self.target("grpc"), "grpc", retries=12, backoff=0.5).status()
 
     def target(self, protocol: str) -> str:
         return f"localhost:{self.grpc if protocol == 'grpc' else self.rest}"
@@ -160,8 +161,7 @@ def paired_overhead(fn, server: Server, reps: int = 80) -> dict:
     """p50 of (remote - in-process) latency over interleaved pairs of calls: the protocol's own cost."""
     import tensorflow as tf
 
-    senders = {"grpc": _request_senders(f"localhost:{server.grpc}", "grpc")(),
-               "rest": _request_senders(f"localhost:{server.rest}", "rest")()}
+    senders = {protocol: _request_senders(server.target(protocol), protocol)() for protocol in ("grpc", "rest")}
     differences: dict[str, list[float]] = {name: [] for name in senders}
     for i in range(reps + 5):
         start = time.perf_counter()
@@ -186,9 +186,9 @@ def main() -> None:
 
     from bench.common import untrained_export
 
-    for flag in THREADS:  # the servers' threading for the in-process reference too
-        name, value = flag.lstrip("-").split("=")
-        getattr(tf.config.threading, f"set_{name.replace('tensorflow_', '')}_threads")(int(value))
+    # The servers' threading for the in-process reference too.
+    tf.config.threading.set_intra_op_parallelism_threads(INTRA_OP)
+    tf.config.threading.set_inter_op_parallelism_threads(INTER_OP)
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmstack-serve-bench-"))
     base = tmp / "models" / "lm"
@@ -260,7 +260,7 @@ def main() -> None:
                    f'model_version_policy {{ all {{}} }} }} }}')
     server = Server(f"--model_config_file={two}", *THREADS)
     try:
-        load(f"localhost:{server.grpc}", "grpc", 4, 1.0)
+        load(server.target("grpc"), "grpc", 4, 1.0)
         rss_two = rss_mb(server.process.pid)
     finally:
         server.stop()

@@ -108,7 +108,7 @@ def replay_warmup(loaded: LoadedVersion, warmup_file: pathlib.Path) -> int:
         if kind == "predict_log":
             request = log_record.predict_log.request
             fn = loaded.signatures[request.model_spec.signature_name or "serving_default"]
-            fn(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
+            fn(**{k: tf.constant(tensors.to_ndarray(v)) for k, v in request.inputs.items()})
         elif kind == "classify_log":
             request = log_record.classify_log.request
             signature = request.model_spec.signature_name or "serving_default"
