@@ -8,8 +8,18 @@ process (so peak resident memory is its own) on the bundled corpus through
 keras-hub comes from the reference trained in the same process, interleaved
 with ours; rounds alternate the order of configurations (these machines are
 shared and noisy).
+
+tokens/s is the steady state of training: per fit() call of 10 steps, the
+time from the first step's end to the last one's (a long run is one fit();
+the per-call setup - a new iterator refilling the shuffle buffer - is left out).
 MFU = tokens/s x training FLOPs per token / a matmul peak measured in the
 same process.
+
+Every process imports `app`, so it runs with lmstack's host allocator (BFC,
+see app/__init__.py) - the keras-hub reference in it too. Two more processes
+per round train the small XLA transformer and keras-hub with TensorFlow's
+default allocator (`TF_CPU_ALLOCATOR_USE_BFC=false`), for what a keras-hub
+script run as it comes would see.
 
 Prints a table and writes bench/results/train_speed.json.
 
@@ -35,8 +45,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 CORPUS = ROOT / "data" / "shakespeare.txt.gz"
-CONFIGS = [(impl, preset, xla) for preset in ("tiny", "small") for xla in (False, True)
+STEPS_PER_CALL = 10
+# (implementation, preset, XLA, host allocator)
+CONFIGS = [(impl, preset, xla, "bfc") for preset in ("tiny", "small") for xla in (False, True)
            for impl in ("transformer", "lstm", "keras-hub")]
+CONFIGS += [(impl, "small", True, "tf-default") for impl in ("transformer", "keras-hub")]
 
 
 def matmul_peak_gflops(seconds: float = 2.0) -> float:
@@ -54,7 +67,7 @@ def matmul_peak_gflops(seconds: float = 2.0) -> float:
 
 
 def _build(impl: str, config, vocab: int, xla: bool, ds):
-    """(model, its dataset) for one implementation, compiled and warmed up."""
+    """(model, its dataset, its Keras module) for one implementation, compiled and warmed up."""
     import tensorflow as tf
 
     from pipelines import train
@@ -71,9 +84,23 @@ def _build(impl: str, config, vocab: int, xla: bool, ds):
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=xla)
         ds = ds.map(lambda x, y: ({"token_ids": x, "padding_mask": tf.ones_like(x, tf.bool)}, y))
     else:
+        from models.backend import keras
+
         model = train.build_and_compile(config, train.TrainConfig(steps=10_000, warmup_steps=10, jit_compile=xla))
     model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # trace, compile, fill buffers
-    return model, ds
+    return model, ds, keras
+
+
+def _steady_seconds(model, ds, keras) -> float:
+    """Seconds of the last STEPS_PER_CALL - 1 steps of one fit() call (`keras`: tf_keras or Keras 3)."""
+    ends = []
+
+    class Stamps(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            ends.append(time.perf_counter())
+
+    model.fit(ds, steps_per_epoch=STEPS_PER_CALL, epochs=1, verbose=0, callbacks=[Stamps()])
+    return ends[-1] - ends[0]
 
 
 def measure(impl: str, preset: str, xla: bool, steps: int, batch: int, workdir: str,
@@ -82,7 +109,7 @@ def measure(impl: str, preset: str, xla: bool, steps: int, batch: int, workdir: 
 
     Peak memory is read before anything else is built. For lmstack's models the
     keras-hub transformer of the same preset is then built in the same process
-    and the two alternate fit() calls of 5 steps, so `vs_keras_hub` is a ratio
+    and the two alternate fit() calls, so `vs_keras_hub` is a ratio
     of interleaved timings (the machine's load swings hit both alike).
     """
     import app  # noqa: F401
@@ -95,24 +122,21 @@ def measure(impl: str, preset: str, xla: bool, steps: int, batch: int, workdir: 
     config = models.make_config(family, preset, vocab, dropout=0.0)
     seq = config.seq_len
     ds = dataset.train_dataset(workdir, seq, batch, seed=0)
-    model, model_ds = _build(impl, config, vocab, xla, ds)
-    params = model.count_params()
+    contenders = [_build(impl, config, vocab, xla, ds)]
+    params = contenders[0][0].count_params()
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    contenders = [(model, model_ds)]
     if impl != "keras-hub":
         reference = models.make_config("transformer", preset, vocab, dropout=0.0)
         contenders.append(_build("keras-hub", reference, vocab, xla,
                                  dataset.train_dataset(workdir, reference.seq_len, batch, seed=0)))
-    # Whole fit() calls of 5 steps until `seconds_budget` has passed (a slow
-    # configuration still finishes in bounded time; a fast one gets many steps).
+    # Whole fit() calls until `seconds_budget` has passed (a slow configuration
+    # still finishes in bounded time; a fast one gets many steps).
     seconds = [[] for _ in contenders]
     done, start = 0, time.perf_counter()
-    while done < steps and (done < 5 or time.perf_counter() - start < seconds_budget * len(contenders)):
-        for (m, d), times in zip(contenders, seconds):
-            began = time.perf_counter()
-            m.fit(d, steps_per_epoch=5, epochs=1, verbose=0)
-            times.append(time.perf_counter() - began)
-        done += 5
+    while done < steps and (done < STEPS_PER_CALL or time.perf_counter() - start < seconds_budget * len(contenders)):
+        for contender, times in zip(contenders, seconds):
+            times.append(_steady_seconds(*contender))
+        done += STEPS_PER_CALL - 1
     tokens_per_s = done * batch * seq / sum(seconds[0])
     flops = 3 * config.flops_per_token()
     peak = matmul_peak_gflops()
@@ -148,31 +172,40 @@ def main() -> None:
     runs: dict[tuple, list[dict]] = {c: [] for c in CONFIGS}
     for r in range(args.rounds):
         order = CONFIGS if r % 2 == 0 else list(reversed(CONFIGS))
-        for impl, preset, xla in order:
+        for impl, preset, xla, allocator in order:
             child = f"{impl}:{preset}:{int(xla)}:{workdir}"
+            env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC=str(allocator == "bfc").lower())
             out = subprocess.run([sys.executable, __file__, f"--child={child}", f"--steps={args.steps}",
-                                  f"--batch_size={args.batch_size}"], capture_output=True, text=True)
+                                  f"--batch_size={args.batch_size}"], capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 raise SystemExit(f"{child} failed:\n{out.stderr[-3000:]}")
-            runs[(impl, preset, xla)].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"round {r + 1}: {impl} {preset} xla={xla}: "
-                  f"{runs[(impl, preset, xla)][-1]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
+            run = runs[(impl, preset, xla, allocator)]
+            run.append({**json.loads(out.stdout.strip().splitlines()[-1]), "allocator": allocator})
+            print(f"round {r + 1}: {impl} {preset} xla={xla} {allocator}: {run[-1]['tokens_per_s']:,.0f} tokens/s",
+                  file=sys.stderr)
 
     rows = []
     for key, values in runs.items():
         row = dict(values[0])
         for field in ("tokens_per_s", "mfu", "matmul_peak_gflops", "peak_rss_mb"):
             row[field] = statistics.median(v[field] for v in values)
+        row["vs_keras_hub"] = statistics.median(v.get("vs_keras_hub", 1.0) for v in values)
         rows.append(row)
-    for key, row in zip(runs, rows):
-        row["vs_keras_hub"] = statistics.median(v.get("vs_keras_hub", 1.0) for v in runs[key])
+    # What a user sees: lmstack's process (its allocator) vs a keras-hub script run as it comes.
+    # Separate processes of the same round, so noisier than the in-process ratios.
+    ours, hub = runs[("transformer", "small", True, "bfc")], runs[("keras-hub", "small", True, "tf-default")]
+    across = statistics.median(o["tokens_per_s"] / h["tokens_per_s"] for o, h in zip(ours, hub))
     result = {"benchmark": "train_speed", "steps": args.steps, "batch_size": args.batch_size, "rounds": args.rounds,
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows}
-    header = f"{'model':12} {'preset':6} {'xla':5} {'params':>9} {'tokens/s':>9} {'vs keras-hub':>12} {'MFU':>6} {'peak MB':>8}"
+              "steps_per_call": STEPS_PER_CALL, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+              "rows": rows, "small_xla_vs_keras_hub_default_allocator": across}
+    header = (f"{'model':12} {'preset':6} {'xla':5} {'allocator':10} {'params':>9} {'tokens/s':>9} "
+              f"{'vs keras-hub':>12} {'MFU':>6} {'peak MB':>8}")
     print(header)
     for r in rows:
-        print(f"{r['impl']:12} {r['preset']:6} {str(r['xla']):5} {r['params']:9,} {r['tokens_per_s']:9,.0f} "
-              f"{r['vs_keras_hub']:12.2f} {r['mfu']:6.1%} {r['peak_rss_mb']:8.0f}")
+        print(f"{r['impl']:12} {r['preset']:6} {str(r['xla']):5} {r['allocator']:10} {r['params']:9,} "
+              f"{r['tokens_per_s']:9,.0f} {r['vs_keras_hub']:12.2f} {r['mfu']:6.1%} {r['peak_rss_mb']:8.0f}")
+    print(f"small XLA transformer (lmstack's allocator) vs keras-hub (TensorFlow's default allocator), "
+          f"per round across processes: {across:.2f}x")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_speed.json").write_text(json.dumps(result, indent=2) + "\n")
     print("wrote bench/results/train_speed.json")

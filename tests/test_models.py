@@ -7,6 +7,7 @@ import tensorflow as tf
 import models
 from models import generation
 from models.backend import keras
+from models import layers
 from models.layers import custom_objects
 
 VOCAB = 24
@@ -84,6 +85,39 @@ def test_cached_decoding_equals_full_recomputation(any_variant):
         logits, cache = decoder.call_with_cache(ids[:, t:t + 1], cache, t)
         steps.append(logits.numpy())
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-4)
+
+
+def test_blocked_attention_equals_one_masked_attention():
+    # T=64 splits into 4 query blocks of 16 (the path training at seq_len >= 64 takes);
+    # blocks=1 is the plain masked attention over all positions.
+    rng = np.random.default_rng(0)
+    q, k, v = (tf.constant(rng.normal(size=[2, 64, 32]).astype(np.float32)) for _ in range(3))
+    target = tf.constant(rng.normal(size=[2, 64, 32]).astype(np.float32))
+    results = []
+    for blocks in (4, 1):
+        with tf.GradientTape() as tape:
+            tape.watch([q, k, v])
+            out = layers.causal_self_attention(q, k, v, num_heads=4, blocks=blocks)
+            loss = tf.reduce_sum(out * target)
+        results.append([out, *tape.gradient(loss, [q, k, v])])
+    for blocked, plain in zip(*results):
+        np.testing.assert_allclose(blocked.numpy(), plain.numpy(), atol=1e-5)
+
+
+def test_static_length_model_equals_cached_decoding():
+    # A model built for a static length 64 runs the blocked attention; the decoder runs
+    # the plain one over its cache: the logits must agree, and stay causal.
+    config = models.make_config("transformer", "tiny", vocab_size=VOCAB, seq_len=64)
+    keras.utils.set_random_seed(0)
+    model = models.build(config, seq_len=64)
+    ids = random_ids(batch=2, length=64)
+    full = model(ids).numpy()
+    decoder = models.decoder(model, config)
+    logits, _ = decoder.call_with_cache(ids, decoder.init_cache(2), 0)
+    np.testing.assert_allclose(logits.numpy(), full, atol=1e-4)
+    changed = ids.copy()
+    changed[:, 40:] = (changed[:, 40:] + 1) % VOCAB
+    np.testing.assert_allclose(model(changed).numpy()[:, :40], full[:, :40], atol=1e-6)
 
 
 def test_fit_on_tf_data_lowers_the_loss(built):
