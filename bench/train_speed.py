@@ -122,7 +122,7 @@ def measure(impl: str, preset: str, xla: bool, steps: int, batch: int, workdir: 
     config = models.make_config(family, preset, vocab, dropout=0.0)
     seq = config.seq_len
     ds = dataset.train_dataset(workdir, seq, batch, seed=0)
-    contenders = [_build(impl, config, vocab, xla, ds)]
+    contenders = [_build(impl, config, vocab, xla, ds)]  # (model, dataset, Keras module) each
     params = contenders[0][0].count_params()
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if impl != "keras-hub":

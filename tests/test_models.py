@@ -5,9 +5,8 @@ import pytest
 import tensorflow as tf
 
 import models
-from models import generation
+from models import generation, layers
 from models.backend import keras
-from models import layers
 from models.layers import custom_objects
 
 VOCAB = 24
