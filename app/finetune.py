@@ -60,7 +60,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     d.DEFINE_integer("logical_cpus", 0, "split the CPU into this many devices (mirrored without GPUs)",
                      flag_values=fv)
     d.DEFINE_enum("mixed_precision", "none", ["none", "bf16", "fp16"], "compute precision", flag_values=fv)
-    d.DEFINE_boolean("jit_compile", False, "XLA-compile the train step", flag_values=fv)
+    d.DEFINE_boolean("jit_compile", False, "XLA-compile the train step (one replica or GPUs)", flag_values=fv)
     d.DEFINE_boolean("overwrite", False, "replace an existing classifier workdir", flag_values=fv)
     d.DEFINE_integer("seed", 0, "split, initialization and data order", flag_values=fv)
     d.DEFINE_enum("progress", "bar", ["bar", "epoch", "none"], "Keras progress output", flag_values=fv)

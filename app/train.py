@@ -50,7 +50,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     d.DEFINE_integer("logical_cpus", 0, "split the CPU into N devices (run --strategy=mirrored without GPUs)",
                      flag_values=fv)
     d.DEFINE_enum("mixed_precision", "none", ["none", "bf16", "fp16"], "mixed precision policy", flag_values=fv)
-    d.DEFINE_bool("jit_compile", False, "XLA-compile the train step", flag_values=fv)
+    d.DEFINE_bool("jit_compile", False, "XLA-compile the train step (one replica or GPUs)", flag_values=fv)
     d.DEFINE_integer("eval_every", 200, "validate every N steps (0: only at the end)", flag_values=fv)
     d.DEFINE_integer("eval_batches", 50, "validation batches per periodic evaluation", flag_values=fv)
     d.DEFINE_integer("checkpoint_every", 200, "save a checkpoint every N steps", flag_values=fv)

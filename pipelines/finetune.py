@@ -336,6 +336,7 @@ def finetune(workdir: str | os.PathLike, config: FinetuneConfig, progress: Progr
     # Before any TensorFlow op (the tokenizer's): devices and collective ops are fixed at startup.
     strategy_lib.split_cpu(config.logical_cpus)
     strategy = strategy_lib.make(config.strategy)
+    strategy_lib.check_jit_compile(strategy, config.jit_compile)
     chief = strategy_lib.is_chief(strategy)
     final = pathlib.Path(workdir)
     if final.exists() and not config.overwrite:

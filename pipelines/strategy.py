@@ -87,6 +87,24 @@ def make(name: str) -> tf.distribute.Strategy:
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
+def check_jit_compile(strategy: tf.distribute.Strategy, jit_compile: bool) -> None:
+    """Refuses XLA for a strategy whose replicas are CPU devices (more than one).
+
+    XLA compiles the whole train step, the gradients' all-reduce included, and
+    its CPU backend has no cross-device collectives: MirroredStrategy over
+    logical CPUs fails on a variable of another device, MultiWorkerMirrored on
+    CPU hosts with "Collectives are not yet implemented for CPU devices".
+    On GPUs both work.
+
+    Raises:
+        UserError: `jit_compile` with more than one replica and no GPU.
+    """
+    replicas = strategy.num_replicas_in_sync
+    if jit_compile and replicas > 1 and not tf.config.list_physical_devices("GPU"):
+        raise UserError(f"--jit_compile cannot train {replicas} replicas on CPU devices (XLA on CPU has no "
+                        "cross-device all-reduce); drop --jit_compile, or train on one replica or on GPUs")
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """Only the chief writes checkpoints and artifacts (worker 0 when there is no chief task)."""
     resolver = getattr(strategy, "cluster_resolver", None)

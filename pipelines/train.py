@@ -327,6 +327,7 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
 
     strategy_lib.split_cpu(config.logical_cpus)
     strategy = strategy_lib.make(config.strategy)
+    strategy_lib.check_jit_compile(strategy, config.jit_compile)
     chief = strategy_lib.is_chief(strategy)
     keras.mixed_precision.set_global_policy(PRECISIONS[config.mixed_precision])
     keras.utils.set_random_seed(config.seed)

@@ -142,6 +142,16 @@ def test_learning_rate_schedule_warms_up_and_decays():
     assert math.isclose(float(constant(90)), 1e-3, rel_tol=1e-5)
 
 
+def test_xla_on_two_cpu_replicas_is_refused(workdir):
+    # XLA's CPU backend has no cross-device all-reduce: without the check this is a traceback mid-fit.
+    result = lmstack("train", f"--workdir={workdir}", *TINY, "--steps=20", "--strategy=mirrored",
+                     "--logical_cpus=2", "--jit_compile")
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(errors) == 1 and "--jit_compile cannot train 2 replicas on CPU devices" in errors[0]
+    assert not (workdir / "checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_mirrored_on_two_logical_cpus(workdir):
     result = lmstack("train", f"--workdir={workdir}", *TINY, "--steps=20", "--strategy=mirrored",
