@@ -26,6 +26,7 @@ usage: python bench/finetune.py [--models=transformer,lstm] [--steps=400] [--in_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import platform
@@ -44,10 +45,27 @@ RESULTS = ROOT / "bench" / "results"
 REVIEWS = ROOT / "data" / "reviews.csv.bz2"
 
 
+def _same_settings(saved: dict, config: finetune.FinetuneConfig) -> bool:
+    """Whether a classifier workdir's saved settings are `config`'s (paths compared resolved)."""
+    for key, value in dataclasses.asdict(config).items():
+        if key == "overwrite":
+            continue
+        old = saved.get(key)
+        if key in ("base", "train") and old and value:
+            old, value = pathlib.Path(old).resolve(), pathlib.Path(value).resolve()
+        if old != value:
+            return False
+    return True
+
+
 def run(base: pathlib.Path, out: pathlib.Path, rerun: bool, progress: Progress, **settings) -> dict:
-    if (out / "metrics.json").is_file() and not rerun:
-        return json.loads((out / "metrics.json").read_text())
+    """Fine-tunes into `out`, or reuses its result when it was trained with the same settings."""
     config = finetune.FinetuneConfig(base=str(base), train=str(REVIEWS), overwrite=True, **settings)
+    if (out / "metrics.json").is_file() and (out / "config.json").is_file() and not rerun:
+        saved = json.loads((out / "config.json").read_text()).get(finetune.FINETUNE_SECTION, {})
+        if _same_settings(saved, config):
+            return json.loads((out / "metrics.json").read_text())
+        progress.note(f"{out} was trained with other settings: training it again")
     return finetune.finetune(out, config, progress=progress, verbose=2)
 
 

@@ -300,12 +300,8 @@ def _freeze(model: keras.Model, config: classifier_lib.ClassifierConfig, frozen:
 
 
 def _compile(model, config: FinetuneConfig, learning_rate: float, steps: int, warmup: int) -> None:
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0, decay_steps=max(1, steps - warmup), alpha=0.1,
-        warmup_target=learning_rate, warmup_steps=warmup)
-    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=config.weight_decay,
-                                       global_clipnorm=config.clip_norm or None)
-    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "positions"])
+    optimizer = train.adamw(train.warmup_cosine(learning_rate, steps, warmup), config.weight_decay,
+                            config.clip_norm)
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                   jit_compile=config.jit_compile)

@@ -246,12 +246,29 @@ def _strategy_name(strategy: tf.distribute.Strategy) -> str:
     return {"_DefaultDistributionStrategy": "default"}.get(type(strategy).__name__, type(strategy).__name__)
 
 
-def _learning_rate(config: TrainConfig):
-    # CosineDecay's warmup goes linearly from 0 to the peak; alpha=1.0 makes it constant after.
+# Weights AdamW does not decay: biases, LayerNorm scales and offsets, position embeddings.
+NO_WEIGHT_DECAY = ["bias", "gamma", "beta", "positions"]
+
+
+def warmup_cosine(peak: float, steps: int, warmup_steps: int, final_fraction: float = 0.1):
+    """Linear warmup from 0 to `peak` over `warmup_steps`, then cosine decay to `final_fraction` x peak
+    at `steps` (`final_fraction=1.0`: constant after the warmup)."""
     return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0, decay_steps=max(1, config.steps - config.warmup_steps),
-        alpha=0.1 if config.schedule == "cosine" else 1.0,
-        warmup_target=config.learning_rate, warmup_steps=config.warmup_steps)
+        initial_learning_rate=0.0, decay_steps=max(1, steps - warmup_steps), alpha=final_fraction,
+        warmup_target=peak, warmup_steps=warmup_steps)
+
+
+def adamw(learning_rate, weight_decay: float, clip_norm: float, beta_2: float = 0.999):
+    """AdamW with decoupled weight decay off `NO_WEIGHT_DECAY` and global-norm clipping (0: none)."""
+    optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay,
+                                       global_clipnorm=clip_norm or None, beta_2=beta_2)
+    optimizer.exclude_from_weight_decay(var_names=NO_WEIGHT_DECAY)
+    return optimizer
+
+
+def _learning_rate(config: TrainConfig):
+    return warmup_cosine(config.learning_rate, config.steps, config.warmup_steps,
+                         0.1 if config.schedule == "cosine" else 1.0)
 
 
 def compile_for_training(model, config: TrainConfig, tokens_per_char: float = 1.0):
@@ -259,10 +276,7 @@ def compile_for_training(model, config: TrainConfig, tokens_per_char: float = 1.
 
     Call it inside `strategy.scope()` (and after setting the mixed-precision policy).
     """
-    optimizer = keras.optimizers.AdamW(
-        learning_rate=_learning_rate(config), weight_decay=config.weight_decay,
-        global_clipnorm=config.clip_norm or None, beta_2=0.99)
-    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "positions"])
+    optimizer = adamw(_learning_rate(config), config.weight_decay, config.clip_norm, beta_2=0.99)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -336,6 +350,9 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     seq_len = model_config.seq_len
     progress.note(f"training {models.family_of(model_config)} ({model_config.num_params():,} parameters) with "
                   f"{_strategy_name(strategy)} on {replicas} replica(s), global batch {global_batch} x {seq_len}")
+    if config.jit_compile and models.family_of(model_config) == "lstm" and not tf.config.list_physical_devices("GPU"):
+        progress.note("note: on CPU, XLA makes tf_keras's LSTM loop 6x or more slower (README, Training speed); "
+                      "drop --jit_compile for the LSTM")
 
     if chief:
         checkpoints.save_model_config(wd.root, model_config)

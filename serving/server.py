@@ -380,20 +380,25 @@ class ModelServer:
             raise ServingError("NOT_FOUND", f"Servable not found for request: Latest({name})")
         return self.models[name]
 
-    def predict(self, name: str, version: int | None, signature: str, inputs: dict[str, np.ndarray],
-                label: str | None = None, entrypoint: str = "GRPC") -> tuple[LoadedVersion, dict[str, np.ndarray]]:
-        """Runs one request (batched with others if batching is on); counts and times it."""
+    @contextlib.contextmanager
+    def _counted(self, name: str, signature: str, api: str, entrypoint: str):
+        """Counts one request by its status (OK or the ServingError's code) and times it, as TF Serving does."""
         began, status = time.perf_counter(), "OK"
-        signature = signature or "serving_default"
         try:
-            return self._predict(name, version, signature, inputs, label)
+            yield
         except ServingError as e:
             status = e.code
             raise
         finally:
             self.metrics.request_count.inc(name, signature, status)
-            self.metrics.request_latency.observe(name, "predict", entrypoint,
-                                                 value=(time.perf_counter() - began) * 1e6)
+            self.metrics.request_latency.observe(name, api, entrypoint, value=(time.perf_counter() - began) * 1e6)
+
+    def predict(self, name: str, version: int | None, signature: str, inputs: dict[str, np.ndarray],
+                label: str | None = None, entrypoint: str = "GRPC") -> tuple[LoadedVersion, dict[str, np.ndarray]]:
+        """Runs one request (batched with others if batching is on); counts and times it."""
+        signature = signature or "serving_default"
+        with self._counted(name, signature, "predict", entrypoint):
+            return self._predict(name, version, signature, inputs, label)
 
     def _predict(self, name, version, signature, inputs, label):
         return self._run(name, self.model(name).get(version, label), signature, inputs)
@@ -431,9 +436,8 @@ class ModelServer:
         Returns:
             `(version, classes [B, C] bytes, scores [B, C] float)`.
         """
-        began, status = time.perf_counter(), "OK"
         signature = signature or "serving_default"
-        try:
+        with self._counted(name, signature, "classify", entrypoint):
             if not examples:
                 raise ServingError("INVALID_ARGUMENT", "Input is empty.")
             loaded = self.model(name).get(version, label)
@@ -451,13 +455,6 @@ class ModelServer:
                 raise ServingError("INVALID_ARGUMENT", "Expected classification signature outputs "
                                                        "classes and/or scores")
             return loaded, classes, scores
-        except ServingError as e:
-            status = e.code
-            raise
-        finally:
-            self.metrics.request_count.inc(name, signature, status)
-            self.metrics.request_latency.observe(name, "classify", entrypoint,
-                                                 value=(time.perf_counter() - began) * 1e6)
 
     def status(self, name: str, version: int | None = None, label: str | None = None) -> list[dict[str, Any]]:
         model = self.model(name)

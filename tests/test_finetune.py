@@ -118,7 +118,7 @@ def serving_classifier(classifier):
     core = server.ModelServer({"reviews": server.ServedModel("reviews", base)})
     core.refresh()
     grpc_server, rest_server, grpc_target, rest_target = start(core)
-    yield {"grpc": grpc_target, "rest": rest_target, "path": base / "1"}
+    yield {"grpc": grpc_target, "rest": rest_target, "path": base / "1", "core": core}
     rest_server.shutdown()
     grpc_server.stop(None)
 
@@ -180,6 +180,9 @@ def test_bad_classify_requests_get_tensorflow_serving_errors(serving_classifier)
     import grpc
     from tensorflow_serving.apis import classification_pb2, prediction_service_pb2_grpc
 
+    metrics = serving_classifier["core"].metrics
+    counted = lambda status: metrics.request_count.value("reviews", "classify", status)  # noqa: E731
+    before = counted("OK"), counted("INVALID_ARGUMENT"), metrics.request_latency.count("reviews", "classify", "GRPC")
     url = f"http://{serving_classifier['rest']}/v1/models/reviews:classify"
     status, body = post(url, json.dumps({"examples": [{"text": "Fine."}]}).encode())  # serving_default is predict
     assert status == 400 and "Expected classification signature method_name" in body["error"]
@@ -196,6 +199,9 @@ def test_bad_classify_requests_get_tensorflow_serving_errors(serving_classifier)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "Input is empty" in e.value.details()
     status, body = post(url, json.dumps({"signature_name": "classify", "examples": [{"text": "still serving"}]}).encode())
     assert status == 200 and len(body["result"]) == 1
+    # Counted by status and timed per entry point, as TensorFlow Serving's monitoring does.
+    after = counted("OK"), counted("INVALID_ARGUMENT"), metrics.request_latency.count("reviews", "classify", "GRPC")
+    assert after[0] == before[0] + 1 and after[1] >= before[1] + 1 and after[2] == before[2] + 1
 
 
 def _weights(model) -> dict[str, np.ndarray]:
