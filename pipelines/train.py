@@ -351,8 +351,8 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     progress.note(f"training {models.family_of(model_config)} ({model_config.num_params():,} parameters) with "
                   f"{_strategy_name(strategy)} on {replicas} replica(s), global batch {global_batch} x {seq_len}")
     if config.jit_compile and models.family_of(model_config) == "lstm" and not tf.config.list_physical_devices("GPU"):
-        progress.note("note: on CPU, XLA makes tf_keras's LSTM loop 6x or more slower (README, Training speed); "
-                      "drop --jit_compile for the LSTM")
+        progress.note("note: with --jit_compile, XLA compiles tf_keras's LSTM step again at every step "
+                      "(~2.5 s each on CPU, README: Training speed); drop --jit_compile for the LSTM")
 
     if chief:
         checkpoints.save_model_config(wd.root, model_config)
