@@ -4,7 +4,7 @@ Prepares runs/bench-quality/ (char tokenizer, 10% validation), then trains
 each model's `small` preset for the same budget (default 1,500 steps of
 32 x 128 tokens) through the real `lmstack train` code path and scores the
 whole validation split. XLA is on for the transformer and off for the LSTM
-(tf_keras's LSTM loop runs about 4x slower under XLA on CPU). Reference points on this text: gzip -9 3.14
+(XLA compiles tf_keras's LSTM step again at every step). Reference points on this text: gzip -9 3.14
 bits/char, bzip2 -9 2.37, xz -9e 2.50.
 
 Prints a table and writes bench/results/quality.json.
