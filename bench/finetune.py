@@ -59,13 +59,18 @@ def _same_settings(saved: dict, config: finetune.FinetuneConfig) -> bool:
 
 
 def run(base: pathlib.Path, out: pathlib.Path, rerun: bool, progress: Progress, **settings) -> dict:
-    """Fine-tunes into `out`, or reuses its result when it was trained with the same settings."""
+    """Fine-tunes into `out`, or reuses its result when it was trained with the same settings
+    from the base as it is now."""
     config = finetune.FinetuneConfig(base=str(base), train=str(REVIEWS), overwrite=True, **settings)
     if (out / "metrics.json").is_file() and (out / "config.json").is_file() and not rerun:
         saved = json.loads((out / "config.json").read_text()).get(finetune.FINETUNE_SECTION, {})
-        if _same_settings(saved, config):
+        base_trained = max((p.stat().st_mtime for p in (base / "checkpoints").iterdir()), default=0.0)
+        if not _same_settings(saved, config):
+            progress.note(f"{out} was trained with other settings: training it again")
+        elif base_trained > (out / "metrics.json").stat().st_mtime:
+            progress.note(f"{base} was retrained after {out}: training it again")
+        else:
             return json.loads((out / "metrics.json").read_text())
-        progress.note(f"{out} was trained with other settings: training it again")
     return finetune.finetune(out, config, progress=progress, verbose=2)
 
 
