@@ -112,7 +112,11 @@ def run(fv: flags.FlagValues) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    # Python runs a signal handler in the main thread, between bytecodes. The kernel may deliver
+    # SIGTERM to any of the gRPC or TensorFlow threads, which leaves an untimed wait here asleep
+    # (seen once in CI: SIGTERM ignored for 60 s). Waking every half second lets the handler run.
+    while not stop.wait(timeout=0.5):
+        pass
     print("stopping: no new requests, finishing the ones in flight", file=sys.stderr, flush=True)
     core.stop_polling()
     rest_server.shutdown()  # stops accepting connections
