@@ -181,7 +181,10 @@ def test_bad_classify_requests_get_tensorflow_serving_errors(serving_classifier)
     from tensorflow_serving.apis import classification_pb2, prediction_service_pb2_grpc
 
     metrics = serving_classifier["core"].metrics
-    counted = lambda status: metrics.request_count.value("reviews", "classify", status)  # noqa: E731
+
+    def counted(status):
+        return metrics.request_count.value("reviews", "classify", status)
+
     before = counted("OK"), counted("INVALID_ARGUMENT"), metrics.request_latency.count("reviews", "classify", "GRPC")
     url = f"http://{serving_classifier['rest']}/v1/models/reviews:classify"
     status, body = post(url, json.dumps({"examples": [{"text": "Fine."}]}).encode())  # serving_default is predict
