@@ -47,7 +47,8 @@ def run(fv: flags.FlagValues) -> int:
     if checkpoints.classifier_section(fv.workdir) is not None:
         return _evaluate_classifier(fv)
     if fv.backend == "tflite":
-        from serving import edge, tflite
+        from serving import edge
+        from serving.exporters import tflite
 
         model = edge.EdgeModel(tflite.find(fv.workdir, fv.variant, fv.quantize))
         result = evaluate.evaluate_logits(fv.workdir, model.window_logits, model.max_seq_len, corpus=fv.corpus,

@@ -32,11 +32,11 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def run(fv: flags.FlagValues) -> int:
-    from serving import export
+    from serving.exporters import savedmodel
 
-    config = export.ExportConfig(variant=fv.variant, export_base=fv.export_base, version=fv.version,
+    config = savedmodel.ExportConfig(variant=fv.variant, export_base=fv.export_base, version=fv.version,
                                  model_name=fv.model_name)
-    path = export.export(fv.workdir, config)
-    print(export.describe(path), file=sys.stderr)
+    path = savedmodel.export(fv.workdir, config)
+    print(savedmodel.describe(path), file=sys.stderr)
     print(path)
     return 0

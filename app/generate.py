@@ -56,7 +56,7 @@ def run(fv: flags.FlagValues) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
     else:
-        from serving import backends
+        from serving.exporters import backends
 
         sys.stdout.write(backends.generate(fv.backend, fv.workdir, fv.prompt, fv.max_new_tokens, sampler,
                                            variant=fv.variant, quantize=fv.quantize, export_dir=fv.export_dir,

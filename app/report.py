@@ -26,7 +26,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 def run(fv: flags.FlagValues) -> int:
     from pipelines import report
     from pipelines.progress import Progress
-    from serving import tflite
+    from serving.exporters import tflite
 
     path = report.write(fv.workdir, latency=fv.latency, progress=Progress(sys.stderr),
                         tflite_measure=tflite.measure)

@@ -149,14 +149,14 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
 def stage_settings() -> dict[str, set[str]]:
     """The settings each stage takes: its library config's fields (less what the pipeline fills in)."""
     from pipelines import optimize, prepare, train
-    from serving import export, tflite
+    from serving.exporters import savedmodel, tflite
 
     def fields(cls, *drop):
         return {f.name for f in dataclasses.fields(cls)} - set(drop)
 
     return {"prepare": fields(prepare.PrepareConfig, "corpus", "tokenizer"), "train": fields(train.TrainConfig),
             "evaluate": set(), "optimize": fields(optimize.OptimizeConfig, "overwrite"),
-            "export": fields(export.ExportConfig), "serve": {"prompt", "max_new_tokens", "start_timeout"},
+            "export": fields(savedmodel.ExportConfig), "serve": {"prompt", "max_new_tokens", "start_timeout"},
             "tflite": fields(tflite.TFLiteConfig) | {"prompt", "max_new_tokens"}, "report": {"latency"}}
 
 
@@ -297,9 +297,9 @@ class Pipeline:
         return {k: summary[k] for k in ("variant", "perplexity_change", "sparsity", "bits_per_char")}
 
     def _export(self, family, wd, settings):
-        from serving import export
+        from serving.exporters import savedmodel
 
-        path = export.export(wd, _make(export.ExportConfig, "export", settings))
+        path = savedmodel.export(wd, _make(savedmodel.ExportConfig, "export", settings))
         return {"path": str(path)}
 
     def _serve(self, family, wd, settings):
@@ -340,7 +340,7 @@ class Pipeline:
 
     def _tflite(self, family, wd, settings):
         from models.generation import SamplerConfig
-        from serving import backends, tflite
+        from serving.exporters import backends, tflite
 
         settings = dict(settings)
         prompt, count = settings.pop("prompt", "ROMEO."), int(settings.pop("max_new_tokens", 32))
@@ -353,7 +353,7 @@ class Pipeline:
 
     def _report(self, family, wd, settings):
         from pipelines import report
-        from serving import tflite
+        from serving.exporters import tflite
 
         path = report.write(wd, latency=bool(settings.get("latency", True)), progress=self.progress,
                             tflite_measure=tflite.measure)

@@ -33,7 +33,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def run(fv: flags.FlagValues) -> int:
     from pipelines.progress import Progress
-    from serving import tflite
+    from serving.exporters import tflite
 
     config = tflite.TFLiteConfig(variant=fv.variant, quantize=fv.quantize, max_seq_len=fv.max_seq_len,
                                  calibration_windows=fv.calibration_windows)

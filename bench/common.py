@@ -18,7 +18,7 @@ def untrained_export(root: pathlib.Path, family: str, preset: str, export_base: 
     """
     import models
     from pipelines import checkpoints, prepare, tokenizers
-    from serving import export
+    from serving.exporters import savedmodel
 
     workdir = root / family
     prepare.prepare(prepare.PrepareConfig(corpus=(str(CORPUS),), tokenizer=tokenizers.TokenizerConfig("char")),
@@ -26,4 +26,4 @@ def untrained_export(root: pathlib.Path, family: str, preset: str, export_base: 
     vocab = json.loads((workdir / "data" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     config = models.make_config(family, preset, vocab)
     checkpoints.save(workdir, models.build(config), config, step=1)
-    return workdir, export.export(workdir, export.ExportConfig(export_base=export_base))
+    return workdir, savedmodel.export(workdir, savedmodel.ExportConfig(export_base=export_base))

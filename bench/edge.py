@@ -41,7 +41,8 @@ import tensorflow as tf  # noqa: E402
 import models  # noqa: E402
 from pipelines import checkpoints, dataset, tokenizers  # noqa: E402
 from serving import contract as c  # noqa: E402
-from serving import edge, tflite  # noqa: E402
+from serving import edge
+from serving.exporters import tflite  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 NEW_TOKENS = 64

@@ -2,7 +2,7 @@
 
 For the transformer and the LSTM at the `small` preset (char tokenizer on the
 bundled corpus; weights as initialized: latency does not depend on them),
-export with `serving.export`, load with `tf.saved_model.load` and call each
+export with `serving.exporters.savedmodel`, load with `tf.saved_model.load` and call each
 signature `--reps` times per batch size (1 and 8) after a warm-up call:
 p50/p99 per request, and new tokens/s for the two generation signatures. The
 reference, timed in the same process and interleaved, is lmstack's in-process
@@ -69,7 +69,7 @@ def main() -> None:
                                  temperature=tf.fill([batch], 1.0), top_k=tf.fill([batch], 40),
                                  top_p=tf.fill([batch], 0.95), seed=tf.range(batch)),
                 c.SCORE: dict(text=tf.constant([TEXT] * batch)),
-                c.NEXT_TOKEN_LOGITS: dict(token_ids=tf.fill([batch, 64], 5)),
+                c.NEXT_TOKEN_LOGITS: dict(token_ids=tf.fill([batch, 64], 5), num_tokens=tf.fill([batch], 64)),
             }
             ids = [reference.prompt_ids(p) for p in prompts]
             sampler = generation.make_sampler(generation.SamplerConfig())

@@ -94,7 +94,7 @@ def collect(workdir: str | os.PathLike, latency: bool = True, progress: Progress
     """The trained model, each optimized variant and each TFLite file, measured.
 
     `tflite_measure(workdir, path, latency)` -> `{perplexity, bits_per_char, ms_per_token}`
-    measures a TFLite file. The command line passes `serving.tflite.measure` in, so
+    measures a TFLite file. The command line passes `serving.exporters.tflite.measure` in, so
     this package keeps to its side of the layering; without it, TFLite rows have
     their size only.
     """

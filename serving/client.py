@@ -76,7 +76,11 @@ class _Client:
         return [(float(ll), int(n)) for ll, n in zip(out[c.LOG_LIKELIHOOD], out[c.NUM_TOKENS])]
 
     def next_token_logits(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
-        return self.predict(c.NEXT_TOKEN_LOGITS, {c.TOKEN_IDS: [list(row) for row in token_ids]})[c.LOGITS]
+        """The logits of the token after each row; rows may differ in length (padded with 0 here)."""
+        rows = [list(row) for row in token_ids]
+        width = max((len(r) for r in rows), default=0)
+        return self.predict(c.NEXT_TOKEN_LOGITS, {c.TOKEN_IDS: [r + [0] * (width - len(r)) for r in rows],
+                                                  c.NUM_TOKENS: [len(r) for r in rows]})[c.LOGITS]
 
     def classify(self, texts: Sequence[str], signature: str = c.CLASSIFY) -> list[list[tuple[str, float]]]:
         """A classifier export's (label, score) pairs per text, through TensorFlow Serving's Classify API."""

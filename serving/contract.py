@@ -8,7 +8,11 @@ An exported language model answers four signatures (TensorFlow Serving's
     generate           the same + temperature float [B], top_k int32 [B], top_p float [B], seed int32 [B]
                        -> completion, token_ids                            (sampled; same seed, same text)
     score              text string [B] -> log_likelihood float [B], num_tokens int32 [B]
-    next_token_logits  token_ids int32 [B, T] -> logits float [B, V]       (no tokenizer)
+    next_token_logits  token_ids int32 [B, T], num_tokens int32 [B]
+                       -> logits float [B, V]                             (no tokenizer)
+                       (the logits after each row's first num_tokens tokens; what follows them is
+                       ignored, so rows of different lengths pad to one [B, T] — and TensorFlow
+                       Serving's pad_variable_length_inputs changes no answer)
 
 A classifier export (`lmstack finetune`, then `lmstack export`) answers two:
 
@@ -111,7 +115,7 @@ SIGNATURES: dict[str, Signature] = {
         inputs={TEXT: Tensor("string", 1)},
         outputs={LOG_LIKELIHOOD: Tensor("float32", 1), NUM_TOKENS: Tensor("int32", 1)}),
     NEXT_TOKEN_LOGITS: Signature(
-        inputs={TOKEN_IDS: Tensor("int32", 2)},
+        inputs={TOKEN_IDS: Tensor("int32", 2), NUM_TOKENS: Tensor("int32", 1)},
         outputs={LOGITS: Tensor("float32", 2)}),
 }
 

@@ -4,7 +4,7 @@
     ids = model.generate(prompt_ids, max_new_tokens=100, stop_ids=[model.eos_id])
 
 Needs nothing of lmstack but the file and its JSON sidecar (written by
-`serving.tflite`): token ids in, token ids out; the app tokenizes with the
+`serving.exporters.tflite`): token ids in, token ids out; the app tokenizes with the
 files in tflite/tokenizer/. The transformer runs `prefill` once on the
 right-padded prompt and `decode` per new token; the LSTM runs `step` per
 token. `window_logits` scores a whole window (`prefill` or the fused

@@ -2,7 +2,11 @@
 
 TensorFlow Serving exports its monitoring metrics with '/' turned into ':'
 (`/tensorflow/serving/request_count` -> `:tensorflow:serving:request_count`).
-Metrics TensorFlow Serving has no name for are prefixed `lmstack:`.
+Metrics TensorFlow Serving has no name for are prefixed `lmstack:`. Label
+values are escaped as the text exposition format requires (backslash, double
+quote, newline), so no value a client sends can forge a series; the server
+labels requests for unknown models with one fixed name
+(`serving.server.core.UNKNOWN_MODEL`), so clients cannot grow the page.
 """
 
 from __future__ import annotations
@@ -22,8 +26,13 @@ LATENCY_BUCKETS_US = tuple(float(10 * 1.8 ** i) for i in range(33))  # 10 us .. 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+def escape(value: str) -> str:
+    """A label value as the Prometheus text format writes it."""
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
 def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{str(v)}"' for n, v in zip(names, values)]
+    parts = [f'{n}="{escape(v)}"' for n, v in zip(names, values)]
     if extra:
         parts.append(extra)
     return "{" + ",".join(parts) + "}" if parts else ""
@@ -99,10 +108,9 @@ class Registry:
     """The server's metrics; `render()` is the Prometheus text exposition format."""
 
     def __init__(self):
-        self.request_count = Counter(REQUEST_COUNT, "The number of requests, by model, signature and status.",
-                                     ("model_name", "signature_name", "status"))
+        self.request_count = Counter(REQUEST_COUNT, "The total number of requests.", ("model_name", "status"))
         self.request_latency = Histogram(
-            REQUEST_LATENCY, "Request latency in microseconds, by model, API and entrypoint.",
+            REQUEST_LATENCY, "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
             ("model_name", "API", "entrypoint"), LATENCY_BUCKETS_US)
         self.batch_size = Histogram(BATCH_SIZE, "Rows in each batch the server ran.", ("model_name",), BATCH_BUCKETS)
         self.queuing_latency = Histogram(QUEUING_LATENCY, "Microseconds a request waited to join a batch.",

@@ -55,8 +55,8 @@ _EXPORTS: dict = {}
 def tiny_export(family: str, tmp_path_factory, text: str) -> tuple[pathlib.Path, pathlib.Path]:
     """(workdir, WORKDIR/export/lm/1) of a trained tiny model, made once per test session."""
     if family not in _EXPORTS:
-        from serving import export
+        from serving.exporters import savedmodel
 
         workdir = trained_workdir(tmp_path_factory.mktemp(f"export-{family}"), text, family)
-        _EXPORTS[family] = (workdir, export.export(workdir))
+        _EXPORTS[family] = (workdir, savedmodel.export(workdir))
     return _EXPORTS[family]

@@ -20,7 +20,8 @@ from pipelines.generate import TextGenerator, encode
 from pipelines.launch import free_ports
 from serving import client as client_lib
 from serving import contract as c
-from serving import export, server
+from serving import server
+from serving.exporters import savedmodel
 from tests.conftest import tiny_export
 
 PROMPTS = ["ROMEO.", "", "What light through yonder window breaks"]
@@ -147,9 +148,30 @@ def test_next_token_logits_equal_the_keras_model(exported):
     workdir, _, loaded = exported
     generator = TextGenerator(workdir)
     ids = [encode(generator.tokenizer, "To be, or"), encode(generator.tokenizer, "not to be")]
-    out = call(loaded, c.NEXT_TOKEN_LOGITS, token_ids=tf.constant(ids, tf.int32))[c.LOGITS]
+    out = call(loaded, c.NEXT_TOKEN_LOGITS, token_ids=tf.constant(ids, tf.int32), num_tokens=tf.constant([9, 9]))
     expected = generator.model(tf.constant(ids), training=False)[:, -1, :].numpy()
-    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out[c.LOGITS], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_next_token_logits_ignore_tensorflow_servings_padding(exported):
+    """A row padded as TF Serving pads it (its first element, to the batch's longest row) answers the same."""
+    from serving.batching import pad_to
+
+    workdir, _, loaded = exported
+    generator = TextGenerator(workdir)
+    context = generator.config.seq_len if models.family_of(generator.config) == "transformer" else None
+    short = encode(generator.tokenizer, "To be")
+    long_row = encode(generator.tokenizer, "A horse! a horse! my kingdom for a horse! " * 6)[:(context or 64) + 9]
+    alone = call(loaded, c.NEXT_TOKEN_LOGITS, token_ids=tf.constant([short]), num_tokens=tf.constant([len(short)]))
+    padded = pad_to(np.array([short], np.int32), (1, len(long_row)))
+    assert (padded[0, len(short):] == short[0]).all()
+    batch = call(loaded, c.NEXT_TOKEN_LOGITS, token_ids=tf.constant(np.concatenate([padded, [long_row]]), tf.int32),
+                 num_tokens=tf.constant([len(short), len(long_row)]))
+    np.testing.assert_allclose(batch[c.LOGITS][0], alone[c.LOGITS][0], rtol=1e-4, atol=1e-4)
+    # The long row reads its last `context` tokens, as the model was trained to.
+    tail = long_row[-context:] if context else long_row
+    expected = generator.model(tf.constant([tail]), training=False)[0, -1, :].numpy()
+    np.testing.assert_allclose(batch[c.LOGITS][1], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_warmup_records_are_prediction_logs_that_run(exported):
@@ -170,9 +192,9 @@ def test_versions_and_bad_input(transformer, tmp_path, capsys, english_text):
     workdir, _, _ = transformer
     base = tmp_path / "models" / "lm"
     (base / "7").mkdir(parents=True)  # an earlier version
-    assert export.export(workdir, export.ExportConfig(export_base=str(base))) == base / "8"  # the next free one
+    assert savedmodel.export(workdir, savedmodel.ExportConfig(export_base=str(base))) == base / "8"  # the next free one
     with pytest.raises(UserError, match="already exists"):
-        export.export(workdir, export.ExportConfig(export_base=str(base), version=7))
+        savedmodel.export(workdir, savedmodel.ExportConfig(export_base=str(base), version=7))
     code, out, err = run_cli(capsys, "export", f"--workdir={workdir}", "--variant=pruned",
                              f"--export_base={tmp_path / 'other'}")
     assert code == 2 and "no optimized variant 'pruned'" in err and "Traceback" not in err

@@ -12,7 +12,10 @@ import tensorflow as tf
 
 from pipelines import checkpoints, finetune, labelled
 from pipelines.errors import UserError
-from serving import classifier_export, contract as c, export, server
+from serving import contract as c, server
+from serving.exporters import classifier as classifier_export
+from serving.exporters import savedmodel
+from serving.server.versions import method_names
 from tests.conftest import ROOT, trained_workdir
 from tests.test_serve import post, start
 
@@ -92,9 +95,9 @@ def test_evaluate_agrees_with_finetune_and_scores_a_new_file(classifier, tmp_pat
 
 def test_exported_signatures_match_the_keras_model(classifier):
     workdir, _ = classifier
-    path = export.export(workdir, export.ExportConfig(model_name="reviews"))
-    assert server.method_names(path)[c.CLASSIFY] == c.CLASSIFY_METHOD
-    assert server.method_names(path)[c.SERVING_DEFAULT] == c.PREDICT_METHOD
+    path = savedmodel.export(workdir, savedmodel.ExportConfig(model_name="reviews"))
+    assert method_names(path)[c.CLASSIFY] == c.CLASSIFY_METHOD
+    assert method_names(path)[c.SERVING_DEFAULT] == c.PREDICT_METHOD
     texts = ["A dark, dull thriller.", "Funny, warm and wise.", "x"]
     model, config, labels, _ = finetune.load_classifier(workdir)
     from pipelines import tokenizers
@@ -114,7 +117,7 @@ def serving_classifier(classifier):
     workdir, _ = classifier
     base = workdir / "export" / "reviews"
     if not base.exists():
-        export.export(workdir, export.ExportConfig(model_name="reviews"))
+        savedmodel.export(workdir, savedmodel.ExportConfig(model_name="reviews"))
     core = server.ModelServer({"reviews": server.ServedModel("reviews", base)})
     core.refresh()
     grpc_server, rest_server, grpc_target, rest_target = start(core)
@@ -183,11 +186,16 @@ def test_bad_classify_requests_get_tensorflow_serving_errors(serving_classifier)
     metrics = serving_classifier["core"].metrics
 
     def counted(status):
-        return metrics.request_count.value("reviews", "classify", status)
+        return metrics.request_count.value("reviews", status)
 
-    before = counted("OK"), counted("INVALID_ARGUMENT"), metrics.request_latency.count("reviews", "classify", "GRPC")
+    before = counted("OK"), counted("INVALID_ARGUMENT"), metrics.request_latency.count("reviews", "Classify", "GRPC")
     url = f"http://{serving_classifier['rest']}/v1/models/reviews:classify"
-    status, body = post(url, json.dumps({"examples": [{"text": "Fine."}]}).encode())  # serving_default is predict
+    # TF Serving checks method names only with --enable_signature_method_name_check.
+    serving_classifier["core"].method_name_check = True
+    try:
+        status, body = post(url, json.dumps({"examples": [{"text": "Fine."}]}).encode())  # serving_default: predict
+    finally:
+        serving_classifier["core"].method_name_check = False
     assert status == 400 and "Expected classification signature method_name" in body["error"]
     status, body = post(url, json.dumps({"signature_name": "classify", "examples": []}).encode())
     assert status == 400 and "examples" in body["error"]
@@ -202,9 +210,11 @@ def test_bad_classify_requests_get_tensorflow_serving_errors(serving_classifier)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "Input is empty" in e.value.details()
     status, body = post(url, json.dumps({"signature_name": "classify", "examples": [{"text": "still serving"}]}).encode())
     assert status == 200 and len(body["result"]) == 1
-    # Counted by status and timed per entry point, as TensorFlow Serving's monitoring does.
-    after = counted("OK"), counted("INVALID_ARGUMENT"), metrics.request_latency.count("reviews", "classify", "GRPC")
-    assert after[0] == before[0] + 1 and after[1] >= before[1] + 1 and after[2] == before[2] + 1
+    request.input.example_list.examples.add().features.feature["text"].bytes_list.value.append(b"Fine.")
+    assert len(stub.Classify(request, timeout=30).result.classifications) == 1
+    # Counted by status, and the successful ones timed per API and entry point, as TensorFlow Serving does.
+    after = counted("OK"), counted("INVALID_ARGUMENT"), metrics.request_latency.count("reviews", "Classify", "GRPC")
+    assert after[0] == before[0] + 2 and after[1] >= before[1] + 1 and after[2] == before[2] + 1
 
 
 def _weights(model) -> dict[str, np.ndarray]:

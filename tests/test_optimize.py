@@ -11,7 +11,7 @@ from pipelines import checkpoints, evaluate, mot, optimize
 from pipelines import workdir as workdir_lib
 from pipelines.generate import TextGenerator
 from serving import contract as c
-from serving import export
+from serving.exporters import savedmodel
 from tests.conftest import tiny_export
 
 # Short fine-tunes: the polynomial schedule reaches its target at step 8 and trains 4 more.
@@ -97,7 +97,7 @@ def test_a_pruned_variant_exports_and_generates(run, tmp_path):
     family, workdir = run
     if family == "lstm":
         pytest.skip("the export is family-independent; the transformer covers it")
-    path = export.export(workdir, export.ExportConfig(variant="pruned50", export_base=str(tmp_path / "lm")))
+    path = savedmodel.export(workdir, savedmodel.ExportConfig(variant="pruned50", export_base=str(tmp_path / "lm")))
     loaded = tf.saved_model.load(str(path))
     out = loaded.signatures[c.SERVING_DEFAULT](prompt=tf.constant(["ROMEO."]),
                                                max_new_tokens=tf.constant([8], tf.int32))

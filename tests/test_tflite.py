@@ -11,7 +11,8 @@ from pipelines import evaluate, optimize
 from pipelines.errors import UserError
 from pipelines.generate import TextGenerator, encode
 from serving import contract as c
-from serving import edge, tflite
+from serving import edge
+from serving.exporters import tflite
 from tests.conftest import tiny_export
 
 PROMPTS = ["ROMEO.", "", "What light through yonder window"]

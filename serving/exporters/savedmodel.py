@@ -123,14 +123,25 @@ class LanguageModelModule(tf.Module):
                 c.NUM_TOKENS: counts}
 
     @tf.function(input_signature=_spec(c.NEXT_TOKEN_LOGITS))
-    def next_token_logits(self, token_ids):
-        """Logits for the token after each row (the last `context` tokens of it are read)."""
+    def next_token_logits(self, token_ids, num_tokens):
+        """Logits for the token after the first `num_tokens` of each row (the last `context` of them are read).
+
+        Positions past a row's `num_tokens` are ignored, whatever they hold: TensorFlow Serving's
+        batching pads a shorter request's `token_ids` with its first element to share a batch
+        (`pad_variable_length_inputs`), and the answer must not change.
+        """
         length = tf.shape(token_ids)[1]
-        tf.debugging.assert_positive(length, message="token_ids needs at least one token per row")
-        if self._context is not None:
-            token_ids = token_ids[:, tf.maximum(0, length - self._context):]
-        logits = self.model(token_ids, training=False)
-        return {c.LOGITS: tf.cast(logits[:, -1, :], tf.float32)}
+        tf.debugging.assert_positive(num_tokens, message="num_tokens needs at least one token per row")
+        tf.debugging.assert_less_equal(num_tokens, length, message="num_tokens is longer than the row of token_ids")
+        if self._context is None:
+            window, last = token_ids, num_tokens - 1
+        else:
+            width = tf.minimum(length, self._context)
+            start = tf.maximum(0, num_tokens - self._context)  # (B,) each row's window ends at its last token
+            window = tf.gather(token_ids, start[:, None] + tf.range(width)[None, :], batch_dims=1)  # (B, W)
+            last = num_tokens - start - 1
+        logits = self.model(window, training=False)  # (B, W, V); causal, so padding after `last` is not read
+        return {c.LOGITS: tf.cast(tf.gather(logits, last, batch_dims=1), tf.float32)}
 
     def signatures(self) -> dict[str, Any]:
         return {name: getattr(self, name).get_concrete_function() for name in c.SIGNATURES}
@@ -149,7 +160,7 @@ def warmup_requests(model_name: str) -> list[bytes]:
         c.GENERATE: {c.PROMPT: [WARMUP_PROMPT], c.MAX_NEW_TOKENS: [4], c.TEMPERATURE: [1.0], c.TOP_K: [0],
                      c.TOP_P: [0.9], c.SEED: [0]},
         c.SCORE: {c.TEXT: [WARMUP_PROMPT]},
-        c.NEXT_TOKEN_LOGITS: {c.TOKEN_IDS: [[tokenizers.EOS_ID]]},
+        c.NEXT_TOKEN_LOGITS: {c.TOKEN_IDS: [[tokenizers.EOS_ID]], c.NUM_TOKENS: [1]},
     }
     records = []
     for signature, values in inputs.items():
@@ -188,12 +199,12 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
     tokenizer = tokenizers.load(wd.tokenizer_dir)
     files = _tokenizer_files(wd.tokenizer_dir)
     if checkpoints.classifier_section(wd.root) is not None:
-        from serving import classifier_export
+        from serving.exporters import classifier
 
         if config.variant:
             raise UserError(f"{wd.root} is a classifier workdir: it has no optimized variants; drop --variant")
-        module, info = classifier_export.build(wd.root, tokenizer, files)
-        signatures, warmup = c.CLASSIFIER_SIGNATURES, classifier_export.warmup_requests(config.model_name)
+        module, info = classifier.build(wd.root, tokenizer, files)
+        signatures, warmup = c.CLASSIFIER_SIGNATURES, classifier.warmup_requests(config.model_name)
         methods = {c.CLASSIFY: c.CLASSIFY_METHOD}
     else:
         model, model_config, step = checkpoints.load_model(source)  # UserError without a checkpoint
@@ -207,7 +218,7 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
     try:
         tf.saved_model.save(module, str(staging), signatures=module.signatures())
         if methods:
-            classifier_export.set_method_names(staging, methods)
+            classifier.set_method_names(staging, methods)
         extra = staging / c.ASSETS_EXTRA
         extra.mkdir()
         with tf.io.TFRecordWriter(str(extra / c.WARMUP_FILE)) as writer:

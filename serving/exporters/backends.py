@@ -19,7 +19,8 @@ from pipelines import workdir as workdir_lib
 from pipelines.errors import UserError
 from pipelines.generate import decode, encode
 from serving import contract as c
-from serving import edge, tflite
+from serving import edge
+from serving.exporters import tflite
 
 
 def newest_export(workdir: str | os.PathLike, model_name: str = c.DEFAULT_MODEL_NAME) -> pathlib.Path:

@@ -1,0 +1,30 @@
+"""A model server that speaks TensorFlow Serving's REST and gRPC APIs.
+
+`tensorflow_model_server` cannot be installed on every machine (it is on
+neither PyPI nor Debian), so lmstack ships this one: the same URLs, the same
+protos (tensorflow-serving-api's generated gRPC services), the same JSON,
+status codes, flags and config files, so a client or a deployment written for
+one works with the other. It imports only TensorFlow, tensorflow-text (whose
+ops the exported tokenizers use), gRPC, waitress and the runtime modules of
+`serving` — never `models/`, `pipelines/` or `serving.exporters`.
+
+The parts, each about the size of its counterpart in TensorFlow Serving:
+
+    versions.py    model versions on disk, the version policy, loading with warm-up and retries
+    config.py      the config files (ModelServerConfig, BatchingParameters, MonitoringConfig, SSLConfig)
+    core.py        the protocol-free server: request checks and limits, deadlines, batching, metrics
+    grpc_api.py    PredictionService, ModelService and the health service
+    rest_api.py    the HTTP routes (on waitress)
+    json_codec.py  TensorFlow Serving's JSON for tensors
+"""
+
+from serving.server.config import (DEFAULT_METRICS_PATH, SSLConfig, models_from_config, models_from_config_file,
+                                   read_batching_parameters, read_monitoring_config, read_ssl_config)
+from serving.server.core import Call, Limits, ModelServer
+from serving.server.grpc_api import start_grpc
+from serving.server.rest_api import start_rest
+from serving.server.versions import LoadedVersion, ServedModel, VersionPolicy, log
+
+__all__ = ["Call", "DEFAULT_METRICS_PATH", "Limits", "LoadedVersion", "ModelServer", "SSLConfig", "ServedModel",
+           "VersionPolicy", "log", "models_from_config", "models_from_config_file", "read_batching_parameters",
+           "read_monitoring_config", "read_ssl_config", "start_grpc", "start_rest"]

@@ -1,0 +1,416 @@
+"""The protocol-free core of the server: what a request may ask, and what running it does.
+
+`ModelServer` answers Predict, Classify, status and metadata for the models
+it holds; `grpc_api` and `rest_api` only translate their protocol to these
+calls. Every request is checked in full before it runs or joins a batch
+(signature, input names, dtypes and integer ranges, shapes, one batch size
+across its inputs, and the `Limits`), so a bad request fails alone with
+INVALID_ARGUMENT and never takes its batch neighbours with it.
+
+A request runs under a `Call`: its deadline (the gRPC deadline, or
+`--rest_api_timeout_in_ms`) and whether its client is still there. The
+`Watchdog` cancels a running signature (TensorFlow's CancellationManager
+stops the graph, the decoding loop included) once every request it serves
+is abandoned, so a client that leaves does not keep a core busy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from serving import contract as c
+from serving.batching import Batcher, BatchingParameters
+from serving.contract import ServingError
+from serving.metrics import Registry
+from serving.server.versions import LoadedVersion, ServedModel, log
+
+UNKNOWN_MODEL = "(unknown)"  # the metrics label of requests for a model the server does not hold
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; past a limit it fails with INVALID_ARGUMENT naming it.
+
+    Attributes:
+        max_request_bytes: a REST body or a gRPC message (TensorFlow Serving's gRPC default is 2 GB;
+            its REST server reads bodies into memory whole).
+        max_request_rows: rows (first dimension) of a request's inputs.
+        max_tensor_elements: elements of one input tensor (checked on the declared shape, before
+            anything is allocated for it).
+        max_text_bytes: bytes of all the string inputs of a request together (prompts, texts to score,
+            serialized examples): a text's cost in tokens and memory grows with its length.
+        max_new_tokens: the largest `max_new_tokens` a generation request may ask for.
+    """
+    max_request_bytes: int = 64 << 20
+    max_request_rows: int = 256
+    max_tensor_elements: int = 1 << 20
+    max_text_bytes: int = 1 << 16
+    max_new_tokens: int = 2048
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) < 1:
+                raise ValueError(f"{field.name} must be at least 1, got {getattr(self, field.name)}")
+
+
+class Call:
+    """One request's caller: its deadline and whether its client is still waiting.
+
+    Args:
+        timeout: seconds from now until the deadline (None: no deadline).
+        is_active: returns False once the client has gone (gRPC's `context.is_active`).
+    """
+
+    def __init__(self, timeout: float | None = None, is_active: Callable[[], bool] | None = None):
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self._is_active = is_active
+        self.gone = threading.Event()
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def abandoned(self) -> bool:
+        return self.gone.is_set() or self.expired() or (self._is_active is not None and not self._is_active())
+
+    def check(self) -> None:
+        """Raises the ServingError of an abandoned call (DEADLINE_EXCEEDED or CANCELLED)."""
+        if self.expired():
+            raise ServingError("DEADLINE_EXCEEDED", "Deadline Exceeded")
+        if self.abandoned():
+            raise ServingError("CANCELLED", "the client cancelled the request")
+
+
+class Watchdog:
+    """Cancels running signatures whose requests are all abandoned (checked every `interval` seconds)."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self._running: dict[int, tuple[Any, tuple[Call, ...]]] = {}
+        self._lock = threading.Lock()
+        self._next = 0
+        threading.Thread(target=self._loop, name="watchdog", daemon=True).start()
+
+    def cancellable(self, fn, calls: Sequence[Call]):
+        """`fn` (a concrete function) wrapped to stop once every call in `calls` is abandoned."""
+        from tensorflow.python.eager import cancellation  # TensorFlow's per-call cancellation (tf.function)
+
+        manager = cancellation.CancellationManager()
+        wrapped = manager.get_cancelable_function(fn)
+        calls = tuple(calls)
+
+        def run(**inputs):
+            with self._lock:
+                key, self._next = self._next, self._next + 1
+                self._running[key] = (manager, calls)
+            try:
+                return wrapped(**inputs)
+            except (tf.errors.CancelledError, tf.errors.AbortedError):
+                for call in calls:
+                    call.check()
+                raise
+            finally:
+                with self._lock:
+                    del self._running[key]
+        return run
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            with self._lock:
+                running = list(self._running.values())
+            for manager, calls in running:
+                if calls and all(call.abandoned() for call in calls) and not manager.is_cancelled:
+                    manager.start_cancel()
+
+
+class ModelServer:
+    """The models a server answers for and what a request does with them (protocol-free).
+
+    Args:
+        models: name -> ServedModel.
+        batching: dynamic batching parameters; None runs every request on its own.
+        metrics: where request counts, latencies and batch sizes go.
+        metrics_path: the REST path that serves them (None: not served).
+        limits: what one request may ask for.
+        model_roots: directories a HandleReloadConfigRequest may load models from (besides the
+            base paths the server started with); None allows any.
+        method_name_check: Classify only signatures of the classify method name (TF Serving's
+            --enable_signature_method_name_check; off by default there too).
+    """
+
+    def __init__(self, models: dict[str, ServedModel], batching: BatchingParameters | None = None,
+                 metrics: Registry | None = None, metrics_path: str | None = None, limits: Limits = Limits(),
+                 model_roots: Sequence[str] | None = (), method_name_check: bool = False):
+        self.models = models
+        self.metrics = metrics or Registry()
+        self.metrics_path = metrics_path
+        self.limits = limits
+        self.batcher = Batcher(batching, self._observe_batch) if batching else None
+        self.watchdog = Watchdog()
+        self.method_name_check = method_name_check
+        self.health = None  # the gRPC health servicer, when serving one
+        self.model_roots = None if model_roots is None else (
+            [str(m.base_path.resolve()) for m in models.values()] + [str(p) for p in model_roots])
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self._in_flight = 0
+        self._idle = threading.Condition()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def track(self):
+        """A context around one request, so `drain` can wait for the requests in flight."""
+        with self._idle:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Waits until no request is in flight (True) or `timeout` passes (False)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def refresh(self) -> None:
+        for model in list(self.models.values()):
+            model.refresh()
+            self.metrics.loaded_versions.set(model.name, value=len(model.versions))
+
+    def reload(self, models: dict[str, ServedModel]) -> None:
+        """Serves `models` from now on (HandleReloadConfigRequest): new ones load, dropped ones go.
+
+        A model whose name and base path stay keeps its loaded versions and takes the new
+        policy and labels. Raises ServingError if a base path lies outside `model_roots`, or a
+        model of the new config loads no version (the old config then stays in force).
+        """
+        if self.model_roots is not None:
+            for model in models.values():
+                path = str(model.base_path.resolve())
+                if not any(path == root or path.startswith(root.rstrip("/") + "/") for root in self.model_roots):
+                    raise ServingError("PERMISSION_DENIED", f"model {model.name!r}: base_path {model.base_path} is "
+                                                            "outside the directories this server may load from "
+                                                            "(--model_config_roots)")
+        merged = {}
+        for name, model in models.items():
+            old = self.models.get(name)
+            if old is not None and old.base_path == model.base_path:
+                old.policy, old.labels = model.policy, model.labels
+                model = old
+            merged[name] = model
+        for model in merged.values():
+            model.load_latest()
+        self.models = merged
+        self.refresh()
+
+    def start_polling(self, seconds: float, config_file: str | None = None, config_seconds: float = 0,
+                      read_config: Callable[[str], dict[str, ServedModel]] | None = None) -> None:
+        """Checks the base paths for new or removed versions every `seconds` (0: never), and re-reads
+        `config_file` every `config_seconds` (TF Serving's --model_config_file_poll_wait_seconds)."""
+        if seconds <= 0 and not (config_file and config_seconds > 0):
+            return
+
+        def poll():
+            next_config = time.monotonic() + config_seconds
+            while not self._stop.wait(min(s for s in (seconds, config_seconds) if s > 0)):
+                try:
+                    if config_file and config_seconds > 0 and time.monotonic() >= next_config:
+                        next_config = time.monotonic() + config_seconds
+                        self.reload(read_config(config_file))
+                    elif seconds > 0:
+                        self.refresh()
+                except ServingError as e:
+                    log.error("the model config file %s was not applied: %s", config_file, e.message)
+                except Exception:  # noqa: BLE001 (keep polling; the error is logged)
+                    log.exception("refreshing the model versions failed")
+
+        self._poller = threading.Thread(target=poll, name="version-poller", daemon=True)
+        self._poller.start()
+
+    def stop_polling(self) -> None:
+        self._stop.set()
+
+    def _observe_batch(self, model_name: str, rows: int, waited_us: float) -> None:
+        self.metrics.batch_size.observe(model_name, value=rows)
+        self.metrics.queuing_latency.observe(model_name, value=waited_us)
+        self.metrics.queued_rows.set(model_name, value=self.batcher.queued_rows())
+
+    # -- requests ----------------------------------------------------------
+
+    def model(self, name: str) -> ServedModel:
+        if name not in self.models:
+            raise ServingError("NOT_FOUND", f"Servable not found for request: Latest({name[:200]})")
+        return self.models[name]
+
+    @contextlib.contextmanager
+    def counted(self, name: str, api: str, entrypoint: str):
+        """Counts one request by its status and times the successful ones, as TensorFlow Serving does.
+
+        `api` is TF Serving's label: 'Predict'/'Classify' over gRPC, 'predict'/'classify' over REST.
+        Requests for a model the server does not hold are counted under one fixed name, so a
+        client cannot grow the metrics page with names of its choice.
+        """
+        began, status = time.perf_counter(), "OK"
+        label = name if name in self.models else UNKNOWN_MODEL
+        try:
+            yield
+        except ServingError as e:
+            status = e.code
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
+        finally:
+            self.metrics.request_count.inc(label, status)
+            if status == "OK":
+                self.metrics.request_latency.observe(label, api, entrypoint,
+                                                     value=(time.perf_counter() - began) * 1e6)
+
+    def predict(self, name: str, version: int | None, signature: str, inputs: dict[str, np.ndarray],
+                label: str | None = None, call: Call | None = None) -> tuple[LoadedVersion, dict[str, np.ndarray]]:
+        """Runs one request (batched with others if batching is on)."""
+        loaded = self.model(name).get(version, label)
+        return loaded, self._run(name, loaded, signature or c.SERVING_DEFAULT, inputs, call or Call())
+
+    def classify(self, name: str, version: int | None, signature: str, examples: list[bytes],
+                 label: str | None = None, call: Call | None = None) -> tuple[LoadedVersion, Any, Any]:
+        """Runs serialized tf.Examples through a classification signature (TensorFlow Serving's Classify).
+
+        Returns:
+            `(version, classes [B, C] bytes or None, scores [B, C] float or None)`.
+        """
+        signature = signature or c.SERVING_DEFAULT
+        if not examples:
+            raise ServingError("INVALID_ARGUMENT", "Input is empty.")
+        loaded = self.model(name).get(version, label)
+        if signature not in loaded.signatures:
+            raise ServingError("INVALID_ARGUMENT", f"No signature was found with the name: {signature[:200]}")
+        method = loaded.methods.get(signature, "")
+        if self.method_name_check and method != c.CLASSIFY_METHOD:
+            raise ServingError("INVALID_ARGUMENT", f"Expected classification signature method_name to be "
+                                                   f"{c.CLASSIFY_METHOD}. Was: {method}")
+        (key,) = loaded.input_specs(signature)
+        outputs = self._run(name, loaded, signature, {key: np.array(examples, dtype=object)}, call or Call())
+        scores, classes = outputs.get(c.SCORES), outputs.get(c.CLASSES)
+        if scores is None and classes is None:
+            raise ServingError("INVALID_ARGUMENT", "Expected classification signature outputs classes and/or scores")
+        return loaded, classes, scores
+
+    def validate(self, loaded: LoadedVersion, signature: str, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The request's inputs as arrays the signature takes; ServingError INVALID_ARGUMENT otherwise."""
+        if signature not in loaded.signatures:
+            raise ServingError("FAILED_PRECONDITION",
+                               f"Serving signature name: \"{signature[:200]}\" not found in signature def "
+                               f"(have: {', '.join(sorted(loaded.signatures))})")
+        specs = loaded.input_specs(signature)
+        missing = sorted(set(specs) - set(inputs))
+        extra = sorted(k[:100] for k in set(inputs) - set(specs))
+        if missing or extra:
+            raise ServingError("INVALID_ARGUMENT", f"signature {signature!r} expects inputs "
+                                                   f"{sorted(specs)}; missing {missing}, unexpected {extra}")
+        limits = self.limits
+        arrays = {key: as_input(key, inputs[key], spec, limits) for key, spec in specs.items()}
+        rows = {key: a.shape[0] for key, a in arrays.items() if a.ndim}
+        if len(set(rows.values())) > 1:
+            raise ServingError("INVALID_ARGUMENT", "the inputs must share their first (batch) dimension; got "
+                                                   + ", ".join(f"{k}: {n}" for k, n in sorted(rows.items())))
+        if rows and max(rows.values()) > limits.max_request_rows:
+            raise ServingError("INVALID_ARGUMENT", f"the request has {max(rows.values())} rows; this server takes "
+                                                   f"at most {limits.max_request_rows} (--max_request_rows)")
+        text = sum(len(v) for a in arrays.values() if a.dtype == object for v in a.flat)
+        if text > limits.max_text_bytes:
+            raise ServingError("INVALID_ARGUMENT", f"the request's strings hold {text} bytes; this server takes at "
+                                                   f"most {limits.max_text_bytes} (--max_text_bytes)")
+        new_tokens = arrays.get(c.MAX_NEW_TOKENS)
+        if new_tokens is not None and new_tokens.size:
+            if new_tokens.max() > limits.max_new_tokens or new_tokens.min() < 0:
+                raise ServingError("INVALID_ARGUMENT", f"max_new_tokens must be between 0 and "
+                                                       f"{limits.max_new_tokens} (--max_new_tokens_limit); got "
+                                                       f"{int(new_tokens.max() if new_tokens.max() > 0 else new_tokens.min())}")
+        return arrays
+
+    def _run(self, name: str, loaded: LoadedVersion, signature: str, inputs: dict[str, Any],
+             call: Call) -> dict[str, np.ndarray]:
+        """One signature call on the version a request holds (batched if batching is on)."""
+        arrays = self.validate(loaded, signature, inputs)
+        call.check()
+        run = loaded.numpy_function(signature, self.watchdog.cancellable)
+        try:
+            if self.batcher is not None:
+                return self.batcher.run((name, loaded.version, signature), name, run, arrays, call)
+            return run(arrays, [call])
+        except tf.errors.OpError as e:
+            code = {tf.errors.InvalidArgumentError: "INVALID_ARGUMENT",
+                    tf.errors.ResourceExhaustedError: "RESOURCE_EXHAUSTED",
+                    tf.errors.CancelledError: "CANCELLED"}.get(type(e), "INTERNAL")
+            raise ServingError(code, op_error_message(e.message)) from None
+
+    def status(self, name: str, version: int | None = None, label: str | None = None) -> list[dict[str, Any]]:
+        model = self.model(name)
+        if label:
+            version = model.get(None, label).version
+        return model.status(version)
+
+    def signature_defs(self, name: str, version: int | None = None, label: str | None = None):
+        """(version, the SavedModel's SignatureDefMap proto) as TensorFlow Serving reports metadata."""
+        from tensorflow.core.protobuf import saved_model_pb2
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        loaded = self.model(name).get(version, label)
+        saved = saved_model_pb2.SavedModel.FromString((loaded.path / "saved_model.pb").read_bytes())
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        for key, value in saved.meta_graphs[0].signature_def.items():
+            if not key.startswith("__"):  # TensorFlow's internal signatures (e.g. __saved_model_init_op)
+                signatures.signature_def[key].CopyFrom(value)
+        return loaded.version, signatures
+
+
+def as_input(key: str, value, spec: tf.TensorSpec, limits: Limits) -> np.ndarray:
+    """A request's value for one input as a numpy array of the signature's dtype and a compatible shape."""
+    array = np.asarray(value)
+    if array.size == 0:  # an empty JSON list has no type of its own
+        array = array.astype(object if spec.dtype == tf.string else spec.dtype.as_numpy_dtype)
+    if array.size > limits.max_tensor_elements:
+        raise ServingError("INVALID_ARGUMENT", f"input {key!r} has {array.size} elements; this server takes at "
+                                               f"most {limits.max_tensor_elements} (--max_tensor_elements)")
+    if spec.dtype == tf.string:
+        if array.dtype.kind not in ("O", "S", "U") or (array.dtype.kind == "O" and array.size and not all(
+                isinstance(x, (bytes, str)) for x in array.flat)):
+            raise ServingError("INVALID_ARGUMENT", f"input {key!r} must be strings")
+        array = array.astype(object)
+    else:
+        want = np.dtype(spec.dtype.as_numpy_dtype)
+        if array.dtype.kind in ("O", "S", "U"):
+            raise ServingError("INVALID_ARGUMENT", f"input {key!r} is not {spec.dtype.name}: got strings")
+        if array.dtype.kind == "f" and array.size and spec.dtype.is_integer:
+            raise ServingError("INVALID_ARGUMENT", f"input {key!r} is not {spec.dtype.name}: got fractional numbers")
+        if want.kind in "iu" and array.dtype.kind in "iub" and array.size:
+            info = np.iinfo(want)
+            if array.min() < info.min or array.max() > info.max:
+                raise ServingError("INVALID_ARGUMENT", f"input {key!r} holds values outside {spec.dtype.name}'s "
+                                                       f"range [{info.min}, {info.max}]")
+        array = array.astype(want)
+    if not spec.shape.is_compatible_with(array.shape):
+        raise ServingError("INVALID_ARGUMENT", f"input {key!r} has shape {list(array.shape)}, expected {spec.shape}")
+    return array
+
+
+def op_error_message(message: str) -> str:
+    """The line of a TensorFlow error that says what went wrong (not the graph location)."""
+    for line in message.splitlines():
+        line = line.strip()
+        if line.startswith("assertion failed: ["):  # tf.debugging asserts: the message is the first [...]
+            return line[len("assertion failed: ["):].split("]", 1)[0].strip()
+        if line and not line.startswith(("Graph execution error", "Detected at node", "<stack traces", "[[", "File ")):
+            return line.split(" [[", 1)[0]
+    return message.strip()

@@ -1,0 +1,173 @@
+"""REST: TensorFlow Serving's HTTP API over the core, served by waitress.
+
+    POST /v1/models/NAME[/versions/N | /labels/L]:predict    ("inputs" columnar or "instances" rows)
+    POST /v1/models/NAME[/versions/N | /labels/L]:classify   ("examples" + optional "context")
+    GET  /v1/models/NAME[/versions/N | /labels/L]            (version status)
+    GET  /v1/models/NAME[/versions/N | /labels/L]/metadata   (signatures)
+    GET  the --monitoring_config_file path                   (Prometheus metrics)
+
+HTTP itself is waitress, a maintained production WSGI server: a fixed pool of
+`--rest_api_num_threads` workers runs the requests, while one I/O thread reads
+and writes every connection, so slow or half-sent requests hold no worker;
+framing is strict (a malformed or oversized Content-Length, or a bad chunked
+body, is answered 400/413 and the connection closed) and chunked bodies are
+read whole; idle connections close after `idle_timeout` seconds. Each
+request runs under `--rest_api_timeout_in_ms` (TF Serving's default 30 s),
+after which its work is cancelled. Every error answers TF Serving's HTTP
+status with {"error": "..."}; an unexpected one is logged on one line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+from serving.contract import HTTP_STATUS, ServingError
+from serving.server import json_codec
+from serving.server.core import Call, ModelServer
+from serving.server.versions import log
+
+_PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[0-9]{1,18})|/labels/(?P<label>[^/:]+))?"
+                   r"(?P<rest>/metadata|:predict|:classify|:regress)?$")
+
+
+class RestApi:
+    """The WSGI application: routes a request to the core and writes TF Serving's JSON.
+
+    Args:
+        core: the server's models.
+        timeout: seconds a request may run (None: no limit).
+    """
+
+    def __init__(self, core: ModelServer, timeout: float | None = 30.0):
+        self.core = core
+        self.timeout = timeout
+
+    def __call__(self, environ, start_response):
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+        with self.core.track():
+            try:
+                status, body, content_type = self._answer(method, path, environ)
+            except ServingError as e:
+                status, body, content_type = HTTP_STATUS.get(e.code, 500), {"error": e.message}, "application/json"
+            except Exception as e:  # noqa: BLE001 (a bug must not drop the connection or print a traceback)
+                log.error("%s %s failed: %s: %s", method, path[:200], type(e).__name__, str(e).splitlines()[:1])
+                status, body, content_type = 500, {"error": f"internal error: {type(e).__name__}"}, "application/json"
+        data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
+        start_response(f"{status} {_REASONS.get(status, 'Error')}",
+                       [("Content-Type", content_type), ("Content-Length", str(len(data)))])
+        return [data]
+
+    def _answer(self, method: str, path: str, environ):
+        core = self.core
+        if method == "GET" and core.metrics_path and path == core.metrics_path:
+            return 200, core.metrics.render().encode("utf-8"), "text/plain; version=0.0.4"
+        match = _PATH.match(path)
+        if not match:
+            raise ServingError("NOT_FOUND", f"Malformed request: {method} {path[:200]}")
+        name, rest, label = match["name"], match["rest"], match["label"]
+        version = int(match["version"]) if match["version"] else None
+        if method == "POST" and rest in (":predict", ":classify"):
+            api = rest[1:]
+            with core.counted(name, api, "REST"):
+                body = json_codec.parse_body(_read_body(environ, core.limits.max_request_bytes))
+                signature = json_codec.signature_name(body)
+                call = Call(self.timeout)
+                if api == "predict":
+                    inputs, rows_format, rows = json_codec.request_inputs(
+                        body, lambda: _only_input(core, name, version, signature, label),
+                        core.limits.max_tensor_elements)
+                    _, outputs = core.predict(name, version, signature, inputs, label, call)
+                    return 200, json_codec.response_body(outputs, rows_format, rows), "application/json"
+                _, classes, scores = core.classify(name, version, signature, json_codec.classify_examples(body),
+                                                   label, call)
+                return 200, json_codec.classify_body(classes, scores), "application/json"
+        if method == "POST" and rest == ":regress":
+            raise ServingError("UNIMPLEMENTED", "lmstack exports no regression signatures")
+        if method == "GET" and rest is None:
+            statuses = core.status(name, version, label)
+            return 200, {"model_version_status": [
+                {"version": str(s["version"]), "state": s["state"],
+                 "status": {"error_code": s["error_code"], "error_message": s["error_message"]}}
+                for s in statuses]}, "application/json"
+        if method == "GET" and rest == "/metadata":
+            from google.protobuf import json_format
+
+            served, signatures = core.signature_defs(name, version, label)
+            return 200, {"model_spec": {"name": name, "signature_name": "", "version": str(served)},
+                         "metadata": {"signature_def": json_format.MessageToDict(
+                             signatures, preserving_proto_field_name=True)}}, "application/json"
+        raise ServingError("NOT_FOUND", f"Malformed request: {method} {path[:200]}")
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            409: "Conflict", 429: "Too Many Requests", 499: "Client Closed Request", 500: "Internal Server Error",
+            501: "Not Implemented", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+def _read_body(environ, limit: int) -> bytes:
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise ServingError("INVALID_ARGUMENT", "Content-Length is not a number") from None
+    if length > limit:  # waitress refuses these first; kept for any other WSGI server
+        raise ServingError("INVALID_ARGUMENT", f"request body of {length} bytes is larger than the {limit} accepted")
+    return environ["wsgi.input"].read(length) if length > 0 else b""
+
+
+def _only_input(core: ModelServer, name: str, version: int | None, signature: str, label: str | None) -> str:
+    loaded = core.model(name).get(version, label)
+    signature = signature or "serving_default"
+    specs = list(loaded.input_specs(signature)) if signature in loaded.signatures else []
+    if len(specs) != 1:
+        raise ServingError("INVALID_ARGUMENT", f"the signature takes inputs {specs}: name them in a JSON object")
+    return specs[0]
+
+
+class RestServer:
+    """A waitress server for `RestApi` in a thread of its own.
+
+    Args:
+        core: the server's models.
+        port: the port (0: a free one).
+        host: the address to bind ('0.0.0.0' every IPv4 interface, '::' every interface).
+        threads: workers running requests (TF Serving's --rest_api_num_threads).
+        timeout: seconds a request may run.
+        idle_timeout: seconds an idle keep-alive connection stays open.
+    """
+
+    def __init__(self, core: ModelServer, port: int, host: str = "0.0.0.0", threads: int = 8,
+                 timeout: float | None = 30.0, idle_timeout: float = 30.0):
+        from waitress.server import create_server
+
+        self._server = create_server(
+            RestApi(core, timeout), host=host, port=port, threads=threads, ident="lmstack-serving",
+            max_request_body_size=core.limits.max_request_bytes, channel_timeout=int(max(1, idle_timeout)),
+            cleanup_interval=int(max(1, idle_timeout)),
+            connection_limit=1000, asyncore_use_poll=True, expose_tracebacks=False, clear_untrusted_proxy_headers=True,
+            backlog=1024)
+        self.port = self._server.effective_port
+        self._thread = threading.Thread(target=self._server.run, name="rest", daemon=True)
+        self._thread.start()
+
+    def stop_accepting(self) -> None:
+        """Closes the listening socket; open connections are still answered."""
+        self._server.del_channel()
+        self._server.socket.close()
+
+    def shutdown(self) -> None:
+        """Stops accepting connections and closes the open ones (after the core has drained)."""
+        from waitress import wasyncore
+
+        if self._server.socket is not None and self._server.socket.fileno() >= 0:
+            self.stop_accepting()
+        self._server.task_dispatcher.shutdown(cancel_pending=False, timeout=5)
+        wasyncore.close_all(self._server._map)
+        self._thread.join(timeout=5)
+
+
+def start_rest(core: ModelServer, port: int, **options) -> tuple[RestServer, int]:
+    """Starts the REST server on `port` (0: a free one) in a thread; returns (server, port)."""
+    server = RestServer(core, port, **options)
+    return server, server.port

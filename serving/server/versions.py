@@ -1,0 +1,265 @@
+"""Model versions: which are on disk, which the policy serves, loading them (with warm-up and retries).
+
+A model's base path holds one directory per version, named by a plain
+decimal integer (`1`, `2`, ...; not `01x`, not `²`), each a SavedModel as
+`lmstack export` writes it. `ServedModel.refresh()` makes the loaded versions
+match the version policy: new versions load and replay their warm-up
+requests before old ones unload, so there is always a version to answer;
+requests hold the `LoadedVersion` they started with, so a swap never cuts
+one short. A version that fails to load is retried `max_num_load_retries`
+times, `load_retry_interval` seconds apart (a version still being copied in
+by a tool that does not rename into place loads on a later try); after that
+it stays reported as failed and the others keep serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import re
+import threading
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_text  # noqa: F401  (registers the tokenizer ops the exported graphs use)
+
+from serving import tensors
+from serving.contract import SERVING_DEFAULT, ServingError
+
+log = logging.getLogger("lmstack.serve")
+
+_VERSION_DIR = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also takes '²'
+
+
+@dataclasses.dataclass
+class LoadedVersion:
+    version: int
+    path: pathlib.Path
+    model: Any  # what tf.saved_model.load returns
+    signatures: dict[str, Any]  # name -> concrete function
+    methods: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> SignatureDef method name
+
+    def __post_init__(self):
+        # structured_input_signature rebuilds its answer on every access: read it once.
+        self._specs = {name: fn.structured_input_signature[1] for name, fn in self.signatures.items()}
+
+    def input_specs(self, signature: str) -> dict[str, tf.TensorSpec]:
+        return self._specs[signature]
+
+    def output_names(self, signature: str) -> list[str]:
+        return sorted(self.signatures[signature].structured_outputs)
+
+    def numpy_function(self, signature: str, cancellable):
+        """The signature as numpy arrays in, numpy arrays out (what the batcher merges and splits).
+
+        Args:
+            cancellable: `cancellable(fn, calls)` returns `fn` wrapped so that it stops when every
+                call in `calls` is abandoned (`serving.server.core.Watchdog.cancellable`).
+        """
+        fn = self.signatures[signature]
+        specs = self.input_specs(signature)
+
+        def run(arrays: dict[str, np.ndarray], calls: Sequence) -> dict[str, np.ndarray]:
+            outputs = cancellable(fn, calls)(**{k: tf.constant(v, dtype=specs[k].dtype) for k, v in arrays.items()})
+            return {k: v.numpy() for k, v in outputs.items()}
+        return run
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions on disk to serve (TensorFlow Serving's `model_version_policy`).
+
+    Attributes:
+        kind: 'latest' (the `num_versions` newest), 'all', or 'specific' (`versions`).
+    """
+    kind: str = "latest"
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+    def choose(self, on_disk: list[int]) -> list[int]:
+        if self.kind == "all":
+            return list(on_disk)
+        if self.kind == "specific":
+            return [v for v in on_disk if v in self.versions]
+        return sorted(on_disk)[-max(1, self.num_versions):]
+
+
+def replay_warmup(loaded: LoadedVersion, warmup_file: pathlib.Path) -> int:
+    """Runs the PredictionLog requests of assets.extra/tf_serving_warmup_requests, as TensorFlow Serving does."""
+    if not warmup_file.is_file():
+        return 0
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    count = 0
+    for record in tf.data.TFRecordDataset(str(warmup_file)).as_numpy_iterator():
+        log_record = prediction_log_pb2.PredictionLog.FromString(record)
+        kind = log_record.WhichOneof("log_type")
+        if kind == "predict_log":
+            request = log_record.predict_log.request
+            fn = loaded.signatures[request.model_spec.signature_name or SERVING_DEFAULT]
+            fn(**{k: tf.constant(tensors.to_ndarray(v)) for k, v in request.inputs.items()})
+        elif kind == "classify_log":
+            request = log_record.classify_log.request
+            signature = request.model_spec.signature_name or SERVING_DEFAULT
+            (key,) = loaded.input_specs(signature)
+            fn = loaded.signatures[signature]
+            fn(**{key: tf.constant(examples_of(request.input))})
+        else:
+            continue
+        count += 1
+    return count
+
+
+def method_names(path: pathlib.Path) -> dict[str, str]:
+    """Signature name -> method name (tensorflow/serving/predict, .../classify) from saved_model.pb."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+    return {k: v.method_name for k, v in saved.meta_graphs[0].signature_def.items()}
+
+
+def examples_of(request_input) -> list[bytes]:
+    """A ClassificationRequest's `input` as serialized tf.Examples (context merged into each, as TF Serving does)."""
+    kind = request_input.WhichOneof("kind")
+    if kind == "example_list":
+        return [e.SerializeToString() for e in request_input.example_list.examples]
+    if kind == "example_list_with_context":
+        with_context = request_input.example_list_with_context
+        merged = []
+        for e in with_context.examples:
+            example = tf.train.Example()
+            example.CopyFrom(with_context.context)
+            example.MergeFrom(e)
+            merged.append(example.SerializeToString())
+        return merged
+    return []
+
+
+@dataclasses.dataclass
+class _Failure:
+    message: str
+    attempts: int
+    retry_at: float  # time.monotonic() of the next try; inf when out of retries
+
+
+class ServedModel:
+    """One model name: its base path, version policy and labels, and the versions loaded now.
+
+    Args:
+        name: the name requests use.
+        base_path: a directory of version subdirectories.
+        policy: which versions to serve.
+        labels: label -> version (`/labels/L` in REST, `version_label` in gRPC).
+        max_num_load_retries: tries after a version's first failed load (TF Serving's flag, default 5).
+        load_retry_interval: seconds between tries (TF Serving's default: 60).
+        warmup: replay a version's warm-up requests before it serves (--enable_model_warmup).
+    """
+
+    def __init__(self, name: str, base_path: str | pathlib.Path, policy: VersionPolicy = VersionPolicy(),
+                 labels: dict[str, int] | None = None, max_num_load_retries: int = 5,
+                 load_retry_interval: float = 60.0, warmup: bool = True):
+        self.name = name
+        self.base_path = pathlib.Path(base_path)
+        self.policy = policy
+        self.labels = dict(labels or {})
+        self.max_num_load_retries = max_num_load_retries
+        self.load_retry_interval = load_retry_interval
+        self.warmup = warmup
+        self.versions: dict[int, LoadedVersion] = {}
+        self.failures: dict[int, _Failure] = {}
+        self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
+
+    @property
+    def failed(self) -> dict[int, str]:
+        """version -> why it did not load (for versions not loaded now)."""
+        return {v: f.message for v, f in self.failures.items() if v not in self.versions}
+
+    def on_disk(self) -> list[int]:
+        if not self.base_path.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.base_path.iterdir()
+                      if _VERSION_DIR.fullmatch(p.name) and p.is_dir() and (p / "saved_model.pb").is_file())
+
+    def refresh(self) -> None:
+        """Loads the versions the policy wants and unloads the others (see the module docstring)."""
+        with self._refresh_lock:
+            now = time.monotonic()
+            on_disk = self.on_disk()
+            # A version that failed is left out of the policy's choice until its next try, so the
+            # others serve meanwhile (and for good once its tries are spent).
+            candidates = [v for v in on_disk if v not in self.failures or self.failures[v].retry_at <= now]
+            wanted = self.policy.choose(candidates)
+            for version in wanted:
+                if version not in self.versions:
+                    self._load(version, self.failures.get(version))
+            if any(v in self.failures for v in wanted):  # a try failed: choose again without it
+                wanted = self.policy.choose([v for v in on_disk if v not in self.failures])
+                for version in wanted:
+                    if version not in self.versions:
+                        self._load(version, None)
+            keep = set(wanted) if any(v in self.versions for v in wanted) else set(self.versions)
+            for version in sorted(set(self.versions) - keep):
+                with self._lock:
+                    self.versions = {v: lv for v, lv in self.versions.items() if v != version}
+                log.info("%s version %d unloaded", self.name, version)
+
+    def _load(self, version: int, failure: _Failure | None) -> None:
+        path = self.base_path / str(version)
+        try:
+            model = tf.saved_model.load(str(path))
+            loaded = LoadedVersion(version, path, model, dict(model.signatures), method_names(path))
+            warmed = replay_warmup(loaded, path / "assets.extra" / "tf_serving_warmup_requests") if self.warmup else 0
+        except Exception as e:  # a broken export must not take the server down
+            attempts = (failure.attempts if failure else 0) + 1
+            message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            more = attempts <= self.max_num_load_retries
+            retry_at = time.monotonic() + self.load_retry_interval if more else float("inf")
+            self.failures[version] = _Failure(message, attempts, retry_at)
+            log.error("%s version %d failed to load (try %d of %d): %s", self.name, version, attempts,
+                      self.max_num_load_retries + 1, message)
+            return
+        self.failures.pop(version, None)
+        with self._lock:
+            self.versions = {**self.versions, version: loaded}
+        log.info("%s version %d loaded from %s (%d warm-up requests)", self.name, version, path, warmed)
+
+    def load_latest(self) -> LoadedVersion:
+        """Refreshes and returns the newest loaded version (an error if none loads)."""
+        self.refresh()
+        with self._lock:
+            if not self.versions:
+                why = "; ".join(f"version {v}: {m}" for v, m in sorted(self.failed.items()))
+                raise ServingError("NOT_FOUND", f"no loadable version of {self.name!r} under {self.base_path} "
+                                                f"({why or 'expected BASE/1/saved_model.pb; run `lmstack export`'})")
+            return self.versions[max(self.versions)]
+
+    def get(self, version: int | None = None, label: str | None = None) -> LoadedVersion:
+        with self._lock:
+            versions = self.versions
+        if label:
+            if label not in self.labels:
+                raise ServingError("INVALID_ARGUMENT", f"Unrecognized servable version label: {label}")
+            version = self.labels[label]
+        if not versions:
+            raise ServingError("UNAVAILABLE", f"model {self.name!r} has no loaded version yet")
+        if version is None:
+            return versions[max(versions)]
+        if version not in versions:
+            raise ServingError("NOT_FOUND", f"Servable not found for request: Specific({self.name}, {version})")
+        return versions[version]
+
+    def status(self, version: int | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            loaded = set(self.versions)
+        rows = [{"version": v, "state": "AVAILABLE", "error_code": "OK", "error_message": ""} for v in loaded]
+        rows += [{"version": v, "state": "END", "error_code": "UNKNOWN", "error_message": m}
+                 for v, m in self.failed.items()]
+        if version is not None:
+            rows = [r for r in rows if r["version"] == version]
+            if not rows:
+                raise ServingError("NOT_FOUND", f"Could not find version {version} of model {self.name}")
+        return sorted(rows, key=lambda r: r["version"], reverse=True)
