@@ -62,7 +62,8 @@ def version_checks(version: Callable[[str], str | None] = _version) -> list[Chec
     checks.append(Check("tensorflow-model-optimization 0.8", "OK" if _minor(mot) == "0.8" else "FAIL",
                         mot or "missing", "" if _minor(mot) == "0.8" else FIX_PIN))
     for package, why in (("keras-nlp", "tokenizers and samplers"), ("ai-edge-litert", "the TFLite runtime"),
-                         ("grpcio", "gRPC serving and clients"), ("absl-py", "the command line")):
+                         ("grpcio", "gRPC serving and clients"), ("grpcio-health-checking", "the gRPC health service"),
+                         ("waitress", "the REST server"), ("absl-py", "the command line")):
         v = version(package)
         checks.append(Check(f"{package} ({why})", "OK" if v else "FAIL", v or "missing", "" if v else FIX_PIN))
     return checks

@@ -315,15 +315,15 @@ class Pipeline:
         grpc_port, rest_port = free_ports(2)
         server = subprocess.Popen([sys.executable, "-m", "app", "serve", f"--model_name={name}",
                                    f"--model_base_path={version.parent}", f"--port={grpc_port}",
-                                   f"--rest_api_port={rest_port}"],
+                                   f"--rest_api_port={rest_port}", "--bind_address=127.0.0.1"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         prompt, count = settings.get("prompt", "ROMEO."), int(settings.get("max_new_tokens", 32))
         answers = {}
         try:
-            rest = client_lib.connect(f"localhost:{rest_port}", "rest", model_name=name, retries=0, timeout=120)
+            rest = client_lib.connect(f"127.0.0.1:{rest_port}", "rest", model_name=name, retries=0, timeout=120)
             _wait_until_serving(rest, server, timeout=float(settings.get("start_timeout", 180)))
             for protocol, port in (("rest", rest_port), ("grpc", grpc_port)):
-                client = client_lib.connect(f"localhost:{port}", protocol, model_name=name, timeout=120)
+                client = client_lib.connect(f"127.0.0.1:{port}", protocol, model_name=name, timeout=120)
                 began = time.perf_counter()
                 (text,) = client.generate([prompt], count)
                 answers[protocol] = {"completion": text, "ms": round((time.perf_counter() - began) * 1e3, 1)}

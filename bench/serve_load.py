@@ -16,7 +16,13 @@ the same threading) in this process. The protocol overhead is the median
 difference between a server call and an in-process call made one after the
 other, 80 pairs at one client (batching off). The server's resident memory is
 read from /proc with one loaded version and with two (a
-`model_version_policy { all {} }` config over two versions).
+`model_version_policy { all {} }` config over two versions), and before and
+after the largest requests the default limits allow (`score` on 8 texts of
+8 KiB: the 64 KiB of `--max_text_bytes`), once and then ten more times: what
+one large request leaves behind, and whether it keeps growing.
+
+Both servers run `--rest_api_num_threads=32`, one REST worker per client
+(TF Serving's default is 4 per CPU: 8 here, which caps a REST batch at 8).
 
 Prints a table and writes bench/results/serve_load.json.
 
@@ -48,7 +54,9 @@ NEW_TOKENS = 16
 # across cores, and the freed core runs another request or batch (in-process,
 # a batch of 32 runs 1.8x the rows/s of TensorFlow's default threading here).
 INTRA_OP, INTER_OP = 1, 2
-THREADS = (f"--tensorflow_intra_op_parallelism={INTRA_OP}", f"--tensorflow_inter_op_parallelism={INTER_OP}")
+THREADS = (f"--tensorflow_intra_op_parallelism={INTRA_OP}", f"--tensorflow_inter_op_parallelism={INTER_OP}",
+           "--rest_api_num_threads=32")
+LARGE_TEXT = ("To be, or not to be, that is the question: " * 200)[:8192]  # 8 texts: --max_text_bytes
 
 
 def rss_mb(pid: int) -> float:
@@ -73,7 +81,7 @@ class Server:
         client.connect(self.target("grpc"), "grpc", retries=12, backoff=0.5).status()
 
     def target(self, protocol: str) -> str:
-        return f"localhost:{self.grpc if protocol == 'grpc' else self.rest}"
+        return f"127.0.0.1:{self.grpc if protocol == 'grpc' else self.rest}"
 
     def stop(self) -> None:
         self.process.terminate()
@@ -157,6 +165,20 @@ def load(target: str, protocol: str, clients: int, seconds: float) -> dict:
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
 
+def large_request_memory(server) -> dict:
+    """Server RSS before, after one and after eleven `score` requests of --max_text_bytes of text."""
+    from serving import client
+
+    rest = client.connect(server.target("rest"), "rest", timeout=120)
+    rest.score(["To be"])
+    before = rss_mb(server.process.pid)
+    rest.score([LARGE_TEXT] * 8)
+    after_one = rss_mb(server.process.pid)
+    for _ in range(10):
+        rest.score([LARGE_TEXT] * 8)
+    return {"before": before, "after_one": after_one, "after_eleven": rss_mb(server.process.pid)}
+
+
 def paired_overhead(fn, server: Server, reps: int = 80) -> dict:
     """p50 of (remote - in-process) latency over interleaved pairs of calls: the protocol's own cost."""
     import tensorflow as tf
@@ -226,6 +248,7 @@ def main() -> None:
     servers = {False: Server(*flags), True: Server(*flags, "--enable_batching",
                                                    f"--batching_parameters_file={batching_file}")}
     try:
+        memory = large_request_memory(servers[False])
         overhead = paired_overhead(fn, servers[False])
         windows: dict[tuple, list[dict]] = {}
         for protocol in ("grpc", "rest"):
@@ -270,6 +293,7 @@ def main() -> None:
     result = {"benchmark": "serve_load", "seconds": args.seconds, "rounds": args.rounds,
               "server_flags": list(THREADS), "new_tokens": NEW_TOKENS, "preset": "tiny",
               "in_process": reference, "p50_overhead_ms_paired": overhead, "server_rss_mb_two_versions": rss_two,
+              "large_request_rss_mb": memory,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows}
     print(f"{'protocol':8} {'batching':8} {'clients':>7} {'req/s':>8} {'vs off':>7} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'p50 - in-proc':>13} {'RSS MB':>7} {'errors':>6}")
@@ -281,6 +305,8 @@ def main() -> None:
               f"{r['server_rss_mb']:7.0f} {r['errors']:6}")
     print(f"protocol overhead, p50 of paired (server - in-process) calls at 1 client: "
           f"gRPC {overhead['grpc']:.2f} ms, REST {overhead['rest']:.2f} ms")
+    print(f"server RSS around the largest requests the limits allow: {memory['before']:.0f} MB before, "
+          f"{memory['after_one']:.0f} MB after one, {memory['after_eleven']:.0f} MB after eleven")
     print(f"server RSS with two versions loaded: {rss_two:.0f} MB; in-process batch of 32: "
           f"{reference['batch32_rows_per_s']:.0f} rows/s")
     RESULTS.mkdir(parents=True, exist_ok=True)

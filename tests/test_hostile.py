@@ -299,6 +299,25 @@ def test_grpc_deadline_and_cancellation_stop_the_work(running):
     assert time.monotonic() - began < 15
 
 
+def test_cancelling_one_request_leaves_its_concurrent_neighbour_running(bases):
+    """Each request runs under its own cancellation, also when two start at once in two threads."""
+    core = server.ModelServer({"lstm": server.ServedModel("lstm", bases / "lstm")}, limits=LIMITS)
+    core.refresh()
+    def inputs(new_tokens):
+        return {"prompt": np.array([b"To be"], object), "max_new_tokens": np.array([new_tokens], np.int32)}
+
+    for _ in range(3):
+        doomed, kept = server.Call(), server.Call()
+        threading.Timer(0.3, doomed.gone.set).start()
+        with ThreadPoolExecutor(2) as pool:
+            cancelled = pool.submit(core.predict, "lstm", None, "serving_default", inputs(50_000), None, doomed)
+            finished = pool.submit(core.predict, "lstm", None, "serving_default", inputs(3000), None, kept)
+            with pytest.raises(c.ServingError) as e:
+                cancelled.result(timeout=60)
+            assert e.value.code == "CANCELLED"
+            assert finished.result(timeout=60)[1]["token_ids"].shape[0] == 1
+
+
 def test_rest_timeout_stops_the_work_with_504(running):
     status, answer = post(running["rest"], GENERATE, {"inputs": {"prompt": ["To be"], "max_new_tokens": [100_000]}})
     assert status == 504 and "Deadline" in answer["error"]
@@ -427,6 +446,44 @@ def test_version_directories_and_load_retries(bases, tmp_path):
     time.sleep(0.3)
     model.refresh()
     assert sorted(model.versions) == [3] and not model.failed
+
+
+def test_the_model_config_file_is_reread(bases, tmp_path):
+    """--model_config_file_poll_wait_seconds: a model added to the file is served; a broken file changes nothing."""
+    config = tmp_path / "models.config"
+
+    def write(*names):
+        config.write_text("model_config_list {" + "".join(
+            f' config {{ name: "{n}" base_path: "{bases / n}" }}' for n in names) + " }")
+
+    write("transformer")
+    core = server.ModelServer(server.models_from_config_file(config))
+    core.refresh()
+    core.start_polling(0, str(config), 0.2, server.models_from_config_file)
+    try:
+        write("transformer", "lstm")
+        deadline = time.monotonic() + 60
+        while "lstm" not in core.models and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sorted(core.models) == ["lstm", "transformer"] and core.models["lstm"].versions
+        config.write_text("model_config_list { config { name: ")
+        time.sleep(1.0)
+        assert sorted(core.models) == ["lstm", "transformer"]
+    finally:
+        core.stop_polling()
+
+
+def test_version_and_flags_without_effect(capsys):
+    from app.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--version"])
+    assert e.value.code == 0 and "TensorFlow ModelServer" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--num_load_threads=4", "--rest_api_enable_cors_support"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "give either --model_base_path" in err  # no model: refused in one line
+    assert "--num_load_threads has no effect here" in err and "--rest_api_enable_cors_support has no effect" in err
 
 
 def run_serve(args, **kwargs):

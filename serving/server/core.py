@@ -87,6 +87,28 @@ class Call:
             raise ServingError("CANCELLED", "the client cancelled the request")
 
 
+def _thread_cancellation():
+    """Makes TensorFlow's cancellation context per thread; returns a setter, or None if unavailable.
+
+    `tf.function` calls read the CancellationManager to run under from one
+    process-wide variable (`tensorflow.python.eager.cancellation.context()`,
+    set by `CancellationManager.get_cancelable_function`), so two requests
+    starting at once in two threads could swap managers — cancelling one
+    would stop the other. The server's threads set theirs here instead; a
+    thread that set none sees TensorFlow's own variable as before.
+    """
+    try:
+        from tensorflow.python.eager import cancellation
+    except ImportError:
+        return None
+    if getattr(cancellation, "_lmstack_local", None) is None:
+        original = cancellation.context
+        local = threading.local()
+        cancellation.context = lambda: getattr(local, "manager", None) or original()
+        cancellation._lmstack_local = local
+    return cancellation
+
+
 class Watchdog:
     """Cancels running signatures whose requests are all abandoned (checked every `interval` seconds)."""
 
@@ -95,27 +117,30 @@ class Watchdog:
         self._running: dict[int, tuple[Any, tuple[Call, ...]]] = {}
         self._lock = threading.Lock()
         self._next = 0
+        self._cancellation = _thread_cancellation()
         threading.Thread(target=self._loop, name="watchdog", daemon=True).start()
 
     def cancellable(self, fn, calls: Sequence[Call]):
         """`fn` (a concrete function) wrapped to stop once every call in `calls` is abandoned."""
-        from tensorflow.python.eager import cancellation  # TensorFlow's per-call cancellation (tf.function)
-
-        manager = cancellation.CancellationManager()
-        wrapped = manager.get_cancelable_function(fn)
+        if self._cancellation is None:
+            return fn
         calls = tuple(calls)
 
         def run(**inputs):
+            manager = self._cancellation.CancellationManager()
+            local = self._cancellation._lmstack_local
             with self._lock:
                 key, self._next = self._next, self._next + 1
                 self._running[key] = (manager, calls)
+            local.manager = manager
             try:
-                return wrapped(**inputs)
+                return fn(**inputs)
             except (tf.errors.CancelledError, tf.errors.AbortedError):
                 for call in calls:
                     call.check()
                 raise
             finally:
+                local.manager = None
                 with self._lock:
                     del self._running[key]
         return run
@@ -187,14 +212,15 @@ class ModelServer:
             model.refresh()
             self.metrics.loaded_versions.set(model.name, value=len(model.versions))
 
-    def reload(self, models: dict[str, ServedModel]) -> None:
-        """Serves `models` from now on (HandleReloadConfigRequest): new ones load, dropped ones go.
+    def reload(self, models: dict[str, ServedModel], from_request: bool = True) -> None:
+        """Serves `models` from now on: new ones load, dropped ones go.
 
         A model whose name and base path stay keeps its loaded versions and takes the new
-        policy and labels. Raises ServingError if a base path lies outside `model_roots`, or a
-        model of the new config loads no version (the old config then stays in force).
+        policy and labels. Raises ServingError if a model of the new config loads no version
+        (the old config then stays in force), or if a HandleReloadConfigRequest (`from_request`;
+        not the operator's own config file) names a base path outside `model_roots`.
         """
-        if self.model_roots is not None:
+        if from_request and self.model_roots is not None:
             for model in models.values():
                 path = str(model.base_path.resolve())
                 if not any(path == root or path.startswith(root.rstrip("/") + "/") for root in self.model_roots):
@@ -226,7 +252,7 @@ class ModelServer:
                 try:
                     if config_file and config_seconds > 0 and time.monotonic() >= next_config:
                         next_config = time.monotonic() + config_seconds
-                        self.reload(read_config(config_file))
+                        self.reload(read_config(config_file), from_request=False)
                     elif seconds > 0:
                         self.refresh()
                 except ServingError as e:

@@ -37,6 +37,15 @@ def _version_of(spec) -> dict[str, Any]:
             "label": spec.version_label if which == "version_label" else None}
 
 
+def _answered_spec(spec, version: int):
+    """The ModelSpec of a response: the request's model, the version that answered, the signature run."""
+    from tensorflow_serving.apis import model_pb2
+
+    answered = model_pb2.ModelSpec(name=spec.name, signature_name=spec.signature_name or SERVING_DEFAULT)
+    answered.version.value = version
+    return answered
+
+
 def _call(context) -> Call:
     remaining = context.time_remaining()  # None without a deadline
     return Call(timeout=remaining, is_active=context.is_active)
@@ -82,10 +91,7 @@ def servicers(core: ModelServer):
                                                                    f"{unknown[0][:100]}")
                 except ServingError as e:
                     return _fail(context, e)
-            response = predict_pb2.PredictResponse()
-            response.model_spec.name = spec.name
-            response.model_spec.version.value = loaded.version
-            response.model_spec.signature_name = spec.signature_name or SERVING_DEFAULT
+            response = predict_pb2.PredictResponse(model_spec=_answered_spec(spec, loaded.version))
             for key in request.output_filter or outputs:
                 response.outputs[key].CopyFrom(tensors.to_proto(outputs[key]))
             return response
@@ -100,10 +106,7 @@ def servicers(core: ModelServer):
                             call=_call(context), **_version_of(spec))
                 except ServingError as e:
                     return _fail(context, e)
-            response = classification_pb2.ClassificationResponse()
-            response.model_spec.name = spec.name
-            response.model_spec.version.value = loaded.version
-            response.model_spec.signature_name = spec.signature_name or SERVING_DEFAULT
+            response = classification_pb2.ClassificationResponse(model_spec=_answered_spec(spec, loaded.version))
             for row in range(len(scores if scores is not None else classes)):
                 classifications = response.result.classifications.add()
                 for j in range(len(scores[row] if scores is not None else classes[row])):
@@ -167,7 +170,7 @@ def parse_channel_arguments(text: str) -> list[tuple[str, Any]]:
     return arguments
 
 
-def start_grpc(core: ModelServer, port: int, workers: int = 64, host: str = "::",
+def start_grpc(core: ModelServer, port: int, workers: int = 64, host: str = "0.0.0.0",
                ssl: SSLConfig | None = None, health: bool = False,
                channel_arguments: Sequence[tuple[str, Any]] = ()):
     """Starts the gRPC server on `host`:`port` (port 0: a free one); returns (server, port).
