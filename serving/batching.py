@@ -43,7 +43,7 @@ from serving.contract import ServingError
 
 
 class Call(Protocol):
-    """What the batcher needs to know of a request's caller (`serving.server.core.Call`)."""
+    """What the batcher needs to know of a request's caller (`serving.server.deadlines.Call`)."""
 
     def abandoned(self) -> bool: ...  # the client went away or the deadline passed
 

@@ -7,7 +7,6 @@ neighbouring requests are untouched, and that the work stops.
 """
 
 import base64
-import http.client
 import json
 import os
 import re
@@ -25,7 +24,6 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
 
 from pipelines.launch import free_ports
@@ -212,6 +210,13 @@ def test_grpc_refuses_impossible_shapes_without_allocating_them(running):
     with pytest.raises(grpc.RpcError) as e:
         grpc_stub.Predict(predict_request("lstm", "serving_default", prompt=["x"], max_new_tokens=wide), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "int32" in e.value.details()
+    from tensorflow_serving.apis import classification_pb2
+
+    classify = classification_pb2.ClassificationRequest(model_spec=model_pb2.ModelSpec(name="transformer"))
+    classify.input.example_list.examples.add()
+    with pytest.raises(grpc.RpcError) as e:  # serving_default takes two inputs: not a classifier
+        grpc_stub.Classify(classify, timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "Expected one input" in e.value.details()
     request = predict_request("transformer", "score", text=["To be"])
     request.output_filter.append("nope")
     with pytest.raises(grpc.RpcError) as e:
@@ -549,3 +554,19 @@ def test_lmstack_serve_runs_the_deploy_files_command_line(bases, tmp_path, deplo
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_json_codec_follows_tensorflow_serving():
+    """Outputs named *_bytes come back as {"b64": ...}; b64 inputs become bytes; shapes and kinds are kept."""
+    from serving.server import json_codec
+
+    raw = np.array([b"\xff\x00", b"ok"], dtype=object)
+    assert json_codec.json_value("audio_bytes", raw) == [{"b64": base64.b64encode(b"\xff\x00").decode()},
+                                                         {"b64": "b2s="}]
+    assert json_codec.json_value("completion", raw)[1] == "ok"
+    array = json_codec.to_array("x", [[{"b64": "AAE="}], ["text"]], 100)
+    assert array.shape == (2, 1) and array[0, 0] == b"\x00\x01" and array[1, 0] == b"text"
+    assert json_codec.to_array("x", [[1, 2], [3, 4]], 100).dtype == np.int64
+    assert json_codec.to_array("x", [1, 2.5], 100).dtype == np.float64
+    body = json_codec.response_body({"a": np.array([1, 2]), "b": np.array([[1.5], [2.5]])}, True, 2)
+    assert body == {"predictions": [{"a": 1, "b": [1.5]}, {"a": 2, "b": [2.5]}]}

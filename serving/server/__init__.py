@@ -12,7 +12,8 @@ The parts, each about the size of its counterpart in TensorFlow Serving:
 
     versions.py    model versions on disk, the version policy, loading with warm-up and retries
     config.py      the config files (ModelServerConfig, BatchingParameters, MonitoringConfig, SSLConfig)
-    core.py        the protocol-free server: request checks and limits, deadlines, batching, metrics
+    core.py        the protocol-free server: request checks and limits, batching, metrics
+    deadlines.py   deadlines and abandoned requests: their work is cancelled
     grpc_api.py    PredictionService, ModelService and the health service
     rest_api.py    the HTTP routes (on waitress)
     json_codec.py  TensorFlow Serving's JSON for tensors
@@ -20,7 +21,8 @@ The parts, each about the size of its counterpart in TensorFlow Serving:
 
 from serving.server.config import (DEFAULT_METRICS_PATH, SSLConfig, models_from_config, models_from_config_file,
                                    read_batching_parameters, read_monitoring_config, read_ssl_config)
-from serving.server.core import Call, Limits, ModelServer
+from serving.server.core import Limits, ModelServer
+from serving.server.deadlines import Call
 from serving.server.grpc_api import start_grpc
 from serving.server.rest_api import start_rest
 from serving.server.versions import LoadedVersion, ServedModel, VersionPolicy, log

@@ -7,11 +7,9 @@ calls. Every request is checked in full before it runs or joins a batch
 across its inputs, and the `Limits`), so a bad request fails alone with
 INVALID_ARGUMENT and never takes its batch neighbours with it.
 
-A request runs under a `Call`: its deadline (the gRPC deadline, or
-`--rest_api_timeout_in_ms`) and whether its client is still there. The
-`Watchdog` cancels a running signature (TensorFlow's CancellationManager
-stops the graph, the decoding loop included) once every request it serves
-is abandoned, so a client that leaves does not keep a core busy.
+A request runs under a `deadlines.Call` (its deadline and whether its
+client is still there); the `deadlines.Watchdog` stops the work of
+abandoned requests.
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ from serving import contract as c
 from serving.batching import Batcher, BatchingParameters
 from serving.contract import ServingError
 from serving.metrics import Registry
+from serving.server.deadlines import Call, Watchdog
 from serving.server.versions import LoadedVersion, ServedModel, log
 
 UNKNOWN_MODEL = "(unknown)"  # the metrics label of requests for a model the server does not hold
@@ -58,101 +57,6 @@ class Limits:
         for field in dataclasses.fields(self):
             if getattr(self, field.name) < 1:
                 raise ValueError(f"{field.name} must be at least 1, got {getattr(self, field.name)}")
-
-
-class Call:
-    """One request's caller: its deadline and whether its client is still waiting.
-
-    Args:
-        timeout: seconds from now until the deadline (None: no deadline).
-        is_active: returns False once the client has gone (gRPC's `context.is_active`).
-    """
-
-    def __init__(self, timeout: float | None = None, is_active: Callable[[], bool] | None = None):
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-        self._is_active = is_active
-        self.gone = threading.Event()
-
-    def expired(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
-
-    def abandoned(self) -> bool:
-        return self.gone.is_set() or self.expired() or (self._is_active is not None and not self._is_active())
-
-    def check(self) -> None:
-        """Raises the ServingError of an abandoned call (DEADLINE_EXCEEDED or CANCELLED)."""
-        if self.expired():
-            raise ServingError("DEADLINE_EXCEEDED", "Deadline Exceeded")
-        if self.abandoned():
-            raise ServingError("CANCELLED", "the client cancelled the request")
-
-
-def _thread_cancellation():
-    """Makes TensorFlow's cancellation context per thread; returns a setter, or None if unavailable.
-
-    `tf.function` calls read the CancellationManager to run under from one
-    process-wide variable (`tensorflow.python.eager.cancellation.context()`,
-    set by `CancellationManager.get_cancelable_function`), so two requests
-    starting at once in two threads could swap managers — cancelling one
-    would stop the other. The server's threads set theirs here instead; a
-    thread that set none sees TensorFlow's own variable as before.
-    """
-    try:
-        from tensorflow.python.eager import cancellation
-    except ImportError:
-        return None
-    if getattr(cancellation, "_lmstack_local", None) is None:
-        original = cancellation.context
-        local = threading.local()
-        cancellation.context = lambda: getattr(local, "manager", None) or original()
-        cancellation._lmstack_local = local
-    return cancellation
-
-
-class Watchdog:
-    """Cancels running signatures whose requests are all abandoned (checked every `interval` seconds)."""
-
-    def __init__(self, interval: float = 0.05):
-        self.interval = interval
-        self._running: dict[int, tuple[Any, tuple[Call, ...]]] = {}
-        self._lock = threading.Lock()
-        self._next = 0
-        self._cancellation = _thread_cancellation()
-        threading.Thread(target=self._loop, name="watchdog", daemon=True).start()
-
-    def cancellable(self, fn, calls: Sequence[Call]):
-        """`fn` (a concrete function) wrapped to stop once every call in `calls` is abandoned."""
-        if self._cancellation is None:
-            return fn
-        calls = tuple(calls)
-
-        def run(**inputs):
-            manager = self._cancellation.CancellationManager()
-            local = self._cancellation._lmstack_local
-            with self._lock:
-                key, self._next = self._next, self._next + 1
-                self._running[key] = (manager, calls)
-            local.manager = manager
-            try:
-                return fn(**inputs)
-            except (tf.errors.CancelledError, tf.errors.AbortedError):
-                for call in calls:
-                    call.check()
-                raise
-            finally:
-                local.manager = None
-                with self._lock:
-                    del self._running[key]
-        return run
-
-    def _loop(self) -> None:
-        while True:
-            time.sleep(self.interval)
-            with self._lock:
-                running = list(self._running.values())
-            for manager, calls in running:
-                if calls and all(call.abandoned() for call in calls) and not manager.is_cancelled:
-                    manager.start_cancel()
 
 
 class ModelServer:
@@ -325,8 +229,10 @@ class ModelServer:
         if self.method_name_check and method != c.CLASSIFY_METHOD:
             raise ServingError("INVALID_ARGUMENT", f"Expected classification signature method_name to be "
                                                    f"{c.CLASSIFY_METHOD}. Was: {method}")
-        (key,) = loaded.input_specs(signature)
-        outputs = self._run(name, loaded, signature, {key: np.array(examples, dtype=object)}, call or Call())
+        inputs = list(loaded.input_specs(signature))
+        if len(inputs) != 1:
+            raise ServingError("INVALID_ARGUMENT", f"Expected one input Tensor; signature {signature!r} takes {inputs}")
+        outputs = self._run(name, loaded, signature, {inputs[0]: np.array(examples, dtype=object)}, call or Call())
         scores, classes = outputs.get(c.SCORES), outputs.get(c.CLASSES)
         if scores is None and classes is None:
             raise ServingError("INVALID_ARGUMENT", "Expected classification signature outputs classes and/or scores")
@@ -359,10 +265,11 @@ class ModelServer:
                                                    f"most {limits.max_text_bytes} (--max_text_bytes)")
         new_tokens = arrays.get(c.MAX_NEW_TOKENS)
         if new_tokens is not None and new_tokens.size:
-            if new_tokens.max() > limits.max_new_tokens or new_tokens.min() < 0:
+            outside = new_tokens[(new_tokens < 0) | (new_tokens > limits.max_new_tokens)]
+            if outside.size:
                 raise ServingError("INVALID_ARGUMENT", f"max_new_tokens must be between 0 and "
-                                                       f"{limits.max_new_tokens} (--max_new_tokens_limit); got "
-                                                       f"{int(new_tokens.max() if new_tokens.max() > 0 else new_tokens.min())}")
+                                                       f"{limits.max_new_tokens} (--max_new_tokens_limit); "
+                                                       f"got {int(outside[0])}")
         return arrays
 
     def _run(self, name: str, loaded: LoadedVersion, signature: str, inputs: dict[str, Any],

@@ -14,6 +14,7 @@ shape before any memory is allocated for them.
 
 from __future__ import annotations
 
+import functools
 import math
 from concurrent import futures
 from typing import Any, Sequence
@@ -23,12 +24,27 @@ import grpc
 from serving import tensors
 from serving.contract import SERVING_DEFAULT, ServingError
 from serving.server.config import SSLConfig, models_from_config
-from serving.server.core import Call, ModelServer
+from serving.server.core import ModelServer
+from serving.server.deadlines import Call
 from serving.server.versions import examples_of, log
 
 
 def _fail(context, error: ServingError):
     context.abort(getattr(grpc.StatusCode, error.code, grpc.StatusCode.UNKNOWN), error.message)
+
+
+def _guarded(method):
+    """A servicer method whose unexpected errors answer INTERNAL with one log line, not a traceback."""
+    @functools.wraps(method)
+    def run(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as e:  # noqa: BLE001
+            if context.code() is not None:  # context.abort() raises after setting the status: let it through
+                raise
+            log.error("%s failed: %s: %s", method.__name__, type(e).__name__, str(e).splitlines()[:1])
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
+    return run
 
 
 def _version_of(spec) -> dict[str, Any]:
@@ -77,6 +93,7 @@ def servicers(core: ModelServer):
                                          prediction_service_pb2_grpc)
 
     class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+        @_guarded
         def Predict(self, request, context):
             spec = request.model_spec
             with core.track():
@@ -96,6 +113,7 @@ def servicers(core: ModelServer):
                 response.outputs[key].CopyFrom(tensors.to_proto(outputs[key]))
             return response
 
+        @_guarded
         def Classify(self, request, context):
             spec = request.model_spec
             with core.track():
@@ -117,6 +135,7 @@ def servicers(core: ModelServer):
                         cls.score = float(scores[row][j])
             return response
 
+        @_guarded
         def GetModelMetadata(self, request, context):
             if list(request.metadata_field) != ["signature_def"]:
                 return _fail(context, ServingError("INVALID_ARGUMENT", "Metadata field signature_def is the only "
@@ -132,6 +151,7 @@ def servicers(core: ModelServer):
             return response
 
     class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+        @_guarded
         def GetModelStatus(self, request, context):
             try:
                 statuses = core.status(request.model_spec.name, **_version_of(request.model_spec))
@@ -146,6 +166,7 @@ def servicers(core: ModelServer):
                 v.status.error_message = s["error_message"]
             return response
 
+        @_guarded
         def HandleReloadConfigRequest(self, request, context):
             try:
                 core.reload(models_from_config(request.config, "the reload request"))

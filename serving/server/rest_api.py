@@ -25,7 +25,8 @@ import threading
 
 from serving.contract import HTTP_STATUS, ServingError
 from serving.server import json_codec
-from serving.server.core import Call, ModelServer
+from serving.server.core import ModelServer
+from serving.server.deadlines import Call
 from serving.server.versions import log
 
 _PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[0-9]{1,18})|/labels/(?P<label>[^/:]+))?"
