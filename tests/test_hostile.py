@@ -151,9 +151,10 @@ def test_deep_nesting_and_garbage_are_400_not_a_dropped_connection(running):
                                             ("Content-Length: 2000000", 413),
                                             ("Transfer-Encoding: gzip, chunked", 501)])
 def test_http_framing_is_strict(running, header, status):
-    got, _, closed = raw_http(running["rest"], f"POST {GENERATE} HTTP/1.1\r\nHost: x\r\n{header}\r\n\r\n{{}}"
-                              .encode())
+    got, body, closed = raw_http(running["rest"], f"POST {GENERATE} HTTP/1.1\r\nHost: x\r\n{header}\r\n\r\n{{}}"
+                                 .encode())
     assert got == status and closed  # the body that follows cannot be trusted: the connection closes
+    assert json.loads(body)["error"]
 
 
 def test_chunked_bodies_are_read_as_one_request_not_smuggled(running):

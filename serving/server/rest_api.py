@@ -10,8 +10,8 @@ HTTP itself is waitress, a maintained production WSGI server: a fixed pool of
 `--rest_api_num_threads` workers runs the requests, while one I/O thread reads
 and writes every connection, so slow or half-sent requests hold no worker;
 framing is strict (a malformed or oversized Content-Length, or a bad chunked
-body, is answered 400/413 and the connection closed) and chunked bodies are
-read whole; idle connections close after `idle_timeout` seconds. Each
+body, is answered 400/413/501 with {"error": ...} and the connection closed)
+and chunked bodies are read whole; idle connections close after `idle_timeout` seconds. Each
 request runs under `--rest_api_timeout_in_ms` (TF Serving's default 30 s),
 after which its work is cancelled. Every error answers TF Serving's HTTP
 status with {"error": "..."}; an unexpected one is logged on one line.
@@ -126,6 +126,27 @@ def _only_input(core: ModelServer, name: str, version: int | None, signature: st
     return specs[0]
 
 
+def _json_framing_errors():
+    """A waitress channel whose own errors (bad framing, oversized bodies) answer {"error": ...} too."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
+
+    class JsonErrorTask(ErrorTask):
+        def execute(self):
+            error = self.request.error
+            body = json.dumps({"error": f"{error.reason}: {error.body}"}).encode("utf-8")
+            self.status = f"{error.code} {error.reason}"
+            self.response_headers.append(("Content-Type", "application/json"))
+            self.set_close_on_finish()  # what follows a malformed request cannot be trusted
+            self.content_length = len(body)
+            self.write(body)
+
+    class JsonErrorChannel(HTTPChannel):
+        error_task_class = JsonErrorTask
+
+    return JsonErrorChannel
+
+
 class RestServer:
     """A waitress server for `RestApi` in a thread of its own.
 
@@ -148,6 +169,7 @@ class RestServer:
             cleanup_interval=int(max(1, idle_timeout)),
             connection_limit=1000, asyncore_use_poll=True, expose_tracebacks=False, clear_untrusted_proxy_headers=True,
             backlog=1024)
+        self._server.channel_class = _json_framing_errors()
         self.port = self._server.effective_port
         self._thread = threading.Thread(target=self._server.run, name="rest", daemon=True)
         self._thread.start()
