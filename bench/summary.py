@@ -26,9 +26,10 @@ def main() -> None:
     except ImportError:
         tf_version = "not installed"
     lines = ["# lmstack benchmarks", "",
-             f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node()} ({platform.platform()}, "
+             f"Page written {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node()} ({platform.platform()}, "
              f"{os.cpu_count()} CPUs), Python {platform.python_version()}, TensorFlow {tf_version}. "
-             "Each section is one `bench/` script's output; its JSON is next to it.", ""]
+             "Each section is the last output of one `bench/` script, with its JSON next to it; the scripts "
+             "ran at different times (the README's Results date each).", ""]
     for name in names:
         path = RESULTS / f"{name}.md"
         if not path.is_file():
