@@ -10,11 +10,12 @@ HTTP itself is waitress, a maintained production WSGI server: a fixed pool of
 `--rest_api_num_threads` workers runs the requests, while one I/O thread reads
 and writes every connection, so slow or half-sent requests hold no worker;
 framing is strict (a malformed or oversized Content-Length, or a bad chunked
-body, is answered 400/413/501 with {"error": ...} and the connection closed)
-and chunked bodies are read whole; idle connections close after `idle_timeout` seconds. Each
+body, is answered 400/413/501 and the connection closed), chunked bodies are
+read whole, and idle connections close after `idle_timeout` seconds. Each
 request runs under `--rest_api_timeout_in_ms` (TF Serving's default 30 s),
 after which its work is cancelled. Every error answers TF Serving's HTTP
-status with {"error": "..."}; an unexpected one is logged on one line.
+status with {"error": "..."}, waitress's own included; an unexpected one is
+logged on one line.
 """
 
 from __future__ import annotations
