@@ -50,7 +50,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     d.DEFINE_integer("steps", 500, "optimizer steps", flag_values=fv)
     d.DEFINE_integer("batch_size", 32, "examples per replica and step", flag_values=fv)
     d.DEFINE_float("learning_rate", 5e-4, "peak learning rate (warmup, then cosine decay)", flag_values=fv)
-    d.DEFINE_integer("warmup_steps", 50, "linear warmup steps", flag_values=fv)
+    d.DEFINE_integer("warmup_steps", None, "linear warmup steps (default: a tenth of --steps, at most 50)",
+                     flag_values=fv)
     d.DEFINE_float("weight_decay", 0.01, "AdamW weight decay", flag_values=fv)
     d.DEFINE_float("clip_norm", 1.0, "global gradient-norm clipping (0: off)", flag_values=fv)
     d.DEFINE_float("dropout", 0.1, "dropout before the head", flag_values=fv)

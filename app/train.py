@@ -40,7 +40,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     d.DEFINE_integer("epochs", None, "train this many passes over the training windows instead of --steps",
                      flag_values=fv)
     d.DEFINE_float("learning_rate", 1e-3, "peak learning rate", flag_values=fv)
-    d.DEFINE_integer("warmup_steps", 100, "linear warmup steps", flag_values=fv)
+    d.DEFINE_integer("warmup_steps", None, "linear warmup steps (default: a tenth of --steps, at most 100)",
+                     flag_values=fv)
     d.DEFINE_enum("schedule", "cosine", ["cosine", "constant"], "learning-rate schedule after warmup",
                   flag_values=fv)
     d.DEFINE_float("weight_decay", 0.01, "AdamW weight decay", flag_values=fv)

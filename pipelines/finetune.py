@@ -70,7 +70,8 @@ class FinetuneConfig:
         init: 'pretrained' (the base's weights) or 'scratch' (the same network, randomly initialized).
         baseline: also train the from-scratch classifier into CLS/baseline/ and compare.
         model, tokenizer: the model family / tokenizer kind the base must have ('' accepts any).
-        steps, batch_size, learning_rate, warmup_steps, weight_decay, clip_norm: optimization (batch per replica).
+        steps, batch_size, learning_rate, warmup_steps, weight_decay, clip_norm: optimization (batch per replica;
+            warmup_steps None: a tenth of the steps, at most 50).
         dropout: before the head.
         max_length: tokens read per text; 0 means the base's seq_len.
         eval_every: validate every this many steps (0: only at the end).
@@ -95,7 +96,7 @@ class FinetuneConfig:
     steps: int = 500
     batch_size: int = 32
     learning_rate: float = 5e-4
-    warmup_steps: int = 50
+    warmup_steps: int | None = None
     weight_decay: float = 0.01
     clip_norm: float = 1.0
     dropout: float = 0.1
@@ -114,11 +115,11 @@ class FinetuneConfig:
                 raise UserError(f"--{name}={getattr(self, name)}: must be at least 1")
         for name in ("warmup_steps", "weight_decay", "clip_norm", "unfreeze_at", "unfreeze_learning_rate",
                      "max_length", "eval_every"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise UserError(f"--{name}={getattr(self, name)}: must not be negative")
         if self.learning_rate <= 0:
             raise UserError(f"--learning_rate={self.learning_rate}: must be positive")
-        if self.warmup_steps >= self.steps:
+        if self.warmup_steps is not None and self.warmup_steps >= self.steps:
             raise UserError(f"--warmup_steps={self.warmup_steps}: must be below --steps={self.steps}")
         if self.pooling not in classifier_lib.POOLINGS:
             raise UserError(f"--pooling={self.pooling!r}: expected one of {'|'.join(classifier_lib.POOLINGS)}")
@@ -440,10 +441,11 @@ def _build(root: pathlib.Path, config: FinetuneConfig, strategy, base_root: path
     train_ds = _dataset(tokenizer, train_examples.texts, y_train, max_length, global_batch, config.seed)
     val_ds = _dataset(tokenizer, val_examples.texts, y_val, max_length, global_batch, None)
     log_dir = str(root / "logs")
-    phases = [(0, config.unfreeze_at or config.steps, config.learning_rate, config.warmup_steps)]
+    warmup = train.derived_warmup(config.steps, 50) if config.warmup_steps is None else config.warmup_steps
+    phases = [(0, config.unfreeze_at or config.steps, config.learning_rate, warmup)]
     if config.unfreeze_at:
         phases.append((config.unfreeze_at, config.steps,
-                       config.unfreeze_learning_rate or config.learning_rate / 10, min(config.warmup_steps, 20)))
+                       config.unfreeze_learning_rate or config.learning_rate / 10, min(warmup, 20)))
     began, history = time.perf_counter(), {}
     for i, (start, end, learning_rate, warmup) in enumerate(phases):
         if i:

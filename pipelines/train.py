@@ -60,7 +60,8 @@ class TrainConfig:
         steps: optimizer steps in all (a rerun with more steps continues).
         batch_size: sequences per replica; the global batch is this x replicas.
         learning_rate: peak learning rate, reached after `warmup_steps`.
-        warmup_steps: linear warmup from 0.
+        warmup_steps: linear warmup from 0; None derives it from `steps` (`warmup()`), so a short
+            run needs no flag to fit its warmup.
         schedule: 'cosine' (decay to 10% of the peak at `steps`) or 'constant'.
         weight_decay: AdamW's decoupled weight decay (not on biases, norms, positions).
         clip_norm: global gradient-norm clipping; 0 turns it off.
@@ -78,7 +79,7 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 32
     learning_rate: float = 1e-3
-    warmup_steps: int = 100
+    warmup_steps: int | None = None
     schedule: str = "cosine"
     weight_decay: float = 0.01
     clip_norm: float = 1.0
@@ -98,7 +99,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name}={getattr(self, name)}: must be at least 1")
         for name in ("warmup_steps", "eval_every", "eval_batches", "weight_decay", "clip_norm"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise UserError(f"--{name}={getattr(self, name)}: must not be negative")
         if self.learning_rate <= 0:
             raise UserError(f"--learning_rate={self.learning_rate}: must be positive")
@@ -106,10 +107,14 @@ class TrainConfig:
             raise UserError(f"--schedule={self.schedule!r}: expected one of {'|'.join(SCHEDULES)}")
         if self.mixed_precision not in PRECISIONS:
             raise UserError(f"--mixed_precision={self.mixed_precision!r}: expected one of {'|'.join(PRECISIONS)}")
-        if self.warmup_steps >= self.steps and self.schedule == "cosine":
+        if self.warmup_steps is not None and self.warmup_steps >= self.steps and self.schedule == "cosine":
             raise UserError(f"--warmup_steps={self.warmup_steps} leaves no steps to decay over "
                             f"(--steps={self.steps}); lower it")
         self.profile_range()
+
+    def warmup(self) -> int:
+        """The warmup steps: as given, or `derived_warmup(steps)`."""
+        return derived_warmup(self.steps) if self.warmup_steps is None else self.warmup_steps
 
     def profile_range(self) -> tuple[int, int] | None:
         if not self.profile_steps:
@@ -258,6 +263,11 @@ def warmup_cosine(peak: float, steps: int, warmup_steps: int, final_fraction: fl
         warmup_target=peak, warmup_steps=warmup_steps)
 
 
+def derived_warmup(steps: int, longest: int = 100) -> int:
+    """The warmup a run gets when none is asked for: a tenth of its steps, at most `longest`."""
+    return min(longest, steps // 10)
+
+
 def adamw(learning_rate, weight_decay: float, clip_norm: float, beta_2: float = 0.999):
     """AdamW with decoupled weight decay off `NO_WEIGHT_DECAY` and global-norm clipping (0: none)."""
     optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay,
@@ -267,7 +277,7 @@ def adamw(learning_rate, weight_decay: float, clip_norm: float, beta_2: float = 
 
 
 def _learning_rate(config: TrainConfig):
-    return warmup_cosine(config.learning_rate, config.steps, config.warmup_steps,
+    return warmup_cosine(config.learning_rate, config.steps, config.warmup(),
                          0.1 if config.schedule == "cosine" else 1.0)
 
 

@@ -334,7 +334,7 @@ def test_finetune_runs_under_the_training_strategies(launcher, base, examples, t
     import sys
 
     common = [f"--workdir={tmp_path / 'cls'}", f"--base={base}", f"--train={examples}", "--steps=6",
-              "--warmup_steps=1", "--batch_size=4", "--progress=none", "--val_fraction=0.25"]
+              "--batch_size=4", "--progress=none", "--val_fraction=0.25"]  # the warmup derived from --steps
     if launcher == "mirrored":
         argv = [sys.executable, "-m", "app", "finetune", *common, "--strategy=mirrored", "--logical_cpus=2"]
     else:

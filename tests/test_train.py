@@ -48,7 +48,8 @@ def checkpoint_steps(workdir):
 
 
 def test_train_writes_checkpoints_metrics_and_logs(workdir, capsys):
-    code, out, err = run_cli(capsys, "train", f"--workdir={workdir}", *TINY, "--steps=30", "--profile_steps=3,5")
+    defaults = [flag for flag in TINY if not flag.startswith("--warmup_steps")]  # a 30-step run needs no warmup flag
+    code, out, err = run_cli(capsys, "train", f"--workdir={workdir}", *defaults, "--steps=30", "--profile_steps=3,5")
     assert code == 0, err
     assert checkpoint_steps(workdir) == [10, 20, 30]
     assert list((workdir / "logs" / "plugins" / "profile").rglob("*.xplane.pb"))  # the profiler trace
@@ -140,6 +141,18 @@ def test_learning_rate_schedule_warms_up_and_decays():
     assert values[2] > values[3] > values[4] and math.isclose(values[4], 1e-4, rel_tol=1e-3)
     constant = train._learning_rate(train.TrainConfig(steps=100, warmup_steps=10, schedule="constant"))
     assert math.isclose(float(constant(90)), 1e-3, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("steps, warmup", [(30, 3), (60, 6), (1500, 100), (5, 0)])
+def test_warmup_fits_the_run_unless_given(steps, warmup):
+    config = train.TrainConfig(steps=steps)
+    config.validate()  # a short run with default flags is not refused
+    assert config.warmup() == warmup
+    schedule = train._learning_rate(config)
+    assert math.isclose(float(schedule(warmup)), config.learning_rate, rel_tol=1e-5)  # the peak, after the warmup
+    assert train.TrainConfig(steps=steps, warmup_steps=2).warmup() == 2
+    with pytest.raises(UserError, match=f"--warmup_steps={steps} leaves no steps to decay over"):
+        train.TrainConfig(steps=steps, warmup_steps=steps).validate()  # a value the user gave is still checked
 
 
 def test_xla_on_two_cpu_replicas_is_refused(workdir):
