@@ -81,7 +81,7 @@ def run(fv: flags.FlagValues) -> int:
         clip_norm=fv.clip_norm, dropout=fv.dropout, max_length=fv.max_length, eval_every=fv.eval_every,
         strategy=fv.strategy, logical_cpus=fv.logical_cpus, mixed_precision=fv.mixed_precision,
         jit_compile=fv.jit_compile, overwrite=fv.overwrite, seed=fv.seed)
-    verbose = {"bar": 1 if sys.stderr.isatty() else 2, "epoch": 2, "none": 0}[fv.progress]
+    verbose = {"bar": 1 if sys.stdout.isatty() else 2, "epoch": 2, "none": 0}[fv.progress]  # as in `train`
     summary = finetune.finetune(fv.workdir, config, progress=Progress(sys.stderr), verbose=verbose)
     print(finetune.describe(summary), file=sys.stderr)
     print(json.dumps({k: summary[k] for k in ("path", "accuracy", "macro_f1", "examples", "trainable_params",

@@ -59,7 +59,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     d.DEFINE_integer("seed", 0, "model initialization and data order", flag_values=fv)
     d.DEFINE_string("profile_steps", "", "FIRST,LAST steps to trace with the TF profiler (TensorBoard)",
                     flag_values=fv)
-    d.DEFINE_enum("progress", "bar", ["bar", "epoch", "none"], "Keras progress output", flag_values=fv)
+    d.DEFINE_enum("progress", "bar", ["bar", "epoch", "none"],
+                  "Keras progress output (bar: on a terminal; a line per epoch into a file or pipe)", flag_values=fv)
     flags.mark_flags_as_required(["workdir"], flag_values=fv)
 
 
@@ -91,7 +92,9 @@ def run(fv: flags.FlagValues) -> int:
         mixed_precision=fv.mixed_precision, jit_compile=fv.jit_compile, eval_every=fv.eval_every,
         eval_batches=fv.eval_batches, checkpoint_every=fv.checkpoint_every, keep_checkpoints=fv.keep_checkpoints,
         seed=fv.seed, profile_steps=fv.profile_steps, logical_cpus=fv.logical_cpus)
-    verbose = {"bar": 1, "epoch": 2, "none": 0}[fv.progress]
+    # Keras's bar redraws itself with backspaces on stdout: into a file or pipe that is one line growing by
+    # ~70 bytes a step, so there the bar becomes a line per epoch.
+    verbose = {"bar": 1 if sys.stdout.isatty() else 2, "epoch": 2, "none": 0}[fv.progress]
     summary = train.train(fv.workdir, model_config, config, Progress(sys.stderr), verbose=verbose)
     print(train.describe(summary))
     return 0

@@ -167,9 +167,12 @@ def test_xla_on_two_cpu_replicas_is_refused(workdir):
 
 @pytest.mark.slow
 def test_mirrored_on_two_logical_cpus(workdir):
-    result = lmstack("train", f"--workdir={workdir}", *TINY, "--steps=20", "--strategy=mirrored",
+    default_progress = [flag for flag in TINY if flag != "--progress=none"]
+    result = lmstack("train", f"--workdir={workdir}", *default_progress, "--steps=20", "--strategy=mirrored",
                      "--logical_cpus=2")
     assert result.returncode == 0, result.stderr[-3000:]
+    # Into a pipe the progress bar is a line per epoch, not a redrawn bar (backspaces, carriage returns).
+    assert "\x08" not in result.stdout and "\r" not in result.stdout and "Epoch 2/2" in result.stdout, repr(result.stdout)
     assert "MirroredStrategy on 2 replica(s), global batch 16" in result.stderr
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["replicas"] == 2 and metrics["global_batch"] == 16 and metrics["steps"] == 20
