@@ -29,7 +29,7 @@ def main() -> None:
              f"Page written {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node()} ({platform.platform()}, "
              f"{os.cpu_count()} CPUs), Python {platform.python_version()}, TensorFlow {tf_version}. "
              "Each section is the last output of one `bench/` script, with its JSON next to it; the scripts "
-             "ran at different times (the README's Results date each).", ""]
+             "ran at different times (docs/results.md dates each).", ""]
     for name in names:
         path = RESULTS / f"{name}.md"
         if not path.is_file():

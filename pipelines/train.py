@@ -362,7 +362,7 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
                   f"{_strategy_name(strategy)} on {replicas} replica(s), global batch {global_batch} x {seq_len}")
     if config.jit_compile and models.family_of(model_config) == "lstm" and not tf.config.list_physical_devices("GPU"):
         progress.note("note: with --jit_compile, XLA compiles tf_keras's LSTM step again at every step "
-                      "(~2.5 s each on CPU, README: Training speed); drop --jit_compile for the LSTM")
+                      "(~2.5 s each on CPU, docs/results.md: Training speed); drop --jit_compile for the LSTM")
 
     if chief:
         checkpoints.save_model_config(wd.root, model_config)
