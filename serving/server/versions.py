@@ -49,9 +49,6 @@ class LoadedVersion:
     def input_specs(self, signature: str) -> dict[str, tf.TensorSpec]:
         return self._specs[signature]
 
-    def output_names(self, signature: str) -> list[str]:
-        return sorted(self.signatures[signature].structured_outputs)
-
     def numpy_function(self, signature: str, cancellable):
         """The signature as numpy arrays in, numpy arrays out (what the batcher merges and splits).
 
