@@ -33,6 +33,7 @@ test: venv
 BENCHES := pipeline_throughput train_speed generation_speed export_latency serve_load quality optimize edge finetune
 
 bench: venv
+	$(BIN)/python -m pip install --quiet -e '.[reference]'
 	set -o pipefail; for b in $(BENCHES); do \
 	  case $$b in quality) args=--reuse;; finetune) args=--in_domain;; *) args=;; esac; \
 	  $(BIN)/python bench/$$b.py $$args | tee bench/results/$$b.md || exit 1; \

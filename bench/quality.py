@@ -1,99 +1,192 @@
-"""Quality at a fixed budget: LSTM vs transformer on the bundled Shakespeare, char level.
+"""Quality at a fixed budget: what each training default buys, LSTM and transformer, against a PyTorch GPT.
 
-Prepares runs/bench-quality/ (char tokenizer, 10% validation), then trains
-each model's `small` preset for the same budget (default 1,500 steps of
-32 x 128 tokens) through the real `lmstack train` code path and scores the
-whole validation split. XLA is on for the transformer and off for the LSTM
-(XLA compiles tf_keras's LSTM step again at every step). Reference points on this text: gzip -9 3.14
-bits/char, bzip2 -9 2.37, xz -9e 2.50.
+Prepares runs/bench-quality/ (the bundled Shakespeare, char tokenizer, 10%
+validation), then trains each row's model at the `small` preset for the same
+budget (default 1,500 steps of 32 x 128 tokens, about 1.25 passes over the
+training split) through the real `pipelines.train.train` and scores the whole
+validation split. The rows are an ablation of the defaults:
+
+  before        what `lmstack train` did until these defaults: dropout 0.1, Keras's
+                (Glorot) initialization of the transformer, peak learning rate 1e-3
+  +dropout rule only the dropout default (none below two passes over the data)
+  +GPT-2 init   only GPT-2's initialization (transformer)
+  +peak LR      only the learning-rate default (2e-3 at the small presets)
+  defaults      every default together: what `lmstack train` does with no flags (seeds 0 and 1)
+
+and `pytorch-gpt`: nanoGPT's model and initialization in PyTorch, same shape,
+same windows, same schedule as the defaults row, trained in a subprocess of
+this job (bench/reference_gpt.py; `pip install -e '.[reference]'`).
+
+XLA is on for the transformer and off for the LSTM (XLA compiles tf_keras's
+LSTM step again at every step); it changes speed, not what is learned.
+Reference points on this text: gzip -9 3.14 bits/char, bzip2 -9 2.37, xz -9e 2.50.
 
 Prints a table and writes bench/results/quality.json.
 
-usage: python bench/quality.py [--steps=1500] [--models=transformer,lstm]
+usage: python bench/quality.py [--steps=1500] [--rows=transformer/defaults,lstm/before,...] [--reuse]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import pathlib
 import platform
 import shutil
+import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import app  # noqa: E402,F401  (environment before TensorFlow)
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import models  # noqa: E402
-from pipelines import prepare, tokenizers, train  # noqa: E402
+from pipelines import dataset, prepare, tokenizers, train  # noqa: E402
 
 CORPUS = ROOT / "data" / "shakespeare.txt.gz"
 RESULTS = ROOT / "bench" / "results"
 COMPRESSORS = {"gzip -9": 3.14, "bzip2 -9": 2.37, "xz -9e": 2.50}
+BEFORE_MODEL = {"transformer": {"dropout": 0.1, "init": "glorot"}, "lstm": {"dropout": 0.1}}
+BEFORE_LEARNING_RATE = 1e-3
+# row -> (model overrides, train overrides, seed) for a family; the defaults rows override nothing.
+ROWS = {
+    "before": lambda f: (BEFORE_MODEL[f], {"learning_rate": BEFORE_LEARNING_RATE}),
+    "+dropout rule": lambda f: ({k: v for k, v in BEFORE_MODEL[f].items() if k != "dropout"},
+                                {"learning_rate": BEFORE_LEARNING_RATE}),
+    "+GPT-2 init": lambda f: ({"dropout": 0.1}, {"learning_rate": BEFORE_LEARNING_RATE}),
+    "+peak LR": lambda f: (BEFORE_MODEL[f], {}),
+    "defaults": lambda f: ({}, {}),
+    "defaults seed 1": lambda f: ({}, {"seed": 1}),
+}
+FAMILY_ROWS = {"transformer": list(ROWS), "lstm": [r for r in ROWS if r != "+GPT-2 init"]}
 
 
-def _finished(run: pathlib.Path, model_config, steps: int):
-    """The metrics of a finished run of this exact model and step count, else None."""
+def _finished(run: pathlib.Path, model_config, train_config):
+    """The metrics of a finished run with exactly these settings, else None."""
     try:
         config = json.loads((run / "config.json").read_text())
         metrics = json.loads((run / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    if config.get("model") != models.config_to_json(model_config) or metrics.get("steps") != steps:
+    saved_model = {k: v for k, v in config.get("model", {}).items() if k != "dropout"}
+    wanted_model = {k: v for k, v in models.config_to_json(model_config).items() if k != "dropout"}
+    saved_train = config.get("train", {})
+    same = (saved_model == wanted_model and metrics.get("steps") == train_config.steps
+            and (model_config.dropout is None or model_config.dropout == config["model"].get("dropout"))
+            and all(saved_train.get(k) == getattr(train_config, k)
+                    for k in ("batch_size", "seed", "warmup_steps", "weight_decay"))
+            and saved_train.get("learning_rate") == train_config.for_model(model_config).learning_rate)
+    return metrics if same else None
+
+
+def _windows(workdir: pathlib.Path, seq_len: int, path: pathlib.Path) -> pathlib.Path:
+    """The train and validation windows lmstack's tf.data pipeline cuts, saved for the PyTorch reference."""
+    def cut(split):
+        ds = dataset._windows(dataset.shard_files(workdir, split), seq_len, None, False, None).batch(4096)
+        return np.concatenate(list(ds.as_numpy_iterator()))
+    vocab = json.loads((workdir / "data" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    np.savez(path, train=cut("train"), val=cut("val"), vocab_size=vocab)
+    return path
+
+
+def _reference(base: pathlib.Path, model_config, train_config, reuse: bool) -> dict | None:
+    out = base / "pytorch-gpt.json"
+    settings = {"steps": train_config.steps, "batch_size": train_config.batch_size, "layers": model_config.layers,
+                "d_model": model_config.d_model, "heads": model_config.heads,
+                "learning_rate": train_config.learning_rate, "warmup_steps": train_config.warmup(),
+                "weight_decay": train_config.weight_decay, "beta_2": 0.99, "clip_norm": train_config.clip_norm}
+    if reuse and out.exists():
+        saved = json.loads(out.read_text())
+        if saved.get("settings") == settings:
+            return saved
+    if importlib.util.find_spec("torch") is None:
+        print("pytorch-gpt: torch is not installed (pip install -e '.[reference]'); row left out", file=sys.stderr)
         return None
-    return metrics
+    data = _windows(base / "data-only", model_config.seq_len, base / "windows.npz")
+    print("training pytorch-gpt ...", file=sys.stderr)
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "reference_gpt.py"), f"--data={data}",
+                           *(f"--{k}={v}" for k, v in settings.items())],
+                          capture_output=True, text=True, check=True)
+    result = {**json.loads(done.stdout.strip().splitlines()[-1]), "settings": settings}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--models", default="transformer,lstm")
+    parser.add_argument("--rows", default="",
+                        help="FAMILY/ROW,... (default: every row of both families, then pytorch-gpt)")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench-quality"))
     parser.add_argument("--reuse", action="store_true",
-                        help="take a model's figures from its finished run (same config and steps) instead of training")
+                        help="take a row's figures from its finished run (same settings) instead of training")
     args = parser.parse_args()
 
     base = pathlib.Path(args.workdir)
     config = prepare.PrepareConfig(corpus=(str(CORPUS),), tokenizer=tokenizers.TokenizerConfig("char"))
     manifest = prepare.prepare(config, base / "data-only").manifest
+    vocab = manifest["tokenizer"]["vocab_size"]
+    wanted = [tuple(r.split("/", 1)) for r in args.rows.split(",")] if args.rows else (
+        [(f, r) for f in ("transformer", "lstm") for r in FAMILY_ROWS[f]] + [("pytorch-gpt", "")])
     rows = []
-    for family in args.models.split(","):
-        run = base / family
-        model_config = models.make_config(family, "small", manifest["tokenizer"]["vocab_size"])
-        train_config = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=2e-3,
-                                         warmup_steps=100, eval_every=500, eval_batches=20,
-                                         checkpoint_every=500, jit_compile=(family == "transformer"),
-                                         strategy="default")
-        summary = _finished(run, model_config, args.steps) if args.reuse else None
+    for family, row in wanted:
+        if family == "pytorch-gpt":
+            model_config = models.make_config("transformer", "small", vocab)
+            train_config = train.TrainConfig(steps=args.steps, batch_size=args.batch_size).for_model(model_config)
+            result = _reference(base, model_config, train_config, args.reuse)
+            if result:
+                nats = result["val_loss_nats_per_token"]
+                rows.append({"model": "pytorch-gpt", "row": "nanoGPT recipe", "params": result["params"],
+                             "steps": args.steps, "dropout": 0.0, "learning_rate": train_config.learning_rate,
+                             "val_loss_nats_per_char": nats, "val_bits_per_char": nats / math.log(2),
+                             "train_tokens_per_s": result["train_tokens_per_s"],
+                             "wall_seconds": result["wall_seconds"], "torch": result["torch"]})
+            continue
+        model_overrides, train_overrides = ROWS[row](family)
+        model_config = models.make_config(family, "small", vocab, **model_overrides)
+        train_config = train.TrainConfig(**{
+            "steps": args.steps, "batch_size": args.batch_size, "eval_every": 500, "eval_batches": 20,
+            "checkpoint_every": 500, "jit_compile": family == "transformer", "strategy": "default",
+            **train_overrides})
+        run = base / family / row.replace(" ", "-").replace("+", "plus-")
+        summary = _finished(run, model_config, train_config) if args.reuse else None
         if summary is None:
             if run.exists():
                 shutil.rmtree(run)
             shutil.copytree(base / "data-only", run)
-            print(f"training {family} ...", file=sys.stderr)
+            print(f"training {family} / {row} ...", file=sys.stderr)
             summary = train.train(run, model_config, train_config, verbose=2)
-        rows.append({"model": family, "params": summary["params"], "steps": summary["steps"],
-                     "tokens_per_step": args.batch_size * model_config.seq_len,
+            shutil.rmtree(run / "checkpoints", ignore_errors=True)  # 20 MB a row; the figures are in metrics.json
+        saved = json.loads((run / "config.json").read_text())
+        rows.append({"model": family, "row": row, "params": summary["params"], "steps": summary["steps"],
+                     "dropout": saved["model"]["dropout"], "learning_rate": saved["train"]["learning_rate"],
+                     "init": saved["model"].get("init", ""),
                      "val_loss_nats_per_char": summary["loss"], "val_bits_per_char": summary["bits_per_char"],
                      "train_tokens_per_s": round(summary["tokens_per_s"] or 0),
-                     "wall_seconds": summary["wall_seconds"],
-                     "config": models.config_to_json(model_config)})
-    result = {"benchmark": "quality", "corpus": CORPUS.name, "tokenizer": "char", "rows": rows,
-              "compressors_bits_per_char": COMPRESSORS,
+                     "wall_seconds": summary["wall_seconds"], "config": saved["model"]})
+    result = {"benchmark": "quality", "corpus": CORPUS.name, "tokenizer": "char",
+              "tokens_per_step": args.batch_size * 128, "rows": rows, "compressors_bits_per_char": COMPRESSORS,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "tensorflow": tf.__version__}}
-    print(f"\n{'model':12} {'params':>10} {'steps':>6} {'val bits/char':>14} {'tokens/s':>10} {'wall s':>8}")
+    print(f"\n{args.steps} steps x {args.batch_size} x 128 tokens, char level, bundled Shakespeare "
+          f"(validation: {manifest['splits']['val']['tokens']:,} tokens)\n")
+    print(f"{'model':12} {'row':16} {'params':>9} {'dropout':>7} {'init':>6} {'peak LR':>8} "
+          f"{'val bits/char':>14} {'tokens/s':>9} {'wall s':>7}")
     for r in rows:
-        print(f"{r['model']:12} {r['params']:10,} {r['steps']:6} {r['val_bits_per_char']:14.3f} "
-              f"{r['train_tokens_per_s']:10,} {r['wall_seconds']:8.0f}")
+        print(f"{r['model']:12} {r['row']:16} {r['params']:9,} {r['dropout']:7g} {r.get('init', 'gpt2'):>6} "
+              f"{r['learning_rate']:8g} {r['val_bits_per_char']:14.3f} {r['train_tokens_per_s']:9,} "
+              f"{r['wall_seconds']:7.0f}")
     for name, bpc in COMPRESSORS.items():
-        print(f"{name:12} {'':>10} {'':>6} {bpc:14.2f}")
+        print(f"{name:12} {'':16} {'':>9} {'':>7} {'':>6} {'':>8} {bpc:14.2f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote bench/results/quality.json")
+    print("wrote bench/results/quality.json")
 
 
 if __name__ == "__main__":

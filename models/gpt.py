@@ -11,6 +11,7 @@ tf_keras layer or one of `models.layers`, so TF-MOT can wrap all of them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import tensorflow as tf
@@ -18,6 +19,10 @@ import tensorflow as tf
 from models import layers
 from models.config import check_sizes
 from models.backend import keras
+
+
+INITS = ("gpt2", "glorot")
+INIT_STD = 0.02  # GPT-2's standard deviation for every weight matrix and embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +36,12 @@ class GPTConfig:
         d_model: width of the residual stream.
         heads: attention heads; d_model must divide by it.
         mlp_ratio: the MLP's hidden width is mlp_ratio * d_model.
-        dropout: after the embedding, the attention output and the MLP.
+        dropout: after the embedding, the attention output and the MLP. None lets the training run
+            decide (`pipelines.train.run_dropout`: none for a run that sees its data less than
+            twice); a model built with None has rate 0.
+        init: 'gpt2' (GPT-2's: every weight matrix N(0, 0.02), the two projections that write
+            into the residual stream N(0, 0.02 / sqrt(2 * layers)), biases zero) or 'glorot'
+            (Keras's defaults for the Dense layers; embeddings stay N(0, 0.02)).
     """
     vocab_size: int
     seq_len: int = 128
@@ -39,15 +49,18 @@ class GPTConfig:
     d_model: int = 128
     heads: int = 4
     mlp_ratio: int = 4
-    dropout: float = 0.1
+    dropout: float | None = None
+    init: str = "gpt2"
 
     PRESETS: ClassVar[dict[str, dict]] = {
         "tiny": dict(seq_len=16, layers=2, d_model=32, heads=2, dropout=0.0),
-        "small": dict(seq_len=128, layers=4, d_model=128, heads=4, dropout=0.1),
-        "base": dict(seq_len=256, layers=6, d_model=384, heads=6, dropout=0.1),
+        "small": dict(seq_len=128, layers=4, d_model=128, heads=4),
+        "base": dict(seq_len=256, layers=6, d_model=384, heads=6),
     }
 
     def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"init={self.init!r}: expected one of {', '.join(INITS)}")
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} does not divide into heads={self.heads}")
         check_sizes(self, ("vocab_size", "seq_len", "layers", "d_model", "heads", "mlp_ratio"))
@@ -80,23 +93,31 @@ def build_gpt(config: GPTConfig, seq_len: int | None = None) -> keras.Model:
         seq_len: a static sequence length (TFLite wants one); None accepts any T <= config.seq_len.
     """
     c = config
+    rate = c.dropout or 0.0
+
+    def dense(units, name, residual=False, **kwargs):
+        if c.init == "gpt2":
+            std = INIT_STD / math.sqrt(2 * c.layers) if residual else INIT_STD
+            kwargs["kernel_initializer"] = keras.initializers.RandomNormal(stddev=std)
+        return keras.layers.Dense(units, name=name, **kwargs)
+
     ids = keras.Input(shape=(seq_len,), dtype="int32", name="token_ids")
     x, table = layers.TokenEmbedding(c.vocab_size, c.d_model, name="token_embedding")(ids)  # (B, T, d), (V, d)
     x = layers.PositionEmbedding(c.seq_len, name="position_embedding")(x)
-    x = keras.layers.Dropout(c.dropout, name="embedding_dropout")(x)
+    x = keras.layers.Dropout(rate, name="embedding_dropout")(x)
     for i in range(c.layers):
         h = keras.layers.LayerNormalization(epsilon=1e-5, name=f"block{i}_ln1")(x)
-        q = keras.layers.Dense(c.d_model, name=f"block{i}_query")(h)
-        k = keras.layers.Dense(c.d_model, name=f"block{i}_key")(h)
-        v = keras.layers.Dense(c.d_model, name=f"block{i}_value")(h)
+        q = dense(c.d_model, f"block{i}_query")(h)
+        k = dense(c.d_model, f"block{i}_key")(h)
+        v = dense(c.d_model, f"block{i}_value")(h)
         a = layers.CausalAttention(c.heads, name=f"block{i}_attention")([q, k, v])
-        a = keras.layers.Dense(c.d_model, name=f"block{i}_attention_output")(a)
-        a = keras.layers.Dropout(c.dropout, name=f"block{i}_attention_dropout")(a)
+        a = dense(c.d_model, f"block{i}_attention_output", residual=True)(a)
+        a = keras.layers.Dropout(rate, name=f"block{i}_attention_dropout")(a)
         x = keras.layers.Add(name=f"block{i}_attention_residual")([x, a])
         h = keras.layers.LayerNormalization(epsilon=1e-5, name=f"block{i}_ln2")(x)
-        h = keras.layers.Dense(c.mlp_ratio * c.d_model, activation="gelu", name=f"block{i}_mlp_in")(h)
-        h = keras.layers.Dense(c.d_model, name=f"block{i}_mlp_out")(h)
-        h = keras.layers.Dropout(c.dropout, name=f"block{i}_mlp_dropout")(h)
+        h = dense(c.mlp_ratio * c.d_model, f"block{i}_mlp_in", activation="gelu")(h)
+        h = dense(c.d_model, f"block{i}_mlp_out", residual=True)(h)
+        h = keras.layers.Dropout(rate, name=f"block{i}_mlp_dropout")(h)
         x = keras.layers.Add(name=f"block{i}_mlp_residual")([x, h])
     x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_ln")(x)
     logits = layers.TiedLogits(name="logits")([x, table])  # (B, T, V)

@@ -33,7 +33,8 @@ class LSTMConfig:
         units: width of each recurrent layer.
         layers: stacked recurrent layers.
         cell: 'lstm' or 'gru'.
-        dropout: between layers and before the output.
+        dropout: between layers and before the output; None lets the training run decide (as for
+            `GPTConfig.dropout`).
         tie_embeddings: logits through the embedding table (after a projection to embedding_dim).
         seq_len: the training sequence length (recurrent models have no context limit).
     """
@@ -42,15 +43,15 @@ class LSTMConfig:
     units: int = 256
     layers: int = 2
     cell: str = "lstm"
-    dropout: float = 0.1
+    dropout: float | None = None
     tie_embeddings: bool = False
     seq_len: int = 128
 
     PRESETS: ClassVar[dict[str, dict]] = {
         "tiny": dict(embedding_dim=16, units=32, layers=2, dropout=0.0, seq_len=16),
         # small/base match the transformer presets' parameters and FLOPs per token.
-        "small": dict(embedding_dim=128, units=256, layers=2, dropout=0.1, seq_len=128),
-        "base": dict(embedding_dim=256, units=1024, layers=2, dropout=0.1, seq_len=256),
+        "small": dict(embedding_dim=128, units=256, layers=2, seq_len=128),
+        "base": dict(embedding_dim=256, units=1024, layers=2, seq_len=256),
     }
 
     def __post_init__(self):
@@ -98,7 +99,7 @@ def build_lstm(config: LSTMConfig, seq_len: int | None = None) -> keras.Model:
     x, table = layers.TokenEmbedding(c.vocab_size, c.embedding_dim, name="token_embedding")(ids)
     for i in range(c.layers):
         x = _recurrent(c, i)(x)[0]  # (B, T, units); the final states are for decoding
-        x = keras.layers.Dropout(c.dropout, name=f"rnn{i}_dropout")(x)
+        x = keras.layers.Dropout(c.dropout or 0.0, name=f"rnn{i}_dropout")(x)
     if c.tie_embeddings:
         x = keras.layers.Dense(c.embedding_dim, name="projection")(x)  # (B, T, e)
         logits = layers.TiedLogits(name="logits")([x, table])

@@ -59,7 +59,8 @@ class TrainConfig:
     Attributes:
         steps: optimizer steps in all (a rerun with more steps continues).
         batch_size: sequences per replica; the global batch is this x replicas.
-        learning_rate: peak learning rate, reached after `warmup_steps`.
+        learning_rate: peak learning rate, reached after `warmup_steps`; None: the model's own
+            (`peak_learning_rate`).
         warmup_steps: linear warmup from 0; None derives it from `steps` (`warmup()`), so a short
             run needs no flag to fit its warmup.
         schedule: 'cosine' (decay to 10% of the peak at `steps`) or 'constant'.
@@ -78,7 +79,7 @@ class TrainConfig:
     """
     steps: int = 1000
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float | None = None
     warmup_steps: int | None = None
     schedule: str = "cosine"
     weight_decay: float = 0.01
@@ -101,7 +102,7 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "eval_batches", "weight_decay", "clip_norm"):
             if (getattr(self, name) or 0) < 0:
                 raise UserError(f"--{name}={getattr(self, name)}: must not be negative")
-        if self.learning_rate <= 0:
+        if self.learning_rate is not None and self.learning_rate <= 0:
             raise UserError(f"--learning_rate={self.learning_rate}: must be positive")
         if self.schedule not in SCHEDULES:
             raise UserError(f"--schedule={self.schedule!r}: expected one of {'|'.join(SCHEDULES)}")
@@ -115,6 +116,12 @@ class TrainConfig:
     def warmup(self) -> int:
         """The warmup steps: as given, or `derived_warmup(steps)`."""
         return derived_warmup(self.steps) if self.warmup_steps is None else self.warmup_steps
+
+    def for_model(self, model_config: models.ModelConfig) -> "TrainConfig":
+        """This config with a learning rate: as given, or the model's `peak_learning_rate`."""
+        if self.learning_rate is not None:
+            return self
+        return dataclasses.replace(self, learning_rate=peak_learning_rate(model_config))
 
     def profile_range(self) -> tuple[int, int] | None:
         if not self.profile_steps:
@@ -263,6 +270,49 @@ def warmup_cosine(peak: float, steps: int, warmup_steps: int, final_fraction: fl
         warmup_target=peak, warmup_steps=warmup_steps)
 
 
+# Dropout for a run that sees its training data at least DROPOUT_EPOCHS times; below that, none:
+# a model that has not yet seen a token twice cannot overfit it, and dropout only slows learning
+# (docs/results.md, "Quality": 0.1 costs ~0.1-0.3 bits/char on runs of about one epoch).
+DROPOUT = 0.1
+DROPOUT_EPOCHS = 2.0
+
+
+def epochs_of(manifest: dict[str, Any], steps: int, global_batch: int, seq_len: int) -> float:
+    """How many times `steps` steps of `global_batch` x `seq_len` tokens go over the training split."""
+    return steps * global_batch * seq_len / max(1, manifest["splits"]["train"]["tokens"])
+
+
+def run_dropout(model_config: models.ModelConfig, epochs: float, resumed: models.ModelConfig | None = None):
+    """The model config with its dropout decided, and why (None when it was given).
+
+    A config whose `dropout` is None gets `DROPOUT` if the run covers its data at least
+    `DROPOUT_EPOCHS` times, else 0; a resumed run keeps the dropout it was trained with.
+    """
+    if model_config.dropout is not None:
+        return model_config, None
+    if resumed is not None and resumed.dropout is not None:
+        return dataclasses.replace(model_config, dropout=resumed.dropout), "as the run being resumed"
+    rate = DROPOUT if epochs >= DROPOUT_EPOCHS else 0.0
+    side = "at least" if rate else "fewer than"
+    return dataclasses.replace(model_config, dropout=rate), (
+        f"the run sees its training data {epochs:.2f} times, {side} {DROPOUT_EPOCHS:g}; --dropout sets it")
+
+
+def peak_learning_rate(model_config: models.ModelConfig) -> float:
+    """The peak learning rate a model trains at unless told otherwise.
+
+    Measured at the `small` presets (docs/results.md, "Quality"): 2e-3 for the
+    transformer at width 128 and the LSTM at 256 units; wider models take it
+    down with the square root of the width (1.2e-3 at `base`'s 384, near
+    nanoGPT's 1e-3 there; 1e-3 for the 1024-unit LSTM), narrower ones up to 4e-3.
+    """
+    if isinstance(model_config, models.GPTConfig):
+        width, measured_at = model_config.d_model, 128
+    else:
+        width, measured_at = model_config.units, 256
+    return min(4e-3, 2e-3 * math.sqrt(measured_at / width))
+
+
 def derived_warmup(steps: int, longest: int = 100) -> int:
     """The warmup a run gets when none is asked for: a tenth of its steps, at most `longest`."""
     return min(longest, steps // 10)
@@ -277,6 +327,8 @@ def adamw(learning_rate, weight_decay: float, clip_norm: float, beta_2: float = 
 
 
 def _learning_rate(config: TrainConfig):
+    if config.learning_rate is None:
+        raise ValueError("the TrainConfig has no learning rate yet: use config.for_model(model_config)")
     return warmup_cosine(config.learning_rate, config.steps, config.warmup(),
                          0.1 if config.schedule == "cosine" else 1.0)
 
@@ -298,7 +350,7 @@ def compile_for_training(model, config: TrainConfig, tokens_per_char: float = 1.
 
 def build_and_compile(model_config: models.ModelConfig, config: TrainConfig, tokens_per_char: float = 1.0):
     """A new model, compiled for training (see `compile_for_training`)."""
-    return compile_for_training(models.build(model_config), config, tokens_per_char)
+    return compile_for_training(models.build(model_config), config.for_model(model_config), tokens_per_char)
 
 
 def tokens_per_char(manifest: dict[str, Any]) -> float:
@@ -308,11 +360,19 @@ def tokens_per_char(manifest: dict[str, Any]) -> float:
         1, splits["train"]["chars"] + splits["val"]["chars"])
 
 
-def _check_resume(wd: workdir_lib.Workdir, model_config: models.ModelConfig, config: TrainConfig) -> None:
+def _resumed_model(wd: workdir_lib.Workdir) -> dict[str, Any] | None:
+    """The model config (JSON) of the checkpoints in the workdir, if it has any."""
     saved = wd.read_config()
     if "model" not in saved or not os.path.isdir(checkpoints.checkpoint_dir(wd.root)):
+        return None
+    return saved["model"]
+
+
+def _check_resume(wd: workdir_lib.Workdir, model_config: models.ModelConfig, config: TrainConfig) -> None:
+    old_model = _resumed_model(wd)
+    if old_model is None:
         return
-    old_model = saved["model"]
+    saved = wd.read_config()
     new_model = models.config_to_json(model_config)
     diffs = [f"{k}={old_model.get(k)!r} (now {v!r})" for k, v in new_model.items() if old_model.get(k) != v]
     old_train = saved.get(TRAIN_SECTION, {})
@@ -341,23 +401,29 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     """
     progress = progress or Progress()
     config.validate()
+    config = config.for_model(model_config)
     wd = workdir_lib.Workdir(workdir)
     manifest = wd.read_manifest()
     vocab = manifest["tokenizer"]["vocab_size"]
     if model_config.vocab_size != vocab:
         raise UserError(f"the model's vocab_size={model_config.vocab_size} differs from the tokenizer's {vocab}")
-    _check_resume(wd, model_config, config)
     dataset.shard_files(wd.root, "val")  # the final evaluation needs it: fail now, not after training
 
     strategy_lib.split_cpu(config.logical_cpus)
     strategy = strategy_lib.make(config.strategy)
     strategy_lib.check_jit_compile(strategy, config.jit_compile)
     chief = strategy_lib.is_chief(strategy)
-    keras.mixed_precision.set_global_policy(PRECISIONS[config.mixed_precision])
-    keras.utils.set_random_seed(config.seed)
     replicas = strategy.num_replicas_in_sync
     global_batch = config.batch_size * replicas
     seq_len = model_config.seq_len
+    resumed = _resumed_model(wd)
+    model_config, why = run_dropout(model_config, epochs_of(manifest, config.steps, global_batch, seq_len),
+                                    models.config_from_json(resumed) if resumed else None)
+    if why:
+        progress.note(f"dropout {model_config.dropout:g}: {why}")
+    _check_resume(wd, model_config, config)
+    keras.mixed_precision.set_global_policy(PRECISIONS[config.mixed_precision])
+    keras.utils.set_random_seed(config.seed)
     progress.note(f"training {models.family_of(model_config)} ({model_config.num_params():,} parameters) with "
                   f"{_strategy_name(strategy)} on {replicas} replica(s), global batch {global_batch} x {seq_len}")
     if config.jit_compile and models.family_of(model_config) == "lstm" and not tf.config.list_physical_devices("GPU"):
@@ -415,7 +481,8 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     summary.update({
         "model": models.family_of(model_config), "params": model_config.num_params(),
         "steps": int(optimizer.iterations.numpy()), "global_batch": global_batch, "seq_len": seq_len,
-        "replicas": replicas, "strategy": _strategy_name(strategy),
+        "replicas": replicas, "strategy": _strategy_name(strategy), "dropout": model_config.dropout,
+        "dropout_chosen_because": why,
         "train_loss": float(history.history["loss"][-1]) if history.history.get("loss") else None,
         "tokens_per_s": log.get("tokens_per_s"), "wall_seconds": round(wall, 1),
         "trained_steps_this_run": int(optimizer.iterations.numpy()) - log.get("start_step", start),
@@ -433,4 +500,5 @@ def describe(summary: dict[str, Any]) -> str:
         f"in {summary['wall_seconds']} s" + (f", {rate:,.0f} tokens/s" if rate else ""),
         f"validation: loss {summary['loss']:.4f} nats/token, perplexity {summary['perplexity']:.2f}, "
         f"{summary['bits_per_char']:.3f} bits/char over {summary['tokens']:,} tokens",
-    ])
+    ] + ([f"dropout {summary['dropout']:g}: {summary['dropout_chosen_because']}"]
+         if summary.get("dropout_chosen_because") else []))

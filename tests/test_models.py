@@ -182,3 +182,36 @@ def test_stop_tokens_end_a_row(built):
     cut = generation.generate(decoder, [[3, 4, 5]], 6, generation.make_sampler(generation.SamplerConfig()),
                               stop_token_ids=[stop])[0]
     assert cut == greedy[:greedy.index(stop)]
+
+
+@pytest.mark.parametrize("depth", [2, 8])
+def test_gpt2_initialization_shrinks_the_residual_projections_with_depth(depth):
+    # GPT-2's recipe: N(0, 0.02) for every matrix, N(0, 0.02 / sqrt(2 * layers)) for the two that write
+    # into the residual stream, so the stream's variance at init does not grow with depth.
+    keras.utils.set_random_seed(0)
+    config = models.make_config("transformer", "small", vocab_size=VOCAB, layers=depth, d_model=256, heads=4)
+    model = models.build(config)
+    std = lambda name: float(np.std(model.get_layer(name).kernel.numpy()))  # noqa: E731
+    for name in ("block0_query", "block0_mlp_in", f"block{depth - 1}_value"):
+        assert std(name) == pytest.approx(0.02, rel=0.05)
+    for name in ("block0_attention_output", f"block{depth - 1}_mlp_out"):
+        assert std(name) == pytest.approx(0.02 / np.sqrt(2 * depth), rel=0.05)
+    assert not np.any(model.get_layer("block0_mlp_in").bias.numpy())
+    glorot = models.build(models.make_config("transformer", "small", vocab_size=VOCAB, layers=depth, init="glorot"))
+    assert float(np.std(glorot.get_layer("block0_query").kernel.numpy())) > 0.05  # Keras's default, for the ablation
+    with pytest.raises(ValueError, match="init='xavier'"):
+        models.make_config("transformer", "small", vocab_size=VOCAB, init="xavier")
+
+
+def test_lstm_initialization_is_the_recipes():
+    # What LSTM language models start from (Jozefowicz et al. 2015; Keras's defaults): forget-gate bias 1,
+    # the recurrent kernel orthogonal. A change of Keras's defaults would show here.
+    keras.utils.set_random_seed(0)
+    config = models.make_config("lstm", "small", vocab_size=VOCAB)
+    model = models.build(config)
+    cell = model.get_layer("rnn0").cell
+    units = config.units
+    bias = cell.bias.numpy()
+    assert np.all(bias[units:2 * units] == 1.0) and not np.any(bias[:units]) and not np.any(bias[2 * units:])
+    recurrent = cell.recurrent_kernel.numpy()  # (units, 4 * units), the four gates side by side
+    np.testing.assert_allclose(recurrent @ recurrent.T, np.eye(units), atol=1e-4)  # orthonormal rows

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -139,13 +140,14 @@ def test_learning_rate_schedule_warms_up_and_decays():
     values = [float(schedule(s)) for s in (0, 5, 10, 55, 100)]
     assert values[0] < values[1] < values[2] and math.isclose(values[2], 1e-3, rel_tol=1e-5)
     assert values[2] > values[3] > values[4] and math.isclose(values[4], 1e-4, rel_tol=1e-3)
-    constant = train._learning_rate(train.TrainConfig(steps=100, warmup_steps=10, schedule="constant"))
+    constant = train._learning_rate(train.TrainConfig(steps=100, warmup_steps=10, schedule="constant",
+                                                      learning_rate=1e-3))
     assert math.isclose(float(constant(90)), 1e-3, rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("steps, warmup", [(30, 3), (60, 6), (1500, 100), (5, 0)])
 def test_warmup_fits_the_run_unless_given(steps, warmup):
-    config = train.TrainConfig(steps=steps)
+    config = train.TrainConfig(steps=steps, learning_rate=1e-3)
     config.validate()  # a short run with default flags is not refused
     assert config.warmup() == warmup
     schedule = train._learning_rate(config)
@@ -153,6 +155,44 @@ def test_warmup_fits_the_run_unless_given(steps, warmup):
     assert train.TrainConfig(steps=steps, warmup_steps=2).warmup() == 2
     with pytest.raises(UserError, match=f"--warmup_steps={steps} leaves no steps to decay over"):
         train.TrainConfig(steps=steps, warmup_steps=steps).validate()  # a value the user gave is still checked
+
+
+def test_learning_rate_defaults_to_the_models_own():
+    small = {f: models.make_config(f, "small", vocab_size=30) for f in ("transformer", "lstm")}
+    for config in small.values():
+        assert train.TrainConfig().for_model(config).learning_rate == pytest.approx(2e-3)
+    wide = models.make_config("transformer", "base", vocab_size=30)
+    assert train.TrainConfig().for_model(wide).learning_rate < 2e-3  # wider models train at a lower peak
+    assert train.TrainConfig(learning_rate=5e-4).for_model(wide).learning_rate == 5e-4  # a given value is kept
+    with pytest.raises(ValueError, match="for_model"):
+        train._learning_rate(train.TrainConfig())
+
+
+@pytest.mark.parametrize("given, epochs, resumed, expected", [
+    (None, 1.2, None, 0.0), (None, 2.5, None, train.DROPOUT), (0.3, 0.5, None, 0.3), (None, 5.0, 0.0, 0.0)])
+def test_dropout_follows_how_often_the_run_sees_its_data(given, epochs, resumed, expected):
+    config = models.make_config("transformer", "small", vocab_size=30, dropout=given)
+    old = None if resumed is None else models.make_config("transformer", "small", vocab_size=30, dropout=resumed)
+    decided, why = train.run_dropout(config, epochs, old)
+    assert decided.dropout == expected
+    assert (why is None) == (given is not None)  # a value the user gave is theirs, unexplained
+
+
+def test_train_decides_dropout_once_and_a_longer_rerun_keeps_it(workdir, capsys):
+    # A 10-step run covers a fraction of the data: no dropout, said in the summary; rerun for
+    # more than two epochs, it resumes with the dropout it was trained with (no resume refusal).
+    flags = [f for f in TINY if f != "--preset=tiny"] + ["--preset=small", "--layers=1", "--d_model=16",
+                                                        "--heads=1", "--seq_len=16", "--batch_size=64"]
+    code, out, err = run_cli(capsys, "train", f"--workdir={workdir}", *flags, "--steps=10")
+    assert code == 0, err
+    assert re.search(r"dropout 0: the run sees its training data 0\.\d+ times, fewer than 2", out), out
+    assert json.loads((workdir / "config.json").read_text())["model"]["dropout"] == 0.0
+    train_tokens = json.loads((workdir / "data" / "manifest.json").read_text())["splits"]["train"]["tokens"]
+    steps = math.ceil(3 * train_tokens / (64 * 16))
+    code, out, err = run_cli(capsys, "train", f"--workdir={workdir}", *flags, f"--steps={steps}")
+    assert code == 0, err
+    assert "dropout 0: as the run being resumed" in out
+    assert json.loads((workdir / "metrics.json").read_text())["steps"] == steps
 
 
 def test_xla_on_two_cpu_replicas_is_refused(workdir):
