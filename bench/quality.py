@@ -6,12 +6,12 @@ budget (default 1,500 steps of 32 x 128 tokens, about 1.25 passes over the
 training split) through the real `pipelines.train.train` and scores the whole
 validation split. The rows are an ablation of the defaults:
 
-  before        what `lmstack train` did until these defaults: dropout 0.1, Keras's
-                (Glorot) initialization of the transformer, peak learning rate 1e-3
+  before        what `lmstack train` did until these defaults: dropout 0.1, peak learning rate 1e-3
   +dropout rule only the dropout default (none below two passes over the data)
-  +GPT-2 init   only GPT-2's initialization (transformer)
   +peak LR      only the learning-rate default (2e-3 at the small presets)
-  defaults      every default together: what `lmstack train` does with no flags (seeds 0 and 1)
+  defaults      both together: what `lmstack train` does with no flags (seeds 0 and 1)
+  GPT-2 init    the defaults with GPT-2's initialization instead of Keras's (transformer;
+                tried as a default and not kept: it learns slower at this budget)
 
 and `pytorch-gpt`: nanoGPT's model and initialization in PyTorch, same shape,
 same windows, same schedule as the defaults row, trained in a subprocess of
@@ -52,19 +52,19 @@ from pipelines import dataset, prepare, tokenizers, train  # noqa: E402
 CORPUS = ROOT / "data" / "shakespeare.txt.gz"
 RESULTS = ROOT / "bench" / "results"
 COMPRESSORS = {"gzip -9": 3.14, "bzip2 -9": 2.37, "xz -9e": 2.50}
-BEFORE_MODEL = {"transformer": {"dropout": 0.1, "init": "glorot"}, "lstm": {"dropout": 0.1}}
+BEFORE_MODEL = {"transformer": {"dropout": 0.1}, "lstm": {"dropout": 0.1}}
 BEFORE_LEARNING_RATE = 1e-3
 # row -> (model overrides, train overrides, seed) for a family; the defaults rows override nothing.
 ROWS = {
     "before": lambda f: (BEFORE_MODEL[f], {"learning_rate": BEFORE_LEARNING_RATE}),
     "+dropout rule": lambda f: ({k: v for k, v in BEFORE_MODEL[f].items() if k != "dropout"},
                                 {"learning_rate": BEFORE_LEARNING_RATE}),
-    "+GPT-2 init": lambda f: ({"dropout": 0.1}, {"learning_rate": BEFORE_LEARNING_RATE}),
     "+peak LR": lambda f: (BEFORE_MODEL[f], {}),
     "defaults": lambda f: ({}, {}),
     "defaults seed 1": lambda f: ({}, {"seed": 1}),
+    "GPT-2 init": lambda f: ({"init": "gpt2"}, {}),
 }
-FAMILY_ROWS = {"transformer": list(ROWS), "lstm": [r for r in ROWS if r != "+GPT-2 init"]}
+FAMILY_ROWS = {"transformer": list(ROWS), "lstm": [r for r in ROWS if r != "GPT-2 init"]}
 
 
 def _finished(run: pathlib.Path, model_config, train_config):

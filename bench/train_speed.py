@@ -1,5 +1,16 @@
 """Training speed: tokens/s, peak memory and model FLOPs utilization, vs keras-hub.
 
+The headline is the user's view: whole `lmstack train` processes against a
+stock keras-hub script (bench/keras_hub_train.py) training the same GPT
+(small shape: 4 layers, width 128, 4 heads, context 128; batch 16, dropout
+0, XLA on both), each at two step counts (60 and 360) so start-up,
+compilation, lmstack's final evaluation and saving cancel in the difference:
+tokens/s = 300 steps x 16 x 128 / (wall(360) - wall(60)). The two tools
+alternate within a round and which goes first alternates between rounds;
+the ratio is the median over rounds (`--user_rounds`). lmstack runs with its
+defaults but `--eval_every=0` (the keras-hub script validates nothing).
+
+Then, model against model:
 For the transformer and the LSTM at the `tiny` and `small` presets, XLA off
 and on, and the same transformer built with keras-hub (`GPT2Backbone` in a
 `GPT2CausalLM`, Keras 3) as the reference, each configuration trains in its own
@@ -23,12 +34,7 @@ script run as it comes would see.
 
 Prints a table and writes bench/results/train_speed.json.
 
-The user's-view ratio (lmstack's process vs a stock keras-hub process) is
-the noisiest figure, so after the full rounds that pair alone runs
-`--pair_rounds` more times, alternating which goes first; the JSON keeps
-every round's ratio.
-
-usage: python bench/train_speed.py [--rounds=2] [--pair_rounds=4] [--steps=60] [--batch_size=16]
+usage: python bench/train_speed.py [--user_rounds=3] [--user_view_only] [--rounds=2] [--steps=60] [--batch_size=16]
 (--steps caps the timed steps; each configuration is timed for about 15 s.)
 """
 
@@ -55,8 +61,53 @@ STEPS_PER_CALL = 10
 CONFIGS = [(impl, preset, xla, "bfc") for preset in ("tiny", "small") for xla in (False, True)
            for impl in ("transformer", "lstm", "keras-hub")]
 CONFIGS += [(impl, "small", True, "tf-default") for impl in ("transformer", "keras-hub")]
-# What a user compares: lmstack's small XLA transformer in lmstack's process vs keras-hub as it comes.
-USER_PAIR = [("transformer", "small", True, "bfc"), ("keras-hub", "small", True, "tf-default")]
+
+
+def _whole_run(command: list[str], env: dict | None = None) -> float:
+    began = time.perf_counter()
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{out.stderr[-3000:]}")
+    return time.perf_counter() - began
+
+
+def user_view(workdir: str, rounds: int, batch: int, lengths=(60, 360)) -> dict:
+    """Differenced whole-process tokens/s of `lmstack train` and the stock keras-hub script, interleaved."""
+    import shutil
+
+    tokens = (lengths[1] - lengths[0]) * batch * 128
+    stock_env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
+
+    def lmstack(steps):
+        run = tempfile.mkdtemp(prefix="lmstack-user-view-")
+        shutil.rmtree(run)
+        shutil.copytree(workdir, run)
+        try:
+            return _whole_run([sys.executable, "-m", "app", "train", f"--workdir={run}", "--model=transformer",
+                               "--preset=small", "--dropout=0", f"--batch_size={batch}", f"--steps={steps}",
+                               "--jit_compile", "--eval_every=0"], env=stock_env)
+        finally:
+            shutil.rmtree(run, ignore_errors=True)
+
+    def keras_hub(steps):
+        return _whole_run([sys.executable, str(ROOT / "bench" / "keras_hub_train.py"), f"--corpus={CORPUS}",
+                           f"--steps={steps}", f"--batch_size={batch}"], env=stock_env)
+
+    tools = {"lmstack": lmstack, "keras-hub": keras_hub}
+    per_round = []
+    for r in range(rounds):
+        walls = {name: {} for name in tools}
+        for steps in lengths:
+            for name in (list(tools) if r % 2 == 0 else list(reversed(tools))):
+                walls[name][steps] = tools[name](steps)
+        rates = {name: tokens / (w[lengths[1]] - w[lengths[0]]) for name, w in walls.items()}
+        per_round.append({"walls": walls, "tokens_per_s": rates, "ratio": rates["lmstack"] / rates["keras-hub"]})
+        print(f"user view, round {r + 1}: lmstack {rates['lmstack']:,.0f} tokens/s, keras-hub "
+              f"{rates['keras-hub']:,.0f}: {per_round[-1]['ratio']:.2f}x", file=sys.stderr)
+    return {"lengths": list(lengths), "batch": batch, "rounds": per_round,
+            "ratio_median": statistics.median(r["ratio"] for r in per_round),
+            "lmstack_tokens_per_s_median": statistics.median(r["tokens_per_s"]["lmstack"] for r in per_round),
+            "keras_hub_tokens_per_s_median": statistics.median(r["tokens_per_s"]["keras-hub"] for r in per_round)}
 
 
 def matmul_peak_gflops(seconds: float = 2.0) -> float:
@@ -161,9 +212,10 @@ def measure(impl: str, preset: str, xla: bool, steps: int, batch: int, workdir: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--pair_rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--user_rounds", type=int, default=3)
+    parser.add_argument("--user_view_only", action="store_true", help="only the whole-process comparison")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -177,9 +229,19 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="lmstack-train-bench-")
     prepare.prepare(prepare.PrepareConfig(corpus=(str(CORPUS),), tokenizer=tokenizers.TokenizerConfig("char")),
                     workdir)
+    view = user_view(workdir, args.user_rounds, args.batch_size)
+    ratios = ", ".join(f"{r['ratio']:.2f}" for r in view["rounds"])
+    print(f"lmstack train vs a stock keras-hub script, whole processes differenced (360 - 60 steps): "
+          f"{view['lmstack_tokens_per_s_median']:,.0f} vs {view['keras_hub_tokens_per_s_median']:,.0f} tokens/s, "
+          f"median {view['ratio_median']:.2f}x over {args.user_rounds} rounds "
+          f"({ratios})")
+    if args.user_view_only:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        previous = json.loads((RESULTS / "train_speed.json").read_text()) if (RESULTS / "train_speed.json").exists() else {}
+        (RESULTS / "train_speed.json").write_text(json.dumps({**previous, "user_view": view}, indent=2) + "\n")
+        return
     runs: dict[tuple, list[dict]] = {c: [] for c in CONFIGS}
     schedule = [CONFIGS if r % 2 == 0 else list(reversed(CONFIGS)) for r in range(args.rounds)]
-    schedule += [USER_PAIR if r % 2 else list(reversed(USER_PAIR)) for r in range(args.pair_rounds)]
     for r, order in enumerate(schedule):
         for impl, preset, xla, allocator in order:
             child = f"{impl}:{preset}:{int(xla)}:{workdir}"
@@ -202,22 +264,15 @@ def main() -> None:
         rows.append(row)
     # What a user sees: lmstack's process (its allocator) vs a keras-hub script run as it comes.
     # Separate processes of the same round, so noisier than the in-process ratios.
-    ours, hub = (runs[c] for c in USER_PAIR)
-    per_round = [o["tokens_per_s"] / h["tokens_per_s"] for o, h in zip(ours, hub)]
-    across = statistics.median(per_round)
     result = {"benchmark": "train_speed", "steps": args.steps, "batch_size": args.batch_size, "rounds": args.rounds,
               "steps_per_call": STEPS_PER_CALL, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "rows": rows, "small_xla_vs_keras_hub_default_allocator": across,
-              "small_xla_vs_keras_hub_default_allocator_per_round": per_round}
+              "user_view": view, "rows": rows}
     header = (f"{'model':12} {'preset':6} {'xla':5} {'allocator':10} {'params':>9} {'tokens/s':>9} "
               f"{'vs keras-hub':>12} {'MFU':>6} {'peak MB':>8}")
     print(header)
     for r in rows:
         print(f"{r['impl']:12} {r['preset']:6} {str(r['xla']):5} {r['allocator']:10} {r['params']:9,} "
               f"{r['tokens_per_s']:9,.0f} {r['vs_keras_hub']:12.2f} {r['mfu']:6.1%} {r['peak_rss_mb']:8.0f}")
-    print(f"small XLA transformer (lmstack's allocator) vs keras-hub (TensorFlow's default allocator), "
-          f"across processes: median {across:.2f}x over {len(per_round)} rounds "
-          f"(min {min(per_round):.2f}x, max {max(per_round):.2f}x)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train_speed.json").write_text(json.dumps(result, indent=2) + "\n")
     print("wrote bench/results/train_speed.json")

@@ -251,9 +251,11 @@ def _fine_tune(wd, model, model_config, config: OptimizeConfig, train_config: tr
     wrapped, extra_callbacks = _wrap(model, config, log_dir)
     pruned_names = mot.pruned_weight_names(wrapped) or source_pruned
     frozen = mot.freeze_uncovered(wrapped, source_pruned) if config.method == "prune_qat" else []
-    train.compile_for_training(wrapped, train_config, train.tokens_per_char(manifest))
+    # One step per call: TF-MOT's pruning callbacks update the pruning step before every batch.
+    train.compile_for_training(wrapped, train_config, steps_per_execution=1)
     train_ds = dataset.train_dataset(wd.root, model_config.seq_len, train_config.batch_size, seed=config.seed)
-    callbacks = [train.NaNGuard(), train.StopAtStep(config.steps), *extra_callbacks,
+    callbacks = [train.NaNGuard(), train.DerivedMetrics(train.tokens_per_char(manifest)),
+                 train.StopAtStep(config.steps), *extra_callbacks,
                  keras.callbacks.TensorBoard(log_dir, update_freq=max(1, config.steps // 50))]
     began = time.perf_counter()
     per_epoch = math.ceil(config.steps / 10)  # Keras "epochs" here are progress lines, not passes over the data

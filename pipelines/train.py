@@ -135,44 +135,64 @@ class TrainConfig:
         return first, last
 
 
-class TokenCrossEntropy(keras.metrics.Mean):
-    """Mean token cross-entropy (nats), reported as a transform of it.
+class DerivedMetrics(keras.callbacks.Callback):
+    """Perplexity and bits/char from the loss Keras already averages, for the bar, History and TensorBoard.
+
+    The loss is the mean token cross-entropy (nats), so both are functions of it:
+    no metric objects recomputing the cross-entropy inside the train step.
 
     Args:
-        name: the metric's name.
-        transform: 'perplexity' (exp) or 'bits_per_char' (x tokens/char / ln 2).
         tokens_per_char: the corpus's ratio, for bits per character.
     """
 
-    def __init__(self, name: str, transform: str, tokens_per_char: float = 1.0, **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.transform = transform
+    def __init__(self, tokens_per_char: float = 1.0):
+        super().__init__()
         self.tokens_per_char = tokens_per_char
 
-    def update_state(self, y_true, y_pred, sample_weight=None):
-        nats = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)  # (B, T)
-        return super().update_state(nats, sample_weight)
+    def _derive(self, logs, prefix=""):
+        nats = (logs or {}).get(prefix + "loss")
+        if nats is not None:
+            logs[prefix + "perplexity"] = math.exp(min(float(nats), 700.0))
+            logs[prefix + "bits_per_char"] = float(nats) * self.tokens_per_char / math.log(2.0)
 
-    def result(self):
-        nats = super().result()
-        if self.transform == "perplexity":
-            return tf.exp(nats)
-        return nats * self.tokens_per_char / math.log(2.0)
+    def on_train_batch_end(self, batch, logs=None):
+        self._derive(logs)
 
-    def get_config(self):
-        return {**super().get_config(), "transform": self.transform, "tokens_per_char": self.tokens_per_char}
+    def on_epoch_end(self, epoch, logs=None):
+        self._derive(logs)
+        self._derive(logs, "val_")
 
 
 class _StepCounter(keras.callbacks.Callback):
-    """Knows the optimizer step without reading the variable every batch (a device sync)."""
+    """Knows the optimizer step without reading the variable: Keras gives each batch hook the first
+    and last step of what it ran (more than one with `steps_per_execution`)."""
 
     step = 0
+    _first = 0
 
     def on_train_begin(self, logs=None):
         self.step = int(self.model.optimizer.iterations.numpy())  # after BackupAndRestore restored it
 
+    def on_train_batch_begin(self, batch, logs=None):
+        self._first = batch
+
     def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
+        self.step += batch - self._first + 1
+
+
+class BackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras's, recording the last step of what a batch hook ran rather than the first.
+
+    A resume starts after the recorded step; Keras records the step a call began at, which with
+    `steps_per_execution` > 1 would redo all but one of the steps of the call it backed up after.
+    """
+
+    def on_train_batch_begin(self, batch, logs=None):
+        pass
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._training_state._ckpt_saved_batch.assign(batch)
+        super().on_train_batch_end(batch, logs)
 
 
 class StopAtStep(_StepCounter):
@@ -219,6 +239,7 @@ class _Checkpointer(_StepCounter):
         self.manager, self.every, self.tokens_per_step = manager, every, tokens_per_step
         self.progress, self.log = progress, log
         self._last_saved = -1
+        self._next_save = every
         self._window: list[tuple[float, int]] = []
 
     def on_train_begin(self, logs=None):
@@ -227,6 +248,7 @@ class _Checkpointer(_StepCounter):
         if step > 0:
             self.progress.note(f"resuming from step {step}")
         self.log["start_step"] = step
+        self._next_save = (step // self.every + 1) * self.every
         self._window = [(time.perf_counter(), step)]
 
     def on_train_batch_end(self, batch, logs=None):
@@ -238,8 +260,9 @@ class _Checkpointer(_StepCounter):
         if t1 > t0 and logs is not None:
             logs["tokens_per_s"] = (s1 - s0) * self.tokens_per_step / (t1 - t0)
             self.log["tokens_per_s"] = logs["tokens_per_s"]
-        if step % self.every == 0:
+        if step >= self._next_save:  # on the multiple itself unless an execution of several steps spans it
             self._save(step)
+            self._next_save = (step // self.every + 1) * self.every
 
     def on_train_end(self, logs=None):
         self._save(self.step)
@@ -333,24 +356,31 @@ def _learning_rate(config: TrainConfig):
                          0.1 if config.schedule == "cosine" else 1.0)
 
 
-def compile_for_training(model, config: TrainConfig, tokens_per_char: float = 1.0):
-    """Compiles `model` for training: AdamW, token cross-entropy, perplexity and bits/char.
+def compile_for_training(model, config: TrainConfig, steps_per_execution: int = 1):
+    """Compiles `model` for training: AdamW and the token cross-entropy (`DerivedMetrics` reports
+    perplexity and bits/char from it).
 
     Call it inside `strategy.scope()` (and after setting the mixed-precision policy).
     """
     optimizer = adamw(_learning_rate(config), config.weight_decay, config.clip_norm, beta_2=0.99)
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[TokenCrossEntropy("perplexity", "perplexity"),
-                 TokenCrossEntropy("bits_per_char", "bits_per_char", tokens_per_char)],
-        jit_compile=config.jit_compile)
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=config.jit_compile, steps_per_execution=steps_per_execution)
     return model
 
 
-def build_and_compile(model_config: models.ModelConfig, config: TrainConfig, tokens_per_char: float = 1.0):
+def build_and_compile(model_config: models.ModelConfig, config: TrainConfig, steps_per_execution: int = 1):
     """A new model, compiled for training (see `compile_for_training`)."""
-    return compile_for_training(models.build(model_config), config.for_model(model_config), tokens_per_char)
+    return compile_for_training(models.build(model_config), config.for_model(model_config), steps_per_execution)
+
+
+def steps_per_execution(*intervals: int, longest: int = 16) -> int:
+    """Train steps Keras runs per call into TensorFlow: the largest count up to `longest` that divides
+    every interval the loop acts on (the run's steps, an epoch, the checkpoint interval, where it starts),
+    so callbacks still see each of those steps exactly. One Python round trip per that many steps."""
+    common = 0
+    for interval in intervals:
+        common = math.gcd(common, interval)
+    return max(k for k in range(1, longest + 1) if common % k == 0) if common else 1
 
 
 def tokens_per_char(manifest: dict[str, Any]) -> float:
@@ -434,14 +464,18 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
         checkpoints.save_model_config(wd.root, model_config)
         wd.update_config(TRAIN_SECTION, dataclasses.asdict(config))
 
+    steps_per_epoch = min(config.eval_every or config.steps, config.steps)
+    latest = tf.train.latest_checkpoint(checkpoints.checkpoint_dir(wd.root))
+    # The profiler traces steps by Keras's batch count, so a traced run goes one step per call.
+    per_call = 1 if config.profile_range() else steps_per_execution(
+        config.steps, steps_per_epoch, config.checkpoint_every, int(latest.rsplit("-", 1)[1]) if latest else 0)
     with strategy.scope():
-        model = build_and_compile(model_config, config, tokens_per_char(manifest))
+        model = build_and_compile(model_config, config, per_call)
     optimizer = model.optimizer
 
     ckpt_dir = checkpoints.checkpoint_dir(wd.root) if chief else tempfile.mkdtemp(prefix="lmstack-worker-ckpt-")
     manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, optimizer=optimizer), ckpt_dir,
                                          max_to_keep=config.keep_checkpoints)
-    latest = tf.train.latest_checkpoint(checkpoints.checkpoint_dir(wd.root))
     backup_dir = os.path.join(checkpoints.checkpoint_dir(wd.root), "backup")
     if latest and not _has_files(backup_dir):
         # A finished run (its backup is deleted at the end): continue from its last checkpoint.
@@ -451,16 +485,19 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
         progress.note(f"{wd.root} is already trained to step {start} (asked for {config.steps}); nothing to do")
         return evaluate.evaluate_model(wd.root, model, model_config, write=chief)
 
-    steps_per_epoch = min(config.eval_every or config.steps, config.steps)
     epochs = math.ceil(config.steps / steps_per_epoch)
     train_ds = dataset.train_dataset(wd.root, seq_len, global_batch, seed=config.seed)
-    val_ds = None
+    val_ds = val_steps = None
     if config.eval_every and config.eval_batches:
         val_ds = dataset.val_dataset(wd.root, seq_len, global_batch).take(config.eval_batches)
+        # Keras needs the count to run several steps per call; the split may hold fewer batches.
+        val_steps = sum(1 for _ in val_ds) or None
+        val_ds = val_ds if val_steps else None
     log: dict[str, Any] = {}
     callbacks = [
         NaNGuard(),
-        keras.callbacks.BackupAndRestore(backup_dir, save_freq=config.checkpoint_every),
+        DerivedMetrics(tokens_per_char(manifest)),
+        BackupAndRestore(backup_dir, save_freq=config.checkpoint_every // per_call),
         _Checkpointer(manager, config.checkpoint_every, global_batch * seq_len, progress, log),
         StopAtStep(config.steps),
     ]
@@ -472,6 +509,7 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     try:
         history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
                             initial_epoch=start // steps_per_epoch, validation_data=val_ds,
+                            validation_steps=val_steps,
                             callbacks=callbacks, verbose=verbose)
     finally:
         if not chief:

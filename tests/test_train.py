@@ -157,6 +157,13 @@ def test_warmup_fits_the_run_unless_given(steps, warmup):
         train.TrainConfig(steps=steps, warmup_steps=steps).validate()  # a value the user gave is still checked
 
 
+@pytest.mark.parametrize("intervals, expected", [((1000, 200, 200, 0), 10), ((60, 60, 200, 0), 10),
+                                                  ((30, 10, 10, 0), 10), ((1001, 200, 200, 0), 1), ((48, 48, 16, 32), 16)])
+def test_steps_per_execution_divides_every_interval_the_loop_acts_on(intervals, expected):
+    k = train.steps_per_execution(*intervals)
+    assert k == expected and all(i % k == 0 for i in intervals)
+
+
 def test_learning_rate_defaults_to_the_models_own():
     small = {f: models.make_config(f, "small", vocab_size=30) for f in ("transformer", "lstm")}
     for config in small.values():
