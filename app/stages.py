@@ -156,7 +156,7 @@ def stage_settings() -> dict[str, set[str]]:
 
     return {"prepare": fields(prepare.PrepareConfig, "corpus", "tokenizer"), "train": fields(train.TrainConfig),
             "evaluate": set(), "optimize": fields(optimize.OptimizeConfig, "overwrite"),
-            "export": fields(savedmodel.ExportConfig), "serve": {"prompt", "max_new_tokens", "start_timeout"},
+            "export": fields(savedmodel.ExportConfig), "serve": {"prompt", "max_new_tokens", "start_timeout", "sample_tokens", "temperature"},
             "tflite": fields(tflite.TFLiteConfig) | {"prompt", "max_new_tokens"}, "report": {"latency"}}
 
 
@@ -327,6 +327,11 @@ class Pipeline:
                 began = time.perf_counter()
                 (text,) = client.generate([prompt], count)
                 answers[protocol] = {"completion": text, "ms": round((time.perf_counter() - began) * 1e3, 1)}
+            # What the model writes, for the summary: sampled (greedy decoding of a small model loops).
+            temperature, sample_tokens = float(settings.get("temperature", 0.8)), int(settings.get("sample_tokens", 0))
+            if sample_tokens:
+                (answers["sample"],) = client.generate([prompt], sample_tokens, temperature=temperature, seed=0)
+                answers["temperature"] = temperature
         finally:
             server.send_signal(signal.SIGTERM)
             try:
@@ -431,4 +436,10 @@ def summary_table(summary: dict[str, Any]) -> str:
                 where.append(f"  {stage}: {results[stage][key]}")
         if results.get("optimize"):
             where.append(f"  optimized: {root / 'optimized' / results['optimize']['variant']}")
-    return "\n".join(lines + ["", "artifacts:"] + where)
+    samples = []
+    for family, results in summary["models"].items():
+        served = results.get("serve") or {}
+        if served.get("sample"):
+            samples += [f"{family}, served, temperature {served['temperature']:g}:", "",
+                        *("    " + line for line in (served["prompt"] + served["sample"]).splitlines()), ""]
+    return "\n".join(lines + ["", "artifacts:"] + where + (["", "samples:", ""] + samples if samples else []))

@@ -104,7 +104,13 @@ def user_view(workdir: str, rounds: int, batch: int, lengths=(60, 360)) -> dict:
         per_round.append({"walls": walls, "tokens_per_s": rates, "ratio": rates["lmstack"] / rates["keras-hub"]})
         print(f"user view, round {r + 1}: lmstack {rates['lmstack']:,.0f} tokens/s, keras-hub "
               f"{rates['keras-hub']:,.0f}: {per_round[-1]['ratio']:.2f}x", file=sys.stderr)
+    # The machine has a slow mode (whole stretches at about half speed, within and across
+    # processes), so the fastest wall of each (tool, length) over the rounds is the estimate of
+    # what each tool does; the per-round ratios show the spread.
+    best = {name: tokens / (min(r["walls"][name][lengths[1]] for r in per_round)
+                            - min(r["walls"][name][lengths[0]] for r in per_round)) for name in tools}
     return {"lengths": list(lengths), "batch": batch, "rounds": per_round,
+            "best_tokens_per_s": best, "ratio_best": best["lmstack"] / best["keras-hub"],
             "ratio_median": statistics.median(r["ratio"] for r in per_round),
             "lmstack_tokens_per_s_median": statistics.median(r["tokens_per_s"]["lmstack"] for r in per_round),
             "keras_hub_tokens_per_s_median": statistics.median(r["tokens_per_s"]["keras-hub"] for r in per_round)}
@@ -231,10 +237,10 @@ def main() -> None:
                     workdir)
     view = user_view(workdir, args.user_rounds, args.batch_size)
     ratios = ", ".join(f"{r['ratio']:.2f}" for r in view["rounds"])
-    print(f"lmstack train vs a stock keras-hub script, whole processes differenced (360 - 60 steps): "
-          f"{view['lmstack_tokens_per_s_median']:,.0f} vs {view['keras_hub_tokens_per_s_median']:,.0f} tokens/s, "
-          f"median {view['ratio_median']:.2f}x over {args.user_rounds} rounds "
-          f"({ratios})")
+    print(f"lmstack train vs a stock keras-hub script, whole processes differenced (360 - 60 steps), fastest of "
+          f"{args.user_rounds} rounds: {view['best_tokens_per_s']['lmstack']:,.0f} vs "
+          f"{view['best_tokens_per_s']['keras-hub']:,.0f} tokens/s: {view['ratio_best']:.2f}x "
+          f"(per round: {ratios}; median {view['ratio_median']:.2f}x)")
     if args.user_view_only:
         RESULTS.mkdir(parents=True, exist_ok=True)
         previous = json.loads((RESULTS / "train_speed.json").read_text()) if (RESULTS / "train_speed.json").exists() else {}

@@ -19,7 +19,7 @@ prepare: {val_fraction: 0.1}
 train: {steps: 20, batch_size: 8, warmup_steps: 2, eval_every: 0, checkpoint_every: 20}
 optimize: {method: prune, target_sparsity: 0.5, steps: 10, frequency: 2, end_step: 6}
 export: {variant: pruned50}
-serve: {prompt: "ROMEO.", max_new_tokens: 8}
+serve: {prompt: "ROMEO.", max_new_tokens: 8, sample_tokens: 12}
 tflite: {variant: pruned50, quantize: none, prompt: "ROMEO.", max_new_tokens: 8}
 report: {latency: false}
 """
@@ -61,6 +61,9 @@ def test_every_stage_runs_once_and_a_changed_setting_reruns_only_what_depends_on
     assert state["transformer/tflite"]["result"]["completion"] != ""
     assert (tmp_path / "run" / "transformer" / "report" / "report.md").is_file()
     assert "| transformer | pruned50 |" in err and "artifacts:" in err
+    # The summary ends with what the served model writes, sampled, after the prompt.
+    assert served["sample"] and "samples:" in err
+    assert "transformer, served, temperature 0.8:\n\n    ROMEO." + served["sample"].splitlines()[0] in err
     assert json.loads(out)["workdir"] == str(tmp_path / "run")
 
     code, _, err = run(capsys, "pipeline", f"--config={config}")
