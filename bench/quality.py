@@ -7,10 +7,11 @@ training split) through the real `pipelines.train.train` and scores the whole
 validation split. The rows are the defaults and each default reverted alone:
 
   defaults      what `lmstack train` does with no flags: no dropout below two passes over
-                the data, peak learning rate 2e-3 at the small presets, Keras's initialization
+                the data, peak learning rate 3e-3 (transformer) and 2e-3 (LSTM) at the small
+                presets, Keras's initialization
                 (seeds 0 and 1)
   dropout 0.1   the dropout lmstack used before, at every run length
-  peak LR 1e-3  the learning rate `lmstack train` used before
+  peak LR 1e-3  the learning rate `lmstack train` used before (bench/quality.py used 2e-3)
   before        both: `lmstack train` with no flags until the current defaults
   GPT-2 init    GPT-2's initialization (transformer; tried as a default and not kept)
 

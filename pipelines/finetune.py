@@ -40,6 +40,7 @@ import tensorflow as tf
 import models
 from models import classifier as classifier_lib
 from models.backend import keras
+from pipelines import callbacks as callbacks_lib
 from pipelines import checkpoints, labelled, tokenizers, train
 from pipelines import strategy as strategy_lib
 from pipelines import workdir as workdir_lib
@@ -459,7 +460,7 @@ def _build(root: pathlib.Path, config: FinetuneConfig, strategy, base_root: path
         every = min(config.eval_every or (end - start), end - start)
         fitted = model.fit(train_ds, epochs=math.ceil((end - start) / every), steps_per_epoch=every,
                            validation_data=val_ds, verbose=verbose, callbacks=[
-                               train.NaNGuard(), train.StopAtStep(end - start),
+                               callbacks_lib.NaNGuard(), callbacks_lib.StopAtStep(end - start),
                                keras.callbacks.TensorBoard(os.path.join(log_dir, f"phase{i}"), update_freq=10)])
         for key, values in fitted.history.items():
             history.setdefault(key, []).extend(values)

@@ -29,6 +29,7 @@ import tensorflow as tf
 
 import models
 from models.backend import keras
+from pipelines import callbacks as callbacks_lib
 from pipelines import checkpoints, dataset, evaluate, mot, train
 from pipelines import workdir as workdir_lib
 from pipelines.errors import UserError
@@ -254,8 +255,8 @@ def _fine_tune(wd, model, model_config, config: OptimizeConfig, train_config: tr
     # One step per call: TF-MOT's pruning callbacks update the pruning step before every batch.
     train.compile_for_training(wrapped, train_config, steps_per_execution=1)
     train_ds = dataset.train_dataset(wd.root, model_config.seq_len, train_config.batch_size, seed=config.seed)
-    callbacks = [train.NaNGuard(), train.DerivedMetrics(train.tokens_per_char(manifest)),
-                 train.StopAtStep(config.steps), *extra_callbacks,
+    callbacks = [callbacks_lib.NaNGuard(), callbacks_lib.DerivedMetrics(train.tokens_per_char(manifest)),
+                 callbacks_lib.StopAtStep(config.steps), *extra_callbacks,
                  keras.callbacks.TensorBoard(log_dir, update_freq=max(1, config.steps // 50))]
     began = time.perf_counter()
     per_epoch = math.ceil(config.steps / 10)  # Keras "epochs" here are progress lines, not passes over the data

@@ -16,7 +16,6 @@ workdir; the others write to temporary directories.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import shutil
@@ -28,20 +27,12 @@ import tensorflow as tf
 
 import models
 from models.backend import keras
+from pipelines import callbacks as callbacks_lib
 from pipelines import checkpoints, dataset, evaluate
 from pipelines import strategy as strategy_lib
 from pipelines import workdir as workdir_lib
 from pipelines.errors import UserError
 from pipelines.progress import Progress
-
-class _QuietSlowCallbackWarning(logging.Filter):
-    # Keras warns when per-batch callbacks take longer than a tiny model's step;
-    # ours read one loss value per batch (the NaN guard), which is the point.
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "is slow compared to the batch time" not in record.getMessage()
-
-
-tf.get_logger().addFilter(_QuietSlowCallbackWarning())
 
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -135,144 +126,6 @@ class TrainConfig:
         return first, last
 
 
-class DerivedMetrics(keras.callbacks.Callback):
-    """Perplexity and bits/char from the loss Keras already averages, for the bar, History and TensorBoard.
-
-    The loss is the mean token cross-entropy (nats), so both are functions of it:
-    no metric objects recomputing the cross-entropy inside the train step.
-
-    Args:
-        tokens_per_char: the corpus's ratio, for bits per character.
-    """
-
-    def __init__(self, tokens_per_char: float = 1.0):
-        super().__init__()
-        self.tokens_per_char = tokens_per_char
-
-    def _derive(self, logs, prefix=""):
-        nats = (logs or {}).get(prefix + "loss")
-        if nats is not None:
-            logs[prefix + "perplexity"] = math.exp(min(float(nats), 700.0))
-            logs[prefix + "bits_per_char"] = float(nats) * self.tokens_per_char / math.log(2.0)
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._derive(logs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._derive(logs)
-        self._derive(logs, "val_")
-
-
-class _StepCounter(keras.callbacks.Callback):
-    """Knows the optimizer step without reading the variable: Keras gives each batch hook the first
-    and last step of what it ran (more than one with `steps_per_execution`)."""
-
-    step = 0
-    _first = 0
-
-    def on_train_begin(self, logs=None):
-        self.step = int(self.model.optimizer.iterations.numpy())  # after BackupAndRestore restored it
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._first = batch
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.step += batch - self._first + 1
-
-
-class BackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras's, recording the last step of what a batch hook ran rather than the first.
-
-    A resume starts after the recorded step; Keras records the step a call began at, which with
-    `steps_per_execution` > 1 would redo all but one of the steps of the call it backed up after.
-    """
-
-    def on_train_batch_begin(self, batch, logs=None):
-        pass
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._training_state._ckpt_saved_batch.assign(batch)
-        super().on_train_batch_end(batch, logs)
-
-
-class StopAtStep(_StepCounter):
-    """Ends `fit` at exactly `steps` optimizer steps, wherever a resume started."""
-
-    def __init__(self, steps: int):
-        super().__init__()
-        self.steps = steps
-
-    def on_train_batch_end(self, batch, logs=None):
-        super().on_train_batch_end(batch, logs)
-        if self.step >= self.steps:
-            self.model.stop_training = True
-
-
-class NaNGuard(_StepCounter):
-    """Stops at a non-finite loss before anything saves the broken weights.
-
-    It must come first among the callbacks: raising here skips the savers
-    that would run after it for this batch.
-    """
-
-    def on_train_batch_end(self, batch, logs=None):
-        super().on_train_batch_end(batch, logs)
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            raise TrainingDiverged(self.step, float(loss))
-
-
-class TrainingDiverged(UserError):
-    def __init__(self, step: int, loss: float):
-        super().__init__(
-            f"the loss became {loss} at step {step}; training stopped and the last good checkpoint "
-            "is kept; lower --learning_rate, raise --warmup_steps or set --clip_norm, then rerun")
-        self.step = step
-
-
-class _Checkpointer(_StepCounter):
-    """Saves `ckpt-STEP` every `every` steps and at the end; reports progress and speed."""
-
-    def __init__(self, manager: tf.train.CheckpointManager, every: int, tokens_per_step: int,
-                 progress: Progress, log: dict[str, Any]):
-        super().__init__()
-        self.manager, self.every, self.tokens_per_step = manager, every, tokens_per_step
-        self.progress, self.log = progress, log
-        self._last_saved = -1
-        self._next_save = every
-        self._window: list[tuple[float, int]] = []
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        step = self.step
-        if step > 0:
-            self.progress.note(f"resuming from step {step}")
-        self.log["start_step"] = step
-        self._next_save = (step // self.every + 1) * self.every
-        self._window = [(time.perf_counter(), step)]
-
-    def on_train_batch_end(self, batch, logs=None):
-        super().on_train_batch_end(batch, logs)
-        step = self.step
-        now = time.perf_counter()
-        self._window = (self._window + [(now, step)])[-21:]
-        (t0, s0), (t1, s1) = self._window[0], self._window[-1]
-        if t1 > t0 and logs is not None:
-            logs["tokens_per_s"] = (s1 - s0) * self.tokens_per_step / (t1 - t0)
-            self.log["tokens_per_s"] = logs["tokens_per_s"]
-        if step >= self._next_save:  # on the multiple itself unless an execution of several steps spans it
-            self._save(step)
-            self._next_save = (step // self.every + 1) * self.every
-
-    def on_train_end(self, logs=None):
-        self._save(self.step)
-
-    def _save(self, step: int) -> None:
-        if step != self._last_saved:
-            self.manager.save(checkpoint_number=step)
-            self._last_saved = step
-
-
 def _has_files(path: str) -> bool:
     return any(files for _, _, files in os.walk(path))
 
@@ -324,16 +177,18 @@ def run_dropout(model_config: models.ModelConfig, epochs: float, resumed: models
 def peak_learning_rate(model_config: models.ModelConfig) -> float:
     """The peak learning rate a model trains at unless told otherwise.
 
-    Measured at the `small` presets (docs/results.md, "Quality"): 2e-3 for the
-    transformer at width 128 and the LSTM at 256 units; wider models take it
-    down with the square root of the width (1.2e-3 at `base`'s 384, near
-    nanoGPT's 1e-3 there; 1e-3 for the 1024-unit LSTM), narrower ones up to 4e-3.
+    Measured at the `small` presets (docs/results.md, "Quality"): 3e-3 for the
+    transformer at width 128 (2e-3 ended 0.034 bits/char worse), 2e-3 for the
+    LSTM at 256 units. A wider transformer takes it down in proportion to its
+    width, the rule that meets the published recipes at their widths (1e-3 at
+    384: nanoGPT's Shakespeare model and lmstack's `base`; 5e-4 at 768, near
+    GPT-3 Small's 6e-4); the LSTM, untried beyond `small`, with the square root
+    of its units (1e-3 at `base`'s 1024). Narrower models stay at the small
+    preset's rate.
     """
     if isinstance(model_config, models.GPTConfig):
-        width, measured_at = model_config.d_model, 128
-    else:
-        width, measured_at = model_config.units, 256
-    return min(4e-3, 2e-3 * math.sqrt(measured_at / width))
+        return 3e-3 * min(1.0, 128 / model_config.d_model)
+    return 2e-3 * min(1.0, math.sqrt(256 / model_config.units))
 
 
 def derived_warmup(steps: int, longest: int = 100) -> int:
@@ -495,11 +350,11 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
         val_ds = val_ds if val_steps else None
     log: dict[str, Any] = {}
     callbacks = [
-        NaNGuard(),
-        DerivedMetrics(tokens_per_char(manifest)),
-        BackupAndRestore(backup_dir, save_freq=config.checkpoint_every // per_call),
-        _Checkpointer(manager, config.checkpoint_every, global_batch * seq_len, progress, log),
-        StopAtStep(config.steps),
+        callbacks_lib.NaNGuard(),
+        callbacks_lib.DerivedMetrics(tokens_per_char(manifest)),
+        callbacks_lib.BackupAndRestore(backup_dir, save_freq=config.checkpoint_every // per_call),
+        callbacks_lib.Checkpointer(manager, config.checkpoint_every, global_batch * seq_len, progress, log),
+        callbacks_lib.StopAtStep(config.steps),
     ]
     if chief:
         profile = config.profile_range() or 0
