@@ -40,7 +40,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     d.DEFINE_integer("epochs", None, "train this many passes over the training windows instead of --steps",
                      flag_values=fv)
     d.DEFINE_float("learning_rate", None, "peak learning rate (default: the model's own, 3e-3 for the small "
-                   "transformer, 2e-3 for the small LSTM, lower for wider models)", flag_values=fv)
+                   "transformer, 5e-3 for the small LSTM, lower for wider models)", flag_values=fv)
     d.DEFINE_integer("warmup_steps", None, "linear warmup steps (default: a tenth of --steps, at most 100)",
                      flag_values=fv)
     d.DEFINE_enum("schedule", "cosine", ["cosine", "constant"], "learning-rate schedule after warmup",

@@ -7,7 +7,7 @@ training split) through the real `pipelines.train.train` and scores the whole
 validation split. The rows are the defaults and each default reverted alone:
 
   defaults      what `lmstack train` does with no flags: no dropout below two passes over
-                the data, peak learning rate 3e-3 (transformer) and 2e-3 (LSTM) at the small
+                the data, peak learning rate 3e-3 (transformer) and 5e-3 (LSTM) at the small
                 presets, Keras's initialization
                 (seeds 0 and 1)
   dropout 0.1   the dropout lmstack used before, at every run length

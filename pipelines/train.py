@@ -178,17 +178,17 @@ def peak_learning_rate(model_config: models.ModelConfig) -> float:
     """The peak learning rate a model trains at unless told otherwise.
 
     Measured at the `small` presets (docs/results.md, "Quality"): 3e-3 for the
-    transformer at width 128 (2e-3 ended 0.034 bits/char worse), 2e-3 for the
-    LSTM at 256 units. A wider transformer takes it down in proportion to its
-    width, the rule that meets the published recipes at their widths (1e-3 at
-    384: nanoGPT's Shakespeare model and lmstack's `base`; 5e-4 at 768, near
-    GPT-3 Small's 6e-4); the LSTM, untried beyond `small`, with the square root
-    of its units (1e-3 at `base`'s 1024). Narrower models stay at the small
-    preset's rate.
+    transformer at width 128 (2e-3 ended 0.034 bits/char worse), 5e-3 for the
+    LSTM at 256 units (2e-3 ended 0.33 worse). A wider transformer takes it
+    down in proportion to its width, the rule that meets the published recipes
+    at their widths (1e-3 at 384: nanoGPT's Shakespeare model and lmstack's
+    `base`; 5e-4 at 768, near GPT-3 Small's 6e-4); the LSTM, untried beyond
+    `small`, with the square root of its units (2.5e-3 at `base`'s 1024).
+    Narrower models stay at the small preset's rate.
     """
     if isinstance(model_config, models.GPTConfig):
         return 3e-3 * min(1.0, 128 / model_config.d_model)
-    return 2e-3 * min(1.0, math.sqrt(256 / model_config.units))
+    return 5e-3 * min(1.0, math.sqrt(256 / model_config.units))
 
 
 def derived_warmup(steps: int, longest: int = 100) -> int:
