@@ -9,7 +9,6 @@ its figures can be compared with lmstack's commands on the same text (README,
 the bundled Shakespeare and needs only TensorFlow and tf_keras.
 
 usage: python examples/article_lstm.py [--max_words=200000] [--epochs=3] [--prompt="to be or not"]
-About 3 minutes on 2 CPU cores with the defaults.
 """
 
 from __future__ import annotations
