@@ -17,7 +17,8 @@ from typing import Sequence
 
 from absl import flags
 
-from pipelines.errors import UserError
+from app import settings
+from pipelines.errors import ConfigError, UserError
 
 EXIT_USAGE = 2
 
@@ -73,6 +74,8 @@ def run_subcommand(prog: str, module: ModuleType, argv: Sequence[str]) -> int:
     Returns:
         The exit status: the module's, or 2 for bad flags or a UserError.
     """
+    # Flags come from the library's config dataclasses, whose modules import TensorFlow.
+    import_tensorflow_quietly()
     fv = flags.FlagValues()
     module.define_flags(fv)
     own = argv[:argv.index("--")] if "--" in argv else argv
@@ -86,9 +89,10 @@ def run_subcommand(prog: str, module: ModuleType, argv: Sequence[str]) -> int:
     takes_arguments = getattr(module, "TAKES_ARGUMENTS", False)
     if extra and not takes_arguments:
         return fail(prog, f"unexpected argument(s) {' '.join(extra)}; flags are written --name=value")
-    import_tensorflow_quietly()
     try:
         return module.run(fv, extra) if takes_arguments else module.run(fv)
+    except ConfigError as e:
+        return fail(prog, settings.flag_message(fv, e))
     except UserError as e:
         return fail(prog, str(e))
     except KeyboardInterrupt:

@@ -48,7 +48,7 @@ def _minor(version: str | None) -> str | None:
 
 
 def version_checks(version: Callable[[str], str | None] = _version) -> list[Check]:
-    """The installed packages against lmstack's pins (DESIGN.md, "Stack decisions")."""
+    """The installed packages against lmstack's pins (docs/design.md, "Stack decisions")."""
     checks = []
     tf_version = version("tensorflow")
     if tf_version is None:

@@ -27,6 +27,8 @@ from absl import flags
 
 
 def define_flags(fv: flags.FlagValues) -> None:
+    from serving.exporters import tflite
+
     flags.DEFINE_string("workdir", None, "a workdir with a trained model", flag_values=fv)
     flags.DEFINE_list("corpus", None, "text files or globs to score instead of the validation split (a "
                       "classifier: labelled CSV / JSONL files with the columns it was trained on)",
@@ -35,8 +37,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                         flag_values=fv)
     flags.DEFINE_enum("backend", "keras", ["keras", "tflite"], "keras: the checkpoint; tflite: the converted "
                       "file in WORKDIR/tflite/ run by ai-edge-litert", flag_values=fv)
-    flags.DEFINE_string("quantize", "none", "tflite: which file (none = float32 | float16 | dynamic | int8)",
-                        flag_values=fv)
+    flags.DEFINE_enum("quantize", "none", list(tflite.QUANTIZATIONS), "tflite: which file (none: float32)",
+                      flag_values=fv)
     flags.mark_flags_as_required(["workdir"], flag_values=fv)
 
 

@@ -13,30 +13,26 @@ example:
 
 from __future__ import annotations
 
+import json
 import sys
 
 from absl import flags
 
+from app import settings
+
 
 def define_flags(fv: flags.FlagValues) -> None:
+    from serving.exporters import savedmodel
+
     flags.DEFINE_string("workdir", None, "a workdir with a trained model", flag_values=fv)
-    flags.DEFINE_string("variant", "", "an optimized variant (WORKDIR/optimized/NAME) instead of the trained model",
-                        flag_values=fv)
-    flags.DEFINE_string("export_base", "", "TensorFlow Serving's model base path (default WORKDIR/export/MODEL_NAME)",
-                        flag_values=fv)
-    flags.DEFINE_integer("version", 0, "version directory to write (default: the next free integer)",
-                         flag_values=fv)
-    flags.DEFINE_string("model_name", "lm", "the model's name in requests (warm-up records, default base path)",
-                        flag_values=fv)
+    settings.define(fv, savedmodel.ExportConfig)
     flags.mark_flags_as_required(["workdir"], flag_values=fv)
 
 
 def run(fv: flags.FlagValues) -> int:
     from serving.exporters import savedmodel
 
-    config = savedmodel.ExportConfig(variant=fv.variant, export_base=fv.export_base, version=fv.version,
-                                 model_name=fv.model_name)
-    path = savedmodel.export(fv.workdir, config)
+    path = savedmodel.export(fv.workdir, settings.build(fv, savedmodel.ExportConfig))
     print(savedmodel.describe(path), file=sys.stderr)
-    print(path)
+    print(json.dumps({"path": str(path), "model_name": fv.model_name, "version": int(path.name)}))
     return 0

@@ -18,23 +18,26 @@ import sys
 
 from absl import flags
 
+from app import settings
+
+
+SAMPLER = {"name": "sampler"}  # SamplerConfig.name is --sampler
+
 
 def define_flags(fv: flags.FlagValues) -> None:
+    from models.generation import SamplerConfig
+    from serving.exporters import tflite
+
     flags.DEFINE_string("workdir", None, "a workdir with a trained model", flag_values=fv)
     flags.DEFINE_string("prompt", "", "text to continue (empty: start a new document)", flag_values=fv)
     flags.DEFINE_integer("max_new_tokens", 100, "tokens to generate at most", flag_values=fv)
-    flags.DEFINE_enum("sampler", "greedy", ["greedy", "top_k", "top_p", "random"],
-                      "how to pick each token (keras-nlp samplers)", flag_values=fv)
-    flags.DEFINE_float("temperature", 1.0, "divides the logits before sampling (not greedy)", flag_values=fv)
-    flags.DEFINE_integer("top_k", 40, "candidates kept by --sampler=top_k", flag_values=fv)
-    flags.DEFINE_float("top_p", 0.9, "probability mass kept by --sampler=top_p", flag_values=fv)
-    flags.DEFINE_integer("seed", None, "the same seed gives the same text", flag_values=fv)
+    settings.define(fv, SamplerConfig, rename=SAMPLER)
     flags.DEFINE_string("variant", "", "an optimized variant (WORKDIR/optimized/NAME) instead of the trained model",
                         flag_values=fv)
     flags.DEFINE_enum("backend", "keras", ["keras", "savedmodel", "tflite"], "what runs the model",
                       flag_values=fv)
-    flags.DEFINE_string("quantize", "none", "tflite: which file (none = float32 | float16 | dynamic | int8)",
-                        flag_values=fv)
+    flags.DEFINE_enum("quantize", "none", list(tflite.QUANTIZATIONS), "tflite: which file (none: float32)",
+                      flag_values=fv)
     flags.DEFINE_string("export_dir", "", "savedmodel: an export version directory (default: the newest "
                         "WORKDIR/export/lm/N)", flag_values=fv)
     flags.DEFINE_integer("num_threads", 0, "tflite: interpreter threads (0: the runtime's default)", flag_values=fv)
@@ -47,8 +50,8 @@ def run(fv: flags.FlagValues) -> int:
     from pipelines.generate import TextGenerator
 
     try:
-        sampler = SamplerConfig(fv.sampler, fv.temperature, fv.top_k, fv.top_p, fv.seed)
-    except ValueError as e:
+        sampler = settings.build(fv, SamplerConfig, rename=SAMPLER)
+    except ValueError as e:  # models/ checks its own configs (it imports nothing of the project)
         raise UserError(f"--{e}") from None
     if fv.backend == "keras":
         generator = TextGenerator(fv.workdir, fv.variant)

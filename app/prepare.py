@@ -11,38 +11,37 @@ example:
 
 from __future__ import annotations
 
+import json
 import sys
 
 from absl import flags
 
+from app import settings
+
+TOKENIZER = {"kind": "tokenizer"}  # TokenizerConfig.kind is --tokenizer
+
 
 def define_flags(fv: flags.FlagValues) -> None:
-    flags.DEFINE_list("corpus", None, "text files or globs, comma-separated (.gz is decompressed)", flag_values=fv)
+    from pipelines import prepare, tokenizers
+
     flags.DEFINE_string("workdir", None, "the run directory to write", flag_values=fv)
-    flags.DEFINE_enum("tokenizer", "char", ["char", "byte", "wordpiece", "sentencepiece"],
-                      "tokenizer to learn", flag_values=fv)
-    flags.DEFINE_integer("vocab_size", 0, "vocabulary size including the 4 reserved tokens; 0: all characters "
-                         "(char), 260 (byte), 8000 (wordpiece, sentencepiece)", flag_values=fv)
-    flags.DEFINE_bool("lowercase", False, "fold case first (wordpiece, sentencepiece)", flag_values=fv)
-    flags.DEFINE_float("val_fraction", 0.1, "share of the corpus held out for validation, in blocks of lines",
-                       flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "seed that picks the validation blocks", flag_values=fv)
-    flags.DEFINE_enum("encoding_errors", "strict", ["strict", "replace"],
-                      "on bytes that are not UTF-8: stop (strict) or use U+FFFD (replace)", flag_values=fv)
+    settings.define(fv, prepare.PrepareConfig, exclude=("tokenizer",))
+    settings.define(fv, tokenizers.TokenizerConfig, rename=TOKENIZER)
     flags.DEFINE_bool("overwrite", False, "replace a workdir prepared from other inputs, with all its stages",
                       flag_values=fv)
-    flags.mark_flags_as_required(["corpus", "workdir"], flag_values=fv)
+    flags.mark_flags_as_required(["workdir"], flag_values=fv)
 
 
 def run(fv: flags.FlagValues) -> int:
     from pipelines import prepare, tokenizers
     from pipelines.progress import Progress
 
-    config = prepare.PrepareConfig(
-        corpus=tuple(fv.corpus),
-        tokenizer=tokenizers.TokenizerConfig(fv.tokenizer, fv.vocab_size, fv.lowercase),
-        val_fraction=fv.val_fraction, seed=fv.seed, encoding_errors=fv.encoding_errors)
+    tokenizer = settings.build(fv, tokenizers.TokenizerConfig, rename=TOKENIZER)
+    config = settings.build(fv, prepare.PrepareConfig, tokenizer=tokenizer)
     result = prepare.prepare(config, fv.workdir, overwrite=fv.overwrite, progress=Progress(sys.stderr))
-    print(prepare.summary(result.manifest))
-    print(f"workdir: {result.workdir.root}" + (" (reused)" if result.reused else ""))
+    print(prepare.summary(result.manifest), file=sys.stderr)
+    splits = result.manifest["splits"]
+    print(json.dumps({"workdir": str(result.workdir.root), "reused": result.reused,
+                      "vocab_size": result.manifest["tokenizer"]["vocab_size"],
+                      **{f"{name}_tokens": split["tokens"] for name, split in splits.items()}}))
     return 0

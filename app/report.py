@@ -11,6 +11,7 @@ example:
 
 from __future__ import annotations
 
+import json
 import sys
 
 from absl import flags
@@ -31,6 +32,7 @@ def run(fv: flags.FlagValues) -> int:
     path = report.write(fv.workdir, latency=fv.latency, progress=Progress(sys.stderr),
                         tflite_measure=tflite.measure)
     text = path.read_text(encoding="utf-8")
-    print(next(block for block in text.split("\n\n") if block.startswith("| variant")))
+    print(next(block for block in text.split("\n\n") if block.startswith("| variant")), file=sys.stderr)
     print(f"report: {path}", file=sys.stderr)
+    print(json.dumps({"path": str(path), "rows": json.loads((path.parent / "report.json").read_text())}))
     return 0

@@ -44,7 +44,8 @@ import time
 from typing import Any
 
 from pipelines import workdir as workdir_lib
-from pipelines.errors import UserError
+from app import settings as app_settings
+from pipelines.errors import ConfigError, UserError
 from pipelines.progress import Progress
 
 STAGES = ("prepare", "train", "evaluate", "optimize", "export", "serve", "tflite", "report")
@@ -87,6 +88,7 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
         UserError: an unreadable file, bad syntax, an unknown key, stage or model family.
     """
     import models
+    from pipelines import tokenizers
 
     path = pathlib.Path(path)
     try:
@@ -124,40 +126,120 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
     for stage in STAGES:
         if not isinstance(data.get(stage) or {}, dict):
             raise UserError(f"--config={path}: `{stage}` holds settings (a mapping), got {data[stage]!r}")
-    allowed_model = {"preset", "train"} | {f.name for cls in models.FAMILIES.values() for f in dataclasses.fields(cls)}
     for family, settings in families.items():
-        unknown = sorted(set(settings or {}) - allowed_model)
-        if unknown or not isinstance((settings or {}).get("train", {}), dict):
-            raise UserError(f"--config={path}: models.{family}: unknown setting(s) {', '.join(unknown) or 'train'}; "
-                            "it takes preset, train (overrides of the train stage) and the model's own fields")
-        bad = sorted(set((settings or {}).get("train", {})) - stage_settings()["train"])
-        if bad:
-            raise UserError(f"--config={path}: models.{family}.train: unknown setting(s) {', '.join(bad)}")
-    for stage, allowed in stage_settings().items():
-        unknown = sorted(set(data.get(stage) or {}) - allowed)
-        if unknown:
-            raise UserError(f"--config={path}: {stage}: unknown setting(s) {', '.join(unknown)}; it takes "
-                            f"{', '.join(sorted(allowed)) or 'none'}")
+        settings = dict(settings or {})
+        preset, train_settings = settings.pop("preset", "small"), settings.pop("train", {})
+        presets = models.FAMILIES[family].PRESETS
+        if preset not in presets:
+            raise UserError(f"--config={path}: models.{family}.preset: expected one of {'|'.join(presets)} "
+                            f"(got {preset})")
+        if not isinstance(train_settings, dict):
+            raise UserError(f"--config={path}: models.{family}.train: holds overrides of the train stage's "
+                            f"settings (a mapping), got {train_settings!r}")
+        for section, cls, values, exclude in ((f"models.{family}", models.FAMILIES[family], settings, ("vocab_size",)),
+                                              (f"models.{family}.train", None, train_settings, ())):
+            try:
+                app_settings.check_mapping(cls, values, exclude=exclude) if cls else stage_configs("train", values)
+            except ConfigError as e:
+                raise UserError(f"--config={path}: {e.as_key(section)}" + (
+                    "; a model also takes preset and train (overrides of the train stage)"
+                    if "no such setting" in e.message and cls else "")) from None
+    tokenizer = data.get("tokenizer") or {"kind": "char"}
+    try:
+        app_settings.from_mapping(tokenizers.TokenizerConfig, tokenizer).validate()
+    except ConfigError as e:
+        raise UserError(f"--config={path}: {e.as_key('tokenizer')}") from None
+    for stage in STAGES:  # every setting checked now, not after the stages before it have run for an hour
+        if stage in skip:
+            continue
+        try:
+            stage_configs(stage, data.get(stage) or {}, corpus=("-",), tokenizer=tokenizer)
+        except ConfigError as e:
+            raise UserError(f"--config={path}: {e.as_key(stage)}") from None
     return PipelineConfig(
         workdir=(here / data["workdir"]) if not os.path.isabs(data["workdir"]) else pathlib.Path(data["workdir"]),
         corpus=tuple(str(here / c) if not os.path.isabs(c) else c for c in corpus),
-        tokenizer=dict(data.get("tokenizer") or {"kind": "char"}),
+        tokenizer=dict(tokenizer),
         models={f: dict(s or {}) for f, s in families.items()},
         stages={s: dict(data.get(s) or {}) for s in STAGES}, skip=skip)
 
 
-def stage_settings() -> dict[str, set[str]]:
-    """The settings each stage takes: its library config's fields (less what the pipeline fills in)."""
+@dataclasses.dataclass(frozen=True)
+class ServeCheck:
+    """The serve stage: `lmstack serve` on the newest export, asked over REST and gRPC, then stopped.
+
+    Attributes:
+        prompt: the prompt both protocols are asked to continue (greedy).
+        max_new_tokens: tokens asked for.
+        start_timeout: seconds to wait for the server to serve the model.
+        sample_tokens: also ask for this many sampled tokens, shown in the summary (0: none).
+        temperature: the sample's temperature.
+    """
+    prompt: str = "ROMEO."
+    max_new_tokens: int = 32
+    start_timeout: float = 180.0
+    sample_tokens: int = 0
+    temperature: float = 0.8
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceCheck:
+    """After converting, the tflite stage generates on the device runtime.
+
+    Attributes:
+        prompt: the prompt the TFLite file continues (greedy).
+        max_new_tokens: tokens asked for.
+    """
+    prompt: str = "ROMEO."
+    max_new_tokens: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportSettings:
+    """The report stage.
+
+    Attributes:
+        latency: measure TFLite latency per token (slower).
+    """
+    latency: bool = True
+
+
+def stage_settings() -> dict[str, tuple[tuple[type, tuple[str, ...]], ...]]:
+    """Each stage's settings: the config dataclasses they fill, less the fields the pipeline fills in."""
     from pipelines import optimize, prepare, train
     from serving.exporters import savedmodel, tflite
 
-    def fields(cls, *drop):
-        return {f.name for f in dataclasses.fields(cls)} - set(drop)
+    return {"prepare": ((prepare.PrepareConfig, ("corpus", "tokenizer")),), "train": ((train.TrainConfig, ()),),
+            "evaluate": (), "optimize": ((optimize.OptimizeConfig, ("overwrite",)),),
+            "export": ((savedmodel.ExportConfig, ()),), "serve": ((ServeCheck, ()),),
+            "tflite": ((tflite.TFLiteConfig, ()), (DeviceCheck, ())), "report": ((ReportSettings, ()),)}
 
-    return {"prepare": fields(prepare.PrepareConfig, "corpus", "tokenizer"), "train": fields(train.TrainConfig),
-            "evaluate": set(), "optimize": fields(optimize.OptimizeConfig, "overwrite"),
-            "export": fields(savedmodel.ExportConfig), "serve": {"prompt", "max_new_tokens", "start_timeout", "sample_tokens", "temperature"},
-            "tflite": fields(tflite.TFLiteConfig) | {"prompt", "max_new_tokens"}, "report": {"latency"}}
+
+def stage_configs(stage: str, values: dict[str, Any], corpus: tuple[str, ...] = (),
+                  tokenizer: dict[str, Any] | None = None) -> list[Any]:
+    """A stage's section as its config objects, checked and validated.
+
+    Raises:
+        ConfigError: a key none of the stage's configs has, a value of the wrong type, a bad value.
+    """
+    from pipelines import tokenizers
+
+    configs, taken = [], set()
+    for cls, exclude in stage_settings()[stage]:
+        names = {f.name for f in dataclasses.fields(cls)} - set(exclude)
+        part = {k: v for k, v in values.items() if k in names}
+        taken |= set(part)
+        given = {"corpus": tuple(corpus), "tokenizer": tokenizers.TokenizerConfig(**(tokenizer or {}))} \
+            if stage == "prepare" else {"overwrite": True} if stage == "optimize" else {}
+        configs.append(app_settings.from_mapping(cls, part, **given))
+        if hasattr(configs[-1], "validate"):
+            configs[-1].validate()
+    for key in values:
+        if key not in taken:
+            known = sorted({f.name for cls, exclude in stage_settings()[stage] for f in dataclasses.fields(cls)
+                            if f.name not in exclude})
+            raise ConfigError(key, values[key], f"no such setting; it takes {', '.join(known) or 'none'}")
+    return configs
 
 
 def _hash(obj: Any) -> str:
@@ -241,7 +323,10 @@ class Pipeline:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         self.progress.note(f"{label} ...")
         began = time.perf_counter()
-        result = getattr(self, f"_{stage}")(family, wd, self.config.stages[stage])
+        try:
+            result = getattr(self, f"_{stage}")(family, wd, self.config.stages[stage])
+        except ConfigError as e:  # a setting the library refused, in the file's words
+            raise UserError(e.as_key(stage)) from None
         seconds = time.perf_counter() - began
         self.results[family][stage] = result
         self.state["stages"][key] = {"fingerprint": fingerprint, "run_id": f"{fingerprint}-{time.time():.0f}",
@@ -252,11 +337,9 @@ class Pipeline:
     # -- the stages ---------------------------------------------------------------------------
 
     def _prepare(self, family, wd, settings):
-        from pipelines import prepare, tokenizers
+        from pipelines import prepare
 
-        config = _make(prepare.PrepareConfig, "prepare", {
-            **settings, "corpus": self.config.corpus,
-            "tokenizer": _make(tokenizers.TokenizerConfig, "tokenizer", self.config.tokenizer)})
+        (config,) = stage_configs("prepare", settings, self.config.corpus, self.config.tokenizer)
         prepare.prepare(config, wd, overwrite=True, progress=self.progress)
         manifest = workdir_lib.Workdir(wd).read_manifest()
         return {"vocab_size": manifest["tokenizer"]["vocab_size"],
@@ -274,10 +357,7 @@ class Pipeline:
             model_config = models.make_config(family, preset, vocab, **model_settings)
         except (ValueError, TypeError) as e:
             raise UserError(f"models.{family}: {e}") from None
-        try:
-            train_config = _make(train.TrainConfig, "train", settings)
-        except TypeError as e:
-            raise UserError(f"train: {e}") from None
+        (train_config,) = stage_configs("train", settings)
         summary = train.train(wd, model_config, train_config, self.progress, verbose=0)
         return {k: summary[k] for k in ("params", "steps", "bits_per_char", "tokens_per_s", "wall_seconds")}
 
@@ -292,14 +372,14 @@ class Pipeline:
     def _optimize(self, family, wd, settings):
         from pipelines import optimize
 
-        summary = optimize.optimize(wd, _make(optimize.OptimizeConfig, "optimize", {**settings, "overwrite": True}),
+        summary = optimize.optimize(wd, stage_configs("optimize", settings)[0],
                                     self.progress, verbose=0)
         return {k: summary[k] for k in ("variant", "perplexity_change", "sparsity", "bits_per_char")}
 
     def _export(self, family, wd, settings):
         from serving.exporters import savedmodel
 
-        path = savedmodel.export(wd, _make(savedmodel.ExportConfig, "export", settings))
+        path = savedmodel.export(wd, stage_configs("export", settings)[0])
         return {"path": str(path)}
 
     def _serve(self, family, wd, settings):
@@ -317,18 +397,19 @@ class Pipeline:
                                    f"--model_base_path={version.parent}", f"--port={grpc_port}",
                                    f"--rest_api_port={rest_port}", "--bind_address=127.0.0.1"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        prompt, count = settings.get("prompt", "ROMEO."), int(settings.get("max_new_tokens", 32))
+        (check,) = stage_configs("serve", settings)
+        prompt, count = check.prompt, check.max_new_tokens
         answers = {}
         try:
             rest = client_lib.connect(f"127.0.0.1:{rest_port}", "rest", model_name=name, retries=0, timeout=120)
-            _wait_until_serving(rest, server, timeout=float(settings.get("start_timeout", 180)))
+            _wait_until_serving(rest, server, timeout=check.start_timeout)
             for protocol, port in (("rest", rest_port), ("grpc", grpc_port)):
                 client = client_lib.connect(f"127.0.0.1:{port}", protocol, model_name=name, timeout=120)
                 began = time.perf_counter()
                 (text,) = client.generate([prompt], count)
                 answers[protocol] = {"completion": text, "ms": round((time.perf_counter() - began) * 1e3, 1)}
             # What the model writes, for the summary: sampled (greedy decoding of a small model loops).
-            temperature, sample_tokens = float(settings.get("temperature", 0.8)), int(settings.get("sample_tokens", 0))
+            temperature, sample_tokens = check.temperature, check.sample_tokens
             if sample_tokens:
                 (answers["sample"],) = client.generate([prompt], sample_tokens, temperature=temperature, seed=0)
                 answers["temperature"] = temperature
@@ -347,12 +428,12 @@ class Pipeline:
         from models.generation import SamplerConfig
         from serving.exporters import backends, tflite
 
-        settings = dict(settings)
-        prompt, count = settings.pop("prompt", "ROMEO."), int(settings.pop("max_new_tokens", 32))
-        path = tflite.convert(wd, _make(tflite.TFLiteConfig, "tflite", settings))
+        config, check = stage_configs("tflite", settings)
+        prompt, count = check.prompt, check.max_new_tokens
+        path = tflite.convert(wd, config)
         began = time.perf_counter()
         text = backends.generate("tflite", wd, prompt, count, SamplerConfig("greedy"),
-                                 variant=settings.get("variant", ""), quantize=settings.get("quantize", "none"))
+                                 variant=config.variant, quantize=config.quantize)
         return {"path": str(path), "bytes": path.stat().st_size, "prompt": prompt, "completion": text,
                 "ms": round((time.perf_counter() - began) * 1e3, 1)}
 
@@ -360,21 +441,12 @@ class Pipeline:
         from pipelines import report
         from serving.exporters import tflite
 
-        path = report.write(wd, latency=bool(settings.get("latency", True)), progress=self.progress,
+        path = report.write(wd, latency=stage_configs("report", settings)[0].latency, progress=self.progress,
                             tflite_measure=tflite.measure)
         rows = workdir_lib.read_json(path.parent / "report.json")
         return {"path": str(path), "rows": [{k: r.get(k) for k in (
             "variant", "params", "nonzero_params", "gzip_bytes", "tflite_bytes", "bits_per_char", "ms_per_token")}
             for r in rows]}
-
-
-def _make(cls, stage: str, settings: dict[str, Any]):
-    """`cls(**settings)`, or one line naming the settings the stage does not have."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise UserError(f"{stage}: unknown setting(s) {', '.join(unknown)}; it takes {', '.join(sorted(known))}")
-    return cls(**settings)
 
 
 def _wait_until_serving(client, server: subprocess.Popen, timeout: float) -> None:

@@ -14,20 +14,19 @@ example:
 
 from __future__ import annotations
 
+import json
 import sys
 
 from absl import flags
 
+from app import settings
+
 
 def define_flags(fv: flags.FlagValues) -> None:
+    from serving.exporters import tflite
+
     flags.DEFINE_string("workdir", None, "a workdir with a trained model", flag_values=fv)
-    flags.DEFINE_string("variant", "", "an optimized variant (WORKDIR/optimized/NAME) instead of the trained model",
-                        flag_values=fv)
-    flags.DEFINE_string("quantize", "none", "none (float32) | float16 | dynamic | int8", flag_values=fv)
-    flags.DEFINE_integer("max_seq_len", 0, "fixed sequence length / cache size (0: the model's context)",
-                         flag_values=fv)
-    flags.DEFINE_integer("calibration_windows", 32, "int8: validation windows that calibrate the ranges",
-                         flag_values=fv)
+    settings.define(fv, tflite.TFLiteConfig)
     flags.mark_flags_as_required(["workdir"], flag_values=fv)
 
 
@@ -35,9 +34,7 @@ def run(fv: flags.FlagValues) -> int:
     from pipelines.progress import Progress
     from serving.exporters import tflite
 
-    config = tflite.TFLiteConfig(variant=fv.variant, quantize=fv.quantize, max_seq_len=fv.max_seq_len,
-                                 calibration_windows=fv.calibration_windows)
-    path = tflite.convert(fv.workdir, config, Progress(sys.stderr))
+    path = tflite.convert(fv.workdir, settings.build(fv, tflite.TFLiteConfig), Progress(sys.stderr))
     print(tflite.describe(path), file=sys.stderr)
-    print(path)
+    print(json.dumps({"path": str(path), "bytes": path.stat().st_size}))
     return 0

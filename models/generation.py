@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, Sequence
+import typing
+from typing import Iterator, Literal, Sequence
 
 import keras_nlp
 import numpy as np
 import tensorflow as tf
 
-SAMPLERS = ("greedy", "top_k", "top_p", "random")
+Sampler = Literal["greedy", "top_k", "top_p", "random"]
+SAMPLERS = typing.get_args(Sampler)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,13 +31,14 @@ class SamplerConfig:
     """How to pick the next token.
 
     Attributes:
-        name: 'greedy' (argmax), 'top_k', 'top_p' (nucleus) or 'random' (the full distribution).
+        name: how to pick each token: greedy (argmax), top_k, top_p (nucleus) or random (the full
+            distribution).
         temperature: divides the logits before the softmax (not used by greedy).
-        top_k: candidates kept by 'top_k'.
-        top_p: probability mass kept by 'top_p'.
-        seed: the same seed gives the same text; None draws a fresh one.
+        top_k: candidates kept by top_k.
+        top_p: probability mass kept by top_p.
+        seed: the same seed gives the same text (default: a fresh one each time).
     """
-    name: str = "greedy"
+    name: Sampler = "greedy"
     temperature: float = 1.0
     top_k: int = 40
     top_p: float = 0.9

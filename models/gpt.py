@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+import typing
+from typing import ClassVar, Literal
 
 import tensorflow as tf
 
@@ -21,7 +22,8 @@ from models.config import check_sizes
 from models.backend import keras
 
 
-INITS = ("glorot", "gpt2")
+Init = Literal["glorot", "gpt2"]
+INITS = typing.get_args(Init)
 INIT_STD = 0.02  # GPT-2's standard deviation for every weight matrix and embedding
 
 
@@ -36,15 +38,14 @@ class GPTConfig:
         d_model: width of the residual stream.
         heads: attention heads; d_model must divide by it.
         mlp_ratio: the MLP's hidden width is mlp_ratio * d_model.
-        dropout: after the embedding, the attention output and the MLP. None lets the training run
-            decide (`pipelines.train.run_dropout`: none for a run that sees its data less than
-            twice); a model built with None has rate 0.
-        init: 'glorot' (Keras's defaults for the Dense layers; embeddings N(0, 0.02)) or 'gpt2'
-            (GPT-2's: every weight matrix N(0, 0.02), the two projections that write into the
-            residual stream N(0, 0.02 / sqrt(2 * layers)), biases zero). Glorot is the default:
-            at the small preset's budget GPT-2's starts slower and ends 0.11 bits/char worse
-            (docs/results.md, "Quality").
+        dropout: after the embedding, the attention output and the MLP (default: the training run
+            decides: 0 for a run that sees its training data fewer than 2 times, else 0.1).
+        init: glorot (Keras's defaults; embeddings N(0, 0.02)) or gpt2 (every weight matrix
+            N(0, 0.02), the residual projections N(0, 0.02 / sqrt(2 * layers)), biases zero).
     """
+    # None dropout: `pipelines.train.run_dropout` decides; a model built with None has rate 0.
+    # Glorot is the default init: at the small preset's budget GPT-2's starts slower and ends
+    # 0.11 bits/char worse (docs/results.md, "Quality").
     vocab_size: int
     seq_len: int = 128
     layers: int = 4
@@ -52,7 +53,7 @@ class GPTConfig:
     heads: int = 4
     mlp_ratio: int = 4
     dropout: float | None = None
-    init: str = "glorot"
+    init: Init = "glorot"
 
     PRESETS: ClassVar[dict[str, dict]] = {
         "tiny": dict(seq_len=16, layers=2, d_model=32, heads=2, dropout=0.0),

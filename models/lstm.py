@@ -12,7 +12,8 @@ vocabularies).
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+import typing
+from typing import ClassVar, Literal
 
 import tensorflow as tf
 
@@ -20,7 +21,8 @@ from models import layers
 from models.config import check_sizes
 from models.backend import keras
 
-CELLS = ("lstm", "gru")
+Cell = Literal["lstm", "gru"]
+CELLS = typing.get_args(Cell)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +34,9 @@ class LSTMConfig:
         embedding_dim: width of the token embedding.
         units: width of each recurrent layer.
         layers: stacked recurrent layers.
-        cell: 'lstm' or 'gru'.
-        dropout: between layers and before the output; None lets the training run decide (as for
-            `GPTConfig.dropout`).
+        cell: the recurrent cell: lstm or gru.
+        dropout: between layers and before the output (default: the training run decides, as for
+            the transformer).
         tie_embeddings: logits through the embedding table (after a projection to embedding_dim).
         seq_len: the training sequence length (recurrent models have no context limit).
     """
@@ -42,7 +44,7 @@ class LSTMConfig:
     embedding_dim: int = 128
     units: int = 256
     layers: int = 2
-    cell: str = "lstm"
+    cell: Cell = "lstm"
     dropout: float | None = None
     tie_embeddings: bool = False
     seq_len: int = 128

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError, check_choice
 
 ENCODING_ERRORS = ("strict", "replace")
 
@@ -45,22 +45,21 @@ def resolve_paths(patterns: Sequence[str]) -> list[pathlib.Path]:
         UserError: a pattern matches nothing, or names a directory.
     """
     if not patterns:
-        raise UserError("no corpus given; pass --corpus=FILE[,FILE...] (files, globs or .gz files)")
+        raise ConfigError("corpus", "", "no corpus given; name text files, globs or .gz files")
     paths: list[pathlib.Path] = []
     for pattern in patterns:
         pattern = os.path.expanduser(pattern)
         if glob.has_magic(pattern):
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
             if not matches:
-                raise UserError(f"--corpus: the pattern {pattern!r} matches no file")
+                raise ConfigError("corpus", pattern, "the pattern matches no file")
             paths.extend(pathlib.Path(p) for p in matches)
         else:
             path = pathlib.Path(pattern)
             if path.is_dir():
-                raise UserError(
-                    f"--corpus: {path} is a directory; name its files or a glob such as {path}/*.txt")
+                raise ConfigError("corpus", path, f"is a directory; name its files or a glob such as {path}/*.txt")
             if not path.is_file():
-                raise UserError(f"--corpus: no such file: {path}")
+                raise ConfigError("corpus", path, "no such file")
             paths.append(path)
     seen, unique = set(), []
     for p in paths:  # the same file twice would double-count it
@@ -78,7 +77,7 @@ def read_document(path: pathlib.Path, encoding_errors: str = "strict") -> Docume
         UserError: the file is unreadable, or not UTF-8 with encoding_errors='strict'.
     """
     if encoding_errors not in ENCODING_ERRORS:
-        raise UserError(f"--encoding_errors={encoding_errors!r}: expected one of {', '.join(ENCODING_ERRORS)}")
+        check_choice("encoding_errors", encoding_errors, ENCODING_ERRORS)
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -95,8 +94,8 @@ def read_document(path: pathlib.Path, encoding_errors: str = "strict") -> Docume
         where = "of the decompressed text" if path.suffix == ".gz" else ""
         raise UserError(
             f"{path}: not valid UTF-8 at byte {e.start} {where}".rstrip()
-            + f" ({data[e.start:e.start + 4]!r}); convert it to UTF-8 or pass "
-            "--encoding_errors=replace to replace bad bytes with U+FFFD") from None
+            + f" ({data[e.start:e.start + 4]!r}); convert it to UTF-8 or set encoding_errors=replace "
+            "to turn bad bytes into U+FFFD") from None
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     return Document(path=str(path.resolve()), sha256=hashlib.sha256(raw).hexdigest(),
                     size=len(raw), text=text)
@@ -153,14 +152,13 @@ def split_blocks(blocks: Sequence[Block], val_fraction: float, seed: int) -> tup
         UserError: val_fraction out of range, or too little text to hold any out.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"--val_fraction={val_fraction}: expected a fraction in [0, 1), such as 0.1")
+        raise ConfigError("val_fraction", val_fraction, "expected a fraction in [0, 1), such as 0.1")
     if val_fraction == 0.0:
         return list(blocks), [], []
     num_val = max(1, round(val_fraction * len(blocks)))
     if num_val >= len(blocks):
-        raise UserError(
-            f"the corpus has too few lines ({len(blocks)} blocks) to hold out "
-            f"--val_fraction={val_fraction} for validation; add text or lower --val_fraction")
+        raise ConfigError("val_fraction", val_fraction, f"the corpus has too few lines ({len(blocks)} blocks) "
+                          "to hold this out for validation; add text or lower it")
     rng = np.random.default_rng(seed)
     val_idx = sorted(int(i) for i in rng.choice(len(blocks), size=num_val, replace=False))
     val_set = set(val_idx)

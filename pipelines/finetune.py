@@ -30,9 +30,9 @@ import math
 import os
 import pathlib
 import shutil
-import tempfile
 import time
-from typing import Any, Sequence
+import typing
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -44,39 +44,45 @@ from pipelines import callbacks as callbacks_lib
 from pipelines import checkpoints, labelled, tokenizers, train
 from pipelines import strategy as strategy_lib
 from pipelines import workdir as workdir_lib
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError, check_at_least, check_choice
 from pipelines.progress import Progress
 
 CLASSIFIER_SECTION = checkpoints.CLASSIFIER_SECTION
 FINETUNE_SECTION = "finetune"
 BASELINE_DIR = "baseline"
-INITS = ("pretrained", "scratch")
+Init = Literal["pretrained", "scratch"]
+INITS = typing.get_args(Init)
 SPLIT_FILES = {"train": "train.jsonl.gz", "val": "val.jsonl.gz"}
 
 
-@dataclasses.dataclass(frozen=True)
-class FinetuneConfig:
-    """How to make a classifier.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FinetuneConfig(strategy_lib.Devices):
+    """How to make a classifier (and, from `Devices`, where to train it).
 
     Attributes:
-        base: the pre-trained language-model workdir (its tokenizer and architecture are used).
-        train: labelled examples (CSV or JSONL, optionally .gz / .bz2).
-        text_column, label_column: the columns (JSON keys) holding text and label.
-        val: labelled validation examples; '' holds out `val_fraction` of `train`.
-        val_fraction: held out per class when `val` is not given.
-        freeze: 'all' (train the head only), 'none', or N: the embeddings and the bottom N blocks / layers.
-        unfreeze_at: after this many steps unfreeze everything and go on at `unfreeze_learning_rate` (0: never).
-        unfreeze_learning_rate: 0 means learning_rate / 10.
-        pooling: 'last' or 'mean' (see models.classifier).
-        init: 'pretrained' (the base's weights) or 'scratch' (the same network, randomly initialized).
-        baseline: also train the from-scratch classifier into CLS/baseline/ and compare.
-        model, tokenizer: the model family / tokenizer kind the base must have ('' accepts any).
-        steps, batch_size, learning_rate, warmup_steps, weight_decay, clip_norm: optimization (batch per replica;
-            warmup_steps None: a tenth of the steps, at most 50).
+        base: a language-model workdir trained by `lmstack train` (its tokenizer, architecture and weights).
+        train: labelled examples: .csv or .jsonl, optionally .gz / .bz2.
+        text_column: the column (JSON key) holding the text.
+        label_column: the column (JSON key) holding the label.
+        val: labelled validation examples ('' holds out val_fraction of train).
+        val_fraction: held out of train per class when val is not given.
+        freeze: all (train the head only), none, or N (the embeddings and the bottom N blocks / layers).
+        unfreeze_at: after this many steps unfreeze everything and go on at unfreeze_learning_rate (0: never).
+        unfreeze_learning_rate: learning rate after unfreezing (0: learning_rate / 10).
+        pooling: mean (over the text's tokens) or last (the final token's state); see models.classifier.
+        init: the backbone's weights: pretrained (the base's) or scratch (the same network, random).
+        baseline: also train the same network from scratch into CLS/baseline/ and compare.
+        model: the model family the base must hold (lstm | transformer; '' accepts any).
+        tokenizer: the tokenizer kind the base must use (char | byte | wordpiece | sentencepiece; '' any).
+        steps: optimizer steps.
+        batch_size: examples per replica and step.
+        learning_rate: peak learning rate (warmup, then cosine decay).
+        warmup_steps: linear warmup steps (default: a tenth of steps, at most 50).
+        weight_decay: AdamW's decoupled weight decay.
+        clip_norm: global gradient-norm clipping (0: off).
         dropout: before the head.
-        max_length: tokens read per text; 0 means the base's seq_len.
+        max_length: tokens read per text (0: the base's seq_len).
         eval_every: validate every this many steps (0: only at the end).
-        strategy, logical_cpus, mixed_precision, jit_compile: as for `lmstack train`.
         overwrite: replace an existing classifier workdir.
         seed: split, initialization and data order.
     """
@@ -89,8 +95,8 @@ class FinetuneConfig:
     freeze: str = "none"
     unfreeze_at: int = 0
     unfreeze_learning_rate: float = 0.0
-    pooling: str = "mean"
-    init: str = "pretrained"
+    pooling: Literal["mean", "last"] = "mean"
+    init: Init = "pretrained"
     baseline: bool = False
     model: str = ""
     tokenizer: str = ""
@@ -103,48 +109,36 @@ class FinetuneConfig:
     dropout: float = 0.1
     max_length: int = 0
     eval_every: int = 0
-    strategy: str = "auto"
-    logical_cpus: int = 0
-    mixed_precision: str = "none"
-    jit_compile: bool = False
     overwrite: bool = False
     seed: int = 0
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name}={getattr(self, name)}: must be at least 1")
-        for name in ("warmup_steps", "weight_decay", "clip_norm", "unfreeze_at", "unfreeze_learning_rate",
-                     "max_length", "eval_every"):
-            if (getattr(self, name) or 0) < 0:
-                raise UserError(f"--{name}={getattr(self, name)}: must not be negative")
+        for name in ("base", "train"):
+            if not getattr(self, name):
+                raise ConfigError(name, "", "is required: name a path")
+        check_at_least(self, 1, "steps", "batch_size")
+        check_at_least(self, 0, "warmup_steps", "weight_decay", "clip_norm", "unfreeze_at", "unfreeze_learning_rate",
+                       "max_length", "eval_every", "logical_cpus")
         if self.learning_rate <= 0:
-            raise UserError(f"--learning_rate={self.learning_rate}: must be positive")
+            raise ConfigError("learning_rate", self.learning_rate, "must be positive")
         if self.warmup_steps is not None and self.warmup_steps >= self.steps:
-            raise UserError(f"--warmup_steps={self.warmup_steps}: must be below --steps={self.steps}")
-        if self.pooling not in classifier_lib.POOLINGS:
-            raise UserError(f"--pooling={self.pooling!r}: expected one of {'|'.join(classifier_lib.POOLINGS)}")
-        if self.init not in INITS:
-            raise UserError(f"--init={self.init!r}: expected one of {'|'.join(INITS)}")
+            raise ConfigError("warmup_steps", self.warmup_steps, f"must be below steps={self.steps}")
+        check_choice("pooling", self.pooling, classifier_lib.POOLINGS)
+        check_choice("init", self.init, INITS)
         if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--dropout={self.dropout}: expected a fraction in [0, 1)")
-        if self.model and self.model not in models.FAMILIES:
-            raise UserError(f"--model={self.model!r}: expected one of {'|'.join(models.FAMILIES)}")
-        if self.tokenizer and self.tokenizer not in tokenizers.KINDS:
-            raise UserError(f"--tokenizer={self.tokenizer!r}: expected one of {'|'.join(tokenizers.KINDS)}")
+            raise ConfigError("dropout", self.dropout, "expected a fraction in [0, 1)")
+        if self.model:
+            check_choice("model", self.model, models.FAMILIES)
+        if self.tokenizer:
+            check_choice("tokenizer", self.tokenizer, tokenizers.KINDS)
         self.frozen_layers_count(None)
         if self.unfreeze_at and self.freeze == "none":
-            raise UserError(f"--unfreeze_at={self.unfreeze_at} needs a frozen start; pass --freeze=all or N")
+            raise ConfigError("unfreeze_at", self.unfreeze_at, "needs a frozen start; set freeze to all or N")
         if self.unfreeze_at and self.unfreeze_at >= self.steps:
-            raise UserError(f"--unfreeze_at={self.unfreeze_at}: must be below --steps={self.steps}")
+            raise ConfigError("unfreeze_at", self.unfreeze_at, f"must be below steps={self.steps}")
         if self.init == "scratch" and self.freeze != "none":
-            raise UserError(f"--freeze={self.freeze} with --init=scratch would freeze random weights; "
-                            "use --freeze=none")
-        if self.strategy not in strategy_lib.STRATEGIES:
-            raise UserError(f"--strategy={self.strategy!r}: expected one of {'|'.join(strategy_lib.STRATEGIES)}")
-        if self.mixed_precision not in train.PRECISIONS:
-            raise UserError(f"--mixed_precision={self.mixed_precision!r}: expected one of "
-                            f"{'|'.join(train.PRECISIONS)}")
+            raise ConfigError("freeze", self.freeze, "with init=scratch would freeze random weights; use none")
+        self.check_devices()
 
     def frozen_layers_count(self, layers: int | None) -> int | str:
         """'all', or how many bottom blocks to freeze (0 = none)."""
@@ -153,9 +147,9 @@ class FinetuneConfig:
         try:
             count = int(self.freeze)
         except ValueError:
-            raise UserError(f"--freeze={self.freeze!r}: expected all, none or a number of bottom layers") from None
+            raise ConfigError("freeze", self.freeze, "expected all, none or a number of bottom layers") from None
         if count < 0 or (layers is not None and count > layers):
-            raise UserError(f"--freeze={self.freeze}: expected 0.." + (f"{layers} (the base has {layers} layers)"
+            raise ConfigError("freeze", self.freeze, "expected 0.." + (f"{layers} (the base has {layers} layers)"
                                                                          if layers is not None else "N"))
         return count
 
@@ -271,21 +265,21 @@ def _check_base(config: FinetuneConfig) -> tuple[pathlib.Path, models.ModelConfi
     """The base run's root, model config and tokenizer config, checked against what the user expects."""
     base = workdir_lib.Workdir(config.base)
     if not base.root.is_dir():
-        raise UserError(f"--base={config.base}: no such directory; pass a workdir trained by `lmstack train`")
+        raise ConfigError("base", config.base, "no such directory; pass a workdir trained by `lmstack train`")
     if checkpoints.classifier_section(base.root) is not None:
-        raise UserError(f"--base={config.base} is a classifier workdir; pass the language-model run it came from")
+        raise ConfigError("base", config.base, "is a classifier workdir; pass the language-model run it came from")
     base.read_config()  # UserError if not a prepared workdir
     model_config = checkpoints.read_model_config(base.root)  # UserError if never trained
     if tf.train.latest_checkpoint(checkpoints.checkpoint_dir(base.root)) is None:
-        raise UserError(f"--base={config.base} has no checkpoint; run `lmstack train --workdir={config.base}` first")
+        raise ConfigError("base", config.base, f"has no checkpoint; run `lmstack train --workdir={config.base}` first")
     tokenizer_config = tokenizers.load_config(base.tokenizer_dir)
     family = models.family_of(model_config)
     if config.model and config.model != family:
-        raise UserError(f"--base={config.base} holds a {family} model, not the --model={config.model} "
-                        "expected; pass another --base or drop --model")
+        raise ConfigError("base", config.base, f"holds a {family} model, but model={config.model} was asked for; "
+                          "pass another base or drop model")
     if config.tokenizer and config.tokenizer != tokenizer_config["kind"]:
-        raise UserError(f"--base={config.base} uses the {tokenizer_config['kind']} tokenizer, not the "
-                        f"--tokenizer={config.tokenizer} expected; pass another --base or drop --tokenizer")
+        raise ConfigError("base", config.base, f"uses the {tokenizer_config['kind']} tokenizer, but "
+                          f"tokenizer={config.tokenizer} was asked for; pass another base or drop tokenizer")
     return base.root, model_config, tokenizer_config
 
 
@@ -346,9 +340,9 @@ def finetune(workdir: str | os.PathLike, config: FinetuneConfig, progress: Progr
     context = lm_config.seq_len if models.family_of(lm_config) == "transformer" else None
     max_length = config.max_length or lm_config.seq_len
     if context is not None and max_length > context:
-        raise UserError(f"--max_length={max_length} is beyond the base transformer's context of {context}")
+        raise ConfigError("max_length", max_length, f"is beyond the base transformer's context of {context}")
     if max_length < 2:
-        raise UserError(f"--max_length={max_length}: must be at least 2")
+        raise ConfigError("max_length", max_length, "must be at least 2")
 
     examples = labelled.read(config.train, config.text_column, config.label_column)
     classes = labelled.label_set(examples)
@@ -366,10 +360,8 @@ def finetune(workdir: str | os.PathLike, config: FinetuneConfig, progress: Progr
                   f"classes {', '.join(classes)}; {models.family_of(lm_config)} backbone from {base_root} "
                   f"({config.init}), {max_length} tokens per text")
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = workdir_lib.make_staging(final.parent, final.name) if chief else pathlib.Path(
-        tempfile.mkdtemp(prefix="lmstack-worker-finetune-"))
-    try:
+    # Every worker builds; only the chief's build is published.
+    with workdir_lib.publish_dir(final, replace=True, scratch=not chief) as staging:
         summary = _build(staging, config, strategy, base_root, lm_config, tokenizer_config, tokenizer, classes,
                          train_examples, val_examples, frozen, max_length, progress, verbose)
         if config.baseline and config.init == "pretrained":
@@ -381,11 +373,6 @@ def finetune(workdir: str | os.PathLike, config: FinetuneConfig, progress: Progr
                                                             "wall_seconds")}
             summary["accuracy_gain"] = summary["accuracy"] - baseline["accuracy"]
             workdir_lib.write_json(staging / "metrics.json", summary)
-        if chief:
-            os.chmod(staging, 0o755)
-            workdir_lib.replace_dir(staging, final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     summary["path"] = str(final)
     return summary
 
@@ -413,7 +400,7 @@ def _build(root: pathlib.Path, config: FinetuneConfig, strategy, base_root: path
     cls_config = classifier_lib.ClassifierConfig(lm_config, len(classes), config.pooling, config.dropout, max_length)
     replicas = strategy.num_replicas_in_sync
     global_batch = config.batch_size * replicas
-    keras.mixed_precision.set_global_policy(train.PRECISIONS[config.mixed_precision])
+    keras.mixed_precision.set_global_policy(strategy_lib.PRECISIONS[config.mixed_precision])
     keras.utils.set_random_seed(config.seed)
     base_step = None
     with strategy.scope():

@@ -16,7 +16,7 @@ import models
 from models import generation
 from pipelines import checkpoints, tokenizers
 from pipelines import workdir as workdir_lib
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -93,7 +93,7 @@ class TextGenerator:
 
 def _check(max_new_tokens: int, max_length: int | None) -> None:
     if max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens={max_new_tokens}: must be at least 1")
+        raise ConfigError("max_new_tokens", max_new_tokens, "must be at least 1")
     if max_length is not None and max_new_tokens >= max_length:
-        raise UserError(f"--max_new_tokens={max_new_tokens} does not fit the model's context of "
-                        f"{max_length} tokens; use at most {max_length - 1}")
+        raise ConfigError("max_new_tokens", max_new_tokens, f"does not fit the model's context of {max_length} "
+                          f"tokens; use at most {max_length - 1}")

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError
 
 FORMATS = (".csv", ".jsonl")
 
@@ -149,7 +149,7 @@ def split(examples: Examples, val_fraction: float, seed: int) -> tuple[Examples,
         UserError: a fraction out of range, or too few examples to hold any out.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"--val_fraction={val_fraction}: expected a fraction in (0, 1), such as 0.1")
+        raise ConfigError("val_fraction", val_fraction, "expected a fraction in (0, 1), such as 0.1")
     rng = np.random.default_rng(seed)
     labels = np.array(examples.labels)
     train_idx, val_idx = [], []

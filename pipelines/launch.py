@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Sequence, TextIO
 
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError
 
 
 def free_ports(count: int) -> list[int]:
@@ -58,7 +58,7 @@ def launch(workers: int, argv: Sequence[str], out: TextIO = sys.stdout, grace_se
         UserError: fewer than 1 worker or no command.
     """
     if workers < 1:
-        raise UserError(f"--workers={workers}: must be at least 1")
+        raise ConfigError("workers", workers, "must be at least 1")
     if not argv:
         raise UserError("no command to launch; write it after --, e.g. "
                         "`lmstack launch --workers=2 -- train --workdir=DIR --strategy=multi_worker`")

@@ -24,7 +24,8 @@ plain model, whose checkpoints load into `models.build`.
 
 from __future__ import annotations
 
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import numpy as np
 import tensorflow_model_optimization as tfmot
@@ -39,7 +40,8 @@ sparsity = tfmot.sparsity.keras
 quantization = tfmot.quantization.keras
 clustering = tfmot.clustering.keras
 
-SCHEDULES = ("polynomial", "constant")
+Schedule = Literal["polynomial", "constant"]
+SCHEDULES = typing.get_args(Schedule)
 
 
 class NoOpQuantizeConfig(quantization.QuantizeConfig):

@@ -21,9 +21,9 @@ import dataclasses
 import math
 import os
 import pathlib
-import shutil
 import time
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import tensorflow as tf
 
@@ -32,10 +32,11 @@ from models.backend import keras
 from pipelines import callbacks as callbacks_lib
 from pipelines import checkpoints, dataset, evaluate, mot, train
 from pipelines import workdir as workdir_lib
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError, check_at_least, check_choice
 from pipelines.progress import Progress
 
-METHODS = ("prune", "qat", "prune_qat", "cluster")
+Method = Literal["prune", "qat", "prune_qat", "cluster"]
+METHODS = typing.get_args(Method)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,28 +44,30 @@ class OptimizeConfig:
     """How to make a variant.
 
     Attributes:
-        method: one of METHODS.
+        method: prune (zero the smallest weights), qat (8-bit quantization-aware training), prune_qat (QAT
+            that keeps a pruned variant's zeros) or cluster (each weight matrix shares `clusters` values).
         steps: fine-tuning steps.
-        name: the variant's name; '' derives one (pruned50, pruned2by4, qat, pruned50-qat, cluster16).
-        from_variant: start from this variant instead of the trained model (prune_qat needs a pruned one).
+        name: the variant's name ('' derives one: pruned50, pruned2by4, qat, pruned50-qat, cluster16).
+        from_variant: start from this variant instead of the trained model (prune_qat: a pruned variant;
+            default the only one).
         target_sparsity: prune: the fraction of each pruned weight set to zero, in [0, 1).
-        schedule: prune: 'polynomial' (0 -> target between begin_step and end_step) or 'constant'.
+        schedule: prune: polynomial (a ramp from 0 to the target between begin_step and end_step) or constant.
         begin_step: prune: first pruning step.
-        end_step: prune: last pruning step of the polynomial schedule; 0 picks ~70% of `steps`.
-        frequency: prune: steps between mask updates; 0 picks steps // 20.
-        sparsity_m_by_n: prune: 'M,N' keeps M non-zeros in every N weights (e.g. '2,4'); '' for none.
+        end_step: prune: the step the polynomial schedule reaches the target (0: ~70% of steps).
+        frequency: prune: steps between mask updates (0: steps / 20).
+        sparsity_m_by_n: prune: M,N keeps M non-zeros in every N weights, e.g. 2,4 ('' for none).
         clusters: cluster: distinct values per clustered weight.
         learning_rate: AdamW's learning rate after a short warmup (fine-tuning: lower than training's).
-        batch_size: sequences per step; 0 uses the run's training batch size.
+        batch_size: sequences per step (0: the run's training batch size).
         overwrite: replace an existing variant of the same name.
         seed: data order.
     """
-    method: str
+    method: Method
     steps: int = 300
     name: str = ""
     from_variant: str = ""
     target_sparsity: float = 0.5
-    schedule: str = "polynomial"
+    schedule: mot.Schedule = "polynomial"
     begin_step: int = 0
     end_step: int = 0
     frequency: int = 0
@@ -76,35 +79,31 @@ class OptimizeConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise UserError(f"--method={self.method!r}: expected one of {'|'.join(METHODS)}")
-        if self.steps < 1:
-            raise UserError(f"--steps={self.steps}: must be at least 1")
+        check_choice("method", self.method, METHODS)
+        check_at_least(self, 1, "steps")
         if not 0.0 <= self.target_sparsity < 1.0:
-            raise UserError(f"--target_sparsity={self.target_sparsity}: must be in [0, 1), e.g. 0.5")
-        if self.schedule not in mot.SCHEDULES:
-            raise UserError(f"--schedule={self.schedule!r}: expected one of {'|'.join(mot.SCHEDULES)}")
-        if self.clusters < 2:
-            raise UserError(f"--clusters={self.clusters}: must be at least 2")
+            raise ConfigError("target_sparsity", self.target_sparsity, "must be in [0, 1), e.g. 0.5")
+        check_choice("schedule", self.schedule, mot.SCHEDULES)
+        check_at_least(self, 2, "clusters")
         if self.learning_rate <= 0:
-            raise UserError(f"--learning_rate={self.learning_rate}: must be positive")
+            raise ConfigError("learning_rate", self.learning_rate, "must be positive")
         if self.batch_size < 0:
-            raise UserError(f"--batch_size={self.batch_size}: must not be negative (0 uses the run's)")
+            raise ConfigError("batch_size", self.batch_size, "must not be negative (0 uses the run's)")
         if self.name and (self.name.startswith(".") or "/" in self.name or self.name != self.name.strip()):
-            raise UserError(f"--name={self.name!r}: use a plain directory name such as pruned50")
+            raise ConfigError("name", self.name, "use a plain directory name such as pruned50")
         self.m_by_n()
         if self.method in ("prune",):
             begin, end, frequency = self.pruning_steps()
             if not 0 <= begin < self.steps:
-                raise UserError(f"--begin_step={begin}: must be in [0, --steps={self.steps})")
+                raise ConfigError("begin_step", begin, f"must be in [0, steps={self.steps})")
             if self.schedule == "polynomial" and not begin < end < self.steps:
-                raise UserError(f"--end_step={end}: must be after --begin_step={begin} and before "
-                                f"--steps={self.steps} so the pruned model is fine-tuned at full sparsity")
+                raise ConfigError("end_step", end, f"must be after begin_step={begin} and before steps={self.steps} "
+                                  "so the pruned model is fine-tuned at full sparsity")
             if frequency < 1:
-                raise UserError(f"--frequency={frequency}: must be at least 1")
+                raise ConfigError("frequency", frequency, "must be at least 1")
             if self.schedule == "polynomial" and (end - begin) % frequency:
-                raise UserError(f"--end_step={end} - --begin_step={begin} is not a multiple of "
-                                f"--frequency={frequency}, so the target would never be reached; adjust one")
+                raise ConfigError("end_step", end, f"end_step - begin_step={begin} is not a multiple of "
+                                  f"frequency={frequency}, so the target would never be reached; adjust one")
 
     def m_by_n(self) -> tuple[int, int] | None:
         if not self.sparsity_m_by_n:
@@ -112,9 +111,9 @@ class OptimizeConfig:
         try:
             m, n = (int(v) for v in self.sparsity_m_by_n.split(","))
         except ValueError:
-            raise UserError(f"--sparsity_m_by_n={self.sparsity_m_by_n!r}: expected M,N such as 2,4") from None
+            raise ConfigError("sparsity_m_by_n", self.sparsity_m_by_n, "expected M,N such as 2,4") from None
         if not 0 < m < n:
-            raise UserError(f"--sparsity_m_by_n={self.sparsity_m_by_n!r}: expected 0 < M < N, such as 2,4")
+            raise ConfigError("sparsity_m_by_n", self.sparsity_m_by_n, "expected 0 < M < N, such as 2,4")
         return m, n
 
     def pruning_steps(self) -> tuple[int, int, int]:
@@ -186,8 +185,8 @@ def optimize(workdir: str | os.PathLike, config: OptimizeConfig, progress: Progr
     source = checkpoints.model_dir(wd.root, from_variant)
     made = checkpoints.optimization(source) or {}
     if config.method == "prune_qat" and made.get("method") != "prune":
-        raise UserError(f"--method=prune_qat needs a pruned variant; {from_variant!r} was made by "
-                        f"--method={made.get('method')}; run `lmstack optimize --method=prune` first")
+        raise ConfigError("method", "prune_qat", f"needs a pruned variant; {from_variant!r} was made by "
+                          f"method={made.get('method')}; run `lmstack optimize --method=prune` first")
     if made.get("quantized"):
         raise UserError(f"variant {from_variant!r} is quantization-aware already; start from the trained "
                         "model or a pruned or clustered variant")
@@ -216,11 +215,7 @@ def optimize(workdir: str | os.PathLike, config: OptimizeConfig, progress: Progr
     progress.note("evaluating the starting model on the validation split")
     baseline = _evaluation(evaluate.evaluate_model(wd.root, model, model_config, write=False))
 
-    optimized_root = wd.root / checkpoints.OPTIMIZED_DIR
-    created_root = not optimized_root.exists()
-    optimized_root.mkdir(parents=True, exist_ok=True)
-    staging = workdir_lib.make_staging(optimized_root, name)
-    try:
+    with workdir_lib.publish_dir(final, replace=True) as staging:
         summary = _fine_tune(wd, model, model_config, config, train_config, manifest, staging, source_pruned,
                              progress, verbose)
         summary.update({"variant": name, "method": config.method, "from_variant": from_variant or None,
@@ -234,13 +229,6 @@ def optimize(workdir: str | os.PathLike, config: OptimizeConfig, progress: Progr
             "quantized": config.method in ("qat", "prune_qat"),
             "preserve_sparsity": config.method == "prune_qat", "settings": dataclasses.asdict(config)}}
         workdir_lib.write_json(staging / workdir_lib.CONFIG_FILE, variant_config)
-        os.chmod(staging, 0o755)
-        workdir_lib.replace_dir(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created_root:
-            shutil.rmtree(optimized_root, ignore_errors=True)
-        raise
     summary["path"] = str(final)
     return summary
 

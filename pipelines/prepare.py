@@ -9,8 +9,9 @@ TensorFlow graph (the one that serving will run), and writes:
     WORKDIR/data/manifest.json       files, counts, input hashes, tokenizer config
     WORKDIR/config.json              the run's config; written last, it commits the stage
 
-Everything is built in a staging directory and renamed into place, so a failed
-or interrupted run leaves the workdir as it was.
+tokenizer/ and data/ are built in staging directories and renamed into place
+(`workdir.publish_dir`), and config.json is written last, so a failed or
+interrupted run leaves the workdir as it was or not prepared.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import math
 import os
 import pathlib
 import shutil
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -30,7 +31,7 @@ import tensorflow as tf
 from pipelines import corpus as corpus_lib
 from pipelines import tokenizers
 from pipelines import workdir as workdir_lib
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError, check_at_least, check_choice
 from pipelines.progress import Progress
 
 MANIFEST_FORMAT = 1
@@ -42,17 +43,15 @@ class PrepareConfig:
     """How to turn a corpus into a tokenizer and token shards.
 
     Attributes:
-        corpus: files or globs (.gz is decompressed), read in this order.
+        corpus: text files or globs, read in this order (.gz is decompressed).
         tokenizer: which tokenizer to learn.
-        val_fraction: share of the corpus's line blocks held out for validation.
+        val_fraction: share of the corpus held out for validation, in blocks of lines, in [0, 1).
         seed: picks the validation blocks.
-        encoding_errors: 'strict' stops at bytes that are not UTF-8; 'replace'
-            turns them into U+FFFD.
-        num_blocks: the corpus is cut into about this many blocks of whole lines
-            for the split.
+        encoding_errors: on bytes that are not UTF-8: stop (strict) or use U+FFFD (replace).
+        num_blocks: the corpus is cut into about this many blocks of whole lines for the split.
         shard_tokens: at most this many tokens per shard.
-        min_train_shards: at least this many training shards, so file-based
-            auto-sharding can feed that many workers.
+        min_train_shards: at least this many training shards, so file-based auto-sharding can feed
+            that many workers.
         min_val_shards: at least this many validation shards.
         record_tokens: tokens per TFRecord record.
     """
@@ -60,7 +59,7 @@ class PrepareConfig:
     tokenizer: tokenizers.TokenizerConfig = tokenizers.TokenizerConfig()
     val_fraction: float = 0.1
     seed: int = 0
-    encoding_errors: str = "strict"
+    encoding_errors: Literal["strict", "replace"] = "strict"
     num_blocks: int = 100
     shard_tokens: int = 1_000_000
     min_train_shards: int = 8
@@ -70,10 +69,9 @@ class PrepareConfig:
     def validate(self) -> None:
         self.tokenizer.validate()
         if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"--val_fraction={self.val_fraction}: expected a fraction in [0, 1), such as 0.1")
-        if self.encoding_errors not in corpus_lib.ENCODING_ERRORS:
-            raise UserError(f"--encoding_errors={self.encoding_errors!r}: expected one of "
-                            f"{', '.join(corpus_lib.ENCODING_ERRORS)}")
+            raise ConfigError("val_fraction", self.val_fraction, "expected a fraction in [0, 1), such as 0.1")
+        check_choice("encoding_errors", self.encoding_errors, corpus_lib.ENCODING_ERRORS)
+        check_at_least(self, 1, "num_blocks", "shard_tokens", "min_train_shards", "min_val_shards", "record_tokens")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"corpus": list(self.corpus)}
@@ -116,18 +114,17 @@ def prepare(config: PrepareConfig, workdir: str | os.PathLike, overwrite: bool =
             return PrepareResult(wd, wd.read_manifest(), reused=True)
     created = workdir_lib.ensure_writable_dir(wd.root)
     try:
-        with workdir_lib.staging_dir(wd, "prepare") as staging:
-            manifest = _build(config, docs, fingerprint, staging, progress)
+        with workdir_lib.publish_dir(wd.tokenizer_dir, replace=True) as tok_dir, \
+                workdir_lib.publish_dir(wd.data_dir, replace=True) as data_dir:
+            manifest = _build(config, docs, fingerprint, tok_dir, data_dir, progress)
             # Old outputs (with --overwrite) or uncommitted leftovers of a crashed run.
             removed = workdir_lib.remove_stage_outputs(wd)
             if removed and overwrite:
                 progress.note(f"--overwrite: replaced {', '.join(removed)} in {wd.root}")
-            os.rename(staging / workdir_lib.TOKENIZER_DIR, wd.tokenizer_dir)
-            os.rename(staging / workdir_lib.DATA_DIR, wd.data_dir)
-            workdir_lib.write_json(wd.config_path, {
-                "lmstack_config_version": 1,
-                "prepare": config.to_json() | {"fingerprint": fingerprint},
-            })
+        workdir_lib.write_json(wd.config_path, {
+            "lmstack_config_version": 1,
+            "prepare": config.to_json() | {"fingerprint": fingerprint},
+        })
     except BaseException:
         if created:
             _remove_if_empty(wd.root)
@@ -175,18 +172,14 @@ def _fingerprint(config: PrepareConfig, docs: Sequence[corpus_lib.Document]) -> 
 
 
 def _build(config: PrepareConfig, docs: Sequence[corpus_lib.Document], fingerprint: str,
-           out: pathlib.Path, progress: Progress) -> dict[str, Any]:
+           tok_dir: pathlib.Path, data_dir: pathlib.Path, progress: Progress) -> dict[str, Any]:
     blocks = corpus_lib.make_blocks(docs, config.num_blocks)
     train, val, val_idx = corpus_lib.split_blocks(blocks, config.val_fraction, config.seed)
 
-    tok_dir = out / workdir_lib.TOKENIZER_DIR
-    tok_dir.mkdir()
     progress.note(f"learning the {config.tokenizer.kind} tokenizer on the training text")
     tokenizers.learn(config.tokenizer, (line for b in train for line in b.text.splitlines()), tok_dir)
     tokenizer = tokenizers.load(tok_dir)
 
-    data_dir = out / workdir_lib.DATA_DIR
-    data_dir.mkdir()
     splits = {}
     for name, split_blocks, min_shards in (("train", train, config.min_train_shards),
                                            ("val", val, config.min_val_shards)):

@@ -11,15 +11,42 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import tensorflow as tf
 
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError, check_choice
 
-STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+Strategy = Literal["auto", "default", "mirrored", "multi_worker"]
+STRATEGIES = typing.get_args(Strategy)
+Precision = Literal["none", "bf16", "fp16"]
+# --mixed_precision -> the Keras policy.
+PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Devices:
+    """Where a training job runs: the settings `train` and `finetune` share, with one meaning.
+
+    Attributes:
+        strategy: the tf.distribute strategy: auto (multi_worker under a TF_CONFIG of several workers,
+            mirrored with several GPUs, else default), default (one device), mirrored, multi_worker.
+        logical_cpus: split the CPU into this many devices (to run mirrored without GPUs).
+        mixed_precision: compute precision: none (float32), bf16 or fp16 (variables stay float32).
+        jit_compile: XLA-compile the train step (one replica or GPUs).
+    """
+    strategy: Strategy = "auto"
+    logical_cpus: int = 0
+    mixed_precision: Precision = "none"
+    jit_compile: bool = False
+
+    def check_devices(self) -> None:
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
 
 
 def split_cpu(count: int) -> None:
@@ -63,8 +90,7 @@ def make(name: str) -> tf.distribute.Strategy:
     Raises:
         UserError: an unknown name, or multi_worker without TF_CONFIG.
     """
-    if name not in STRATEGIES:
-        raise UserError(f"--strategy={name!r}: expected one of {'|'.join(STRATEGIES)}")
+    check_choice("strategy", name, STRATEGIES)
     cluster = tf_config()
     if name == "auto":
         gpus = tf.config.list_physical_devices("GPU")
@@ -82,8 +108,8 @@ def make(name: str) -> tf.distribute.Strategy:
         devices = [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices=devices)
     if cluster is None:
-        raise UserError("--strategy=multi_worker needs TF_CONFIG; start the workers with "
-                        "`lmstack launch --workers=N -- train ...` or set TF_CONFIG yourself")
+        raise ConfigError("strategy", name, "needs TF_CONFIG; start the workers with "
+                          "`lmstack launch --workers=N -- train ...` or set TF_CONFIG yourself")
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
@@ -101,8 +127,8 @@ def check_jit_compile(strategy: tf.distribute.Strategy, jit_compile: bool) -> No
     """
     replicas = strategy.num_replicas_in_sync
     if jit_compile and replicas > 1 and not tf.config.list_physical_devices("GPU"):
-        raise UserError(f"--jit_compile cannot train {replicas} replicas on CPU devices (XLA on CPU has no "
-                        "cross-device all-reduce); drop --jit_compile, or train on one replica or on GPUs")
+        raise ConfigError("jit_compile", True, f"cannot train {replicas} replicas on CPU devices (XLA on CPU has "
+                          "no cross-device all-reduce); drop it, or train on one replica or on GPUs")
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

@@ -28,17 +28,19 @@ import contextlib
 import dataclasses
 import os
 import pathlib
-from typing import Any, Iterable, Sequence
+import typing
+from typing import Any, Iterable, Literal, Sequence
 
 import keras_nlp
 import tensorflow as tf
 
 from pipelines import workdir as workdir_lib
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError, check_choice
 
 RESERVED_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(len(RESERVED_TOKENS))
-KINDS = ("char", "byte", "wordpiece", "sentencepiece")
+Kind = Literal["char", "byte", "wordpiece", "sentencepiece"]
+KINDS = typing.get_args(Kind)
 DEFAULT_SUBWORD_VOCAB = 8000
 BYTE_VOCAB_SIZE = len(RESERVED_TOKENS) + 256
 
@@ -53,34 +55,30 @@ class TokenizerConfig:
     """What tokenizer to learn.
 
     Attributes:
-        kind: one of KINDS.
-        vocab_size: the vocabulary size including the 4 reserved tokens; 0 means
-            the kind's natural size (every character seen; 260 for bytes; 8000
-            for subwords).
-        lowercase: fold case before tokenizing (subword kinds only).
+        kind: the tokenizer to learn: char, byte, wordpiece or sentencepiece.
+        vocab_size: vocabulary size including the 4 reserved tokens (0: the kind's natural size: every
+            character seen; 260 for bytes; 8000 for subwords).
+        lowercase: fold case before tokenizing (wordpiece and sentencepiece only).
     """
-    kind: str = "char"
+    kind: Kind = "char"
     vocab_size: int = 0
     lowercase: bool = False
 
     def validate(self) -> None:
-        """Raises UserError naming the bad value."""
-        if self.kind not in KINDS:
-            raise UserError(f"--tokenizer={self.kind!r}: expected one of {'|'.join(KINDS)}")
+        """Raises ConfigError naming the bad value."""
+        check_choice("kind", self.kind, KINDS)
         if self.vocab_size < 0:
-            raise UserError(f"--vocab_size={self.vocab_size}: must be positive (or 0 for the default)")
+            raise ConfigError("vocab_size", self.vocab_size, "must be positive (or 0 for the default)")
         if self.kind == "byte" and self.vocab_size not in (0, BYTE_VOCAB_SIZE):
-            raise UserError(
-                f"--vocab_size={self.vocab_size}: the byte tokenizer has a fixed vocabulary of "
-                f"{BYTE_VOCAB_SIZE} (256 bytes + 4 reserved tokens); drop --vocab_size")
+            raise ConfigError("vocab_size", self.vocab_size, f"the byte tokenizer has a fixed vocabulary of "
+                              f"{BYTE_VOCAB_SIZE} (256 bytes + 4 reserved tokens); leave it at 0")
         minimum = len(RESERVED_TOKENS) + 1
         if self.vocab_size and self.vocab_size < minimum:
-            raise UserError(
-                f"--vocab_size={self.vocab_size} is too small: {self.kind} needs the "
-                f"{len(RESERVED_TOKENS)} reserved tokens {' '.join(RESERVED_TOKENS)} plus at least "
-                f"one token of text; use --vocab_size={minimum} or more")
+            raise ConfigError("vocab_size", self.vocab_size,
+                              f"too small: {self.kind} needs the {len(RESERVED_TOKENS)} reserved tokens "
+                              f"{' '.join(RESERVED_TOKENS)} plus at least one token of text; use {minimum} or more")
         if self.lowercase and self.kind in ("char", "byte"):
-            raise UserError(f"--lowercase applies to wordpiece and sentencepiece, not {self.kind}")
+            raise ConfigError("lowercase", True, f"applies to wordpiece and sentencepiece, not {self.kind}")
 
 
 class CharTokenizer(keras_nlp.tokenizers.Tokenizer):
@@ -245,9 +243,8 @@ def learn(config: TokenizerConfig, lines: Iterable[str], directory: pathlib.Path
                     tf.data.Dataset.from_tensor_slices(lines), vocabulary_size=size,
                     lowercase=config.lowercase)
         except RuntimeError as e:
-            raise UserError(
-                f"--vocab_size={size} does not fit this corpus for sentencepiece "
-                f"({str(e).strip().splitlines()[-1]}); choose another --vocab_size") from None
+            raise ConfigError("vocab_size", size, f"does not fit this corpus for sentencepiece "
+                              f"({str(e).strip().splitlines()[-1]}); choose another") from None
         (directory / SENTENCEPIECE_FILE).write_bytes(_rename_special_pieces(proto))
     workdir_lib.write_json(directory / CONFIG_FILE, {
         **dataclasses.asdict(config), "vocab_size": size,

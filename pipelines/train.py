@@ -21,7 +21,8 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import tensorflow as tf
 
@@ -31,11 +32,11 @@ from pipelines import callbacks as callbacks_lib
 from pipelines import checkpoints, dataset, evaluate
 from pipelines import strategy as strategy_lib
 from pipelines import workdir as workdir_lib
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError, check_at_least, check_choice
 from pipelines.progress import Progress
 
-SCHEDULES = ("cosine", "constant")
-PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+Schedule = Literal["cosine", "constant"]
+SCHEDULES = typing.get_args(Schedule)
 TRAIN_SECTION = "train"
 # Settings a resumed run must share with the run that wrote the checkpoints (with the
 # whole model config). The optimizer's settings may change: lowering the learning
@@ -44,64 +45,52 @@ RESUME_KEYS = ("batch_size", "mixed_precision", "seed")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """How to train.
+class TrainConfig(strategy_lib.Devices):
+    """How to train (and, from `Devices`, where: strategy, logical_cpus, mixed_precision, jit_compile).
 
     Attributes:
         steps: optimizer steps in all (a rerun with more steps continues).
         batch_size: sequences per replica; the global batch is this x replicas.
-        learning_rate: peak learning rate, reached after `warmup_steps`; None: the model's own
-            (`peak_learning_rate`).
-        warmup_steps: linear warmup from 0; None derives it from `steps` (`warmup()`), so a short
-            run needs no flag to fit its warmup.
-        schedule: 'cosine' (decay to 10% of the peak at `steps`) or 'constant'.
+        learning_rate: peak learning rate, reached after warmup_steps (default: the model's own,
+            `peak_learning_rate`: 3e-3 for the small transformer, 5e-3 for the small LSTM, lower for
+            wider models).
+        warmup_steps: linear warmup from 0 (default: a tenth of steps, at most 100, so a short run
+            needs no flag to fit its warmup).
+        schedule: learning rate after warmup: cosine (decay to 10% of the peak at steps) or constant.
         weight_decay: AdamW's decoupled weight decay (not on biases, norms, positions).
-        clip_norm: global gradient-norm clipping; 0 turns it off.
-        strategy: one of `pipelines.strategy.STRATEGIES`.
-        mixed_precision: 'none', 'bf16' or 'fp16'.
-        jit_compile: XLA-compile the train step.
-        eval_every: validate every this many steps; 0 only at the end.
+        clip_norm: global gradient-norm clipping (0: off).
+        eval_every: validate every this many steps (0: only at the end).
         eval_batches: validation batches per periodic evaluation.
-        checkpoint_every: save every this many steps.
+        checkpoint_every: save a checkpoint every this many steps.
         keep_checkpoints: checkpoints kept in checkpoints/.
         seed: model initialization and data order.
-        profile_steps: 'FIRST,LAST' steps to trace with the TF profiler; '' for none.
-        logical_cpus: split the CPU into this many devices (to run `mirrored` without GPUs).
+        profile_steps: FIRST,LAST steps to trace with the TF profiler (TensorBoard); '' for none.
     """
     steps: int = 1000
     batch_size: int = 32
     learning_rate: float | None = None
     warmup_steps: int | None = None
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     weight_decay: float = 0.01
     clip_norm: float = 1.0
-    strategy: str = "auto"
-    mixed_precision: str = "none"
-    jit_compile: bool = False
     eval_every: int = 200
     eval_batches: int = 50
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     seed: int = 0
     profile_steps: str = ""
-    logical_cpus: int = 0
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name}={getattr(self, name)}: must be at least 1")
-        for name in ("warmup_steps", "eval_every", "eval_batches", "weight_decay", "clip_norm"):
-            if (getattr(self, name) or 0) < 0:
-                raise UserError(f"--{name}={getattr(self, name)}: must not be negative")
+        check_at_least(self, 1, "steps", "batch_size", "checkpoint_every", "keep_checkpoints")
+        check_at_least(self, 0, "warmup_steps", "eval_every", "eval_batches", "weight_decay", "clip_norm",
+                       "logical_cpus")
         if self.learning_rate is not None and self.learning_rate <= 0:
-            raise UserError(f"--learning_rate={self.learning_rate}: must be positive")
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"--schedule={self.schedule!r}: expected one of {'|'.join(SCHEDULES)}")
-        if self.mixed_precision not in PRECISIONS:
-            raise UserError(f"--mixed_precision={self.mixed_precision!r}: expected one of {'|'.join(PRECISIONS)}")
+            raise ConfigError("learning_rate", self.learning_rate, "must be positive")
+        check_choice("schedule", self.schedule, SCHEDULES)
+        self.check_devices()
         if self.warmup_steps is not None and self.warmup_steps >= self.steps and self.schedule == "cosine":
-            raise UserError(f"--warmup_steps={self.warmup_steps} leaves no steps to decay over "
-                            f"(--steps={self.steps}); lower it")
+            raise ConfigError("warmup_steps", self.warmup_steps,
+                              f"leaves no steps to decay over (steps={self.steps}); lower it")
         self.profile_range()
 
     def warmup(self) -> int:
@@ -120,9 +109,9 @@ class TrainConfig:
         try:
             first, last = (int(s) for s in self.profile_steps.split(","))
         except ValueError:
-            raise UserError(f"--profile_steps={self.profile_steps!r}: expected FIRST,LAST such as 10,20") from None
+            raise ConfigError("profile_steps", self.profile_steps, "expected FIRST,LAST such as 10,20") from None
         if not 0 < first <= last:
-            raise UserError(f"--profile_steps={self.profile_steps!r}: expected 0 < FIRST <= LAST")
+            raise ConfigError("profile_steps", self.profile_steps, "expected 0 < FIRST <= LAST")
         return first, last
 
 
@@ -307,7 +296,7 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     if why:
         progress.note(f"dropout {model_config.dropout:g}: {why}")
     _check_resume(wd, model_config, config)
-    keras.mixed_precision.set_global_policy(PRECISIONS[config.mixed_precision])
+    keras.mixed_precision.set_global_policy(strategy_lib.PRECISIONS[config.mixed_precision])
     keras.utils.set_random_seed(config.seed)
     progress.note(f"training {models.family_of(model_config)} ({model_config.num_params():,} parameters) with "
                   f"{_strategy_name(strategy)} on {replicas} replica(s), global batch {global_batch} x {seq_len}")

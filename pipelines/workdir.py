@@ -1,6 +1,6 @@
 """The workdir: the run directory that is the contract between stages.
 
-Every stage reads and writes one workdir (see DESIGN.md, "The flow"):
+Every stage reads and writes one workdir (docs/design.md, "The workdir is the contract between stages"):
 
     runs/NAME/
       config.json      every config of the run, one section per stage
@@ -97,12 +97,16 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes JSON atomically: a reader sees the old file or the new one, never half."""
+    write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes a file atomically (a temporary name in the same directory, fsync, rename)."""
     path = pathlib.Path(path)
-    text = json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give it a normal file's mode
@@ -141,37 +145,69 @@ def ensure_writable_dir(path: pathlib.Path) -> bool:
 
 
 @contextlib.contextmanager
-def staging_dir(workdir: Workdir, stage: str) -> Iterator[pathlib.Path]:
-    """A scratch directory inside the workdir, removed whatever happens.
+def publish_dir(final: str | os.PathLike, *, replace: bool = False, scratch: bool = False,
+                ) -> Iterator[pathlib.Path]:
+    """Builds a directory that appears at `final` whole or not at all.
 
-    Building a stage's outputs here and renaming them into place keeps a crash
-    from leaving half an artifact where later stages look (rename within one
-    file system is atomic).
+    Every stage that writes a directory builds it here. Yields a hidden staging
+    directory next to `final` (`.NAME-staging-PID-XXXX`, in the same file system,
+    so the rename is atomic); when the block ends without an exception the
+    staging directory gets a normal directory's mode (mkdtemp's 0700 would hide
+    it from a server running as another user) and is renamed to `final`. On an
+    exception it is removed, and so are the parents this call created. A process
+    killed mid-build (kill -9) cannot clean up: the next build of the same name
+    removes staging directories whose process is gone.
+
+    Args:
+        final: where the finished directory goes.
+        replace: replace an existing `final` (only once the new one is complete);
+            otherwise an existing `final` is an error (FileExistsError).
+        scratch: build in a temporary directory elsewhere and never publish it
+            (a non-chief worker of a multi-worker job).
     """
-    path = pathlib.Path(tempfile.mkdtemp(dir=workdir.root, prefix=f".staging-{stage}-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def replace_dir(staging: pathlib.Path, final: pathlib.Path) -> None:
-    """Renames a finished `staging` directory to `final`, replacing an old `final` only once the new one is complete."""
-    if not final.exists():
-        os.rename(staging, final)
+    final = pathlib.Path(final)
+    if scratch:
+        path = pathlib.Path(tempfile.mkdtemp(prefix=f"lmstack-worker-{final.name}-"))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
         return
-    old = final.with_name(f".{final.name}-replaced-{os.getpid()}")
-    os.rename(final, old)
-    os.rename(staging, final)
-    shutil.rmtree(old, ignore_errors=True)
+    created = _make_parents(final.parent)
+    staging = _staging(final.parent, final.name)
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_umask())
+        if final.exists() and replace:
+            old = final.with_name(f".{final.name}-replaced-{os.getpid()}")
+            os.rename(final, old)
+            os.rename(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+        elif final.exists():
+            raise FileExistsError(f"{final} exists")
+        else:
+            os.rename(staging, final)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def make_staging(parent: pathlib.Path, name: str) -> pathlib.Path:
-    """A hidden staging directory `parent/.NAME-staging-PID-XXXX` for building `parent/NAME`.
+def _make_parents(path: pathlib.Path) -> pathlib.Path | None:
+    """Creates `path` and its missing parents; returns the topmost one created (None if it existed)."""
+    top = None
+    for parent in (path, *path.parents):
+        if parent.exists():
+            break
+        top = parent
+    path.mkdir(parents=True, exist_ok=True)
+    return top
 
-    A process killed mid-build (kill -9, SIGTERM) cannot remove its staging
-    directory; the next build of the same name removes those whose process is gone.
-    """
+
+def _staging(parent: pathlib.Path, name: str) -> pathlib.Path:
+    """A new `parent/.NAME-staging-PID-XXXX`, after removing those of processes that are gone."""
     for old in parent.glob(f".{name}-staging-*"):
         try:
             pid = int(old.name[len(f".{name}-staging-"):].split("-", 1)[0])

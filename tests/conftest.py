@@ -60,3 +60,13 @@ def tiny_export(family: str, tmp_path_factory, text: str) -> tuple[pathlib.Path,
         workdir = trained_workdir(tmp_path_factory.mktemp(f"export-{family}"), text, family)
         _EXPORTS[family] = (workdir, savedmodel.export(workdir))
     return _EXPORTS[family]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """`lmstack ARGV...` in this process: (exit status, stdout, stderr)."""
+    from app.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    return e.value.code, out, err

@@ -43,7 +43,7 @@ def test_invalid_utf8_names_file_and_byte_offset(tmp_path):
     with pytest.raises(UserError) as e:
         corpus.read_document(path)
     assert "latin1.txt" in str(e.value) and "byte 11" in str(e.value)
-    assert "--encoding_errors=replace" in str(e.value)
+    assert "encoding_errors=replace" in str(e.value)
     assert corpus.read_document(path, "replace").text == "caf\u00e9 ok na\ufffdve"
 
 

@@ -13,7 +13,6 @@ import pytest
 import tensorflow as tf
 
 import models
-from app.main import main
 from pipelines import checkpoints, prepare, tokenizers
 from pipelines.errors import UserError
 from pipelines.generate import TextGenerator, encode
@@ -22,7 +21,7 @@ from serving import client as client_lib
 from serving import contract as c
 from serving import server
 from serving.exporters import savedmodel
-from tests.conftest import tiny_export
+from tests.conftest import run_cli, tiny_export
 
 PROMPTS = ["ROMEO.", "", "What light through yonder window breaks"]
 
@@ -210,12 +209,6 @@ def test_workdir_without_a_checkpoint(tmp_path, capsys, english_text):
     assert code == 2 and "no trained model yet" in err
     assert not (tmp_path / "run" / "export").exists()
 
-
-def run_cli(capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ import pytest
 import tensorflow as tf
 
 from pipelines import checkpoints, finetune, labelled
-from pipelines.errors import UserError
 from serving import contract as c, server
 from serving.exporters import classifier as classifier_export
 from serving.exporters import savedmodel
@@ -266,8 +265,8 @@ def test_labelled_files_read_csv_jsonl_and_compressed(tmp_path):
     ("unknown column", "no column 'review'"),
     ("one class", "a classifier needs at least two classes"),
     ("empty text", "empty text in column 'text'"),
-    ("other family", "holds a transformer model, not the --model=lstm expected"),
-    ("other tokenizer", "uses the char tokenizer, not the --tokenizer=byte expected"),
+    ("other family", "holds a transformer model, but model=lstm was asked for"),
+    ("other tokenizer", "uses the char tokenizer, but tokenizer=byte was asked for"),
     ("untrained base", "has no trained model yet"),
     ("classifier base", "is a classifier workdir"),
 ])

@@ -6,6 +6,7 @@ import models
 from app.main import main
 from pipelines import checkpoints, prepare, tokenizers
 from pipelines.generate import TextGenerator
+from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module", params=["transformer", "lstm"])
@@ -18,12 +19,6 @@ def workdir(request, tmp_path_factory, english_text):
     checkpoints.save(root / "run", models.build(model_config), model_config, step=7)
     return root / "run"
 
-
-def run(capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        main(["generate", *argv])
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 def test_loads_the_newest_checkpoint(workdir):
@@ -42,7 +37,7 @@ def test_streamed_text_equals_batched_text(workdir):
 @pytest.mark.slow
 def test_cli_prints_the_continuation(capsys, workdir):
     generator = TextGenerator(workdir)
-    code, out, err = run(capsys, f"--workdir={workdir}", "--prompt=To be", "--max_new_tokens=10")
+    code, out, err = run_cli(capsys, "generate", f"--workdir={workdir}", "--prompt=To be", "--max_new_tokens=10")
     assert code == 0, err
     assert out == generator.generate(["To be"], 10)[0] + "\n"
 
@@ -50,9 +45,9 @@ def test_cli_prints_the_continuation(capsys, workdir):
 @pytest.mark.slow
 def test_cli_seeded_sampling_repeats(capsys, workdir):
     args = [f"--workdir={workdir}", "--prompt=", "--max_new_tokens=12", "--sampler=top_p", "--temperature=3", "--seed=4"]
-    first = run(capsys, *args)
-    again = run(capsys, *args)
-    other = run(capsys, *args[:-1], "--seed=5")
+    first = run_cli(capsys, "generate", *args)
+    again = run_cli(capsys, "generate", *args)
+    other = run_cli(capsys, "generate", *args[:-1], "--seed=5")
     assert first[0] == again[0] == other[0] == 0
     assert first[1] == again[1] != other[1]
 
@@ -63,7 +58,7 @@ def test_cli_seeded_sampling_repeats(capsys, workdir):
     (["--top_p=1.5"], "--top_p=1.5"),
 ])
 def test_bad_flags(capsys, workdir, args, message):
-    code, _, err = run(capsys, f"--workdir={workdir}", *args)
+    code, _, err = run_cli(capsys, "generate", f"--workdir={workdir}", *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
@@ -73,5 +68,5 @@ def test_workdir_without_a_model(capsys, tmp_path, english_text):
     with pytest.raises(SystemExit):
         main(main_args)
     capsys.readouterr()
-    code, _, err = run(capsys, f"--workdir={tmp_path / 'run'}")
+    code, _, err = run_cli(capsys, "generate", f"--workdir={tmp_path / 'run'}")
     assert code == 2 and "lmstack train" in err

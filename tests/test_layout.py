@@ -1,4 +1,4 @@
-"""The layout rules of DESIGN.md that code can check: what the serving runtime may import."""
+"""The layout rules of docs/design.md that code can check: what each layer may import."""
 
 import ast
 import subprocess
@@ -37,3 +37,44 @@ def test_loading_the_server_loads_no_build_time_module():
             "or m.startswith('serving.exporters')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+PROJECT = ("app", "models", "pipelines", "serving", "bench", "tests", "examples")
+
+
+def project_imports(folder: str) -> dict[str, list[str]]:
+    """file -> the project modules it imports."""
+    out = {}
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        mods = sorted(m for m in imported_modules(path) if m.split(".")[0] in PROJECT)
+        out[str(path.relative_to(ROOT))] = mods
+    return out
+
+
+def test_models_import_nothing_of_the_project():
+    """A model builder is reusable anywhere: no files, flags, workdirs or servers behind it."""
+    imports = project_imports("models")
+    assert len(imports) >= 6
+    bad = {f: [m for m in mods if not m.startswith("models")] for f, mods in imports.items()}
+    assert not any(bad.values()), bad
+
+
+def test_pipelines_never_import_serving_or_the_command_line():
+    imports = project_imports("pipelines")
+    assert len(imports) >= 15
+    bad = {f: [m for m in mods if m.split(".")[0] in ("app", "serving", "bench", "tests")] for f, mods in imports.items()}
+    assert not any(bad.values()), bad
+
+
+def test_only_the_publish_helper_renames_directories_into_place():
+    """Every stage publishes through pipelines.workdir (staging, mode, atomic rename, stale cleanup)."""
+    calls = []
+    for folder in ("app", "models", "pipelines", "serving"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path == ROOT / "pipelines" / "workdir.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute) and node.attr in ("rename", "replace") and \
+                        getattr(node.value, "id", "") == "os":
+                    calls.append(f"{path.relative_to(ROOT)}:{node.lineno}: os.{node.attr}")
+    assert not calls, calls

@@ -1,5 +1,6 @@
 """`lmstack optimize`: TF-MOT variants of a trained tiny model, and every later stage on them."""
 
+import json
 import shutil
 
 import numpy as np
@@ -12,7 +13,7 @@ from pipelines import workdir as workdir_lib
 from pipelines.generate import TextGenerator
 from serving import contract as c
 from serving.exporters import savedmodel
-from tests.conftest import tiny_export
+from tests.conftest import run_cli, tiny_export
 
 # Short fine-tunes: the polynomial schedule reaches its target at step 8 and trains 4 more.
 PRUNE = dict(steps=12, frequency=2, end_step=8, batch_size=8)
@@ -119,26 +120,20 @@ def test_m_by_n_sparsity(run):
     assert (np.count_nonzero(groups, axis=1) <= 2).all()
 
 
-def cli(capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        main(["optimize", *argv])
-    return e.value.code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--method=prune", "--target_sparsity=1.0"], "must be in [0, 1)"),
     (["--method=prune", "--target_sparsity=-0.1"], "must be in [0, 1)"),
-    (["--method=distill"], "expected one of prune|qat|prune_qat|cluster"),
+    (["--method=distill"], "--method=distill: value should be one of <prune|qat|prune_qat|cluster>"),
     (["--method=qat", "--from_variant=nope"], "no optimized variant 'nope'"),
     (["--method=prune_qat", "--from_variant=cluster-none"], "no optimized variant"),
-    (["--method=prune", "--steps=10", "--end_step=7", "--frequency=2"], "not a multiple of --frequency"),
+    (["--method=prune", "--steps=10", "--end_step=7", "--frequency=2"], "--end_step=7: end_step - begin_step=0 is not a multiple of frequency=2"),
     (["--method=prune", "--sparsity_m_by_n=4,2"], "0 < M < N"),
     (["--method=prune", "--name=pruned50"], "exists"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(run, capsys, argv, message):
     _, workdir = run
     before = sorted(p.name for p in (workdir / "optimized").iterdir())
-    code, err = cli(capsys, f"--workdir={workdir}", *argv)
+    code, _, err = run_cli(capsys, "optimize", f"--workdir={workdir}", *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in (workdir / "optimized").iterdir()) == before
 
@@ -149,9 +144,9 @@ def test_needs_a_trained_model_and_a_pruned_variant(capsys, tmp_path, english_te
     (tmp_path / "c.txt").write_text(english_text, encoding="utf-8")
     prepare.prepare(prepare.PrepareConfig(corpus=(str(tmp_path / "c.txt"),),
                                           tokenizer=tokenizers.TokenizerConfig("char")), tmp_path / "run")
-    code, err = cli(capsys, f"--workdir={tmp_path / 'run'}", "--method=prune")
+    code, _, err = run_cli(capsys, "optimize", f"--workdir={tmp_path / 'run'}", "--method=prune")
     assert code == 2 and "no trained model" in err
-    code, err = cli(capsys, f"--workdir={tmp_path / 'run'}", "--method=prune_qat")
+    code, _, err = run_cli(capsys, "optimize", f"--workdir={tmp_path / 'run'}", "--method=prune_qat")
     assert code == 2 and "run `lmstack optimize --method=prune` first" in err
     assert not (tmp_path / "run" / "optimized").exists()
 
@@ -170,15 +165,17 @@ def test_report_compares_every_variant(run, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["report", f"--workdir={workdir}"])
     code = e.value.code
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 0
+    assert json.loads(out) == {"path": str(workdir / "report" / "report.md"),
+                               "rows": workdir_lib.read_json(workdir / "report" / "report.json")}
     report = (workdir / "report" / "report.md").read_text()
     rows = workdir_lib.read_json(workdir / "report" / "report.json")
     names = [r["variant"] for r in rows]
     assert names == ["dense", "pruned50", "pruned50-qat"]
     for row in rows:
         assert row["gzip_bytes"] < row["saved_model_bytes"] and row["ms_per_token"] > 0
-        assert f"| {row['variant']} |" in out and f"| {row['variant']} |" in report
+        assert f"| {row['variant']} |" in err and f"| {row['variant']} |" in report
     pruned = next(r for r in rows if r["variant"] == "pruned50")
     dense = rows[0]
     assert pruned["nonzero_params"] < 0.6 * dense["nonzero_params"]

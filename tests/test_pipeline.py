@@ -5,9 +5,8 @@ import json
 import pytest
 
 from app import stages
-from app.main import main
 from pipelines.errors import UserError
-from tests.conftest import bundled_lines
+from tests.conftest import bundled_lines, run_cli
 
 TINY = """
 workdir: run
@@ -32,12 +31,6 @@ def write_config(tmp_path, text=TINY, name="run.yaml"):
     return path
 
 
-def run(capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
-
 
 def stage_lines(err: str) -> dict[str, str]:
     """'transformer train' -> 'up to date' | 'done' | 'skipped', from the per-stage progress lines."""
@@ -52,7 +45,7 @@ def stage_lines(err: str) -> dict[str, str]:
 @pytest.mark.slow
 def test_every_stage_runs_once_and_a_changed_setting_reruns_only_what_depends_on_it(tmp_path, capsys):
     config = write_config(tmp_path)
-    code, out, err = run(capsys, "pipeline", f"--config={config}")
+    code, out, err = run_cli(capsys, "pipeline", f"--config={config}")
     assert code == 0, err
     state = json.loads((tmp_path / "run" / "pipeline.json").read_text())["stages"]
     assert set(state) == {f"transformer/{s}" for s in stages.STAGES}
@@ -66,11 +59,11 @@ def test_every_stage_runs_once_and_a_changed_setting_reruns_only_what_depends_on
     assert "transformer, served, temperature 0.8:\n\n    ROMEO." + served["sample"].splitlines()[0] in err
     assert json.loads(out)["workdir"] == str(tmp_path / "run")
 
-    code, _, err = run(capsys, "pipeline", f"--config={config}")
+    code, _, err = run_cli(capsys, "pipeline", f"--config={config}")
     assert code == 0 and set(stage_lines(err).values()) == {"up to date"}
 
     config.write_text(TINY.replace("quantize: none", "quantize: dynamic"))
-    code, _, err = run(capsys, "pipeline", f"--config={config}", "--skip=serve")
+    code, _, err = run_cli(capsys, "pipeline", f"--config={config}", "--skip=serve")
     assert code == 0, err
     lines = stage_lines(err)
     assert lines["transformer tflite"] == lines["transformer report"] == "done"
@@ -84,23 +77,34 @@ def test_every_stage_runs_once_and_a_changed_setting_reruns_only_what_depends_on
 @pytest.mark.parametrize("text, message", [
     ("workdir: run\ncorpus: [c.txt]\nmodels: {transformer: {}}\ntrian: {}\n", "unknown key(s) trian"),
     ("workdir: run\ncorpus: [c.txt]\nmodels: {gpt: {}}\n", "`models` maps families"),
-    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\ntrain: {stpes: 3}\n", "train: unknown setting(s) stpes"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\ntrain: {stpes: 3}\n", "train.stpes: no such setting"),
     ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\nskip: [deploy]\n", "cannot skip deploy"),
     ("workdir: run\nmodels: {lstm: {}}\n", "`corpus` is required"),
-    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {width: 3}}\n", "models.lstm: unknown setting(s) width"),
-    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {train: {stpes: 3}}}\n", "models.lstm.train: unknown setting(s) stpes"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {width: 3}}\n", "models.lstm.width: no such setting"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {train: {stpes: 3}}}\n", "models.lstm.train.stpes: no such setting"),
+    # Values are checked against the settings' types before any stage runs.
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\ntrain: {steps: many}\n",
+     "train.steps: expected a value of type int (got many)"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\ntflite: {quantize: int4}\nskip: [optimize]\n",
+     "tflite.quantize: expected one of none|float16|dynamic|int8 (got int4)"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {cell: rnn}}\n", "models.lstm.cell: expected one of lstm|gru"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {preset: huge}}\n", "models.lstm.preset: expected one of"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\nserve: {max_new_tokens: 2.5}\nskip: [optimize]\n",
+     "serve.max_new_tokens: expected a value of type int"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\n", "optimize.method: is required"),
     ("workdir: run\ncorpus: [c.txt\n", "not valid YAML"),
 ])
 def test_bad_config_is_one_line_and_exit_2(text, message, tmp_path, capsys):
     config = write_config(tmp_path, text)
-    code, _, err = run(capsys, "pipeline", f"--config={config}")
+    code, _, err = run_cli(capsys, "pipeline", f"--config={config}")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
 
 
 def test_json_configs_read_like_yaml(tmp_path):
     config = write_config(tmp_path, json.dumps({"workdir": "run", "corpus": "corpus.txt",
-                                                "models": {"lstm": {"preset": "tiny"}}, "skip": ["serve"]}),
+                                                "models": {"lstm": {"preset": "tiny"}}, "skip": ["serve"],
+                                                "optimize": {"method": "prune"}}),
                           name="run.json")
     loaded = stages.load_config(config)
     assert loaded.workdir == tmp_path / "run" and loaded.corpus == (str(tmp_path / "corpus.txt"),)

@@ -3,10 +3,10 @@ import os
 
 import pytest
 
-from app.main import main
 from pipelines import prepare as prepare_lib
 from pipelines import tokenizers
 from pipelines.errors import UserError
+from tests.conftest import run_cli
 
 
 def config(*corpus, kind="char", **kw):
@@ -90,12 +90,6 @@ def test_wordpiece_and_sentencepiece_workdirs(tmp_path, corpus_file):
 
 # --- bad input through the command line: one line, exit 2, nothing written ---
 
-def run_cli(capsys, *args):
-    with pytest.raises(SystemExit) as e:
-        main(["prepare", *args])
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
-
 
 def error_line(err):
     lines = [line for line in err.splitlines() if line.startswith("lmstack prepare: error:")]
@@ -109,7 +103,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, co
     args = [f"--corpus={corpus_file}", f"--workdir={run}"]
     expect = {
         "missing": "no such file", "empty": "corpus is empty", "not_utf8": "not valid UTF-8 at byte 3",
-        "vocab_too_small": "--vocab_size=3 is too small", "unwritable": "cannot write to workdir",
+        "vocab_too_small": "--vocab_size=3: too small", "unwritable": "cannot write to workdir",
         "bad_fraction": "--val_fraction=1.5",
     }[case]
     if case == "missing":
@@ -128,7 +122,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, co
         args[1] = f"--workdir={run}"
     elif case == "bad_fraction":
         args.append("--val_fraction=1.5")
-    code, out, err = run_cli(capsys, *args)
+    code, out, err = run_cli(capsys, "prepare", *args)
     assert code == 2
     assert expect in error_line(err)
     assert not run.exists()
@@ -136,16 +130,22 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, co
 
 def test_not_utf8_then_replace_goes_on(tmp_path, capsys):
     (tmp_path / "bad.txt").write_bytes(b"abc\xff def\n" * 50)
-    code, out, err = run_cli(capsys, f"--corpus={tmp_path / 'bad.txt'}", f"--workdir={tmp_path / 'run'}",
+    code, out, err = run_cli(capsys, "prepare", f"--corpus={tmp_path / 'bad.txt'}", f"--workdir={tmp_path / 'run'}",
                              "--encoding_errors=replace")
     assert code == 0, err
     vocab = json.loads((tmp_path / "run" / "tokenizer" / "vocabulary.json").read_text())
     assert "\ufffd" in vocab
 
 
-def test_cli_prints_a_summary(tmp_path, capsys, corpus_file):
-    code, out, err = run_cli(capsys, f"--corpus={corpus_file}", f"--workdir={tmp_path / 'run'}")
+def test_cli_prints_a_summary_for_people_and_json_for_scripts(tmp_path, capsys, corpus_file):
+    code, out, err = run_cli(capsys, "prepare", f"--corpus={corpus_file}", f"--workdir={tmp_path / 'run'}")
     assert code == 0, err
-    assert "train" in out and "val" in out and "vocabulary" in out and "tokenizing train" in err
-    code, out, err = run_cli(capsys, f"--corpus={corpus_file}", f"--workdir={tmp_path / 'run'}")
-    assert code == 0 and "(reused)" in out
+    assert "train" in err and "vocabulary" in err and "tokenizing train" in err
+    result = json.loads(out)
+    manifest = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())
+    assert result == {"workdir": str(tmp_path / "run"), "reused": False,
+                      "vocab_size": manifest["tokenizer"]["vocab_size"],
+                      "train_tokens": manifest["splits"]["train"]["tokens"],
+                      "val_tokens": manifest["splits"]["val"]["tokens"]}
+    code, out, err = run_cli(capsys, "prepare", f"--corpus={corpus_file}", f"--workdir={tmp_path / 'run'}")
+    assert code == 0 and json.loads(out)["reused"] is True

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from app.main import main
 from pipelines import evaluate, optimize
 from pipelines.errors import UserError
 from pipelines.generate import TextGenerator, encode
 from serving import contract as c
 from serving import edge
 from serving.exporters import tflite
-from tests.conftest import tiny_export
+from tests.conftest import run_cli, tiny_export
+from tests.test_workdir import umask
 
 PROMPTS = ["ROMEO.", "", "What light through yonder window"]
 # Validation perplexity of a quantized file may exceed the float32 file's by at most this much.
@@ -57,6 +57,9 @@ def test_signatures_shapes_and_built_in_ops(run):
         assert "WHILE" not in info["ops"]
     assert tflite.non_builtin_ops(path.read_bytes()) == []
     assert (workdir / "tflite" / "tokenizer" / "tokenizer.json").is_file()
+    # The app's build copies the folder: it must be readable like any other (mkdtemp's is 0700).
+    assert (workdir / "tflite" / "tokenizer").stat().st_mode & 0o777 == 0o777 & ~umask()
+    assert not [p.name for p in (workdir / "tflite").iterdir() if p.name.startswith(".")]
 
 
 def test_float32_greedy_is_the_same_on_keras_savedmodel_and_tflite(run):
@@ -117,26 +120,21 @@ def test_a_qat_variant_converts(run):
         assert result["perplexity"] == pytest.approx(keras["perplexity"], rel=0.05), (variant, quantize)
 
 
-def cli(capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    return e.value.code, capsys.readouterr()
-
 
 def test_cli(run, capsys):
     family, workdir, _, _ = run
-    code, out = cli(capsys, "generate", f"--workdir={workdir}", "--backend=tflite", "--prompt=ROMEO.",
+    code, out, err = run_cli(capsys, "generate", f"--workdir={workdir}", "--backend=tflite", "--prompt=ROMEO.",
                     "--max_new_tokens=8")
     assert code == 0
-    assert out.out.rstrip("\n") == TextGenerator(workdir).generate(["ROMEO."], 8)[0]
-    code, out = cli(capsys, "evaluate", f"--workdir={workdir}", "--backend=tflite")
-    assert code == 0 and json.loads(out.out)["backend"] == f"tflite ({family}-float32.tflite)"
+    assert out.rstrip("\n") == TextGenerator(workdir).generate(["ROMEO."], 8)[0]
+    code, out, err = run_cli(capsys, "evaluate", f"--workdir={workdir}", "--backend=tflite")
+    assert code == 0 and json.loads(out)["backend"] == f"tflite ({family}-float32.tflite)"
     for argv, message in [
-        (["tflite", f"--workdir={workdir}", "--quantize=int4"], "expected one of none|float16|dynamic|int8"),
+        (["tflite", f"--workdir={workdir}", "--quantize=int4"], "none|float16|dynamic|int8"),
         (["tflite", f"--workdir={workdir}", "--variant=nope"], "no optimized variant 'nope'"),
         (["generate", f"--workdir={workdir}", "--backend=tflite", "--quantize=float16", "--variant=nope"],
          "no optimized variant"),
-        (["evaluate", f"--workdir={workdir}", "--backend=tflite", "--quantize=int4"], "expected one of"),
+        (["evaluate", f"--workdir={workdir}", "--backend=tflite", "--quantize=int4"], "none|float16|dynamic|int8"),
     ]:
-        code, out = cli(capsys, *argv)
-        assert code == 2 and message in out.err and len(out.err.strip().splitlines()) == 1, out.err
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

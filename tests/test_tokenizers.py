@@ -95,7 +95,7 @@ def test_batches_in_tf_data_are_ragged(tmp_path, english_text):
     (TokenizerConfig("wordpiece", 4), "too small"),
     (TokenizerConfig("byte", 300), "fixed vocabulary of 260"),
     (TokenizerConfig("bpe"), "expected one of"),
-    (TokenizerConfig("char", lowercase=True), "--lowercase applies"),
+    (TokenizerConfig("char", lowercase=True), "lowercase=true: applies to wordpiece and sentencepiece"),
 ])
 def test_bad_configs(tmp_path, config, message):
     with pytest.raises(UserError, match=message):

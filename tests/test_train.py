@@ -13,9 +13,9 @@ import pytest
 import tensorflow as tf
 
 import models
-from app.main import main
 from pipelines import prepare, tokenizers, train
 from pipelines.errors import UserError
+from tests.conftest import run_cli
 
 TINY = ["--model=transformer", "--preset=tiny", "--warmup_steps=5", "--eval_every=10", "--eval_batches=2",
         "--checkpoint_every=10", "--batch_size=8", "--progress=none"]
@@ -32,12 +32,6 @@ def workdir(tmp_path, english_text):
 def vocab(workdir):
     return json.loads((workdir / "data" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
 
-
-def run_cli(capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 def lmstack(*argv, env=None, **kw):
@@ -64,7 +58,9 @@ def test_train_writes_checkpoints_metrics_and_logs(workdir, capsys):
     tags = {v.tag for f in (workdir / "logs" / "train").glob("events.out.tfevents.*")
             for event in tf.compat.v1.train.summary_iterator(str(f)) for v in event.summary.value}
     assert {"epoch_loss", "epoch_perplexity", "epoch_bits_per_char"} <= tags, tags  # derived from the loss
-    assert "trained transformer" in out and "bits/char" in out
+    assert "trained transformer" in err and "bits/char" in err
+    assert json.loads(out) == {"workdir": str(workdir), **{k: metrics[k] for k in (
+        "model", "params", "steps", "loss", "perplexity", "bits_per_char", "tokens_per_s", "wall_seconds", "dropout")}}
 
     # evaluate: one JSON object on stdout, also metrics.json
     code, out, err = run_cli(capsys, "evaluate", f"--workdir={workdir}")
@@ -156,7 +152,7 @@ def test_warmup_fits_the_run_unless_given(steps, warmup):
     schedule = train._learning_rate(config)
     assert math.isclose(float(schedule(warmup)), config.learning_rate, rel_tol=1e-5)  # the peak, after the warmup
     assert train.TrainConfig(steps=steps, warmup_steps=2).warmup() == 2
-    with pytest.raises(UserError, match=f"--warmup_steps={steps} leaves no steps to decay over"):
+    with pytest.raises(UserError, match=f"^warmup_steps={steps}: leaves no steps to decay over"):
         train.TrainConfig(steps=steps, warmup_steps=steps).validate()  # a value the user gave is still checked
 
 
@@ -197,13 +193,13 @@ def test_train_decides_dropout_once_and_a_longer_rerun_keeps_it(workdir, capsys)
                                                         "--heads=1", "--seq_len=16", "--batch_size=64"]
     code, out, err = run_cli(capsys, "train", f"--workdir={workdir}", *flags, "--steps=10")
     assert code == 0, err
-    assert re.search(r"dropout 0: the run sees its training data 0\.\d+ times, fewer than 2", out), out
+    assert re.search(r"dropout 0: the run sees its training data 0\.\d+ times, fewer than 2", err), err
     assert json.loads((workdir / "config.json").read_text())["model"]["dropout"] == 0.0
     train_tokens = json.loads((workdir / "data" / "manifest.json").read_text())["splits"]["train"]["tokens"]
     steps = math.ceil(3 * train_tokens / (64 * 16))
     code, out, err = run_cli(capsys, "train", f"--workdir={workdir}", *flags, f"--steps={steps}")
     assert code == 0, err
-    assert "dropout 0: as the run being resumed" in out
+    assert "dropout 0: as the run being resumed" in err
     assert json.loads((workdir / "metrics.json").read_text())["steps"] == steps
 
 
@@ -213,7 +209,7 @@ def test_xla_on_two_cpu_replicas_is_refused(workdir):
                      "--logical_cpus=2", "--jit_compile")
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert len(errors) == 1 and "--jit_compile cannot train 2 replicas on CPU devices" in errors[0]
+    assert len(errors) == 1 and "--jit_compile=true: cannot train 2 replicas on CPU devices" in errors[0]
     assert not (workdir / "checkpoints").exists()
 
 

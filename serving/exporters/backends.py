@@ -16,7 +16,7 @@ import tensorflow as tf
 from models.generation import SamplerConfig
 from pipelines import tokenizers
 from pipelines import workdir as workdir_lib
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError
 from pipelines.generate import decode, encode
 from serving import contract as c
 from serving import edge
@@ -35,14 +35,14 @@ def generate(backend: str, workdir: str | os.PathLike, prompt: str, max_new_toke
              variant: str = "", quantize: str = "none", export_dir: str = "", num_threads: int | None = None) -> str:
     """The continuation of `prompt` by the `savedmodel` or `tflite` backend."""
     if max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens={max_new_tokens}: must be at least 1")
+        raise ConfigError("max_new_tokens", max_new_tokens, "must be at least 1")
     if backend == "savedmodel":
         return _savedmodel(pathlib.Path(export_dir) if export_dir else newest_export(workdir), prompt,
                            max_new_tokens, sampler)
     if backend != "tflite":
-        raise UserError(f"--backend={backend!r}: expected keras, savedmodel or tflite")
+        raise ConfigError("backend", backend, "expected keras, savedmodel or tflite")
     if sampler.name == "top_p":
-        raise UserError("--backend=tflite samples greedy, random or top_k; use one of those")
+        raise ConfigError("backend", "tflite", "samples greedy, random or top_k; use one of those")
     model = edge.EdgeModel(tflite.find(workdir, variant, quantize), num_threads=num_threads)
     tokenizer = tokenizers.load(workdir_lib.Workdir(workdir).tokenizer_dir)
     ids = encode(tokenizer, prompt) if prompt else [tokenizers.EOS_ID]

@@ -24,8 +24,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import tensorflow as tf
@@ -34,7 +32,7 @@ import models
 from models import generation
 from pipelines import checkpoints, tokenizers
 from pipelines import workdir as workdir_lib
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError
 from serving import contract as c
 
 DEFAULT_EXPORT_DIR = "export"
@@ -46,10 +44,10 @@ class ExportConfig:
     """What to export and where.
 
     Attributes:
-        variant: '' for the trained model, or the name of an optimized variant (optimized/NAME/).
-        export_base: TensorFlow Serving's base path; '' means WORKDIR/export/lm.
-        version: the version directory; 0 means the next free integer.
-        model_name: the name requests use (written into the warm-up requests).
+        variant: an optimized variant (WORKDIR/optimized/NAME) instead of the trained model ('').
+        export_base: TensorFlow Serving's model base path ('': WORKDIR/export/MODEL_NAME).
+        version: the version directory to write (0: the next free integer).
+        model_name: the model's name in requests (warm-up records, default base path).
     """
     variant: str = ""
     export_base: str = ""
@@ -191,7 +189,7 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
     source = checkpoints.model_dir(wd.root, config.variant)  # UserError for an unknown variant
     base = pathlib.Path(config.export_base) if config.export_base else wd.root / DEFAULT_EXPORT_DIR / config.model_name
     if config.version < 0:
-        raise UserError(f"--version={config.version}: must be positive (0 picks the next free one)")
+        raise ConfigError("version", config.version, "must be positive (0 picks the next free one)")
     version = config.version or (max(_versions(base), default=0) + 1)
     final = base / str(version)
     if final.exists():
@@ -212,10 +210,8 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
         info = {"kind": "language_model", "checkpoint_step": step, "model": models.config_to_json(model_config)}
         signatures, warmup, methods = c.SIGNATURES, warmup_requests(config.model_name), {}
 
-    created_base = not base.exists()
-    base.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(dir=base, prefix=f".export-{version}-"))
-    try:
+    # Built aside and renamed whole: a server polling EXPORT_BASE never sees half a version.
+    with workdir_lib.publish_dir(final) as staging:
         tf.saved_model.save(module, str(staging), signatures=module.signatures())
         if methods:
             classifier.set_method_names(staging, methods)
@@ -232,13 +228,6 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
                                   "outputs": {k: dataclasses.asdict(v) for k, v in s.outputs.items()}}
                            for name, s in signatures.items()},
         })
-        os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the version from a server running as another user
-        os.rename(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created_base:
-            shutil.rmtree(base, ignore_errors=True)
-        raise
     return final
 
 
@@ -253,5 +242,5 @@ def describe(path: pathlib.Path) -> str:
         + (f", variant {info['variant']}" if info["variant"] else "") + f") to {path} ({size / 1e6:.1f} MB)",
         f"signatures: {', '.join(info['signatures'])}",
         f"serve it:   lmstack serve --model_name={info['model_name']} --model_base_path={path.parent}",
-        f"            (or tensorflow/serving: see deploy/README.md)",
+        "            (or tensorflow/serving: see deploy/README.md)",
     ])

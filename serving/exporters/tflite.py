@@ -38,7 +38,8 @@ import re
 import shutil
 import tempfile
 import time
-from typing import Any, Callable
+import typing
+from typing import Any, Callable, Literal
 
 import numpy as np
 import tensorflow as tf
@@ -46,10 +47,11 @@ import tensorflow as tf
 import models
 from pipelines import checkpoints, dataset, evaluate, mot, tokenizers
 from pipelines import workdir as workdir_lib
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError, check_choice
 from pipelines.progress import Progress
 
-QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+Quantize = Literal["none", "float16", "dynamic", "int8"]
+QUANTIZATIONS = typing.get_args(Quantize)
 TFLITE_DIR = "tflite"
 PREFILL, DECODE, SEQUENCE, STEP = "prefill", "decode", "sequence", "step"
 SIGNATURES = {"transformer": (PREFILL, DECODE), "lstm": (SEQUENCE, STEP)}
@@ -63,13 +65,13 @@ class TFLiteConfig:
     """What to convert.
 
     Attributes:
-        variant: '' for the trained model, or an optimized variant's name.
-        quantize: one of QUANTIZATIONS ('none' keeps float32).
-        max_seq_len: the fixed sequence length (cache size); 0 uses the model's context.
-        calibration_windows: validation windows for int8's ranges.
+        variant: an optimized variant (WORKDIR/optimized/NAME) instead of the trained model ('').
+        quantize: none (float32), float16, dynamic (int8 weights) or int8 (weights and activations).
+        max_seq_len: the fixed sequence length / cache size (0: the model's context).
+        calibration_windows: int8: validation windows that calibrate the ranges.
     """
     variant: str = ""
-    quantize: str = "none"
+    quantize: Quantize = "none"
     max_seq_len: int = 0
     calibration_windows: int = 32
 
@@ -85,7 +87,7 @@ def find(workdir: str | os.PathLike, variant: str = "", quantize: str = "none") 
         UserError: an unknown quantization or variant, or no such file yet.
     """
     if quantize not in QUANTIZATIONS:
-        raise UserError(f"--quantize={quantize!r}: expected one of {'|'.join(QUANTIZATIONS)}")
+        check_choice("quantize", quantize, QUANTIZATIONS)
     config = checkpoints.read_model_config(checkpoints.model_dir(workdir, variant))
     path = workdir_lib.Workdir(workdir).root / TFLITE_DIR / f"{file_name(models.family_of(config), variant, quantize)}.tflite"
     if not path.is_file():
@@ -239,9 +241,9 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
     """
     progress = progress or Progress()
     if config.quantize not in QUANTIZATIONS:
-        raise UserError(f"--quantize={config.quantize!r}: expected one of {'|'.join(QUANTIZATIONS)}")
+        check_choice("quantize", config.quantize, QUANTIZATIONS)
     if config.calibration_windows < 1:
-        raise UserError(f"--calibration_windows={config.calibration_windows}: must be at least 1")
+        raise ConfigError("calibration_windows", config.calibration_windows, "must be at least 1")
     wd = workdir_lib.Workdir(workdir)
     wd.read_config()
     source = checkpoints.model_dir(wd.root, config.variant)
@@ -251,7 +253,7 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
     seq_len = config.max_seq_len or model_config.seq_len
     if seq_len < 2 or (family == "transformer" and seq_len > model_config.seq_len):
         limit = f"2..{model_config.seq_len} (the model's context)" if family == "transformer" else "at least 2"
-        raise UserError(f"--max_seq_len={config.max_seq_len}: expected {limit}")
+        raise ConfigError("max_seq_len", config.max_seq_len, f"expected {limit}")
     name = file_name(family, config.variant, config.quantize)
     progress.note(f"converting {family}{' variant ' + config.variant if config.variant else ''} "
                   f"(step {step}) to TFLite, {config.quantize} quantization, max_seq_len {seq_len}")
@@ -266,12 +268,10 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
 
     out = wd.root / TFLITE_DIR
     out.mkdir(exist_ok=True)
-    tokenizer_out = out / "tokenizer"
-    if not tokenizer_out.is_dir():
-        staging = pathlib.Path(tempfile.mkdtemp(dir=out, prefix=".tokenizer-"))
-        for path in wd.tokenizer_dir.iterdir():
-            shutil.copy2(path, staging / path.name)
-        os.rename(staging, tokenizer_out)
+    if not (out / "tokenizer").is_dir():
+        with workdir_lib.publish_dir(out / "tokenizer") as staging:
+            for path in wd.tokenizer_dir.iterdir():
+                shutil.copy2(path, staging / path.name)
     info = {
         "file": f"{name}.tflite", "family": family, "variant": config.variant or None,
         "quantize": config.quantize, "max_seq_len": seq_len, "checkpoint_step": step,
@@ -280,9 +280,7 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
         "signatures": _signature_shapes(flat), "ops": _op_counts(flat),
         "optimization": made.get("method"), "float_ops": list(float_ops),
     }
-    tmp = out / f".{name}.tflite.tmp"
-    tmp.write_bytes(flat)
-    os.replace(tmp, out / f"{name}.tflite")
+    workdir_lib.write_bytes(out / f"{name}.tflite", flat)
     workdir_lib.write_json(out / f"{name}.json", info)
     return out / f"{name}.tflite"
 
