@@ -63,14 +63,14 @@ def run(fv: flags.FlagValues) -> int:
 
 
 def _evaluate_classifier(fv: flags.FlagValues) -> int:
-    from pipelines import finetune
+    from pipelines import evaluate
     from pipelines.errors import UserError
     from pipelines.progress import Progress
 
     if fv.variant or fv.backend != "keras":
         raise UserError(f"{fv.workdir} is a classifier workdir: --variant and --backend=tflite are for "
                         "language models; drop them")
-    result = finetune.evaluate(fv.workdir, corpus=fv.corpus, progress=Progress(sys.stderr))
-    print(finetune.describe_metrics(result), file=sys.stderr)
+    result = evaluate.evaluate_classifier(fv.workdir, corpus=fv.corpus, progress=Progress(sys.stderr))
+    print(evaluate.describe_classifier(result), file=sys.stderr)
     print(json.dumps(result))
     return 0

@@ -28,11 +28,6 @@ from absl import flags
 
 from pipelines.errors import ConfigError
 
-# A flag whose name is not its field's (the prepare command's --tokenizer is TokenizerConfig.kind),
-# per FlagValues, so a ConfigError names the flag the user typed.
-_RENAMED: dict[int, dict[str, str]] = {}
-
-
 def field_help(cls: type) -> dict[str, str]:
     """Field name -> its help, from the `Attributes:` sections of the class's docstring and its bases'.
 
@@ -139,8 +134,9 @@ def define(fv: flags.FlagValues, cls: type, *, exclude: Iterable[str] = (), rena
             raise TypeError(f"{cls.__name__}.{f.name}: no flag type for {hint!r}")
         if default is None and f.default is dataclasses.MISSING and f.name not in defaults:
             flags.mark_flag_as_required(name, flag_values=fv)
-        if name != f.name:
-            _RENAMED.setdefault(id(fv), {})[f.name] = name
+        # The field a flag sets, where the names differ (prepare's --tokenizer is TokenizerConfig.kind),
+        # so a ConfigError names the flag the user typed.
+        fv[name].config_field = f.name
 
 
 def define_overrides(fv: flags.FlagValues, classes: dict[str, type], *, exclude: Iterable[str] = ()) -> list[str]:
@@ -237,7 +233,9 @@ def build(fv: flags.FlagValues, cls: type, *, exclude: Iterable[str] = (), renam
 
 def flag_message(fv: flags.FlagValues, error: ConfigError) -> str:
     """A ConfigError in the words of the command line: `--flag=value: message`."""
-    name = _RENAMED.get(id(fv), {}).get(error.field, error.field)
+    name = error.field
+    if name not in fv:  # a renamed flag
+        name = next((n for n in fv if getattr(fv[n], "config_field", None) == error.field), name)
     return ConfigError(name, error.value, error.message).as_flag()
 
 

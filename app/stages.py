@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import pathlib
@@ -41,21 +42,53 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from pipelines import workdir as workdir_lib
 from app import settings as app_settings
 from pipelines.errors import ConfigError, UserError
 from pipelines.progress import Progress
 
-STAGES = ("prepare", "train", "evaluate", "optimize", "export", "serve", "tflite", "report")
-# What each stage reads: its fingerprint includes their run ids.
-INPUTS = {"prepare": (), "train": ("prepare",), "evaluate": ("train",), "optimize": ("train",),
-          "export": ("train", "optimize"), "serve": ("export",), "tflite": ("train", "optimize"),
-          "report": ("evaluate", "optimize", "tflite")}
-# What a redone stage clears first (inside the model's workdir), so it starts clean.
-OUTPUTS = {"train": ("checkpoints", "logs", "metrics.json"), "optimize": ("optimized",), "export": ("export",),
-           "tflite": ("tflite",), "report": ("report",)}
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline, declared once; it runs as `Pipeline._NAME`.
+
+    Attributes:
+        name: its key in the config file and in pipeline.json.
+        inputs: the stages it reads; its fingerprint includes their run ids.
+        outputs: what it writes in the model's workdir, cleared before it is redone.
+        settings: the config dataclasses its section fills ("module:Class"), each with the fields the
+            pipeline fills in itself (loaded when needed: the library modules import TensorFlow).
+        brief: a few words on its result, for its progress line.
+    """
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    settings: tuple[tuple[str, tuple[str, ...]], ...]
+    brief: Callable[[dict[str, Any]], str]
+
+
+PIPELINE = (
+    Stage("prepare", (), (), (("pipelines.prepare:PrepareConfig", ("corpus", "tokenizer")),),
+          lambda r: f"{r['train_tokens']:,} training tokens, vocabulary {r['vocab_size']}"),
+    Stage("train", ("prepare",), ("checkpoints", "logs", "metrics.json"), (("pipelines.training:TrainConfig", ()),),
+          lambda r: f"{r['params']:,} parameters, {r['steps']} steps, {r['bits_per_char']:.3f} bits/char"),
+    Stage("evaluate", ("train",), (), (),
+          lambda r: f"{r['bits_per_char']:.3f} bits/char on the validation split"),
+    Stage("optimize", ("train",), ("optimized",), (("pipelines.optimize:OptimizeConfig", ("overwrite",)),),
+          lambda r: f"{r['variant']}: perplexity {r['perplexity_change']:+.1%}"),
+    Stage("export", ("train", "optimize"), ("export",), (("serving.exporters.savedmodel:ExportConfig", ()),),
+          lambda r: r["path"]),
+    Stage("serve", ("export",), (), (("app.stages:ServeCheck", ()),),
+          lambda r: f"REST {r['rest']['ms']:.0f} ms, gRPC {r['grpc']['ms']:.0f} ms for {r['prompt']!r}"),
+    Stage("tflite", ("train", "optimize"), ("tflite",),
+          (("serving.exporters.tflite:TFLiteConfig", ()), ("app.stages:DeviceCheck", ())),
+          lambda r: f"{pathlib.Path(r['path']).name}, {r['bytes'] / 1e6:.2f} MB: {r['completion'][:40]!r}"),
+    Stage("report", ("evaluate", "optimize", "tflite"), ("report",), (("app.stages:ReportSettings", ()),),
+          lambda r: r["path"]),
+)
+STAGES = tuple(stage.name for stage in PIPELINE)
+BY_NAME = {stage.name: stage for stage in PIPELINE}
 STATE_FILE = "pipeline.json"
 TOP_KEYS = {"workdir", "corpus", "tokenizer", "models", "skip", *STAGES}
 
@@ -206,13 +239,11 @@ class ReportSettings:
 
 def stage_settings() -> dict[str, tuple[tuple[type, tuple[str, ...]], ...]]:
     """Each stage's settings: the config dataclasses they fill, less the fields the pipeline fills in."""
-    from pipelines import optimize, prepare, train
-    from serving.exporters import savedmodel, tflite
+    def load(path: str) -> type:
+        module, name = path.split(":")
+        return getattr(importlib.import_module(module), name)
 
-    return {"prepare": ((prepare.PrepareConfig, ("corpus", "tokenizer")),), "train": ((train.TrainConfig, ()),),
-            "evaluate": (), "optimize": ((optimize.OptimizeConfig, ("overwrite",)),),
-            "export": ((savedmodel.ExportConfig, ()),), "serve": ((ServeCheck, ()),),
-            "tflite": ((tflite.TFLiteConfig, ()), (DeviceCheck, ())), "report": ((ReportSettings, ()),)}
+    return {stage.name: tuple((load(path), exclude) for path, exclude in stage.settings) for stage in PIPELINE}
 
 
 def stage_configs(stage: str, values: dict[str, Any], corpus: tuple[str, ...] = (),
@@ -299,7 +330,8 @@ class Pipeline:
     def _fingerprint(self, family: str, stage: str) -> str:
         c = self.config
         inputs: dict[str, Any] = {"stage": stage, "settings": c.stages[stage], "model": c.models[family]}
-        inputs["upstream"] = {s: self.state["stages"].get(f"{family}/{s}", {}).get("run_id") for s in INPUTS[stage]}
+        inputs["upstream"] = {s: self.state["stages"].get(f"{family}/{s}", {}).get("run_id")
+                              for s in BY_NAME[stage].inputs}
         if stage == "prepare":
             inputs.update(corpus=[_file_hash(p) for p in c.corpus], tokenizer=c.tokenizer)
         return _hash(inputs)
@@ -318,7 +350,7 @@ class Pipeline:
             return
         wd = self.config.workdir / family
         if done or stage in self.rerun:
-            for name in OUTPUTS.get(stage, ()):
+            for name in BY_NAME[stage].outputs:
                 path = wd / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         self.progress.note(f"{label} ...")
@@ -332,7 +364,7 @@ class Pipeline:
         self.state["stages"][key] = {"fingerprint": fingerprint, "run_id": f"{fingerprint}-{time.time():.0f}",
                                      "seconds": round(seconds, 1), "result": result}
         workdir_lib.write_json(self.state_path, self.state)
-        self.progress.note(f"{label}: done in {seconds:.0f} s" + (f" ({_brief(stage, result)})" if result else ""))
+        self.progress.note(f"{label}: done in {seconds:.0f} s" + (f" ({BY_NAME[stage].brief(result)})" if result else ""))
 
     # -- the stages ---------------------------------------------------------------------------
 
@@ -462,25 +494,6 @@ def _wait_until_serving(client, server: subprocess.Popen, timeout: float) -> Non
             pass
         time.sleep(0.5)
     raise UserError(f"lmstack serve did not answer within {timeout:.0f} s")
-
-
-def _brief(stage: str, result: dict[str, Any]) -> str:
-    """A few words on a stage's result, for its progress line."""
-    if stage == "prepare":
-        return f"{result['train_tokens']:,} training tokens, vocabulary {result['vocab_size']}"
-    if stage == "train":
-        return f"{result['params']:,} parameters, {result['steps']} steps, {result['bits_per_char']:.3f} bits/char"
-    if stage == "evaluate":
-        return f"{result['bits_per_char']:.3f} bits/char on the validation split"
-    if stage == "optimize":
-        return f"{result['variant']}: perplexity {result['perplexity_change']:+.1%}"
-    if stage in ("export", "report"):
-        return result["path"]
-    if stage == "serve":
-        return f"REST {result['rest']['ms']:.0f} ms, gRPC {result['grpc']['ms']:.0f} ms for {result['prompt']!r}"
-    if stage == "tflite":
-        return f"{pathlib.Path(result['path']).name}, {result['bytes'] / 1e6:.2f} MB: {result['completion'][:40]!r}"
-    return ""
 
 
 def summary_table(summary: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ For the transformer and the LSTM at the `tiny` and `small` presets, XLA off
 and on, and the same transformer built with keras-hub (`GPT2Backbone` in a
 `GPT2CausalLM`, Keras 3) as the reference, each configuration trains in its own
 process (so peak resident memory is its own) on the bundled corpus through
-`pipelines.train.build_and_compile` and `dataset.train_dataset`. The ratio to
+`pipelines.training.build_and_compile` and `dataset.train_dataset`. The ratio to
 keras-hub comes from the reference trained in the same process, interleaved
 with ours; rounds alternate the order of configurations (these machines are
 shared and noisy).
@@ -134,7 +134,7 @@ def _build(impl: str, config, vocab: int, xla: bool, ds):
     """(model, its dataset, its Keras module) for one implementation, compiled and warmed up."""
     import tensorflow as tf
 
-    from pipelines import train
+    from pipelines import training
 
     if impl == "keras-hub":
         import keras
@@ -150,7 +150,7 @@ def _build(impl: str, config, vocab: int, xla: bool, ds):
     else:
         from models.backend import keras
 
-        model = train.build_and_compile(config, train.TrainConfig(steps=10_000, warmup_steps=10, jit_compile=xla))
+        model = training.build_and_compile(config, training.TrainConfig(steps=10_000, warmup_steps=10, jit_compile=xla))
     model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # trace, compile, fill buffers
     return model, ds, keras
 

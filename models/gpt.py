@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import tensorflow as tf
 
@@ -25,6 +25,10 @@ from models.backend import keras
 Init = Literal["glorot", "gpt2"]
 INITS = typing.get_args(Init)
 INIT_STD = 0.02  # GPT-2's standard deviation for every weight matrix and embedding
+
+
+def _identity(x):
+    return x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +92,33 @@ class GPTConfig:
         return 2 * matmul_params + 2 * 2 * self.layers * self.seq_len * d
 
 
+def block(x, i: int, layer: Callable[[str], Callable], attend: Callable) -> tf.Tensor:
+    """Transformer block `i`: x + Dropout(Out(Attn(LN1(x)))), then x + Dropout(MLP(LN2(x))).
+
+    The one definition of the forward pass, and of the layer names TF-MOT,
+    checkpoints and the exporters see. `build_gpt` calls it with a `layer`
+    that makes each layer; `GPTDecoder` with one that finds the built model's
+    layers (QAT wrappers included) and `attend` reading and writing the cache.
+
+    Args:
+        x: the residual stream `[B, T, d]`.
+        i: the block's index.
+        layer: name -> the layer to apply.
+        attend: `(i, q, k, v)` -> the attention output `[B, T, d]` before its projection.
+    """
+    h = layer(f"block{i}_ln1")(x)
+    q, k, v = (layer(f"block{i}_{n}")(h) for n in ("query", "key", "value"))
+    a = layer(f"block{i}_attention_dropout")(layer(f"block{i}_attention_output")(attend(i, q, k, v)))
+    x = layer(f"block{i}_attention_residual")([x, a])
+    h = layer(f"block{i}_mlp_out")(layer(f"block{i}_mlp_in")(layer(f"block{i}_ln2")(x)))
+    return layer(f"block{i}_mlp_residual")([x, layer(f"block{i}_mlp_dropout")(h)])
+
+
 def build_gpt(config: GPTConfig, seq_len: int | None = None) -> keras.Model:
     """The functional model: int32 ids `[B, T]` -> float32 logits `[B, T, vocab_size]`.
+
+    A flat functional graph of stock tf_keras layers (and `models.layers`), so
+    TF-MOT can wrap each one.
 
     Args:
         config: the shape.
@@ -98,30 +127,36 @@ def build_gpt(config: GPTConfig, seq_len: int | None = None) -> keras.Model:
     c = config
     rate = c.dropout or 0.0
 
-    def dense(units, name, residual=False, **kwargs):
-        if c.init == "gpt2":
-            std = INIT_STD / math.sqrt(2 * c.layers) if residual else INIT_STD
-            kwargs["kernel_initializer"] = keras.initializers.RandomNormal(stddev=std)
-        return keras.layers.Dense(units, name=name, **kwargs)
+    def dense(units, residual=False, **kwargs):
+        def make(name):
+            if c.init == "gpt2":
+                std = INIT_STD / math.sqrt(2 * c.layers) if residual else INIT_STD
+                kwargs["kernel_initializer"] = keras.initializers.RandomNormal(stddev=std)
+            return keras.layers.Dense(units, name=name, **kwargs)
+        return make
+
+    norm = lambda name: keras.layers.LayerNormalization(epsilon=1e-5, name=name)  # noqa: E731
+    makers = {"ln1": norm, "ln2": norm, "query": dense(c.d_model), "key": dense(c.d_model),
+              "value": dense(c.d_model), "attention_output": dense(c.d_model, residual=True),
+              "mlp_in": dense(c.mlp_ratio * c.d_model, activation="gelu"),
+              "mlp_out": dense(c.d_model, residual=True),
+              "attention_dropout": lambda name: keras.layers.Dropout(rate, name=name),
+              "mlp_dropout": lambda name: keras.layers.Dropout(rate, name=name),
+              "attention_residual": lambda name: keras.layers.Add(name=name),
+              "mlp_residual": lambda name: keras.layers.Add(name=name)}
+
+    def make_layer(name):
+        return makers[name.split("_", 1)[1]](name)
+
+    def attend(i, q, k, v):
+        return layers.CausalAttention(c.heads, name=f"block{i}_attention")([q, k, v])
 
     ids = keras.Input(shape=(seq_len,), dtype="int32", name="token_ids")
     x, table = layers.TokenEmbedding(c.vocab_size, c.d_model, name="token_embedding")(ids)  # (B, T, d), (V, d)
     x = layers.PositionEmbedding(c.seq_len, name="position_embedding")(x)
     x = keras.layers.Dropout(rate, name="embedding_dropout")(x)
     for i in range(c.layers):
-        h = keras.layers.LayerNormalization(epsilon=1e-5, name=f"block{i}_ln1")(x)
-        q = dense(c.d_model, f"block{i}_query")(h)
-        k = dense(c.d_model, f"block{i}_key")(h)
-        v = dense(c.d_model, f"block{i}_value")(h)
-        a = layers.CausalAttention(c.heads, name=f"block{i}_attention")([q, k, v])
-        a = dense(c.d_model, f"block{i}_attention_output", residual=True)(a)
-        a = keras.layers.Dropout(rate, name=f"block{i}_attention_dropout")(a)
-        x = keras.layers.Add(name=f"block{i}_attention_residual")([x, a])
-        h = keras.layers.LayerNormalization(epsilon=1e-5, name=f"block{i}_ln2")(x)
-        h = dense(c.mlp_ratio * c.d_model, f"block{i}_mlp_in", activation="gelu")(h)
-        h = dense(c.d_model, f"block{i}_mlp_out", residual=True)(h)
-        h = keras.layers.Dropout(rate, name=f"block{i}_mlp_dropout")(h)
-        x = keras.layers.Add(name=f"block{i}_mlp_residual")([x, h])
+        x = block(x, i, make_layer, attend)
     x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_ln")(x)
     logits = layers.TiedLogits(name="logits")([x, table])  # (B, T, V)
     return keras.Model(ids, logits, name="gpt")
@@ -189,16 +224,18 @@ class GPTDecoder:
         x, table = get("token_embedding")(ids)
         x = get("position_embedding")(x, start_index=index)  # (B, S, d)
         new_cache = []
-        for i in range(c.layers):
-            h = get(f"block{i}_ln1")(x)
-            q, k, v = (get(f"block{i}_{n}")(h) for n in ("query", "key", "value"))  # (B, S, d) each
+
+        def attend(i, q, k, v):
             kv = tf.stack([k, v], axis=1)  # (B, 2, S, d)
             layer_cache = write_cache(cache[:, i], kv, q_positions)  # (B, 2, max_len, d)
             new_cache.append(layer_cache)
             keys, values = layer_cache[:, 0], layer_cache[:, 1]  # (B, max_len, d) each
-            a = layers.attention(q, keys, values, c.heads, q_positions, k_positions)
-            x = get(f"block{i}_attention_residual")([x, get(f"block{i}_attention_output")(a)])
-            h = get(f"block{i}_mlp_out")(get(f"block{i}_mlp_in")(get(f"block{i}_ln2")(x)))
-            x = get(f"block{i}_mlp_residual")([x, h])
+            return layers.attention(q, keys, values, c.heads, q_positions, k_positions)
+
+        def layer(name):  # decoding is inference: no dropout
+            return _identity if name.endswith("_dropout") else get(name)
+
+        for i in range(c.layers):
+            x = block(x, i, layer, attend)
         logits = get("logits")([get("final_ln")(x), table])
         return logits, tf.stack(new_cache, axis=1)

@@ -7,10 +7,11 @@ those instead of assuming one step per hook.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import tensorflow as tf
 
@@ -26,7 +27,15 @@ class _QuietSlowCallbackWarning(logging.Filter):
         return "is slow compared to the batch time" not in record.getMessage()
 
 
-tf.get_logger().addFilter(_QuietSlowCallbackWarning())
+@contextlib.contextmanager
+def quiet_callback_timing() -> Iterator[None]:
+    """Around `fit`: without Keras's warning that these callbacks are slow next to a tiny model's step."""
+    quiet = _QuietSlowCallbackWarning()
+    tf.get_logger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        tf.get_logger().removeFilter(quiet)
 
 
 class DerivedMetrics(keras.callbacks.Callback):

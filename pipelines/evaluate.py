@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 import models
-from pipelines import checkpoints, corpus as corpus_lib, dataset, prepare, tokenizers
+from pipelines import checkpoints, classifiers, corpus as corpus_lib, dataset, labelled, prepare, tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import UserError
 from pipelines.progress import Progress
@@ -115,3 +115,81 @@ def evaluate(workdir: str | os.PathLike, corpus: Sequence[str] | None = None, va
         metrics = workdir_lib.read_json(path) if path.is_file() else {}
         workdir_lib.write_json(path, {**metrics, "evaluation": result})
     return result
+
+
+# ---------------------------------------------------------------------------
+# A classifier workdir: accuracy, per-class precision / recall / F1, confusion
+
+
+def evaluate_classifier(workdir: str | os.PathLike, corpus: Sequence[str] | None = None,
+                        progress: Progress | None = None) -> dict[str, Any]:
+    """Accuracy, per-class precision / recall / F1 and the confusion matrix of a classifier workdir.
+
+    Scores its validation split, or labelled files with the columns it was trained on.
+    Writes WORKDIR/metrics.json (keeping what `finetune` wrote, under the key `evaluation`).
+    """
+    progress = progress or Progress()
+    wd = workdir_lib.Workdir(workdir)
+    manifest = wd.read_manifest()
+    model, config, labels, step = classifiers.load_classifier(wd.root)
+    if corpus:
+        parts = [labelled.read(p, manifest["text_column"], manifest["label_column"]) for p in corpus]
+        examples = labelled.Examples(sum((p.texts for p in parts), ()), sum((p.labels for p in parts), ()),
+                                     ",".join(corpus))
+    else:
+        examples = classifiers.read_split(wd.root, "val")
+    unknown = sorted(set(examples.labels) - set(labels))
+    if unknown:
+        raise UserError(f"{examples.source}: labels {unknown} are not classes of this classifier ({labels})")
+    progress.note(f"classifying {len(examples):,} examples of {examples.source}")
+    tokenizer = tokenizers.load(wd.tokenizer_dir)
+    probabilities = classifiers.predict_ids(model, tokenizer, examples.texts, config.max_length)
+    index = {label: i for i, label in enumerate(labels)}
+    result = classification_metrics(labels, np.array([index[x] for x in examples.labels]),
+                                    probabilities.argmax(axis=1))
+    result.update({"text": examples.source, "checkpoint_step": step})
+    path = wd.root / "metrics.json"
+    metrics = workdir_lib.read_json(path) if path.is_file() else {}
+    workdir_lib.write_json(path, {**metrics, "evaluation": result})
+    return result
+
+
+def classification_metrics(labels: Sequence[str], true: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
+    """Accuracy, per-class precision / recall / F1 / support, macro F1 and the confusion matrix.
+
+    `confusion[i][j]` counts examples of class i predicted as class j.
+    """
+    n = len(labels)
+    confusion = np.zeros((n, n), np.int64)
+    np.add.at(confusion, (true, predicted), 1)
+    per_class = {}
+    for i, label in enumerate(labels):
+        tp = confusion[i, i]
+        predicted_i, actual_i = confusion[:, i].sum(), confusion[i, :].sum()
+        precision = tp / predicted_i if predicted_i else 0.0
+        recall = tp / actual_i if actual_i else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
+                            "support": int(actual_i)}
+    return {"accuracy": float(np.trace(confusion) / max(1, confusion.sum())),
+            "macro_f1": float(np.mean([m["f1"] for m in per_class.values()])),
+            "examples": int(confusion.sum()), "per_class": per_class,
+            "labels": list(labels), "confusion": confusion.tolist()}
+
+
+def describe_classifier(result: dict[str, Any]) -> str:
+    """Accuracy, a per-class table and the confusion matrix."""
+    labels = result["labels"]
+    width = max(8, *(len(x) for x in labels))
+    lines = [f"accuracy {result['accuracy']:.1%} on {result['examples']:,} examples, macro F1 "
+             f"{result['macro_f1']:.3f}",
+             f"{'class'.ljust(width)}  precision  recall     f1  support"]
+    for label in labels:
+        m = result["per_class"][label]
+        lines.append(f"{label.ljust(width)}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  "
+                     f"{m['support']:7,}")
+    lines.append("confusion (rows: true, columns: predicted)")
+    lines.append(" " * width + "  " + "  ".join(x.rjust(8) for x in labels))
+    for label, row in zip(labels, result["confusion"]):
+        lines.append(label.ljust(width) + "  " + "  ".join(f"{v:8,}" for v in row))
+    return "\n".join(lines)

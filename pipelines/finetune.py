@@ -7,32 +7,27 @@
          optionally unfrozen after `unfreeze_at` steps at a lower learning rate
       ─► accuracy, per-class precision / recall / F1, confusion matrix ─► CLS/
 
-A classifier workdir:
+This module is the driver (settings, checks on the base, freezing, the fit
+phases); the classifier workdir it writes - its layout, loading, examples,
+predictions - is `pipelines.classifiers`, and its metrics are
+`evaluate.evaluate_classifier`. With `baseline`, CLS/baseline/ holds the same
+classifier trained from scratch (a classifier workdir too).
 
-    CLS/
-      config.json     `classifier` (backbone config, classes, pooling, ...), `finetune`, `base`
-      tokenizer/      the base run's, copied: the classifier reads text exactly as its LM did
-      data/           train.jsonl.gz, val.jsonl.gz (text, label) + manifest.json
-      checkpoints/ logs/ metrics.json
-      baseline/       with --baseline: the same classifier trained from scratch (a classifier workdir)
-
-It is built in a hidden staging directory next to CLS and renamed into place,
-so a failed run leaves nothing behind. Under MultiWorkerMirroredStrategy only
-the chief writes CLS; the other workers build theirs in temporary directories.
+CLS is published whole (`workdir.publish_dir`), so a failed run leaves
+nothing behind. Under MultiWorkerMirroredStrategy only the chief publishes;
+the other workers build theirs in temporary directories.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
 import math
 import os
 import pathlib
 import shutil
 import time
 import typing
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import tensorflow as tf
@@ -41,7 +36,7 @@ import models
 from models import classifier as classifier_lib
 from models.backend import keras
 from pipelines import callbacks as callbacks_lib
-from pipelines import checkpoints, labelled, tokenizers, train
+from pipelines import checkpoints, classifiers, evaluate, labelled, tokenizers, training
 from pipelines import strategy as strategy_lib
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError, check_at_least, check_choice
@@ -52,7 +47,6 @@ FINETUNE_SECTION = "finetune"
 BASELINE_DIR = "baseline"
 Init = Literal["pretrained", "scratch"]
 INITS = typing.get_args(Init)
-SPLIT_FILES = {"train": "train.jsonl.gz", "val": "val.jsonl.gz"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -155,109 +149,6 @@ class FinetuneConfig(strategy_lib.Devices):
 
 
 # ---------------------------------------------------------------------------
-# Text -> model input
-
-
-def encode(tokenizer, texts: tf.Tensor, max_length: int) -> tf.Tensor:
-    """Strings `[B]` -> int32 ids `[B, max_length]`: [EOS] (a document's start, as in training),
-    the text's first `max_length - 1` tokens, then [PAD]s."""
-    tokens = tf.cast(tokenizer.tokenize(texts), tf.int32)[:, :max_length - 1]  # ragged (B, <= L-1)
-    start = tf.fill([tf.shape(texts)[0], 1], tokenizers.EOS_ID)
-    ids = tf.concat([tf.RaggedTensor.from_tensor(start), tokens], axis=1)
-    return ids.to_tensor(default_value=tokenizers.PAD_ID, shape=[None, max_length])
-
-
-def _dataset(tokenizer, texts: Sequence[str], label_ids: np.ndarray, max_length: int, batch_size: int,
-             shuffle_seed: int | None) -> tf.data.Dataset:
-    ds = tf.data.Dataset.from_tensor_slices((list(texts), label_ids.astype(np.int32)))
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(texts), seed=shuffle_seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.batch(batch_size, drop_remainder=shuffle_seed is not None)
-    ds = ds.map(lambda x, y: (encode(tokenizer, x, max_length), y), num_parallel_calls=tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    # In-memory examples have no files to shard by: each worker takes every N-th batch.
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
-
-
-# ---------------------------------------------------------------------------
-# Metrics
-
-
-def classification_metrics(labels: Sequence[str], true: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
-    """Accuracy, per-class precision / recall / F1 / support, macro F1 and the confusion matrix.
-
-    `confusion[i][j]` counts examples of class i predicted as class j.
-    """
-    n = len(labels)
-    confusion = np.zeros((n, n), np.int64)
-    np.add.at(confusion, (true, predicted), 1)
-    per_class = {}
-    for i, label in enumerate(labels):
-        tp = confusion[i, i]
-        predicted_i, actual_i = confusion[:, i].sum(), confusion[i, :].sum()
-        precision = tp / predicted_i if predicted_i else 0.0
-        recall = tp / actual_i if actual_i else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label] = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
-                            "support": int(actual_i)}
-    return {"accuracy": float(np.trace(confusion) / max(1, confusion.sum())),
-            "macro_f1": float(np.mean([m["f1"] for m in per_class.values()])),
-            "examples": int(confusion.sum()), "per_class": per_class,
-            "labels": list(labels), "confusion": confusion.tolist()}
-
-
-def predict_ids(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 64) -> np.ndarray:
-    """Class probabilities `[N, C]` of `texts`."""
-    ds = _dataset(tokenizer, texts, np.zeros(len(texts), np.int32), max_length, batch_size, None)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, max_length], tf.int32)])  # one trace, any batch
-    def probabilities(ids):
-        return tf.nn.softmax(tf.cast(model(ids, training=False), tf.float32))
-
-    return np.concatenate([probabilities(ids).numpy() for ids, _ in ds]) if texts else np.zeros((0, 0))
-
-
-# ---------------------------------------------------------------------------
-# Loading
-
-
-def read_classifier_config(workdir: str | os.PathLike) -> tuple[classifier_lib.ClassifierConfig, list[str]]:
-    """The classifier's config and its classes (in class-id order)."""
-    section = checkpoints.classifier_section(workdir)
-    if section is None:
-        raise UserError(f"{workdir} is not a classifier workdir; make one with `lmstack finetune`")
-    return config_from_json(section), list(section["labels"])
-
-
-def config_to_json(config: classifier_lib.ClassifierConfig, labels: Sequence[str]) -> dict[str, Any]:
-    return {"backbone": models.config_to_json(config.backbone), "num_classes": config.num_classes,
-            "pooling": config.pooling, "dropout": config.dropout, "max_length": config.max_length,
-            "labels": list(labels)}
-
-
-def config_from_json(data: dict[str, Any]) -> classifier_lib.ClassifierConfig:
-    return classifier_lib.ClassifierConfig(
-        backbone=models.config_from_json(data["backbone"]), num_classes=data["num_classes"],
-        pooling=data["pooling"], dropout=data["dropout"], max_length=data["max_length"])
-
-
-def load_classifier(workdir: str | os.PathLike):
-    """Rebuilds a classifier workdir's model and restores its newest checkpoint.
-
-    Returns:
-        `(model, config, labels, step)`.
-    """
-    config, labels = read_classifier_config(workdir)
-    latest = tf.train.latest_checkpoint(checkpoints.checkpoint_dir(workdir))
-    if latest is None:
-        raise UserError(f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}; rerun `lmstack finetune`")
-    model = classifier_lib.build_classifier(config)
-    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
-    return model, config, labels, int(latest.rsplit("-", 1)[1])
-
-
-# ---------------------------------------------------------------------------
 # Fine-tuning
 
 
@@ -296,23 +187,11 @@ def _freeze(model: keras.Model, config: classifier_lib.ClassifierConfig, frozen:
 
 
 def _compile(model, config: FinetuneConfig, learning_rate: float, steps: int, warmup: int) -> None:
-    optimizer = train.adamw(train.warmup_cosine(learning_rate, steps, warmup), config.weight_decay,
+    optimizer = training.adamw(training.warmup_cosine(learning_rate, steps, warmup), config.weight_decay,
                             config.clip_norm)
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                   jit_compile=config.jit_compile)
-
-
-def _write_split(path: pathlib.Path, examples: labelled.Examples) -> None:
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        for text, label in zip(examples.texts, examples.labels):
-            f.write(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n")
-
-
-def read_split(workdir: str | os.PathLike, split: str) -> labelled.Examples:
-    """A classifier workdir's saved train or validation examples."""
-    path = workdir_lib.Workdir(workdir).data_dir / SPLIT_FILES[split]
-    return labelled.read(path, "text", "label")
 
 
 def finetune(workdir: str | os.PathLike, config: FinetuneConfig, progress: Progress | None = None,
@@ -387,13 +266,13 @@ def _build(root: pathlib.Path, config: FinetuneConfig, strategy, base_root: path
     data = root / workdir_lib.DATA_DIR
     data.mkdir()
     for split, examples in (("train", train_examples), ("val", val_examples)):
-        _write_split(data / SPLIT_FILES[split], examples)
+        classifiers.write_split(data / classifiers.SPLIT_FILES[split], examples)
     counts = {split: {label: ex.labels.count(label) for label in classes}
               for split, ex in (("train", train_examples), ("val", val_examples))}
     workdir_lib.write_json(data / workdir_lib.MANIFEST_FILE, {
         "kind": "classifier", "labels": classes, "text_column": config.text_column,
         "label_column": config.label_column, "tokenizer": tokenizer_config,
-        "splits": {split: {"file": SPLIT_FILES[split], "examples": sum(counts[split].values()),
+        "splits": {split: {"file": classifiers.SPLIT_FILES[split], "examples": sum(counts[split].values()),
                            "per_class": counts[split], "source": ex.source}
                    for split, ex in (("train", train_examples), ("val", val_examples))}})
 
@@ -416,7 +295,7 @@ def _build(root: pathlib.Path, config: FinetuneConfig, strategy, base_root: path
                   + (f" (frozen: {'the whole backbone' if frozen == 'all' else f'embeddings + {frozen} bottom layers'})"
                      if frozen else "") + f"; {replicas} replica(s), global batch {global_batch}")
     workdir_lib.write_json(root / workdir_lib.CONFIG_FILE, {
-        CLASSIFIER_SECTION: config_to_json(cls_config, classes),
+        CLASSIFIER_SECTION: classifiers.config_to_json(cls_config, classes),
         FINETUNE_SECTION: dataclasses.asdict(config),
         "base": {"workdir": str(base_root), "step": base_step, "init": config.init,
                  "model": models.config_to_json(lm_config)},
@@ -426,10 +305,10 @@ def _build(root: pathlib.Path, config: FinetuneConfig, strategy, base_root: path
     label_index = {label: i for i, label in enumerate(classes)}
     y_train = np.array([label_index[label] for label in train_examples.labels])
     y_val = np.array([label_index[label] for label in val_examples.labels])
-    train_ds = _dataset(tokenizer, train_examples.texts, y_train, max_length, global_batch, config.seed)
-    val_ds = _dataset(tokenizer, val_examples.texts, y_val, max_length, global_batch, None)
+    train_ds = classifiers.dataset(tokenizer, train_examples.texts, y_train, max_length, global_batch, config.seed)
+    val_ds = classifiers.dataset(tokenizer, val_examples.texts, y_val, max_length, global_batch, None)
     log_dir = str(root / "logs")
-    warmup = train.derived_warmup(config.steps, 50) if config.warmup_steps is None else config.warmup_steps
+    warmup = training.derived_warmup(config.steps, 50) if config.warmup_steps is None else config.warmup_steps
     phases = [(0, config.unfreeze_at or config.steps, config.learning_rate, warmup)]
     if config.unfreeze_at:
         phases.append((config.unfreeze_at, config.steps,
@@ -445,17 +324,18 @@ def _build(root: pathlib.Path, config: FinetuneConfig, strategy, base_root: path
         with strategy.scope():
             _compile(model, config, learning_rate, end - start, min(warmup, max(0, end - start - 1)))
         every = min(config.eval_every or (end - start), end - start)
-        fitted = model.fit(train_ds, epochs=math.ceil((end - start) / every), steps_per_epoch=every,
-                           validation_data=val_ds, verbose=verbose, callbacks=[
-                               callbacks_lib.NaNGuard(), callbacks_lib.StopAtStep(end - start),
-                               keras.callbacks.TensorBoard(os.path.join(log_dir, f"phase{i}"), update_freq=10)])
+        with callbacks_lib.quiet_callback_timing():
+            fitted = model.fit(train_ds, epochs=math.ceil((end - start) / every), steps_per_epoch=every,
+                               validation_data=val_ds, verbose=verbose, callbacks=[
+                                   callbacks_lib.NaNGuard(), callbacks_lib.StopAtStep(end - start),
+                                   keras.callbacks.TensorBoard(os.path.join(log_dir, f"phase{i}"), update_freq=10)])
         for key, values in fitted.history.items():
             history.setdefault(key, []).extend(values)
     wall = time.perf_counter() - began
     checkpoints.manager(root, tf.train.Checkpoint(model=model), max_to_keep=1).save(checkpoint_number=config.steps)
 
-    probabilities = predict_ids(model, tokenizer, val_examples.texts, max_length)
-    summary = classification_metrics(classes, y_val, probabilities.argmax(axis=1))
+    probabilities = classifiers.predict_ids(model, tokenizer, val_examples.texts, max_length)
+    summary = evaluate.classification_metrics(classes, y_val, probabilities.argmax(axis=1))
     summary.update({
         "split": "validation", "init": config.init, "freeze": config.freeze, "frozen_layers": frozen_names,
         "unfreeze_at": config.unfreeze_at or None, "family": models.family_of(lm_config),
@@ -469,68 +349,13 @@ def _build(root: pathlib.Path, config: FinetuneConfig, strategy, base_root: path
     return summary
 
 
-# ---------------------------------------------------------------------------
-# Evaluation
-
-
-def evaluate(workdir: str | os.PathLike, corpus: Sequence[str] | None = None,
-             progress: Progress | None = None) -> dict[str, Any]:
-    """Accuracy, per-class precision / recall / F1 and the confusion matrix of a classifier workdir.
-
-    Scores its validation split, or labelled files with the columns it was trained on.
-    Writes WORKDIR/metrics.json (keeping what `finetune` wrote, under the key `evaluation`).
-    """
-    progress = progress or Progress()
-    wd = workdir_lib.Workdir(workdir)
-    manifest = wd.read_manifest()
-    model, config, labels, step = load_classifier(wd.root)
-    if corpus:
-        parts = [labelled.read(p, manifest["text_column"], manifest["label_column"]) for p in corpus]
-        examples = labelled.Examples(sum((p.texts for p in parts), ()), sum((p.labels for p in parts), ()),
-                                     ",".join(corpus))
-    else:
-        examples = read_split(wd.root, "val")
-    unknown = sorted(set(examples.labels) - set(labels))
-    if unknown:
-        raise UserError(f"{examples.source}: labels {unknown} are not classes of this classifier ({labels})")
-    progress.note(f"classifying {len(examples):,} examples of {examples.source}")
-    tokenizer = tokenizers.load(wd.tokenizer_dir)
-    probabilities = predict_ids(model, tokenizer, examples.texts, config.max_length)
-    index = {label: i for i, label in enumerate(labels)}
-    result = classification_metrics(labels, np.array([index[x] for x in examples.labels]),
-                                    probabilities.argmax(axis=1))
-    result.update({"text": examples.source, "checkpoint_step": step})
-    path = wd.root / "metrics.json"
-    metrics = workdir_lib.read_json(path) if path.is_file() else {}
-    workdir_lib.write_json(path, {**metrics, "evaluation": result})
-    return result
-
-
 def describe(summary: dict[str, Any]) -> str:
     """The end-of-fine-tuning summary, for people."""
     lines = [f"classifier ({summary['family']} backbone, {summary['init']}, freeze={summary['freeze']}) "
              f"trained {summary['steps']} steps in {summary['wall_seconds']} s -> {summary['path']}",
-             describe_metrics(summary)]
+             evaluate.describe_classifier(summary)]
     if "baseline" in summary:
         lines.append(f"from scratch (same network, no pre-training): accuracy {summary['baseline']['accuracy']:.1%}; "
                      f"pre-training {summary['accuracy_gain']:+.1%}")
     lines.append(f"next: lmstack evaluate --workdir={summary['path']} ; lmstack export --workdir={summary['path']}")
-    return "\n".join(lines)
-
-
-def describe_metrics(result: dict[str, Any]) -> str:
-    """Accuracy, a per-class table and the confusion matrix."""
-    labels = result["labels"]
-    width = max(8, *(len(x) for x in labels))
-    lines = [f"accuracy {result['accuracy']:.1%} on {result['examples']:,} examples, macro F1 "
-             f"{result['macro_f1']:.3f}",
-             f"{'class'.ljust(width)}  precision  recall     f1  support"]
-    for label in labels:
-        m = result["per_class"][label]
-        lines.append(f"{label.ljust(width)}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  "
-                     f"{m['support']:7,}")
-    lines.append("confusion (rows: true, columns: predicted)")
-    lines.append(" " * width + "  " + "  ".join(x.rjust(8) for x in labels))
-    for label, row in zip(labels, result["confusion"]):
-        lines.append(label.ljust(width) + "  " + "  ".join(f"{v:8,}" for v in row))
     return "\n".join(lines)

@@ -30,7 +30,7 @@ import tensorflow as tf
 import models
 from models.backend import keras
 from pipelines import callbacks as callbacks_lib
-from pipelines import checkpoints, dataset, evaluate, mot, train
+from pipelines import checkpoints, dataset, evaluate, mot, train, training
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError, check_at_least, check_choice
 from pipelines.progress import Progress
@@ -205,7 +205,7 @@ def optimize(workdir: str | os.PathLike, config: OptimizeConfig, progress: Progr
                          if row["pruned"]]
 
     batch_size = config.batch_size or run_config.get(train.TRAIN_SECTION, {}).get("batch_size", 32)
-    train_config = train.TrainConfig(
+    train_config = training.TrainConfig(
         steps=config.steps, batch_size=batch_size, learning_rate=config.learning_rate,
         warmup_steps=min(50, config.steps // 10), schedule="constant", weight_decay=0.0, seed=config.seed)
     keras.utils.set_random_seed(config.seed)
@@ -233,7 +233,7 @@ def optimize(workdir: str | os.PathLike, config: OptimizeConfig, progress: Progr
     return summary
 
 
-def _fine_tune(wd, model, model_config, config: OptimizeConfig, train_config: train.TrainConfig,
+def _fine_tune(wd, model, model_config, config: OptimizeConfig, train_config: training.TrainConfig,
                manifest, staging: pathlib.Path, source_pruned: list[str], progress: Progress,
                verbose: int) -> dict[str, Any]:
     log_dir = str(staging / "logs")
@@ -241,15 +241,16 @@ def _fine_tune(wd, model, model_config, config: OptimizeConfig, train_config: tr
     pruned_names = mot.pruned_weight_names(wrapped) or source_pruned
     frozen = mot.freeze_uncovered(wrapped, source_pruned) if config.method == "prune_qat" else []
     # One step per call: TF-MOT's pruning callbacks update the pruning step before every batch.
-    train.compile_for_training(wrapped, train_config, steps_per_execution=1)
+    training.compile_for_training(wrapped, train_config, steps_per_execution=1)
     train_ds = dataset.train_dataset(wd.root, model_config.seq_len, train_config.batch_size, seed=config.seed)
-    callbacks = [callbacks_lib.NaNGuard(), callbacks_lib.DerivedMetrics(train.tokens_per_char(manifest)),
+    callbacks = [callbacks_lib.NaNGuard(), callbacks_lib.DerivedMetrics(training.tokens_per_char(manifest)),
                  callbacks_lib.StopAtStep(config.steps), *extra_callbacks,
                  keras.callbacks.TensorBoard(log_dir, update_freq=max(1, config.steps // 50))]
     began = time.perf_counter()
     per_epoch = math.ceil(config.steps / 10)  # Keras "epochs" here are progress lines, not passes over the data
-    history = wrapped.fit(train_ds, epochs=math.ceil(config.steps / per_epoch), steps_per_epoch=per_epoch,
-                          callbacks=callbacks, verbose=verbose)
+    with callbacks_lib.quiet_callback_timing():
+        history = wrapped.fit(train_ds, epochs=math.ceil(config.steps / per_epoch), steps_per_epoch=per_epoch,
+                              callbacks=callbacks, verbose=verbose)
     wall = time.perf_counter() - began
 
     final = mot.strip(wrapped)  # QAT wrappers stay: they hold the learned ranges

@@ -21,8 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-import typing
-from typing import Any, Literal
+from typing import Any
 
 import tensorflow as tf
 
@@ -31,88 +30,17 @@ from models.backend import keras
 from pipelines import callbacks as callbacks_lib
 from pipelines import checkpoints, dataset, evaluate
 from pipelines import strategy as strategy_lib
+from pipelines import training
 from pipelines import workdir as workdir_lib
-from pipelines.errors import ConfigError, UserError, check_at_least, check_choice
+from pipelines.training import TrainConfig  # the stage's settings
+from pipelines.errors import UserError
 from pipelines.progress import Progress
 
-Schedule = Literal["cosine", "constant"]
-SCHEDULES = typing.get_args(Schedule)
 TRAIN_SECTION = "train"
 # Settings a resumed run must share with the run that wrote the checkpoints (with the
 # whole model config). The optimizer's settings may change: lowering the learning
 # rate after a divergence is how one recovers.
 RESUME_KEYS = ("batch_size", "mixed_precision", "seed")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig(strategy_lib.Devices):
-    """How to train (and, from `Devices`, where: strategy, logical_cpus, mixed_precision, jit_compile).
-
-    Attributes:
-        steps: optimizer steps in all (a rerun with more steps continues).
-        batch_size: sequences per replica; the global batch is this x replicas.
-        learning_rate: peak learning rate, reached after warmup_steps (default: the model's own,
-            `peak_learning_rate`: 3e-3 for the small transformer, 5e-3 for the small LSTM, lower for
-            wider models).
-        warmup_steps: linear warmup from 0 (default: a tenth of steps, at most 100, so a short run
-            needs no flag to fit its warmup).
-        schedule: learning rate after warmup: cosine (decay to 10% of the peak at steps) or constant.
-        weight_decay: AdamW's decoupled weight decay (not on biases, norms, positions).
-        clip_norm: global gradient-norm clipping (0: off).
-        eval_every: validate every this many steps (0: only at the end).
-        eval_batches: validation batches per periodic evaluation.
-        checkpoint_every: save a checkpoint every this many steps.
-        keep_checkpoints: checkpoints kept in checkpoints/.
-        seed: model initialization and data order.
-        profile_steps: FIRST,LAST steps to trace with the TF profiler (TensorBoard); '' for none.
-    """
-    steps: int = 1000
-    batch_size: int = 32
-    learning_rate: float | None = None
-    warmup_steps: int | None = None
-    schedule: Schedule = "cosine"
-    weight_decay: float = 0.01
-    clip_norm: float = 1.0
-    eval_every: int = 200
-    eval_batches: int = 50
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 3
-    seed: int = 0
-    profile_steps: str = ""
-
-    def validate(self) -> None:
-        check_at_least(self, 1, "steps", "batch_size", "checkpoint_every", "keep_checkpoints")
-        check_at_least(self, 0, "warmup_steps", "eval_every", "eval_batches", "weight_decay", "clip_norm",
-                       "logical_cpus")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise ConfigError("learning_rate", self.learning_rate, "must be positive")
-        check_choice("schedule", self.schedule, SCHEDULES)
-        self.check_devices()
-        if self.warmup_steps is not None and self.warmup_steps >= self.steps and self.schedule == "cosine":
-            raise ConfigError("warmup_steps", self.warmup_steps,
-                              f"leaves no steps to decay over (steps={self.steps}); lower it")
-        self.profile_range()
-
-    def warmup(self) -> int:
-        """The warmup steps: as given, or `derived_warmup(steps)`."""
-        return derived_warmup(self.steps) if self.warmup_steps is None else self.warmup_steps
-
-    def for_model(self, model_config: models.ModelConfig) -> "TrainConfig":
-        """This config with a learning rate: as given, or the model's `peak_learning_rate`."""
-        if self.learning_rate is not None:
-            return self
-        return dataclasses.replace(self, learning_rate=peak_learning_rate(model_config))
-
-    def profile_range(self) -> tuple[int, int] | None:
-        if not self.profile_steps:
-            return None
-        try:
-            first, last = (int(s) for s in self.profile_steps.split(","))
-        except ValueError:
-            raise ConfigError("profile_steps", self.profile_steps, "expected FIRST,LAST such as 10,20") from None
-        if not 0 < first <= last:
-            raise ConfigError("profile_steps", self.profile_steps, "expected 0 < FIRST <= LAST")
-        return first, last
 
 
 def _has_files(path: str) -> bool:
@@ -121,18 +49,6 @@ def _has_files(path: str) -> bool:
 
 def _strategy_name(strategy: tf.distribute.Strategy) -> str:
     return {"_DefaultDistributionStrategy": "default"}.get(type(strategy).__name__, type(strategy).__name__)
-
-
-# Weights AdamW does not decay: biases, LayerNorm scales and offsets, position embeddings.
-NO_WEIGHT_DECAY = ["bias", "gamma", "beta", "positions"]
-
-
-def warmup_cosine(peak: float, steps: int, warmup_steps: int, final_fraction: float = 0.1):
-    """Linear warmup from 0 to `peak` over `warmup_steps`, then cosine decay to `final_fraction` x peak
-    at `steps` (`final_fraction=1.0`: constant after the warmup)."""
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0, decay_steps=max(1, steps - warmup_steps), alpha=final_fraction,
-        warmup_target=peak, warmup_steps=warmup_steps)
 
 
 # Dropout for a run that sees its training data at least DROPOUT_EPOCHS times; below that, none:
@@ -161,77 +77,6 @@ def run_dropout(model_config: models.ModelConfig, epochs: float, resumed: models
     side = "at least" if rate else "fewer than"
     return dataclasses.replace(model_config, dropout=rate), (
         f"the run sees its training data {epochs:.2f} times, {side} {DROPOUT_EPOCHS:g}; --dropout sets it")
-
-
-def peak_learning_rate(model_config: models.ModelConfig) -> float:
-    """The peak learning rate a model trains at unless told otherwise.
-
-    Measured at the `small` presets (docs/results.md, "Quality"): 3e-3 for the
-    transformer at width 128 (2e-3 ended 0.034 bits/char worse), 5e-3 for the
-    LSTM at 256 units (2e-3 ended 0.33 worse). A wider transformer takes it
-    down in proportion to its width, the rule that meets the published recipes
-    at their widths (1e-3 at 384: nanoGPT's Shakespeare model and lmstack's
-    `base`; 5e-4 at 768, near GPT-3 Small's 6e-4); the LSTM, untried beyond
-    `small`, with the square root of its units (2.5e-3 at `base`'s 1024).
-    Narrower models stay at the small preset's rate.
-    """
-    if isinstance(model_config, models.GPTConfig):
-        return 3e-3 * min(1.0, 128 / model_config.d_model)
-    return 5e-3 * min(1.0, math.sqrt(256 / model_config.units))
-
-
-def derived_warmup(steps: int, longest: int = 100) -> int:
-    """The warmup a run gets when none is asked for: a tenth of its steps, at most `longest`."""
-    return min(longest, steps // 10)
-
-
-def adamw(learning_rate, weight_decay: float, clip_norm: float, beta_2: float = 0.999):
-    """AdamW with decoupled weight decay off `NO_WEIGHT_DECAY` and global-norm clipping (0: none)."""
-    optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay,
-                                       global_clipnorm=clip_norm or None, beta_2=beta_2)
-    optimizer.exclude_from_weight_decay(var_names=NO_WEIGHT_DECAY)
-    return optimizer
-
-
-def _learning_rate(config: TrainConfig):
-    if config.learning_rate is None:
-        raise ValueError("the TrainConfig has no learning rate yet: use config.for_model(model_config)")
-    return warmup_cosine(config.learning_rate, config.steps, config.warmup(),
-                         0.1 if config.schedule == "cosine" else 1.0)
-
-
-def compile_for_training(model, config: TrainConfig, steps_per_execution: int = 1):
-    """Compiles `model` for training: AdamW and the token cross-entropy (`DerivedMetrics` reports
-    perplexity and bits/char from it).
-
-    Call it inside `strategy.scope()` (and after setting the mixed-precision policy).
-    """
-    optimizer = adamw(_learning_rate(config), config.weight_decay, config.clip_norm, beta_2=0.99)
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=config.jit_compile, steps_per_execution=steps_per_execution)
-    return model
-
-
-def build_and_compile(model_config: models.ModelConfig, config: TrainConfig, steps_per_execution: int = 1):
-    """A new model, compiled for training (see `compile_for_training`)."""
-    return compile_for_training(models.build(model_config), config.for_model(model_config), steps_per_execution)
-
-
-def steps_per_execution(*intervals: int, longest: int = 16) -> int:
-    """Train steps Keras runs per call into TensorFlow: the largest count up to `longest` that divides
-    every interval the loop acts on (the run's steps, an epoch, the checkpoint interval, where it starts),
-    so callbacks still see each of those steps exactly. One Python round trip per that many steps."""
-    common = 0
-    for interval in intervals:
-        common = math.gcd(common, interval)
-    return max(k for k in range(1, longest + 1) if common % k == 0) if common else 1
-
-
-def tokens_per_char(manifest: dict[str, Any]) -> float:
-    """The corpus's tokens per character (train and validation splits together)."""
-    splits = manifest["splits"]
-    return (splits["train"]["tokens"] + splits["val"]["tokens"]) / max(
-        1, splits["train"]["chars"] + splits["val"]["chars"])
 
 
 def _resumed_model(wd: workdir_lib.Workdir) -> dict[str, Any] | None:
@@ -311,10 +156,10 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     steps_per_epoch = min(config.eval_every or config.steps, config.steps)
     latest = tf.train.latest_checkpoint(checkpoints.checkpoint_dir(wd.root))
     # The profiler traces steps by Keras's batch count, so a traced run goes one step per call.
-    per_call = 1 if config.profile_range() else steps_per_execution(
+    per_call = 1 if config.profile_range() else training.steps_per_execution(
         config.steps, steps_per_epoch, config.checkpoint_every, int(latest.rsplit("-", 1)[1]) if latest else 0)
     with strategy.scope():
-        model = build_and_compile(model_config, config, per_call)
+        model = training.build_and_compile(model_config, config, per_call)
     optimizer = model.optimizer
 
     ckpt_dir = checkpoints.checkpoint_dir(wd.root) if chief else tempfile.mkdtemp(prefix="lmstack-worker-ckpt-")
@@ -340,7 +185,7 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     log: dict[str, Any] = {}
     callbacks = [
         callbacks_lib.NaNGuard(),
-        callbacks_lib.DerivedMetrics(tokens_per_char(manifest)),
+        callbacks_lib.DerivedMetrics(training.tokens_per_char(manifest)),
         callbacks_lib.BackupAndRestore(backup_dir, save_freq=config.checkpoint_every // per_call),
         callbacks_lib.Checkpointer(manager, config.checkpoint_every, global_batch * seq_len, progress, log),
         callbacks_lib.StopAtStep(config.steps),
@@ -351,10 +196,10 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
                                                      profile_batch=profile))
     began = time.perf_counter()
     try:
-        history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                            initial_epoch=start // steps_per_epoch, validation_data=val_ds,
-                            validation_steps=val_steps,
-                            callbacks=callbacks, verbose=verbose)
+        with callbacks_lib.quiet_callback_timing():
+            history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                initial_epoch=start // steps_per_epoch, validation_data=val_ds,
+                                validation_steps=val_steps, callbacks=callbacks, verbose=verbose)
     finally:
         if not chief:
             shutil.rmtree(ckpt_dir, ignore_errors=True)

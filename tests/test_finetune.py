@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines import checkpoints, finetune, labelled
+from pipelines import checkpoints, classifiers, evaluate, finetune, labelled
 from serving import contract as c, server
 from serving.exporters import classifier as classifier_export
 from serving.exporters import savedmodel
@@ -77,7 +77,7 @@ def test_finetune_writes_a_classifier_workdir_with_metrics_and_a_baseline(classi
 
 def test_evaluate_agrees_with_finetune_and_scores_a_new_file(classifier, tmp_path):
     workdir, summary = classifier
-    result = finetune.evaluate(workdir)
+    result = evaluate.evaluate_classifier(workdir)
     assert result["accuracy"] == pytest.approx(summary["accuracy"])
     assert result["confusion"] == summary["confusion"]
     # A JSONL file with the same columns, labels of both classes.
@@ -87,7 +87,7 @@ def test_evaluate_agrees_with_finetune_and_scores_a_new_file(classifier, tmp_pat
     with gzip.open(path, "wt", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps({"text": r["text"], "label": r["label"]}) + "\n")
-    other = finetune.evaluate(workdir, corpus=[str(path)])
+    other = evaluate.evaluate_classifier(workdir, corpus=[str(path)])
     assert other["examples"] == 30 and np.sum(other["confusion"]) == 30
     assert json.loads((workdir / "metrics.json").read_text())["evaluation"]["examples"] == 30
 
@@ -98,9 +98,9 @@ def test_exported_signatures_match_the_keras_model(classifier):
     assert method_names(path)[c.CLASSIFY] == c.CLASSIFY_METHOD
     assert method_names(path)[c.SERVING_DEFAULT] == c.PREDICT_METHOD
     texts = ["A dark, dull thriller.", "Funny, warm and wise.", "x"]
-    model, config, labels, _ = finetune.load_classifier(workdir)
+    model, config, labels, _ = classifiers.load_classifier(workdir)
     from pipelines import tokenizers
-    expected = finetune.predict_ids(model, tokenizers.load(workdir / "tokenizer"), texts, config.max_length)
+    expected = classifiers.predict_ids(model, tokenizers.load(workdir / "tokenizer"), texts, config.max_length)
 
     loaded = tf.saved_model.load(str(path))
     out = loaded.signatures[c.SERVING_DEFAULT](text=tf.constant(texts))
@@ -224,14 +224,14 @@ def test_freezing_really_freezes(base, examples, tmp_path):
     lm, _, _ = checkpoints.load_model(base)
     before = {w.name: w.numpy() for w in lm.weights}
     finetune.finetune(tmp_path / "all", tiny_config(base, examples, freeze="all", steps=6), verbose=0)
-    model, *_ = finetune.load_classifier(tmp_path / "all")
+    model, *_ = classifiers.load_classifier(tmp_path / "all")
     backbone = model.get_layer("backbone")
     for w in backbone.weights:
         np.testing.assert_array_equal(w.numpy(), before[w.name], err_msg=w.name)
     assert not np.allclose(model.get_layer("head").kernel.numpy(), 0.0)
 
     finetune.finetune(tmp_path / "one", tiny_config(base, examples, freeze="1", steps=6), verbose=0)
-    model, *_ = finetune.load_classifier(tmp_path / "one")
+    model, *_ = classifiers.load_classifier(tmp_path / "one")
     changed = {w.name for w in model.get_layer("backbone").weights if not np.array_equal(w.numpy(), before[w.name])}
     assert not any(n.startswith(("token_embedding", "position_embedding", "block0_")) for n in changed), changed
     assert any(n.startswith("block1_") for n in changed) and any(n.startswith("final_ln") for n in changed)
@@ -242,7 +242,7 @@ def test_unfreeze_at_trains_the_backbone_after_the_head(base, examples, tmp_path
     before = {w.name: w.numpy() for w in lm.weights}
     summary = finetune.finetune(tmp_path / "cls", tiny_config(base, examples, freeze="all", unfreeze_at=6, steps=10),
                                 verbose=0)
-    model, *_ = finetune.load_classifier(tmp_path / "cls")
+    model, *_ = classifiers.load_classifier(tmp_path / "cls")
     assert any(not np.array_equal(w.numpy(), before[w.name]) for w in model.get_layer("backbone").weights)
     assert summary["unfreeze_at"] == 6
     assert summary["trainable_params_at_start"] < summary["trainable_params"] == summary["params"]

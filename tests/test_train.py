@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 import models
-from pipelines import prepare, tokenizers, train
+from pipelines import prepare, tokenizers, train, training
 from pipelines.errors import UserError
 from tests.conftest import run_cli
 
@@ -135,11 +135,11 @@ def test_malformed_tf_config(workdir, capsys, monkeypatch):
 
 def test_learning_rate_schedule_warms_up_and_decays():
     config = train.TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-3)
-    schedule = train._learning_rate(config)
+    schedule = training._learning_rate(config)
     values = [float(schedule(s)) for s in (0, 5, 10, 55, 100)]
     assert values[0] < values[1] < values[2] and math.isclose(values[2], 1e-3, rel_tol=1e-5)
     assert values[2] > values[3] > values[4] and math.isclose(values[4], 1e-4, rel_tol=1e-3)
-    constant = train._learning_rate(train.TrainConfig(steps=100, warmup_steps=10, schedule="constant",
+    constant = training._learning_rate(train.TrainConfig(steps=100, warmup_steps=10, schedule="constant",
                                                       learning_rate=1e-3))
     assert math.isclose(float(constant(90)), 1e-3, rel_tol=1e-5)
 
@@ -149,7 +149,7 @@ def test_warmup_fits_the_run_unless_given(steps, warmup):
     config = train.TrainConfig(steps=steps, learning_rate=1e-3)
     config.validate()  # a short run with default flags is not refused
     assert config.warmup() == warmup
-    schedule = train._learning_rate(config)
+    schedule = training._learning_rate(config)
     assert math.isclose(float(schedule(warmup)), config.learning_rate, rel_tol=1e-5)  # the peak, after the warmup
     assert train.TrainConfig(steps=steps, warmup_steps=2).warmup() == 2
     with pytest.raises(UserError, match=f"^warmup_steps={steps}: leaves no steps to decay over"):
@@ -159,7 +159,7 @@ def test_warmup_fits_the_run_unless_given(steps, warmup):
 @pytest.mark.parametrize("intervals, expected", [((1000, 200, 200, 0), 10), ((60, 60, 200, 0), 10),
                                                   ((30, 10, 10, 0), 10), ((1001, 200, 200, 0), 1), ((48, 48, 16, 32), 16)])
 def test_steps_per_execution_divides_every_interval_the_loop_acts_on(intervals, expected):
-    k = train.steps_per_execution(*intervals)
+    k = training.steps_per_execution(*intervals)
     assert k == expected and all(i % k == 0 for i in intervals)
 
 
@@ -173,7 +173,7 @@ def test_learning_rate_defaults_to_the_models_own():
     wide = models.make_config("transformer", "base", vocab_size=30)
     assert train.TrainConfig(learning_rate=5e-4).for_model(wide).learning_rate == 5e-4  # a given value is kept
     with pytest.raises(ValueError, match="for_model"):
-        train._learning_rate(train.TrainConfig())
+        training._learning_rate(train.TrainConfig())
 
 
 @pytest.mark.parametrize("given, epochs, resumed, expected", [

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import tensorflow as tf
 
-from pipelines import finetune
+from pipelines import classifiers
 from serving import contract as c
 
 WARMUP_TEXT = "A film."
@@ -51,7 +51,7 @@ class ClassifierModule(tf.Module):
         self.max_length = max_length
 
     def _scores(self, text):
-        ids = finetune.encode(self.tokenizer, text, self.max_length)  # (B, L)
+        ids = classifiers.encode(self.tokenizer, text, self.max_length)  # (B, L)
         return tf.nn.softmax(tf.cast(self.model(ids, training=False), tf.float32))  # (B, C)
 
     @tf.function(input_signature=_spec(c.SERVING_DEFAULT))
@@ -107,8 +107,8 @@ def set_method_names(saved_model_dir: pathlib.Path, methods: dict[str, str]) -> 
 
 def build(workdir: pathlib.Path, tokenizer, asset_files: list[str]) -> tuple[ClassifierModule, dict[str, Any]]:
     """The module of a classifier workdir and what lmstack_config.json says about it."""
-    model, config, labels, step = finetune.load_classifier(workdir)
+    model, config, labels, step = classifiers.load_classifier(workdir)
     module = ClassifierModule(model, config.max_length, labels, tokenizer, asset_files)
     info = {"kind": "classifier", "checkpoint_step": step, "labels": labels,
-            "classifier": finetune.config_to_json(config, labels)}
+            "classifier": classifiers.config_to_json(config, labels)}
     return module, info
