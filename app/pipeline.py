@@ -31,14 +31,14 @@ def define_flags(fv: flags.FlagValues) -> None:
 def run(fv: flags.FlagValues) -> int:
     import dataclasses
 
-    from app import stages
+    from app import pipeline_file, stages
     from pipelines.errors import UserError
     from pipelines.progress import Progress
 
-    config = stages.load_config(fv.config)
-    bad = [s for s in fv.skip if s not in stages.STAGES]
+    config = pipeline_file.load_config(fv.config)
+    bad = [s for s in fv.skip if s not in pipeline_file.STAGES]
     if bad:
-        raise UserError(f"--skip: unknown stage(s) {', '.join(bad)}; stages are {', '.join(stages.STAGES)}")
+        raise UserError(f"--skip: unknown stage(s) {', '.join(bad)}; stages are {', '.join(pipeline_file.STAGES)}")
     config = dataclasses.replace(config, skip=tuple(dict.fromkeys(config.skip + tuple(fv.skip))))
     pipeline = stages.Pipeline(config, Progress(sys.stderr), rerun=tuple(fv.rerun), families=tuple(fv.models))
     summary = pipeline.run()

@@ -7,7 +7,7 @@ every field into an absl flag of the same name - DEFINE_enum for a `Literal`
 type, DEFINE_list for a tuple of strings, DEFINE_integer/float/bool/string
 otherwise (`X | None` keeps None as the default) - and `build(fv, Config)`
 makes the config back from the parsed flags. The pipeline file's schema
-(`app/stages.py`) is made from the same fields, so flags, YAML keys and
+(`app/pipeline_file.py`) is made from the same fields, so flags, YAML keys and
 dataclasses cannot drift apart (tests/test_settings.py checks).
 
 The flags every command that has them shares, with one meaning: --progress

@@ -6,7 +6,7 @@ import typing
 import pytest
 from absl import flags
 
-from app import finetune, optimize, prepare, settings, stages, train
+from app import finetune, optimize, pipeline_file, prepare, settings, train
 from app import export as export_cmd
 from app import tflite as tflite_cmd
 from app.main import main
@@ -65,7 +65,7 @@ def test_every_field_is_a_flag_with_its_default_type_and_help(module):
 
 
 def test_the_pipeline_takes_the_same_settings_as_the_flags():
-    declared = stages.stage_settings()
+    declared = pipeline_file.stage_settings()
     assert {cls for cls, _ in declared["train"]} == {train_lib.TrainConfig}
     assert {cls for cls, _ in declared["optimize"]} == {optimize_lib.OptimizeConfig}
     assert {cls for cls, _ in declared["export"]} == {savedmodel.ExportConfig}
