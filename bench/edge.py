@@ -1,6 +1,6 @@
 """TFLite files of the `small` models against Keras and SavedModel, in one run.
 
-For each model trained by bench/quality.py (runs/bench-quality/{transformer,lstm})
+For each model bench/quality.py trains with the defaults (runs/bench-quality/{transformer,lstm}/defaults)
 converts the float32, float16, dynamic and int8 files (and the `qat` variant to
 int8 when bench/optimize.py made it) through `lmstack tflite`'s code, then
 measures per file: size, the interpreter's resident memory (a fresh process:
@@ -133,7 +133,9 @@ def main() -> None:
     results = {"benchmark": "tflite", "machine": {"node": platform.node(), "cpus": len(tf.config.list_logical_devices("CPU"))},
                "tensorflow": tf.__version__, "new_tokens": NEW_TOKENS, "windows": args.windows, "models": {}}
     for family in args.models.split(","):
-        workdir = pathlib.Path(args.workdir) / family
+        workdir = pathlib.Path(args.workdir) / family / "defaults"  # bench/quality.py's row of the defaults
+        if not (workdir / "checkpoints").is_dir():
+            sys.exit(f"{workdir} has no trained model: run `python bench/quality.py --rows={family}/defaults` first")
         model, config, _ = checkpoints.load_model(workdir)
         manifest = json.loads((workdir / "data" / "manifest.json").read_text())
         val = manifest["splits"]["val"]

@@ -1,6 +1,6 @@
 """TF-MOT variants of the `small` models against the dense model, with the issue's targets.
 
-Starts from the runs bench/quality.py trains (runs/bench-quality/{transformer,lstm},
+Starts from the runs bench/quality.py trains with the defaults (runs/bench-quality/{transformer,lstm}/defaults,
 1,500 steps on the bundled Shakespeare), makes each variant through the real
 `lmstack optimize` code path unless it exists (--rerun remakes them):
 
@@ -78,9 +78,9 @@ def main() -> None:
                "tensorflow": tf.__version__, "recipes": {k: dataclasses.asdict(v) for k, v in RECIPES.items()},
                "models": {}}
     for family in args.models.split(","):
-        workdir = pathlib.Path(args.workdir) / family
+        workdir = pathlib.Path(args.workdir) / family / "defaults"  # bench/quality.py's row of the defaults
         if not (workdir / "checkpoints").is_dir():
-            sys.exit(f"{workdir} has no trained model: run `python bench/quality.py --models={family}` first")
+            sys.exit(f"{workdir} has no trained model: run `python bench/quality.py --rows={family}/defaults` first")
         have = checkpoints.variants(workdir)
         for name, recipe in RECIPES.items():
             if name not in have or args.rerun:
