@@ -66,6 +66,10 @@ ROWS = {
 FAMILY_ROWS = {"transformer": list(ROWS), "lstm": [r for r in ROWS if r != "GPT-2 init"]}
 
 
+# The row whose trained model stays (checkpoints/): bench/optimize.py and bench/edge.py start from it.
+KEPT_ROW = "defaults"
+
+
 def _finished(run: pathlib.Path, model_config, train_config):
     """The metrics of a finished run with exactly these settings, else None."""
     try:
@@ -156,13 +160,16 @@ def main() -> None:
             **train_overrides})
         run = base / family / row.replace(" ", "-").replace("+", "plus-")
         summary = _finished(run, model_config, train_config) if args.reuse else None
+        if row == KEPT_ROW and not (run / "checkpoints").is_dir():
+            summary = None  # bench/optimize.py and bench/edge.py start from this row's model
         if summary is None:
             if run.exists():
                 shutil.rmtree(run)
             shutil.copytree(base / "data-only", run)
             print(f"training {family} / {row} ...", file=sys.stderr)
             summary = train.train(run, model_config, train_config, verbose=2)
-            shutil.rmtree(run / "checkpoints", ignore_errors=True)  # 20 MB a row; the figures are in metrics.json
+            if row != KEPT_ROW:  # 20 MB a row; the figures are in metrics.json
+                shutil.rmtree(run / "checkpoints", ignore_errors=True)
         saved = json.loads((run / "config.json").read_text())
         rows.append({"model": family, "row": row, "params": summary["params"], "steps": summary["steps"],
                      "dropout": saved["model"]["dropout"], "learning_rate": saved["train"]["learning_rate"],

@@ -18,6 +18,9 @@ import time
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
+# Benchmarks that start from the models bench/quality.py trains with the defaults.
+STARTS_FROM_QUALITY = ("optimize", "edge")
+
 def main() -> None:
     names = sys.argv[1:] or sorted(p.stem for p in RESULTS.glob("*.md") if p.stem != "SUMMARY")
     try:
@@ -33,7 +36,9 @@ def main() -> None:
     for name in names:
         path = RESULTS / f"{name}.md"
         if not path.is_file():
-            lines += [f"## {name}", "", f"(no output: run `python bench/{name}.py`)", ""]
+            first = (f"`python bench/quality.py --rows=transformer/defaults,lstm/defaults --reuse` (the models it "
+                     f"starts from), then " if name in STARTS_FROM_QUALITY else "")
+            lines += [f"## {name}", "", f"(no output: run {first}`python bench/{name}.py`)", ""]
             continue
         lines += [f"## {name} (`python bench/{name}.py`)", "", "```", path.read_text(encoding="utf-8").rstrip(),
                   "```", ""]
