@@ -36,8 +36,8 @@ def main() -> None:
     for name in names:
         path = RESULTS / f"{name}.md"
         if not path.is_file():
-            first = (f"`python bench/quality.py --rows=transformer/defaults,lstm/defaults --reuse` (the models it "
-                     f"starts from), then " if name in STARTS_FROM_QUALITY else "")
+            first = ("`python bench/quality.py --rows=transformer/defaults,lstm/defaults --reuse` (the models it "
+                     "starts from), then " if name in STARTS_FROM_QUALITY else "")
             lines += [f"## {name}", "", f"(no output: run {first}`python bench/{name}.py`)", ""]
             continue
         lines += [f"## {name} (`python bench/{name}.py`)", "", "```", path.read_text(encoding="utf-8").rstrip(),
