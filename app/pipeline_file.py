@@ -129,11 +129,25 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
     for key in ("workdir", "corpus", "models"):
         if not data.get(key):
             raise UserError(f"--config={path}: `{key}` is required")
+    if not isinstance(data["workdir"], str):
+        raise UserError(f"--config={path}: `workdir` is a path, got {data['workdir']!r}")
+    if not isinstance(data["corpus"], (str, list)) or not all(isinstance(c, str) for c in
+                                                               ([data["corpus"]] if isinstance(data["corpus"], str)
+                                                                else data["corpus"])):
+        raise UserError(f"--config={path}: `corpus` is a file or a list of files, got {data['corpus']!r}")
     families = data["models"]
-    if not isinstance(families, dict) or any(f not in models.FAMILIES for f in families):
-        raise UserError(f"--config={path}: `models` maps families ({', '.join(models.FAMILIES)}) to settings, "
-                        f"got {families!r}")
-    skip = tuple(data.get("skip") or ())
+    if not isinstance(families, dict) or any(f not in models.FAMILIES for f in families) \
+            or not all(isinstance(s, dict) or s is None for s in families.values()):
+        raise UserError(f"--config={path}: `models` maps families ({', '.join(models.FAMILIES)}) to settings "
+                        f"(mappings), got {families!r}")
+    if not isinstance(data.get("tokenizer") or {}, dict):
+        raise UserError(f"--config={path}: `tokenizer` holds settings such as {{kind: char}}, "
+                        f"got {data['tokenizer']!r}")
+    skip = data.get("skip") or []
+    skip = [skip] if isinstance(skip, str) else skip  # one stage, or a list of them
+    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+        raise UserError(f"--config={path}: `skip` is a list of stages, got {data.get('skip')!r}")
+    skip = tuple(skip)
     bad = [s for s in skip if s not in STAGES]
     if bad:
         raise UserError(f"--config={path}: cannot skip {', '.join(bad)}; stages are {', '.join(STAGES)}")

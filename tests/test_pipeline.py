@@ -92,6 +92,15 @@ def test_every_stage_runs_once_and_a_changed_setting_reruns_only_what_depends_on
     ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\nserve: {max_new_tokens: 2.5}\nskip: [optimize]\n",
      "serve.max_new_tokens: expected a value of type int"),
     ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\n", "optimize.method: is required"),
+    # Wrong shapes of the file's own keys: one line each, never a traceback.
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\ntokenizer: char\nskip: [optimize]\n",
+     "`tokenizer` holds settings such as {kind: char}"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\ntokenizer: {kind: bpe}\nskip: [optimize]\n",
+     "tokenizer.kind: expected one of char|byte|wordpiece|sentencepiece (got bpe)"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: 3}\n", "`models` maps families"),
+    ("workdir: run\ncorpus: 5\nmodels: {lstm: {}}\n", "`corpus` is a file or a list of files"),
+    ("workdir: [a]\ncorpus: [c.txt]\nmodels: {lstm: {}}\n", "`workdir` is a path"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\nskip: [1]\n", "`skip` is a list of stages"),
     ("workdir: run\ncorpus: [c.txt\n", "not valid YAML"),
 ])
 def test_bad_config_is_one_line_and_exit_2(text, message, tmp_path, capsys):
