@@ -159,12 +159,14 @@ def define_overrides(fv: flags.FlagValues, classes: dict[str, type], *, exclude:
         text = "override of the preset: " + "; ".join(helps[name])
         define(fv, cls, exclude=[f.name for f in dataclasses.fields(cls) if f.name != name],
                defaults={name: None}, help={name: text}, module_name=module_name)
+        fv[name].model_override = True
     return list(owner)
 
 
-def overrides(fv: flags.FlagValues, names: Iterable[str]) -> dict[str, Any]:
-    """The override flags the user set."""
-    return {name: fv[name].value for name in names if fv[name].value is not None}
+def overrides(fv: flags.FlagValues) -> dict[str, Any]:
+    """The model overrides (`define_overrides`) the user set."""
+    return {name: fv[name].value for name in fv
+            if getattr(fv[name], "model_override", False) and fv[name].value is not None}
 
 
 def check_mapping(cls: type, mapping: dict[str, Any], *, exclude: Iterable[str] = ()) -> None:

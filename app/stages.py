@@ -159,8 +159,6 @@ class Pipeline:
     def _evaluate(self, family, wd, settings):
         from pipelines import evaluate
 
-        if settings:
-            raise UserError(f"evaluate: takes no settings (got {', '.join(settings)})")
         result = evaluate.evaluate(wd, progress=self.progress)
         return {k: result[k] for k in ("loss", "perplexity", "bits_per_char")}
 

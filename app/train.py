@@ -48,21 +48,22 @@ def run(fv: flags.FlagValues) -> int:
 
     import models
     from pipelines import checkpoints, train, workdir
-    from pipelines.errors import UserError
+    from pipelines.errors import ConfigError, UserError
     from pipelines.progress import Progress
 
     if checkpoints.classifier_section(fv.workdir) is not None:
         raise UserError(f"{fv.workdir} is a classifier workdir (made by `lmstack finetune`); train a language "
                         "model in a workdir made by `lmstack prepare`")
     manifest = workdir.Workdir(fv.workdir).read_manifest()
-    overrides = settings.overrides(fv, {f.name for cls in models.FAMILIES.values() for f in dataclasses.fields(cls)
-                                        if f.name not in NOT_OVERRIDDEN})
+    overrides = settings.overrides(fv)
     try:
         model_config = models.make_config(fv.model, fv.preset, manifest["tokenizer"]["vocab_size"], **overrides)
     except (ValueError, TypeError) as e:
         raise UserError(f"--model={fv.model} --preset={fv.preset} with {overrides or 'no overrides'}: {e}") from None
     config = settings.build(fv, train.TrainConfig)
     if fv.epochs is not None:
+        if fv.epochs < 1:
+            raise ConfigError("epochs", fv.epochs, "must be at least 1")
         windows = manifest["splits"]["train"]["tokens"] // (model_config.seq_len + 1)
         config = dataclasses.replace(config, steps=max(1, fv.epochs * windows // fv.batch_size))
     summary = train.train(fv.workdir, model_config, config, Progress(sys.stderr),

@@ -106,6 +106,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(workdi
     (["--steps=0"], "--steps=0"),
     (["--warmup_steps=50", "--steps=20"], "--warmup_steps=50"),
     (["--profile_steps=abc"], "--profile_steps"),
+    (["--epochs=0"], "--epochs=0: must be at least 1"),
 ])
 def test_bad_settings(workdir, capsys, args, message):
     code, _, err = run_cli(capsys, "train", f"--workdir={workdir}", *TINY, "--steps=20", *args)
