@@ -53,7 +53,6 @@ NO_EFFECT = {
     "prefer_tflite_model": (bool, False, "SavedModels only; TFLite runs on the device (`lmstack tflite`)"),
     "num_tflite_pools": (int, 0, "no TFLite sessions"),
     "num_tflite_interpreters_per_pool": (int, 1, "no TFLite sessions"),
-    "xla_gpu_compilation_enabled": (bool, False, "TensorFlow's own XLA setting applies"),
     "enable_profiler": (bool, True, "no profiler service"),
     "thread_pool_factory_config_file": (str, "", "TensorFlow's thread pools"),
     "mixed_precision": (str, "", "the SavedModel's own precision"),
@@ -104,7 +103,10 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("enable_signature_method_name_check", False,
                       "Classify only signatures whose method name is tensorflow/serving/classify", flag_values=fv)
     flags.DEFINE_bool("xla_cpu_compilation_enabled", False,
-                      "allow XLA-compiled functions on CPU (they always run here)", flag_values=fv)
+                      "run the XLA-compiled signatures (serving_default_xla, generate_xla), compiling "
+                      "their shape buckets at load; off, they fail (as on TensorFlow Serving)", flag_values=fv)
+    flags.DEFINE_bool("xla_gpu_compilation_enabled", False, "XLA on GPUs and CPU: as --xla_cpu_compilation_enabled",
+                      flag_values=fv)
     flags.DEFINE_bool("version", False, "print the version and exit", flag_values=fv)
     for name, (kind, default, why) in NO_EFFECT.items():
         define = {str: flags.DEFINE_string, bool: flags.DEFINE_bool, int: flags.DEFINE_integer}[kind]
@@ -178,9 +180,10 @@ def run(fv: flags.FlagValues) -> int:
         tf.config.threading.set_intra_op_parallelism_threads(fv.tensorflow_intra_op_parallelism)
     if fv.tensorflow_inter_op_parallelism:
         tf.config.threading.set_inter_op_parallelism_threads(fv.tensorflow_inter_op_parallelism)
+    xla = fv.xla_cpu_compilation_enabled or fv.xla_gpu_compilation_enabled
     model_options = {"max_num_load_retries": fv.max_num_load_retries,
                      "load_retry_interval": max(0.0, fv.load_retry_interval_micros / 1e6),
-                     "warmup": fv.enable_model_warmup}
+                     "warmup": fv.enable_model_warmup, "xla": xla}
     try:
         from serving.server import grpc_api
 
@@ -207,7 +210,7 @@ def run(fv: flags.FlagValues) -> int:
         raise UserError(str(e)) from None
     roots = None if "*" in fv.model_config_roots else fv.model_config_roots
     core = server.ModelServer(served, batching=batching, metrics_path=metrics_path, limits=limits,
-                              model_roots=roots, method_name_check=fv.enable_signature_method_name_check)
+                              model_roots=roots, method_name_check=fv.enable_signature_method_name_check, xla=xla)
     core.refresh()
     core.start_polling(fv.file_system_poll_wait_seconds, fv.model_config_file or None,
                        fv.model_config_file_poll_wait_seconds,

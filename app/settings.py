@@ -4,7 +4,7 @@ A library config (`pipelines.train.TrainConfig`, ...) is a frozen dataclass
 whose fields carry the type and the default, and whose docstring's
 `Attributes:` section carries each field's help. `define(fv, Config)` turns
 every field into an absl flag of the same name - DEFINE_enum for a `Literal`
-type, DEFINE_list for a tuple of strings, DEFINE_integer/float/bool/string
+type, DEFINE_list for a tuple (of strings or integers), DEFINE_integer/float/bool/string
 otherwise (`X | None` keeps None as the default) - and `build(fv, Config)`
 makes the config back from the parsed flags. The pipeline file's schema
 (`app/pipeline_file.py`) is made from the same fields, so flags, YAML keys and
@@ -59,6 +59,20 @@ def field_help(cls: type) -> dict[str, str]:
             for name in names:
                 docs[name] = " ".join(text)
     return docs
+
+
+class _IntListParser(flags.ListParser):
+    """Comma-separated integers ('1,2,4')."""
+
+    def parse(self, argument):
+        values = super().parse(argument)
+        try:
+            return [int(v) for v in values]
+        except ValueError:
+            raise ValueError(f"expected comma-separated integers, got {argument!r}") from None
+
+    def flag_type(self):
+        return "comma separated list of integers"
 
 
 def _base_type(hint: Any) -> tuple[Any, bool]:
@@ -128,6 +142,9 @@ def define(fv: flags.FlagValues, cls: type, *, exclude: Iterable[str] = (), rena
             flags.DEFINE_float(name, default, text, **kwargs)
         elif hint is str:
             flags.DEFINE_string(name, default, text, **kwargs)
+        elif typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is int:
+            flags.DEFINE(_IntListParser(), name, list(default) if default is not None else None, text,
+                         serializer=flags.CsvListSerializer(","), **kwargs)
         elif typing.get_origin(hint) is tuple:
             flags.DEFINE_list(name, list(default) if default is not None else None, text, **kwargs)
         else:
@@ -191,14 +208,19 @@ def check_mapping(cls: type, mapping: dict[str, Any], *, exclude: Iterable[str] 
         elif hint is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif typing.get_origin(hint) is tuple:
-            ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            item = typing.get_args(hint)[0]
+            ok = isinstance(value, (list, tuple)) and all(
+                isinstance(v, item) and not isinstance(v, bool) for v in value)
         else:
             ok = not isinstance(hint, type) or isinstance(value, hint)
         if not ok:
             expected = ("one of " + "|".join(map(str, allowed)) if allowed is not None else
-                        "a list of strings" if typing.get_origin(hint) is tuple else
+                        f"a list of {_ITEM_NAMES[typing.get_args(hint)[0]]}" if typing.get_origin(hint) is tuple else
                         "a number" if hint is float else f"a value of type {getattr(hint, '__name__', hint)}")
             raise ConfigError(key, value, f"expected {expected}" + (" or null" if optional else ""))
+
+
+_ITEM_NAMES = {str: "strings", int: "integers"}
 
 
 def from_mapping(cls: type, mapping: dict[str, Any], **given: Any) -> Any:

@@ -166,6 +166,33 @@ def stream(decoder, prompt: Sequence[int], max_new_tokens: int, sampler: keras_n
 # Generation as one TensorFlow graph, with per-row settings (for exported SavedModels).
 
 
+_MASK = 0xFFFFFFFF
+
+
+def _mix32(x: tf.Tensor) -> tf.Tensor:
+    """A 32-bit integer hash (lowbias32) on int64 tensors holding values in [0, 2**32)."""
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+    x = tf.bitwise.bitwise_and(x * 0x7FEB352D, _MASK)
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15))
+    x = tf.bitwise.bitwise_and(x * 0x846CA68B, _MASK)
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+
+
+def uniform_noise(seed: tf.Tensor, position: tf.Tensor, vocab) -> tf.Tensor:
+    """Uniform noise in (0, 1), float32 `[B, vocab]`, a function of (seed, position, token id) only.
+
+    A counter-based hash with exact float32 results: TensorFlow, XLA and numpy
+    (`serving.edge.uniform_noise`) give the same bits, so a seed picks the same
+    tokens on every backend (stateless TF random ops give other bits under XLA).
+    """
+    seed = tf.bitwise.bitwise_and(tf.cast(seed, tf.int64), _MASK)  # (B,)
+    position = tf.cast(position, tf.int64)
+    row = _mix32(tf.bitwise.bitwise_xor(seed, _mix32(tf.bitwise.bitwise_and(position + 0x9E3779B9, _MASK))))
+    ids = tf.bitwise.bitwise_and(tf.range(tf.cast(vocab, tf.int64)) * 0x85EBCA6B, _MASK)  # (V,)
+    bits = _mix32(tf.bitwise.bitwise_xor(row[:, tf.newaxis], ids[tf.newaxis, :]))  # (B, V)
+    return (tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) + 0.5) / float(1 << 24)
+
+
 def sample_next(logits: tf.Tensor, position: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
                 top_p: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """Picks one token per row, each row with its own settings.
@@ -175,8 +202,9 @@ def sample_next(logits: tf.Tensor, position: tf.Tensor, temperature: tf.Tensor, 
     tokens (0: no cut), then to the smallest set of those whose probability
     reaches `top_p` (1 or 0: no cut), and a token is drawn from what is left.
     The draw depends only on the row's `seed` and `position` (Gumbel-max with
-    stateless noise), so a request gets the same tokens whatever else is in
-    its batch.
+    `uniform_noise`), so a request gets the same tokens whatever else is in
+    its batch, compiled by XLA or not, and on the device (`serving.edge`
+    draws the same noise in numpy).
 
     Args:
         logits: float `[B, V]`.
@@ -199,33 +227,144 @@ def sample_next(logits: tf.Tensor, position: tf.Tensor, temperature: tf.Tensor, 
     threshold = tf.gather(ranked, kept - 1, batch_dims=1)  # the smallest kept logit
     filtered = tf.where(scaled >= threshold[:, tf.newaxis], scaled, -math.inf)
 
-    def row_noise(row_seed):
-        return tf.random.stateless_uniform([vocab], seed=tf.stack([row_seed, position]),
-                                           minval=1e-7, maxval=1.0)
-
-    uniform = tf.map_fn(row_noise, tf.cast(seed, tf.int32), fn_output_signature=tf.float32)  # (B, V)
+    uniform = uniform_noise(seed, position, vocab)  # (B, V)
     sampled = tf.argmax(filtered - tf.math.log(-tf.math.log(uniform)), axis=-1, output_type=tf.int32)
     return tf.where(temperature > 0, sampled, greedy)
 
 
-def generate_graph(decoder, prompts: tf.RaggedTensor, max_new_tokens: tf.Tensor, choose,
-                   stop_token_id: int, empty_prompt_id: int) -> tf.RaggedTensor:
+def decode(decoder, tokens: tf.Tensor, keep: tf.Tensor, new: tf.Tensor, sampling: "Sampling",
+           stop_token_id: int) -> tf.Tensor:
+    """The decoding loop on a buffer of fixed shape: what both exported paths run.
+
+    Every shape inside depends only on the shape of `tokens`, never on the
+    values, so XLA compiles it once per buffer shape (the export's buckets).
+
+    Args:
+        decoder: a `GPTDecoder` or `LSTMDecoder`.
+        tokens: int32 `[B, T]`; row i holds its prompt in its first `keep[i]` columns.
+        keep: int32 `[B]`, at least 1.
+        new: int32 `[B]`, the tokens to add to each row; `keep + new <= T`. A row with 0 is done.
+        sampling: per-row settings (`Sampling`); temperature 0 is greedy.
+        stop_token_id: a row ends at this token.
+    Returns:
+        int32 `[B, T]`: row i's new tokens at columns `keep[i] .. keep[i] + new[i] - 1`, zeros after
+        its stop token.
+    """
+    batch, total = tf.shape(tokens)[0], tf.shape(tokens)[1]
+    start = tf.reduce_min(keep)
+    cache = decoder.prefill(tokens, start - 1, decoder.init_cache(batch, total))
+    any_sampled = tf.reduce_any(sampling.temperature > 0)
+
+    def choose(logits, index):
+        greedy = lambda: tf.argmax(logits, axis=-1, output_type=tf.int32)  # noqa: E731
+        return tf.cond(any_sampled, lambda: sample_next(logits, index, *sampling), greedy)
+
+    def step(index, tokens, cache, done):
+        logits, cache = decoder.call_with_cache(tokens[:, index - 1][:, tf.newaxis], cache, index - 1)
+        chosen = choose(tf.cast(logits[:, 0, :], tf.float32), index)
+        in_prompt = index < keep
+        column = tf.one_hot(index, total, on_value=True, off_value=False)[tf.newaxis, :]  # (1, T)
+        written = tf.where(in_prompt, tokens[:, index], tf.where(done, 0, chosen))
+        tokens = tf.where(column, written[:, tf.newaxis], tokens)
+        finished = ~in_prompt & ((chosen == stop_token_id) | (index + 1 - keep >= new))
+        return index + 1, tokens, cache, done | finished
+
+    _, tokens, _, _ = tf.while_loop(
+        lambda index, tokens, cache, done: (index < total) & ~tf.reduce_all(done),
+        step, (start, tokens, cache, new <= 0))
+    return tokens
+
+
+class Sampling(typing.NamedTuple):
+    """Per-row sampling settings as tensors, `[B]` each (see `sample_next`)."""
+    temperature: tf.Tensor
+    top_k: tf.Tensor
+    top_p: tf.Tensor
+    seed: tf.Tensor
+
+    @classmethod
+    def greedy(cls, batch) -> "Sampling":
+        zeros = tf.zeros([batch], tf.int32)
+        return cls(tf.zeros([batch]), zeros, tf.ones([batch]), zeros)
+
+    def pad(self, rows) -> "Sampling":
+        """Adds `rows` greedy rows at the end."""
+        return Sampling(*(tf.pad(v, [[0, rows]]) for v in self))
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """The buffer shapes a compiled loop runs at: batch and length rounded up to one of these.
+
+    A request beyond the largest runs the same loop uncompiled (same tokens, slower).
+    """
+    batch: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    length: tuple[int, ...] = (32, 64, 128, 256, 512)
+
+    def fit(self, max_length: int | None) -> "Buckets":
+        """The lengths a decoder needs: up to a transformer's context (the context itself is the last);
+        for an LSTM (`max_length` None) the largest alone, as its step costs the same at any buffer
+        length (its state has a fixed size) and each bucket costs a compilation."""
+        if max_length is None:
+            return Buckets(self.batch, self.length[-1:])
+        kept = tuple(n for n in self.length if n < max_length)
+        return Buckets(self.batch, kept + (max_length,))
+
+    def shapes(self) -> list[tuple[int, int]]:
+        return [(b, n) for b in self.batch for n in self.length]
+
+
+def round_up(value: tf.Tensor, sizes: tuple[int, ...]) -> tf.Tensor:
+    """The smallest of `sizes` (ascending) at least `value`; -1 when none is."""
+    sizes_t = tf.constant(sizes, tf.int32)
+    fits = sizes_t >= value
+    return tf.cond(tf.reduce_any(fits), lambda: tf.reduce_min(tf.boolean_mask(sizes_t, fits)),
+                   lambda: tf.constant(-1))
+
+
+def bucketed(compiled, buckets: Buckets, fallback):
+    """`compiled(tokens, keep, new, sampling)` on a buffer padded to a bucket; `fallback` past the largest.
+
+    Padding rows are done from the start (new 0) and padding columns are never read, so the
+    answer is the same as on the unpadded buffer.
+    """
+    def run(tokens, keep, new, sampling):
+        batch, total = tf.shape(tokens)[0], tf.shape(tokens)[1]
+        rows, columns = round_up(batch, buckets.batch), round_up(total, buckets.length)
+
+        def padded():
+            extra = rows - batch
+            out = compiled(tf.pad(tokens, [[0, extra], [0, columns - total]]),
+                           tf.pad(keep, [[0, extra]], constant_values=1), tf.pad(new, [[0, extra]]),
+                           sampling.pad(extra))
+            return out[:batch, :total]
+
+        return tf.cond((rows > 0) & (columns > 0), padded, lambda: fallback(tokens, keep, new, sampling))
+    return run
+
+
+def generate_graph(decoder, prompts: tf.RaggedTensor, max_new_tokens: tf.Tensor, sampling: Sampling,
+                   stop_token_id: int, empty_prompt_id: int, loop=None) -> tf.RaggedTensor:
     """Continues a batch of prompts inside one graph: what exported models run.
 
-    The same loop as `generate` (prompt tokens kept, the rest chosen one
-    position at a time from the cache), written with TensorFlow ops only, so
-    it runs inside a SavedModel signature with per-row lengths and settings.
+    Lays the prompts out in a buffer for `decode` (prompt tokens kept, the rest
+    chosen one position at a time from the cache), with TensorFlow ops only,
+    so it runs inside a SavedModel signature with per-row lengths and settings.
 
     Args:
         decoder: a `GPTDecoder` or `LSTMDecoder`.
         prompts: int32 ragged `[B, None]`; an empty row starts from `empty_prompt_id`.
         max_new_tokens: int32 `[B]`; cut to fit the context (the prompt's start is dropped first).
-        choose: `(logits [B, V], position) -> int32 [B]`, e.g. argmax or `sample_next`.
+        sampling: per-row settings.
         stop_token_id: a row ends at this token (not returned).
         empty_prompt_id: the token an empty prompt starts from.
+        loop: `(tokens, keep, new, sampling) -> tokens`, `decode` on this decoder by default
+            (e.g. `bucketed` over a compiled `decode`).
     Returns:
         The new tokens, int32 ragged `[B, None]`.
     """
+    if loop is None:
+        loop = lambda *args: decode(decoder, *args, stop_token_id=stop_token_id)  # noqa: E731
     batch = tf.shape(max_new_tokens)[0]
     lengths = tf.cast(prompts.row_lengths(), tf.int32)
     dense = prompts.to_tensor(default_value=0)
@@ -243,26 +382,7 @@ def generate_graph(decoder, prompts: tf.RaggedTensor, max_new_tokens: tf.Tensor,
     columns = tf.range(total)[tf.newaxis, :]
     source = tf.minimum((lengths - keep)[:, tf.newaxis] + columns, tf.shape(dense)[1] - 1)
     tokens = tf.where(columns < keep[:, tf.newaxis], tf.gather(dense, source, batch_dims=1), 0)  # (B, total)
-
-    start = tf.reduce_min(keep)
-    cache = decoder.init_cache(batch, total)
-    cache = tf.cond(start > 1,
-                    lambda: decoder.call_with_cache(tokens[:, :start - 1], cache, 0)[1],
-                    lambda: cache)
-
-    def step(index, tokens, cache, done):
-        logits, cache = decoder.call_with_cache(tokens[:, index - 1][:, tf.newaxis], cache, index - 1)
-        chosen = choose(logits[:, 0, :], index)
-        in_prompt = index < keep
-        column = tf.one_hot(index, total, on_value=True, off_value=False)[tf.newaxis, :]  # (1, total)
-        written = tf.where(in_prompt, tokens[:, index], tf.where(done, 0, chosen))
-        tokens = tf.where(column, written[:, tf.newaxis], tokens)
-        finished = ~in_prompt & ((chosen == stop_token_id) | (index + 1 - keep >= new))
-        return index + 1, tokens, cache, done | finished
-
-    _, tokens, _, _ = tf.while_loop(
-        lambda index, tokens, cache, done: (index < total) & ~tf.reduce_all(done),
-        step, (start, tokens, cache, new <= 0))
+    tokens = loop(tokens, keep, new, sampling)
     # Row i's new tokens are tokens[i, keep[i]:keep[i] + new[i]], up to its first stop token.
     width = tf.reduce_max(new)
     offsets = tf.range(width)[tf.newaxis, :]

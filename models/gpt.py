@@ -205,6 +205,16 @@ class GPTDecoder:
         dtype = self._layer("block0_query").compute_dtype
         return tf.zeros([batch_size, c.layers, 2, length, c.d_model], dtype)
 
+    def prefill(self, ids: tf.Tensor, count, cache: tf.Tensor) -> tf.Tensor:
+        """The cache after the first `count` tokens of `ids` `[B, T]`.
+
+        Runs all T positions in one pass (one shape for XLA, whatever `count`);
+        the cache past `count` holds what the buffer had there, which decoding
+        overwrites position by position before any query reads it (attention is causal).
+        """
+        del count
+        return self.call_with_cache(ids, cache, 0)[1]
+
     def call_with_cache(self, ids: tf.Tensor, cache: tf.Tensor, index) -> tuple[tf.Tensor, tf.Tensor]:
         """Runs tokens at positions `index .. index + S - 1` against the cache.
 

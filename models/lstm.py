@@ -157,6 +157,14 @@ class LSTMDecoder:
             states.append(tf.stack([h, cell], axis=1))  # (B, 2, units)
         return self._logits(x, table), tf.stack(states, axis=1)
 
+    def prefill(self, ids: tf.Tensor, count, cache: tf.Tensor) -> tf.Tensor:
+        """The state after the first `count` tokens of `ids` `[B, T]`, one `step` at a time (any count, one
+        shape for XLA)."""
+        def body(i, state):
+            return i + 1, self.step(ids[:, i], state)[1]
+
+        return tf.while_loop(lambda i, state: i < count, body, (tf.constant(0), cache))[1]
+
     def step(self, ids: tf.Tensor, cache: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """One token per row, `[B]`, through the cells directly (no recurrent loop op).
 

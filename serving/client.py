@@ -59,8 +59,12 @@ class _Client:
         raise NotImplementedError
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 50, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
-        """Continuations of `prompts`: greedy (serving_default) at temperature 0, else sampled (generate)."""
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, compiled: bool = False) -> list[str]:
+        """Continuations of `prompts`: greedy (serving_default) at temperature 0, else sampled (generate).
+
+        `compiled` calls their XLA-compiled twins (serving_default_xla, generate_xla): the same text,
+        faster, from a server that runs XLA (`--xla_cpu_compilation_enabled`).
+        """
         n = len(prompts)
         inputs: dict[str, list] = {c.PROMPT: list(prompts), c.MAX_NEW_TOKENS: [max_new_tokens] * n}
         signature = c.SERVING_DEFAULT
@@ -68,6 +72,8 @@ class _Client:
             signature = c.GENERATE
             inputs.update({c.TEMPERATURE: [float(temperature)] * n, c.TOP_K: [top_k] * n,
                            c.TOP_P: [float(top_p)] * n, c.SEED: [seed] * n})
+        if compiled:
+            signature += c.XLA_SUFFIX
         return [_text(s) for s in self.predict(signature, inputs)[c.COMPLETION]]
 
     def score(self, texts: Sequence[str]) -> list[tuple[float, int]]:

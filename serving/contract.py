@@ -1,6 +1,6 @@
 """The serving contract: signature, tensor and file names shared by the exporter, the server and the clients.
 
-An exported language model answers four signatures (TensorFlow Serving's
+An exported language model answers six signatures (TensorFlow Serving's
 `signature_name`); every tensor's first dimension is the batch:
 
     serving_default    prompt string [B], max_new_tokens int32 [B]
@@ -13,6 +13,14 @@ An exported language model answers four signatures (TensorFlow Serving's
                        (the logits after each row's first num_tokens tokens; what follows them is
                        ignored, so rows of different lengths pad to one [B, T] — and TensorFlow
                        Serving's pad_variable_length_inputs changes no answer)
+    serving_default_xla, generate_xla
+                       the same as serving_default and generate (same inputs, same tokens),
+                       with the decoding loop XLA-compiled: several times faster, for servers
+                       that allow XLA (TensorFlow Serving: --xla_cpu_compilation_enabled, or
+                       --xla_gpu_compilation_enabled on GPUs; `lmstack serve` the same). They
+                       compile once per shape bucket (batch and length rounded up), at load
+                       from the warm-up requests. (score is one forward pass, already as fast
+                       uncompiled: it has no compiled twin.)
 
 A classifier export (`lmstack finetune`, then `lmstack export`) answers two:
 
@@ -36,6 +44,10 @@ SERVING_DEFAULT = "serving_default"
 GENERATE = "generate"
 SCORE = "score"
 NEXT_TOKEN_LOGITS = "next_token_logits"
+# The same three, XLA-compiled (a server must allow XLA: --xla_cpu_compilation_enabled).
+XLA_SUFFIX = "_xla"
+SERVING_DEFAULT_XLA = SERVING_DEFAULT + XLA_SUFFIX
+GENERATE_XLA = GENERATE + XLA_SUFFIX
 
 # Tensor names.
 PROMPT = "prompt"
@@ -63,6 +75,7 @@ PREDICT_METHOD = "tensorflow/serving/predict"
 # Files inside an export's version directory.
 ASSETS_EXTRA = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"  # TensorFlow Serving reads assets.extra/ + this name
+XLA_WARMUP_FILE = "lmstack_xla_warmup_requests"  # the _xla signatures' records, which `lmstack serve` replays
 CONFIG_FILE = "lmstack_config.json"  # the run's config, the tokenizer's and the export's own
 
 
@@ -102,22 +115,32 @@ class Signature:
 
 _COMPLETION_OUTPUTS = {COMPLETION: Tensor("string", 1), TOKEN_IDS: Tensor("int32", 2)}
 
+_GREEDY = Signature(inputs={PROMPT: Tensor("string", 1), MAX_NEW_TOKENS: Tensor("int32", 1)},
+                   outputs=_COMPLETION_OUTPUTS)
+_SAMPLED = Signature(inputs={PROMPT: Tensor("string", 1), MAX_NEW_TOKENS: Tensor("int32", 1),
+                             TEMPERATURE: Tensor("float32", 1), TOP_K: Tensor("int32", 1),
+                             TOP_P: Tensor("float32", 1), SEED: Tensor("int32", 1)},
+                     outputs=_COMPLETION_OUTPUTS)
+_SCORE = Signature(inputs={TEXT: Tensor("string", 1)},
+                   outputs={LOG_LIKELIHOOD: Tensor("float32", 1), NUM_TOKENS: Tensor("int32", 1)})
+
 SIGNATURES: dict[str, Signature] = {
-    SERVING_DEFAULT: Signature(
-        inputs={PROMPT: Tensor("string", 1), MAX_NEW_TOKENS: Tensor("int32", 1)},
-        outputs=_COMPLETION_OUTPUTS),
-    GENERATE: Signature(
-        inputs={PROMPT: Tensor("string", 1), MAX_NEW_TOKENS: Tensor("int32", 1),
-                TEMPERATURE: Tensor("float32", 1), TOP_K: Tensor("int32", 1), TOP_P: Tensor("float32", 1),
-                SEED: Tensor("int32", 1)},
-        outputs=_COMPLETION_OUTPUTS),
-    SCORE: Signature(
-        inputs={TEXT: Tensor("string", 1)},
-        outputs={LOG_LIKELIHOOD: Tensor("float32", 1), NUM_TOKENS: Tensor("int32", 1)}),
+    SERVING_DEFAULT: _GREEDY,
+    GENERATE: _SAMPLED,
+    SCORE: _SCORE,
+    SERVING_DEFAULT_XLA: _GREEDY,
+    GENERATE_XLA: _SAMPLED,
     NEXT_TOKEN_LOGITS: Signature(
         inputs={TOKEN_IDS: Tensor("int32", 2), NUM_TOKENS: Tensor("int32", 1)},
         outputs={LOGITS: Tensor("float32", 2)}),
 }
+
+
+
+def needs_xla(signature: str) -> bool:
+    """Whether a signature runs XLA-compiled functions (which a server must allow)."""
+    return signature.endswith(XLA_SUFFIX)
+
 
 CLASSIFIER_SIGNATURES: dict[str, Signature] = {
     SERVING_DEFAULT: Signature(

@@ -50,6 +50,8 @@ def trained_workdir(root: pathlib.Path, text: str, family: str) -> pathlib.Path:
 
 
 _EXPORTS: dict = {}
+# Few compiled shapes (each costs a compilation): batches of 3 round up to 4, of 5 run uncompiled.
+TEST_BUCKETS = dict(batch_buckets=(1, 4), length_buckets=(16, 32))
 
 
 def tiny_export(family: str, tmp_path_factory, text: str) -> tuple[pathlib.Path, pathlib.Path]:
@@ -58,7 +60,7 @@ def tiny_export(family: str, tmp_path_factory, text: str) -> tuple[pathlib.Path,
         from serving.exporters import savedmodel
 
         workdir = trained_workdir(tmp_path_factory.mktemp(f"export-{family}"), text, family)
-        _EXPORTS[family] = (workdir, savedmodel.export(workdir))
+        _EXPORTS[family] = (workdir, savedmodel.export(workdir, savedmodel.ExportConfig(**TEST_BUCKETS)))
     return _EXPORTS[family]
 
 

@@ -44,16 +44,16 @@ def call(loaded, signature, **inputs):
     return {k: v.numpy() for k, v in loaded.signatures[signature](**inputs).items()}
 
 
-def complete(loaded, prompts, max_new_tokens):
-    return call(loaded, c.SERVING_DEFAULT, prompt=tf.constant(prompts),
-                max_new_tokens=tf.constant(max_new_tokens, tf.int32))
+def complete(loaded, prompts, max_new_tokens, signature=c.SERVING_DEFAULT):
+    return call(loaded, signature, prompt=tf.constant(prompts), max_new_tokens=tf.constant(max_new_tokens, tf.int32))
 
 
-def sample(loaded, prompts, seeds, temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=12):
+def sample(loaded, prompts, seeds, temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=12, signature=c.GENERATE):
     n = len(prompts)
-    return call(loaded, c.GENERATE, prompt=tf.constant(prompts), max_new_tokens=tf.fill([n], max_new_tokens),
-                temperature=tf.fill([n], float(temperature)), top_k=tf.fill([n], top_k),
-                top_p=tf.fill([n], float(top_p)), seed=tf.constant(seeds, tf.int32))
+    as_row = lambda v, dtype: tf.constant(v, dtype) if isinstance(v, list) else tf.fill([n], tf.constant(v, dtype))  # noqa: E731
+    return call(loaded, signature, prompt=tf.constant(prompts), max_new_tokens=tf.fill([n], max_new_tokens),
+                temperature=as_row(temperature, tf.float32), top_k=as_row(top_k, tf.int32),
+                top_p=as_row(top_p, tf.float32), seed=tf.constant(seeds, tf.int32))
 
 
 def test_layout(transformer):
@@ -103,6 +103,25 @@ def test_seeded_sampling_repeats_and_does_not_depend_on_the_batch(exported):
     # top_k=1 is greedy whatever the seed.
     greedy = complete(loaded, ["ROMEO."], [12])[c.COMPLETION]
     assert sample(loaded, ["ROMEO."], [5], top_k=1)[c.COMPLETION] == greedy
+
+
+def test_compiled_signatures_answer_as_the_uncompiled_ones(exported):
+    """The _xla signatures: same tokens, whether a request fits a bucket (padded) or not (run uncompiled)."""
+    _, path, loaded = exported
+    info = json.loads((path / c.ASSETS_EXTRA / c.CONFIG_FILE).read_text())
+    assert info["xla_buckets"]["batch"] == [1, 4]
+    # 1 row; 3 rows (padded to 4); 6 rows (past the largest bucket); lengths in and past the buckets.
+    for prompts, new in [(["ROMEO."], [9]), (PROMPTS, [12, 5, 0]), (PROMPTS * 2, [3, 12, 7, 1, 0, 9]),
+                         (["", "Enter"], [40, 2])]:
+        plain, compiled = complete(loaded, prompts, new), complete(loaded, prompts, new, c.SERVING_DEFAULT_XLA)
+        np.testing.assert_array_equal(compiled[c.TOKEN_IDS], plain[c.TOKEN_IDS])
+        np.testing.assert_array_equal(compiled[c.COMPLETION], plain[c.COMPLETION])
+    # Sampling: each row its own settings and seed; the same noise compiled or not.
+    prompts = ["ROMEO.", "ROMEO.", "JULIET.", ""]
+    settings = dict(seeds=[1, 2, 3, 4], temperature=[1.5, 0.0, 0.7, 2.0], top_k=[0, 0, 5, 3], top_p=[1.0, 1.0, 0.9, 0.5])
+    plain = sample(loaded, prompts, **settings)
+    compiled = sample(loaded, prompts, **settings, signature=c.GENERATE_XLA)
+    np.testing.assert_array_equal(compiled[c.TOKEN_IDS], plain[c.TOKEN_IDS])
 
 
 def keras_log_likelihood(model, ids: list[int]) -> float:
@@ -179,8 +198,17 @@ def test_warmup_records_are_prediction_logs_that_run(exported):
     _, path, loaded = exported
     records = list(tf.data.TFRecordDataset(str(path / c.ASSETS_EXTRA / c.WARMUP_FILE)).as_numpy_iterator())
     logs = [prediction_log_pb2.PredictionLog.FromString(r) for r in records]
-    assert sorted(log.predict_log.request.model_spec.signature_name for log in logs) == sorted(c.SIGNATURES)
-    for log in logs:
+    assert sorted(log.predict_log.request.model_spec.signature_name for log in logs) == sorted(
+        name for name in c.SIGNATURES if not c.needs_xla(name))  # TF Serving without XLA loads it
+    # The compiled signatures' records, which `lmstack serve --xla_cpu_compilation_enabled` replays: one per
+    # bucket (serving_default_xla) and one generate_xla.
+    xla = tf.data.TFRecordDataset(str(path / c.ASSETS_EXTRA / c.XLA_WARMUP_FILE)).as_numpy_iterator()
+    xla_logs = [prediction_log_pb2.PredictionLog.FromString(r) for r in xla]
+    names = [log.predict_log.request.model_spec.signature_name for log in xla_logs]
+    lengths = len(json.loads((path / c.ASSETS_EXTRA / c.CONFIG_FILE).read_text())["xla_buckets"]["length"])
+    assert lengths == 1  # the tiny transformer's context is 16, the smallest bucket; an LSTM compiles one length
+    assert names.count(c.SERVING_DEFAULT_XLA) == 2 * lengths and names.count(c.GENERATE_XLA) == 1
+    for log in logs + xla_logs:
         request = log.predict_log.request
         assert request.model_spec.name == "lm"
         inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}

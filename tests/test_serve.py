@@ -238,6 +238,44 @@ def test_lmstack_serve_answers_then_stops_on_sigterm(versions):
             process.kill()
 
 
+def test_compiled_signatures_under_tensorflow_servings_xla_flag(versions, tmp_path):
+    """`lmstack serve --xla_cpu_compilation_enabled` (TF Serving's command line) compiles every bucket at load
+    and no request compiles again; without the flag the compiled signatures fail, naming it."""
+    grpc_port, rest_port = free_ports(2)
+    dumps = tmp_path / "xla"  # XLA writes each module it compiles here: a count of compilations
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve", f"--model_base_path={versions}", f"--port={grpc_port}",
+         f"--rest_api_port={rest_port}", "--xla_cpu_compilation_enabled", "--file_system_poll_wait_seconds=0"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "XLA_FLAGS": f"--xla_dump_to={dumps}"})
+
+    def compilations():
+        return len(list(dumps.glob("*before_optimizations.txt")))
+    try:
+        client = client_lib.connect(f"localhost:{rest_port}", "rest", retries=10, backoff=1.0)
+        assert client.status()[0]["version"] == 2
+        at_load = compilations()
+        assert at_load >= 2  # the tiny export's buckets: batch 1 and 4 at length 16
+        prompts = ["ROMEO.", "To be, or not", "", "What light"]
+        for batch in ([prompts[0]], prompts[:3], prompts, [prompts[1]]):  # batches of 1, 3 (-> 4), 4, 1
+            assert client.generate(batch, 7, compiled=True) == client.generate(batch, 7)
+            assert (client.generate(batch, 5, temperature=1.3, seed=3, compiled=True)
+                    == client.generate(batch, 5, temperature=1.3, seed=3))
+        assert compilations() == at_load
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_compiled_signatures_fail_without_the_xla_flag(running, protocol):
+    client = client_lib.connect(running[protocol], protocol)
+    with pytest.raises(c.ServingError) as e:
+        client.generate(["ROMEO."], 4, compiled=True)
+    assert e.value.code == {"grpc": "FAILED_PRECONDITION", "rest": "INVALID_ARGUMENT"}[protocol]  # REST: HTTP 400
+    assert "XLA compilation disabled" in e.value.message and "--xla_cpu_compilation_enabled" in e.value.message
+    assert client.generate(["ROMEO."], 4)  # the uncompiled signature still answers
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--model_base_path={tmp}"], "no loadable version"),
     ([], "give either --model_base_path"),

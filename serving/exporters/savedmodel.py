@@ -48,11 +48,32 @@ class ExportConfig:
         export_base: TensorFlow Serving's model base path ('': WORKDIR/export/MODEL_NAME).
         version: the version directory to write (0: the next free integer).
         model_name: the model's name in requests (warm-up records, default base path).
+        batch_buckets: batch sizes the _xla signatures compile for: a request's rows round up to
+            one of them (more rows than the largest run uncompiled, same answer).
+        length_buckets: buffer lengths (prompt + new tokens) the _xla signatures compile for, up to a
+            transformer's context (an LSTM compiles the largest only); longer run uncompiled.
+        xla_warmup: put the _xla signatures' warm-up requests (one per bucket) in TensorFlow
+            Serving's warm-up file too, so a tensorflow_model_server started with
+            --xla_cpu_compilation_enabled compiles every bucket at load; without that flag it
+            then fails to load the export. (`lmstack serve --xla_cpu_compilation_enabled`
+            compiles them at load either way.)
     """
     variant: str = ""
     export_base: str = ""
     version: int = 0
     model_name: str = c.DEFAULT_MODEL_NAME
+    batch_buckets: tuple[int, ...] = generation.Buckets.batch
+    length_buckets: tuple[int, ...] = generation.Buckets.length
+    xla_warmup: bool = False
+
+    def __post_init__(self):
+        for name in ("batch_buckets", "length_buckets"):
+            value = getattr(self, name)
+            if not value or min(value) < 1:
+                raise ConfigError(name, ",".join(map(str, value)), "needs one or more sizes, each at least 1")
+            object.__setattr__(self, name, tuple(sorted(set(value))))
+        if self.version < 0:
+            raise ConfigError("version", self.version, "must be positive (0 picks the next free one)")
 
 
 def _spec(signature: str) -> list[tf.TensorSpec]:
@@ -69,32 +90,50 @@ class LanguageModelModule(tf.Module):
         config: its config.
         tokenizer: the workdir's keras-nlp tokenizer.
         asset_files: tokenizer files to carry in the SavedModel's assets/.
+        buckets: the shapes the _xla signatures compile for (cut to a transformer's context).
     """
 
-    def __init__(self, model, config: models.ModelConfig, tokenizer, asset_files: list[str]):
+    def __init__(self, model, config: models.ModelConfig, tokenizer, asset_files: list[str],
+                 buckets: generation.Buckets = generation.Buckets()):
         super().__init__(name="lmstack")
         self.model = model
         self.tokenizer = tokenizer
         self.tokenizer_assets = [tf.saved_model.Asset(f) for f in asset_files]
         self._decoder = models.decoder(model, config)
         self._context = getattr(config, "seq_len", None) if models.family_of(config) == "transformer" else None
+        self.buckets = buckets.fit(self._context)
 
-    def _complete(self, prompt, max_new_tokens, choose):
+    def _complete(self, prompt, max_new_tokens, sampling: generation.Sampling, compiled: bool):
         prompts = tf.cast(self.tokenizer.tokenize(prompt), tf.int32)  # ragged (B, None)
-        ids = generation.generate_graph(self._decoder, prompts, max_new_tokens, choose,
-                                        stop_token_id=tokenizers.EOS_ID, empty_prompt_id=tokenizers.EOS_ID)
+        ids = generation.generate_graph(self._decoder, prompts, max_new_tokens, sampling,
+                                        stop_token_id=tokenizers.EOS_ID, empty_prompt_id=tokenizers.EOS_ID,
+                                        loop=self._compiled_loop if compiled else None)
         return {c.COMPLETION: self.tokenizer.detokenize(ids), c.TOKEN_IDS: ids.to_tensor(default_value=0)}
 
     @tf.function(input_signature=_spec(c.SERVING_DEFAULT))
     def serving_default(self, prompt, max_new_tokens):
-        return self._complete(prompt, max_new_tokens,
-                              lambda logits, position: tf.argmax(logits, axis=-1, output_type=tf.int32))
+        return self._complete(prompt, max_new_tokens, generation.Sampling.greedy(tf.shape(prompt)[0]), False)
 
     @tf.function(input_signature=_spec(c.GENERATE))
     def generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
-        def choose(logits, position):
-            return generation.sample_next(logits, position, temperature, top_k, top_p, seed)
-        return self._complete(prompt, max_new_tokens, choose)
+        return self._complete(prompt, max_new_tokens, generation.Sampling(temperature, top_k, top_p, seed), False)
+
+    @tf.function(input_signature=_spec(c.SERVING_DEFAULT_XLA))
+    def serving_default_xla(self, prompt, max_new_tokens):
+        return self._complete(prompt, max_new_tokens, generation.Sampling.greedy(tf.shape(prompt)[0]), True)
+
+    @tf.function(input_signature=_spec(c.GENERATE_XLA))
+    def generate_xla(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
+        return self._complete(prompt, max_new_tokens, generation.Sampling(temperature, top_k, top_p, seed), True)
+
+    @tf.function(jit_compile=True)
+    def _decode_xla(self, tokens, keep, new, sampling):
+        return generation.decode(self._decoder, tokens, keep, new, sampling, stop_token_id=tokenizers.EOS_ID)
+
+    def _compiled_loop(self, tokens, keep, new, sampling):
+        def uncompiled(*args):
+            return generation.decode(self._decoder, *args, stop_token_id=tokenizers.EOS_ID)
+        return generation.bucketed(self._decode_xla, self.buckets, uncompiled)(tokens, keep, new, sampling)
 
     @tf.function(input_signature=_spec(c.SCORE))
     def score(self, text):
@@ -150,18 +189,34 @@ def _tokenizer_files(tokenizer_dir: pathlib.Path) -> list[str]:
 
 
 def warmup_requests(model_name: str) -> list[bytes]:
-    """Serialized PredictionLog records, one small request per signature."""
+    """Serialized PredictionLog records, one small request per uncompiled signature."""
+    return _prediction_logs(model_name, [
+        (c.SERVING_DEFAULT, {c.PROMPT: [WARMUP_PROMPT], c.MAX_NEW_TOKENS: [4]}),
+        (c.GENERATE, {c.PROMPT: [WARMUP_PROMPT], c.MAX_NEW_TOKENS: [4], c.TEMPERATURE: [1.0], c.TOP_K: [0],
+                      c.TOP_P: [0.9], c.SEED: [0]}),
+        (c.SCORE, {c.TEXT: [WARMUP_PROMPT]}),
+        (c.NEXT_TOKEN_LOGITS, {c.TOKEN_IDS: [[tokenizers.EOS_ID]], c.NUM_TOKENS: [1]}),
+    ])
+
+
+def xla_warmup_requests(model_name: str, buckets: generation.Buckets, tokenizer) -> list[bytes]:
+    """Records that compile every bucket of the _xla signatures: one request of each (batch, length)."""
+    requests = []
+    for batch, length in buckets.shapes():
+        # An empty prompt is one token ([EOS]): with length - 1 new tokens the buffer is `length`.
+        requests.append((c.SERVING_DEFAULT_XLA, {c.PROMPT: [""] * batch, c.MAX_NEW_TOKENS: [length - 1] * batch}))
+    first = buckets.batch[0]
+    requests.append((c.GENERATE_XLA, {c.PROMPT: [WARMUP_PROMPT] * first, c.MAX_NEW_TOKENS: [4] * first,
+                                      c.TEMPERATURE: [1.0] * first, c.TOP_K: [0] * first, c.TOP_P: [0.9] * first,
+                                      c.SEED: [0] * first}))
+    return _prediction_logs(model_name, requests)
+
+
+def _prediction_logs(model_name: str, requests: list[tuple[str, dict]]) -> list[bytes]:
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-    inputs = {
-        c.SERVING_DEFAULT: {c.PROMPT: [WARMUP_PROMPT], c.MAX_NEW_TOKENS: [4]},
-        c.GENERATE: {c.PROMPT: [WARMUP_PROMPT], c.MAX_NEW_TOKENS: [4], c.TEMPERATURE: [1.0], c.TOP_K: [0],
-                     c.TOP_P: [0.9], c.SEED: [0]},
-        c.SCORE: {c.TEXT: [WARMUP_PROMPT]},
-        c.NEXT_TOKEN_LOGITS: {c.TOKEN_IDS: [[tokenizers.EOS_ID]], c.NUM_TOKENS: [1]},
-    }
     records = []
-    for signature, values in inputs.items():
+    for signature, values in requests:
         request = predict_pb2.PredictRequest(
             model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature))
         for name, value in values.items():
@@ -188,14 +243,13 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
     run_config = wd.read_config()
     source = checkpoints.model_dir(wd.root, config.variant)  # UserError for an unknown variant
     base = pathlib.Path(config.export_base) if config.export_base else wd.root / DEFAULT_EXPORT_DIR / config.model_name
-    if config.version < 0:
-        raise ConfigError("version", config.version, "must be positive (0 picks the next free one)")
     version = config.version or (max(_versions(base), default=0) + 1)
     final = base / str(version)
     if final.exists():
         raise UserError(f"{final} already exists; pick another --version or leave it out for the next free one")
     tokenizer = tokenizers.load(wd.tokenizer_dir)
     files = _tokenizer_files(wd.tokenizer_dir)
+    xla_warmup: list[bytes] = []
     if checkpoints.classifier_section(wd.root) is not None:
         from serving.exporters import classifier
 
@@ -206,9 +260,14 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
         methods = {c.CLASSIFY: c.CLASSIFY_METHOD}
     else:
         model, model_config, step = checkpoints.load_model(source)  # UserError without a checkpoint
-        module = LanguageModelModule(model, model_config, tokenizer, files)
-        info = {"kind": "language_model", "checkpoint_step": step, "model": models.config_to_json(model_config)}
+        module = LanguageModelModule(model, model_config, tokenizer, files,
+                                     generation.Buckets(config.batch_buckets, config.length_buckets))
+        info = {"kind": "language_model", "checkpoint_step": step, "model": models.config_to_json(model_config),
+                "xla_buckets": {"batch": list(module.buckets.batch), "length": list(module.buckets.length)}}
         signatures, warmup, methods = c.SIGNATURES, warmup_requests(config.model_name), {}
+        xla_warmup = xla_warmup_requests(config.model_name, module.buckets, tokenizer)
+        if config.xla_warmup:
+            warmup, xla_warmup = warmup + xla_warmup, []
 
     # Built aside and renamed whole: a server polling EXPORT_BASE never sees half a version.
     with workdir_lib.publish_dir(final) as staging:
@@ -217,9 +276,11 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
             classifier.set_method_names(staging, methods)
         extra = staging / c.ASSETS_EXTRA
         extra.mkdir()
-        with tf.io.TFRecordWriter(str(extra / c.WARMUP_FILE)) as writer:
-            for record in warmup:
-                writer.write(record)
+        for name, records in ((c.WARMUP_FILE, warmup), (c.XLA_WARMUP_FILE, xla_warmup)):
+            if records:
+                with tf.io.TFRecordWriter(str(extra / name)) as writer:
+                    for record in records:
+                        writer.write(record)
         workdir_lib.write_json(extra / c.CONFIG_FILE, {
             "model_name": config.model_name, "version": version, "variant": config.variant or None,
             **info, "workdir": str(wd.root),

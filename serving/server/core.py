@@ -28,7 +28,7 @@ from serving.batching import Batcher, BatchingParameters
 from serving.contract import ServingError
 from serving.metrics import Registry
 from serving.server.deadlines import Call, Watchdog
-from serving.server.versions import LoadedVersion, ServedModel, log
+from serving.server.versions import XLA_DISABLED, LoadedVersion, ServedModel, log
 
 UNKNOWN_MODEL = "(unknown)"  # the metrics label of requests for a model the server does not hold
 
@@ -72,11 +72,14 @@ class ModelServer:
             base paths the server started with); None allows any.
         method_name_check: Classify only signatures of the classify method name (TF Serving's
             --enable_signature_method_name_check; off by default there too).
+        xla: run the XLA-compiled signatures (`*_xla`; TF Serving's --xla_cpu_compilation_enabled).
+            Off, they fail as they do on TensorFlow Serving without it (there with INTERNAL
+            "XLA compilation disabled"; here FAILED_PRECONDITION, naming the flag).
     """
 
     def __init__(self, models: dict[str, ServedModel], batching: BatchingParameters | None = None,
                  metrics: Registry | None = None, metrics_path: str | None = None, limits: Limits = Limits(),
-                 model_roots: Sequence[str] | None = (), method_name_check: bool = False):
+                 model_roots: Sequence[str] | None = (), method_name_check: bool = False, xla: bool = False):
         self.models = models
         self.metrics = metrics or Registry()
         self.metrics_path = metrics_path
@@ -84,6 +87,7 @@ class ModelServer:
         self.batcher = Batcher(batching, self._observe_batch) if batching else None
         self.watchdog = Watchdog()
         self.method_name_check = method_name_check
+        self.xla = xla
         self.health = None  # the gRPC health servicer, when serving one
         self.model_roots = None if model_roots is None else (
             [str(m.base_path.resolve()) for m in models.values()] + [str(p) for p in model_roots])
@@ -244,6 +248,10 @@ class ModelServer:
             raise ServingError("FAILED_PRECONDITION",
                                f"Serving signature name: \"{signature[:200]}\" not found in signature def "
                                f"(have: {', '.join(sorted(loaded.signatures))})")
+        if c.needs_xla(signature) and not self.xla:
+            raise ServingError("FAILED_PRECONDITION", f"{XLA_DISABLED}: signature {signature!r} is XLA-compiled; start "
+                                                      "the server with --xla_cpu_compilation_enabled, or call "
+                                                      f"{signature[:-len(c.XLA_SUFFIX)]!r}")
         specs = loaded.input_specs(signature)
         missing = sorted(set(specs) - set(inputs))
         extra = sorted(k[:100] for k in set(inputs) - set(specs))

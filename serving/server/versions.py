@@ -14,8 +14,11 @@ it stays reported as failed and the others keep serving.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import logging
+import os
 import pathlib
 import re
 import threading
@@ -27,10 +30,12 @@ import tensorflow as tf
 import tensorflow_text  # noqa: F401  (registers the tokenizer ops the exported graphs use)
 
 from serving import tensors
+from serving import contract as c
 from serving.contract import SERVING_DEFAULT, ServingError
 
 log = logging.getLogger("lmstack.serve")
 
+XLA_DISABLED = "XLA compilation disabled"  # TensorFlow's message when a server has not enabled XLA
 _VERSION_DIR = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also takes '²'
 
 
@@ -84,30 +89,47 @@ class VersionPolicy:
         return sorted(on_disk)[-max(1, self.num_versions):]
 
 
-def replay_warmup(loaded: LoadedVersion, warmup_file: pathlib.Path) -> int:
-    """Runs the PredictionLog requests of assets.extra/tf_serving_warmup_requests, as TensorFlow Serving does."""
+def replay_warmup(loaded: LoadedVersion, warmup_file: pathlib.Path, xla: bool = False, threads: int = 1) -> int:
+    """Runs the PredictionLog requests of a warm-up file (assets.extra/tf_serving_warmup_requests), as
+    TensorFlow Serving does, on `threads` threads (its num_model_warmup_threads): XLA compiles one
+    shape bucket per thread.
+
+    Raises:
+        ServingError: a request calls an XLA-compiled signature and `xla` is off (TensorFlow Serving
+            fails the load the same way: its first compilation request fails).
+    """
     if not warmup_file.is_file():
         return 0
     from tensorflow_serving.apis import prediction_log_pb2
 
-    count = 0
+    calls = []
     for record in tf.data.TFRecordDataset(str(warmup_file)).as_numpy_iterator():
         log_record = prediction_log_pb2.PredictionLog.FromString(record)
         kind = log_record.WhichOneof("log_type")
         if kind == "predict_log":
             request = log_record.predict_log.request
-            fn = loaded.signatures[request.model_spec.signature_name or SERVING_DEFAULT]
-            fn(**{k: tf.constant(tensors.to_ndarray(v)) for k, v in request.inputs.items()})
+            name = request.model_spec.signature_name or SERVING_DEFAULT
+            if c.needs_xla(name) and not xla:
+                raise ServingError("FAILED_PRECONDITION", f"{XLA_DISABLED}: the warm-up requests call the XLA-compiled "
+                                                          f"signature {name!r} (an export made with --xla_warmup); "
+                                                          "start the server with --xla_cpu_compilation_enabled")
+            inputs = {k: tf.constant(tensors.to_ndarray(v)) for k, v in request.inputs.items()}
         elif kind == "classify_log":
             request = log_record.classify_log.request
-            signature = request.model_spec.signature_name or SERVING_DEFAULT
-            (key,) = loaded.input_specs(signature)
-            fn = loaded.signatures[signature]
-            fn(**{key: tf.constant(examples_of(request.input))})
+            name = request.model_spec.signature_name or SERVING_DEFAULT
+            (key,) = loaded.input_specs(name)
+            inputs = {key: tf.constant(examples_of(request.input))}
         else:
             continue
-        count += 1
-    return count
+        calls.append(functools.partial(loaded.signatures[name], **inputs))
+    if threads <= 1:
+        for call in calls:
+            call()
+    else:
+        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="warmup") as pool:
+            for future in [pool.submit(call) for call in calls]:
+                future.result()
+    return len(calls)
 
 
 def method_names(path: pathlib.Path) -> dict[str, str]:
@@ -153,11 +175,13 @@ class ServedModel:
         max_num_load_retries: tries after a version's first failed load (TF Serving's flag, default 5).
         load_retry_interval: seconds between tries (TF Serving's default: 60).
         warmup: replay a version's warm-up requests before it serves (--enable_model_warmup).
+        xla: the server runs XLA-compiled signatures (--xla_cpu_compilation_enabled): replay the
+            export's `lmstack_xla_warmup_requests` too, which compile every shape bucket.
     """
 
     def __init__(self, name: str, base_path: str | pathlib.Path, policy: VersionPolicy = VersionPolicy(),
                  labels: dict[str, int] | None = None, max_num_load_retries: int = 5,
-                 load_retry_interval: float = 60.0, warmup: bool = True):
+                 load_retry_interval: float = 60.0, warmup: bool = True, xla: bool = False):
         self.name = name
         self.base_path = pathlib.Path(base_path)
         self.policy = policy
@@ -165,6 +189,7 @@ class ServedModel:
         self.max_num_load_retries = max_num_load_retries
         self.load_retry_interval = load_retry_interval
         self.warmup = warmup
+        self.xla = xla
         self.versions: dict[int, LoadedVersion] = {}
         self.failures: dict[int, _Failure] = {}
         self._lock = threading.Lock()
@@ -206,10 +231,16 @@ class ServedModel:
 
     def _load(self, version: int, failure: _Failure | None) -> None:
         path = self.base_path / str(version)
+        began = time.perf_counter()
         try:
             model = tf.saved_model.load(str(path))
             loaded = LoadedVersion(version, path, model, dict(model.signatures), method_names(path))
-            warmed = replay_warmup(loaded, path / "assets.extra" / "tf_serving_warmup_requests") if self.warmup else 0
+            warmed = 0
+            if self.warmup:
+                extra = path / c.ASSETS_EXTRA
+                warmed = replay_warmup(loaded, extra / c.WARMUP_FILE, self.xla)
+                if self.xla:  # one bucket per core: each XLA compilation runs on one thread
+                    warmed += replay_warmup(loaded, extra / c.XLA_WARMUP_FILE, self.xla, threads=os.cpu_count() or 1)
         except Exception as e:  # a broken export must not take the server down
             attempts = (failure.attempts if failure else 0) + 1
             message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -222,7 +253,8 @@ class ServedModel:
         self.failures.pop(version, None)
         with self._lock:
             self.versions = {**self.versions, version: loaded}
-        log.info("%s version %d loaded from %s (%d warm-up requests)", self.name, version, path, warmed)
+        log.info("%s version %d loaded from %s in %.1f s (%d warm-up requests)", self.name, version, path,
+                 time.perf_counter() - began, warmed)
 
     def load_latest(self) -> LoadedVersion:
         """Refreshes and returns the newest loaded version (an error if none loads)."""
