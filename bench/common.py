@@ -1,9 +1,12 @@
-"""What several benchmarks share: an exported model of the bundled corpus."""
+"""What several benchmarks share: an exported model of the bundled corpus, `lmstack serve` in a subprocess."""
 
 from __future__ import annotations
 
 import json
 import pathlib
+import subprocess
+import sys
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "data" / "shakespeare.txt.gz"
@@ -27,3 +30,44 @@ def untrained_export(root: pathlib.Path, family: str, preset: str, export_base: 
     config = models.make_config(family, preset, vocab)
     checkpoints.save(workdir, models.build(config), config, step=1)
     return workdir, savedmodel.export(workdir, savedmodel.ExportConfig(export_base=export_base))
+
+
+class Server:
+    """`lmstack serve` in a subprocess, ready once its status answers.
+
+    Args:
+        flags: `lmstack serve` flags besides the ports.
+        log: a file for the server's stderr (its load and warm-up lines), or None to drop it.
+    """
+
+    def __init__(self, *flags: str, log: pathlib.Path | None = None, timeout: float = 600):
+        from pipelines.launch import free_ports
+        from serving import client
+        from serving.contract import ServingError
+
+        self.grpc, self.rest = free_ports(2)
+        self.started = time.perf_counter()
+        self._log = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve", f"--port={self.grpc}", f"--rest_api_port={self.rest}",
+             "--file_system_poll_wait_seconds=0", *flags],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._log)
+        status = client.connect(self.target("grpc"), "grpc", retries=0).status
+        while True:  # polled every 0.2 s: the time to ready is a figure some benchmarks report
+            try:
+                status()
+                break
+            except ServingError:
+                if self.process.poll() is not None or time.perf_counter() - self.started > timeout:
+                    raise RuntimeError(f"lmstack serve {' '.join(flags)} did not start") from None
+                time.sleep(0.2)
+        self.ready_seconds = time.perf_counter() - self.started
+
+    def target(self, protocol: str) -> str:
+        return f"127.0.0.1:{self.grpc if protocol == 'grpc' else self.rest}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()

@@ -37,7 +37,6 @@ import os
 import pathlib
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -64,28 +63,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-class Server:
-    """`lmstack serve` in a subprocess, ready once its status answers."""
-
-    def __init__(self, *flags: str):
-        from pipelines.launch import free_ports
-
-        self.grpc, self.rest = free_ports(2)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", f"--port={self.grpc}", f"--rest_api_port={self.rest}",
-             "--file_system_poll_wait_seconds=0", *flags],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        from serving import client
-        client.connect(self.target("grpc"), "grpc", retries=12, backoff=0.5).status()
-
-    def target(self, protocol: str) -> str:
-        return f"127.0.0.1:{self.grpc if protocol == 'grpc' else self.rest}"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=60)
 
 
 def _request_senders(target: str, protocol: str):
@@ -179,7 +156,7 @@ def large_request_memory(server) -> dict:
     return {"before": before, "after_one": after_one, "after_eleven": rss_mb(server.process.pid)}
 
 
-def paired_overhead(fn, server: Server, reps: int = 80) -> dict:
+def paired_overhead(fn, server, reps: int = 80) -> dict:
     """p50 of (remote - in-process) latency over interleaved pairs of calls: the protocol's own cost."""
     import tensorflow as tf
 
@@ -206,7 +183,7 @@ def main() -> None:
     import app  # noqa: F401
     import tensorflow as tf
 
-    from bench.common import untrained_export
+    from bench.common import Server, untrained_export
 
     # The servers' threading for the in-process reference too.
     tf.config.threading.set_intra_op_parallelism_threads(INTRA_OP)
