@@ -6,7 +6,7 @@ export with `serving.exporters.savedmodel`, load with `tf.saved_model.load` and 
 signature `--reps` times per batch size (1 and 8) after a warm-up call:
 p50/p99 per request, and new tokens/s for the two generation signatures. The
 reference, timed in the same process and interleaved, is lmstack's in-process
-greedy generation (`models.generation.generate`, XLA-compiled keras-nlp loop)
+greedy generation (`models.generation.generate`, the decoding loop XLA-compiled)
 on the same prompts. This table is also what the server's overhead is
 measured against.
 
@@ -72,7 +72,7 @@ def main() -> None:
                 c.NEXT_TOKEN_LOGITS: dict(token_ids=tf.fill([batch, 64], 5), num_tokens=tf.fill([batch], 64)),
             }
             ids = [reference.prompt_ids(p) for p in prompts]
-            sampler = generation.make_sampler(generation.SamplerConfig())
+            sampler = generation.SamplerConfig()
             timings: dict[str, list[float]] = {name: [] for name in [*calls, "reference"]}
             new_tokens: dict[str, int] = {}
             # Warm-up (tracing, XLA compilation), then interleaved repetitions.

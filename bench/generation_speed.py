@@ -6,9 +6,8 @@ and 8, all in one process and interleaved over rounds:
 
 - `cached`: lmstack's decoder with the KV cache / LSTM state
   (`models.generation.generate`, one tf.while_loop);
-- `recompute`: the same keras-nlp sampler loop, but every step runs the
-  full model over the whole (padded) sequence — what generation costs
-  without a cache;
+- `recompute`: a greedy loop in which every step runs the full model over
+  the whole (padded) sequence — what generation costs without a cache;
 - `keras-hub`: `GPT2CausalLM.generate` (Keras 3) on a GPT-2 of the same
   size (layers, width, heads, MLP, context, vocabulary), as the reference.
 
@@ -51,28 +50,27 @@ def prompts(batch: int) -> np.ndarray:
 def cached_runner(family: str, batch: int):
     config = models.make_config(family, "small", vocab_size=VOCAB, dropout=0.0)
     decoder = models.decoder(models.build(config), config)
-    sampler = generation.make_sampler(generation.SamplerConfig())
     rows = prompts(batch).tolist()
-    return lambda: generation.generate(decoder, rows, NEW, sampler)
+    return lambda: generation.generate(decoder, rows, NEW)
 
 
 def recompute_runner(family: str, batch: int):
     config = models.make_config(family, "small", vocab_size=VOCAB, dropout=0.0)
     model = models.build(config)
-    sampler = generation.make_sampler(generation.SamplerConfig())
     padded = np.zeros([batch, PROMPT + NEW], np.int32)
     padded[:, :PROMPT] = prompts(batch)
-    mask = np.zeros_like(padded, bool)
-    mask[:, :PROMPT] = True
+    total = PROMPT + NEW
 
     @tf.function(jit_compile=True)  # compiled like the cached loop, for a fair ratio
-    def run(prompt, mask):
-        def next_logits(prompt, cache, index):
-            logits = model(prompt, training=False)  # (B, T, V): the whole sequence again
-            return logits[:, index - 1, :], None, cache
-        return sampler(next_logits, prompt, cache=tf.zeros([]), index=PROMPT, mask=mask)
+    def run(tokens):
+        def step(index, tokens):
+            logits = model(tokens, training=False)  # (B, T, V): the whole sequence again
+            chosen = tf.argmax(logits[:, index - 1, :], axis=-1, output_type=tf.int32)
+            column = tf.one_hot(index, total, on_value=True, off_value=False)[tf.newaxis, :]
+            return index + 1, tf.where(column, chosen[:, tf.newaxis], tokens)
+        return tf.while_loop(lambda index, tokens: index < total, step, (tf.constant(PROMPT), tokens))[1]
 
-    return lambda: run(tf.constant(padded), tf.constant(mask)).numpy()
+    return lambda: run(tf.constant(padded)).numpy()
 
 
 def keras_hub_runner(batch: int):

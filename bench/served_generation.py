@@ -77,7 +77,7 @@ def in_process_runner(workdir: pathlib.Path, batch: int, new: int):
 
     generator = TextGenerator(workdir)
     ids = [generator.prompt_ids(PROMPT)] * batch
-    sampler = generation.make_sampler(generation.SamplerConfig())
+    sampler = generation.SamplerConfig()
     return lambda: generation.generate(generator.decoder, ids, new, sampler)  # no stop tokens: all `new`
 
 

@@ -1,14 +1,21 @@
-"""Text generation from a cached decoder with keras-nlp's samplers.
+"""Text generation from a cached decoder: one decoding loop and one sampling rule for every backend.
 
-Two entry points over the same decoders (`GPTDecoder`, `LSTMDecoder`):
+The loop (`decode`) and the rule (`sample_next`) are TensorFlow ops over the
+decoders (`GPTDecoder`, `LSTMDecoder`):
 
-- `generate`: a batch of prompts of different lengths, one graph loop
-  (keras-nlp's `Sampler.__call__`, a `tf.while_loop`): prompt tokens are
-  kept, the rest are sampled one position at a time from the cache.
+- `generate`: a batch of prompts of different lengths in this process,
+  `decode` compiled by XLA for the batch's shape;
 - `stream`: one prompt, a Python loop that yields each token as it is
-  chosen, for a terminal. Greedy choices are the same as `generate`'s.
+  chosen, for a terminal; the same tokens as `generate`;
+- `generate_graph`: the same loop inside an exported SavedModel's signatures,
+  uncompiled or compiled over shape buckets (`bucketed`).
 
-Samplers are built outside `tf.function` (they own a seed variable).
+A token is chosen by `sample_next` from per-row settings (temperature 0 is
+greedy) and noise that depends only on (seed, position, token id)
+(`uniform_noise`); `serving.edge` draws the same noise in numpy. So a prompt,
+a sampler and a seed give the same text in-process, from the SavedModel,
+compiled or not, in any batch, and on the device (up to float rounding at a
+top-p boundary).
 """
 
 from __future__ import annotations
@@ -18,7 +25,6 @@ import math
 import typing
 from typing import Iterator, Literal, Sequence
 
-import keras_nlp
 import numpy as np
 import tensorflow as tf
 
@@ -54,17 +60,22 @@ class SamplerConfig:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
 
+    def settings(self) -> tuple[float, int, float]:
+        """(temperature, top_k, top_p) as `sample_next` reads them: temperature 0 is greedy, top_k 0
+        and top_p 1 cut nothing."""
+        if self.name == "greedy":
+            return 0.0, 0, 1.0
+        return (self.temperature, self.top_k if self.name == "top_k" else 0,
+                self.top_p if self.name == "top_p" else 1.0)
 
-def make_sampler(config: SamplerConfig) -> keras_nlp.samplers.Sampler:
-    """A fresh keras-nlp sampler (a fresh seed state: same seed, same draws)."""
-    s = keras_nlp.samplers
-    if config.name == "greedy":
-        return s.GreedySampler()
-    if config.name == "top_k":
-        return s.TopKSampler(k=config.top_k, seed=config.seed, temperature=config.temperature)
-    if config.name == "top_p":
-        return s.TopPSampler(p=config.top_p, seed=config.seed, temperature=config.temperature)
-    return s.RandomSampler(seed=config.seed, temperature=config.temperature)
+    def draw_seed(self) -> int:
+        """The seed, or a fresh one."""
+        return self.seed if self.seed is not None else int(np.random.default_rng().integers(2**31 - 1))
+
+    def sampling(self, batch: int, seed: int) -> "Sampling":
+        temperature, top_k, top_p = self.settings()
+        return Sampling(tf.fill([batch], float(temperature)), tf.fill([batch], top_k), tf.fill([batch], float(top_p)),
+                        tf.fill([batch], seed))
 
 
 def fit_to_context(prompt: Sequence[int], max_new_tokens: int, max_length: int | None) -> list[int]:
@@ -78,88 +89,74 @@ def fit_to_context(prompt: Sequence[int], max_new_tokens: int, max_length: int |
 
 
 def generate(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
-             sampler: keras_nlp.samplers.Sampler, stop_token_ids: Sequence[int] = ()) -> list[list[int]]:
-    """Continues a batch of prompts.
+             sampler: SamplerConfig = SamplerConfig(), stop_token_ids: Sequence[int] = ()) -> list[list[int]]:
+    """Continues a batch of prompts (`decode`, XLA-compiled once per batch shape).
 
     Args:
         decoder: a `GPTDecoder` or `LSTMDecoder`.
         prompts: token ids per prompt (non-empty; lengths may differ).
         max_new_tokens: per batch or per prompt.
-        sampler: from `make_sampler`.
-        stop_token_ids: a row ends at the first of these (not included in the result).
+        sampler: how to choose; every row draws with the same seed (a row's text does not depend
+            on the rest of the batch).
+        stop_token_ids: at most one id; a row ends at it (not included in the result).
     Returns:
         The new tokens of every prompt.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (start with [EOS] for none)")
+    if len(stop_token_ids) > 1:
+        raise ValueError(f"one stop token at most, got {list(stop_token_ids)}")
     batch = len(prompts)
     new = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
     prompts = [fit_to_context(p, n, decoder.max_length) for p, n in zip(prompts, new)]
-    lengths = [len(p) for p in prompts]
-    total = max(n + k for n, k in zip(lengths, new))
-    padded = np.zeros([batch, total], np.int32)
+    keep = [len(p) for p in prompts]
+    tokens = np.zeros([batch, max(k + n for k, n in zip(keep, new))], np.int32)
     for i, p in enumerate(prompts):
-        padded[i, :len(p)] = p
-    mask = np.arange(total)[None, :] < np.array(lengths)[:, None]  # True where a prompt token stands
-    out = _sample(decoder, sampler, tf.constant(padded), tf.constant(mask), min(lengths),
-                  tuple(stop_token_ids) or None).numpy()
+        tokens[i, :len(p)] = p
+    stop = stop_token_ids[0] if stop_token_ids else -1
+    out = _compiled_decode(decoder, stop)(tf.constant(tokens), tf.constant(keep, tf.int32),
+                                          tf.constant(new, tf.int32), sampler.sampling(batch, sampler.draw_seed()))
     results = []
-    for row, n, k in zip(out, lengths, new):
-        tokens = row[n:n + k].tolist()
-        cut = [i for i, t in enumerate(tokens) if t in stop_token_ids]
-        results.append(tokens[:cut[0]] if cut else tokens)
+    for row, k, n in zip(out.numpy(), keep, new):
+        row = row[k:k + n].tolist()
+        results.append(row[:row.index(stop)] if stop in row else row)
     return results
 
 
-def _sample(decoder, sampler, prompt, mask, start: int, stop_token_ids):
-    # One traced graph per (batch, length, start); the loop itself is a tf.while_loop.
-    key = (id(decoder), id(sampler), tuple(prompt.shape), start, stop_token_ids)
-    fn = _SAMPLE_FNS.get(key)
-    if fn is None:
-        # XLA fuses the many small ops of one decoding step (2-5x faster on CPU).
-        @tf.function(jit_compile=True)
-        def fn(prompt, mask):
-            cache = decoder.init_cache(tf.shape(prompt)[0], prompt.shape[1])
-            if start > 1:  # prefill the tokens every row has, but the last
-                _, cache = decoder.call_with_cache(prompt[:, :start - 1], cache, 0)
-
-            def next_logits(prompt, cache, index):
-                # prompt[:, index - 1][:, None], not prompt[:, index - 1:index]: a static [B, 1]
-                # shape, or XLA pads every step to the full length.
-                token = prompt[:, index - 1][:, tf.newaxis]  # (B, 1)
-                logits, cache = decoder.call_with_cache(token, cache, index - 1)
-                return logits[:, 0, :], None, cache  # (B, V)
-
-            return sampler(next_logits, prompt, cache, index=start, mask=mask, stop_token_ids=stop_token_ids)
-        if len(_SAMPLE_FNS) >= _MAX_SAMPLE_FNS:  # drop the oldest trace
-            del _SAMPLE_FNS[next(iter(_SAMPLE_FNS))]
-        _SAMPLE_FNS[key] = fn
-    return fn(prompt, mask)
+def _compiled_decode(decoder, stop_token_id: int):
+    key = (id(decoder), stop_token_id)
+    if key not in _DECODE_FNS:
+        _DECODE_FNS[key] = (decoder, tf.function(
+            lambda tokens, keep, new, sampling: decode(decoder, tokens, keep, new, sampling, stop_token_id),
+            jit_compile=True))
+    return _DECODE_FNS[key][1]
 
 
-# Traced loops by (decoder, sampler, shape, start, stop tokens); the values keep
-# the decoder and sampler alive, so their ids in the keys stay unique.
-_SAMPLE_FNS: dict = {}
-_MAX_SAMPLE_FNS = 16
+# (decoder, compiled loop) by (id(decoder), stop token); the decoder in the value keeps its id unique.
+_DECODE_FNS: dict = {}
 
 
-def stream(decoder, prompt: Sequence[int], max_new_tokens: int, sampler: keras_nlp.samplers.Sampler,
+def stream(decoder, prompt: Sequence[int], max_new_tokens: int, sampler: SamplerConfig = SamplerConfig(),
            stop_token_ids: Sequence[int] = ()) -> Iterator[int]:
-    """Yields the new tokens of one prompt as they are chosen (a stop token ends it, unyielded)."""
+    """Yields the new tokens of one prompt as they are chosen (a stop token ends it, unyielded).
+
+    The same tokens as `generate` for the same sampler and seed.
+    """
     if len(prompt) == 0:
         raise ValueError("the prompt needs at least one token (start with [EOS] for none)")
     prompt = fit_to_context(prompt, max_new_tokens, decoder.max_length)
     step = tf.function(decoder.call_with_cache, jit_compile=True)
+    sampling = sampler.sampling(1, sampler.draw_seed())
     cache = decoder.init_cache(1, len(prompt) + max_new_tokens)
     logits, cache = step(tf.constant([prompt], tf.int32), cache, tf.constant(0))
     for i in range(max_new_tokens):
-        probabilities = sampler.compute_probabilities(logits[:, -1, :])  # (1, V)
-        token = int(np.asarray(sampler.get_next_token(probabilities))[0])
+        position = len(prompt) + i
+        token = int(_choose(tf.cast(logits[:, -1, :], tf.float32), tf.constant(position), *sampling)[0])
         if token in stop_token_ids:
             return
         yield token
         if i + 1 < max_new_tokens:
-            logits, cache = step(tf.constant([[token]], tf.int32), cache, tf.constant(len(prompt) + i))
+            logits, cache = step(tf.constant([[token]], tf.int32), cache, tf.constant(position))
 
 
 # ---------------------------------------------------------------------------
@@ -341,6 +338,9 @@ def bucketed(compiled, buckets: Buckets, fallback):
 
         return tf.cond((rows > 0) & (columns > 0), padded, lambda: fallback(tokens, keep, new, sampling))
     return run
+
+
+_choose = tf.function(lambda *args: sample_next(*args), jit_compile=True)
 
 
 def generate_graph(decoder, prompts: tf.RaggedTensor, max_new_tokens: tf.Tensor, sampling: Sampling,

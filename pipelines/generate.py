@@ -45,16 +45,6 @@ class TextGenerator:
         self.tokenizer = tokenizers.load(wd.tokenizer_dir)
         self.model, self.config, self.step = checkpoints.load_model(checkpoints.model_dir(workdir, variant))
         self.decoder = models.decoder(self.model, self.config)
-        self._samplers: dict[generation.SamplerConfig, object] = {}
-
-    def _sampler(self, config: generation.SamplerConfig):
-        # The decoding loop is traced per sampler object: reuse one across calls, except a
-        # seeded one, whose seed variable advances (a fresh one repeats the same text).
-        if config.seed is not None:
-            return generation.make_sampler(config)
-        if config not in self._samplers:
-            self._samplers[config] = generation.make_sampler(config)
-        return self._samplers[config]
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return encode(self.tokenizer, prompt) if prompt else [tokenizers.EOS_ID]
@@ -64,7 +54,7 @@ class TextGenerator:
         """Continuations of a batch of prompts."""
         _check(max_new_tokens, self.decoder.max_length)
         ids = generation.generate(self.decoder, [self.prompt_ids(p) for p in prompts], max_new_tokens,
-                                  self._sampler(sampler), stop_token_ids=[tokenizers.EOS_ID])
+                                  sampler, stop_token_ids=[tokenizers.EOS_ID])
         return [decode(self.tokenizer, row) for row in ids]
 
     def stream(self, prompt: str, max_new_tokens: int,
@@ -78,7 +68,7 @@ class TextGenerator:
         _check(max_new_tokens, self.decoder.max_length)
         shown, tokens = "", []
         for token in generation.stream(self.decoder, self.prompt_ids(prompt), max_new_tokens,
-                                       generation.make_sampler(sampler), stop_token_ids=[tokenizers.EOS_ID]):
+                                       sampler, stop_token_ids=[tokenizers.EOS_ID]):
             tokens.append(token)
             text = decode(self.tokenizer, tokens)
             if text.endswith("\ufffd"):

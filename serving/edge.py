@@ -91,8 +91,10 @@ class EdgeModel:
             token = yield out["logits"][0]
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = (),
-                 temperature: float = 0.0, top_k: int = 0, seed: int | None = None) -> list[int]:
-        """Continues `prompt`: greedy when `temperature` is 0, else sampled (optionally top-k).
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[int]:
+        """Continues `prompt`: greedy when `temperature` is 0, else sampled (top-k, then top-p) as
+        `models.generation.sample_next` samples, with the same noise: the same tokens as the
+        SavedModel and in-process generation for the same seed.
 
         A transformer prompt longer than the cache allows keeps its last tokens.
         """
@@ -101,12 +103,11 @@ class EdgeModel:
             if max_new_tokens >= limit:
                 raise ValueError(f"max_new_tokens={max_new_tokens} does not fit max_seq_len={limit}")
             prompt = list(prompt)[-(limit - max_new_tokens):]
-        rng = np.random.default_rng(seed)
         steps = self.steps(list(prompt))
         logits = next(steps)
         new: list[int] = []
         while len(new) < max_new_tokens:
-            token = choose(logits, temperature, top_k, rng)
+            token = choose(logits, len(prompt) + len(new), temperature, top_k, top_p, seed)
             if token in stop_ids:
                 break
             new.append(token)
@@ -117,13 +118,43 @@ class EdgeModel:
         return new
 
 
-def choose(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
-    """The next token: argmax at temperature 0, else a draw from softmax(logits / temperature)."""
+_MASK = 0xFFFFFFFF
+
+
+def _mix32(x: np.ndarray) -> np.ndarray:
+    """`models.generation._mix32` in numpy (uint64 holding 32-bit values)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seed: int, position: int, vocab: int) -> np.ndarray:
+    """`models.generation.uniform_noise` for one row: the same float32 bits."""
+    row = _mix32(np.uint64(seed & _MASK) ^ _mix32(np.uint64((position + 0x9E3779B9) & _MASK)))
+    ids = (np.arange(vocab, dtype=np.uint64) * np.uint64(0x85EBCA6B)) & np.uint64(_MASK)
+    bits = _mix32(row ^ ids)
+    return ((bits >> 8).astype(np.float32) + np.float32(0.5)) / np.float32(1 << 24)
+
+
+def choose(logits: np.ndarray, position: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
+           seed: int = 0) -> int:
+    """The next token, as `models.generation.sample_next` picks it for one row (see there)."""
+    logits = logits.astype(np.float32)
     if temperature <= 0:
         return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / temperature
-    if 0 < top_k < scaled.size:
-        cut = np.partition(scaled, -top_k)[-top_k]
-        scaled = np.where(scaled >= cut, scaled, -np.inf)
-    probs = np.exp(scaled - scaled.max())
-    return int(rng.choice(scaled.size, p=probs / probs.sum()))
+    vocab = logits.size
+    scaled = logits / np.float32(temperature)
+    ranked = -np.sort(-scaled)
+    k = min(top_k, vocab) if top_k > 0 else vocab
+    in_top_k = np.arange(vocab) < k
+    masked = np.where(in_top_k, ranked, -np.inf)
+    probabilities = np.exp(masked - masked.max())
+    probabilities /= probabilities.sum()
+    mass_before = np.cumsum(probabilities) - probabilities
+    p = top_p if 0 < top_p < 1 else 1.0
+    kept = int(np.sum(in_top_k & (mass_before < p)))
+    filtered = np.where(scaled >= ranked[kept - 1], scaled, -np.inf)
+    noise = uniform_noise(seed, position, vocab)
+    return int(np.argmax(filtered - np.log(-np.log(noise))))

@@ -150,37 +150,61 @@ def test_batched_prompts_of_different_lengths_match_one_by_one(built):
     config, model = built
     decoder = models.decoder(model, config)
     prompts = [[3, 4, 5], [6, 7, 8, 9, 10, 11], [12]]
-    batch = generation.generate(decoder, prompts, 6, generation.make_sampler(generation.SamplerConfig()))
-    alone = [generation.generate(decoder, [p], 6, generation.make_sampler(generation.SamplerConfig()))[0]
-             for p in prompts]
-    streamed = [list(generation.stream(decoder, p, 6, generation.make_sampler(generation.SamplerConfig())))
-                for p in prompts]
-    assert batch == alone == streamed
-    assert all(len(row) == 6 for row in batch)
+    for sampler in (generation.SamplerConfig(), generation.SamplerConfig("top_p", temperature=2.0, seed=3)):
+        batch = generation.generate(decoder, prompts, 6, sampler)
+        alone = [generation.generate(decoder, [p], 6, sampler)[0] for p in prompts]
+        streamed = [list(generation.stream(decoder, p, 6, sampler)) for p in prompts]
+        assert batch == alone == streamed
+        assert all(len(row) == 6 for row in batch)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["top_p"])  # the other samplers share the seeding; test_export covers sample_next
-def test_samplers_are_seeded(built, name):
+def test_samplers_are_seeded(built):
     config, model = built
     decoder = models.decoder(model, config)
     prompts = [[3, 4], [5, 6, 7]]
 
-    def run(seed):
-        sampler = generation.make_sampler(generation.SamplerConfig(name, temperature=2.0, top_k=8, seed=seed))
-        return generation.generate(decoder, prompts, 8, sampler)
+    def run(name, seed):
+        return generation.generate(decoder, prompts, 8, generation.SamplerConfig(name, temperature=2.0, top_k=8,
+                                                                                  seed=seed))
 
-    assert run(5) == run(5)
-    assert run(5) != run(6)
+    for name in ("top_k", "top_p", "random"):
+        assert run(name, 5) == run(name, 5)
+        assert run(name, 5) != run(name, 6)
+
+
+def test_one_sampling_rule_in_tensorflow_under_xla_and_on_the_device():
+    """`sample_next` (TensorFlow, uncompiled and XLA) and `serving.edge.choose` (numpy) pick the same tokens."""
+    from serving import edge
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=[6, 50]).astype(np.float32) * 3
+    temperature = np.array([0.0, 1.0, 0.7, 1.5, 1.0, 2.0], np.float32)
+    top_k = np.array([0, 0, 5, 0, 1, 10], np.int32)
+    top_p = np.array([1.0, 1.0, 1.0, 0.8, 1.0, 0.5], np.float32)
+    for position in (0, 7, 1000):
+        seed = rng.integers(0, 2**31 - 1, size=6).astype(np.int32)
+        args = [tf.constant(v) for v in (logits, position, temperature, top_k, top_p, seed)]
+        plain = generation.sample_next(*args).numpy()
+        compiled = tf.function(generation.sample_next, jit_compile=True)(*args).numpy()
+        device = [edge.choose(logits[i], position, temperature[i], top_k[i], top_p[i], int(seed[i]))
+                  for i in range(6)]
+        np.testing.assert_array_equal(compiled, plain)
+        np.testing.assert_array_equal(device, plain)
+        assert plain[0] == logits[0].argmax() and plain[4] == logits[4].argmax()  # greedy, and top_k=1
+    # The noise is uniform: draws over many positions follow the distribution (temperature 1, no cut).
+    probabilities = tf.nn.softmax(logits[1]).numpy()
+    draws = [edge.choose(logits[1], p, 1.0, 0, 1.0, 42) for p in range(4000)]
+    counts = np.bincount(draws, minlength=50) / 4000
+    assert np.abs(counts - probabilities).max() < 0.03
 
 
 def test_stop_tokens_end_a_row(built):
     config, model = built
     decoder = models.decoder(model, config)
-    greedy = generation.generate(decoder, [[3, 4, 5]], 6, generation.make_sampler(generation.SamplerConfig()))[0]
+    greedy = generation.generate(decoder, [[3, 4, 5]], 6)[0]
     stop = greedy[2]
-    cut = generation.generate(decoder, [[3, 4, 5]], 6, generation.make_sampler(generation.SamplerConfig()),
-                              stop_token_ids=[stop])[0]
+    cut = generation.generate(decoder, [[3, 4, 5]], 6, stop_token_ids=[stop])[0]
     assert cut == greedy[:greedy.index(stop)]
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import pathlib
 
-import numpy as np
 import tensorflow as tf
 
 from models.generation import SamplerConfig
@@ -41,15 +40,13 @@ def generate(backend: str, workdir: str | os.PathLike, prompt: str, max_new_toke
                            max_new_tokens, sampler)
     if backend != "tflite":
         raise ConfigError("backend", backend, "expected keras, savedmodel or tflite")
-    if sampler.name == "top_p":
-        raise ConfigError("backend", "tflite", "samples greedy, random or top_k; use one of those")
     model = edge.EdgeModel(tflite.find(workdir, variant, quantize), num_threads=num_threads)
     tokenizer = tokenizers.load(workdir_lib.Workdir(workdir).tokenizer_dir)
     ids = encode(tokenizer, prompt) if prompt else [tokenizers.EOS_ID]
-    temperature = 0.0 if sampler.name == "greedy" else sampler.temperature
+    temperature, top_k, top_p = sampler.settings()
     try:
         new = model.generate(ids, max_new_tokens, stop_ids=[tokenizers.EOS_ID], temperature=temperature,
-                             top_k=sampler.top_k if sampler.name == "top_k" else 0, seed=sampler.seed)
+                             top_k=top_k, top_p=top_p, seed=sampler.draw_seed())
     except ValueError as e:
         raise UserError(f"{e}; lower --max_new_tokens or convert with a larger --max_seq_len") from None
     return decode(tokenizer, new)
@@ -63,11 +60,9 @@ def _savedmodel(path: pathlib.Path, prompt: str, max_new_tokens: int, sampler: S
         out = loaded.signatures[c.SERVING_DEFAULT](prompt=tf.constant([prompt]),
                                                    max_new_tokens=tf.constant([max_new_tokens], tf.int32))
     else:
-        seed = sampler.seed if sampler.seed is not None else int(np.random.default_rng().integers(2**31 - 1))
+        temperature, top_k, top_p = sampler.settings()
         out = loaded.signatures[c.GENERATE](
             prompt=tf.constant([prompt]), max_new_tokens=tf.constant([max_new_tokens], tf.int32),
-            temperature=tf.constant([sampler.temperature], tf.float32),
-            top_k=tf.constant([sampler.top_k if sampler.name == "top_k" else 0], tf.int32),
-            top_p=tf.constant([sampler.top_p if sampler.name == "top_p" else 1.0], tf.float32),
-            seed=tf.constant([seed], tf.int32))
+            temperature=tf.constant([temperature], tf.float32), top_k=tf.constant([top_k], tf.int32),
+            top_p=tf.constant([top_p], tf.float32), seed=tf.constant([sampler.draw_seed()], tf.int32))
     return out[c.COMPLETION].numpy()[0].decode("utf-8")
