@@ -229,6 +229,34 @@ def test_versions_and_bad_input(transformer, tmp_path, capsys, english_text):
     assert sorted(p.name for p in base.iterdir()) == ["7", "8"]
 
 
+def test_xla_warmup_export_needs_a_server_with_xla(transformer, tmp_path, capsys):
+    """--xla_warmup: TF Serving's warm-up file compiles every bucket, and a server without XLA refuses the version."""
+    from tests.conftest import TEST_BUCKETS
+
+    workdir, _, _ = transformer
+    base = tmp_path / "lm"
+    buckets = ",".join(map(str, TEST_BUCKETS["batch_buckets"]))
+    code, out, err = run_cli(capsys, "export", f"--workdir={workdir}", f"--export_base={base}", "--xla_warmup",
+                             f"--batch_buckets={buckets}")
+    assert code == 0, err
+    extra = base / "1" / c.ASSETS_EXTRA
+    records = tf.data.TFRecordDataset(str(extra / c.WARMUP_FILE)).as_numpy_iterator()
+    from tensorflow_serving.apis import prediction_log_pb2
+    names = {prediction_log_pb2.PredictionLog.FromString(r).predict_log.request.model_spec.signature_name
+             for r in records}
+    assert {c.SERVING_DEFAULT_XLA, c.GENERATE_XLA, c.SERVING_DEFAULT} <= names
+    assert not (extra / c.XLA_WARMUP_FILE).exists()
+    without = server.ServedModel("lm", base, max_num_load_retries=0)
+    without.refresh()
+    assert "XLA compilation disabled" in without.failed[1] and "--xla_cpu_compilation_enabled" in without.failed[1]
+    with_xla = server.ServedModel("lm", base, xla=True)
+    assert with_xla.load_latest().version == 1
+    for argv, message in [(["--batch_buckets=0,4"], "each at least 1"), (["--length_buckets=a"], "integers")]:
+        code, _, err = run_cli(capsys, "export", f"--workdir={workdir}", f"--export_base={tmp_path / 'x'}", *argv)
+        assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
 def test_workdir_without_a_checkpoint(tmp_path, capsys, english_text):
     (tmp_path / "corpus.txt").write_text(english_text, encoding="utf-8")
     prepare.prepare(prepare.PrepareConfig(corpus=(str(tmp_path / "corpus.txt"),),
@@ -376,6 +404,7 @@ def test_deploy_files_configure_tensorflow_serving():
     kubernetes = (deploy / "kubernetes.yaml").read_text()
     for text in (compose, kubernetes):
         assert "--port=8500" in text and "--rest_api_port=8501" in text and "--enable_batching=true" in text
+        assert "--xla_cpu_compilation_enabled=true" in text  # the *_xla signatures run
     # Every config file the server is pointed at is mounted from a file that exists.
     for flag in ("model_config_file", "batching_parameters_file", "monitoring_config_file"):
         mounted = compose.split(f"--{flag}=")[1].split()[0]
