@@ -304,7 +304,7 @@ def test_batched_answers_equal_unbatched_ones_and_batches_form(versions):
     token_rows = [[5, 6, 7], [8, 9], [5, 6, 7], [10]] * 3  # next_token_logits of different lengths
 
     def answers(parameters):
-        core = server.ModelServer({"lm": server.ServedModel("lm", versions)}, batching=parameters)
+        core = server.ModelServer({"lm": server.ServedModel("lm", versions, xla=True)}, batching=parameters, xla=True)
         core.refresh()
         grpc_server, rest_server, grpc_target, rest_target = start(core)
         try:
@@ -315,7 +315,8 @@ def test_batched_answers_equal_unbatched_ones_and_batches_form(versions):
                 p = prompts[i % len(prompts)]
                 cl = grpc_client if i % 2 else rest_client
                 return (cl.generate([p], 6), cl.generate([p], 6, temperature=1.2, seed=i),
-                        cl.score([p]), cl.next_token_logits([token_rows[i % len(token_rows)]]))
+                        cl.score([p]), cl.next_token_logits([token_rows[i % len(token_rows)]]),
+                        cl.generate([p], 6, compiled=True))
             with ThreadPoolExecutor(16) as pool:
                 results = list(pool.map(one, range(32)))
             return results, core.metrics
@@ -327,13 +328,14 @@ def test_batched_answers_equal_unbatched_ones_and_batches_form(versions):
 
     unbatched, _ = answers(None)
     batched, metrics = answers(batching.BatchingParameters(max_batch_size=8, batch_timeout_micros=50_000))
-    for (text, sampled, score, logits), (b_text, b_sampled, b_score, b_logits) in zip(unbatched, batched):
-        assert (text, sampled) == (b_text, b_sampled)
+    for (text, sampled, score, logits, compiled), (b_text, b_sampled, b_score, b_logits, b_compiled) in zip(
+            unbatched, batched):
+        assert (text, sampled) == (b_text, b_sampled) == (compiled, sampled) == (b_compiled, b_sampled)
         assert score[0][1] == b_score[0][1] and score[0][0] == pytest.approx(b_score[0][0], rel=1e-4)
         np.testing.assert_allclose(logits, b_logits, rtol=1e-4, atol=1e-4)
     batches = metrics.batch_size.count("lm")
-    assert 0 < batches < 4 * 32  # requests were merged: fewer batches than requests
-    assert metrics.request_count.value("lm", "OK") == 4 * 32
+    assert 0 < batches < 5 * 32  # requests were merged: fewer batches than requests
+    assert metrics.request_count.value("lm", "OK") == 5 * 32
 
 
 def test_prometheus_metrics_under_tensorflow_serving_names(versions, tmp_path):
