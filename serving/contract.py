@@ -1,6 +1,6 @@
 """The serving contract: signature, tensor and file names shared by the exporter, the server and the clients.
 
-An exported language model answers six signatures (TensorFlow Serving's
+An exported language model answers eight signatures (TensorFlow Serving's
 `signature_name`); every tensor's first dimension is the batch:
 
     serving_default    prompt string [B], max_new_tokens int32 [B]
@@ -13,8 +13,15 @@ An exported language model answers six signatures (TensorFlow Serving's
                        (the logits after each row's first num_tokens tokens; what follows them is
                        ignored, so rows of different lengths pad to one [B, T] — and TensorFlow
                        Serving's pad_variable_length_inputs changes no answer)
-    serving_default_xla, generate_xla
-                       the same as serving_default and generate (same inputs, same tokens),
+    generate_chunk     the inputs of generate + generated int32 [B, G], num_generated int32 [B]
+                       -> completion string [B], token_ids int32 [B, C], finished bool [B]
+                       (the next max_new_tokens tokens after the prompt and the first
+                       num_generated tokens of `generated`, as generate would choose them
+                       there; completion is the text of all the tokens so far; finished: the
+                       row stopped at [EOS]. A client calls it again with the tokens so far
+                       to stream; `lmstack serve`'s streaming extension does exactly that)
+    serving_default_xla, generate_xla, generate_chunk_xla
+                       the same as serving_default, generate, generate_chunk (same inputs, same tokens),
                        with the decoding loop XLA-compiled: several times faster, for servers
                        that allow XLA (TensorFlow Serving: --xla_cpu_compilation_enabled, or
                        --xla_gpu_compilation_enabled on GPUs; `lmstack serve` the same). They
@@ -44,10 +51,12 @@ SERVING_DEFAULT = "serving_default"
 GENERATE = "generate"
 SCORE = "score"
 NEXT_TOKEN_LOGITS = "next_token_logits"
+GENERATE_CHUNK = "generate_chunk"
 # The same three, XLA-compiled (a server must allow XLA: --xla_cpu_compilation_enabled).
 XLA_SUFFIX = "_xla"
 SERVING_DEFAULT_XLA = SERVING_DEFAULT + XLA_SUFFIX
 GENERATE_XLA = GENERATE + XLA_SUFFIX
+GENERATE_CHUNK_XLA = GENERATE_CHUNK + XLA_SUFFIX
 
 # Tensor names.
 PROMPT = "prompt"
@@ -62,6 +71,9 @@ TEXT = "text"
 LOG_LIKELIHOOD = "log_likelihood"
 NUM_TOKENS = "num_tokens"
 LOGITS = "logits"
+GENERATED = "generated"
+NUM_GENERATED = "num_generated"
+FINISHED = "finished"
 
 # The classifier's signatures and tensors (TensorFlow Serving's names for the Classify API).
 CLASSIFY = "classify"
@@ -121,6 +133,8 @@ _SAMPLED = Signature(inputs={PROMPT: Tensor("string", 1), MAX_NEW_TOKENS: Tensor
                              TEMPERATURE: Tensor("float32", 1), TOP_K: Tensor("int32", 1),
                              TOP_P: Tensor("float32", 1), SEED: Tensor("int32", 1)},
                      outputs=_COMPLETION_OUTPUTS)
+_CHUNK = Signature(inputs={**_SAMPLED.inputs, GENERATED: Tensor("int32", 2), NUM_GENERATED: Tensor("int32", 1)},
+                   outputs={**_COMPLETION_OUTPUTS, FINISHED: Tensor("bool", 1)})
 _SCORE = Signature(inputs={TEXT: Tensor("string", 1)},
                    outputs={LOG_LIKELIHOOD: Tensor("float32", 1), NUM_TOKENS: Tensor("int32", 1)})
 
@@ -128,8 +142,10 @@ SIGNATURES: dict[str, Signature] = {
     SERVING_DEFAULT: _GREEDY,
     GENERATE: _SAMPLED,
     SCORE: _SCORE,
+    GENERATE_CHUNK: _CHUNK,
     SERVING_DEFAULT_XLA: _GREEDY,
     GENERATE_XLA: _SAMPLED,
+    GENERATE_CHUNK_XLA: _CHUNK,
     NEXT_TOKEN_LOGITS: Signature(
         inputs={TOKEN_IDS: Tensor("int32", 2), NUM_TOKENS: Tensor("int32", 1)},
         outputs={LOGITS: Tensor("float32", 2)}),

@@ -126,6 +126,37 @@ class LanguageModelModule(tf.Module):
     def generate_xla(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
         return self._complete(prompt, max_new_tokens, generation.Sampling(temperature, top_k, top_p, seed), True)
 
+    @tf.function(input_signature=_spec(c.GENERATE_CHUNK))
+    def generate_chunk(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, generated, num_generated):
+        return self._chunk(prompt, max_new_tokens, generation.Sampling(temperature, top_k, top_p, seed), generated,
+                           num_generated, False)
+
+    @tf.function(input_signature=_spec(c.GENERATE_CHUNK_XLA))
+    def generate_chunk_xla(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, generated, num_generated):
+        return self._chunk(prompt, max_new_tokens, generation.Sampling(temperature, top_k, top_p, seed), generated,
+                           num_generated, True)
+
+    def _chunk(self, prompt, max_new_tokens, sampling, generated, num_generated, compiled: bool):
+        """The next tokens after the prompt and the tokens generated so far: a stream, one call per chunk.
+
+        The sequence is laid out as `generate` lays it out ([EOS] for an empty prompt, then the
+        prompt, then the tokens so far), so each token is chosen at the position, with the noise,
+        `generate` would choose it: chunk by chunk, the same text (within the context).
+        """
+        prompts = tf.cast(self.tokenizer.tokenize(prompt), tf.int32)  # ragged (B, None)
+        empty = tf.cast(prompts.row_lengths() == 0, tf.int32)
+        start = tf.RaggedTensor.from_row_lengths(tf.fill([tf.reduce_sum(empty)], tokenizers.EOS_ID), empty)
+        so_far = tf.RaggedTensor.from_tensor(generated, lengths=tf.minimum(num_generated, tf.shape(generated)[1]))
+        splits = prompts.row_splits.dtype
+        start, so_far = start.with_row_splits_dtype(splits), so_far.with_row_splits_dtype(splits)
+        sequences = tf.concat([start, prompts, so_far], axis=1)
+        ids = generation.generate_graph(self._decoder, sequences, max_new_tokens, sampling,
+                                        stop_token_id=tokenizers.EOS_ID, empty_prompt_id=tokenizers.EOS_ID,
+                                        loop=self._compiled_loop if compiled else None)
+        made = tf.cast(ids.row_lengths(), tf.int32)
+        return {c.COMPLETION: self.tokenizer.detokenize(tf.concat([so_far, ids], axis=1)),
+                c.TOKEN_IDS: ids.to_tensor(default_value=0), c.FINISHED: made < tf.maximum(max_new_tokens, 0)}
+
     @tf.function(jit_compile=True)
     def _decode_xla(self, tokens, keep, new, sampling):
         return generation.decode(self._decoder, tokens, keep, new, sampling, stop_token_id=tokenizers.EOS_ID)
@@ -188,6 +219,10 @@ def _tokenizer_files(tokenizer_dir: pathlib.Path) -> list[str]:
     return sorted(str(p) for p in tokenizer_dir.iterdir() if p.is_file())
 
 
+_SAMPLED_WARMUP = {c.PROMPT: [WARMUP_PROMPT], c.MAX_NEW_TOKENS: [4], c.TEMPERATURE: [1.0], c.TOP_K: [0],
+                   c.TOP_P: [0.9], c.SEED: [0]}
+
+
 def warmup_requests(model_name: str) -> list[bytes]:
     """Serialized PredictionLog records, one small request per uncompiled signature."""
     return _prediction_logs(model_name, [
@@ -196,7 +231,9 @@ def warmup_requests(model_name: str) -> list[bytes]:
                       c.TOP_P: [0.9], c.SEED: [0]}),
         (c.SCORE, {c.TEXT: [WARMUP_PROMPT]}),
         (c.NEXT_TOKEN_LOGITS, {c.TOKEN_IDS: [[tokenizers.EOS_ID]], c.NUM_TOKENS: [1]}),
+        (c.GENERATE_CHUNK, {**_SAMPLED_WARMUP, c.GENERATED: [[tokenizers.EOS_ID]], c.NUM_GENERATED: [1]}),
     ])
+
 
 
 def xla_warmup_requests(model_name: str, buckets: generation.Buckets, tokenizer) -> list[bytes]:
@@ -205,10 +242,10 @@ def xla_warmup_requests(model_name: str, buckets: generation.Buckets, tokenizer)
     for batch, length in buckets.shapes():
         # An empty prompt is one token ([EOS]): with length - 1 new tokens the buffer is `length`.
         requests.append((c.SERVING_DEFAULT_XLA, {c.PROMPT: [""] * batch, c.MAX_NEW_TOKENS: [length - 1] * batch}))
-    first = buckets.batch[0]
-    requests.append((c.GENERATE_XLA, {c.PROMPT: [WARMUP_PROMPT] * first, c.MAX_NEW_TOKENS: [4] * first,
-                                      c.TEMPERATURE: [1.0] * first, c.TOP_K: [0] * first, c.TOP_P: [0.9] * first,
-                                      c.SEED: [0] * first}))
+    # The sampled and chunked twins run the same compiled loop: one request each prepares their graphs.
+    requests.append((c.GENERATE_XLA, _SAMPLED_WARMUP))
+    requests.append((c.GENERATE_CHUNK_XLA, {**_SAMPLED_WARMUP, c.GENERATED: [[tokenizers.EOS_ID]],
+                                            c.NUM_GENERATED: [1]}))
     return _prediction_logs(model_name, requests)
 
 
