@@ -2,7 +2,8 @@
 
 Greedy (the serving_default signature) unless --temperature is above 0, then
 sampled (the generate signature; the same --seed gives the same text).
---score prints the text's log-likelihood instead; --classify sends the prompt
+--stream prints the text as the server makes it (`lmstack serve`'s streaming
+extension). --score prints the text's log-likelihood instead; --classify sends the prompt
 to a classifier export (`lmstack finetune`) through TensorFlow Serving's
 Classify API and prints each class's score; --status and --metadata print
 what the server says about the model, as JSON.
@@ -10,12 +11,14 @@ what the server says about the model, as JSON.
 example:
   lmstack client --target=localhost:8500 --prompt="ROMEO." --max_new_tokens=80
   lmstack client --target=localhost:8501 --protocol=rest --prompt="ROMEO." --temperature=0.8 --top_k=40 --seed=3
+  lmstack client --target=localhost:8501 --protocol=rest --prompt="ROMEO." --stream
   lmstack client --model_name=reviews --classify --prompt="A dark, dull thriller."
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
 from absl import flags
 
@@ -36,6 +39,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("seed", 0, "the same seed gives the same sampled text", flag_values=fv)
     flags.DEFINE_bool("compiled", False, "call the XLA-compiled signatures (serving_default_xla, generate_xla): "
                       "the same text, faster, from a server started with --xla_cpu_compilation_enabled",
+                      flag_values=fv)
+    flags.DEFINE_bool("stream", False, "print the text as it is made (lmstack serve's streaming extension)",
                       flag_values=fv)
     flags.DEFINE_bool("score", False, "print the prompt's log-likelihood instead of a completion", flag_values=fv)
     flags.DEFINE_bool("classify", False, "classify the prompt (a classifier export's Classify API)", flag_values=fv)
@@ -67,6 +72,11 @@ def run(fv: flags.FlagValues) -> int:
         elif fv.score:
             (log_likelihood, tokens), = client.score([fv.prompt])
             print(json.dumps({"log_likelihood": log_likelihood, "num_tokens": tokens}))
+        elif fv.stream:
+            for piece in client.stream(fv.prompt, fv.max_new_tokens, fv.temperature, fv.top_k, fv.top_p, fv.seed):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
         else:
             completion, = client.generate([fv.prompt], fv.max_new_tokens, fv.temperature, fv.top_k, fv.top_p,
                                           fv.seed, compiled=fv.compiled)

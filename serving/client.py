@@ -20,7 +20,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from serving import contract as c
 
@@ -76,6 +76,20 @@ class _Client:
             signature += c.XLA_SUFFIX
         return [_text(s) for s in self.predict(signature, inputs)[c.COMPLETION]]
 
+    def stream(self, prompt: str, max_new_tokens: int = 50, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
+        """Yields the continuation of `prompt` as the server makes it (lmstack serve's streaming
+        extension; the same text as `generate` with these settings). Closing the iterator early
+        cancels the generation on the server."""
+        inputs = {c.PROMPT: prompt, c.MAX_NEW_TOKENS: max_new_tokens, c.TEMPERATURE: float(temperature),
+                  c.TOP_K: top_k, c.TOP_P: float(top_p), c.SEED: seed}
+        for chunk in self._stream(inputs):
+            if chunk.get("text"):
+                yield chunk["text"]
+
+    def _stream(self, inputs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
     def score(self, texts: Sequence[str]) -> list[tuple[float, int]]:
         """(log-likelihood in nats, tokens) of each text."""
         out = self.predict(c.SCORE, {c.TEXT: list(texts)})
@@ -125,25 +139,32 @@ class RestClient(_Client):
         request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
 
         def call():
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())
-            except urllib.error.HTTPError as e:
-                text = e.read().decode("utf-8", errors="replace")
+            with self._open(request, url) as response:
                 try:
-                    message = json.loads(text).get("error", text)
-                except ValueError:
-                    message = text or e.reason
-                raise ServingError(_HTTP_TO_CODE.get(e.code, f"HTTP {e.code}"), message) from None
-            except (urllib.error.URLError, ConnectionError) as e:
-                reason = getattr(e, "reason", e)
-                if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+                    return json.loads(response.read())
+                except TimeoutError:
                     raise ServingError("DEADLINE_EXCEEDED", f"no answer from {url} in {self.timeout} s") from None
-                raise ServingError("UNAVAILABLE", f"cannot reach {url}: {reason}") from None
-            except TimeoutError:
-                raise ServingError("DEADLINE_EXCEEDED", f"no answer from {url} in {self.timeout} s") from None
 
         return self._with_retries(call)
+
+    def _open(self, request, url: str):
+        """The response to `request`; TensorFlow Serving's error as a ServingError."""
+        try:
+            return urllib.request.urlopen(request, timeout=self.timeout)
+        except urllib.error.HTTPError as e:
+            text = e.read().decode("utf-8", errors="replace")
+            try:
+                message = json.loads(text).get("error", text)
+            except ValueError:
+                message = text or e.reason
+            raise ServingError(_HTTP_TO_CODE.get(e.code, f"HTTP {e.code}"), message) from None
+        except (urllib.error.URLError, ConnectionError) as e:
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+                raise ServingError("DEADLINE_EXCEEDED", f"no answer from {url} in {self.timeout} s") from None
+            raise ServingError("UNAVAILABLE", f"cannot reach {url}: {reason}") from None
+        except TimeoutError:
+            raise ServingError("DEADLINE_EXCEEDED", f"no answer from {url} in {self.timeout} s") from None
 
     def predict(self, signature: str, inputs: dict[str, Sequence]) -> dict[str, list]:
         body = {"signature_name": signature, "inputs": {k: list(v) for k, v in inputs.items()}}
@@ -151,6 +172,27 @@ class RestClient(_Client):
         if not isinstance(outputs, dict):  # a signature with one output answers with its value
             outputs = {next(iter(c.SIGNATURES[signature].outputs)): outputs}
         return outputs
+
+    def _stream(self, inputs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """`:stream`'s server-sent events as dicts (an `event: error` raises ServingError)."""
+        url = self._url(":stream")
+        request = urllib.request.Request(url, data=json.dumps({"inputs": inputs}).encode("utf-8"),
+                                         headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+        with self._with_retries(lambda: self._open(request, url)) as response:
+            event = ""
+            for raw in response:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if line.startswith("event:"):
+                    event = line[len("event:"):].strip()
+                elif line.startswith("data:"):
+                    data = json.loads(line[len("data:"):])
+                    if event == "error":
+                        raise ServingError("INTERNAL", data.get("error", ""))
+                    yield data
+                    if event == "done":
+                        return
+                elif not line:
+                    event = ""
 
     def classify(self, texts: Sequence[str], signature: str = c.CLASSIFY) -> list[list[tuple[str, float]]]:
         body = {"signature_name": signature, "examples": [{c.TEXT: t} for t in texts]}
@@ -224,6 +266,33 @@ class GrpcClient(_Client):
             request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=dtype))
         response = self._call(self._predictions.Predict, request)
         return {name: tensors.to_ndarray(proto).tolist() for name, proto in response.outputs.items()}
+
+    def _stream(self, inputs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """StreamGenerate's responses as dicts (lmstack serve's streaming extension)."""
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
+        from serving import tensors
+
+        request = predict_pb2.PredictRequest(model_spec=self._spec())
+        for name, value in inputs.items():
+            dtype = tf.dtypes.as_dtype(c.SIGNATURES[c.GENERATE].inputs[name].dtype)
+            request.inputs[name].CopyFrom(tf.make_tensor_proto([value], dtype=dtype))
+        method = self._channel.unary_stream("/lmstack.serving.StreamingService/StreamGenerate",
+                                            request_serializer=predict_pb2.PredictRequest.SerializeToString,
+                                            response_deserializer=predict_pb2.PredictResponse.FromString)
+        responses = method(request, timeout=self.timeout)
+        try:
+            for response in responses:
+                out = {name: tensors.to_ndarray(proto).tolist() for name, proto in response.outputs.items()}
+                if "completion" in out:
+                    yield {"completion": _text(out["completion"][0]), "finished": bool(out["finished"][0])}
+                else:
+                    yield {"text": _text(out["text"][0]), "token_ids": out["token_ids"]}
+        except self._grpc.RpcError as e:
+            raise ServingError(e.code().name, e.details() or str(e)) from None
+        finally:
+            responses.cancel()  # closing the iterator early stops the server's work
 
     def classify(self, texts: Sequence[str], signature: str = c.CLASSIFY) -> list[list[tuple[str, float]]]:
         from tensorflow_serving.apis import classification_pb2

@@ -13,13 +13,14 @@ An exported language model answers eight signatures (TensorFlow Serving's
                        (the logits after each row's first num_tokens tokens; what follows them is
                        ignored, so rows of different lengths pad to one [B, T] — and TensorFlow
                        Serving's pad_variable_length_inputs changes no answer)
-    generate_chunk     the inputs of generate + generated int32 [B, G], num_generated int32 [B]
+    generate_chunk     the inputs of generate + generated int32 [B, G], num_generated int32 [B],
+                       chunk_tokens int32 [B]
                        -> completion string [B], token_ids int32 [B, C], finished bool [B]
-                       (the next max_new_tokens tokens after the prompt and the first
-                       num_generated tokens of `generated`, as generate would choose them
-                       there; completion is the text of all the tokens so far; finished: the
-                       row stopped at [EOS]. A client calls it again with the tokens so far
-                       to stream; `lmstack serve`'s streaming extension does exactly that)
+                       (the next chunk_tokens of the max_new_tokens that generate would make,
+                       after the first num_generated of them, given in `generated`: the same
+                       tokens, chunk by chunk; completion is the text of all the tokens so far;
+                       finished: the row stopped at [EOS]. A client calls it again with the
+                       tokens so far to stream; `lmstack serve`'s streaming extension does that)
     serving_default_xla, generate_xla, generate_chunk_xla
                        the same as serving_default, generate, generate_chunk (same inputs, same tokens),
                        with the decoding loop XLA-compiled: several times faster, for servers
@@ -73,6 +74,7 @@ NUM_TOKENS = "num_tokens"
 LOGITS = "logits"
 GENERATED = "generated"
 NUM_GENERATED = "num_generated"
+CHUNK_TOKENS = "chunk_tokens"
 FINISHED = "finished"
 
 # The classifier's signatures and tensors (TensorFlow Serving's names for the Classify API).
@@ -133,7 +135,8 @@ _SAMPLED = Signature(inputs={PROMPT: Tensor("string", 1), MAX_NEW_TOKENS: Tensor
                              TEMPERATURE: Tensor("float32", 1), TOP_K: Tensor("int32", 1),
                              TOP_P: Tensor("float32", 1), SEED: Tensor("int32", 1)},
                      outputs=_COMPLETION_OUTPUTS)
-_CHUNK = Signature(inputs={**_SAMPLED.inputs, GENERATED: Tensor("int32", 2), NUM_GENERATED: Tensor("int32", 1)},
+_CHUNK = Signature(inputs={**_SAMPLED.inputs, GENERATED: Tensor("int32", 2), NUM_GENERATED: Tensor("int32", 1),
+                           CHUNK_TOKENS: Tensor("int32", 1)},
                    outputs={**_COMPLETION_OUTPUTS, FINISHED: Tensor("bool", 1)})
 _SCORE = Signature(inputs={TEXT: Tensor("string", 1)},
                    outputs={LOG_LIKELIHOOD: Tensor("float32", 1), NUM_TOKENS: Tensor("int32", 1)})

@@ -126,19 +126,20 @@ def test_compiled_signatures_answer_as_the_uncompiled_ones(exported):
 
 def test_chunks_continue_as_one_call_would(exported):
     """generate_chunk, called again with the tokens so far (a stream), makes the tokens of one generate call
-    (within the context: the tiny transformer's is 16 tokens)."""
+    (past the tiny transformer's context of 16 tokens too: the prompt's start is dropped as generate drops it)."""
     _, _, loaded = exported
-    prompts = ["ROMEO.", "", "Good"]
+    prompts = ["ROMEO.", "", "JULIET. Good night"]
     for temperature, signature in [(0.0, c.GENERATE_CHUNK), (1.5, c.GENERATE_CHUNK), (1.5, c.GENERATE_CHUNK_XLA)]:
-        whole = sample(loaded, prompts, [4, 5, 6], temperature=temperature, max_new_tokens=9)
+        whole = sample(loaded, prompts, [4, 5, 6], temperature=temperature, max_new_tokens=11)
         generated = np.zeros([3, 0], np.int32)
         texts = None
-        for size in (1, 2, 6):  # 9 tokens in chunks of 1, 2 and 6
-            out = call(loaded, signature, prompt=tf.constant(prompts), max_new_tokens=tf.fill([3], size),
+        for size in (1, 2, 16):  # 11 tokens in chunks of 1, 2 and (at most) 16
+            out = call(loaded, signature, prompt=tf.constant(prompts), max_new_tokens=tf.fill([3], 11),
+                       chunk_tokens=tf.fill([3], size),
                        temperature=tf.fill([3], temperature), top_k=tf.fill([3], 0), top_p=tf.fill([3], 1.0),
                        seed=tf.constant([4, 5, 6]), generated=tf.constant(generated),
                        num_generated=tf.constant([generated.shape[1]] * 3))
-            assert out[c.TOKEN_IDS].shape[1] <= size and not out[c.FINISHED].any()  # no [EOS] in these rows
+            assert out[c.TOKEN_IDS].shape[1] == min(size, 11 - generated.shape[1]) and not out[c.FINISHED].any()
             generated = np.concatenate([generated, out[c.TOKEN_IDS]], axis=1)
             texts = out[c.COMPLETION]
         np.testing.assert_array_equal(generated, whole[c.TOKEN_IDS])

@@ -260,6 +260,9 @@ def test_compiled_signatures_under_tensorflow_servings_xla_flag(versions, tmp_pa
             assert client.generate(batch, 7, compiled=True) == client.generate(batch, 7)
             assert (client.generate(batch, 5, temperature=1.3, seed=3, compiled=True)
                     == client.generate(batch, 5, temperature=1.3, seed=3))
+        # Streams run generate_chunk_xla on the same buckets.
+        for prompt in ("ROMEO.", ""):
+            assert "".join(client.stream(prompt, 9)) == client.generate([prompt], 9)[0]
         assert compilations() == at_load
     finally:
         process.kill()
@@ -274,6 +277,62 @@ def test_compiled_signatures_fail_without_the_xla_flag(running, protocol):
     assert e.value.code == {"grpc": "FAILED_PRECONDITION", "rest": "INVALID_ARGUMENT"}[protocol]  # REST: HTTP 400
     assert "XLA compilation disabled" in e.value.message and "--xla_cpu_compilation_enabled" in e.value.message
     assert client.generate(["ROMEO."], 4)  # the uncompiled signature still answers
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_streams_make_the_text_of_one_generate_call(running, protocol):
+    client = client_lib.connect(running[protocol], protocol)
+    for prompt, settings in [("ROMEO.", {}), ("", {}), ("To be", dict(temperature=1.4, top_k=20, seed=9))]:
+        pieces = list(client.stream(prompt, 14, **settings))  # past the tiny context of 16 with the prompt
+        assert len(pieces) > 1  # the text came in parts, as it was made
+        assert "".join(pieces) == client.generate([prompt], 14, **settings)[0]
+
+
+def test_a_stream_stops_when_its_client_goes(tmp_path_factory, english_text):
+    """Closing a stream (REST: the connection; gRPC: cancelling the call) stops its generation on the server."""
+    import http.client
+
+    _, exported = tiny_export("lstm", tmp_path_factory, english_text)  # no context: a stream can run long
+    core = server.ModelServer({"lm": server.ServedModel("lm", exported.parent)})
+    core.refresh()
+    chunks = []  # every chunk a stream runs
+    run = core._run
+    core._run = lambda *args: chunks.append(1) or run(*args)
+    grpc_server, rest_server, grpc_target, rest_target = start(core)
+    try:
+        # 2,000 tokens: about 125 chunks of 16.
+        body = json.dumps({"inputs": {"prompt": "ROMEO.", "max_new_tokens": 2000}}).encode()
+        host, port = rest_target.split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection.request("POST", "/v1/models/lm:stream", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
+        assert response.readline().startswith(b"data: ")
+        response.close()
+        connection.close()
+        assert core.drain(timeout=30)  # nothing left running
+        assert len(chunks) < 30, len(chunks)  # the stream stopped soon after its client left
+        stream = client_lib.connect(grpc_target, "grpc").stream("ROMEO.", 2000)
+        assert next(stream) is not None
+        stream.close()
+        assert core.drain(timeout=30)
+        assert len(chunks) < 60, len(chunks)
+    finally:
+        rest_server.shutdown()
+        grpc_server.stop(None)
+
+
+@pytest.mark.parametrize("inputs, status, message", [
+    ({"max_new_tokens": 5}, 400, "missing 'prompt'"),
+    ({"prompt": ["a", "b"]}, 400, "one 'prompt'"),
+    ({"prompt": "a", "max_new_tokens": 10**6}, 400, "--max_new_tokens_limit"),
+    ({"prompt": "a", "nope": 1}, 400, "unexpected ['nope']"),
+])
+def test_bad_streams_fail_before_they_start(running, inputs, status, message):
+    code, answer = post(f"http://{running['rest']}/v1/models/lm:stream", json.dumps({"inputs": inputs}).encode())
+    assert code == status and message in answer["error"]
+    code, answer = post(f"http://{running['rest']}/v1/models/nope:stream", json.dumps({"inputs": inputs}).encode())
+    assert code == 404
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -127,35 +127,46 @@ class LanguageModelModule(tf.Module):
         return self._complete(prompt, max_new_tokens, generation.Sampling(temperature, top_k, top_p, seed), True)
 
     @tf.function(input_signature=_spec(c.GENERATE_CHUNK))
-    def generate_chunk(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, generated, num_generated):
+    def generate_chunk(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, generated, num_generated,
+                       chunk_tokens):
         return self._chunk(prompt, max_new_tokens, generation.Sampling(temperature, top_k, top_p, seed), generated,
-                           num_generated, False)
+                           num_generated, chunk_tokens, False)
 
     @tf.function(input_signature=_spec(c.GENERATE_CHUNK_XLA))
-    def generate_chunk_xla(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, generated, num_generated):
+    def generate_chunk_xla(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, generated, num_generated,
+                           chunk_tokens):
         return self._chunk(prompt, max_new_tokens, generation.Sampling(temperature, top_k, top_p, seed), generated,
-                           num_generated, True)
+                           num_generated, chunk_tokens, True)
 
-    def _chunk(self, prompt, max_new_tokens, sampling, generated, num_generated, compiled: bool):
-        """The next tokens after the prompt and the tokens generated so far: a stream, one call per chunk.
+    def _chunk(self, prompt, max_new_tokens, sampling, generated, num_generated, chunk_tokens, compiled: bool):
+        """The next `chunk_tokens` of what `generate` makes, after the `num_generated` it has made.
 
-        The sequence is laid out as `generate` lays it out ([EOS] for an empty prompt, then the
-        prompt, then the tokens so far), so each token is chosen at the position, with the noise,
-        `generate` would choose it: chunk by chunk, the same text (within the context).
+        The sequence is laid out as `generate` lays it out for `max_new_tokens` ([EOS] for an
+        empty prompt, the prompt's end that leaves room for them in a transformer's context, the
+        tokens so far), so each token is chosen at the position, with the noise, that `generate`
+        chooses it: chunk by chunk, the same text.
         """
         prompts = tf.cast(self.tokenizer.tokenize(prompt), tf.int32)  # ragged (B, None)
-        empty = tf.cast(prompts.row_lengths() == 0, tf.int32)
-        start = tf.RaggedTensor.from_row_lengths(tf.fill([tf.reduce_sum(empty)], tokenizers.EOS_ID), empty)
-        so_far = tf.RaggedTensor.from_tensor(generated, lengths=tf.minimum(num_generated, tf.shape(generated)[1]))
         splits = prompts.row_splits.dtype
-        start, so_far = start.with_row_splits_dtype(splits), so_far.with_row_splits_dtype(splits)
-        sequences = tf.concat([start, prompts, so_far], axis=1)
-        ids = generation.generate_graph(self._decoder, sequences, max_new_tokens, sampling,
+        empty = tf.cast(prompts.row_lengths() == 0, splits)
+        start = tf.RaggedTensor.from_row_lengths(tf.fill([tf.reduce_sum(empty)], tokenizers.EOS_ID), empty)
+        prompts = tf.concat([start, prompts], axis=1)
+        total = tf.maximum(max_new_tokens, 0)
+        if self._context is not None:  # keep the prompt's end, as generate_graph does for `total`
+            total = tf.minimum(total, self._context - 1)
+            lengths = tf.cast(prompts.row_lengths(), tf.int32)
+            keep = tf.minimum(lengths, self._context - total)
+            position = tf.ragged.range(lengths)
+            prompts = tf.ragged.boolean_mask(prompts, position >= tf.expand_dims(lengths - keep, 1))
+        made = tf.clip_by_value(num_generated, 0, tf.shape(generated)[1])
+        so_far = tf.RaggedTensor.from_tensor(generated, lengths=made).with_row_splits_dtype(splits)
+        new = tf.clip_by_value(tf.minimum(chunk_tokens, total - made), 0, total)
+        ids = generation.generate_graph(self._decoder, tf.concat([prompts, so_far], axis=1), new, sampling,
                                         stop_token_id=tokenizers.EOS_ID, empty_prompt_id=tokenizers.EOS_ID,
                                         loop=self._compiled_loop if compiled else None)
-        made = tf.cast(ids.row_lengths(), tf.int32)
+        count = tf.cast(ids.row_lengths(), tf.int32)
         return {c.COMPLETION: self.tokenizer.detokenize(tf.concat([so_far, ids], axis=1)),
-                c.TOKEN_IDS: ids.to_tensor(default_value=0), c.FINISHED: made < tf.maximum(max_new_tokens, 0)}
+                c.TOKEN_IDS: ids.to_tensor(default_value=0), c.FINISHED: count < new}
 
     @tf.function(jit_compile=True)
     def _decode_xla(self, tokens, keep, new, sampling):
@@ -221,6 +232,7 @@ def _tokenizer_files(tokenizer_dir: pathlib.Path) -> list[str]:
 
 _SAMPLED_WARMUP = {c.PROMPT: [WARMUP_PROMPT], c.MAX_NEW_TOKENS: [4], c.TEMPERATURE: [1.0], c.TOP_K: [0],
                    c.TOP_P: [0.9], c.SEED: [0]}
+_CHUNK_WARMUP = {**_SAMPLED_WARMUP, c.GENERATED: [[tokenizers.EOS_ID]], c.NUM_GENERATED: [1], c.CHUNK_TOKENS: [2]}
 
 
 def warmup_requests(model_name: str) -> list[bytes]:
@@ -231,7 +243,7 @@ def warmup_requests(model_name: str) -> list[bytes]:
                       c.TOP_P: [0.9], c.SEED: [0]}),
         (c.SCORE, {c.TEXT: [WARMUP_PROMPT]}),
         (c.NEXT_TOKEN_LOGITS, {c.TOKEN_IDS: [[tokenizers.EOS_ID]], c.NUM_TOKENS: [1]}),
-        (c.GENERATE_CHUNK, {**_SAMPLED_WARMUP, c.GENERATED: [[tokenizers.EOS_ID]], c.NUM_GENERATED: [1]}),
+        (c.GENERATE_CHUNK, _CHUNK_WARMUP),
     ])
 
 
@@ -244,8 +256,7 @@ def xla_warmup_requests(model_name: str, buckets: generation.Buckets, tokenizer)
         requests.append((c.SERVING_DEFAULT_XLA, {c.PROMPT: [""] * batch, c.MAX_NEW_TOKENS: [length - 1] * batch}))
     # The sampled and chunked twins run the same compiled loop: one request each prepares their graphs.
     requests.append((c.GENERATE_XLA, _SAMPLED_WARMUP))
-    requests.append((c.GENERATE_CHUNK_XLA, {**_SAMPLED_WARMUP, c.GENERATED: [[tokenizers.EOS_ID]],
-                                            c.NUM_GENERATED: [1]}))
+    requests.append((c.GENERATE_CHUNK_XLA, _CHUNK_WARMUP))
     return _prediction_logs(model_name, requests)
 
 

@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -30,7 +30,10 @@ from serving.metrics import Registry
 from serving.server.deadlines import Call, Watchdog
 from serving.server.versions import XLA_DISABLED, LoadedVersion, ServedModel, log
 
-UNKNOWN_MODEL = "(unknown)"  # the metrics label of requests for a model the server does not hold
+UNKNOWN_MODEL = "(unknown)"
+# A stream's optional inputs and their defaults (greedy), and its largest chunk.
+_STREAM_DEFAULTS = {c.MAX_NEW_TOKENS: 50, c.TEMPERATURE: 0.0, c.TOP_K: 0, c.TOP_P: 1.0, c.SEED: 0}
+_MAX_CHUNK = 16  # the metrics label of requests for a model the server does not hold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +218,70 @@ class ModelServer:
         """Runs one request (batched with others if batching is on)."""
         loaded = self.model(name).get(version, label)
         return loaded, self._run(name, loaded, signature or c.SERVING_DEFAULT, inputs, call or Call())
+
+    def stream(self, name: str, version: int | None, inputs: dict[str, Any], label: str | None = None,
+               call: Call | None = None) -> tuple[LoadedVersion, Iterator[dict[str, Any]]]:
+        """Generates one prompt's continuation chunk by chunk (the streaming extension of REST and gRPC).
+
+        `inputs`: `prompt` (one string), `max_new_tokens`, and optionally `temperature` (0: greedy),
+        `top_k`, `top_p`, `seed`, as `generate` takes them. Everything is checked before the
+        first chunk runs (a bad request fails as Predict fails). The chunks call
+        `generate_chunk_xla` (with XLA) or `generate_chunk` with the tokens so far, so the text is
+        the text of one `generate` call; they grow 1, 2, 4, 8, 16, 16, ... tokens (the first token
+        comes as soon as possible, then the per-call cost is spread). Each chunk is a request of
+        its own to the batcher, so concurrent streams share batches. The stream stops between
+        chunks, and a running chunk is cancelled, once `call` is abandoned.
+
+        Returns:
+            The version, and an iterator of `{"text": new text, "token_ids": new tokens}`, then a
+            last `{"completion": all the text, "finished": stopped at [EOS]}`.
+        """
+        call = call or Call()
+        loaded = self.model(name).get(version, label)
+        signature = c.GENERATE_CHUNK_XLA if self.xla and c.GENERATE_CHUNK_XLA in loaded.signatures else c.GENERATE_CHUNK
+        if signature not in loaded.signatures:
+            raise ServingError("FAILED_PRECONDITION", f"model {name!r} version {loaded.version} has no "
+                                                      f"{c.GENERATE_CHUNK} signature to stream with (exported "
+                                                      "before lmstack could stream, or not a language model); "
+                                                      "export it again")
+        unknown = sorted(k[:100] for k in set(inputs) - set(_STREAM_DEFAULTS) - {c.PROMPT})
+        if unknown or c.PROMPT not in inputs:
+            raise ServingError("INVALID_ARGUMENT", f"a stream takes inputs {c.PROMPT!r}, "
+                                                   f"{', '.join(map(repr, _STREAM_DEFAULTS))}; "
+                                                   + (f"unexpected {unknown}" if unknown else f"missing {c.PROMPT!r}"))
+        values = {}
+        for key, default in {c.PROMPT: None, **_STREAM_DEFAULTS}.items():
+            value = np.asarray(inputs.get(key, default))
+            if value.size != 1:
+                raise ServingError("INVALID_ARGUMENT", f"a stream takes one {key!r}, got shape {list(value.shape)}")
+            values[key] = value.reshape([1])
+        arrays = self.validate(loaded, signature, {**values, c.GENERATED: np.zeros([1, 0], np.int32),
+                                                   c.NUM_GENERATED: np.zeros([1], np.int32),
+                                                   c.CHUNK_TOKENS: np.ones([1], np.int32)})
+        wanted = int(arrays[c.MAX_NEW_TOKENS][0])
+
+        def chunks():
+            generated: list[int] = []
+            shown, size, text, finished = "", 1, "", False
+            while len(generated) < wanted and not finished:
+                call.check()
+                step = {**arrays, c.CHUNK_TOKENS: np.array([size], np.int32),
+                        c.GENERATED: np.array([generated], np.int32).reshape([1, len(generated)]),
+                        c.NUM_GENERATED: np.array([len(generated)], np.int32)}
+                out = self._run(name, loaded, signature, step, call)
+                new = [int(t) for t in out[c.TOKEN_IDS][0]]
+                generated += new
+                finished = bool(out[c.FINISHED][0]) or not new
+                text = out[c.COMPLETION][0].decode("utf-8", errors="replace")
+                piece = ""
+                if text.startswith(shown) and not text.endswith("\ufffd"):  # not half a character
+                    piece, shown = text[len(shown):], text
+                yield {"text": piece, "token_ids": new}
+                size = min(2 * size, _MAX_CHUNK)
+            if text != shown and text.startswith(shown):
+                yield {"text": text[len(shown):], "token_ids": []}
+            yield {"completion": text, "finished": finished}
+        return loaded, chunks()
 
     def classify(self, name: str, version: int | None, signature: str, examples: list[bytes],
                  label: str | None = None, call: Call | None = None) -> tuple[LoadedVersion, Any, Any]:

@@ -3,6 +3,8 @@
     PredictionService.Predict / Classify / GetModelMetadata
     ModelService.GetModelStatus / HandleReloadConfigRequest
     grpc.health.v1.Health (with --enable_grpc_healthcheck_service)
+    lmstack.serving.StreamingService.StreamGenerate (lmstack extension: a PredictRequest in, a stream
+        of PredictResponses out, one per chunk of tokens; `STREAM_METHOD`)
 
 Every client error carries the status TensorFlow Serving would return
 (INVALID_ARGUMENT for bad tensors, unknown outputs and impossible shapes,
@@ -177,6 +179,53 @@ def servicers(core: ModelServer):
     return PredictionService(), ModelService()
 
 
+STREAM_SERVICE = "lmstack.serving.StreamingService"
+STREAM_METHOD = f"/{STREAM_SERVICE}/StreamGenerate"
+
+
+def stream_handler(core: ModelServer):
+    """The streaming extension as a generic gRPC handler of TensorFlow Serving's own messages.
+
+    The request is a PredictRequest whose inputs are a stream's (`prompt`, `max_new_tokens`,
+    `temperature`, `top_k`, `top_p`, `seed`: `ModelServer.stream`); each response a PredictResponse
+    with outputs `text` (the new text, string [1]) and `token_ids` (int32 [n]), the last one
+    `completion` (string [1]) and `finished` (bool [1]). Cancelling the call stops the generation.
+    """
+    import numpy as np
+    from tensorflow_serving.apis import predict_pb2
+
+    def generate(request, context):
+        spec = request.model_spec
+        with core.track():
+            try:
+                with core.counted(spec.name, "StreamGenerate", "GRPC"):
+                    inputs = {k: v.reshape(-1)[0] if v.size == 1 else v
+                              for k, v in decode_inputs(core, request.inputs).items()}
+                    loaded, chunks = core.stream(spec.name, inputs=inputs, call=_call(context), **_version_of(spec))
+                for chunk in chunks:
+                    response = predict_pb2.PredictResponse(model_spec=_answered_spec(spec, loaded.version))
+                    if "completion" in chunk:
+                        outputs = {"completion": np.array([chunk["completion"].encode("utf-8")], object),
+                                   "finished": np.array([chunk["finished"]])}
+                    else:
+                        outputs = {"text": np.array([chunk["text"].encode("utf-8")], object),
+                                   "token_ids": np.array(chunk["token_ids"], np.int32)}
+                    for key, value in outputs.items():
+                        response.outputs[key].CopyFrom(tensors.to_proto(value))
+                    yield response
+            except ServingError as e:
+                _fail(context, e)
+            except Exception as e:  # noqa: BLE001 (one log line, not a traceback)
+                if context.code() is not None:  # context.abort() raised after setting the status
+                    raise
+                log.error("StreamGenerate failed: %s: %s", type(e).__name__, str(e).splitlines()[:1])
+                context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
+
+    return grpc.method_handlers_generic_handler(STREAM_SERVICE, {"StreamGenerate": grpc.unary_stream_rpc_method_handler(
+        generate, request_deserializer=predict_pb2.PredictRequest.FromString,
+        response_serializer=predict_pb2.PredictResponse.SerializeToString)})
+
+
 def parse_channel_arguments(text: str) -> list[tuple[str, Any]]:
     """TensorFlow Serving's --grpc_channel_arguments: 'key=value,key=value' (integers where they parse)."""
     arguments = []
@@ -213,6 +262,7 @@ def start_grpc(core: ModelServer, port: int, workers: int = 64, host: str = "0.0
     predictions, models = servicers(core)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(predictions, server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(models, server)
+    server.add_generic_rpc_handlers((stream_handler(core),))
     if health:
         from grpc_health.v1 import health as health_lib
         from grpc_health.v1 import health_pb2, health_pb2_grpc

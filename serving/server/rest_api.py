@@ -2,6 +2,7 @@
 
     POST /v1/models/NAME[/versions/N | /labels/L]:predict    ("inputs" columnar or "instances" rows)
     POST /v1/models/NAME[/versions/N | /labels/L]:classify   ("examples" + optional "context")
+    POST /v1/models/NAME[/versions/N | /labels/L]:stream     (lmstack extension: server-sent events)
     GET  /v1/models/NAME[/versions/N | /labels/L]            (version status)
     GET  /v1/models/NAME[/versions/N | /labels/L]/metadata   (signatures)
     GET  the --monitoring_config_file path                   (Prometheus metrics)
@@ -31,7 +32,7 @@ from serving.server.deadlines import Call
 from serving.server.versions import log
 
 _PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[0-9]{1,18})|/labels/(?P<label>[^/:]+))?"
-                   r"(?P<rest>/metadata|:predict|:classify|:regress)?$")
+                   r"(?P<rest>/metadata|:predict|:classify|:regress|:stream)?$")
 
 
 class RestApi:
@@ -48,6 +49,8 @@ class RestApi:
 
     def __call__(self, environ, start_response):
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+        if method == "POST" and path.endswith(":stream"):
+            return self._stream(path, environ, start_response)
         with self.core.track():
             try:
                 status, body, content_type = self._answer(method, path, environ)
@@ -101,6 +104,55 @@ class RestApi:
                          "metadata": {"signature_def": json_format.MessageToDict(
                              signatures, preserving_proto_field_name=True)}}, "application/json"
         raise ServingError("NOT_FOUND", f"Malformed request: {method} {path[:200]}")
+
+
+    def _stream(self, path: str, environ, start_response):
+        """`:stream` (lmstack extension): one prompt's continuation as server-sent events.
+
+        The body is a predict body with one prompt: {"inputs": {"prompt": "...", "max_new_tokens": 50,
+        "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": 0}} (all but the prompt optional).
+        A bad request answers as :predict does (status + {"error": ...}); once streaming, each chunk
+        is `data: {"text": ..., "token_ids": [...]}`, the end `event: done` with
+        `data: {"completion": ..., "finished": ...}`, a failure `event: error` with
+        `data: {"error": ...}`. A client that disconnects stops the generation.
+        """
+        core = self.core
+        match = _PATH.match(path)
+        try:
+            if not match:
+                raise ServingError("NOT_FOUND", f"Malformed request: POST {path[:200]}")
+            name, label = match["name"], match["label"]
+            version = int(match["version"]) if match["version"] else None
+            with core.counted(name, "stream", "REST"):
+                body = json_codec.parse_body(_read_body(environ, core.limits.max_request_bytes))
+                inputs = body.get("inputs") if isinstance(body, dict) else None
+                if not isinstance(inputs, dict):
+                    raise ServingError("INVALID_ARGUMENT", 'a stream\'s body is {"inputs": {"prompt": "...", ...}}')
+                disconnected = environ.get("waitress.client_disconnected")
+                call = Call(self.timeout, is_active=(lambda: not disconnected()) if disconnected else None)
+                _, chunks = core.stream(name, version, inputs, label, call)
+        except ServingError as e:
+            data = json.dumps({"error": e.message}).encode("utf-8")
+            status = HTTP_STATUS.get(e.code, 500)
+            start_response(f"{status} {_REASONS.get(status, 'Error')}",
+                           [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+            return [data]
+        start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
+        return self._events(chunks, call)
+
+    def _events(self, chunks, call: Call):
+        with self.core.track():
+            try:
+                for chunk in chunks:
+                    event = "event: done\n" if "completion" in chunk else ""
+                    yield f"{event}data: {json.dumps(chunk)}\n\n".encode("utf-8")
+            except ServingError as e:
+                yield f"event: error\ndata: {json.dumps({'error': e.message})}\n\n".encode("utf-8")
+            except Exception as e:  # noqa: BLE001 (one log line and an error event, not a traceback)
+                log.error("stream failed: %s: %s", type(e).__name__, str(e).splitlines()[:1])
+                yield f"event: error\ndata: {json.dumps({'error': f'internal error: {type(e).__name__}'})}\n\n".encode()
+            finally:
+                call.gone.set()  # a client that left (waitress closes this generator) stops the chunk in flight
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
@@ -167,7 +219,7 @@ class RestServer:
         self._server = create_server(
             RestApi(core, timeout), host=host, port=port, threads=threads, ident="lmstack-serving",
             max_request_body_size=core.limits.max_request_bytes, channel_timeout=int(max(1, idle_timeout)),
-            cleanup_interval=int(max(1, idle_timeout)),
+            cleanup_interval=int(max(1, idle_timeout)), channel_request_lookahead=1,
             connection_limit=1000, asyncore_use_poll=True, expose_tracebacks=False, clear_untrusted_proxy_headers=True,
             backlog=1024)
         self._server.channel_class = _json_framing_errors()
