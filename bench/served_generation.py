@@ -10,6 +10,9 @@ the prompt "ROMEO.\\nWhat light through yonder window breaks?" (47 tokens):
   encoding and HTTP included: what a client of the server meets);
 - `served`: the same server, the uncompiled `serving_default` (what a server
   without XLA runs);
+- `served stream` (batch 1): the same server's streaming extension over REST
+  (`:stream`, server-sent events; chunks through `generate_chunk_xla`), read
+  to the end; its time to the first token is reported too;
 - `lmstack in-process`: lmstack's own loop on the same weights in this process
   (`models.generation.generate`, XLA-compiled);
 - `keras-hub compiled` (transformer): keras-hub's `GPT2CausalLM.generate` on a
@@ -70,6 +73,26 @@ def served_runner(client, signature: str, batch: int, new: int):
         out = client.predict(signature, inputs)
         return sum(1 for row in out[c.TOKEN_IDS] for t in row if t)
     return run
+
+
+def stream_runner(client, new: int):
+    from serving import contract as c
+
+    def run():
+        chunks = client._stream({c.PROMPT: PROMPT, c.MAX_NEW_TOKENS: new})
+        return sum(len(chunk.get("token_ids", ())) for chunk in chunks)
+    return run
+
+
+def first_token_seconds(client) -> float:
+    from serving import contract as c
+
+    start = time.perf_counter()
+    chunks = client._stream({c.PROMPT: PROMPT, c.MAX_NEW_TOKENS: LONG})
+    next(chunks)
+    elapsed = time.perf_counter() - start
+    chunks.close()
+    return elapsed
 
 
 def in_process_runner(workdir: pathlib.Path, batch: int, new: int):
@@ -144,19 +167,24 @@ def main() -> None:
                     runners[("served xla", batch, new)] = served_runner(client, c.SERVING_DEFAULT_XLA, batch, new)
                     runners[("served", batch, new)] = served_runner(client, c.SERVING_DEFAULT, batch, new)
                     runners[("lmstack in-process", batch, new)] = in_process_runner(workdir, batch, new)
+                    if batch == 1:
+                        runners[("served stream", batch, new)] = stream_runner(client, new)
                     if family == "transformer":
                         runners[("keras-hub compiled", batch, new)] = keras_hub_runner(
                             generator.tokenizer.vocabulary_size(), prompt_ids, batch, new, built)
             for fn in runners.values():  # trace and compile outside the timings
                 fn()
             rates: dict[tuple, list[float]] = {}
+            ttft = []
             for r in range(args.rounds):
                 seconds = {key: timed(fn) for key, fn in runners.items()}
+                ttft.append(first_token_seconds(client))
                 for (method, batch, new), (t_long, made_long) in seconds.items():
                     if new == LONG:
                         t_short, made_short = seconds[(method, batch, SHORT)]
                         rates.setdefault((method, batch), []).append((made_long - made_short) / (t_long - t_short))
                 print(f"{family}: round {r + 1}/{args.rounds} done", file=sys.stderr)
+            loads[family]["stream_first_token_ms"] = round(statistics.median(ttft) * 1000, 1)
         finally:
             server.stop()
         for (method, batch), values in rates.items():
@@ -194,7 +222,8 @@ def main() -> None:
     print()
     for family, load in loads.items():
         print(f"{family}: ready {load['ready_seconds']} s after start (load + {load['warmup_requests']} warm-up "
-              f"requests: {load['load_seconds']} s); first request {load['first_request_seconds'] * 1000:.0f} ms")
+              f"requests: {load['load_seconds']} s); first request {load['first_request_seconds'] * 1000:.0f} ms; "
+              f"a stream's first token after {load['stream_first_token_ms']} ms (median)")
     for t in targets:
         print(f"- {t['target']}: {t['value']} ({'met' if t['met'] else 'NOT met'})")
     RESULTS.mkdir(parents=True, exist_ok=True)
