@@ -3,7 +3,8 @@
 For the transformer and the LSTM at the `small` preset (char tokenizer on the
 bundled corpus; weights as initialized: latency does not depend on them),
 export with `serving.exporters.savedmodel`, load with `tf.saved_model.load` and call each
-signature `--reps` times per batch size (1 and 8) after a warm-up call:
+signature (the XLA-compiled twins too) `--reps` times per batch size (1 and 8)
+after a warm-up call (which compiles the request's shape bucket):
 p50/p99 per request, and new tokens/s for the two generation signatures. The
 reference, timed in the same process and interleaved, is lmstack's in-process
 greedy generation (`models.generation.generate`, the decoding loop XLA-compiled)
@@ -68,6 +69,10 @@ def main() -> None:
                 c.GENERATE: dict(prompt=tf.constant(prompts), max_new_tokens=tf.fill([batch], n_new),
                                  temperature=tf.fill([batch], 1.0), top_k=tf.fill([batch], 40),
                                  top_p=tf.fill([batch], 0.95), seed=tf.range(batch)),
+                c.SERVING_DEFAULT_XLA: dict(prompt=tf.constant(prompts), max_new_tokens=tf.fill([batch], n_new)),
+                c.GENERATE_XLA: dict(prompt=tf.constant(prompts), max_new_tokens=tf.fill([batch], n_new),
+                                     temperature=tf.fill([batch], 1.0), top_k=tf.fill([batch], 40),
+                                     top_p=tf.fill([batch], 0.95), seed=tf.range(batch)),
                 c.SCORE: dict(text=tf.constant([TEXT] * batch)),
                 c.NEXT_TOKEN_LOGITS: dict(token_ids=tf.fill([batch, 64], 5), num_tokens=tf.fill([batch], 64)),
             }
