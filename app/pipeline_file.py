@@ -200,9 +200,10 @@ class ServeCheck:
 
     Attributes:
         prompt: the prompt both protocols are asked to continue (greedy).
-        max_new_tokens: tokens asked for.
+        max_new_tokens: tokens asked for (a transformer: at most its context - 1).
         start_timeout: seconds to wait for the server to serve the model.
-        sample_tokens: also ask for this many sampled tokens, shown in the summary (0: none).
+        sample_tokens: also ask for this many sampled tokens, shown in the summary (0: none; a
+            transformer: at most its context - 1).
         temperature: the sample's temperature.
     """
     prompt: str = "ROMEO."

@@ -179,6 +179,7 @@ class Pipeline:
         """`lmstack serve` on the newest export, one REST and one gRPC request, then SIGTERM."""
         from pipelines.launch import free_ports
         from serving import client as client_lib
+        from serving.server.versions import model_context
 
         export_state = self.results[family].get("export") or {}
         if not export_state.get("path"):
@@ -191,7 +192,10 @@ class Pipeline:
                                    f"--rest_api_port={rest_port}", "--bind_address=127.0.0.1"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         (check,) = stage_configs("serve", settings)
-        prompt, count = check.prompt, check.max_new_tokens
+        # One setting serves both families: a transformer is asked for what fits its context.
+        context = model_context(version)
+        fit = (lambda n: n) if context is None else (lambda n: min(n, context - 1))  # noqa: E731
+        prompt, count = check.prompt, fit(check.max_new_tokens)
         answers = {}
         try:
             rest = client_lib.connect(f"127.0.0.1:{rest_port}", "rest", model_name=name, retries=0, timeout=120)
@@ -202,7 +206,7 @@ class Pipeline:
                 (text,) = client.generate([prompt], count)
                 answers[protocol] = {"completion": text, "ms": round((time.perf_counter() - began) * 1e3, 1)}
             # What the model writes, for the summary: sampled (greedy decoding of a small model loops).
-            temperature, sample_tokens = check.temperature, check.sample_tokens
+            temperature, sample_tokens = check.temperature, fit(check.sample_tokens)
             if sample_tokens:
                 (answers["sample"],) = client.generate([prompt], sample_tokens, temperature=temperature, seed=0)
                 answers["temperature"] = temperature

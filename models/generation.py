@@ -78,13 +78,23 @@ class SamplerConfig:
                         tf.fill([batch], seed))
 
 
+def context_message(max_length: int) -> str:
+    """The one overflow rule, as every backend words it."""
+    return (f"max_new_tokens does not fit the model's context of {max_length} tokens: ask for at most "
+            f"{max_length - 1} (the prompt's start is dropped to make room for them)")
+
+
+def check_fits_context(max_new_tokens: tf.Tensor, max_length: int) -> tf.Operation:
+    """InvalidArgumentError when a row asks for `max_length` new tokens or more."""
+    return tf.debugging.assert_less(max_new_tokens, max_length, message=context_message(max_length))
+
+
 def fit_to_context(prompt: Sequence[int], max_new_tokens: int, max_length: int | None) -> list[int]:
     """Keeps the end of a prompt that, with the new tokens, would overflow the context."""
     if max_length is None:
         return list(prompt)
     if max_new_tokens >= max_length:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
-                         f"model's context of {max_length} tokens")
+        raise ValueError(f"max_new_tokens={max_new_tokens}: {context_message(max_length)}")
     return list(prompt)[-(max_length - max_new_tokens):]
 
 
@@ -354,7 +364,8 @@ def generate_graph(decoder, prompts: tf.RaggedTensor, max_new_tokens: tf.Tensor,
     Args:
         decoder: a `GPTDecoder` or `LSTMDecoder`.
         prompts: int32 ragged `[B, None]`; an empty row starts from `empty_prompt_id`.
-        max_new_tokens: int32 `[B]`; cut to fit the context (the prompt's start is dropped first).
+        max_new_tokens: int32 `[B]`, less than a transformer's context (InvalidArgumentError
+            otherwise); the prompt's start is dropped to make room for them.
         sampling: per-row settings.
         stop_token_id: a row ends at this token (not returned).
         empty_prompt_id: the token an empty prompt starts from.
@@ -375,7 +386,8 @@ def generate_graph(decoder, prompts: tf.RaggedTensor, max_new_tokens: tf.Tensor,
     new = tf.maximum(max_new_tokens, 0)
     keep = lengths
     if decoder.max_length is not None:
-        new = tf.minimum(new, decoder.max_length - 1)
+        with tf.control_dependencies([check_fits_context(new, decoder.max_length)]):
+            new = tf.identity(new)
         keep = tf.minimum(lengths, decoder.max_length - new)
     # Left-align the kept end of every prompt: row i holds its last keep[i] tokens.
     total = tf.reduce_max(keep + new)

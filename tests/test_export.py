@@ -14,7 +14,7 @@ import tensorflow as tf
 
 import models
 from pipelines import checkpoints, prepare, tokenizers
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError
 from pipelines.generate import TextGenerator, encode
 from pipelines.launch import free_ports
 from serving import client as client_lib
@@ -112,7 +112,7 @@ def test_compiled_signatures_answer_as_the_uncompiled_ones(exported):
     assert info["xla_buckets"]["batch"] == [1, 4]
     # 1 row; 3 rows (padded to 4); 6 rows (past the largest bucket); lengths in and past the buckets.
     for prompts, new in [(["ROMEO."], [9]), (PROMPTS, [12, 5, 0]), (PROMPTS * 2, [3, 12, 7, 1, 0, 9]),
-                         (["", "Enter"], [40, 2])]:
+                         (["", "Enter"], [15, 2])]:
         plain, compiled = complete(loaded, prompts, new), complete(loaded, prompts, new, c.SERVING_DEFAULT_XLA)
         np.testing.assert_array_equal(compiled[c.TOKEN_IDS], plain[c.TOKEN_IDS])
         np.testing.assert_array_equal(compiled[c.COMPLETION], plain[c.COMPLETION])
@@ -122,6 +122,22 @@ def test_compiled_signatures_answer_as_the_uncompiled_ones(exported):
     plain = sample(loaded, prompts, **settings)
     compiled = sample(loaded, prompts, **settings, signature=c.GENERATE_XLA)
     np.testing.assert_array_equal(compiled[c.TOKEN_IDS], plain[c.TOKEN_IDS])
+
+
+def test_one_overflow_rule(exported):
+    """max_new_tokens must stay below a transformer's context, as `lmstack generate` and the device require."""
+    workdir, _, loaded = exported
+    context = TextGenerator(workdir).decoder.max_length
+    if context is None:  # the LSTM has none
+        assert len(complete(loaded, ["ROMEO."], [40])[c.TOKEN_IDS][0]) <= 40
+        return
+    for signature in (c.SERVING_DEFAULT, c.SERVING_DEFAULT_XLA):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=f"context of {context} tokens: ask for at most "
+                                                                  f"{context - 1}"):
+            complete(loaded, ["ROMEO.", "a"], [3, context], signature)
+        assert complete(loaded, ["ROMEO."], [context - 1], signature)[c.TOKEN_IDS].shape[1] <= context - 1
+    with pytest.raises(ConfigError, match=f"context of {context} tokens"):
+        TextGenerator(workdir).generate(["ROMEO."], context)
 
 
 def test_chunks_continue_as_one_call_would(exported):

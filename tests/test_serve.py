@@ -270,6 +270,15 @@ def test_compiled_signatures_under_tensorflow_servings_xla_flag(versions, tmp_pa
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_max_new_tokens_past_the_context_fails_alone(running, protocol):
+    client = client_lib.connect(running[protocol], protocol)
+    with pytest.raises(c.ServingError) as e:
+        client.generate(["ROMEO.", "a"], 16)  # the tiny transformer's context is 16
+    assert e.value.code == "INVALID_ARGUMENT" and "ask for at most 15" in e.value.message
+    assert client.generate(["ROMEO."], 15)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
 def test_compiled_signatures_fail_without_the_xla_flag(running, protocol):
     client = client_lib.connect(running[protocol], protocol)
     with pytest.raises(c.ServingError) as e:
@@ -323,6 +332,7 @@ def test_a_stream_stops_when_its_client_goes(tmp_path_factory, english_text):
 
 
 @pytest.mark.parametrize("inputs, status, message", [
+    ({"prompt": "a", "max_new_tokens": 16}, 400, "context of 16 tokens: ask for at most 15"),
     ({"max_new_tokens": 5}, 400, "missing 'prompt'"),
     ({"prompt": ["a", "b"]}, 400, "one 'prompt'"),
     ({"prompt": "a", "max_new_tokens": 10**6}, 400, "--max_new_tokens_limit"),

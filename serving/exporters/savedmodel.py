@@ -153,7 +153,8 @@ class LanguageModelModule(tf.Module):
         prompts = tf.concat([start, prompts], axis=1)
         total = tf.maximum(max_new_tokens, 0)
         if self._context is not None:  # keep the prompt's end, as generate_graph does for `total`
-            total = tf.minimum(total, self._context - 1)
+            with tf.control_dependencies([generation.check_fits_context(total, self._context)]):
+                total = tf.identity(total)
             lengths = tf.cast(prompts.row_lengths(), tf.int32)
             keep = tf.minimum(lengths, self._context - total)
             position = tf.ragged.range(lengths)

@@ -345,6 +345,12 @@ class ModelServer:
                 raise ServingError("INVALID_ARGUMENT", f"max_new_tokens must be between 0 and "
                                                        f"{limits.max_new_tokens} (--max_new_tokens_limit); "
                                                        f"got {int(outside[0])}")
+            if loaded.context is not None and new_tokens.max() >= loaded.context:
+                # The graph refuses it too (TF Serving); here it fails alone, before it joins a batch.
+                raise ServingError("INVALID_ARGUMENT", f"max_new_tokens={int(new_tokens.max())} does not fit the "
+                                                       f"model's context of {loaded.context} tokens: ask for at "
+                                                       f"most {loaded.context - 1} (the prompt's start is dropped "
+                                                       "to make room for them)")
         return arrays
 
     def _run(self, name: str, loaded: LoadedVersion, signature: str, inputs: dict[str, Any],

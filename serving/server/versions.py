@@ -46,6 +46,7 @@ class LoadedVersion:
     model: Any  # what tf.saved_model.load returns
     signatures: dict[str, Any]  # name -> concrete function
     methods: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> SignatureDef method name
+    context: int | None = None  # a transformer's context: max_new_tokens must stay below it
 
     def __post_init__(self):
         # structured_input_signature rebuilds its answer on every access: read it once.
@@ -130,6 +131,17 @@ def replay_warmup(loaded: LoadedVersion, warmup_file: pathlib.Path, xla: bool = 
             for future in [pool.submit(call) for call in calls]:
                 future.result()
     return len(calls)
+
+
+def model_context(path: pathlib.Path) -> int | None:
+    """A transformer export's context length (from its lmstack_config.json), or None."""
+    import json
+
+    config = path / c.ASSETS_EXTRA / c.CONFIG_FILE
+    if not config.is_file():
+        return None
+    model = json.loads(config.read_text()).get("model") or {}
+    return int(model["seq_len"]) if model.get("family") == "transformer" and "seq_len" in model else None
 
 
 def method_names(path: pathlib.Path) -> dict[str, str]:
@@ -234,7 +246,8 @@ class ServedModel:
         began = time.perf_counter()
         try:
             model = tf.saved_model.load(str(path))
-            loaded = LoadedVersion(version, path, model, dict(model.signatures), method_names(path))
+            loaded = LoadedVersion(version, path, model, dict(model.signatures), method_names(path),
+                                   model_context(path))
             warmed = 0
             if self.warmup:
                 extra = path / c.ASSETS_EXTRA
