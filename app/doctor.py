@@ -6,7 +6,7 @@ wrong, how to fix it. Exit status 0 when nothing FAILs, 1 otherwise.
   tensorflow, tf-keras, tensorflow-text   one minor version (their ops and ABI are built together)
   tensorflow-serving-api                  the same minor (its protos match TensorFlow's)
   tensorflow-model-optimization 0.8       wraps tf_keras (Keras 2) models only
-  keras-nlp, ai-edge-litert, grpcio       tokenizers / samplers, the TFLite runtime, gRPC
+  keras-nlp, ai-edge-litert, grpcio       tokenizers, the TFLite runtime, gRPC
   TF_USE_LEGACY_KERAS                     must be 1: tf.keras is then Keras 2, what TF-MOT needs
   GPUs                                    what tf.distribute will use; a CUDA build of TensorFlow
   smoke tests                             a keras-nlp tokenizer in a tf.function; a TFLite model in ai-edge-litert
@@ -61,7 +61,7 @@ def version_checks(version: Callable[[str], str | None] = _version) -> list[Chec
     mot = version("tensorflow-model-optimization")
     checks.append(Check("tensorflow-model-optimization 0.8", "OK" if _minor(mot) == "0.8" else "FAIL",
                         mot or "missing", "" if _minor(mot) == "0.8" else FIX_PIN))
-    for package, why in (("keras-nlp", "tokenizers and samplers"), ("ai-edge-litert", "the TFLite runtime"),
+    for package, why in (("keras-nlp", "tokenizers"), ("ai-edge-litert", "the TFLite runtime"),
                          ("grpcio", "gRPC serving and clients"), ("grpcio-health-checking", "the gRPC health service"),
                          ("waitress", "the REST server"), ("absl-py", "the command line")):
         v = version(package)
