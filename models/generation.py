@@ -146,6 +146,14 @@ def _compiled_decode(decoder, stop_token_id: int):
 _DECODE_FNS: dict = {}
 
 
+def _compiled_step(decoder):
+    """`decoder.call_with_cache` compiled, one per decoder (each stream reuses its traces)."""
+    key = (id(decoder), "step")
+    if key not in _DECODE_FNS:
+        _DECODE_FNS[key] = (decoder, tf.function(decoder.call_with_cache, jit_compile=True))
+    return _DECODE_FNS[key][1]
+
+
 def stream(decoder, prompt: Sequence[int], max_new_tokens: int, sampler: SamplerConfig = SamplerConfig(),
            stop_token_ids: Sequence[int] = ()) -> Iterator[int]:
     """Yields the new tokens of one prompt as they are chosen (a stop token ends it, unyielded).
@@ -155,7 +163,7 @@ def stream(decoder, prompt: Sequence[int], max_new_tokens: int, sampler: Sampler
     if len(prompt) == 0:
         raise ValueError("the prompt needs at least one token (start with [EOS] for none)")
     prompt = fit_to_context(prompt, max_new_tokens, decoder.max_length)
-    step = tf.function(decoder.call_with_cache, jit_compile=True)
+    step = _compiled_step(decoder)
     sampling = sampler.sampling(1, sampler.draw_seed())
     cache = decoder.init_cache(1, len(prompt) + max_new_tokens)
     logits, cache = step(tf.constant([prompt], tf.int32), cache, tf.constant(0))

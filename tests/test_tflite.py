@@ -124,16 +124,23 @@ def test_a_qat_variant_converts(run):
 
 def test_seeded_sampling_is_the_same_on_keras_savedmodel_and_tflite(run):
     """One sampling rule (top-k, then top-p, Gumbel noise keyed by seed and position) on every backend."""
-    from serving.exporters import backends
-
-    _, workdir, export_path, _ = run
+    _, workdir, export_path, path = run
+    generator = TextGenerator(workdir)
+    generate = tf.saved_model.load(str(export_path)).signatures[c.GENERATE]
+    model = edge.EdgeModel(path)
+    prompt = generator.prompt_ids("ROMEO.")
     for sampler in (SamplerConfig("top_p", temperature=1.5, top_p=0.8, seed=3),
                     SamplerConfig("top_k", temperature=2.0, top_k=5, seed=11), SamplerConfig("random", seed=7)):
-        keras_text = TextGenerator(workdir).generate(["ROMEO."], 12, sampler)[0]
+        keras_text = generator.generate(["ROMEO."], 12, sampler)[0]
         assert keras_text  # an empty text would match trivially
-        for backend in ("savedmodel", "tflite"):
-            assert backends.generate(backend, workdir, "ROMEO.", 12, sampler, export_dir=str(export_path)) == \
-                keras_text, (backend, sampler)
+        temperature, top_k, top_p = sampler.settings()
+        saved = generate(prompt=tf.constant(["ROMEO."]), max_new_tokens=tf.constant([12]),
+                         temperature=tf.constant([temperature]), top_k=tf.constant([top_k]),
+                         top_p=tf.constant([top_p]), seed=tf.constant([sampler.seed]))[c.COMPLETION]
+        assert saved.numpy()[0].decode() == keras_text, sampler
+        device = model.generate(prompt, 12, stop_ids=[model.eos_id], temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=sampler.seed)
+        assert device == encode(generator.tokenizer, keras_text), sampler
 
 
 def test_cli(run, capsys):
