@@ -103,7 +103,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("enable_signature_method_name_check", False,
                       "Classify only signatures whose method name is tensorflow/serving/classify", flag_values=fv)
     flags.DEFINE_bool("xla_cpu_compilation_enabled", False,
-                      "run the XLA-compiled signatures (serving_default_xla, generate_xla), compiling "
+                      "run the XLA-compiled signatures (the *_xla ones), compiling "
                       "their shape buckets at load; off, they fail (as on TensorFlow Serving)", flag_values=fv)
     flags.DEFINE_bool("xla_gpu_compilation_enabled", False, "XLA on GPUs and CPU: as --xla_cpu_compilation_enabled",
                       flag_values=fv)
