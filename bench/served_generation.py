@@ -95,11 +95,9 @@ def first_token_seconds(client) -> float:
     return elapsed
 
 
-def in_process_runner(workdir: pathlib.Path, batch: int, new: int):
+def in_process_runner(generator, batch: int, new: int):
     from models import generation
-    from pipelines.generate import TextGenerator
 
-    generator = TextGenerator(workdir)
     ids = [generator.prompt_ids(PROMPT)] * batch
     sampler = generation.SamplerConfig()
     return lambda: sum(map(len, generation.generate(generator.decoder, ids, new, sampler)))  # no stop token
@@ -166,7 +164,7 @@ def main() -> None:
                 for new in (SHORT, LONG):
                     runners[("served xla", batch, new)] = served_runner(client, c.SERVING_DEFAULT_XLA, batch, new)
                     runners[("served", batch, new)] = served_runner(client, c.SERVING_DEFAULT, batch, new)
-                    runners[("lmstack in-process", batch, new)] = in_process_runner(workdir, batch, new)
+                    runners[("lmstack in-process", batch, new)] = in_process_runner(generator, batch, new)
                     if batch == 1:
                         runners[("served stream", batch, new)] = stream_runner(client, new)
                     if family == "transformer":

@@ -133,25 +133,23 @@ def generate(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int | Se
     return results
 
 
+def _compiled(decoder, key, make):
+    """A compiled function kept on the decoder, so it lives (and its traces with it) as long as the decoder."""
+    functions = decoder.__dict__.setdefault("_compiled_functions", {})
+    if key not in functions:
+        functions[key] = make()
+    return functions[key]
+
+
 def _compiled_decode(decoder, stop_token_id: int):
-    key = (id(decoder), stop_token_id)
-    if key not in _DECODE_FNS:
-        _DECODE_FNS[key] = (decoder, tf.function(
-            lambda tokens, keep, new, sampling: decode(decoder, tokens, keep, new, sampling, stop_token_id),
-            jit_compile=True))
-    return _DECODE_FNS[key][1]
-
-
-# (decoder, compiled loop) by (id(decoder), stop token); the decoder in the value keeps its id unique.
-_DECODE_FNS: dict = {}
+    return _compiled(decoder, ("decode", stop_token_id), lambda: tf.function(
+        lambda tokens, keep, new, sampling: decode(decoder, tokens, keep, new, sampling, stop_token_id),
+        jit_compile=True))
 
 
 def _compiled_step(decoder):
-    """`decoder.call_with_cache` compiled, one per decoder (each stream reuses its traces)."""
-    key = (id(decoder), "step")
-    if key not in _DECODE_FNS:
-        _DECODE_FNS[key] = (decoder, tf.function(decoder.call_with_cache, jit_compile=True))
-    return _DECODE_FNS[key][1]
+    """`decoder.call_with_cache` compiled (each stream reuses its traces)."""
+    return _compiled(decoder, "step", lambda: tf.function(decoder.call_with_cache, jit_compile=True))
 
 
 def stream(decoder, prompt: Sequence[int], max_new_tokens: int, sampler: SamplerConfig = SamplerConfig(),
@@ -358,7 +356,7 @@ def bucketed(compiled, buckets: Buckets, fallback):
     return run
 
 
-_choose = tf.function(lambda *args: sample_next(*args), jit_compile=True)
+_choose = tf.function(sample_next, jit_compile=True)
 
 
 def generate_graph(decoder, prompts: tf.RaggedTensor, max_new_tokens: tf.Tensor, sampling: Sampling,

@@ -278,7 +278,7 @@ class GrpcClient(_Client):
         for name, value in inputs.items():
             dtype = tf.dtypes.as_dtype(c.SIGNATURES[c.GENERATE].inputs[name].dtype)
             request.inputs[name].CopyFrom(tf.make_tensor_proto([value], dtype=dtype))
-        method = self._channel.unary_stream("/lmstack.serving.StreamingService/StreamGenerate",
+        method = self._channel.unary_stream(c.STREAM_METHOD,
                                             request_serializer=predict_pb2.PredictRequest.SerializeToString,
                                             response_deserializer=predict_pb2.PredictResponse.FromString)
         responses = method(request, timeout=self.timeout)

@@ -86,6 +86,10 @@ LABEL = "label"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 PREDICT_METHOD = "tensorflow/serving/predict"
 
+# lmstack serve's streaming extension over gRPC: a PredictRequest in, a stream of PredictResponses out.
+STREAM_SERVICE = "lmstack.serving.StreamingService"
+STREAM_METHOD = f"/{STREAM_SERVICE}/StreamGenerate"
+
 # Files inside an export's version directory.
 ASSETS_EXTRA = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"  # TensorFlow Serving reads assets.extra/ + this name

@@ -4,7 +4,7 @@
     ModelService.GetModelStatus / HandleReloadConfigRequest
     grpc.health.v1.Health (with --enable_grpc_healthcheck_service)
     lmstack.serving.StreamingService.StreamGenerate (lmstack extension: a PredictRequest in, a stream
-        of PredictResponses out, one per chunk of tokens; `STREAM_METHOD`)
+        of PredictResponses out, one per chunk of tokens; `contract.STREAM_METHOD`)
 
 Every client error carries the status TensorFlow Serving would return
 (INVALID_ARGUMENT for bad tensors, unknown outputs and impossible shapes,
@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import grpc
 
+from serving import contract as c
 from serving import tensors
 from serving.contract import SERVING_DEFAULT, ServingError
 from serving.server.config import SSLConfig, models_from_config
@@ -179,10 +180,6 @@ def servicers(core: ModelServer):
     return PredictionService(), ModelService()
 
 
-STREAM_SERVICE = "lmstack.serving.StreamingService"
-STREAM_METHOD = f"/{STREAM_SERVICE}/StreamGenerate"
-
-
 def stream_handler(core: ModelServer):
     """The streaming extension as a generic gRPC handler of TensorFlow Serving's own messages.
 
@@ -221,9 +218,9 @@ def stream_handler(core: ModelServer):
                 log.error("StreamGenerate failed: %s: %s", type(e).__name__, str(e).splitlines()[:1])
                 context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
 
-    return grpc.method_handlers_generic_handler(STREAM_SERVICE, {"StreamGenerate": grpc.unary_stream_rpc_method_handler(
-        generate, request_deserializer=predict_pb2.PredictRequest.FromString,
-        response_serializer=predict_pb2.PredictResponse.SerializeToString)})
+    handler = grpc.unary_stream_rpc_method_handler(generate, request_deserializer=predict_pb2.PredictRequest.FromString,
+                                                   response_serializer=predict_pb2.PredictResponse.SerializeToString)
+    return grpc.method_handlers_generic_handler(c.STREAM_SERVICE, {c.STREAM_METHOD.rsplit("/", 1)[1]: handler})
 
 
 def parse_channel_arguments(text: str) -> list[tuple[str, Any]]:

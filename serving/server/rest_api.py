@@ -59,10 +59,7 @@ class RestApi:
             except Exception as e:  # noqa: BLE001 (a bug must not drop the connection or print a traceback)
                 log.error("%s %s failed: %s: %s", method, path[:200], type(e).__name__, str(e).splitlines()[:1])
                 status, body, content_type = 500, {"error": f"internal error: {type(e).__name__}"}, "application/json"
-        data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
-        start_response(f"{status} {_REASONS.get(status, 'Error')}",
-                       [("Content-Type", content_type), ("Content-Length", str(len(data)))])
-        return [data]
+        return _respond(start_response, status, body, content_type)
 
     def _answer(self, method: str, path: str, environ):
         core = self.core
@@ -132,11 +129,10 @@ class RestApi:
                 call = Call(self.timeout, is_active=(lambda: not disconnected()) if disconnected else None)
                 _, chunks = core.stream(name, version, inputs, label, call)
         except ServingError as e:
-            data = json.dumps({"error": e.message}).encode("utf-8")
-            status = HTTP_STATUS.get(e.code, 500)
-            start_response(f"{status} {_REASONS.get(status, 'Error')}",
-                           [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
-            return [data]
+            return _respond(start_response, HTTP_STATUS.get(e.code, 500), {"error": e.message})
+        except Exception as e:  # noqa: BLE001 (as in __call__: one log line, a 500, no traceback)
+            log.error("POST %s failed: %s: %s", path[:200], type(e).__name__, str(e).splitlines()[:1])
+            return _respond(start_response, 500, {"error": f"internal error: {type(e).__name__}"})
         start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
         return self._events(chunks, call)
 
@@ -158,6 +154,14 @@ class RestApi:
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
             409: "Conflict", 429: "Too Many Requests", 499: "Client Closed Request", 500: "Internal Server Error",
             501: "Not Implemented", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+def _respond(start_response, status: int, body, content_type: str = "application/json") -> list[bytes]:
+    """A whole response: `body` is bytes or a JSON value."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
+    start_response(f"{status} {_REASONS.get(status, 'Error')}",
+                   [("Content-Type", content_type), ("Content-Length", str(len(data)))])
+    return [data]
 
 
 def _read_body(environ, limit: int) -> bytes:
