@@ -34,9 +34,9 @@ def encode(tokenizer, texts: tf.Tensor, max_length: int) -> tf.Tensor:
     """Strings `[B]` -> int32 ids `[B, max_length]`: [EOS] (a document's start, as in training),
     the text's first `max_length - 1` tokens, then [PAD]s."""
     tokens = tf.cast(tokenizer.tokenize(texts), tf.int32)[:, :max_length - 1]  # ragged (B, <= L-1)
-    start = tf.fill([tf.shape(texts)[0], 1], tokenizers.EOS_ID)
+    start = tf.fill([tf.shape(texts)[0], 1], tokenizer.eos_id)
     ids = tf.concat([tf.RaggedTensor.from_tensor(start), tokens], axis=1)
-    return ids.to_tensor(default_value=tokenizers.PAD_ID, shape=[None, max_length])
+    return ids.to_tensor(default_value=tokenizer.pad_id, shape=[None, max_length])
 
 
 def dataset(tokenizer, texts: Sequence[str], label_ids: np.ndarray, max_length: int, batch_size: int,

@@ -47,14 +47,14 @@ class TextGenerator:
         self.decoder = models.decoder(self.model, self.config)
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        return encode(self.tokenizer, prompt) if prompt else [tokenizers.EOS_ID]
+        return encode(self.tokenizer, prompt) if prompt else [self.tokenizer.eos_id]
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int,
                  sampler: generation.SamplerConfig = generation.SamplerConfig()) -> list[str]:
         """Continuations of a batch of prompts."""
         _check(max_new_tokens, self.decoder.max_length)
         ids = generation.generate(self.decoder, [self.prompt_ids(p) for p in prompts], max_new_tokens,
-                                  sampler, stop_token_ids=[tokenizers.EOS_ID])
+                                  sampler, stop_token_ids=[self.tokenizer.eos_id])
         return [decode(self.tokenizer, row) for row in ids]
 
     def stream(self, prompt: str, max_new_tokens: int,
@@ -68,7 +68,7 @@ class TextGenerator:
         _check(max_new_tokens, self.decoder.max_length)
         shown, tokens = "", []
         for token in generation.stream(self.decoder, self.prompt_ids(prompt), max_new_tokens,
-                                       sampler, stop_token_ids=[tokenizers.EOS_ID]):
+                                       sampler, stop_token_ids=[self.tokenizer.eos_id]):
             tokens.append(token)
             text = decode(self.tokenizer, tokens)
             if text.endswith("\ufffd"):

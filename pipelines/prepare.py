@@ -212,7 +212,7 @@ def tokenize_blocks(tokenizer, blocks: Sequence[corpus_lib.Block], split: str,
     # Tokenize inside tf.data: the graph path, identical to training and serving.
     ds = tf.data.Dataset.from_tensor_slices([b.text for b in blocks]).map(
         tokenizer.tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    pieces, eos = [], np.array([tokenizers.EOS_ID], np.int32)
+    pieces, eos = [], np.array([tokenizer.eos_id], np.int32)
     for i, ids in enumerate(ds.as_numpy_iterator()):
         pieces.append(ids.astype(np.int32))
         if i + 1 == len(blocks) or blocks[i + 1].doc != blocks[i].doc:

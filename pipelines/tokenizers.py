@@ -1,7 +1,6 @@
 """Tokenizers: learned from the corpus, saved in the workdir, loaded as keras-nlp tokenizers.
 
-Four kinds, all with the same reserved ids (so models and samplers never ask
-which kind they have):
+Five kinds learned by `prepare`, all with the same reserved ids:
 
     0 [PAD]   1 [UNK]   2 [BOS]   3 [EOS]
 
@@ -11,6 +10,14 @@ which kind they have):
 - `wordpiece`: keras-nlp's `compute_word_piece_vocabulary` + `WordPieceTokenizer`.
 - `sentencepiece`: keras-nlp's `compute_sentence_piece_proto` (unigram) +
   `SentencePieceTokenizer`.
+- `bpe`: GPT-2's byte-level BPE, merges learned by the `tokenizers` library
+  (Hugging Face's fast trainer) and run by keras-nlp's `BytePairTokenizer`,
+  exactly as an imported GPT-2 tokenizer runs; exact round trip of any text.
+
+A tokenizer imported with a pre-trained model (`lmstack import`) keeps its own
+ids: GPT-2's `<|endoftext|>` (50256) ends and pads documents. So code that
+needs the end-of-document or padding id reads it from the loaded tokenizer,
+`tokenizer.eos_id` and `tokenizer.pad_id` (`load` sets both), never a constant.
 
 The subword kinds normalize white space (WordPiece splits on it and rejoins
 with single spaces; SentencePiece's NFKC rules turn newlines into spaces), so
@@ -33,13 +40,15 @@ from typing import Any, Iterable, Literal, Sequence
 
 import keras_nlp
 import tensorflow as tf
+# keras-nlp's tokenizers turn their eager outputs into Python values with it; ours do the same.
+from keras_hub.src.utils.tensor_utils import preprocessing_function
 
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError, check_choice
 
 RESERVED_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(len(RESERVED_TOKENS))
-Kind = Literal["char", "byte", "wordpiece", "sentencepiece"]
+Kind = Literal["char", "byte", "wordpiece", "sentencepiece", "bpe"]
 KINDS = typing.get_args(Kind)
 DEFAULT_SUBWORD_VOCAB = 8000
 BYTE_VOCAB_SIZE = len(RESERVED_TOKENS) + 256
@@ -48,6 +57,8 @@ CONFIG_FILE = "tokenizer.json"
 CHAR_VOCAB_FILE = "vocabulary.json"
 WORDPIECE_VOCAB_FILE = "vocabulary.txt"
 SENTENCEPIECE_FILE = "sentencepiece.model"
+BPE_VOCAB_FILE = "vocab.json"  # GPT-2's file names: an imported tokenizer is a copy
+BPE_MERGES_FILE = "merges.txt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +66,10 @@ class TokenizerConfig:
     """What tokenizer to learn.
 
     Attributes:
-        kind: the tokenizer to learn: char, byte, wordpiece or sentencepiece.
+        kind: the tokenizer to learn: char, byte, wordpiece, sentencepiece or bpe (GPT-2's byte-level BPE).
         vocab_size: vocabulary size including the 4 reserved tokens (0: the kind's natural size: every
-            character seen; 260 for bytes; 8000 for subwords).
+            character seen; 260 for bytes; 8000 for subwords; bpe needs at least 260, the 256 bytes and
+            the reserved tokens).
         lowercase: fold case before tokenizing (wordpiece and sentencepiece only).
     """
     kind: Kind = "char"
@@ -77,7 +89,10 @@ class TokenizerConfig:
             raise ConfigError("vocab_size", self.vocab_size,
                               f"too small: {self.kind} needs the {len(RESERVED_TOKENS)} reserved tokens "
                               f"{' '.join(RESERVED_TOKENS)} plus at least one token of text; use {minimum} or more")
-        if self.lowercase and self.kind in ("char", "byte"):
+        if self.kind == "bpe" and 0 < self.vocab_size < BYTE_VOCAB_SIZE:
+            raise ConfigError("vocab_size", self.vocab_size, f"too small for bpe: it starts from the 256 bytes "
+                              f"and the {len(RESERVED_TOKENS)} reserved tokens; use {BYTE_VOCAB_SIZE} or more")
+        if self.lowercase and self.kind in ("char", "byte", "bpe"):
             raise ConfigError("lowercase", True, f"applies to wordpiece and sentencepiece, not {self.kind}")
 
 
@@ -184,6 +199,77 @@ class ByteTokenizer(keras_nlp.tokenizers.Tokenizer):
         return self.get_vocabulary().index(token)
 
 
+class BytePairTokenizer(keras_nlp.tokenizers.BytePairTokenizer):
+    """GPT-2's byte-level BPE: keras-nlp's graph implementation, plus NUL bytes.
+
+    keras-nlp's tokenizer runs as TensorFlow ops (tf.data, SavedModels), but
+    tensorflow-text's regex split, which it uses, drops a string from its
+    first NUL byte on. This one splits the text at NULs, tokenizes the pieces
+    and puts NUL's own token between them, so any UTF-8 text round-trips
+    (GPT-2's reference would merge a NUL with neighbouring punctuation; text
+    without NUL is tokenized exactly as GPT-2 does).
+
+    Args:
+        vocabulary: path of a `vocab.json` (token -> id).
+        merges: path of a `merges.txt`.
+        unsplittable_tokens: tokens that text may contain literally and that map to their own id
+            (GPT-2's `<|endoftext|>`); none for a learned tokenizer.
+    """
+
+    def __init__(self, vocabulary, merges, unsplittable_tokens=(), skip_ids=(), **kwargs):
+        kwargs.setdefault("_allow_python_workflow", False)  # the graph implementation, always
+        super().__init__(vocabulary=vocabulary, merges=merges, unsplittable_tokens=list(unsplittable_tokens),
+                         **kwargs)
+        self.skip_ids = [int(i) for i in skip_ids]
+        self._nul_id = self.token_to_id(_BYTE_TO_UNICODE[0])
+
+    @preprocessing_function  # as keras-nlp's own methods: Python values out in eager mode
+    def tokenize(self, inputs):
+        inputs = tf.convert_to_tensor(inputs, tf.string)
+        scalar = inputs.shape.rank == 0
+        pieces = tf.strings.split(tf.reshape(inputs, [-1]), sep="\0")  # (B, P) ragged
+        ids = tf.cast(super().tokenize(pieces.flat_values), tf.int32)  # (N, T) ragged
+        if not isinstance(ids, tf.RaggedTensor):
+            ids = tf.RaggedTensor.from_tensor(ids)
+        # NUL's id after every piece, then dropped after each text's last piece.
+        nul = tf.fill([tf.shape(ids.row_lengths())[0], 1], self._nul_id)
+        ids = tf.concat([ids, tf.RaggedTensor.from_tensor(nul)], axis=1)
+        ids = tf.RaggedTensor.from_row_lengths(ids, pieces.row_lengths()).merge_dims(1, 2)[:, :-1]  # (B, T)
+        return ids[0] if scalar else ids
+
+    @preprocessing_function
+    def detokenize(self, inputs):
+        ids = _as_ids(inputs)
+        for skip in self.skip_ids:  # reserved tokens print as nothing, as with the other kinds
+            ids = tf.ragged.boolean_mask(ids, ids != skip)
+        # A model can emit byte sequences that are not UTF-8: those become U+FFFD.
+        text = super().detokenize(ids)
+        return tf.strings.unicode_transcode(text, "UTF-8", "UTF-8", errors="replace")
+
+    def get_vocabulary(self) -> list[str]:  # keras-nlp returns the JSON's keys, in file order
+        return sorted(self.vocabulary, key=self.vocabulary.get)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "skip_ids": self.skip_ids}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map of the 256 bytes to printable characters (a BPE vocabulary's alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+_BYTE_TO_UNICODE = _bytes_to_unicode()
+
+
 def _decode_bytes(byte_strings: tf.Tensor) -> tf.Tensor:
     """[N] one-byte strings -> [N] int32 ids."""
     values = tf.reshape(tf.io.decode_raw(byte_strings, tf.uint8), [-1])
@@ -235,6 +321,8 @@ def learn(config: TokenizerConfig, lines: Iterable[str], directory: pathlib.Path
             reserved_tokens=list(RESERVED_TOKENS))
         (directory / WORDPIECE_VOCAB_FILE).write_text("\n".join(vocab) + "\n", encoding="utf-8")
         size = len(vocab)
+    elif config.kind == "bpe":
+        size = _learn_bpe(lines, size or DEFAULT_SUBWORD_VOCAB, directory)
     else:
         size = size or DEFAULT_SUBWORD_VOCAB
         try:
@@ -249,13 +337,45 @@ def learn(config: TokenizerConfig, lines: Iterable[str], directory: pathlib.Path
     workdir_lib.write_json(directory / CONFIG_FILE, {
         **dataclasses.asdict(config), "vocab_size": size,
         "requested_vocab_size": config.vocab_size, "reserved_tokens": list(RESERVED_TOKENS),
+        "special_ids": {"pad": PAD_ID, "eos": EOS_ID},
     })
 
 
+def _learn_bpe(lines: Sequence[str], size: int, directory: pathlib.Path) -> int:
+    """GPT-2's byte-level BPE learned by Hugging Face's trainer; returns the vocabulary size."""
+    import tokenizers as hf  # the `tokenizers` library, imported only to learn
+
+    tok = hf.Tokenizer(hf.models.BPE())
+    tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split and byte alphabet
+    trainer = hf.trainers.BpeTrainer(
+        vocab_size=size, special_tokens=list(RESERVED_TOKENS), show_progress=False,
+        initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())  # every byte, seen or not
+    tok.train_from_iterator((line + "\n" for line in lines), trainer)  # newlines are text too
+    tok.model.save(str(directory))  # vocab.json + merges.txt
+    return tok.get_vocab_size()
+
+
 def load(directory: str | os.PathLike) -> keras_nlp.tokenizers.Tokenizer:
-    """Loads the tokenizer saved in `directory` (a workdir's tokenizer/)."""
+    """Loads the tokenizer saved in `directory` (a workdir's tokenizer/).
+
+    The tokenizer carries `eos_id` (ends a document; generation starts after
+    it and stops at it) and `pad_id`.
+    """
     directory = pathlib.Path(directory)
     config = load_config(directory)
+    tokenizer = _load(directory, config)
+    special = special_ids(config)
+    tokenizer.eos_id, tokenizer.pad_id = special["eos"], special["pad"]
+    return tokenizer
+
+
+def special_ids(config: dict[str, Any]) -> dict[str, int]:
+    """`{"eos": id, "pad": id}` of a tokenizer config (tokenizer.json)."""
+    special = config.get("special_ids", {"pad": PAD_ID, "eos": EOS_ID})  # older workdirs: the reserved ids
+    return {"eos": int(special["eos"]), "pad": int(special["pad"])}
+
+
+def _load(directory: pathlib.Path, config: dict[str, Any]) -> keras_nlp.tokenizers.Tokenizer:
     kind = config["kind"]
     if kind == "char":
         return CharTokenizer(workdir_lib.read_json(directory / CHAR_VOCAB_FILE))
@@ -265,6 +385,13 @@ def load(directory: str | os.PathLike) -> keras_nlp.tokenizers.Tokenizer:
         return keras_nlp.tokenizers.WordPieceTokenizer(
             vocabulary=str(directory / WORDPIECE_VOCAB_FILE), lowercase=config["lowercase"],
             strip_accents=False, oov_token=RESERVED_TOKENS[UNK_ID], _allow_python_workflow=False)
+    if kind == "bpe":
+        special = special_ids(config)
+        reserved = config.get("reserved_tokens", list(RESERVED_TOKENS))
+        vocab = workdir_lib.read_json(directory / BPE_VOCAB_FILE)
+        skip = sorted({vocab[t] for t in reserved if t in vocab} | set(special.values()))
+        return BytePairTokenizer(str(directory / BPE_VOCAB_FILE), str(directory / BPE_MERGES_FILE),
+                                 unsplittable_tokens=config.get("unsplittable_tokens", ()), skip_ids=skip)
     return keras_nlp.tokenizers.SentencePieceTokenizer(
         proto=(directory / SENTENCEPIECE_FILE).read_bytes(), _allow_python_workflow=False)
 

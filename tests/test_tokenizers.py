@@ -28,7 +28,8 @@ def text_of(tok, ids):
     return tf.function(lambda i: tok.detokenize(i))(tf.constant(ids, tf.int32)).numpy().decode("utf-8")
 
 
-@pytest.mark.parametrize("kind, size", [("char", 0), ("byte", 0), ("wordpiece", 300), ("sentencepiece", 200)])
+@pytest.mark.parametrize("kind, size", [("char", 0), ("byte", 0), ("wordpiece", 300), ("sentencepiece", 200),
+                                        ("bpe", 400)])
 def test_reserved_tokens_share_ids(tmp_path, english_text, kind, size):
     tok = learned(tmp_path, kind, english_text.splitlines(), size)
     vocab = tok.get_vocabulary()
@@ -36,6 +37,7 @@ def test_reserved_tokens_share_ids(tmp_path, english_text, kind, size):
     assert tok.vocabulary_size() == len(vocab)
     config = json.loads((tmp_path / kind / "tokenizer.json").read_text())
     assert config["vocab_size"] == len(vocab) and config["kind"] == kind
+    assert (tok.eos_id, tok.pad_id) == (tokenizers.EOS_ID, tokenizers.PAD_ID)
 
 
 def test_char_round_trip_and_unknown_characters(tmp_path, english_text):
@@ -82,6 +84,25 @@ def test_subword_round_trip_up_to_white_space(tmp_path, english_text, kind, size
     assert restored == sample
 
 
+def test_bpe_is_gpt2_byte_level_bpe_and_round_trips_any_text(tmp_path, english_text):
+    import tokenizers as hf
+
+    tok = learned(tmp_path, "bpe", english_text.splitlines(), 500)
+    reference = hf.Tokenizer(hf.models.BPE.from_file(str(tmp_path / "bpe" / "vocab.json"),
+                                                     str(tmp_path / "bpe" / "merges.txt")))
+    reference.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    sample = english_text[:2000]
+    ids = ids_of(tok, sample)
+    assert ids == reference.encode(sample).ids  # Hugging Face's GPT-2 pipeline, token for token
+    assert len(ids) < 0.6 * len(sample)  # merges learned: fewer tokens than characters
+    assert text_of(tok, ids) == sample
+    odd = CHINESE + "na\u00efve  caf\u00e9 \U0001F600 \x00 nul\x00\x00end\ttab [EOS] \n\n  x"
+    assert text_of(tok, ids_of(tok, odd)) == odd  # any UTF-8, NUL bytes included (literal "[EOS]" is text)
+    assert tokenizers.EOS_ID not in ids_of(tok, odd)
+    assert text_of(tok, [tokenizers.EOS_ID] + ids + [tokenizers.EOS_ID, 0, 0]) == sample
+    assert text_of(tok, ids_of(tok, "\u00e9")[:1]) == "\ufffd"  # half a character: replaced, not an error
+
+
 def test_batches_in_tf_data_are_ragged(tmp_path, english_text):
     tok = learned(tmp_path, "char", english_text.splitlines())
     ds = tf.data.Dataset.from_tensor_slices(["to be", "or not"]).batch(2).map(tok.tokenize)
@@ -94,7 +115,9 @@ def test_batches_in_tf_data_are_ragged(tmp_path, english_text):
     (TokenizerConfig("char", 3), "too small"),
     (TokenizerConfig("wordpiece", 4), "too small"),
     (TokenizerConfig("byte", 300), "fixed vocabulary of 260"),
-    (TokenizerConfig("bpe"), "expected one of"),
+    (TokenizerConfig("bpe", 100), "too small for bpe"),
+    (TokenizerConfig("bpe", lowercase=True), "lowercase=true: applies to wordpiece and sentencepiece"),
+    (TokenizerConfig("unigram"), "expected one of"),
     (TokenizerConfig("char", lowercase=True), "lowercase=true: applies to wordpiece and sentencepiece"),
 ])
 def test_bad_configs(tmp_path, config, message):
@@ -124,7 +147,7 @@ print(json.dumps(out))
 def test_tokenizer_in_a_saved_model_loads_with_only_tensorflow(tmp_path, english_text):
     texts = ["To be, or not to be", CHINESE, "ab"]
     paths, expected = {}, {}
-    for kind, size in [("char", 0), ("byte", 0), ("wordpiece", 300), ("sentencepiece", 200)]:
+    for kind, size in [("char", 0), ("byte", 0), ("wordpiece", 300), ("sentencepiece", 200), ("bpe", 400)]:
         tok = learned(tmp_path, kind, english_text.splitlines() + CHINESE.splitlines(), size)
         module = tf.Module()
         module.tokenizer = tok

@@ -42,10 +42,10 @@ def generate(backend: str, workdir: str | os.PathLike, prompt: str, max_new_toke
         raise ConfigError("backend", backend, "expected keras, savedmodel or tflite")
     model = edge.EdgeModel(tflite.find(workdir, variant, quantize), num_threads=num_threads)
     tokenizer = tokenizers.load(workdir_lib.Workdir(workdir).tokenizer_dir)
-    ids = encode(tokenizer, prompt) if prompt else [tokenizers.EOS_ID]
+    ids = encode(tokenizer, prompt) if prompt else [tokenizer.eos_id]
     temperature, top_k, top_p = sampler.settings()
     try:
-        new = model.generate(ids, max_new_tokens, stop_ids=[tokenizers.EOS_ID], temperature=temperature,
+        new = model.generate(ids, max_new_tokens, stop_ids=[tokenizer.eos_id], temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=sampler.draw_seed())
     except ValueError as e:
         raise UserError(f"{e}; lower --max_new_tokens or convert with a larger --max_seq_len") from None

@@ -98,6 +98,7 @@ class LanguageModelModule(tf.Module):
         super().__init__(name="lmstack")
         self.model = model
         self.tokenizer = tokenizer
+        self._eos = tokenizer.eos_id  # ends a document: generation starts after it and stops at it
         self.tokenizer_assets = [tf.saved_model.Asset(f) for f in asset_files]
         self._decoder = models.decoder(model, config)
         self._context = getattr(config, "seq_len", None) if models.family_of(config) == "transformer" else None
@@ -106,7 +107,7 @@ class LanguageModelModule(tf.Module):
     def _complete(self, prompt, max_new_tokens, sampling: generation.Sampling, compiled: bool):
         prompts = tf.cast(self.tokenizer.tokenize(prompt), tf.int32)  # ragged (B, None)
         ids = generation.generate_graph(self._decoder, prompts, max_new_tokens, sampling,
-                                        stop_token_id=tokenizers.EOS_ID, empty_prompt_id=tokenizers.EOS_ID,
+                                        stop_token_id=self._eos, empty_prompt_id=self._eos,
                                         loop=self._loop(compiled))
         return {c.COMPLETION: self.tokenizer.detokenize(ids), c.TOKEN_IDS: ids.to_tensor(default_value=0)}
 
@@ -149,7 +150,7 @@ class LanguageModelModule(tf.Module):
         prompts = tf.cast(self.tokenizer.tokenize(prompt), tf.int32)  # ragged (B, None)
         splits = prompts.row_splits.dtype
         empty = tf.cast(prompts.row_lengths() == 0, splits)
-        start = tf.RaggedTensor.from_row_lengths(tf.fill([tf.reduce_sum(empty)], tokenizers.EOS_ID), empty)
+        start = tf.RaggedTensor.from_row_lengths(tf.fill([tf.reduce_sum(empty)], self._eos), empty)
         prompts = tf.concat([start, prompts], axis=1)
         total = tf.maximum(max_new_tokens, 0)
         if self._context is not None:  # keep the prompt's end, as generate_graph does for `total`
@@ -163,7 +164,7 @@ class LanguageModelModule(tf.Module):
         so_far = tf.RaggedTensor.from_tensor(generated, lengths=made).with_row_splits_dtype(splits)
         new = tf.clip_by_value(tf.minimum(chunk_tokens, total - made), 0, total)
         ids = generation.generate_graph(self._decoder, tf.concat([prompts, so_far], axis=1), new, sampling,
-                                        stop_token_id=tokenizers.EOS_ID, empty_prompt_id=tokenizers.EOS_ID,
+                                        stop_token_id=self._eos, empty_prompt_id=self._eos,
                                         loop=self._loop(compiled))
         count = tf.cast(ids.row_lengths(), tf.int32)
         return {c.COMPLETION: self.tokenizer.detokenize(tf.concat([so_far, ids], axis=1)),
@@ -173,11 +174,11 @@ class LanguageModelModule(tf.Module):
     # it per signature doubled the export's time).
     @tf.function
     def _decode(self, tokens, keep, new, sampling):
-        return generation.decode(self._decoder, tokens, keep, new, sampling, stop_token_id=tokenizers.EOS_ID)
+        return generation.decode(self._decoder, tokens, keep, new, sampling, stop_token_id=self._eos)
 
     @tf.function(jit_compile=True)
     def _decode_xla(self, tokens, keep, new, sampling):
-        return generation.decode(self._decoder, tokens, keep, new, sampling, stop_token_id=tokenizers.EOS_ID)
+        return generation.decode(self._decoder, tokens, keep, new, sampling, stop_token_id=self._eos)
 
     def _loop(self, compiled: bool):
         return generation.bucketed(self._decode_xla, self.buckets, self._decode) if compiled else self._decode
@@ -192,7 +193,7 @@ class LanguageModelModule(tf.Module):
         tokens = tf.cast(self.tokenizer.tokenize(text), tf.int32)  # ragged (B, None)
         counts = tf.cast(tokens.row_lengths(), tf.int32)
         batch = tf.shape(counts)[0]
-        eos = tf.fill([batch, 1], tokenizers.EOS_ID)
+        eos = tf.fill([batch, 1], self._eos)
         sequences = tf.concat([tf.RaggedTensor.from_tensor(eos), tokens], axis=1)
         longest = tf.maximum(tf.reduce_max(counts), 1)
         window = longest if self._context is None else tf.minimum(longest, self._context)

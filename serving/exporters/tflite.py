@@ -276,7 +276,7 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
         "file": f"{name}.tflite", "family": family, "variant": config.variant or None,
         "quantize": config.quantize, "max_seq_len": seq_len, "checkpoint_step": step,
         "model": models.config_to_json(model_config), "tokenizer": tokenizers.load_config(wd.tokenizer_dir),
-        "tokenizer_dir": "tokenizer", "eos_id": tokenizers.EOS_ID, "bytes": len(flat),
+        "tokenizer_dir": "tokenizer", "eos_id": tokenizers.special_ids(tokenizers.load_config(wd.tokenizer_dir))["eos"], "bytes": len(flat),
         "signatures": _signature_shapes(flat), "ops": _op_counts(flat),
         "optimization": made.get("method"), "float_ops": list(float_ops),
     }
@@ -324,9 +324,9 @@ def measure(workdir: str | os.PathLike, path: pathlib.Path, latency: bool = True
     out = {"perplexity": result["perplexity"], "bits_per_char": result["bits_per_char"]}
     if latency:
         tokens = min(32, model.max_seq_len - 2) if model.family == "transformer" else 32
-        model.generate([tokenizers.EOS_ID], tokens)  # warm-up
+        model.generate([model.eos_id], tokens)  # warm-up
         began = time.perf_counter()
-        model.generate([tokenizers.EOS_ID], tokens)
+        model.generate([model.eos_id], tokens)
         out["ms_per_token"] = (time.perf_counter() - began) / tokens * 1e3
     return out
 
