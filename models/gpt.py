@@ -24,6 +24,8 @@ from models.backend import keras
 
 Init = Literal["glorot", "gpt2"]
 INITS = typing.get_args(Init)
+Activation = Literal["gelu", "gelu_tanh"]
+ACTIVATIONS = typing.get_args(Activation)
 INIT_STD = 0.02  # GPT-2's standard deviation for every weight matrix and embedding
 
 
@@ -46,6 +48,8 @@ class GPTConfig:
             decides: 0 for a run that sees its training data fewer than 2 times, else 0.1).
         init: glorot (Keras's defaults; embeddings N(0, 0.02)) or gpt2 (every weight matrix
             N(0, 0.02), the residual projections N(0, 0.02 / sqrt(2 * layers)), biases zero).
+        activation: the MLP's: gelu (exact, with erf) or gelu_tanh (GPT-2's tanh approximation,
+            which its pre-trained weights expect).
     """
     # None dropout: `pipelines.train.run_dropout` decides; a model built with None has rate 0.
     # Glorot is the default init: at the small preset's budget GPT-2's starts slower and ends
@@ -58,6 +62,7 @@ class GPTConfig:
     mlp_ratio: int = 4
     dropout: float | None = None
     init: Init = "glorot"
+    activation: Activation = "gelu"
 
     PRESETS: ClassVar[dict[str, dict]] = {
         "tiny": dict(seq_len=16, layers=2, d_model=32, heads=2, dropout=0.0),
@@ -68,6 +73,8 @@ class GPTConfig:
     def __post_init__(self):
         if self.init not in INITS:
             raise ValueError(f"init={self.init!r}: expected one of {', '.join(INITS)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r}: expected one of {', '.join(ACTIVATIONS)}")
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} does not divide into heads={self.heads}")
         check_sizes(self, ("vocab_size", "seq_len", "layers", "d_model", "heads", "mlp_ratio"))
@@ -95,6 +102,10 @@ class GPTConfig:
 def block(x, i: int, layer: Callable[[str], Callable], attend: Callable) -> tf.Tensor:
     """Transformer block `i`: x + Dropout(Out(Attn(LN1(x)))), then x + Dropout(MLP(LN2(x))).
 
+    The MLP's exact GELU is its first Dense layer's activation; GPT-2's tanh
+    GELU is a layer of its own, `block{i}_mlp_act` (TF-MOT's QAT knows
+    activations by name and has no tanh GELU), absent with the exact one.
+
     The one definition of the forward pass, and of the layer names TF-MOT,
     checkpoints and the exporters see. `build_gpt` calls it with a `layer`
     that makes each layer; `GPTDecoder` with one that finds the built model's
@@ -110,7 +121,8 @@ def block(x, i: int, layer: Callable[[str], Callable], attend: Callable) -> tf.T
     q, k, v = (layer(f"block{i}_{n}")(h) for n in ("query", "key", "value"))
     a = layer(f"block{i}_attention_dropout")(layer(f"block{i}_attention_output")(attend(i, q, k, v)))
     x = layer(f"block{i}_attention_residual")([x, a])
-    h = layer(f"block{i}_mlp_out")(layer(f"block{i}_mlp_in")(layer(f"block{i}_ln2")(x)))
+    h = layer(f"block{i}_mlp_act")(layer(f"block{i}_mlp_in")(layer(f"block{i}_ln2")(x)))
+    h = layer(f"block{i}_mlp_out")(h)
     return layer(f"block{i}_mlp_residual")([x, layer(f"block{i}_mlp_dropout")(h)])
 
 
@@ -138,7 +150,9 @@ def build_gpt(config: GPTConfig, seq_len: int | None = None) -> keras.Model:
     norm = lambda name: keras.layers.LayerNormalization(epsilon=1e-5, name=name)  # noqa: E731
     makers = {"ln1": norm, "ln2": norm, "query": dense(c.d_model), "key": dense(c.d_model),
               "value": dense(c.d_model), "attention_output": dense(c.d_model, residual=True),
-              "mlp_in": dense(c.mlp_ratio * c.d_model, activation="gelu"),
+              "mlp_in": dense(c.mlp_ratio * c.d_model, activation="gelu" if c.activation == "gelu" else None),
+              "mlp_act": (lambda name: _identity) if c.activation == "gelu" else (
+                  lambda name: layers.GELU(approximate=True, name=name)),
               "mlp_out": dense(c.d_model, residual=True),
               "attention_dropout": lambda name: keras.layers.Dropout(rate, name=name),
               "mlp_dropout": lambda name: keras.layers.Dropout(rate, name=name),
@@ -243,7 +257,8 @@ class GPTDecoder:
             return layers.attention(q, keys, values, c.heads, q_positions, k_positions)
 
         def layer(name):  # decoding is inference: no dropout
-            return _identity if name.endswith("_dropout") else get(name)
+            skip = name.endswith("_dropout") or (name.endswith("_mlp_act") and c.activation == "gelu")
+            return _identity if skip else get(name)
 
         for i in range(c.layers):
             x = block(x, i, layer, attend)

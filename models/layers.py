@@ -204,6 +204,30 @@ class CausalAttention(keras.layers.Layer, PrunableLayer):
         return {**super().get_config(), "num_heads": self.num_heads}
 
 
+class GELU(keras.layers.Layer, PrunableLayer):
+    """GELU as a layer: exact (erf) or GPT-2's tanh approximation.
+
+    Args:
+        approximate: the tanh approximation `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+    """
+
+    def __init__(self, approximate: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.approximate = approximate
+
+    def call(self, x):
+        return tf.nn.gelu(x, approximate=self.approximate)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_prunable_weights(self):
+        return []
+
+    def get_config(self):
+        return {**super().get_config(), "approximate": self.approximate}
+
+
 class TiedLogits(keras.layers.Layer, PrunableLayer):
     """Logits from hidden states and the (tied) token embedding table: `h @ table^T`.
 
@@ -243,4 +267,4 @@ def get_layer(model: keras.Model, name: str) -> keras.layers.Layer:
 
 def custom_objects() -> dict[str, type]:
     """For `keras.models.load_model`, `clone_model` and TF-MOT's `quantize_scope`."""
-    return {cls.__name__: cls for cls in (TokenEmbedding, PositionEmbedding, CausalAttention, TiedLogits)}
+    return {cls.__name__: cls for cls in (TokenEmbedding, PositionEmbedding, CausalAttention, GELU, TiedLogits)}

@@ -34,7 +34,7 @@ from tensorflow_model_optimization.python.core.clustering.keras.cluster_wrapper 
 from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import PruneLowMagnitude
 
 from models.backend import keras
-from models.layers import QUANTIZED_PREFIX, CausalAttention, custom_objects
+from models.layers import GELU, QUANTIZED_PREFIX, CausalAttention, custom_objects
 
 sparsity = tfmot.sparsity.keras
 quantization = tfmot.quantization.keras
@@ -66,8 +66,18 @@ class NoOpQuantizeConfig(quantization.QuantizeConfig):
         return {}
 
 
+class OutputQuantizeConfig(NoOpQuantizeConfig):
+    """Quantizes only the output (8-bit, asymmetric, moving-average range): for a weightless
+    activation layer, as TF-MOT's default scheme treats the activations it knows."""
+
+    def get_output_quantizers(self, layer):
+        return [quantization.quantizers.MovingAverageQuantizer(
+            num_bits=8, per_axis=False, symmetric=False, narrow_range=False)]
+
+
 def _scope():
-    return quantization.quantize_scope({**custom_objects(), "NoOpQuantizeConfig": NoOpQuantizeConfig})
+    return quantization.quantize_scope({**custom_objects(), "NoOpQuantizeConfig": NoOpQuantizeConfig,
+                                        "OutputQuantizeConfig": OutputQuantizeConfig})
 
 
 def pruning_schedule(kind: str, target: float, begin_step: int, end_step: int, frequency: int):
@@ -100,6 +110,8 @@ def quantize(model: keras.Model, preserve_sparsity: bool = False) -> keras.Model
             return quantization.quantize_annotate_layer(layer)
         if isinstance(layer, CausalAttention):
             return quantization.quantize_annotate_layer(layer, NoOpQuantizeConfig())
+        if isinstance(layer, GELU):
+            return quantization.quantize_annotate_layer(layer, OutputQuantizeConfig())
         return layer
 
     with _scope():

@@ -22,6 +22,7 @@ VARIANTS = {
     **FAMILIES,
     "lstm_tied": ("lstm", {"tie_embeddings": True}),
     "gru": ("lstm", {"cell": "gru"}),
+    "gpt_tanh_gelu": ("transformer", {"activation": "gelu_tanh"}),  # GPT-2's (lmstack import)
 }
 
 
