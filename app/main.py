@@ -12,6 +12,7 @@ from app import cli
 # name -> (module, one-line summary). Modules load on demand so that
 # `lmstack --help` does not pay for importing TensorFlow.
 SUBCOMMANDS = {
+    "import": ("app.import_checkpoint", "a pre-trained GPT-2 (keras-hub preset or Hugging Face) -> a new workdir"),
     "prepare": ("app.prepare", "corpus -> tokenizer -> train/val token shards in a workdir"),
     "train": ("app.train", "train the workdir's model under a tf.distribute strategy (resumable)"),
     "evaluate": ("app.evaluate", "validation loss, perplexity and bits/char (a classifier: accuracy, per-class F1)"),

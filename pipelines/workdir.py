@@ -29,6 +29,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
 DATA_DIR = "data"
 MANIFEST_FILE = "manifest.json"
+IMPORT_SECTION = "import"  # config.json of a workdir made by `lmstack import`: a model before any data
 
 # Everything a stage may write at the top of a workdir. `prepare --overwrite`
 # removes these, since they were all built from the old data and tokenizer.
@@ -71,9 +72,13 @@ class Workdir:
         """True once `prepare` has committed (config.json is written last)."""
         return self.config_path.is_file() and self.manifest_path.is_file()
 
+    def is_imported(self) -> bool:
+        """True for a workdir made by `lmstack import` (a pre-trained model, with or without data)."""
+        return self.config_path.is_file() and IMPORT_SECTION in read_json(self.config_path)
+
     def read_config(self) -> dict[str, Any]:
-        """The run's config.json; raises UserError if the workdir is not prepared."""
-        if not self.is_prepared():
+        """The run's config.json; raises UserError if the workdir is neither prepared nor imported."""
+        if not (self.is_prepared() or self.is_imported()):
             raise UserError(
                 f"{self.root} is not a prepared lmstack workdir (no {CONFIG_FILE} "
                 f"or {DATA_DIR}/{MANIFEST_FILE}); run `lmstack prepare --workdir={self.root}` first")
@@ -81,6 +86,9 @@ class Workdir:
 
     def read_manifest(self) -> dict[str, Any]:
         self.read_config()  # same check, same message
+        if not self.manifest_path.is_file():
+            raise UserError(f"{self.root} holds an imported model but no data yet; run `lmstack prepare "
+                            f"--workdir={self.root} --corpus=FILES` (it tokenizes with the imported tokenizer)")
         return read_json(self.manifest_path)
 
     def update_config(self, section: str, values: dict[str, Any]) -> None:

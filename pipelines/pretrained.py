@@ -1,0 +1,278 @@
+"""`import`: a pre-trained GPT-2 checkpoint -> a workdir every later stage accepts.
+
+Two formats, told apart by their files:
+
+- a **keras-hub preset** directory (`config.json` naming `GPT2Backbone`,
+  `model.weights.h5`, `tokenizer.json`, `assets/tokenizer/{vocabulary.json,
+  merges.txt}`), read by keras-hub itself;
+- a **Hugging Face** GPT-2 directory (`config.json` with `model_type: gpt2`,
+  `model.safetensors`, `vocab.json`, `merges.txt`), read with safetensors'
+  numpy loader (no PyTorch).
+
+The weights go into lmstack's own tf_keras GPT (`models.gpt`: pre-LayerNorm
+blocks, learned positions, tied embedding; GPT-2's tanh GELU, LayerNorm epsilon
+1e-5), so TF-MOT, the exporters and the server treat it as any lmstack model;
+the tokenizer becomes a `bpe` tokenizer with GPT-2's own ids
+(`<|endoftext|>` ends and pads documents). The workdir:
+
+    WORKDIR/config.json      `import` (source, format) and `model`
+    WORKDIR/tokenizer/       tokenizer.json + vocab.json + merges.txt
+    WORKDIR/checkpoints/     ckpt-0
+
+It is built aside and renamed into place whole. `lmstack prepare` on it
+tokenizes a corpus with the imported tokenizer (for `train`, which continues
+pre-training, `evaluate` and int8 calibration); `generate`, `export`, `serve`
+and float `tflite` need no data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+from typing import Any, Callable
+
+import numpy as np
+
+import models
+from pipelines import checkpoints, tokenizers
+from pipelines import workdir as workdir_lib
+from pipelines.errors import UserError
+from pipelines.progress import Progress
+
+END_OF_TEXT = "<|endoftext|>"  # GPT-2's one special token: ends (and pads) every document
+KERAS_HUB = "keras-hub preset"
+HUGGING_FACE = "Hugging Face"
+# Hugging Face's names for GPT-2's GELU: gelu_new and gelu_pytorch_tanh are the tanh approximation.
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                  "gelu": "gelu"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A GPT-2 checkpoint read into numpy, in Hugging Face's tensor names (`h.0.attn.c_attn.weight`, ...).
+
+    Attributes:
+        format: KERAS_HUB or HUGGING_FACE.
+        config: the lmstack model config it fits.
+        weights: name -> float32 array.
+        vocabulary: path of the tokenizer's token -> id JSON.
+        merges: path of its merges.txt.
+    """
+    format: str
+    config: models.GPTConfig
+    weights: dict[str, np.ndarray]
+    vocabulary: pathlib.Path
+    merges: pathlib.Path
+
+
+def read(path: str | os.PathLike) -> Checkpoint:
+    """Reads a GPT-2 checkpoint directory of either format.
+
+    Raises:
+        UserError: not a directory, another architecture, a missing file, tensors of the wrong shape.
+    """
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        raise UserError(f"--checkpoint={path}: not a directory; give a keras-hub preset or a Hugging Face "
+                        "GPT-2 directory")
+    config = _read_json(path / "config.json", path)
+    if "class_name" in config or (path / "metadata.json").is_file():
+        return _read_keras_hub(path, config)
+    if "model_type" in config:
+        return _read_hugging_face(path, config)
+    raise UserError(f"{path}/config.json is neither a keras-hub preset's (class_name) nor a Hugging Face "
+                    "model's (model_type); lmstack imports GPT-2 in those two formats")
+
+
+def _read_json(file: pathlib.Path, source: pathlib.Path) -> dict[str, Any]:
+    if not file.is_file():
+        raise UserError(f"{source} has no {file.name}; a GPT-2 checkpoint directory holds config.json, the "
+                        "weights, the vocabulary and merges.txt")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{file}: not valid JSON ({e})") from None
+
+
+def _require(path: pathlib.Path, *names: str) -> list[pathlib.Path]:
+    missing = [n for n in names if not (path / n).is_file()]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; copy the whole checkpoint directory")
+    return [path / n for n in names]
+
+
+def _gpt_config(vocab: int, context: int, layers: int, width: int, heads: int, inner: int | None,
+                dropout: float, activation: str, source: pathlib.Path) -> models.GPTConfig:
+    inner = inner or 4 * width
+    if inner % width:
+        raise UserError(f"{source}: an MLP width of {inner} is not a multiple of the model width {width}; "
+                        "lmstack's GPT needs one")
+    try:
+        return models.GPTConfig(vocab_size=vocab, seq_len=context, layers=layers, d_model=width, heads=heads,
+                                mlp_ratio=inner // width, dropout=dropout, init="gpt2", activation=activation)
+    except ValueError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def _read_hugging_face(path: pathlib.Path, hf: dict[str, Any]) -> Checkpoint:
+    if hf.get("model_type") != "gpt2":
+        raise UserError(f"{path} holds a Hugging Face {hf.get('model_type')!r} model; lmstack imports GPT-2 "
+                        "(model_type gpt2)")
+    activation = HF_ACTIVATIONS.get(hf.get("activation_function", "gelu_new"))
+    if activation is None:
+        raise UserError(f"{path}: activation_function={hf['activation_function']!r}; lmstack's GPT has "
+                        f"{', '.join(HF_ACTIVATIONS)}")
+    unusual = [k for k in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn") if hf.get(k)]
+    if hf.get("layer_norm_epsilon", 1e-5) != 1e-5 or hf.get("scale_attn_weights", True) is not True or unusual:
+        raise UserError(f"{path}: {', '.join(unusual) or 'its LayerNorm epsilon or attention scaling'} differs "
+                        "from GPT-2's; lmstack's GPT computes GPT-2 exactly and nothing else")
+    weights_file, vocabulary, merges = _require(path, "model.safetensors", "vocab.json", "merges.txt")
+    from safetensors.numpy import load_file
+
+    try:
+        raw = load_file(str(weights_file))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise UserError(f"{weights_file}: cannot read it as safetensors ({str(e).splitlines()[0]})") from None
+    # GPT2LMHeadModel saves `transformer.`-prefixed names; GPT2Model (the Hub's gpt2) plain ones.
+    weights = {k.removeprefix("transformer."): v.astype(np.float32) for k, v in raw.items()}
+    head = weights.pop("lm_head.weight", None)
+    if head is not None and "wte.weight" in weights and not np.array_equal(head, weights["wte.weight"]):
+        raise UserError(f"{weights_file}: lm_head differs from the token embedding; lmstack's GPT ties them "
+                        "as GPT-2 does")
+    config = _gpt_config(hf["vocab_size"], hf["n_positions"], hf["n_layer"], hf["n_embd"], hf["n_head"],
+                         hf.get("n_inner"), float(hf.get("resid_pdrop", 0.1)), activation, path)
+    return Checkpoint(HUGGING_FACE, config, weights, vocabulary, merges)
+
+
+def _read_keras_hub(path: pathlib.Path, config: dict[str, Any]) -> Checkpoint:
+    if config.get("class_name") != "GPT2Backbone":
+        raise UserError(f"{path} is a keras-hub {config.get('class_name')!r} preset; lmstack imports GPT-2 "
+                        "(GPT2Backbone)")
+    _, _, vocabulary, merges = _require(path, "model.weights.h5", "tokenizer.json",
+                                        "assets/tokenizer/vocabulary.json", "assets/tokenizer/merges.txt")
+    import keras_hub  # Keras 3: its own loader reads its own format
+
+    try:
+        backbone = keras_hub.models.Backbone.from_preset(str(path))
+    except Exception as e:  # noqa: BLE001 - whatever Keras raises, one line
+        raise UserError(f"{path}: keras-hub cannot load this preset ({str(e).splitlines()[0]})") from None
+    c = backbone.get_config()
+    d = c["hidden_dim"]
+    weights = {"wte.weight": backbone.token_embedding.embeddings,
+               "wpe.weight": backbone.position_embedding.position_embeddings,
+               "ln_f.weight": backbone.layer_norm.gamma, "ln_f.bias": backbone.layer_norm.beta}
+    for i, block in enumerate(backbone.transformer_layers):
+        attention = block._self_attention_layer
+        qkv = (attention._query_dense, attention._key_dense, attention._value_dense)
+        weights |= {
+            f"h.{i}.ln_1.weight": block._self_attention_layer_norm.gamma,
+            f"h.{i}.ln_1.bias": block._self_attention_layer_norm.beta,
+            # EinsumDense kernels (d, heads, head_dim): heads side by side, as Hugging Face's columns
+            f"h.{i}.attn.c_attn.weight": np.concatenate([np.reshape(x.kernel, [d, d]) for x in qkv], axis=1),
+            f"h.{i}.attn.c_attn.bias": np.concatenate([np.reshape(x.bias, [d]) for x in qkv]),
+            f"h.{i}.attn.c_proj.weight": np.reshape(attention._output_dense.kernel, [d, d]),
+            f"h.{i}.attn.c_proj.bias": attention._output_dense.bias,
+            f"h.{i}.ln_2.weight": block._feedforward_layer_norm.gamma,
+            f"h.{i}.ln_2.bias": block._feedforward_layer_norm.beta,
+            f"h.{i}.mlp.c_fc.weight": block._feedforward_intermediate_dense.kernel,
+            f"h.{i}.mlp.c_fc.bias": block._feedforward_intermediate_dense.bias,
+            f"h.{i}.mlp.c_proj.weight": block._feedforward_output_dense.kernel,
+            f"h.{i}.mlp.c_proj.bias": block._feedforward_output_dense.bias,
+        }
+    weights = {k: np.asarray(v, np.float32) for k, v in weights.items()}
+    config = _gpt_config(c["vocabulary_size"], c["max_sequence_length"], c["num_layers"], d, c["num_heads"],
+                         c["intermediate_dim"], float(c.get("dropout", 0.1)), "gelu_tanh", path)
+    return Checkpoint(KERAS_HUB, config, weights, vocabulary, merges)
+
+
+def assign(model, checkpoint: Checkpoint) -> None:
+    """Copies the checkpoint's tensors into a model built from `checkpoint.config`.
+
+    Raises:
+        UserError: a tensor is missing or has another shape than the config says.
+    """
+    d = checkpoint.config.d_model
+    w = checkpoint.weights
+    used: set[str] = set()
+
+    def take(name: str, part: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> np.ndarray:
+        if name not in w:
+            raise UserError(f"the checkpoint has no tensor {name}; is it a whole GPT-2 checkpoint?")
+        used.add(name)
+        return part(w[name])
+
+    def put(layer_name: str, *values: np.ndarray) -> None:
+        layer = model.get_layer(layer_name)
+        for variable, value in zip(layer.weights, values):
+            if tuple(variable.shape) != value.shape:
+                raise UserError(f"{layer_name}: the checkpoint's tensor has shape {list(value.shape)}, its "
+                                f"config.json says {variable.shape.as_list()}; the files do not belong together")
+            variable.assign(value)
+
+    put("token_embedding", take("wte.weight"))
+    put("position_embedding", take("wpe.weight"))
+    for i in range(checkpoint.config.layers):
+        h = f"h.{i}."
+        for j, name in enumerate(("query", "key", "value")):  # c_attn: [q | k | v] columns
+            put(f"block{i}_{name}", take(h + "attn.c_attn.weight", lambda x: x[:, j * d:(j + 1) * d]),
+                take(h + "attn.c_attn.bias", lambda x: x[j * d:(j + 1) * d]))
+        for ours, theirs in (("ln1", "ln_1"), ("ln2", "ln_2"), ("attention_output", "attn.c_proj"),
+                             ("mlp_in", "mlp.c_fc"), ("mlp_out", "mlp.c_proj")):
+            put(f"block{i}_{ours}", take(f"{h}{theirs}.weight"), take(f"{h}{theirs}.bias"))
+    put("final_ln", take("ln_f.weight"), take("ln_f.bias"))
+    # GPT-2's causal-mask buffers (h.N.attn.bias / masked_bias) are constants, not weights.
+    extra = sorted(k for k in w if k not in used and not k.endswith(("attn.bias", "attn.masked_bias")))
+    if extra:
+        raise UserError(f"the checkpoint has tensors lmstack's GPT-2 has no place for ({', '.join(extra[:3])}"
+                        f"{', ...' if len(extra) > 3 else ''}); is it GPT-2?")
+
+
+def _write_tokenizer(checkpoint: Checkpoint, directory: pathlib.Path) -> None:
+    vocab = _read_json(checkpoint.vocabulary, checkpoint.vocabulary.parent)
+    if END_OF_TEXT not in vocab:
+        raise UserError(f"{checkpoint.vocabulary} has no {END_OF_TEXT}; GPT-2's vocabulary ends with it")
+    if len(vocab) != checkpoint.config.vocab_size:
+        raise UserError(f"{checkpoint.vocabulary} has {len(vocab):,} tokens, the model {checkpoint.config.vocab_size:,}"
+                        "; the files do not belong together")
+    shutil.copyfile(checkpoint.vocabulary, directory / tokenizers.BPE_VOCAB_FILE)
+    shutil.copyfile(checkpoint.merges, directory / tokenizers.BPE_MERGES_FILE)
+    eos = int(vocab[END_OF_TEXT])
+    workdir_lib.write_json(directory / tokenizers.CONFIG_FILE, {
+        "kind": "bpe", "vocab_size": len(vocab), "lowercase": False, "requested_vocab_size": len(vocab),
+        "reserved_tokens": [END_OF_TEXT], "special_ids": {"pad": eos, "eos": eos},
+        "unsplittable_tokens": [END_OF_TEXT], "imported": True,
+    })
+
+
+def import_checkpoint(path: str | os.PathLike, workdir: str | os.PathLike,
+                      progress: Progress | None = None) -> dict[str, Any]:
+    """Writes a new workdir holding the GPT-2 checkpoint at `path`; returns the `import` section.
+
+    Raises:
+        UserError: bad input (nothing is written) or a workdir that exists.
+    """
+    progress = progress or Progress()
+    wd = workdir_lib.Workdir(workdir)
+    if wd.root.exists() and (not wd.root.is_dir() or any(wd.root.iterdir())):
+        raise UserError(f"{wd.root} exists and is not empty; import into a new --workdir")
+    checkpoint = read(path)
+    config = checkpoint.config
+    progress.note(f"read a {checkpoint.format} GPT-2: {config.layers} layers, width {config.d_model}, "
+                  f"{config.heads} heads, context {config.seq_len}, {config.num_params():,} parameters")
+    model = models.build(config)
+    assign(model, checkpoint)
+    section = {"source": str(pathlib.Path(path).resolve()), "format": checkpoint.format, "architecture": "gpt2"}
+    if wd.root.is_dir():
+        wd.root.rmdir()  # empty: published whole below
+    with workdir_lib.publish_dir(wd.root) as staging:
+        (staging / workdir_lib.TOKENIZER_DIR).mkdir()
+        _write_tokenizer(checkpoint, staging / workdir_lib.TOKENIZER_DIR)
+        workdir_lib.write_json(staging / workdir_lib.CONFIG_FILE,
+                               {"lmstack_config_version": 1, workdir_lib.IMPORT_SECTION: section})
+        checkpoints.save(staging, model, config, step=0)
+    progress.note(f"wrote {wd.root}: tokenizer/, checkpoints/ckpt-0, config.json")
+    return section
+
