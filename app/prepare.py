@@ -4,6 +4,8 @@ Reads UTF-8 text files, globs and .gz files; holds out contiguous blocks of
 lines for validation; learns the tokenizer on the training text; writes
 WORKDIR/tokenizer/, WORKDIR/data/ (GZIP TFRecord shards + manifest.json) and
 WORKDIR/config.json. Rerunning with the same inputs reuses the workdir.
+On a workdir made by `lmstack import`, tokenizes with the imported model's
+tokenizer and writes data/ only.
 
 example:
   lmstack prepare --corpus=data/shakespeare.txt.gz --workdir=runs/shakespeare --tokenizer=char

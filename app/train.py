@@ -54,10 +54,18 @@ def run(fv: flags.FlagValues) -> int:
     if checkpoints.classifier_section(fv.workdir) is not None:
         raise UserError(f"{fv.workdir} is a classifier workdir (made by `lmstack finetune`); train a language "
                         "model in a workdir made by `lmstack prepare`")
-    manifest = workdir.Workdir(fv.workdir).read_manifest()
+    wd = workdir.Workdir(fv.workdir)
+    manifest = wd.read_manifest()
     overrides = settings.overrides(fv)
+    if wd.is_imported() and (fv["model"].present or fv["preset"].present or overrides):
+        raise UserError(f"{fv.workdir} holds an imported model, which keeps its shape; drop --model, --preset "
+                        f"and the model flags ({', '.join(overrides) or 'none given'}) to continue training it")
     try:
-        model_config = models.make_config(fv.model, fv.preset, manifest["tokenizer"]["vocab_size"], **overrides)
+        if wd.is_imported():  # continued pre-training: the checkpoint's own shape
+            model_config = checkpoints.read_model_config(fv.workdir)
+        else:
+            model_config = models.make_config(fv.model, fv.preset, manifest["tokenizer"]["vocab_size"],
+                                              **overrides)
     except (ValueError, TypeError) as e:
         raise UserError(f"--model={fv.model} --preset={fv.preset} with {overrides or 'no overrides'}: {e}") from None
     config = settings.build(fv, train.TrainConfig)

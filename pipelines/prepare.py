@@ -107,6 +107,8 @@ def prepare(config: PrepareConfig, workdir: str | os.PathLike, overwrite: bool =
     progress.note(f"read {len(docs)} file(s), {sum(d.size for d in docs) / 1e6:.1f} MB")
     fingerprint = _fingerprint(config, docs)
 
+    if wd.is_imported():
+        return _prepare_imported(config, wd, docs, fingerprint, overwrite, progress)
     if wd.root.exists():
         _check_existing(wd, fingerprint, overwrite)
         if wd.is_prepared() and not overwrite:
@@ -129,6 +131,29 @@ def prepare(config: PrepareConfig, workdir: str | os.PathLike, overwrite: bool =
         if created:
             _remove_if_empty(wd.root)
         raise
+    return PrepareResult(wd, manifest, reused=False)
+
+
+def _prepare_imported(config: PrepareConfig, wd: workdir_lib.Workdir, docs: Sequence[corpus_lib.Document],
+                      fingerprint: str, overwrite: bool, progress: Progress) -> PrepareResult:
+    """Token shards for a workdir made by `lmstack import`, with its own tokenizer.
+
+    Only data/ is (re)built: the model and tokenizer came from the checkpoint,
+    and new data does not invalidate them.
+    """
+    if config.tokenizer != tokenizers.TokenizerConfig():
+        raise UserError(f"{wd.root} holds an imported model, which reads text with its own tokenizer; "
+                        "drop --tokenizer, --vocab_size and --lowercase")
+    old = wd.read_config().get("prepare", {})
+    if wd.is_prepared() and old.get("fingerprint") == fingerprint:
+        progress.note(f"{wd.root} is already prepared from these inputs; reusing it")
+        return PrepareResult(wd, wd.read_manifest(), reused=True)
+    if wd.is_prepared() and not overwrite:
+        raise UserError(f"{wd.root} was prepared from other inputs or settings; pass --overwrite to replace "
+                        "its data (the imported model and what was trained from it stay)")
+    with workdir_lib.publish_dir(wd.data_dir, replace=True) as data_dir:
+        manifest = _build(config, docs, fingerprint, wd.tokenizer_dir, data_dir, progress, learn=False)
+    wd.update_config("prepare", config.to_json() | {"fingerprint": fingerprint})
     return PrepareResult(wd, manifest, reused=False)
 
 
@@ -172,12 +197,13 @@ def _fingerprint(config: PrepareConfig, docs: Sequence[corpus_lib.Document]) -> 
 
 
 def _build(config: PrepareConfig, docs: Sequence[corpus_lib.Document], fingerprint: str,
-           tok_dir: pathlib.Path, data_dir: pathlib.Path, progress: Progress) -> dict[str, Any]:
+           tok_dir: pathlib.Path, data_dir: pathlib.Path, progress: Progress, learn: bool = True) -> dict[str, Any]:
     blocks = corpus_lib.make_blocks(docs, config.num_blocks)
     train, val, val_idx = corpus_lib.split_blocks(blocks, config.val_fraction, config.seed)
 
-    progress.note(f"learning the {config.tokenizer.kind} tokenizer on the training text")
-    tokenizers.learn(config.tokenizer, (line for b in train for line in b.text.splitlines()), tok_dir)
+    if learn:
+        progress.note(f"learning the {config.tokenizer.kind} tokenizer on the training text")
+        tokenizers.learn(config.tokenizer, (line for b in train for line in b.text.splitlines()), tok_dir)
     tokenizer = tokenizers.load(tok_dir)
 
     splits = {}

@@ -120,8 +120,8 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     """
     progress = progress or Progress()
     config.validate()
-    config = config.for_model(model_config)
     wd = workdir_lib.Workdir(workdir)
+    config = config.for_model(model_config, pretrained=wd.is_imported())
     manifest = wd.read_manifest()
     vocab = manifest["tokenizer"]["vocab_size"]
     if model_config.vocab_size != vocab:

@@ -32,7 +32,7 @@ class TrainConfig(strategy_lib.Devices):
         batch_size: sequences per replica; the global batch is this x replicas.
         learning_rate: peak learning rate, reached after warmup_steps (default: the model's own,
             `peak_learning_rate`: 3e-3 for the small transformer, 5e-3 for the small LSTM, lower for
-            wider models).
+            wider models; a tenth of it for an imported pre-trained model).
         warmup_steps: linear warmup from 0 (default: a tenth of steps, at most 100, so a short run
             needs no flag to fit its warmup).
         schedule: learning rate after warmup: cosine (decay to 10% of the peak at steps) or constant.
@@ -76,11 +76,15 @@ class TrainConfig(strategy_lib.Devices):
         """The warmup steps: as given, or `derived_warmup(steps)`."""
         return derived_warmup(self.steps) if self.warmup_steps is None else self.warmup_steps
 
-    def for_model(self, model_config: models.ModelConfig) -> "TrainConfig":
-        """This config with a learning rate: as given, or the model's `peak_learning_rate`."""
+    def for_model(self, model_config: models.ModelConfig, pretrained: bool = False) -> "TrainConfig":
+        """This config with a learning rate: as given, or the model's `peak_learning_rate`.
+
+        A run that starts from pre-trained weights (`lmstack import`) continues at a tenth of it:
+        5e-5 for GPT-2 small's width, Hugging Face's default for fine-tuning it (`run_clm`).
+        """
         if self.learning_rate is not None:
             return self
-        return dataclasses.replace(self, learning_rate=peak_learning_rate(model_config))
+        return dataclasses.replace(self, learning_rate=peak_learning_rate(model_config) / (10 if pretrained else 1))
 
     def profile_range(self) -> tuple[int, int] | None:
         if not self.profile_steps:

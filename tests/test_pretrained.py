@@ -1,0 +1,145 @@
+"""`lmstack import`: GPT-2 checkpoints (keras-hub preset, Hugging Face) against keras-hub's own GPT-2.
+
+The checkpoints are tiny ones built here with keras-hub: `save_to_preset`
+writes the preset, `export_to_transformers` the Hugging Face directory (with
+GPT2LMHeadModel's `transformer.` names), and a copy with the Hub's plain names
+and no `lm_head` stands for the downloaded `gpt2`. Their weights are drawn
+large enough (std 1) that GELU's two forms give different logits, so the
+parity check can tell them apart.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from pipelines import checkpoints, pretrained, tokenizers
+from pipelines.errors import UserError
+from pipelines.generate import encode
+from tests.conftest import bundled_lines, run_cli
+
+TEXT = ("ROMEO: But soft, what light through yonder window breaks?<|endoftext|>It is the east,\n\n"
+        "  and Juliet is the sun. 1234 caf\u00e9 \u65e5\u672c tab\tend")
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, english_text):
+    """{format: checkpoint directory} and keras-hub's GPT2CausalLM they hold."""
+    import keras
+    import keras_hub
+    import tokenizers as hf
+
+    root = tmp_path_factory.mktemp("gpt2")
+    bpe = hf.Tokenizer(hf.models.BPE())
+    bpe.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(english_text.splitlines(keepends=True), hf.trainers.BpeTrainer(
+        vocab_size=320, initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.add_special_tokens([pretrained.END_OF_TEXT])  # last, as in GPT-2's vocabulary
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(vocabulary_size=bpe.get_vocab_size(), num_layers=2, num_heads=2,
+                                             hidden_dim=32, intermediate_dim=128, max_sequence_length=32)
+    rng = np.random.default_rng(0)
+    for variable in backbone.weights:
+        variable.assign(rng.normal(0.0, 1.0, variable.shape).astype(np.float32))
+    tokenizer = keras_hub.models.GPT2Tokenizer(vocabulary=bpe.get_vocab(), merges=merges)
+    preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(tokenizer, sequence_length=32, add_start_token=False)
+    reference = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=preprocessor)
+    reference.save_to_preset(str(root / "keras_hub"))
+    reference.export_to_transformers(str(root / "hf"))
+    hub = shutil.copytree(root / "hf", root / "hf_hub")  # the Hub's gpt2: plain names, no lm_head
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(str(hub / "model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in weights.items() if k != "lm_head.weight"},
+              str(hub / "model.safetensors"))
+    return {"keras_hub": root / "keras_hub", "hf": root / "hf", "hf_hub": hub}, reference
+
+
+@pytest.fixture(scope="module")
+def imported(sources, tmp_path_factory):
+    dirs, _ = sources
+    root = tmp_path_factory.mktemp("imported")
+    return {name: (pretrained.import_checkpoint(path, root / name), root / name)[1] for name, path in dirs.items()}
+
+
+@pytest.mark.parametrize("name", ["keras_hub", "hf", "hf_hub"])
+def test_logits_equal_keras_hubs_gpt2(sources, imported, name):
+    import dataclasses
+
+    import models
+
+    _, reference = sources
+    ids = np.random.default_rng(1).integers(0, reference.backbone.vocabulary_size, [2, 32]).astype(np.int32)
+    want = reference({"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}).numpy()
+    model, config, step = checkpoints.load_model(imported[name])
+    assert step == 0 and config.activation == "gelu_tanh" and config.vocab_size == reference.backbone.vocabulary_size
+    np.testing.assert_allclose(model(ids).numpy(), want, atol=1e-4)
+    # The check can fail: the same weights with the exact GELU are off by more than twice the tolerance.
+    exact = models.build(dataclasses.replace(config, activation="gelu"))
+    exact.set_weights(model.get_weights())
+    assert np.abs(exact(ids).numpy() - want).max() > 2e-4
+
+
+def test_tokenizer_and_greedy_continuation_match_keras_hub(sources, imported):
+    from models.generation import SamplerConfig
+    from pipelines.generate import TextGenerator
+
+    _, reference = sources
+    for name in ("keras_hub", "hf"):
+        tok = tokenizers.load(imported[name] / "tokenizer")
+        assert encode(tok, TEXT) == np.asarray(reference.preprocessor.tokenizer(TEXT)).tolist()
+        assert tok.eos_id == tok.pad_id == reference.preprocessor.tokenizer.end_token_id
+    import keras_hub
+
+    from pipelines.generate import decode
+
+    prompt = encode(tok, "But soft, what light")
+    n = len(prompt)
+    greedy = keras_hub.models.GPT2CausalLM(backbone=reference.backbone, preprocessor=None)
+    greedy.compile(sampler="greedy")
+    ids = np.zeros([1, n + 12], np.int32)
+    ids[0, :n] = prompt
+    out = greedy.generate({"token_ids": ids, "padding_mask": ids > -1 & (np.arange(n + 12) < n)}, stop_token_ids=None)
+    want = decode(tok, out["token_ids"][0, n:].tolist())
+    got = TextGenerator(imported["hf"]).generate(["But soft, what light"], 12, SamplerConfig(name="greedy"))[0]
+    assert got == want and len(got) > 0
+
+
+def test_bad_checkpoints_are_one_line_and_write_nothing(sources, tmp_path, capsys):
+    dirs, _ = sources
+
+    def broken(name, edit):
+        path = shutil.copytree(dirs[name], tmp_path / f"src-{len(list(tmp_path.iterdir()))}")
+        edit(path)
+        return path
+
+    def set_config(key, value):
+        def edit(path):
+            config = json.loads((path / "config.json").read_text())
+            config[key] = value
+            (path / "config.json").write_text(json.dumps(config))
+        return edit
+
+    cases = [
+        (broken("keras_hub", set_config("class_name", "Llama3Backbone")), "keras-hub 'Llama3Backbone' preset"),
+        (broken("hf", set_config("model_type", "llama")), "Hugging Face 'llama' model"),
+        (broken("hf", lambda p: (p / "merges.txt").unlink()), "lacks merges.txt"),
+        (broken("hf", set_config("n_embd", 64)), "shape [321, 32], its config.json says [321, 64]"),
+        (broken("hf", set_config("vocab_size", 500)), "shape [321, 32], its config.json says [500, 32]"),
+        (tmp_path / "nowhere", "not a directory"),
+    ]
+    for source, message in cases:
+        workdir = tmp_path / "run"
+        code, _, err = run_cli(capsys, "import", f"--checkpoint={source}", f"--workdir={workdir}")
+        assert code == 2, err
+        (line,) = [line for line in err.splitlines() if "error:" in line]  # after progress notes, if any
+        assert message in line and "Traceback" not in err, err
+        assert not workdir.exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep me")
+    code, _, err = run_cli(capsys, "import", f"--checkpoint={dirs['hf']}", f"--workdir={tmp_path / 'full'}")
+    assert code == 2 and "not empty" in err and (tmp_path / "full" / "mine.txt").read_text() == "keep me"
