@@ -67,7 +67,7 @@ class FinetuneConfig(strategy_lib.Devices):
         init: the backbone's weights: pretrained (the base's) or scratch (the same network, random).
         baseline: also train the same network from scratch into CLS/baseline/ and compare.
         model: the model family the base must hold (lstm | transformer; '' accepts any).
-        tokenizer: the tokenizer kind the base must use (char | byte | wordpiece | sentencepiece; '' any).
+        tokenizer: the tokenizer kind the base must use (char | byte | wordpiece | sentencepiece | bpe; '' any).
         steps: optimizer steps.
         batch_size: examples per replica and step.
         learning_rate: peak learning rate (warmup, then cosine decay).

@@ -143,3 +143,67 @@ def test_bad_checkpoints_are_one_line_and_write_nothing(sources, tmp_path, capsy
     (tmp_path / "full" / "mine.txt").write_text("keep me")
     code, _, err = run_cli(capsys, "import", f"--checkpoint={dirs['hf']}", f"--workdir={tmp_path / 'full'}")
     assert code == 2 and "not empty" in err and (tmp_path / "full" / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_the_whole_path_on_an_imported_gpt2(sources, tmp_path, capsys):
+    """import -> prepare -> continue pre-training -> classifier -> prune / QAT -> export -> serve -> TFLite int8."""
+    from serving import client as client_lib
+    from serving import server
+    from tests.test_finetune import review_rows, write_csv
+    from tests.test_serve import start
+
+    dirs, _ = sources
+    run = tmp_path / "gpt2"
+    (tmp_path / "plays.txt").write_text("".join(bundled_lines(5000, 600)), encoding="utf-8")
+
+    def cli(*argv):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 0, err[-3000:]
+        return json.loads(out.strip().splitlines()[-1])
+
+    cli("import", f"--checkpoint={dirs['hf']}", f"--workdir={run}")
+    code, _, err = run_cli(capsys, "train", f"--workdir={run}", "--steps=4")
+    assert code == 2 and "no data yet; run `lmstack prepare" in err
+    code, _, err = run_cli(capsys, "prepare", f"--workdir={run}", f"--corpus={tmp_path / 'plays.txt'}",
+                           "--tokenizer=wordpiece")
+    assert code == 2 and "its own tokenizer" in err
+    prepared = cli("prepare", f"--workdir={run}", f"--corpus={tmp_path / 'plays.txt'}", "--min_train_shards=2")
+    assert prepared["vocab_size"] == 321 and (run / "checkpoints" / "ckpt-0.index").is_file()  # the model stays
+    before = cli("evaluate", f"--workdir={run}")
+    trained = cli("train", f"--workdir={run}", "--steps=8", "--batch_size=4", "--eval_every=0", "--progress=none")
+    config = json.loads((run / "config.json").read_text())
+    assert trained["steps"] == 8 and config["train"]["learning_rate"] == pytest.approx(3e-3 / 10)
+    assert trained["loss"] < before["loss"]  # continued pre-training on this text lowers its loss
+
+    reviews = write_csv(tmp_path / "reviews.csv", review_rows(48))
+    cls = cli("finetune", f"--base={run}", f"--train={reviews}", f"--workdir={tmp_path / 'cls'}", "--steps=4",
+              "--batch_size=8", "--progress=none")
+    assert 0.0 <= cls["accuracy"] <= 1.0
+
+    pruned = cli("optimize", f"--workdir={run}", "--method=prune", "--steps=6", "--batch_size=4",
+                 "--progress=none")
+    assert pruned["sparsity"] == pytest.approx(0.5, abs=0.02)
+    cli("optimize", f"--workdir={run}", "--method=qat", "--steps=4", "--batch_size=4", "--progress=none")
+    qat_model, _, _ = checkpoints.load_model(run / "optimized" / "qat")
+    assert "quant_block0_mlp_act" in [layer.name for layer in qat_model.layers]  # GPT-2's tanh GELU: quantized
+
+    exported = pathlib.Path(cli("export", f"--workdir={run}", "--variant=pruned50")["path"])
+    core = server.ModelServer({"lm": server.ServedModel("lm", exported.parent)})
+    core.refresh()
+    grpc_server, rest_server, _, rest_target = start(core)
+    try:
+        served = client_lib.RestClient(rest_target, "lm").generate(["But soft, what light"], max_new_tokens=8)[0]
+    finally:
+        rest_server.shutdown()
+        grpc_server.stop(None)
+    code, local, err = run_cli(capsys, "generate", f"--workdir={run}", "--variant=pruned50",
+                               "--prompt=But soft, what light", "--max_new_tokens=8", "--sampler=greedy")
+    assert code == 0 and served == local.removesuffix("\n") and served, err
+
+    cli("tflite", f"--workdir={run}", "--variant=qat", "--quantize=int8")
+    code, on_device, err = run_cli(capsys, "generate", f"--workdir={run}", "--variant=qat", "--backend=tflite",
+                                   "--quantize=int8", "--prompt=But soft", "--max_new_tokens=6")
+    assert code == 0 and on_device.strip(), err  # ai-edge-litert runs the int8 GPT-2 with its BPE tokenizer
+    scored = cli("evaluate", f"--workdir={run}", "--variant=qat", "--backend=tflite", "--quantize=int8")
+    assert np.isfinite(scored["bits_per_char"])

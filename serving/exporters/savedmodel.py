@@ -105,11 +105,11 @@ class LanguageModelModule(tf.Module):
         self.buckets = buckets.fit(self._context)
 
     def _complete(self, prompt, max_new_tokens, sampling: generation.Sampling, compiled: bool):
-        prompts = tf.cast(self.tokenizer.tokenize(prompt), tf.int32)  # ragged (B, None)
+        prompts = self._tokenize(prompt)  # ragged (B, None)
         ids = generation.generate_graph(self._decoder, prompts, max_new_tokens, sampling,
                                         stop_token_id=self._eos, empty_prompt_id=self._eos,
                                         loop=self._loop(compiled))
-        return {c.COMPLETION: self.tokenizer.detokenize(ids), c.TOKEN_IDS: ids.to_tensor(default_value=0)}
+        return {c.COMPLETION: self._detokenize(ids), c.TOKEN_IDS: ids.to_tensor(default_value=0)}
 
     @tf.function(input_signature=_spec(c.SERVING_DEFAULT))
     def serving_default(self, prompt, max_new_tokens):
@@ -147,7 +147,7 @@ class LanguageModelModule(tf.Module):
         tokens so far), so each token is chosen at the position, with the noise, that `generate`
         chooses it: chunk by chunk, the same text.
         """
-        prompts = tf.cast(self.tokenizer.tokenize(prompt), tf.int32)  # ragged (B, None)
+        prompts = self._tokenize(prompt)  # ragged (B, None)
         splits = prompts.row_splits.dtype
         empty = tf.cast(prompts.row_lengths() == 0, splits)
         start = tf.RaggedTensor.from_row_lengths(tf.fill([tf.reduce_sum(empty)], self._eos), empty)
@@ -167,11 +167,20 @@ class LanguageModelModule(tf.Module):
                                         stop_token_id=self._eos, empty_prompt_id=self._eos,
                                         loop=self._loop(compiled))
         count = tf.cast(ids.row_lengths(), tf.int32)
-        return {c.COMPLETION: self.tokenizer.detokenize(tf.concat([so_far, ids], axis=1)),
+        return {c.COMPLETION: self._detokenize(tf.concat([so_far, ids], axis=1)),
                 c.TOKEN_IDS: ids.to_tensor(default_value=0), c.FINISHED: count < new}
 
-    # The decoding loop is traced once per path and called by every signature of that path (tracing
-    # it per signature doubled the export's time).
+    # The tokenizer and the decoding loop are traced once (per path) and called by every signature
+    # (tracing them per signature doubled a char model's export time, and a BPE tokenizer's merge
+    # loop is larger than a tiny model).
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def _tokenize(self, text):
+        return tf.cast(self.tokenizer.tokenize(text), tf.int32)
+
+    @tf.function(input_signature=[tf.RaggedTensorSpec([None, None], tf.int32, ragged_rank=1)])
+    def _detokenize(self, ids):
+        return self.tokenizer.detokenize(ids)
+
     @tf.function
     def _decode(self, tokens, keep, new, sampling):
         return generation.decode(self._decoder, tokens, keep, new, sampling, stop_token_id=self._eos)
@@ -190,7 +199,7 @@ class LanguageModelModule(tf.Module):
         Texts longer than the transformer's context are scored in consecutive
         windows of the context length (each window starts afresh).
         """
-        tokens = tf.cast(self.tokenizer.tokenize(text), tf.int32)  # ragged (B, None)
+        tokens = self._tokenize(text)  # ragged (B, None)
         counts = tf.cast(tokens.row_lengths(), tf.int32)
         batch = tf.shape(counts)[0]
         eos = tf.fill([batch, 1], self._eos)
