@@ -3,9 +3,10 @@
 Measures, interleaved over several rounds in one process (the machines are
 shared and noisy, so only same-run ratios mean much):
 
-- keras-nlp tokenizers as lmstack runs them (char, wordpiece): MB/s of text
-  and tokens/s, tokenizing the corpus line batches through tf.data;
-- HF `tokenizers` WordPiece with the *same* vocabulary as the reference;
+- keras-nlp tokenizers as lmstack runs them (char, wordpiece, bpe): MB/s of
+  text and tokens/s, tokenizing the corpus line batches through tf.data;
+- HF `tokenizers` WordPiece and byte-level BPE with the *same* vocabulary
+  (and merges) as the references, and the seconds `bpe` takes to learn;
 - the training input (`pipelines.dataset.train_dataset`): tokens/s delivered.
 
 Prints a table and writes bench/results/pipeline_throughput.json.
@@ -55,6 +56,15 @@ def hf_wordpiece(vocab_file: pathlib.Path):
     return tok
 
 
+def hf_bpe(directory: pathlib.Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE.from_file(str(directory / tokenizers.BPE_VOCAB_FILE),
+                                         str(directory / tokenizers.BPE_MERGES_FILE)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return tok
+
+
 def hf_rate(tok, lines: list[str], nbytes: int) -> tuple[float, int]:
     start = time.perf_counter()
     tokens = 0
@@ -84,46 +94,55 @@ def main() -> None:
     lines = text.splitlines()
     nbytes = len(text.encode("utf-8"))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmstack-bench-"))
-    toks = {}
-    for kind, size in (("char", 0), ("wordpiece", 8000)):
+    toks, learn_seconds = {}, {}
+    for kind, size in (("char", 0), ("wordpiece", 8000), ("bpe", 8000)):
         (tmp / kind).mkdir()
+        began = time.perf_counter()
         tokenizers.learn(tokenizers.TokenizerConfig(kind, size), lines, tmp / kind)
+        learn_seconds[kind] = round(time.perf_counter() - began, 2)
         toks[f"keras-nlp {kind}"] = tokenizers.load(tmp / kind)
-    hf = hf_wordpiece(tmp / "wordpiece" / tokenizers.WORDPIECE_VOCAB_FILE)
+    wordpiece_ref, bpe_ref = "HF tokenizers wordpiece (reference)", "HF tokenizers byte-level BPE (reference)"
+    references = {wordpiece_ref: hf_wordpiece(tmp / "wordpiece" / tokenizers.WORDPIECE_VOCAB_FILE),
+                  bpe_ref: hf_bpe(tmp / "bpe")}
+    # Each row's ratio is against the HF tokenizer of its kind (char has none: WordPiece's).
+    reference_of = {"keras-nlp char": wordpiece_ref, "keras-nlp wordpiece": wordpiece_ref, "keras-nlp bpe": bpe_ref,
+                    wordpiece_ref: wordpiece_ref, bpe_ref: bpe_ref}
     config = prepare.PrepareConfig(corpus=(str(CORPUS),), tokenizer=tokenizers.TokenizerConfig("char"))
     prepare.prepare(config, tmp / "run")
 
-    rates: dict[str, list[float]] = {name: [] for name in [*toks, "HF tokenizers wordpiece (reference)"]}
+    rates: dict[str, list[float]] = {name: [] for name in [*toks, *references]}
     counts: dict[str, int] = {}
     pipeline: list[float] = []
     for r in range(args.rounds):
         for name, tok in toks.items():
             mbs, counts[name] = keras_nlp_rate(tok, lines, nbytes)
             rates[name].append(mbs)
-        ref = "HF tokenizers wordpiece (reference)"
-        mbs, counts[ref] = hf_rate(hf, lines, nbytes)
-        rates[ref].append(mbs)
+        for name, tok in references.items():
+            mbs, counts[name] = hf_rate(tok, lines, nbytes)
+            rates[name].append(mbs)
         pipeline.append(dataset_rate(tmp / "run", args.batches))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
 
-    ref_mbs = statistics.median(rates["HF tokenizers wordpiece (reference)"])
     rows = []
     for name, values in rates.items():
         mbs = statistics.median(values)
+        ref = reference_of[name]
         rows.append({"name": name, "mb_per_s": round(mbs, 2), "tokens_per_s": round(mbs * 1e6 / nbytes * counts[name]),
-                     "tokens": counts[name], "vs_hf_wordpiece": round(mbs / ref_mbs, 2)})
+                     "tokens": counts[name], "reference": ref,
+                     "vs_reference": round(mbs / statistics.median(rates[ref]), 2)})
     result = {
         "benchmark": "pipeline_throughput",
         "corpus": CORPUS.name, "corpus_bytes": nbytes, "rounds": args.rounds,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "tensorflow": tf.__version__},
-        "tokenizers": rows,
+        "tokenizers": rows, "learn_seconds": learn_seconds,
         "train_dataset": {"seq_len": 128, "batch_size": 16, "tokenizer": "char",
                           "tokens_per_s": round(statistics.median(pipeline)),
                           "rounds_tokens_per_s": [round(p) for p in pipeline]},
     }
-    print(f"\n{'tokenizer':38} {'MB/s':>8} {'tokens/s':>12} {'vs HF':>7}")
+    print(f"\n{'tokenizer':42} {'MB/s':>8} {'tokens/s':>12} {'vs HF':>7}  (HF: of its kind; char: WordPiece)")
     for row in rows:
-        print(f"{row['name']:38} {row['mb_per_s']:8.2f} {row['tokens_per_s']:12,} {row['vs_hf_wordpiece']:7.2f}")
+        print(f"{row['name']:42} {row['mb_per_s']:8.2f} {row['tokens_per_s']:12,} {row['vs_reference']:7.2f}")
+    print("learning (s): " + ", ".join(f"{k} {v}" for k, v in learn_seconds.items()))
     print(f"\ntrain_dataset (char, seq 128, batch 16): {result['train_dataset']['tokens_per_s']:,} tokens/s")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "pipeline_throughput.json"

@@ -39,7 +39,7 @@ import numpy as np
 import models
 from pipelines import checkpoints, tokenizers
 from pipelines import workdir as workdir_lib
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError
 from pipelines.progress import Progress
 
 END_OF_TEXT = "<|endoftext|>"  # GPT-2's one special token: ends (and pads) every document
@@ -76,8 +76,8 @@ def read(path: str | os.PathLike) -> Checkpoint:
     """
     path = pathlib.Path(path)
     if not path.is_dir():
-        raise UserError(f"--checkpoint={path}: not a directory; give a keras-hub preset or a Hugging Face "
-                        "GPT-2 directory")
+        raise ConfigError("checkpoint", str(path), "not a directory; give a keras-hub preset or a Hugging Face "
+                          "GPT-2 directory")
     config = _read_json(path / "config.json", path)
     if "class_name" in config or (path / "metadata.json").is_file():
         return _read_keras_hub(path, config)

@@ -26,7 +26,7 @@ def test_subcommand_help_explains_its_flags(capsys):
     (["train-everything"], "unknown subcommand"),
     (["prepare", "--no_such_flag=1", "--corpus=x", "--workdir=y"], "no_such_flag"),
     (["prepare", "--corpus=x"], "workdir"),
-    (["prepare", "--corpus=x", "--workdir=y", "--tokenizer=bpe"], "tokenizer"),
+    (["prepare", "--corpus=x", "--workdir=y", "--tokenizer=unigram"], "tokenizer"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(capsys, argv, message):
     code, _, err = run_cli(capsys, *argv)

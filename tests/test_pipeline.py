@@ -95,8 +95,8 @@ def test_every_stage_runs_once_and_a_changed_setting_reruns_only_what_depends_on
     # Wrong shapes of the file's own keys: one line each, never a traceback.
     ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\ntokenizer: char\nskip: [optimize]\n",
      "`tokenizer` holds settings such as {kind: char}"),
-    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\ntokenizer: {kind: bpe}\nskip: [optimize]\n",
-     "tokenizer.kind: expected one of char|byte|wordpiece|sentencepiece (got bpe)"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\ntokenizer: {kind: unigram}\nskip: [optimize]\n",
+     "tokenizer.kind: expected one of char|byte|wordpiece|sentencepiece|bpe (got unigram)"),
     ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: 3}\n", "`models` maps families"),
     ("workdir: run\ncorpus: 5\nmodels: {lstm: {}}\n", "`corpus` is a file or a list of files"),
     ("workdir: [a]\ncorpus: [c.txt]\nmodels: {lstm: {}}\n", "`workdir` is a path"),

@@ -111,8 +111,8 @@ def test_a_bad_setting_is_said_in_each_front_ends_words(tmp_path, capsys):
     assert error.as_key("train") == "train.steps: must be at least 1 (got 0)"
     with pytest.raises(ConfigError, match=r"^steps=0: must be at least 1$"):
         train_lib.TrainConfig(steps=0).validate()
-    with pytest.raises(ConfigError, match=r"^kind=bpe: expected one of char\|byte\|wordpiece\|sentencepiece$"):
-        tokenizers.TokenizerConfig("bpe").validate()
+    with pytest.raises(ConfigError, match=r"^kind=unigram: expected one of char\|byte\|wordpiece\|sentencepiece\|bpe$"):
+        tokenizers.TokenizerConfig("unigram").validate()
     # A renamed flag: TokenizerConfig.kind is prepare's --tokenizer.
     corpus = tmp_path / "c.txt"
     corpus.write_text("some text\n" * 50)
