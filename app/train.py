@@ -34,7 +34,9 @@ def define_flags(fv: flags.FlagValues) -> None:
 
     flags.DEFINE_string("workdir", None, "a prepared workdir", flag_values=fv)
     flags.DEFINE_enum("model", "transformer", list(models.FAMILIES), "model family", flag_values=fv)
-    flags.DEFINE_enum("preset", "small", ["tiny", "small", "base"], "model size preset", flag_values=fv)
+    presets = list(dict.fromkeys(p for cls in models.FAMILIES.values() for p in cls.PRESETS))
+    flags.DEFINE_enum("preset", "small", presets, "model size preset (gpt2, gpt2-medium: the transformer's GPT-2 "
+                      "shapes)", flag_values=fv)
     settings.define_overrides(fv, models.FAMILIES, exclude=NOT_OVERRIDDEN)
     settings.define(fv, train.TrainConfig)
     flags.DEFINE_integer("epochs", None, "train this many passes over the training windows instead of --steps",

@@ -68,6 +68,9 @@ class GPTConfig:
         "tiny": dict(seq_len=16, layers=2, d_model=32, heads=2, dropout=0.0),
         "small": dict(seq_len=128, layers=4, d_model=128, heads=4),
         "base": dict(seq_len=256, layers=6, d_model=384, heads=6),
+        # GPT-2's shapes (124M and 355M parameters at its 50,257-token vocabulary), its GELU and init.
+        "gpt2": dict(seq_len=1024, layers=12, d_model=768, heads=12, init="gpt2", activation="gelu_tanh"),
+        "gpt2-medium": dict(seq_len=1024, layers=24, d_model=1024, heads=16, init="gpt2", activation="gelu_tanh"),
     }
 
     def __post_init__(self):

@@ -69,7 +69,9 @@ class FinetuneConfig(strategy_lib.Devices):
         model: the model family the base must hold (lstm | transformer; '' accepts any).
         tokenizer: the tokenizer kind the base must use (char | byte | wordpiece | sentencepiece | bpe; '' any).
         steps: optimizer steps.
-        batch_size: examples per replica and step.
+        batch_size: examples per replica and batch.
+        grad_accum_steps: batches per optimizer step (their gradients added up: a larger batch in the
+            memory of one).
         learning_rate: peak learning rate (warmup, then cosine decay).
         warmup_steps: linear warmup steps (default: a tenth of steps, at most 50).
         weight_decay: AdamW's decoupled weight decay.
@@ -96,6 +98,7 @@ class FinetuneConfig(strategy_lib.Devices):
     tokenizer: str = ""
     steps: int = 500
     batch_size: int = 32
+    grad_accum_steps: int = 1
     learning_rate: float = 5e-4
     warmup_steps: int | None = None
     weight_decay: float = 0.01
@@ -110,7 +113,7 @@ class FinetuneConfig(strategy_lib.Devices):
         for name in ("base", "train"):
             if not getattr(self, name):
                 raise ConfigError(name, "", "is required: name a path")
-        check_at_least(self, 1, "steps", "batch_size")
+        check_at_least(self, 1, "steps", "batch_size", "grad_accum_steps")
         check_at_least(self, 0, "warmup_steps", "weight_decay", "clip_norm", "unfreeze_at", "unfreeze_learning_rate",
                        "max_length", "eval_every", "logical_cpus")
         if self.learning_rate <= 0:
@@ -192,6 +195,7 @@ def _compile(model, config: FinetuneConfig, learning_rate: float, steps: int, wa
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
                   jit_compile=config.jit_compile)
+    training.accumulate_gradients(model, config.grad_accum_steps)
 
 
 def finetune(workdir: str | os.PathLike, config: FinetuneConfig, progress: Progress | None = None,
@@ -278,7 +282,7 @@ def _build(root: pathlib.Path, config: FinetuneConfig, strategy, base_root: path
 
     cls_config = classifier_lib.ClassifierConfig(lm_config, len(classes), config.pooling, config.dropout, max_length)
     replicas = strategy.num_replicas_in_sync
-    global_batch = config.batch_size * replicas
+    global_batch = config.batch_size * replicas * config.grad_accum_steps  # examples per optimizer step
     keras.mixed_precision.set_global_policy(strategy_lib.PRECISIONS[config.mixed_precision])
     keras.utils.set_random_seed(config.seed)
     base_step = None
@@ -306,7 +310,8 @@ def _build(root: pathlib.Path, config: FinetuneConfig, strategy, base_root: path
     y_train = np.array([label_index[label] for label in train_examples.labels])
     y_val = np.array([label_index[label] for label in val_examples.labels])
     train_ds = classifiers.dataset(tokenizer, train_examples.texts, y_train, max_length, global_batch, config.seed)
-    val_ds = classifiers.dataset(tokenizer, val_examples.texts, y_val, max_length, global_batch, None)
+    val_ds = classifiers.dataset(tokenizer, val_examples.texts, y_val, max_length, global_batch // config.grad_accum_steps,
+                                 None)
     log_dir = str(root / "logs")
     warmup = training.derived_warmup(config.steps, 50) if config.warmup_steps is None else config.warmup_steps
     phases = [(0, config.unfreeze_at or config.steps, config.learning_rate, warmup)]

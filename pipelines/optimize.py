@@ -58,7 +58,9 @@ class OptimizeConfig:
         sparsity_m_by_n: prune: M,N keeps M non-zeros in every N weights, e.g. 2,4 ('' for none).
         clusters: cluster: distinct values per clustered weight.
         learning_rate: AdamW's learning rate after a short warmup (fine-tuning: lower than training's).
-        batch_size: sequences per step (0: the run's training batch size).
+        batch_size: sequences per batch (0: the run's training batch size).
+        grad_accum_steps: batches per optimizer step (their gradients added up: a larger batch in the
+            memory of one; 0: the run's training setting).
         overwrite: replace an existing variant of the same name.
         seed: data order.
     """
@@ -75,6 +77,7 @@ class OptimizeConfig:
     clusters: int = 16
     learning_rate: float = 2e-4
     batch_size: int = 0
+    grad_accum_steps: int = 0
     overwrite: bool = False
     seed: int = 0
 
@@ -87,8 +90,9 @@ class OptimizeConfig:
         check_at_least(self, 2, "clusters")
         if self.learning_rate <= 0:
             raise ConfigError("learning_rate", self.learning_rate, "must be positive")
-        if self.batch_size < 0:
-            raise ConfigError("batch_size", self.batch_size, "must not be negative (0 uses the run's)")
+        for name in ("batch_size", "grad_accum_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, getattr(self, name), "must not be negative (0 uses the run's)")
         if self.name and (self.name.startswith(".") or "/" in self.name or self.name != self.name.strip()):
             raise ConfigError("name", self.name, "use a plain directory name such as pruned50")
         self.m_by_n()
@@ -204,14 +208,17 @@ def optimize(workdir: str | os.PathLike, config: OptimizeConfig, progress: Progr
         source_pruned = [row["weight"] for row in workdir_lib.read_json(source / evaluate.METRICS_FILE)["weights"]
                          if row["pruned"]]
 
-    batch_size = config.batch_size or run_config.get(train.TRAIN_SECTION, {}).get("batch_size", 32)
+    trained = run_config.get(train.TRAIN_SECTION, {})
+    batch_size = config.batch_size or trained.get("batch_size", 32)
+    accumulate = config.grad_accum_steps or trained.get("grad_accum_steps", 1)
     train_config = training.TrainConfig(
-        steps=config.steps, batch_size=batch_size, learning_rate=config.learning_rate,
+        steps=config.steps, batch_size=batch_size, grad_accum_steps=accumulate, learning_rate=config.learning_rate,
         warmup_steps=min(50, config.steps // 10), schedule="constant", weight_decay=0.0, seed=config.seed)
     keras.utils.set_random_seed(config.seed)
     progress.note(f"{config.method}: {models.family_of(model_config)} from "
                   f"{('variant ' + from_variant) if from_variant else 'the trained model'} (step {source_step}), "
-                  f"{config.steps} fine-tuning steps of {batch_size} x {model_config.seq_len} tokens")
+                  f"{config.steps} fine-tuning steps of {batch_size * accumulate} x {model_config.seq_len} tokens"
+                  + (f" ({accumulate} accumulated batches of {batch_size})" if accumulate > 1 else ""))
     progress.note("evaluating the starting model on the validation split")
     baseline = _evaluation(evaluate.evaluate_model(wd.root, model, model_config, write=False))
 
@@ -242,7 +249,8 @@ def _fine_tune(wd, model, model_config, config: OptimizeConfig, train_config: tr
     frozen = mot.freeze_uncovered(wrapped, source_pruned) if config.method == "prune_qat" else []
     # One step per call: TF-MOT's pruning callbacks update the pruning step before every batch.
     training.compile_for_training(wrapped, train_config, steps_per_execution=1)
-    train_ds = dataset.train_dataset(wd.root, model_config.seq_len, train_config.batch_size, seed=config.seed)
+    train_ds = dataset.train_dataset(wd.root, model_config.seq_len,
+                                     train_config.batch_size * train_config.grad_accum_steps, seed=config.seed)
     callbacks = [callbacks_lib.NaNGuard(), callbacks_lib.DerivedMetrics(training.tokens_per_char(manifest)),
                  callbacks_lib.StopAtStep(config.steps), *extra_callbacks,
                  keras.callbacks.TensorBoard(log_dir, update_freq=max(1, config.steps // 50))]
@@ -270,7 +278,8 @@ def _fine_tune(wd, model, model_config, config: OptimizeConfig, train_config: tr
         "family": models.family_of(model_config), "steps": config.steps,
         "train_loss": float(history.history["loss"][-1]),
         "wall_seconds": round(wall, 1),
-        "tokens_per_s": config.steps * train_config.batch_size * model_config.seq_len / wall,
+        "tokens_per_s": config.steps * train_config.batch_size * train_config.grad_accum_steps
+        * model_config.seq_len / wall,
         "params": total, "nonzero_params": nonzero,
         "sparsity": (1.0 - sum(r["nonzero"] for r in pruned) / sum(r["size"] for r in pruned)) if pruned else 0.0,
         "weights": weights,

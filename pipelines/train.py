@@ -40,7 +40,7 @@ TRAIN_SECTION = "train"
 # Settings a resumed run must share with the run that wrote the checkpoints (with the
 # whole model config). The optimizer's settings may change: lowering the learning
 # rate after a divergence is how one recovers.
-RESUME_KEYS = ("batch_size", "mixed_precision", "seed")
+RESUME_KEYS = ("batch_size", "grad_accum_steps", "mixed_precision", "seed")
 
 
 def _has_files(path: str) -> bool:
@@ -133,7 +133,7 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     strategy_lib.check_jit_compile(strategy, config.jit_compile)
     chief = strategy_lib.is_chief(strategy)
     replicas = strategy.num_replicas_in_sync
-    global_batch = config.batch_size * replicas
+    global_batch = config.batch_size * replicas * config.grad_accum_steps  # sequences per optimizer step
     seq_len = model_config.seq_len
     resumed = _resumed_model(wd)
     model_config, why = run_dropout(model_config, epochs_of(manifest, config.steps, global_batch, seq_len),
@@ -144,7 +144,9 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     keras.mixed_precision.set_global_policy(strategy_lib.PRECISIONS[config.mixed_precision])
     keras.utils.set_random_seed(config.seed)
     progress.note(f"training {models.family_of(model_config)} ({model_config.num_params():,} parameters) with "
-                  f"{_strategy_name(strategy)} on {replicas} replica(s), global batch {global_batch} x {seq_len}")
+                  f"{_strategy_name(strategy)} on {replicas} replica(s), global batch {global_batch} x {seq_len}"
+                  + (f" ({config.grad_accum_steps} accumulated batches of {global_batch // config.grad_accum_steps})"
+                     if config.grad_accum_steps > 1 else ""))
     if config.jit_compile and models.family_of(model_config) == "lstm" and not tf.config.list_physical_devices("GPU"):
         progress.note("note: with --jit_compile, XLA compiles tf_keras's LSTM step again at every step "
                       "(~2.5 s each on CPU, docs/results.md: Training speed); drop --jit_compile for the LSTM")
@@ -178,7 +180,8 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     train_ds = dataset.train_dataset(wd.root, seq_len, global_batch, seed=config.seed)
     val_ds = val_steps = None
     if config.eval_every and config.eval_batches:
-        val_ds = dataset.val_dataset(wd.root, seq_len, global_batch).take(config.eval_batches)
+        val_ds = dataset.val_dataset(wd.root, seq_len, global_batch // config.grad_accum_steps).take(
+            config.eval_batches)
         # Keras needs the count to run several steps per call; the split may hold fewer batches.
         val_steps = sum(1 for _ in val_ds) or None
         val_ds = val_ds if val_steps else None

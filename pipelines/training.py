@@ -14,6 +14,8 @@ import math
 import typing
 from typing import Any, Literal
 
+import tensorflow as tf
+
 import models
 from models.backend import keras
 from pipelines import strategy as strategy_lib
@@ -30,6 +32,9 @@ class TrainConfig(strategy_lib.Devices):
     Attributes:
         steps: optimizer steps in all (a rerun with more steps continues).
         batch_size: sequences per replica; the global batch is this x replicas.
+        grad_accum_steps: batches per optimizer step: each step adds up the gradients of this many
+            batches before one update, the update of one batch this many times larger in the memory
+            of one (a step then reads batch_size x replicas x grad_accum_steps sequences).
         learning_rate: peak learning rate, reached after warmup_steps (default: the model's own,
             `peak_learning_rate`: 3e-3 for the small transformer, 5e-3 for the small LSTM, lower for
             wider models; a tenth of it for an imported pre-trained model).
@@ -47,6 +52,7 @@ class TrainConfig(strategy_lib.Devices):
     """
     steps: int = 1000
     batch_size: int = 32
+    grad_accum_steps: int = 1
     learning_rate: float | None = None
     warmup_steps: int | None = None
     schedule: Schedule = "cosine"
@@ -60,7 +66,7 @@ class TrainConfig(strategy_lib.Devices):
     profile_steps: str = ""
 
     def validate(self) -> None:
-        check_at_least(self, 1, "steps", "batch_size", "checkpoint_every", "keep_checkpoints")
+        check_at_least(self, 1, "steps", "batch_size", "grad_accum_steps", "checkpoint_every", "keep_checkpoints")
         check_at_least(self, 0, "warmup_steps", "eval_every", "eval_batches", "weight_decay", "clip_norm",
                        "logical_cpus")
         if self.learning_rate is not None and self.learning_rate <= 0:
@@ -156,6 +162,57 @@ def compile_for_training(model, config: TrainConfig, steps_per_execution: int = 
     optimizer = adamw(_learning_rate(config), config.weight_decay, config.clip_norm, beta_2=0.99)
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=config.jit_compile, steps_per_execution=steps_per_execution)
+    return accumulate_gradients(model, config.grad_accum_steps)
+
+
+def accumulate_gradients(model, micro_batches: int):
+    """Makes each `fit` step of a compiled model one optimizer step over `micro_batches` batches.
+
+    The step's batch (`micro_batches` times the per-replica batch) is cut into
+    `micro_batches` equal parts; a `tf.while_loop` runs forward and backward on
+    one part at a time and adds up the gradients of the mean loss / micro_batches,
+    so the update equals the one for the whole batch while activations are held
+    for one part only. Everything else stays one step: the optimizer's
+    iterations, the learning-rate schedule, checkpoints and callbacks. Under a
+    strategy, each replica accumulates its own parts and `apply_gradients`
+    all-reduces once per step. The loss metric averages the parts' losses.
+
+    Replacing `train_step` on the instance (not subclassing) works on any
+    compiled model: functional models and TF-MOT's wrapped clones alike.
+
+    Args:
+        model: a compiled tf_keras model whose data yields `(inputs, targets)`.
+        micro_batches: parts per step (1: `model` is returned unchanged).
+    """
+    if micro_batches <= 1:
+        return model
+
+    def train_step(data):
+        x, y = data  # (N * b, ...) each
+        parts = lambda t: tf.reshape(t, tf.concat([[micro_batches, -1], tf.shape(t)[1:]], 0))  # noqa: E731
+        xs, ys = parts(x), parts(y)  # (N, b, ...)
+        variables = model.trainable_variables
+        optimizer = model.optimizer
+        scaled = isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer)  # float16: loss scaling
+
+        def body(i, sums):
+            with tf.GradientTape() as tape:
+                y_pred = model(xs[i], training=True)
+                loss = model.compute_loss(xs[i], ys[i], y_pred) / micro_batches
+                if scaled:
+                    loss = optimizer.get_scaled_loss(loss)
+            grads = tape.gradient(loss, variables)
+            if scaled:
+                grads = optimizer.get_unscaled_gradients(grads)
+            model.compute_metrics(xs[i], ys[i], y_pred, None)
+            return i + 1, [s if g is None else s + tf.cast(g, s.dtype) for s, g in zip(sums, grads)]
+
+        zeros = [tf.zeros_like(v) for v in variables]
+        _, sums = tf.while_loop(lambda i, _: i < micro_batches, body, (tf.constant(0), zeros))
+        optimizer.apply_gradients(zip(sums, variables))
+        return {m.name: m.result() for m in model.metrics}
+
+    model.train_step = train_step
     return model
 
 

@@ -242,3 +242,16 @@ def test_lstm_initialization_is_the_recipes():
     assert np.all(bias[units:2 * units] == 1.0) and not np.any(bias[:units]) and not np.any(bias[2 * units:])
     recurrent = cell.recurrent_kernel.numpy()  # (units, 4 * units), the four gates side by side
     np.testing.assert_allclose(recurrent @ recurrent.T, np.eye(units), atol=1e-4)  # orthonormal rows
+
+
+def test_gpt2_presets_have_gpt2s_parameter_and_flop_counts():
+    gpt2 = models.make_config("transformer", "gpt2", vocab_size=50257)
+    assert (gpt2.activation, gpt2.init, gpt2.seq_len) == ("gelu_tanh", "gpt2", 1024)
+    assert gpt2.num_params() == 124_439_808  # Hugging Face's GPT2Model("gpt2")
+    assert models.build(gpt2).count_params() == gpt2.num_params()
+    medium = models.make_config("transformer", "gpt2-medium", vocab_size=50257)
+    assert medium.num_params() == 354_823_168  # GPT2Model("gpt2-medium")
+    for config in (gpt2, medium):  # nanoGPT's estimate_mfu: 6N + 12 L d T per trained token (N: no position table)
+        n = config.num_params() - config.seq_len * config.d_model
+        nanogpt = 6 * n + 12 * config.layers * config.d_model * config.seq_len
+        assert abs(3 * config.flops_per_token() - nanogpt) / nanogpt < 2e-3

@@ -214,17 +214,52 @@ def test_xla_on_two_cpu_replicas_is_refused(workdir):
     assert not (workdir / "checkpoints").exists()
 
 
+def test_accumulated_gradients_make_the_update_of_one_larger_batch():
+    import numpy as np
+
+    from models.backend import keras
+
+    config = models.make_config("transformer", "tiny", vocab_size=24)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 24, [8, 16]).astype(np.int32)
+    y = rng.integers(0, 24, [8, 16]).astype(np.int32)
+    trained = {}
+    for accumulate in (1, 4):  # one batch of 8; four of 2 added up
+        keras.utils.set_random_seed(0)
+        model = models.build(config)
+        # Plain SGD: the update is the gradient itself, so a wrong scale shows (Adam would hide it).
+        model.compile(optimizer=keras.optimizers.SGD(0.5),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        training.accumulate_gradients(model, accumulate)
+        losses = [model.train_on_batch(x, y) for _ in range(3)]
+        trained[accumulate] = (model.get_weights(), losses, int(model.optimizer.iterations.numpy()))
+    (one, one_losses, one_steps), (acc, acc_losses, acc_steps) = trained[1], trained[4]
+    assert one_steps == acc_steps == 3  # one optimizer step per batch of 8, however it is cut
+    np.testing.assert_allclose(acc_losses, one_losses, rtol=1e-5)  # the loss: the mean of the parts'
+    for a, b in zip(acc, one):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert one_losses[-1] < one_losses[0] - 0.05  # the steps did move the weights
+
+
 @pytest.mark.slow
-def test_mirrored_on_two_logical_cpus(workdir):
-    default_progress = [flag for flag in TINY if flag != "--progress=none"]
+def test_mirrored_on_two_logical_cpus(workdir, tmp_path, capsys):
+    import shutil
+
+    single = shutil.copytree(workdir, tmp_path / "single")
+    default_progress = [flag for flag in TINY if flag not in ("--progress=none", "--batch_size=8")]
+    # 2 replicas x 2 accumulated batches x 4 sequences: the update of one batch of 16
     result = lmstack("train", f"--workdir={workdir}", *default_progress, "--steps=20", "--strategy=mirrored",
-                     "--logical_cpus=2")
+                     "--logical_cpus=2", "--batch_size=4", "--grad_accum_steps=2")
     assert result.returncode == 0, result.stderr[-3000:]
     # Into a pipe the progress bar is a line per epoch, not a redrawn bar (backspaces, carriage returns).
     assert "\x08" not in result.stdout and "\r" not in result.stdout and "Epoch 2/2" in result.stdout, repr(result.stdout)
-    assert "MirroredStrategy on 2 replica(s), global batch 16" in result.stderr
+    assert "MirroredStrategy on 2 replica(s), global batch 16 x 16 (2 accumulated batches of 8)" in result.stderr
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["replicas"] == 2 and metrics["global_batch"] == 16 and metrics["steps"] == 20
+    code, _, err = run_cli(capsys, "train", f"--workdir={single}", *TINY, "--steps=20", "--batch_size=16")
+    assert code == 0, err
+    alone = json.loads((single / "metrics.json").read_text())
+    assert math.isclose(metrics["loss"], alone["loss"], rel_tol=1e-4)  # the same data, the same updates
 
 
 @pytest.mark.slow
@@ -265,7 +300,7 @@ def test_two_workers_match_one_process_with_the_same_global_batch(workdir, tmp_p
     one = lmstack("train", f"--workdir={single}", *MULTI, "--steps=30", "--batch_size=16", "--strategy=default")
     assert one.returncode == 0, one.stderr[-3000:]
     two = lmstack("launch", "--workers=2", "--", "train", f"--workdir={workdir}", *MULTI, "--steps=30",
-                  "--batch_size=8", "--strategy=multi_worker")
+                  "--batch_size=4", "--grad_accum_steps=2", "--strategy=multi_worker")  # 2 workers x 2 x 4
     assert two.returncode == 0, two.stdout[-3000:]
     assert "CollectiveAllReduceStrategy on 2 replica(s), global batch 16" in two.stdout
     single_losses = epoch_losses(one.stdout + one.stderr)
