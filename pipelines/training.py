@@ -204,13 +204,14 @@ def accumulate_gradients(model, micro_batches: int):
             grads = tape.gradient(loss, variables)
             if scaled:
                 grads = optimizer.get_unscaled_gradients(grads)
-            model.compute_metrics(xs[i], ys[i], y_pred, None)
+            # Update only: reading a metric is a cross-replica sync, which control flow may not hold.
+            model.compiled_metrics.update_state(ys[i], y_pred)
             return i + 1, [s if g is None else s + tf.cast(g, s.dtype) for s, g in zip(sums, grads)]
 
         zeros = [tf.zeros_like(v) for v in variables]
         _, sums = tf.while_loop(lambda i, _: i < micro_batches, body, (tf.constant(0), zeros))
         optimizer.apply_gradients(zip(sums, variables))
-        return {m.name: m.result() for m in model.metrics}
+        return model.get_metrics_result()
 
     model.train_step = train_step
     return model

@@ -338,7 +338,7 @@ def test_finetune_runs_under_the_training_strategies(launcher, base, examples, t
         argv = [sys.executable, "-m", "app", "finetune", *common, "--strategy=mirrored", "--logical_cpus=2"]
     else:
         argv = [sys.executable, "-m", "app", "launch", "--workers=2", "--", "finetune", *common,
-                "--strategy=multi_worker"]
+                "--strategy=multi_worker", "--batch_size=2", "--grad_accum_steps=2"]  # 2 workers x 2 x 2
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "cls" / "metrics.json").read_text())

@@ -15,8 +15,9 @@ from serving import contract as c
 from serving.exporters import savedmodel
 from tests.conftest import run_cli, tiny_export
 
-# Short fine-tunes: the polynomial schedule reaches its target at step 8 and trains 4 more.
-PRUNE = dict(steps=12, frequency=2, end_step=8, batch_size=8)
+# Short fine-tunes: the polynomial schedule reaches its target at step 8 and trains 4 more, each step
+# over two accumulated batches of 4 (TF-MOT's wrappers inside the accumulating step).
+PRUNE = dict(steps=12, frequency=2, end_step=8, batch_size=4, grad_accum_steps=2)
 # What each family must have pruned (weight names as in `mot.weight_report`).
 PRUNED = {
     "transformer": ["token_embedding/embeddings", "block0_query/kernel", "block0_key/kernel", "block0_value/kernel",
