@@ -338,3 +338,32 @@ def test_kill_one_worker_then_relaunch_resumes(workdir):
     resumed = [l for l in again.stdout.splitlines() if "resuming from step" in l]
     assert resumed and int(resumed[0].split()[-1]) >= 20
     assert json.loads((workdir / "metrics.json").read_text())["steps"] == 80
+
+
+@pytest.mark.slow
+def test_mixed_precision_runs_evaluate_export_and_convert_like_any_run(workdir, tmp_path, capsys):
+    import shutil
+
+    for precision in ("bf16", "fp16"):  # fp16: loss scaling, here inside the accumulating step
+        run = shutil.copytree(workdir, tmp_path / precision)
+        # A subprocess: the mixed-precision policy is process-wide.
+        result = lmstack("train", f"--workdir={run}", *TINY, "--steps=10", "--batch_size=4", "--grad_accum_steps=2",
+                         f"--mixed_precision={precision}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["steps"] == 10 and math.isfinite(metrics["loss"]) and metrics["loss"] < math.log(vocab(run))
+        assert json.loads((run / "config.json").read_text())["train"]["mixed_precision"] == precision
+        # The checkpoint holds float32 weights: float32 evaluation agrees with the run's own (16-bit) one.
+        code, out, err = run_cli(capsys, "evaluate", f"--workdir={run}")
+        assert code == 0 and math.isclose(json.loads(out)["loss"], metrics["loss"], rel_tol=1e-2), err
+    run = tmp_path / "bf16"
+    for argv in (["export"], ["tflite"]):
+        code, _, err = run_cli(capsys, *argv, f"--workdir={run}")
+        assert code == 0, err
+    texts = {}
+    for backend in ("keras", "tflite"):
+        code, out, err = run_cli(capsys, "generate", f"--workdir={run}", f"--backend={backend}", "--prompt=To be",
+                                 "--max_new_tokens=12", "--sampler=greedy")
+        assert code == 0, err
+        texts[backend] = out
+    assert texts["keras"] == texts["tflite"] and len(texts["keras"]) == 12 + 1, texts  # 12 characters + newline
