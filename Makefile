@@ -30,7 +30,7 @@ test: venv
 
 # Every benchmark, its table copied to bench/results/NAME.md next to its JSON,
 # then one page of all of them: bench/results/SUMMARY.md.
-BENCHES := pipeline_throughput train_speed generation_speed export_latency served_generation serve_load quality optimize edge finetune
+BENCHES := pipeline_throughput train_speed precision generation_speed export_latency served_generation serve_load quality optimize edge finetune
 
 bench: venv
 	$(BIN)/python -m pip install --quiet -e '.[reference]'
