@@ -310,8 +310,8 @@ def _build(root: pathlib.Path, config: FinetuneConfig, strategy, base_root: path
     y_train = np.array([label_index[label] for label in train_examples.labels])
     y_val = np.array([label_index[label] for label in val_examples.labels])
     train_ds = classifiers.dataset(tokenizer, train_examples.texts, y_train, max_length, global_batch, config.seed)
-    val_ds = classifiers.dataset(tokenizer, val_examples.texts, y_val, max_length, global_batch // config.grad_accum_steps,
-                                 None)
+    val_batch = global_batch // config.grad_accum_steps  # evaluation needs no accumulation
+    val_ds = classifiers.dataset(tokenizer, val_examples.texts, y_val, max_length, val_batch, None)
     log_dir = str(root / "logs")
     warmup = training.derived_warmup(config.steps, 50) if config.warmup_steps is None else config.warmup_steps
     phases = [(0, config.unfreeze_at or config.steps, config.learning_rate, warmup)]

@@ -42,6 +42,7 @@ import keras_nlp
 import tensorflow as tf
 # keras-nlp's tokenizers turn their eager outputs into Python values with it; ours do the same.
 from keras_hub.src.utils.tensor_utils import preprocessing_function
+from keras_hub.src.tokenizers.byte_pair_tokenizer import bytes_to_unicode
 
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError, check_choice
@@ -221,7 +222,8 @@ class BytePairTokenizer(keras_nlp.tokenizers.BytePairTokenizer):
         super().__init__(vocabulary=vocabulary, merges=merges, unsplittable_tokens=list(unsplittable_tokens),
                          **kwargs)
         self.skip_ids = [int(i) for i in skip_ids]
-        self._nul_id = self.token_to_id(_BYTE_TO_UNICODE[0])
+        byte_strings, characters = bytes_to_unicode()  # GPT-2's map of the 256 bytes to printable characters
+        self._nul_id = self.token_to_id(characters[byte_strings.index(b"\0")])
 
     @preprocessing_function  # as keras-nlp's own methods: Python values out in eager mode
     def tokenize(self, inputs):
@@ -251,23 +253,6 @@ class BytePairTokenizer(keras_nlp.tokenizers.BytePairTokenizer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "skip_ids": self.skip_ids}
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's map of the 256 bytes to printable characters (a BPE vocabulary's alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
-
-
-_BYTE_TO_UNICODE = _bytes_to_unicode()
 
 
 def _decode_bytes(byte_strings: tf.Tensor) -> tf.Tensor:

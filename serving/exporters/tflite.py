@@ -272,11 +272,12 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
         with workdir_lib.publish_dir(out / "tokenizer") as staging:
             for path in wd.tokenizer_dir.iterdir():
                 shutil.copy2(path, staging / path.name)
+    tokenizer_config = tokenizers.load_config(wd.tokenizer_dir)
     info = {
         "file": f"{name}.tflite", "family": family, "variant": config.variant or None,
         "quantize": config.quantize, "max_seq_len": seq_len, "checkpoint_step": step,
-        "model": models.config_to_json(model_config), "tokenizer": tokenizers.load_config(wd.tokenizer_dir),
-        "tokenizer_dir": "tokenizer", "eos_id": tokenizers.special_ids(tokenizers.load_config(wd.tokenizer_dir))["eos"], "bytes": len(flat),
+        "model": models.config_to_json(model_config), "tokenizer": tokenizer_config,
+        "tokenizer_dir": "tokenizer", "eos_id": tokenizers.special_ids(tokenizer_config)["eos"], "bytes": len(flat),
         "signatures": _signature_shapes(flat), "ops": _op_counts(flat),
         "optimization": made.get("method"), "float_ops": list(float_ops),
     }
