@@ -55,7 +55,7 @@ def run(fv: flags.FlagValues) -> int:
         model = edge.EdgeModel(tflite.find(fv.workdir, fv.variant, fv.quantize))
         result = evaluate.evaluate_logits(fv.workdir, model.window_logits, model.max_seq_len, corpus=fv.corpus,
                                           progress=Progress(sys.stderr))
-        result["backend"] = f"tflite ({model.path.name})"
+        result["backend"] = f"tflite ({model.path.rsplit('/', 1)[-1]})"
     else:
         result = evaluate.evaluate(fv.workdir, corpus=fv.corpus, variant=fv.variant, progress=Progress(sys.stderr))
     print(json.dumps(result))

@@ -97,6 +97,14 @@ class PipelineConfig:
     skip: tuple[str, ...] = ()
 
 
+def _beside(here: pathlib.Path, value: str) -> Any:
+    """A path from the config file: relative ones are relative to the file; URIs (gs://...) stay as they are."""
+    from pipelines import fs  # TensorFlow's filesystems: not for `lmstack pipeline --help`
+
+    path = fs.path(value)
+    return here / path if fs.is_local(path) and not path.is_absolute() else path
+
+
 def load_config(path: str | os.PathLike) -> PipelineConfig:
     """Reads a YAML or JSON pipeline config.
 
@@ -187,8 +195,8 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
         except ConfigError as e:
             raise UserError(f"--config={path}: {e.as_key(stage)}") from None
     return PipelineConfig(
-        workdir=(here / data["workdir"]) if not os.path.isabs(data["workdir"]) else pathlib.Path(data["workdir"]),
-        corpus=tuple(str(here / c) if not os.path.isabs(c) else c for c in corpus),
+        workdir=_beside(here, data["workdir"]),
+        corpus=tuple(str(_beside(here, c)) for c in corpus),
         tokenizer=dict(tokenizer),
         models={f: dict(s or {}) for f, s in families.items()},
         stages={s: dict(data.get(s) or {}) for s in STAGES}, skip=skip)

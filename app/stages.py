@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +27,7 @@ import time
 from typing import Any
 
 from app.pipeline_file import BY_NAME, STAGES, PipelineConfig, stage_configs
+from pipelines import fs
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError
 from pipelines.progress import Progress
@@ -43,7 +42,7 @@ def _hash(obj: Any) -> str:
 def _file_hash(path: str) -> str:
     digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        with fs.path(path).open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     except OSError as e:
@@ -115,7 +114,7 @@ class Pipeline:
         if done or stage in self.rerun:
             for name in BY_NAME[stage].outputs:
                 path = wd / name
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                fs.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         self.progress.note(f"{label} ...")
         began = time.perf_counter()
         try:
@@ -184,7 +183,7 @@ class Pipeline:
         export_state = self.results[family].get("export") or {}
         if not export_state.get("path"):
             raise UserError(f"{family}: the serve stage needs the export stage; do not skip it")
-        version = pathlib.Path(export_state["path"])
+        version = fs.path(export_state["path"])
         name = version.parent.name
         grpc_port, rest_port = free_ports(2)
         server = subprocess.Popen([sys.executable, "-m", "app", "serve", f"--model_name={name}",
@@ -279,7 +278,7 @@ def summary_table(summary: dict[str, Any]) -> str:
                          f"{fmt(row['params'], ',')} | {fmt(row['nonzero_params'], ',')} | "
                          f"{fmt(row['gzip_bytes'], '.2f', 1e-6, ' MB')} | {fmt(row['tflite_bytes'], '.2f', 1e-6, ' MB')} | "
                          f"{fmt(row['ms_per_token'], '.2f')} |")
-        root = pathlib.Path(summary["workdir"]) / family
+        root = fs.path(summary["workdir"]) / family
         where.append(f"{family}: checkpoints {root / 'checkpoints'}")
         for stage, key in (("export", "path"), ("tflite", "path"), ("report", "path")):
             if (results.get(stage) or {}).get(key):

@@ -10,12 +10,12 @@ is rebuilt with TF-MOT's wrappers before its weights are restored.
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Any
 
 import tensorflow as tf
 
 import models
+from pipelines import fs
 from pipelines import workdir as workdir_lib
 from pipelines.errors import UserError
 
@@ -42,7 +42,7 @@ def save_model_config(workdir: str | os.PathLike, config: models.ModelConfig) ->
 
 def _read_config(source: str | os.PathLike) -> dict[str, Any]:
     # A variant directory has a config.json but no data/ of its own.
-    path = pathlib.Path(source) / workdir_lib.CONFIG_FILE
+    path = fs.path(source) / workdir_lib.CONFIG_FILE
     return workdir_lib.read_json(path) if path.is_file() else workdir_lib.Workdir(source).read_config()
 
 
@@ -66,10 +66,11 @@ def classifier_section(workdir: str | os.PathLike) -> dict[str, Any] | None:
 def variants(workdir: str | os.PathLike) -> list[str]:
     """Names of the workdir's optimized variants."""
     root = workdir_lib.Workdir(workdir).root / OPTIMIZED_DIR
-    return sorted(p.parent.name for p in root.glob(f"*/{workdir_lib.CONFIG_FILE}") if not p.parent.name.startswith("."))
+    return sorted(p.parent.name for p in root.glob(f"*/{workdir_lib.CONFIG_FILE}")
+                  if not p.parent.name.startswith(".") and workdir_lib.published(p.parent))
 
 
-def model_dir(workdir: str | os.PathLike, variant: str = "") -> pathlib.Path:
+def model_dir(workdir: str | os.PathLike, variant: str = "") -> fs.Path:
     """Where a model lives: the workdir itself, or WORKDIR/optimized/VARIANT.
 
     Raises:
@@ -79,7 +80,7 @@ def model_dir(workdir: str | os.PathLike, variant: str = "") -> pathlib.Path:
     if not variant:
         return root
     path = root / OPTIMIZED_DIR / variant
-    if variant.startswith(".") or "/" in variant or not (path / workdir_lib.CONFIG_FILE).is_file():
+    if variant.startswith(".") or "/" in variant or variant not in variants(root):
         have = variants(root)
         raise UserError(f"no optimized variant {variant!r} in {root} (have: {', '.join(have) or 'none'}); "
                         "run `lmstack optimize` first or drop --variant")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import pathlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -23,7 +22,7 @@ import tensorflow as tf
 
 import models
 from models import classifier as classifier_lib
-from pipelines import checkpoints, labelled, tokenizers
+from pipelines import checkpoints, fs, labelled, tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import UserError
 
@@ -98,8 +97,8 @@ def load_classifier(workdir: str | os.PathLike):
     return model, config, labels, int(latest.rsplit("-", 1)[1])
 
 
-def write_split(path: pathlib.Path, examples: labelled.Examples) -> None:
-    with gzip.open(path, "wt", encoding="utf-8") as f:
+def write_split(path: fs.Path, examples: labelled.Examples) -> None:
+    with path.open("wb") as raw, gzip.open(raw, "wt", encoding="utf-8") as f:
         for text, label in zip(examples.texts, examples.labels):
             f.write(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n")
 

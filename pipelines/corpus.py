@@ -16,7 +16,9 @@ import pathlib
 from typing import Sequence
 
 import numpy as np
+import tensorflow as tf
 
+from pipelines import fs
 from pipelines.errors import ConfigError, UserError, check_choice
 
 ENCODING_ERRORS = ("strict", "replace")
@@ -38,24 +40,27 @@ class Document:
     text: str
 
 
-def resolve_paths(patterns: Sequence[str]) -> list[pathlib.Path]:
-    """Expands files and globs, in the order given (each glob sorted).
+def resolve_paths(patterns: Sequence[str]) -> list[fs.Path]:
+    """Expands files and globs, in the order given (each glob sorted); local or on a TensorFlow filesystem.
 
     Raises:
         UserError: a pattern matches nothing, or names a directory.
     """
     if not patterns:
         raise ConfigError("corpus", "", "no corpus given; name text files, globs or .gz files")
-    paths: list[pathlib.Path] = []
+    paths: list[fs.Path] = []
     for pattern in patterns:
-        pattern = os.path.expanduser(pattern)
+        where = fs.path(pattern)
+        if glob.has_magic(pattern) and fs.is_local(where):
+            matches = [pathlib.Path(p) for p in glob.glob(str(where), recursive=True) if os.path.isfile(p)]
+        elif glob.has_magic(pattern):
+            matches = [fs.GPath(p) for p in tf.io.gfile.glob(pattern) if not tf.io.gfile.isdir(p)]
         if glob.has_magic(pattern):
-            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise ConfigError("corpus", pattern, "the pattern matches no file")
-            paths.extend(pathlib.Path(p) for p in matches)
+            paths.extend(sorted(matches))
         else:
-            path = pathlib.Path(pattern)
+            path = where
             if path.is_dir():
                 raise ConfigError("corpus", path, f"is a directory; name its files or a glob such as {path}/*.txt")
             if not path.is_file():
@@ -70,7 +75,7 @@ def resolve_paths(patterns: Sequence[str]) -> list[pathlib.Path]:
     return unique
 
 
-def read_document(path: pathlib.Path, encoding_errors: str = "strict") -> Document:
+def read_document(path: fs.Path, encoding_errors: str = "strict") -> Document:
     """Reads and decodes one file (.gz is decompressed).
 
     Raises:

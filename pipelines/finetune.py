@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pathlib
-import shutil
 import time
 import typing
 from typing import Any, Literal
@@ -36,7 +34,7 @@ import models
 from models import classifier as classifier_lib
 from models.backend import keras
 from pipelines import callbacks as callbacks_lib
-from pipelines import checkpoints, classifiers, evaluate, labelled, tokenizers, training
+from pipelines import checkpoints, classifiers, evaluate, fs, labelled, tokenizers, training
 from pipelines import strategy as strategy_lib
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError, check_at_least, check_choice
@@ -155,7 +153,7 @@ class FinetuneConfig(strategy_lib.Devices):
 # Fine-tuning
 
 
-def _check_base(config: FinetuneConfig) -> tuple[pathlib.Path, models.ModelConfig, dict[str, Any]]:
+def _check_base(config: FinetuneConfig) -> tuple[fs.Path, models.ModelConfig, dict[str, Any]]:
     """The base run's root, model config and tokenizer config, checked against what the user expects."""
     base = workdir_lib.Workdir(config.base)
     if not base.root.is_dir():
@@ -213,7 +211,7 @@ def finetune(workdir: str | os.PathLike, config: FinetuneConfig, progress: Progr
     strategy = strategy_lib.make(config.strategy)
     strategy_lib.check_jit_compile(strategy, config.jit_compile)
     chief = strategy_lib.is_chief(strategy)
-    final = pathlib.Path(workdir)
+    final = fs.path(workdir)
     if final.exists() and not config.overwrite:
         raise UserError(f"{final} exists; pass --overwrite to replace it or choose another --workdir")
     if final.exists() and not (final / workdir_lib.CONFIG_FILE).is_file() and any(final.iterdir()):
@@ -260,13 +258,16 @@ def finetune(workdir: str | os.PathLike, config: FinetuneConfig, progress: Progr
     return summary
 
 
-def _build(root: pathlib.Path, config: FinetuneConfig, strategy, base_root: pathlib.Path, lm_config,
+def _build(root: fs.Path, config: FinetuneConfig, strategy, base_root: fs.Path, lm_config,
            tokenizer_config, tokenizer, classes: list[str], train_examples: labelled.Examples,
            val_examples: labelled.Examples, frozen: int | str, max_length: int, progress: Progress,
            verbose: int) -> dict[str, Any]:
     """Writes one classifier workdir at `root` and returns its metrics."""
     root.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(base_root / workdir_lib.TOKENIZER_DIR, root / workdir_lib.TOKENIZER_DIR)
+    (root / workdir_lib.TOKENIZER_DIR).mkdir()
+    for path in (base_root / workdir_lib.TOKENIZER_DIR).iterdir():
+        if path.is_file() and not path.name.startswith("."):
+            fs.copy_file(path, root / workdir_lib.TOKENIZER_DIR / path.name)
     data = root / workdir_lib.DATA_DIR
     data.mkdir()
     for split, examples in (("train", train_examples), ("val", val_examples)):
@@ -312,7 +313,7 @@ def _build(root: pathlib.Path, config: FinetuneConfig, strategy, base_root: path
     train_ds = classifiers.dataset(tokenizer, train_examples.texts, y_train, max_length, global_batch, config.seed)
     val_batch = global_batch // config.grad_accum_steps  # evaluation needs no accumulation
     val_ds = classifiers.dataset(tokenizer, val_examples.texts, y_val, max_length, val_batch, None)
-    log_dir = str(root / "logs")
+    log_dir = root / "logs"
     warmup = training.derived_warmup(config.steps, 50) if config.warmup_steps is None else config.warmup_steps
     phases = [(0, config.unfreeze_at or config.steps, config.learning_rate, warmup)]
     if config.unfreeze_at:
@@ -333,7 +334,7 @@ def _build(root: pathlib.Path, config: FinetuneConfig, strategy, base_root: path
             fitted = model.fit(train_ds, epochs=math.ceil((end - start) / every), steps_per_epoch=every,
                                validation_data=val_ds, verbose=verbose, callbacks=[
                                    callbacks_lib.NaNGuard(), callbacks_lib.StopAtStep(end - start),
-                                   keras.callbacks.TensorBoard(os.path.join(log_dir, f"phase{i}"), update_freq=10)])
+                                   keras.callbacks.TensorBoard(str(log_dir / f"phase{i}"), update_freq=10)])
         for key, values in fitted.history.items():
             history.setdefault(key, []).extend(values)
     wall = time.perf_counter() - began

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from pipelines import fs
 from pipelines.errors import ConfigError, UserError
 
 FORMATS = (".csv", ".jsonl")
@@ -106,7 +107,7 @@ def read(path: str | pathlib.Path, text_column: str, label_column: str) -> Examp
         UserError: an unreadable file, a missing column (names the columns there are),
             an empty text or label.
     """
-    path = pathlib.Path(path)
+    path = fs.path(path)
     kind, compression = _format(path)
     content = _read_text(path, compression)
     texts, labels = [], []

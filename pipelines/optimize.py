@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pathlib
 import time
 import typing
 from typing import Any, Literal
@@ -30,7 +29,7 @@ import tensorflow as tf
 import models
 from models.backend import keras
 from pipelines import callbacks as callbacks_lib
-from pipelines import checkpoints, dataset, evaluate, mot, train, training
+from pipelines import checkpoints, dataset, evaluate, fs, mot, train, training
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError, check_at_least, check_choice
 from pipelines.progress import Progress
@@ -142,7 +141,7 @@ class OptimizeConfig:
         return f"{self.from_variant + '-' if self.from_variant else ''}cluster{self.clusters}"
 
 
-def _pruned_variant(root: pathlib.Path, config: OptimizeConfig) -> str:
+def _pruned_variant(root: fs.Path, config: OptimizeConfig) -> str:
     """The pruned variant prune_qat starts from: --from_variant, or the only one there is."""
     if config.from_variant:
         return config.from_variant
@@ -241,7 +240,7 @@ def optimize(workdir: str | os.PathLike, config: OptimizeConfig, progress: Progr
 
 
 def _fine_tune(wd, model, model_config, config: OptimizeConfig, train_config: training.TrainConfig,
-               manifest, staging: pathlib.Path, source_pruned: list[str], progress: Progress,
+               manifest, staging: fs.Path, source_pruned: list[str], progress: Progress,
                verbose: int) -> dict[str, Any]:
     log_dir = str(staging / "logs")
     wrapped, extra_callbacks = _wrap(model, config, log_dir)

@@ -21,14 +21,13 @@ import hashlib
 import json
 import math
 import os
-import pathlib
-import shutil
 from typing import Any, Literal, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from pipelines import corpus as corpus_lib
+from pipelines import fs
 from pipelines import tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError, check_at_least, check_choice
@@ -197,7 +196,7 @@ def _fingerprint(config: PrepareConfig, docs: Sequence[corpus_lib.Document]) -> 
 
 
 def _build(config: PrepareConfig, docs: Sequence[corpus_lib.Document], fingerprint: str,
-           tok_dir: pathlib.Path, data_dir: pathlib.Path, progress: Progress, learn: bool = True) -> dict[str, Any]:
+           tok_dir: fs.Path, data_dir: fs.Path, progress: Progress, learn: bool = True) -> dict[str, Any]:
     blocks = corpus_lib.make_blocks(docs, config.num_blocks)
     train, val, val_idx = corpus_lib.split_blocks(blocks, config.val_fraction, config.seed)
 
@@ -247,7 +246,7 @@ def tokenize_blocks(tokenizer, blocks: Sequence[corpus_lib.Block], split: str,
     return np.concatenate(pieces)
 
 
-def _write_shards(ids: np.ndarray, out: pathlib.Path, split: str, config: PrepareConfig,
+def _write_shards(ids: np.ndarray, out: fs.Path, split: str, config: PrepareConfig,
                   min_shards: int, progress: Progress) -> tuple[list[str], list[int]]:
     """Cuts the stream into contiguous shards of GZIP'd TFRecords of raw int32 records."""
     if ids.size == 0:
@@ -268,11 +267,11 @@ def _write_shards(ids: np.ndarray, out: pathlib.Path, split: str, config: Prepar
     return files, sizes
 
 
-def _remove_if_empty(path: pathlib.Path) -> None:
+def _remove_if_empty(path: fs.Path) -> None:
     """Removes a workdir this run created, unless something else appeared in it."""
     try:
         if any(not p.name.startswith(".") for p in path.iterdir()):
             return
-        shutil.rmtree(path)
-    except OSError:
+        fs.rmtree(path)
+    except (OSError, tf.errors.OpError):
         pass

@@ -12,7 +12,6 @@ each variant's fine-tuning.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
 import os
 import pathlib
@@ -27,7 +26,7 @@ from typing import Any, Callable
 import tensorflow as tf
 
 import models
-from pipelines import checkpoints, evaluate, mot
+from pipelines import checkpoints, evaluate, fs, mot
 from pipelines import workdir as workdir_lib
 from pipelines.generate import TextGenerator
 from pipelines.progress import Progress
@@ -152,9 +151,15 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _loss_curve(log_dir: pathlib.Path) -> list[tuple[int, float]]:
+def _save_png(fig, path: fs.Path) -> None:
+    buffer = io.BytesIO()  # matplotlib writes local files only; the report may be on any filesystem
+    fig.savefig(buffer, format="png", dpi=110)
+    path.write_bytes(buffer.getvalue())
+
+
+def _loss_curve(log_dir: fs.Path) -> list[tuple[int, float]]:
     points = []
-    for path in sorted(glob.glob(str(log_dir / "train" / "events.out.tfevents.*"))):
+    for path in sorted(tf.io.gfile.glob(str(log_dir / "train" / "events.out.tfevents.*"))):
         for record in tf.data.TFRecordDataset(path):
             event = tf.compat.v1.Event.FromString(record.numpy())
             for value in event.summary.value:
@@ -163,7 +168,7 @@ def _loss_curve(log_dir: pathlib.Path) -> list[tuple[int, float]]:
     return sorted(points)
 
 
-def plot(rows: list[Row], wd: workdir_lib.Workdir, out: pathlib.Path) -> list[str]:
+def plot(rows: list[Row], wd: workdir_lib.Workdir, out: fs.Path) -> list[str]:
     """Writes the PNGs; returns their file names."""
     import matplotlib
     matplotlib.use("Agg")
@@ -182,7 +187,7 @@ def plot(rows: list[Row], wd: workdir_lib.Workdir, out: pathlib.Path) -> list[st
         ax.set_title("size against quality (lower left is better)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / "size_vs_quality.png", dpi=110)
+        _save_png(fig, out / "size_vs_quality.png")
         plt.close(fig)
         written.append("size_vs_quality.png")
 
@@ -207,7 +212,7 @@ def plot(rows: list[Row], wd: workdir_lib.Workdir, out: pathlib.Path) -> list[st
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "loss_curves.png", dpi=110)
+        _save_png(fig, out / "loss_curves.png")
         written.append("loss_curves.png")
     plt.close(fig)
     return written
@@ -230,7 +235,7 @@ def sparsity_table(rows: list[Row]) -> str:
 
 
 def write(workdir: str | os.PathLike, latency: bool = True, progress: Progress | None = None,
-          tflite_measure: Callable[..., dict[str, Any]] | None = None) -> pathlib.Path:
+          tflite_measure: Callable[..., dict[str, Any]] | None = None) -> fs.Path:
     """Measures every model of the workdir and writes WORKDIR/report/ (report.md, PNGs, report.json)."""
     progress = progress or Progress()
     wd = workdir_lib.Workdir(workdir)

@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import os
 import pathlib
+import tempfile
 import typing
 from typing import Any, Iterable, Literal, Sequence
 
@@ -44,6 +45,7 @@ import tensorflow as tf
 from keras_hub.src.utils.tensor_utils import preprocessing_function
 from keras_hub.src.tokenizers.byte_pair_tokenizer import bytes_to_unicode
 
+from pipelines import fs
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError, check_choice
 
@@ -211,8 +213,8 @@ class BytePairTokenizer(keras_nlp.tokenizers.BytePairTokenizer):
     without NUL is tokenized exactly as GPT-2 does).
 
     Args:
-        vocabulary: path of a `vocab.json` (token -> id).
-        merges: path of a `merges.txt`.
+        vocabulary: a `vocab.json`'s mapping (token -> id), or its local path.
+        merges: a `merges.txt`'s lines, or its local path.
         unsplittable_tokens: tokens that text may contain literally and that map to their own id
             (GPT-2's `<|endoftext|>`); none for a learned tokenizer.
     """
@@ -273,7 +275,7 @@ def _as_ids(inputs) -> tf.Tensor | tf.RaggedTensor:
 # Learning, saving and loading.
 
 
-def learn(config: TokenizerConfig, lines: Iterable[str], directory: pathlib.Path) -> None:
+def learn(config: TokenizerConfig, lines: Iterable[str], directory: fs.Path) -> None:
     """Learns a tokenizer from training text and writes it to `directory`.
 
     Args:
@@ -326,7 +328,7 @@ def learn(config: TokenizerConfig, lines: Iterable[str], directory: pathlib.Path
     })
 
 
-def _learn_bpe(lines: Sequence[str], size: int, directory: pathlib.Path) -> int:
+def _learn_bpe(lines: Sequence[str], size: int, directory: fs.Path) -> int:
     """GPT-2's byte-level BPE learned by Hugging Face's trainer; returns the vocabulary size."""
     import tokenizers as hf  # the `tokenizers` library, imported only to learn
 
@@ -336,7 +338,9 @@ def _learn_bpe(lines: Sequence[str], size: int, directory: pathlib.Path) -> int:
         vocab_size=size, special_tokens=list(RESERVED_TOKENS), show_progress=False,
         initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())  # every byte, seen or not
     tok.train_from_iterator((line + "\n" for line in lines), trainer)  # newlines are text too
-    tok.model.save(str(directory))  # vocab.json + merges.txt
+    with tempfile.TemporaryDirectory() as local:  # it writes local files only
+        for name in tok.model.save(local):  # vocab.json + merges.txt
+            fs.copy_file(pathlib.Path(name), directory / pathlib.Path(name).name)
     return tok.get_vocab_size()
 
 
@@ -346,7 +350,7 @@ def load(directory: str | os.PathLike) -> keras_nlp.tokenizers.Tokenizer:
     The tokenizer carries `eos_id` (ends a document; generation starts after
     it and stops at it) and `pad_id`.
     """
-    directory = pathlib.Path(directory)
+    directory = fs.path(directory)
     config = load_config(directory)
     tokenizer = _load(directory, config)
     special = special_ids(config)
@@ -360,7 +364,7 @@ def special_ids(config: dict[str, Any]) -> dict[str, int]:
     return {"eos": int(special["eos"]), "pad": int(special["pad"])}
 
 
-def _load(directory: pathlib.Path, config: dict[str, Any]) -> keras_nlp.tokenizers.Tokenizer:
+def _load(directory: fs.Path, config: dict[str, Any]) -> keras_nlp.tokenizers.Tokenizer:
     kind = config["kind"]
     if kind == "char":
         return CharTokenizer(workdir_lib.read_json(directory / CHAR_VOCAB_FILE))
@@ -368,21 +372,27 @@ def _load(directory: pathlib.Path, config: dict[str, Any]) -> keras_nlp.tokenize
         return ByteTokenizer()
     if kind == "wordpiece":
         return keras_nlp.tokenizers.WordPieceTokenizer(
-            vocabulary=str(directory / WORDPIECE_VOCAB_FILE), lowercase=config["lowercase"],
+            vocabulary=_lines(directory / WORDPIECE_VOCAB_FILE), lowercase=config["lowercase"],
             strip_accents=False, oov_token=RESERVED_TOKENS[UNK_ID], _allow_python_workflow=False)
     if kind == "bpe":
         special = special_ids(config)
         reserved = config.get("reserved_tokens", list(RESERVED_TOKENS))
         vocab = workdir_lib.read_json(directory / BPE_VOCAB_FILE)
         skip = sorted({vocab[t] for t in reserved if t in vocab} | set(special.values()))
-        return BytePairTokenizer(str(directory / BPE_VOCAB_FILE), str(directory / BPE_MERGES_FILE),
+        return BytePairTokenizer(vocab, _lines(directory / BPE_MERGES_FILE),
                                  unsplittable_tokens=config.get("unsplittable_tokens", ()), skip_ids=skip)
     return keras_nlp.tokenizers.SentencePieceTokenizer(
         proto=(directory / SENTENCEPIECE_FILE).read_bytes(), _allow_python_workflow=False)
 
 
-def load_config(directory: str | os.PathLike) -> dict[str, Any]:
-    path = pathlib.Path(directory) / CONFIG_FILE
+def _lines(path: fs.Path) -> list[str]:
+    """A vocabulary or merges file's lines, as keras-nlp reads a local one (each right-stripped)."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    return [line.rstrip() for line in (lines[:-1] if lines[-1] == "" else lines)]
+
+
+def load_config(directory: str | os.PathLike | fs.GPath) -> dict[str, Any]:
+    path = fs.path(directory) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"no tokenizer at {directory} ({CONFIG_FILE} is missing); run `lmstack prepare` first")
     return workdir_lib.read_json(path)

@@ -44,7 +44,7 @@ RESUME_KEYS = ("batch_size", "grad_accum_steps", "mixed_precision", "seed")
 
 
 def _has_files(path: str) -> bool:
-    return any(files for _, _, files in os.walk(path))
+    return tf.io.gfile.isdir(path) and any(files for _, _, files in tf.io.gfile.walk(path))
 
 
 def _strategy_name(strategy: tf.distribute.Strategy) -> str:
@@ -82,7 +82,7 @@ def run_dropout(model_config: models.ModelConfig, epochs: float, resumed: models
 def _resumed_model(wd: workdir_lib.Workdir) -> dict[str, Any] | None:
     """The model config (JSON) of the checkpoints in the workdir, if it has any."""
     saved = wd.read_config()
-    if "model" not in saved or not os.path.isdir(checkpoints.checkpoint_dir(wd.root)):
+    if "model" not in saved or not tf.io.gfile.isdir(checkpoints.checkpoint_dir(wd.root)):
         return None
     return saved["model"]
 
@@ -167,7 +167,7 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     ckpt_dir = checkpoints.checkpoint_dir(wd.root) if chief else tempfile.mkdtemp(prefix="lmstack-worker-ckpt-")
     manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, optimizer=optimizer), ckpt_dir,
                                          max_to_keep=config.keep_checkpoints)
-    backup_dir = os.path.join(checkpoints.checkpoint_dir(wd.root), "backup")
+    backup_dir = str(wd.root / checkpoints.CHECKPOINT_DIR / "backup")
     if latest and not _has_files(backup_dir):
         # A finished run (its backup is deleted at the end): continue from its last checkpoint.
         tf.train.Checkpoint(model=model, optimizer=optimizer).restore(latest).expect_partial()
@@ -195,7 +195,7 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     ]
     if chief:
         profile = config.profile_range() or 0
-        callbacks.append(keras.callbacks.TensorBoard(os.path.join(wd.root, "logs"), update_freq=50,
+        callbacks.append(keras.callbacks.TensorBoard(str(wd.root / "logs"), update_freq=50,
                                                      profile_batch=profile))
     began = time.perf_counter()
     try:

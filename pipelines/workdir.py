@@ -11,6 +11,13 @@ Every stage reads and writes one workdir (docs/design.md, "The workdir is the co
 Writes are atomic: a file is written under a temporary name and renamed, a
 directory is built in a staging directory and renamed, so a crash never leaves
 a half-written artifact that a later stage would trust.
+
+The workdir may be a local path or a URI on any TensorFlow filesystem
+(`gs://bucket/runs/x`, `ram://...`; `pipelines/fs.py`). Object stores have
+no atomic directory rename: there a directory is built under a staging
+prefix, copied into place with its index files (config.json, manifest.json,
+saved_model.pb, ...) last, and committed by a marker file written after
+everything else (`PUBLISHED_MARKER`), which readers require (`published`).
 """
 
 from __future__ import annotations
@@ -19,10 +26,16 @@ import contextlib
 import json
 import os
 import pathlib
+import secrets
 import shutil
+import socket
 import tempfile
+import time
 from typing import Any, Iterator
 
+import tensorflow as tf
+
+from pipelines import fs
 from pipelines.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -30,6 +43,12 @@ TOKENIZER_DIR = "tokenizer"
 DATA_DIR = "data"
 MANIFEST_FILE = "manifest.json"
 IMPORT_SECTION = "import"  # config.json of a workdir made by `lmstack import`: a model before any data
+# Written last into a directory published on an object store; its readers require it.
+PUBLISHED_MARKER = ".lmstack-published"
+# Copied last (before the marker) when publishing on an object store: the files readers look for first.
+INDEX_FILES = (MANIFEST_FILE, "tokenizer.json", "saved_model.pb", "fingerprint.pb", CONFIG_FILE)
+# Staging left by a process on another machine is removed once untouched this long.
+STALE_STAGING_SECONDS = 24 * 3600
 
 # Everything a stage may write at the top of a workdir. `prepare --overwrite`
 # removes these, since they were all built from the old data and tokenizer.
@@ -46,31 +65,31 @@ class Workdir:
         root: the run directory; it need not exist yet.
     """
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = pathlib.Path(root)
+    def __init__(self, root: str | os.PathLike | fs.GPath):
+        self.root = fs.path(root)
 
     def __repr__(self) -> str:
         return f"Workdir({str(self.root)!r})"
 
     @property
-    def config_path(self) -> pathlib.Path:
+    def config_path(self) -> fs.Path:
         return self.root / CONFIG_FILE
 
     @property
-    def tokenizer_dir(self) -> pathlib.Path:
+    def tokenizer_dir(self) -> fs.Path:
         return self.root / TOKENIZER_DIR
 
     @property
-    def data_dir(self) -> pathlib.Path:
+    def data_dir(self) -> fs.Path:
         return self.root / DATA_DIR
 
     @property
-    def manifest_path(self) -> pathlib.Path:
+    def manifest_path(self) -> fs.Path:
         return self.data_dir / MANIFEST_FILE
 
     def is_prepared(self) -> bool:
         """True once `prepare` has committed (config.json is written last)."""
-        return self.config_path.is_file() and self.manifest_path.is_file()
+        return self.config_path.is_file() and self.manifest_path.is_file() and published(self.data_dir)
 
     def is_imported(self) -> bool:
         """True for a workdir made by `lmstack import` (a pre-trained model, with or without data)."""
@@ -98,19 +117,23 @@ class Workdir:
         write_json(self.config_path, config)
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def read_json(path: str | os.PathLike | fs.GPath) -> Any:
+    return json.loads(fs.path(path).read_text(encoding="utf-8"))
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
+def write_json(path: str | os.PathLike | fs.GPath, obj: Any) -> None:
     """Writes JSON atomically: a reader sees the old file or the new one, never half."""
     write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8"))
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def write_bytes(path: str | os.PathLike | fs.GPath, data: bytes) -> None:
     """Writes a file atomically (a temporary name in the same directory, fsync, rename)."""
-    path = pathlib.Path(path)
+    path = fs.path(path)
+    if not fs.is_local(path):  # an object appears whole when its upload ends; rename is a copy there
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -131,7 +154,7 @@ def _umask() -> int:
     return mask
 
 
-def ensure_writable_dir(path: pathlib.Path) -> bool:
+def ensure_writable_dir(path: fs.Path) -> bool:
     """Creates `path` if needed and checks we can write in it.
 
     Returns:
@@ -144,17 +167,28 @@ def ensure_writable_dir(path: pathlib.Path) -> bool:
         raise UserError(f"workdir {path} exists and is not a directory; choose another --workdir")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-")
-        probe.close()
+        if fs.is_local(path):
+            tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-").close()
+        else:
+            probe = path / f".write-probe-{secrets.token_hex(4)}"
+            probe.write_bytes(b"")
+            probe.unlink()
     except OSError as e:
         raise UserError(
             f"cannot write to workdir {path}: {e.strerror}; choose a writable --workdir") from None
+    except tf.errors.OpError as e:
+        raise UserError(f"cannot write to workdir {path}: {e.message}; choose a writable --workdir") from None
     return not existed
 
 
+def published(path: fs.Path) -> bool:
+    """True if a directory built by `publish_dir` is complete (on an object store: its marker is there)."""
+    return path.is_dir() if fs.is_local(path) else (path / PUBLISHED_MARKER).exists()
+
+
 @contextlib.contextmanager
-def publish_dir(final: str | os.PathLike, *, replace: bool = False, scratch: bool = False,
-                ) -> Iterator[pathlib.Path]:
+def publish_dir(final: str | os.PathLike | fs.GPath, *, replace: bool = False, scratch: bool = False,
+                ) -> Iterator[fs.Path]:
     """Builds a directory that appears at `final` whole or not at all.
 
     Every stage that writes a directory builds it here. Yields a hidden staging
@@ -166,6 +200,10 @@ def publish_dir(final: str | os.PathLike, *, replace: bool = False, scratch: boo
     killed mid-build (kill -9) cannot clean up: the next build of the same name
     removes staging directories whose process is gone.
 
+    On an object store (a `GPath`) the staging prefix is copied into `final`
+    instead, index files last, then `PUBLISHED_MARKER` is written: `published()`
+    is true from that moment. Replacing removes the old marker first.
+
     Args:
         final: where the finished directory goes.
         replace: replace an existing `final` (only once the new one is complete);
@@ -173,7 +211,7 @@ def publish_dir(final: str | os.PathLike, *, replace: bool = False, scratch: boo
         scratch: build in a temporary directory elsewhere and never publish it
             (a non-chief worker of a multi-worker job).
     """
-    final = pathlib.Path(final)
+    final = fs.path(final)
     if scratch:
         path = pathlib.Path(tempfile.mkdtemp(prefix=f"lmstack-worker-{final.name}-"))
         try:
@@ -185,45 +223,79 @@ def publish_dir(final: str | os.PathLike, *, replace: bool = False, scratch: boo
     staging = _staging(final.parent, final.name)
     try:
         yield staging
-        os.chmod(staging, 0o777 & ~_umask())
-        if final.exists() and replace:
-            old = final.with_name(f".{final.name}-replaced-{os.getpid()}")
-            os.rename(final, old)
-            os.rename(staging, final)
-            shutil.rmtree(old, ignore_errors=True)
-        elif final.exists():
-            raise FileExistsError(f"{final} exists")
+        if not fs.is_local(final):
+            _copy_in(staging, final, replace)
         else:
-            os.rename(staging, final)
+            os.chmod(staging, 0o777 & ~_umask())
+            if final.exists() and replace:
+                old = final.with_name(f".{final.name}-replaced-{os.getpid()}")
+                os.rename(final, old)
+                os.rename(staging, final)
+                shutil.rmtree(old, ignore_errors=True)
+            elif final.exists():
+                raise FileExistsError(f"{final} exists")
+            else:
+                os.rename(staging, final)
     except BaseException:
         if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
+            fs.rmtree(created)
         raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        fs.rmtree(staging)
 
 
-def _make_parents(path: pathlib.Path) -> pathlib.Path | None:
+def _copy_in(staging: fs.GPath, final: fs.GPath, replace: bool) -> None:
+    """Publishes on an object store: the files into `final`, index files last, then the marker."""
+    if final.exists():
+        if not replace:
+            raise FileExistsError(f"{final} exists")
+        (final / PUBLISHED_MARKER).unlink(missing_ok=True)  # readers stop trusting it from here
+        fs.rmtree(final)
+    files = sorted(fs.files_under(staging), key=lambda f: (f.name in INDEX_FILES, str(f)))
+    final.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        target = final / str(f.relative_to(staging))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.copy_file(f, target)
+    (final / PUBLISHED_MARKER).write_bytes(b"")
+
+
+def _make_parents(path: fs.Path) -> fs.Path | None:
     """Creates `path` and its missing parents; returns the topmost one created (None if it existed)."""
     top = None
     for parent in (path, *path.parents):
-        if parent.exists():
+        if parent.exists() or not parent.name:  # an object store's root (bucket) is never created here
             break
         top = parent
     path.mkdir(parents=True, exist_ok=True)
     return top
 
 
-def _staging(parent: pathlib.Path, name: str) -> pathlib.Path:
-    """A new `parent/.NAME-staging-PID-XXXX`, after removing those of processes that are gone."""
+def _staging(parent: fs.Path, name: str) -> fs.Path:
+    """A new `parent/.NAME-staging-PID-XXXX`, after removing those of processes that are gone.
+
+    On an object store the name ends in `@HOST`: staging of a dead process on this
+    host goes at once, another host's once untouched for `STALE_STAGING_SECONDS`.
+    """
+    host = socket.gethostname()
     for old in parent.glob(f".{name}-staging-*"):
+        rest, _, owner = old.name[len(f".{name}-staging-"):].partition("@")
         try:
-            pid = int(old.name[len(f".{name}-staging-"):].split("-", 1)[0])
+            pid = int(rest.split("-", 1)[0])
         except ValueError:
             continue
-        if not _alive(pid):
-            shutil.rmtree(old, ignore_errors=True)
-    return pathlib.Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}-staging-{os.getpid()}-"))
+        if fs.is_local(old) or owner == host:
+            stale = not _alive(pid)
+        else:
+            stale = time.time() - max((f.stat().st_mtime for f in fs.files_under(old)), default=time.time()) \
+                > STALE_STAGING_SECONDS
+        if stale:
+            fs.rmtree(old)
+    if fs.is_local(parent):
+        return pathlib.Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}-staging-{os.getpid()}-"))
+    staging = parent / f".{name}-staging-{os.getpid()}-{secrets.token_hex(4)}@{host}"
+    staging.mkdir(parents=True)
+    return staging
 
 
 def _alive(pid: int) -> bool:
@@ -242,7 +314,7 @@ def remove_stage_outputs(workdir: Workdir) -> list[str]:
     for name in STAGE_OUTPUTS:
         path = workdir.root / name
         if path.is_dir():
-            shutil.rmtree(path)
+            fs.rmtree(path)
         elif path.exists():
             path.unlink()
         else:

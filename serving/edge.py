@@ -20,6 +20,15 @@ from typing import Sequence
 import numpy as np
 
 
+def _read(path: str) -> bytes:
+    """A file's bytes: local, or on a TensorFlow filesystem (`gs://...`; needs TensorFlow, a device does not)."""
+    if "://" in path and not path.startswith("file://"):
+        import tensorflow as tf
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+    return pathlib.Path(path.removeprefix("file://")).read_bytes()
+
+
 class EdgeModel:
     """A TFLite language model in the ai-edge-litert interpreter (XNNPACK on CPU).
 
@@ -31,12 +40,12 @@ class EdgeModel:
     def __init__(self, path: str | pathlib.Path, num_threads: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
 
-        self.path = pathlib.Path(path)
-        self.info = json.loads(self.path.with_suffix(".json").read_text())
+        self.path = str(path)
+        self.info = json.loads(_read(self.path[:-len(".tflite")] + ".json"))
         self.family = self.info["family"]
         self.max_seq_len = int(self.info["max_seq_len"])
         self.eos_id = int(self.info["eos_id"])
-        self.interpreter = Interpreter(model_path=str(self.path), num_threads=num_threads)
+        self.interpreter = Interpreter(model_content=_read(self.path), num_threads=num_threads)
         names = ("prefill", "decode") if self.family == "transformer" else ("sequence", "step")
         self._window, self._step = (self.interpreter.get_signature_runner(n) for n in names)
         if self.family == "lstm":

@@ -8,12 +8,11 @@ run's tokenizer and stop at [EOS]; in float32 their greedy text is the same.
 from __future__ import annotations
 
 import os
-import pathlib
 
 import tensorflow as tf
 
 from models.generation import SamplerConfig
-from pipelines import tokenizers
+from pipelines import fs, tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError
 from pipelines.generate import decode, encode
@@ -22,7 +21,7 @@ from serving import edge
 from serving.exporters import tflite
 
 
-def newest_export(workdir: str | os.PathLike, model_name: str = c.DEFAULT_MODEL_NAME) -> pathlib.Path:
+def newest_export(workdir: str | os.PathLike, model_name: str = c.DEFAULT_MODEL_NAME) -> fs.Path:
     base = workdir_lib.Workdir(workdir).root / "export" / model_name
     versions = sorted((int(p.name), p) for p in base.glob("*") if p.is_dir() and p.name.isdigit())
     if not versions:
@@ -36,7 +35,7 @@ def generate(backend: str, workdir: str | os.PathLike, prompt: str, max_new_toke
     if max_new_tokens < 1:
         raise ConfigError("max_new_tokens", max_new_tokens, "must be at least 1")
     if backend == "savedmodel":
-        return _savedmodel(pathlib.Path(export_dir) if export_dir else newest_export(workdir), prompt,
+        return _savedmodel(fs.path(export_dir) if export_dir else newest_export(workdir), prompt,
                            max_new_tokens, sampler)
     if backend != "tflite":
         raise ConfigError("backend", backend, "expected keras, savedmodel or tflite")
@@ -52,7 +51,7 @@ def generate(backend: str, workdir: str | os.PathLike, prompt: str, max_new_toke
     return decode(tokenizer, new)
 
 
-def _savedmodel(path: pathlib.Path, prompt: str, max_new_tokens: int, sampler: SamplerConfig) -> str:
+def _savedmodel(path: fs.Path, prompt: str, max_new_tokens: int, sampler: SamplerConfig) -> str:
     if not (path / "saved_model.pb").is_file():
         raise UserError(f"{path} is not a SavedModel version directory (no saved_model.pb)")
     loaded = tf.saved_model.load(str(path))

@@ -23,14 +23,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pathlib
 from typing import Any
 
 import tensorflow as tf
 
 import models
 from models import generation
-from pipelines import checkpoints, tokenizers
+from pipelines import checkpoints, fs, tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError
 from serving import contract as c
@@ -241,7 +240,7 @@ class LanguageModelModule(tf.Module):
         return {name: getattr(self, name).get_concrete_function() for name in c.SIGNATURES}
 
 
-def _tokenizer_files(tokenizer_dir: pathlib.Path) -> list[str]:
+def _tokenizer_files(tokenizer_dir: fs.Path) -> list[str]:
     return sorted(str(p) for p in tokenizer_dir.iterdir() if p.is_file())
 
 
@@ -290,13 +289,13 @@ def _prediction_logs(model_name: str, requests: list[tuple[str, dict]]) -> list[
     return records
 
 
-def _versions(base: pathlib.Path) -> list[int]:
+def _versions(base: fs.Path) -> list[int]:
     if not base.is_dir():
         return []
     return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) -> pathlib.Path:
+def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) -> fs.Path:
     """Writes EXPORT_BASE/VERSION/ and returns its path.
 
     Raises:
@@ -305,7 +304,7 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
     wd = workdir_lib.Workdir(workdir)
     run_config = wd.read_config()
     source = checkpoints.model_dir(wd.root, config.variant)  # UserError for an unknown variant
-    base = pathlib.Path(config.export_base) if config.export_base else wd.root / DEFAULT_EXPORT_DIR / config.model_name
+    base = fs.path(config.export_base) if config.export_base else wd.root / DEFAULT_EXPORT_DIR / config.model_name
     version = config.version or (max(_versions(base), default=0) + 1)
     final = base / str(version)
     if final.exists():
@@ -355,7 +354,7 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
     return final
 
 
-def describe(path: pathlib.Path) -> str:
+def describe(path: fs.Path) -> str:
     """What was exported, for people."""
     info = json.loads((path / c.ASSETS_EXTRA / c.CONFIG_FILE).read_text())
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

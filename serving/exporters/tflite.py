@@ -33,9 +33,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import pathlib
 import re
-import shutil
 import tempfile
 import time
 import typing
@@ -45,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 import models
-from pipelines import checkpoints, dataset, evaluate, mot, tokenizers
+from pipelines import checkpoints, dataset, evaluate, fs, mot, tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError, check_choice
 from pipelines.progress import Progress
@@ -80,7 +78,7 @@ def file_name(family: str, variant: str, quantize: str) -> str:
     return f"{family}{'-' + variant if variant else ''}-{'float32' if quantize == 'none' else quantize}"
 
 
-def find(workdir: str | os.PathLike, variant: str = "", quantize: str = "none") -> pathlib.Path:
+def find(workdir: str | os.PathLike, variant: str = "", quantize: str = "none") -> fs.Path:
     """The TFLite file `convert` wrote for this model and quantization.
 
     Raises:
@@ -232,7 +230,7 @@ def _calibration(workdir, functions, decoder, family: str, seq_len: int, windows
 
 
 def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
-            progress: Progress | None = None) -> pathlib.Path:
+            progress: Progress | None = None) -> fs.Path:
     """Writes WORKDIR/tflite/NAME.tflite (+ NAME.json, tokenizer/) and returns its path.
 
     Raises:
@@ -271,7 +269,7 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
     if not (out / "tokenizer").is_dir():
         with workdir_lib.publish_dir(out / "tokenizer") as staging:
             for path in wd.tokenizer_dir.iterdir():
-                shutil.copy2(path, staging / path.name)
+                fs.copy_file(path, staging / path.name)
     tokenizer_config = tokenizers.load_config(wd.tokenizer_dir)
     info = {
         "file": f"{name}.tflite", "family": family, "variant": config.variant or None,
@@ -300,7 +298,7 @@ def _signature_shapes(flat: bytes) -> dict[str, Any]:
     return result
 
 
-def describe(path: pathlib.Path) -> str:
+def describe(path: fs.Path) -> str:
     info = workdir_lib.read_json(path.with_suffix(".json"))
     def inputs(signature):
         return ", ".join(f"{k} {v['shape']}" for k, v in signature["inputs"].items())
@@ -316,7 +314,7 @@ def describe(path: pathlib.Path) -> str:
     ])
 
 
-def measure(workdir: str | os.PathLike, path: pathlib.Path, latency: bool = True) -> dict[str, Any]:
+def measure(workdir: str | os.PathLike, path: fs.Path, latency: bool = True) -> dict[str, Any]:
     """A TFLite file's validation perplexity and bits/char, and ms per decoded token (1 thread)."""
     from serving import edge
 
