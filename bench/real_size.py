@@ -102,9 +102,8 @@ def main() -> None:
     stage("export", "export", f"--workdir={trained}")
     rows["export"]["megabytes"] = megabytes(trained / "export")
     for quantize in ("none", "int8"):
-        stage(f"tflite {quantize}", "tflite", f"--workdir={trained}", f"--quantize={quantize}")
-        name = "transformer" + ("" if quantize == "none" else f"-{quantize}")
-        rows[f"tflite {quantize}"]["megabytes"] = megabytes(trained / "tflite" / f"{name}.tflite")
+        converted = stage(f"tflite {quantize}", "tflite", f"--workdir={trained}", f"--quantize={quantize}")
+        converted["megabytes"] = converted["result"]["bytes"] / 1e6
     stage("generate (litert int8, 32 tokens)", "generate", f"--workdir={trained}", "--backend=tflite",
           "--quantize=int8", "--max_new_tokens=32", "--prompt=ROMEO:")
     shutil.rmtree(tmp, ignore_errors=True)
