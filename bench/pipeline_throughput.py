@@ -7,11 +7,15 @@ shared and noisy, so only same-run ratios mean much):
   text and tokens/s, tokenizing the corpus line batches through tf.data;
 - HF `tokenizers` WordPiece and byte-level BPE with the *same* vocabulary
   (and merges) as the references, and the seconds `bpe` takes to learn;
-- the training input (`pipelines.dataset.train_dataset`): tokens/s delivered.
+- the training input (`pipelines.dataset.train_dataset`): tokens/s delivered;
+- `lmstack prepare` (char, 8 generated files) of a corpus at two sizes (`--stream_gb`,
+  default 0.5 and 2 GB of the bundled text repeated), each one process: its peak
+  resident memory (the child's own, `os.wait4`) and MB/s. Memory that does not grow
+  with the corpus is the claim; 0 skips it.
 
 Prints a table and writes bench/results/pipeline_throughput.json.
 
-usage: python bench/pipeline_throughput.py [--rounds=3] [--batches=3000]
+usage: python bench/pipeline_throughput.py [--rounds=3] [--batches=3000] [--stream_gb=0.5,2]
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,10 +90,38 @@ def dataset_rate(workdir: pathlib.Path, batches: int, seq_len: int = 128, batch:
     return batches * seq_len * batch / (time.perf_counter() - start)
 
 
+def streaming_prepare(root: pathlib.Path, gigabytes: float, text: str) -> dict:
+    """`lmstack prepare` (char) of `gigabytes` of text in 8 files: wall seconds, MB/s, peak resident MB."""
+    corpus = root / f"corpus-{gigabytes:g}"
+    corpus.mkdir()
+    data = text.encode("utf-8")
+    per_file = int(gigabytes * 1e9 / 8)
+    for i in range(8):
+        with open(corpus / f"part-{i}.txt", "wb") as f:
+            for _ in range(per_file // len(data)):
+                f.write(data)
+            f.write(data[:per_file % len(data)].rsplit(b"\n", 1)[0] + b"\n")
+    nbytes = sum(p.stat().st_size for p in corpus.iterdir())
+    began = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "app", "prepare", f"--corpus={corpus}/*.txt",
+                              f"--workdir={root / 'run'}", "--tokenizer=char"],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - began
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"lmstack prepare of {gigabytes} GB failed")
+    tokens = json.loads((root / "run" / "data" / "manifest.json").read_text())["splits"]
+    shutil.rmtree(corpus)
+    shutil.rmtree(root / "run")
+    return {"gigabytes": round(nbytes / 1e9, 3), "seconds": round(wall, 1), "mb_per_s": round(nbytes / 1e6 / wall, 2),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024), "tokens": sum(s["tokens"] for s in tokens.values())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batches", type=int, default=3000)
+    parser.add_argument("--stream_gb", default="0.5,2", help="corpus sizes for the streaming prepare (0: skip)")
     args = parser.parse_args()
 
     text = gzip.open(CORPUS, "rt", encoding="utf-8").read()
@@ -138,12 +172,19 @@ def main() -> None:
         "train_dataset": {"seq_len": 128, "batch_size": 16, "tokenizer": "char",
                           "tokens_per_s": round(statistics.median(pipeline)),
                           "rounds_tokens_per_s": [round(p) for p in pipeline]},
+        "streaming_prepare": [streaming_prepare(tmp, float(gb), text) for gb in args.stream_gb.split(",")
+                              if float(gb) > 0],
     }
     print(f"\n{'tokenizer':42} {'MB/s':>8} {'tokens/s':>12} {'vs HF':>7}  (HF: of its kind; char: WordPiece)")
     for row in rows:
         print(f"{row['name']:42} {row['mb_per_s']:8.2f} {row['tokens_per_s']:12,} {row['vs_reference']:7.2f}")
     print("learning (s): " + ", ".join(f"{k} {v}" for k, v in learn_seconds.items()))
     print(f"\ntrain_dataset (char, seq 128, batch 16): {result['train_dataset']['tokens_per_s']:,} tokens/s")
+    if result["streaming_prepare"]:
+        print("\n| `lmstack prepare` (char, 8 files) | GB | seconds | MB/s | peak resident MB |\n|---|---:|---:|---:|---:|")
+        for row in result["streaming_prepare"]:
+            print(f"| generated corpus | {row['gigabytes']:.2f} | {row['seconds']:,.0f} | {row['mb_per_s']:.1f} | "
+                  f"{row['peak_rss_mb']:,} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "pipeline_throughput.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

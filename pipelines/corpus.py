@@ -7,13 +7,15 @@ characters or lines, so the validation text is text the model has not seen.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import glob
 import gzip
 import hashlib
 import os
 import pathlib
-from typing import Sequence
+import re
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -119,6 +121,175 @@ def read_corpus(patterns: Sequence[str], encoding_errors: str = "strict") -> lis
     return docs
 
 
+# ---------------------------------------------------------------------------
+# Streaming: a corpus larger than memory, read a chunk at a time (`prepare`).
+
+CHUNK_BYTES = 1 << 20
+# What str.splitlines() ends a line at (CR is gone by then: CRLF and CR become LF).
+LINE_BREAKS = frozenset("\n\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One input file, scanned once and not held: what the manifest and fingerprint need.
+
+    Attributes:
+        path: the file (absolute, or its URI).
+        sha256: hex digest of the file's bytes as stored (compressed for .gz).
+        size: bytes on disk.
+        chars: characters of its decoded text (as `Document.text` would hold).
+        has_text: it holds something besides whitespace.
+    """
+    path: str
+    sha256: str
+    size: int
+    chars: int
+    has_text: bool
+
+
+class _Hashing:
+    """A file object that hashes and counts what is read through it."""
+
+    def __init__(self, f):
+        self.f, self.digest, self.size = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+
+def _text_chunks(path: fs.Path, encoding_errors: str, hashing: _Hashing | None = None) -> Iterator[str]:
+    """The file's decoded text in chunks: the same text `read_document` makes (BOM, CRLF, CR), streamed.
+
+    Raises:
+        UserError: unreadable, a bad .gz, or not UTF-8 with encoding_errors='strict'.
+    """
+    if encoding_errors not in ENCODING_ERRORS:
+        check_choice("encoding_errors", encoding_errors, ENCODING_ERRORS)
+    decoder = codecs.getincrementaldecoder("utf-8-sig")(encoding_errors)
+    fed, carry = 0, ""
+    try:
+        with path.open("rb") as raw:
+            source = hashing or _Hashing(raw)
+            source.f = raw
+            stream = gzip.GzipFile(fileobj=source, mode="rb") if path.suffix == ".gz" else source
+            while True:
+                try:
+                    data = stream.read(CHUNK_BYTES)
+                except (OSError, EOFError) as e:
+                    raise UserError(f"{path}: not a valid gzip file ({e})") from None
+                pending = len(decoder.getstate()[0])
+                try:
+                    text = carry + decoder.decode(data, final=not data)
+                except UnicodeDecodeError as e:
+                    where = " of the decompressed text" if path.suffix == ".gz" else ""
+                    raise UserError(
+                        f"{path}: not valid UTF-8 at byte {fed - pending + e.start}{where}"
+                        + f" ({e.object[e.start:e.start + 4]!r}); convert it to UTF-8 or set encoding_errors=replace "
+                        "to turn bad bytes into U+FFFD") from None
+                fed += len(data)
+                carry = "\r" if data and text.endswith("\r") else ""  # its LF may open the next chunk
+                if carry:
+                    text = text[:-1]
+                if text:
+                    yield text.replace("\r\n", "\n").replace("\r", "\n")
+                if not data:
+                    break
+            while hashing is not None and source.read(CHUNK_BYTES):  # hash what a .gz holds after its end
+                pass
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
+def scan(path: fs.Path, encoding_errors: str = "strict") -> Source:
+    """Reads a file once, a chunk at a time: its hash, size and character count.
+
+    Raises:
+        UserError: as `read_document`.
+    """
+    hashing = _Hashing(None)
+    chars, has_text = 0, False
+    for text in _text_chunks(path, encoding_errors, hashing):
+        chars += len(text)
+        has_text = has_text or not text.isspace()
+    return Source(path=str(path.resolve()), sha256=hashing.digest.hexdigest(), size=hashing.size,
+                  chars=chars, has_text=has_text)
+
+
+def scan_corpus(patterns: Sequence[str], encoding_errors: str = "strict") -> tuple[list[fs.Path], list[Source]]:
+    """Scans every file of a corpus (constant memory): their paths and what the manifest records.
+
+    Raises:
+        UserError: a missing or undecodable file, or no text at all.
+    """
+    paths = resolve_paths(patterns)
+    sources = [scan(p, encoding_errors) for p in paths]
+    if not any(s.has_text for s in sources):
+        names = ", ".join(p.name for p in paths[:5])
+        raise UserError(f"the corpus is empty: {names} hold no text; pass files that contain text")
+    return paths, sources
+
+
+def iter_lines(path: fs.Path, encoding_errors: str = "strict") -> Iterator[str]:
+    """The lines of a file's decoded text with their line breaks, as `text.splitlines(keepends=True)`."""
+    rest = ""
+    for text in _text_chunks(path, encoding_errors):
+        lines = (rest + text).splitlines(keepends=True)
+        rest = lines.pop() if lines[-1][-1] not in LINE_BREAKS else ""
+        yield from lines
+    if rest:
+        yield rest
+
+
+def _cut(doc: int, lines: Iterable[str], target: int) -> Iterator[Block]:
+    """Blocks of whole lines of one document, each ending once it reaches `target` characters."""
+    part: list[str] = []
+    size = 0
+    for line in lines:
+        part.append(line)
+        size += len(line)
+        if size >= target:
+            yield Block(doc, "".join(part))
+            part, size = [], 0
+    if part:
+        yield Block(doc, "".join(part))
+
+
+_LINE_BREAK = re.compile("[" + "".join(sorted(LINE_BREAKS)) + "]")
+
+
+def _cut_chunks(doc: int, chunks: Iterable[str], target: int) -> Iterator[Block]:
+    """`_cut` on a document's text chunks, without splitting it into lines: a block ends at the
+    first line break at or after its `target`-th character (the line that reaches `target`)."""
+    part: list[str] = []
+    size = 0
+    for chunk in chunks:
+        pos = 0
+        while True:
+            found = _LINE_BREAK.search(chunk, pos + max(0, target - 1 - size))
+            if found is None:
+                break
+            part.append(chunk[pos:found.end()])
+            yield Block(doc, "".join(part))
+            part, size, pos = [], 0, found.end()
+        part.append(chunk[pos:])
+        size += len(chunk) - pos
+    if size:
+        yield Block(doc, "".join(part))
+
+
+def block_target(total_chars: int, num_blocks: int) -> int:
+    return max(1, total_chars // max(1, num_blocks))
+
+
+def iter_blocks(paths: Sequence[fs.Path], target: int, encoding_errors: str = "strict") -> Iterator[Block]:
+    """`make_blocks`'s blocks, streamed from the files (`target` from `block_target`)."""
+    for i, path in enumerate(paths):
+        yield from _cut_chunks(i, _text_chunks(path, encoding_errors), target)
+
+
 @dataclasses.dataclass(frozen=True)
 class Block:
     """A contiguous run of whole lines of one document."""
@@ -132,20 +303,26 @@ def make_blocks(docs: Sequence[Document], num_blocks: int) -> list[Block]:
     Blocks never cross a document boundary, so a document's end is always a
     block's end.
     """
-    total = sum(len(d.text) for d in docs)
-    target = max(1, total // max(1, num_blocks))
-    blocks = []
-    for i, doc in enumerate(docs):
-        lines = doc.text.splitlines(keepends=True)
-        start = size = 0
-        for j, line in enumerate(lines):
-            size += len(line)
-            if size >= target:
-                blocks.append(Block(i, "".join(lines[start:j + 1])))
-                start, size = j + 1, 0
-        if start < len(lines):
-            blocks.append(Block(i, "".join(lines[start:])))
-    return [b for b in blocks if b.text]
+    target = block_target(sum(len(d.text) for d in docs), num_blocks)
+    return [b for i, doc in enumerate(docs) for b in _cut(i, doc.text.splitlines(keepends=True), target) if b.text]
+
+
+def validation_blocks(num_blocks: int, val_fraction: float, seed: int) -> list[int]:
+    """Indices of the blocks held out for validation, sorted (a seeded draw).
+
+    Raises:
+        ConfigError: val_fraction out of range, or too little text to hold any out.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError("val_fraction", val_fraction, "expected a fraction in [0, 1), such as 0.1")
+    if val_fraction == 0.0:
+        return []
+    num_val = max(1, round(val_fraction * num_blocks))
+    if num_val >= num_blocks:
+        raise ConfigError("val_fraction", val_fraction, f"the corpus has too few lines ({num_blocks} blocks) "
+                          "to hold this out for validation; add text or lower it")
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(num_blocks, size=num_val, replace=False))
 
 
 def split_blocks(blocks: Sequence[Block], val_fraction: float, seed: int) -> tuple[list[Block], list[Block], list[int]]:
@@ -156,16 +333,7 @@ def split_blocks(blocks: Sequence[Block], val_fraction: float, seed: int) -> tup
     Raises:
         UserError: val_fraction out of range, or too little text to hold any out.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError("val_fraction", val_fraction, "expected a fraction in [0, 1), such as 0.1")
-    if val_fraction == 0.0:
-        return list(blocks), [], []
-    num_val = max(1, round(val_fraction * len(blocks)))
-    if num_val >= len(blocks):
-        raise ConfigError("val_fraction", val_fraction, f"the corpus has too few lines ({len(blocks)} blocks) "
-                          "to hold this out for validation; add text or lower it")
-    rng = np.random.default_rng(seed)
-    val_idx = sorted(int(i) for i in rng.choice(len(blocks), size=num_val, replace=False))
+    val_idx = validation_blocks(len(blocks), val_fraction, seed)
     val_set = set(val_idx)
     train = [b for i, b in enumerate(blocks) if i not in val_set]
     val = [blocks[i] for i in val_idx]

@@ -40,6 +40,7 @@ import typing
 from typing import Any, Iterable, Literal, Sequence
 
 import keras_nlp
+import numpy as np
 import tensorflow as tf
 # keras-nlp's tokenizers turn their eager outputs into Python values with it; ours do the same.
 from keras_hub.src.utils.tensor_utils import preprocessing_function
@@ -286,13 +287,12 @@ def learn(config: TokenizerConfig, lines: Iterable[str], directory: fs.Path) -> 
         UserError: the vocabulary size does not fit the corpus.
     """
     config.validate()
-    lines = [line for line in lines if line.strip()]
     size = config.vocab_size
+    if config.kind not in ("char", "byte"):  # the trainers take their text whole
+        lines = [line for line in lines if line.strip()]
     if config.kind == "char":
-        counts = collections.Counter()
-        for line in lines:
-            counts.update(line)
-        counts.update("\n")  # lines were split on it; keep it in the vocabulary
+        counts = _count_characters(lines)
+        counts["\n"] += 1  # lines were split on it; keep it in the vocabulary
         chars = sorted(counts, key=lambda c: (-counts[c], ord(c)))
         if size:
             chars = chars[:size - len(RESERVED_TOKENS)]
@@ -326,6 +326,31 @@ def learn(config: TokenizerConfig, lines: Iterable[str], directory: fs.Path) -> 
         "requested_vocab_size": config.vocab_size, "reserved_tokens": list(RESERVED_TOKENS),
         "special_ids": {"pad": PAD_ID, "eos": EOS_ID},
     })
+
+
+def _count_characters(lines: Iterable[str], batch_chars: int = 1 << 22) -> collections.Counter:
+    """How often each character occurs in the lines that are not blank: counted as the lines
+    stream by (the whole training text is never held), a few MB at a time by code point."""
+    counts = collections.Counter()
+    batch: list[str] = []
+    held = 0
+
+    def flush():
+        points = np.frombuffer("".join(batch).encode("utf-32-le"), np.uint32)
+        seen = np.bincount(points)
+        for point in np.flatnonzero(seen):
+            counts[chr(point)] += int(seen[point])
+
+    for line in lines:
+        if line.strip():
+            batch.append(line)
+            held += len(line)
+            if held >= batch_chars:
+                flush()
+                batch, held = [], 0
+    if batch:
+        flush()
+    return counts
 
 
 def _learn_bpe(lines: Sequence[str], size: int, directory: fs.Path) -> int:

@@ -140,7 +140,7 @@ def test_not_utf8_then_replace_goes_on(tmp_path, capsys):
 def test_cli_prints_a_summary_for_people_and_json_for_scripts(tmp_path, capsys, corpus_file):
     code, out, err = run_cli(capsys, "prepare", f"--corpus={corpus_file}", f"--workdir={tmp_path / 'run'}")
     assert code == 0, err
-    assert "train" in err and "vocabulary" in err and "tokenizing train" in err
+    assert "train" in err and "vocabulary" in err and "tokenizing the corpus" in err
     result = json.loads(out)
     manifest = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())
     assert result == {"workdir": str(tmp_path / "run"), "reused": False,
@@ -149,3 +149,62 @@ def test_cli_prints_a_summary_for_people_and_json_for_scripts(tmp_path, capsys, 
                       "val_tokens": manifest["splits"]["val"]["tokens"]}
     code, out, err = run_cli(capsys, "prepare", f"--corpus={corpus_file}", f"--workdir={tmp_path / 'run'}")
     assert code == 0 and json.loads(out)["reused"] is True
+
+
+def _shard_tokens(run, split):
+    import numpy as np
+    import tensorflow as tf
+
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    records = [np.frombuffer(r.numpy(), "<i4") for f in manifest["splits"][split]["files"]
+               for r in tf.data.TFRecordDataset(str(run / "data" / f), "GZIP")]
+    return np.concatenate(records).tolist()
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_streamed_shards_hold_each_splits_blocks_tokenized_whole(tmp_path, english_text, monkeypatch, kind):
+    """prepare reads a chunk at a time and tokenizes a block in pieces; the shards still hold what
+    the definition says: the corpus's blocks of whole lines, split by seed, each block tokenized
+    whole, [EOS] after a document's last block in its split."""
+    import gzip
+
+    from pipelines import corpus
+
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 257)  # chunk ends inside lines, CRLFs and UTF-8 sequences
+    monkeypatch.setattr(prepare_lib, "PIECE_CHARS", 300)  # every block cut into pieces
+    first = tmp_path / "a.txt.gz"
+    first.write_bytes(gzip.compress(("\ufeff" + english_text[:9000]).replace("\n", "\r\n").encode()))
+    second = tmp_path / "b.txt"
+    # Blank lines before indented ones: GPT-2's split makes "\n\n " one piece, a cut between the
+    # line breaks would not.
+    verse = "".join(f"line {i}\n\n    indented {i}\n" for i in range(150))
+    second.write_text("naïve café — 漢字\n" + verse + english_text[9000:], encoding="utf-8")
+    cfg = prepare_lib.PrepareConfig(corpus=(str(first), str(second)), num_blocks=12, val_fraction=0.25, seed=1,
+                                    tokenizer=tokenizers.TokenizerConfig(kind, 1000 if kind == "bpe" else 0))
+    prepare_lib.prepare(cfg, tmp_path / "run")
+
+    docs = corpus.read_corpus(cfg.corpus)
+    train, val, _ = corpus.split_blocks(corpus.make_blocks(docs, cfg.num_blocks), cfg.val_fraction, cfg.seed)
+    tokenizer = tokenizers.load(tmp_path / "run" / "tokenizer")
+    for split, blocks in (("train", train), ("val", val)):
+        expected = []
+        for i, block in enumerate(blocks):
+            expected += [int(t) for t in tokenizer.tokenize(block.text)]
+            if i + 1 == len(blocks) or blocks[i + 1].doc != block.doc:
+                expected.append(tokenizer.eos_id)
+        assert _shard_tokens(tmp_path / "run", split) == expected
+
+
+def test_a_large_corpus_teaches_the_tokenizer_from_a_spread_sample(tmp_path, english_text, monkeypatch):
+    learned = []
+    learn = tokenizers.learn
+    monkeypatch.setattr(tokenizers, "learn", lambda cfg, lines, d: learn(cfg, learned.extend(lines) or learned, d))
+    monkeypatch.setattr(prepare_lib, "LEARN_SAMPLE_CHARS", 4000)
+    (tmp_path / "c.txt").write_text(english_text, encoding="utf-8")
+    prepare_lib.prepare(config(tmp_path / "c.txt", kind="bpe", num_blocks=20, val_fraction=0.1), tmp_path / "run")
+    train_chars = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())["splits"]["train"]["chars"]
+    sample = sum(len(line) + 1 for line in learned)
+    assert 4000 * 0.5 < sample < 4000 * 1.5 < train_chars  # about the cap, from a corpus many times larger
+    lines = english_text.splitlines()
+    where = sorted({lines.index(line) for line in learned if line.strip() and lines.count(line) == 1})
+    assert where[0] < len(lines) // 4 and where[-1] > 3 * len(lines) // 4  # spread over the corpus, not its start
