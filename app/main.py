@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "pipeline": ("app.pipeline", "run every stage from one YAML/JSON config; finished stages are not redone"),
     "doctor": ("app.doctor", "check versions, the Keras setting, GPUs and the runtimes; say how to fix"),
     "launch": ("app.launch", "start N local workers of a command with TF_CONFIG (multi-worker dev)"),
+    "data-service": ("app.data_service", "run a tf.data service (dispatcher, workers) that prepares training batches"),
 }
 
 

@@ -28,7 +28,7 @@ import tensorflow as tf
 import models
 from models.backend import keras
 from pipelines import callbacks as callbacks_lib
-from pipelines import checkpoints, dataset, evaluate
+from pipelines import checkpoints, data_service, dataset, evaluate
 from pipelines import strategy as strategy_lib
 from pipelines import training
 from pipelines import workdir as workdir_lib
@@ -120,6 +120,8 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     """
     progress = progress or Progress()
     config.validate()
+    if config.data_service:  # before anything is written: without a dispatcher training would wait forever
+        config = dataclasses.replace(config, data_service=data_service.check_address(config.data_service))
     wd = workdir_lib.Workdir(workdir)
     config = config.for_model(model_config, pretrained=wd.is_imported())
     manifest = wd.read_manifest()
@@ -178,6 +180,10 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
 
     epochs = math.ceil(config.steps / steps_per_epoch)
     train_ds = dataset.train_dataset(wd.root, seq_len, global_batch, seed=config.seed)
+    if config.data_service:
+        job = f"lmstack-train:{wd.root}:{config.seed}"  # one job per run: its workers share the batches
+        train_ds = data_service.distribute(train_ds, config.data_service, job)
+        progress.note(f"training batches from the tf.data service at {config.data_service} (job {job})")
     val_ds = val_steps = None
     if config.eval_every and config.eval_batches:
         val_ds = dataset.val_dataset(wd.root, seq_len, global_batch // config.grad_accum_steps).take(

@@ -49,6 +49,8 @@ class TrainConfig(strategy_lib.Devices):
         keep_checkpoints: checkpoints kept in checkpoints/.
         seed: model initialization and data order.
         profile_steps: FIRST,LAST steps to trace with the TF profiler (TensorBoard); '' for none.
+        data_service: grpc://HOST:PORT of a tf.data service dispatcher (`lmstack data-service`): its
+            workers prepare the training batches ('': this process does).
     """
     steps: int = 1000
     batch_size: int = 32
@@ -64,6 +66,7 @@ class TrainConfig(strategy_lib.Devices):
     keep_checkpoints: int = 3
     seed: int = 0
     profile_steps: str = ""
+    data_service: str = ""
 
     def validate(self) -> None:
         check_at_least(self, 1, "steps", "batch_size", "grad_accum_steps", "checkpoint_every", "keep_checkpoints")
