@@ -39,7 +39,7 @@ SPLITS = ("train", "val")
 # Tokenizers other than char learn from at most this much training text: a sample of whole blocks
 # spread over the corpus when it holds more (their trainers keep their text in memory).
 LEARN_SAMPLE_CHARS = 50_000_000
-# Blocks are tokenized in pieces of about this many characters (`_pieces`).
+# Blocks are tokenized in pieces of about this many characters (`text_pieces`).
 PIECE_CHARS = 1 << 20
 # zlib level of the shards: 3 writes int32 token records ~3x faster than the default 6, files ~17 % larger.
 SHARD_GZIP_LEVEL = 3
@@ -93,7 +93,7 @@ class PrepareResult:
 
 
 def prepare(config: PrepareConfig, workdir: str | os.PathLike, overwrite: bool = False,
-            progress: Progress | None = None) -> PrepareResult:
+            progress: Progress | None = None, runner: str = "", beam_options: Sequence[str] = ()) -> PrepareResult:
     """Builds (or reuses) the tokenizer and token shards of a workdir.
 
     Args:
@@ -102,6 +102,8 @@ def prepare(config: PrepareConfig, workdir: str | os.PathLike, overwrite: bool =
         overwrite: replace a workdir prepared from other inputs (and every later
             stage's outputs in it, which were built from the old data).
         progress: where progress goes; silent by default.
+        runner: tokenize and write the shards as an Apache Beam pipeline on this runner (same shards).
+        beam_options: the runner's pipeline options.
     Returns:
         The manifest and whether the existing workdir was reused.
     Raises:
@@ -110,12 +112,18 @@ def prepare(config: PrepareConfig, workdir: str | os.PathLike, overwrite: bool =
     progress = progress or Progress()
     config.validate()
     wd = workdir_lib.Workdir(workdir)
+    if runner:
+        try:
+            from pipelines import beam_prepare
+        except ImportError:
+            raise UserError("--runner needs Apache Beam: pip install 'lmstack[beam]'") from None
+        beam_prepare.check(runner, beam_options, wd.root, corpus_lib.resolve_paths(config.corpus))
     paths, sources = corpus_lib.scan_corpus(config.corpus, config.encoding_errors)
     progress.note(f"read {len(sources)} file(s), {sum(s.size for s in sources) / 1e6:.1f} MB")
     fingerprint = _fingerprint(config, sources)
 
     if wd.is_imported():
-        return _prepare_imported(config, wd, paths, sources, fingerprint, overwrite, progress)
+        return _prepare_imported(config, wd, paths, sources, fingerprint, overwrite, progress, runner, beam_options)
     if wd.root.exists():
         _check_existing(wd, fingerprint, overwrite)
         if wd.is_prepared() and not overwrite:
@@ -125,7 +133,8 @@ def prepare(config: PrepareConfig, workdir: str | os.PathLike, overwrite: bool =
     try:
         with workdir_lib.publish_dir(wd.tokenizer_dir, replace=True) as tok_dir, \
                 workdir_lib.publish_dir(wd.data_dir, replace=True) as data_dir:
-            manifest = _build(config, paths, sources, fingerprint, tok_dir, data_dir, progress)
+            manifest = _build(config, paths, sources, fingerprint, tok_dir, data_dir, progress, runner=runner,
+                              beam_options=beam_options)
             # Old outputs (with --overwrite) or uncommitted leftovers of a crashed run.
             removed = workdir_lib.remove_stage_outputs(wd)
             if removed and overwrite:
@@ -143,7 +152,8 @@ def prepare(config: PrepareConfig, workdir: str | os.PathLike, overwrite: bool =
 
 def _prepare_imported(config: PrepareConfig, wd: workdir_lib.Workdir, paths: Sequence[fs.Path],
                       sources: Sequence[corpus_lib.Source],
-                      fingerprint: str, overwrite: bool, progress: Progress) -> PrepareResult:
+                      fingerprint: str, overwrite: bool, progress: Progress, runner: str = "",
+                      beam_options: Sequence[str] = ()) -> PrepareResult:
     """Token shards for a workdir made by `lmstack import`, with its own tokenizer.
 
     Only data/ is (re)built: the model and tokenizer came from the checkpoint,
@@ -160,7 +170,8 @@ def _prepare_imported(config: PrepareConfig, wd: workdir_lib.Workdir, paths: Seq
         raise UserError(f"{wd.root} was prepared from other inputs or settings; pass --overwrite to replace "
                         "its data (the imported model and what was trained from it stay)")
     with workdir_lib.publish_dir(wd.data_dir, replace=True) as data_dir:
-        manifest = _build(config, paths, sources, fingerprint, wd.tokenizer_dir, data_dir, progress, learn=False)
+        manifest = _build(config, paths, sources, fingerprint, wd.tokenizer_dir, data_dir, progress, learn=False,
+                          runner=runner, beam_options=beam_options)
     wd.update_config("prepare", config.to_json() | {"fingerprint": fingerprint})
     return PrepareResult(wd, manifest, reused=False)
 
@@ -204,74 +215,114 @@ def _fingerprint(config: PrepareConfig, sources: Sequence[corpus_lib.Source]) ->
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _build(config: PrepareConfig, paths: Sequence[fs.Path], sources: Sequence[corpus_lib.Source], fingerprint: str,
-           tok_dir: fs.Path, data_dir: fs.Path, progress: Progress, learn: bool = True) -> dict[str, Any]:
-    """Tokenizer and shards from a corpus streamed a block at a time: memory does not grow with the corpus.
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the passes before tokenizing decide: the blocks (by index, in corpus order) and their splits.
 
-    The files are read three times (blocks' sizes, learning, tokenizing); token ids wait in a local
-    scratch file (2 or 4 bytes a token) until each split's count fixes the shard bounds.
+    Attributes:
+        target: characters a block reaches before it ends (at the end of that line).
+        sizes: characters of each block.
+        doc_of: the document (input file) of each block.
+        split_of: "train" or "val" for each block.
+        val_blocks: indices of the validation blocks.
+        eos_after: blocks that close their document within their split ([EOS] follows them).
     """
-    errors = config.encoding_errors
+    target: int
+    sizes: list[int]
+    doc_of: list[int]
+    split_of: list[str]
+    val_blocks: list[int]
+    eos_after: frozenset[int]
+
+
+def shard_bounds(count: int, config: PrepareConfig, split: str) -> np.ndarray:
+    """Token offsets where a split of `count` tokens' shards start (and the last ends): contiguous, even."""
+    min_shards = config.min_train_shards if split == "train" else config.min_val_shards
+    num = min(count, max(min_shards, math.ceil(count / config.shard_tokens)))
+    return np.linspace(0, count, num + 1).astype(np.int64)
+
+
+def plan(config: PrepareConfig, paths: Sequence[fs.Path], sources: Sequence[corpus_lib.Source]) -> Plan:
+    """Reads the corpus once more (streamed) for its blocks' sizes; draws the validation blocks."""
     target = corpus_lib.block_target(sum(s.chars for s in sources), config.num_blocks)
-
-    def blocks():
-        return corpus_lib.iter_blocks(paths, target, errors)
-
     sizes, doc_of = [], []
-    for block in blocks():
+    for block in corpus_lib.iter_blocks(paths, target, config.encoding_errors):
         sizes.append(len(block.text))
         doc_of.append(block.doc)
-    val_idx = corpus_lib.validation_blocks(len(sizes), config.val_fraction, config.seed)
+    val_blocks = corpus_lib.validation_blocks(len(sizes), config.val_fraction, config.seed)
     split_of = ["train"] * len(sizes)
-    for i in val_idx:
+    for i in val_blocks:
         split_of[i] = "val"
+    last = {(doc, split): i for i, (doc, split) in enumerate(zip(doc_of, split_of))}
+    return Plan(target, sizes, doc_of, split_of, val_blocks, frozenset(last.values()))
 
+
+def _build(config: PrepareConfig, paths: Sequence[fs.Path], sources: Sequence[corpus_lib.Source], fingerprint: str,
+           tok_dir: fs.Path, data_dir: fs.Path, progress: Progress, learn: bool = True,
+           runner: str = "", beam_options: Sequence[str] = ()) -> dict[str, Any]:
+    """Tokenizer and shards from a corpus streamed a block at a time: memory does not grow with the corpus.
+
+    The files are read three times (blocks' sizes, learning, tokenizing). Tokenizing and writing the
+    shards run here (`_write_local`) or as an Apache Beam pipeline on `runner` (`beam_prepare`),
+    which writes the same shards.
+    """
+    blocks = plan(config, paths, sources)
     if learn:
         progress.note(f"learning the {config.tokenizer.kind} tokenizer on the training text")
-        tokenizers.learn(config.tokenizer, _learning_lines(blocks(), split_of, sizes, config.tokenizer.kind), tok_dir)
-    tokenizer = tokenizers.load(tok_dir)
+        lines = _learning_lines(corpus_lib.iter_blocks(paths, blocks.target, config.encoding_errors),
+                                blocks.split_of, blocks.sizes, config.tokenizer.kind)
+        tokenizers.learn(config.tokenizer, lines, tok_dir)
+    if runner:
+        from pipelines import beam_prepare
 
-    # [EOS] closes each document's last block in its split.
-    last = {}
-    for i, (doc, split) in enumerate(zip(doc_of, split_of)):
-        last[doc, split] = i
-    eos_after = {i for i in last.values()}
-    dtype = np.uint16 if tokenizer.vocabulary_size() <= 1 << 16 else np.int32
-    with tempfile.TemporaryDirectory(prefix="lmstack-prepare-") as scratch:
-        files = {name: open(os.path.join(scratch, name), "wb") for name in SPLITS}  # noqa: SIM115
-        counts = dict.fromkeys(SPLITS, 0)
-        try:
-            for i, ids, eos in _tokenized(tokenizer, blocks(), config.tokenizer.kind, eos_after):
-                if eos:
-                    ids = np.append(ids, tokenizer.eos_id)
-                ids.astype(dtype).tofile(files[split_of[i]])
-                counts[split_of[i]] += ids.size
-                progress.count("tokenizing the corpus", i + 1, len(sizes), "blocks")
-        finally:
-            for f in files.values():
-                f.close()
-        splits = {}
-        for name, min_shards in (("train", config.min_train_shards), ("val", config.min_val_shards)):
-            names, shard_sizes = _write_shards(os.path.join(scratch, name), dtype, counts[name], data_dir, name,
-                                               config, min_shards, progress)
-            members = [i for i, split in enumerate(split_of) if split == name]
-            splits[name] = {
-                "files": names, "shard_tokens": shard_sizes, "tokens": counts[name],
-                "chars": sum(sizes[i] for i in members),
-                "documents": len({doc_of[i] for i in members}), "blocks": len(members),
-            }
+        written = beam_prepare.tokenize_and_write(config, paths, blocks, tok_dir, data_dir, runner, beam_options,
+                                                  progress)
+    else:
+        written = _write_local(config, paths, blocks, tokenizers.load(tok_dir), data_dir, progress)
+    splits = {}
+    for name in SPLITS:
+        members = [i for i, split in enumerate(blocks.split_of) if split == name]
+        names, shard_sizes = written[name]
+        splits[name] = {
+            "files": names, "shard_tokens": shard_sizes, "tokens": sum(shard_sizes),
+            "chars": sum(blocks.sizes[i] for i in members),
+            "documents": len({blocks.doc_of[i] for i in members}), "blocks": len(members),
+        }
     manifest = {
         "format": MANIFEST_FORMAT,
         "fingerprint": fingerprint,
         "sources": [{"path": s.path, "sha256": s.sha256, "bytes": s.size} for s in sources],
         "tokenizer": tokenizers.load_config(tok_dir),
         "split": {"val_fraction": config.val_fraction, "seed": config.seed,
-                  "blocks": len(sizes), "val_blocks": val_idx},
+                  "blocks": len(blocks.sizes), "val_blocks": blocks.val_blocks},
         "record_tokens": config.record_tokens,
         "splits": splits,
     }
     workdir_lib.write_json(data_dir / workdir_lib.MANIFEST_FILE, manifest)
     return manifest
+
+
+def _write_local(config: PrepareConfig, paths: Sequence[fs.Path], blocks: Plan, tokenizer, data_dir: fs.Path,
+                 progress: Progress) -> dict[str, tuple[list[str], list[int]]]:
+    """Tokenizes in this process; ids wait in a local scratch file (2 or 4 bytes a token) until each
+    split's count fixes the shard bounds. Returns split -> (shard files, tokens per shard)."""
+    dtype = np.uint16 if tokenizer.vocabulary_size() <= 1 << 16 else np.int32
+    stream = corpus_lib.iter_blocks(paths, blocks.target, config.encoding_errors)
+    with tempfile.TemporaryDirectory(prefix="lmstack-prepare-") as scratch:
+        files = {name: open(os.path.join(scratch, name), "wb") for name in SPLITS}  # noqa: SIM115
+        counts = dict.fromkeys(SPLITS, 0)
+        try:
+            for i, ids, eos in _tokenized(tokenizer, stream, config.tokenizer.kind, blocks.eos_after):
+                if eos:
+                    ids = np.append(ids, tokenizer.eos_id)
+                ids.astype(dtype).tofile(files[blocks.split_of[i]])
+                counts[blocks.split_of[i]] += ids.size
+                progress.count("tokenizing the corpus", i + 1, len(blocks.sizes), "blocks")
+        finally:
+            for f in files.values():
+                f.close()
+        return {name: _write_shards(os.path.join(scratch, name), dtype, shard_bounds(counts[name], config, name),
+                                    data_dir, name, config, progress) for name in SPLITS}
 
 
 def _learning_lines(blocks: Iterator[corpus_lib.Block], split_of: Sequence[str], sizes: Sequence[int],
@@ -295,7 +346,7 @@ def _tokenized(tokenizer, blocks: Iterator[corpus_lib.Block], kind: str, eos_aft
     """
     def pieces():
         for i, block in enumerate(blocks):
-            parts = [block.text] if kind == "sentencepiece" else _pieces(block.text, PIECE_CHARS)
+            parts = [block.text] if kind == "sentencepiece" else text_pieces(block.text, PIECE_CHARS)
             for k, part in enumerate(parts):
                 yield i, part, i in eos_after and k == len(parts) - 1
 
@@ -307,7 +358,7 @@ def _tokenized(tokenizer, blocks: Iterator[corpus_lib.Block], kind: str, eos_aft
         yield int(i), ids, bool(eos)
 
 
-def _pieces(text: str, size: int) -> list[str]:
+def text_pieces(text: str, size: int) -> list[str]:
     """`text` cut into pieces of about `size` characters, each cut just after a line break that sits
     between two non-space characters: no tokenizer here (char, byte, WordPiece, GPT-2's BPE) joins
     tokens across one, so the pieces' tokens are the whole text's."""
@@ -342,23 +393,29 @@ def tokenize_blocks(tokenizer, blocks: Sequence[corpus_lib.Block], split: str,
     return np.concatenate(pieces)
 
 
-def _write_shards(scratch: str, dtype, count: int, out: fs.Path, split: str, config: PrepareConfig,
-                  min_shards: int, progress: Progress) -> tuple[list[str], list[int]]:
-    """Cuts the split's token stream (a scratch file of `count` ids) into contiguous shards of GZIP'd
-    TFRecords of raw int32 records, reading a record at a time."""
-    if count == 0:
-        return [], []
-    num = min(count, max(min_shards, math.ceil(count / config.shard_tokens)))
-    bounds = np.linspace(0, count, num + 1).astype(np.int64)
-    files, sizes = [], []
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.tfrecord.gz"
+
+
+def write_shard(path: fs.Path, tokens: np.ndarray, record_tokens: int) -> None:
+    """One shard: GZIP'd TFRecords of raw little-endian int32 records of `record_tokens` tokens."""
     options = tf.io.TFRecordOptions(compression_type="GZIP", compression_level=SHARD_GZIP_LEVEL)
+    with tf.io.TFRecordWriter(str(path), options) as writer:
+        for start in range(0, tokens.size, record_tokens):
+            writer.write(tokens[start:start + record_tokens].astype("<i4").tobytes())
+
+
+def _write_shards(scratch: str, dtype, bounds: np.ndarray, out: fs.Path, split: str, config: PrepareConfig,
+                  progress: Progress) -> tuple[list[str], list[int]]:
+    """Cuts the split's token stream (a scratch file) into contiguous shards at `bounds`, reading a
+    shard at a time."""
+    num = len(bounds) - 1
+    files, sizes = [], []
     with open(scratch, "rb") as source:
         for i in range(num):
-            name = f"{split}-{i:05d}-of-{num:05d}.tfrecord.gz"
-            with tf.io.TFRecordWriter(str(out / name), options) as writer:
-                for start in range(bounds[i], bounds[i + 1], config.record_tokens):
-                    n = min(config.record_tokens, bounds[i + 1] - start)
-                    writer.write(np.fromfile(source, dtype, count=n).astype("<i4").tobytes())
+            name = shard_name(split, i, num)
+            write_shard(out / name, np.fromfile(source, dtype, count=int(bounds[i + 1] - bounds[i])),
+                        config.record_tokens)
             files.append(name)
             sizes.append(int(bounds[i + 1] - bounds[i]))
             progress.count(f"writing {split} shards", i + 1, num)

@@ -55,12 +55,32 @@ TEST_BUCKETS = dict(batch_buckets=(1, 4), length_buckets=(16, 32))
 
 
 def tiny_export(family: str, tmp_path_factory, text: str) -> tuple[pathlib.Path, pathlib.Path]:
-    """(workdir, WORKDIR/export/lm/1) of a trained tiny model, made once per test session."""
+    """(workdir, WORKDIR/export/lm/1) of a trained tiny model, made once per test session.
+
+    The first pytest-xdist worker to ask builds it in the session's shared temporary
+    directory (the others wait on a file lock); each worker then works on its own copy.
+    """
     if family not in _EXPORTS:
+        import fcntl
+        import os
+        import shutil
+
         from serving.exporters import savedmodel
 
-        workdir = trained_workdir(tmp_path_factory.mktemp(f"export-{family}"), text, family)
-        _EXPORTS[family] = (workdir, savedmodel.export(workdir, savedmodel.ExportConfig(**TEST_BUCKETS)))
+        session = tmp_path_factory.getbasetemp()
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            session = session.parent  # pytest-N/, shared by this session's workers only
+        shared = session / f"shared-export-{family}"
+        with open(f"{shared}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (shared / "built").exists():
+                shutil.rmtree(shared, ignore_errors=True)
+                shared.mkdir()
+                savedmodel.export(trained_workdir(shared, text, family), savedmodel.ExportConfig(**TEST_BUCKETS))
+                (shared / "built").touch()
+        workdir = tmp_path_factory.mktemp(f"export-{family}") / "run"
+        shutil.copytree(shared / "run", workdir)
+        _EXPORTS[family] = (workdir, workdir / "export" / "lm" / "1")
     return _EXPORTS[family]
 
 

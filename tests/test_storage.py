@@ -52,8 +52,6 @@ def test_every_stage_runs_on_a_ram_workdir(tmp_path, corpus_file, capsys, monkey
     cli("tflite")
     assert tf.io.gfile.exists(f"{run}/tflite/transformer-float32.tflite")
     assert cli(*generate, "--backend=tflite") == keras_text
-    on_device = json.loads(cli("evaluate", "--backend=tflite").strip().splitlines()[-1])
-    assert on_device["loss"] == pytest.approx(evaluated["loss"], rel=1e-3)
 
     assert list(cwd.iterdir()) == []
     leftovers = [n for n in _names_under(run) if "-staging-" in n or n.endswith(".tmp")]
