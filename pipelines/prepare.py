@@ -116,7 +116,7 @@ def prepare(config: PrepareConfig, workdir: str | os.PathLike, overwrite: bool =
         try:
             from pipelines import beam_prepare
         except ImportError:
-            raise UserError("--runner needs Apache Beam: pip install 'lmstack[beam]'") from None
+            raise ConfigError("runner", runner, "needs Apache Beam: pip install 'lmstack[beam]'") from None
         beam_prepare.check(runner, beam_options, wd.root, corpus_lib.resolve_paths(config.corpus))
     paths, sources = corpus_lib.scan_corpus(config.corpus, config.encoding_errors)
     progress.note(f"read {len(sources)} file(s), {sum(s.size for s in sources) / 1e6:.1f} MB")

@@ -54,7 +54,7 @@ def test_every_field_is_a_flag_with_its_default_type_and_help(module):
             elif hints[field.name] in (int, "int"):
                 assert flag.flag_type() == "int", name
     # Nothing else but the command's own (workdir, progress, ...).
-    own = {"workdir", "progress", "overwrite", "epochs", "model", "preset"}
+    own = {"workdir", "progress", "overwrite", "epochs", "model", "preset", "runner", "beam_options"}
     names = {prepare.TOKENIZER.get(f.name, f.name) for cls, exclude in COMMANDS[module]
              for f in dataclasses.fields(cls) if f.name not in exclude}
     extra = set(fv) - names - own
