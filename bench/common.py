@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -30,6 +32,30 @@ def untrained_export(root: pathlib.Path, family: str, preset: str, export_base: 
     config = models.make_config(family, preset, vocab)
     checkpoints.save(workdir, models.build(config), config, step=1)
     return workdir, savedmodel.export(workdir, savedmodel.ExportConfig(export_base=export_base))
+
+
+def measured_lmstack(*argv: str) -> dict:
+    """Runs one `lmstack` command as its own process: its wall seconds, its own peak resident MB
+    (`os.wait4`'s rusage: no other process counted) and its last stdout line (parsed if JSON).
+
+    Raises:
+        SystemExit: the command failed (with the end of its stderr).
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        began = time.perf_counter()
+        child = subprocess.Popen([sys.executable, "-m", "app", *argv], cwd=ROOT, stdout=out, stderr=err)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - began
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise SystemExit(f"lmstack {' '.join(argv)} failed:\n{err.read()[-3000:]}")
+        out.seek(0)
+        lines = out.read().strip().splitlines()
+    try:
+        result = json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        result = {"output": lines[-1]}
+    return {"seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "result": result}  # ru_maxrss: KB on Linux
 
 
 class Server:

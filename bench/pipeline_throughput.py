@@ -28,7 +28,6 @@ import pathlib
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -102,19 +101,16 @@ def streaming_prepare(root: pathlib.Path, gigabytes: float, text: str) -> dict:
                 f.write(data)
             f.write(data[:per_file % len(data)].rsplit(b"\n", 1)[0] + b"\n")
     nbytes = sum(p.stat().st_size for p in corpus.iterdir())
-    began = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "app", "prepare", f"--corpus={corpus}/*.txt",
-                              f"--workdir={root / f'stream-{gigabytes:g}'}", "--tokenizer=char"],
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - began
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"lmstack prepare of {gigabytes} GB failed")
-    tokens = json.loads((root / f"stream-{gigabytes:g}" / "data" / "manifest.json").read_text())["splits"]
+    from bench.common import measured_lmstack
+
+    run = measured_lmstack("prepare", f"--corpus={corpus}/*.txt", f"--workdir={root / f'stream-{gigabytes:g}'}",
+                           "--tokenizer=char")
     shutil.rmtree(corpus)
     shutil.rmtree(root / f"stream-{gigabytes:g}")
-    return {"gigabytes": round(nbytes / 1e9, 3), "seconds": round(wall, 1), "mb_per_s": round(nbytes / 1e6 / wall, 2),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024), "tokens": sum(s["tokens"] for s in tokens.values())}
+    tokens = run["result"]["train_tokens"] + run["result"]["val_tokens"]
+    return {"gigabytes": round(nbytes / 1e9, 3), "seconds": round(run["seconds"], 1),
+            "mb_per_s": round(nbytes / 1e6 / run["seconds"], 2), "peak_rss_mb": round(run["peak_rss_mb"]),
+            "tokens": tokens}
 
 
 def main() -> None:

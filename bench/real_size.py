@@ -25,35 +25,13 @@ import os
 import pathlib
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 CORPUS = ROOT / "data" / "shakespeare.txt.gz"
 BATCH = 8
-
-
-def lmstack(*argv: str) -> dict:
-    """Runs one `lmstack` command; its wall seconds, peak resident MB and last stdout line (JSON if it is)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        began = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-m", "app", *argv], cwd=ROOT, stdout=out, stderr=err)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - began
-        child.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        if child.returncode != 0:
-            raise SystemExit(f"lmstack {' '.join(argv)} failed:\n{err.read()[-3000:]}")
-        lines = out.read().strip().splitlines()
-    try:
-        result = json.loads(lines[-1]) if lines else {}
-    except json.JSONDecodeError:
-        result = {"output": lines[-1]}
-    # ru_maxrss is in kilobytes on Linux.
-    return {"seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "result": result}
 
 
 def megabytes(path: pathlib.Path) -> float:
@@ -68,13 +46,16 @@ def main() -> None:
     parser.add_argument("--lengths", default="3,11", help="the two step counts whose difference times a step")
     parser.add_argument("--precisions", default="none,bf16", help="--mixed_precision settings to train with")
     args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from bench.common import measured_lmstack
+
     short, long = (int(n) for n in args.lengths.split(","))
     precisions = args.precisions.split(",")
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmstack-bench-real-size-"))
     rows: dict[str, dict] = {}
 
     def stage(name: str, *argv: str) -> dict:
-        rows[name] = lmstack(*argv)
+        rows[name] = measured_lmstack(*argv)
         print(f"{name}: {rows[name]['seconds']:.0f} s, peak {rows[name]['peak_rss_mb']:,.0f} MB", file=sys.stderr)
         return rows[name]
 
