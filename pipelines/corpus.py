@@ -83,29 +83,9 @@ def read_document(path: fs.Path, encoding_errors: str = "strict") -> Document:
     Raises:
         UserError: the file is unreadable, or not UTF-8 with encoding_errors='strict'.
     """
-    if encoding_errors not in ENCODING_ERRORS:
-        check_choice("encoding_errors", encoding_errors, ENCODING_ERRORS)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    data = raw
-    if path.suffix == ".gz":
-        try:
-            data = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise UserError(f"{path}: not a valid gzip file ({e})") from None
-    try:
-        text = data.decode("utf-8-sig", errors=encoding_errors)
-    except UnicodeDecodeError as e:
-        where = "of the decompressed text" if path.suffix == ".gz" else ""
-        raise UserError(
-            f"{path}: not valid UTF-8 at byte {e.start} {where}".rstrip()
-            + f" ({data[e.start:e.start + 4]!r}); convert it to UTF-8 or set encoding_errors=replace "
-            "to turn bad bytes into U+FFFD") from None
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return Document(path=str(path.resolve()), sha256=hashlib.sha256(raw).hexdigest(),
-                    size=len(raw), text=text)
+    hashing = _Hashing()
+    text = "".join(_text_chunks(path, encoding_errors, hashing))
+    return Document(path=str(path.resolve()), sha256=hashing.digest.hexdigest(), size=hashing.size, text=text)
 
 
 def read_corpus(patterns: Sequence[str], encoding_errors: str = "strict") -> list[Document]:
@@ -150,7 +130,7 @@ class Source:
 class _Hashing:
     """A file object that hashes and counts what is read through it."""
 
-    def __init__(self, f):
+    def __init__(self, f=None):
         self.f, self.digest, self.size = f, hashlib.sha256(), 0
 
     def read(self, n: int = -1) -> bytes:
@@ -160,8 +140,9 @@ class _Hashing:
         return data
 
 
-def _text_chunks(path: fs.Path, encoding_errors: str, hashing: _Hashing | None = None) -> Iterator[str]:
-    """The file's decoded text in chunks: the same text `read_document` makes (BOM, CRLF, CR), streamed.
+def _text_chunks(path: fs.Path, encoding_errors: str, hashing: _Hashing) -> Iterator[str]:
+    """The file's decoded text in chunks (BOM removed, CRLF and CR turned into LF); what is read of
+    the file as stored goes through `hashing`.
 
     Raises:
         UserError: unreadable, a bad .gz, or not UTF-8 with encoding_errors='strict'.
@@ -172,9 +153,8 @@ def _text_chunks(path: fs.Path, encoding_errors: str, hashing: _Hashing | None =
     fed, carry = 0, ""
     try:
         with path.open("rb") as raw:
-            source = hashing or _Hashing(raw)
-            source.f = raw
-            stream = gzip.GzipFile(fileobj=source, mode="rb") if path.suffix == ".gz" else source
+            hashing.f = raw
+            stream = gzip.GzipFile(fileobj=hashing, mode="rb") if path.suffix == ".gz" else hashing
             while True:
                 try:
                     data = stream.read(CHUNK_BYTES)
@@ -197,7 +177,7 @@ def _text_chunks(path: fs.Path, encoding_errors: str, hashing: _Hashing | None =
                     yield text.replace("\r\n", "\n").replace("\r", "\n")
                 if not data:
                     break
-            while hashing is not None and source.read(CHUNK_BYTES):  # hash what a .gz holds after its end
+            while hashing.read(CHUNK_BYTES):  # what a .gz holds after its end is part of the file's hash
                 pass
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
@@ -209,7 +189,7 @@ def scan(path: fs.Path, encoding_errors: str = "strict") -> Source:
     Raises:
         UserError: as `read_document`.
     """
-    hashing = _Hashing(None)
+    hashing = _Hashing()
     chars, has_text = 0, False
     for text in _text_chunks(path, encoding_errors, hashing):
         chars += len(text)
@@ -232,37 +212,12 @@ def scan_corpus(patterns: Sequence[str], encoding_errors: str = "strict") -> tup
     return paths, sources
 
 
-def iter_lines(path: fs.Path, encoding_errors: str = "strict") -> Iterator[str]:
-    """The lines of a file's decoded text with their line breaks, as `text.splitlines(keepends=True)`."""
-    rest = ""
-    for text in _text_chunks(path, encoding_errors):
-        lines = (rest + text).splitlines(keepends=True)
-        rest = lines.pop() if lines[-1][-1] not in LINE_BREAKS else ""
-        yield from lines
-    if rest:
-        yield rest
-
-
-def _cut(doc: int, lines: Iterable[str], target: int) -> Iterator[Block]:
-    """Blocks of whole lines of one document, each ending once it reaches `target` characters."""
-    part: list[str] = []
-    size = 0
-    for line in lines:
-        part.append(line)
-        size += len(line)
-        if size >= target:
-            yield Block(doc, "".join(part))
-            part, size = [], 0
-    if part:
-        yield Block(doc, "".join(part))
-
-
 _LINE_BREAK = re.compile("[" + "".join(sorted(LINE_BREAKS)) + "]")
 
 
 def _cut_chunks(doc: int, chunks: Iterable[str], target: int) -> Iterator[Block]:
-    """`_cut` on a document's text chunks, without splitting it into lines: a block ends at the
-    first line break at or after its `target`-th character (the line that reaches `target`)."""
+    """Blocks of whole lines of one document, from its text in chunks: a block ends at the first
+    line break at or after its `target`-th character (the end of the line that reaches `target`)."""
     part: list[str] = []
     size = 0
     for chunk in chunks:
@@ -287,7 +242,7 @@ def block_target(total_chars: int, num_blocks: int) -> int:
 def iter_blocks(paths: Sequence[fs.Path], target: int, encoding_errors: str = "strict") -> Iterator[Block]:
     """`make_blocks`'s blocks, streamed from the files (`target` from `block_target`)."""
     for i, path in enumerate(paths):
-        yield from _cut_chunks(i, _text_chunks(path, encoding_errors), target)
+        yield from _cut_chunks(i, _text_chunks(path, encoding_errors, _Hashing()), target)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,7 +259,7 @@ def make_blocks(docs: Sequence[Document], num_blocks: int) -> list[Block]:
     block's end.
     """
     target = block_target(sum(len(d.text) for d in docs), num_blocks)
-    return [b for i, doc in enumerate(docs) for b in _cut(i, doc.text.splitlines(keepends=True), target) if b.text]
+    return [b for i, doc in enumerate(docs) for b in _cut_chunks(i, [doc.text], target)]
 
 
 def validation_blocks(num_blocks: int, val_fraction: float, seed: int) -> list[int]:
