@@ -78,24 +78,24 @@ def tokenize_and_write(config, paths: Sequence[fs.Path], plan, tok_dir: fs.Path,
 
     (`check` first.)
     """
-    first = [0] * len(paths)  # each file's first block index
-    for doc in plan.doc_of:
-        if doc + 1 < len(paths):
-            first[doc + 1] += 1
-    first = list(np.cumsum(first))
+    blocks_per_file = np.bincount(plan.doc_of, minlength=len(paths))
+    first = np.concatenate([[0], np.cumsum(blocks_per_file)[:-1]])  # each file's first block index
     progress.note(f"tokenizing and writing shards with Apache Beam ({runner}, {len(plan.sizes)} blocks)")
     settings = {"target": plan.target, "errors": config.encoding_errors, "kind": config.tokenizer.kind,
                 "split_of": plan.split_of, "eos_after": sorted(plan.eos_after), "record_tokens": config.record_tokens,
                 "tokenizer": str(tok_dir), "data": str(data_dir), "config": config, "piece": prepare.PIECE_CHARS}
     with beam.Pipeline(options=PipelineOptions([f"--runner={runner}", *options])) as p:
         tokens = (p
-                  | "files" >> beam.Create([(i, str(path), int(first[i])) for i, path in enumerate(paths)])
+                  | "files" >> beam.Create([(str(path), int(start)) for path, start in zip(paths, first)])
                   | "blocks" >> beam.FlatMap(_blocks, settings["target"], settings["errors"])
                   | "spread" >> beam.Reshuffle()
                   | "tokenize" >> beam.ParDo(_Tokenize(settings)))
-        counts = tokens | "count" >> beam.Map(lambda t: (t[0], t[1].size))
+        layout = (tokens
+                  | "count" >> beam.Map(lambda t: (t[0], t[1].size))
+                  | "counts" >> beam.combiners.ToList()
+                  | "layout" >> beam.Map(_layout, settings))
         _ = (tokens
-             | "cut" >> beam.FlatMap(_cut_at_shards, beam.pvalue.AsList(counts), settings)
+             | "cut" >> beam.FlatMap(_cut_at_shards, beam.pvalue.AsSingleton(layout))
              | "by shard" >> beam.GroupByKey()
              | "write" >> beam.Map(_write, settings)
              | "all" >> beam.combiners.ToList()
@@ -110,9 +110,9 @@ def tokenize_and_write(config, paths: Sequence[fs.Path], plan, tok_dir: fs.Path,
     return out
 
 
-def _blocks(file: tuple[int, str, int], target: int, errors: str) -> Iterator[tuple[int, str]]:
-    """(global block index, text) of one file's blocks."""
-    doc, path, first = file
+def _blocks(file: tuple[str, int], target: int, errors: str) -> Iterator[tuple[int, str]]:
+    """(global block index, text) of one file's blocks; `file` is (path, its first block's index)."""
+    path, first = file
     for k, block in enumerate(corpus_lib.iter_blocks([fs.path(path)], target, errors)):
         yield first + k, block.text
 
@@ -143,16 +143,24 @@ class _Tokenize(beam.DoFn):
         yield index, np.concatenate(ids).astype(np.int32)
 
 
-def _cut_at_shards(block: tuple[int, np.ndarray], counts: list[tuple[int, int]], settings: dict[str, Any]
-                   ) -> Iterator[tuple[tuple[str, int, int], tuple[int, np.ndarray]]]:
-    """A block's tokens cut at its split's shard bounds: ((split, shard, shards), (offset, tokens))."""
-    index, ids = block
+def _layout(counts: list[tuple[int, int]], settings: dict[str, Any]) -> dict[str, Any]:
+    """From every block's token count: where its tokens start in its split's stream, and each
+    split's shard bounds (as the local prepare cuts them)."""
     split_of = settings["split_of"]
-    split = split_of[index]
-    sizes = dict(counts)
-    offset = sum(sizes[i] for i in sizes if i < index and split_of[i] == split)  # in the split's stream
-    total = sum(n for i, n in sizes.items() if split_of[i] == split)
-    bounds = prepare.shard_bounds(total, settings["config"], split)
+    offsets, totals = {}, dict.fromkeys(prepare.SPLITS, 0)
+    for index, count in sorted(counts):
+        offsets[index] = totals[split_of[index]]
+        totals[split_of[index]] += count
+    return {"split_of": split_of, "offsets": offsets,
+            "bounds": {split: prepare.shard_bounds(totals[split], settings["config"], split) for split in totals}}
+
+
+def _cut_at_shards(block: tuple[int, np.ndarray], layout: dict[str, Any]
+                   ) -> Iterator[tuple[tuple[str, int, int], tuple[int, np.ndarray]]]:
+    """A block's tokens cut at its split's shard bounds: ((split, shard, shards), (offset in shard, tokens))."""
+    index, ids = block
+    split, offset = layout["split_of"][index], layout["offsets"][index]
+    bounds = layout["bounds"][split]
     num = len(bounds) - 1
     for shard in range(num):
         start, end = max(offset, bounds[shard]), min(offset + ids.size, bounds[shard + 1])
