@@ -115,12 +115,14 @@ class GPath:
 
     absolute = expanduser = resolve
 
-    # --- the filesystem, through tf.io.gfile
+    # --- the filesystem, through tf.io.gfile; its errors come out as the OSErrors pathlib raises
     def exists(self) -> bool:
-        return tf.io.gfile.exists(str(self))
+        with _os_errors(self):
+            return tf.io.gfile.exists(str(self))
 
     def is_dir(self) -> bool:
-        return tf.io.gfile.isdir(str(self))
+        with _os_errors(self):
+            return tf.io.gfile.isdir(str(self))
 
     def is_file(self) -> bool:
         return self.exists() and not self.is_dir()
@@ -129,27 +131,23 @@ class GPath:
         if self.exists():
             if exist_ok and self.is_dir():
                 return
-            raise FileExistsError(f"{self} exists")
-        if parents:
-            tf.io.gfile.makedirs(str(self))
-        elif not self.parent.is_dir():
-            raise FileNotFoundError(f"{self.parent} does not exist")
-        else:
-            tf.io.gfile.mkdir(str(self))
+            raise FileExistsError(errno.EEXIST, "exists", str(self))
+        if not parents and not self.parent.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "no parent directory", str(self))
+        with _os_errors(self):
+            (tf.io.gfile.makedirs if parents else tf.io.gfile.mkdir)(str(self))
 
     def iterdir(self) -> Iterator[GPath]:
-        for name in sorted(tf.io.gfile.listdir(str(self))):
-            yield self / name.rstrip("/")
+        with _os_errors(self):
+            names = sorted(tf.io.gfile.listdir(str(self)))
+        return iter([self / name.rstrip("/") for name in names])
 
     def glob(self, pattern: str) -> Iterator[GPath]:
-        for match in sorted(tf.io.gfile.glob(f"{self}/{pattern}")):
-            yield GPath(match)
+        with _os_errors(self):
+            return iter([GPath(match) for match in sorted(tf.io.gfile.glob(f"{self}/{pattern}"))])
 
     def rglob(self, pattern: str) -> Iterator[GPath]:
-        for root, _, files in tf.io.gfile.walk(str(self)):
-            for name in files:
-                if pathlib.PurePosixPath(name).match(pattern):
-                    yield GPath(root) / name
+        return iter([f for f in files_under(self) if pathlib.PurePosixPath(f.name).match(pattern)])
 
     def open(self, mode: str = "r", encoding: str | None = None):  # noqa: ARG002 (GFile's text is UTF-8)
         return tf.io.gfile.GFile(str(self), mode)
@@ -169,23 +167,30 @@ class GPath:
         self.write_bytes(text.encode(encoding))
 
     def stat(self) -> types.SimpleNamespace:
-        s = tf.io.gfile.stat(str(self))
+        with _os_errors(self):
+            s = tf.io.gfile.stat(str(self))
         return types.SimpleNamespace(st_size=s.length, st_mtime=s.mtime_nsec / 1e9)
 
     def unlink(self, missing_ok: bool = False) -> None:
         if missing_ok and not self.exists():
             return
-        tf.io.gfile.remove(str(self))
+        with _os_errors(self):
+            tf.io.gfile.remove(str(self))
 
     def rmdir(self) -> None:
-        tf.io.gfile.remove(str(self))
+        if list(self.iterdir()):
+            raise OSError(errno.ENOTEMPTY, "directory not empty", str(self))
+        with _os_errors(self):
+            tf.io.gfile.rmtree(str(self))
 
     def rename(self, target: GPath) -> GPath:
-        tf.io.gfile.rename(str(self), str(target), overwrite=False)
+        with _os_errors(self):
+            tf.io.gfile.rename(str(self), str(target), overwrite=False)
         return target
 
     def replace(self, target: GPath) -> GPath:
-        tf.io.gfile.rename(str(self), str(target), overwrite=True)
+        with _os_errors(self):
+            tf.io.gfile.rename(str(self), str(target), overwrite=True)
         return target
 
 

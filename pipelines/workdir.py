@@ -33,8 +33,6 @@ import tempfile
 import time
 from typing import Any, Iterator
 
-import tensorflow as tf
-
 from pipelines import fs
 from pipelines.errors import UserError
 
@@ -176,8 +174,6 @@ def ensure_writable_dir(path: fs.Path) -> bool:
     except OSError as e:
         raise UserError(
             f"cannot write to workdir {path}: {e.strerror}; choose a writable --workdir") from None
-    except tf.errors.OpError as e:
-        raise UserError(f"cannot write to workdir {path}: {e.message}; choose a writable --workdir") from None
     return not existed
 
 
