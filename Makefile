@@ -24,12 +24,9 @@ quickstart: venv
 # for a quick check), in one pytest session over two processes, one test file
 # at a time each (`--dist loadfile`): a file's module fixtures (trained runs,
 # exports) are built once for its fast and slow tests alike, and test_train's
-# multi-worker tests never overlap one another. The longest files are named first so they start
-# first (pytest collects a file once): the two workers then finish close together.
-LONGEST_TESTS := tests/test_train.py tests/test_pretrained.py tests/test_hostile.py tests/test_export.py \
-	tests/test_pipeline.py tests/test_serve.py
+# multi-worker tests never overlap one another.
 test: venv
-	$(BIN)/python -m pytest -q --durations=15 -n 2 --dist loadfile $(LONGEST_TESTS) tests
+	$(BIN)/python -m pytest -q --durations=15 -n 2 --dist loadfile
 
 # Every benchmark, its table copied to bench/results/NAME.md next to its JSON,
 # then one page of all of them: bench/results/SUMMARY.md.
