@@ -163,12 +163,21 @@ def run(fv: flags.FlagValues) -> int:
               f"TensorFlow Library: {tf.__version__}")
         return 0
     from serving import server
-    from serving.contract import ServingError
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     server.log.addHandler(handler)
     server.log.setLevel(logging.INFO)
+    try:
+        return _serve(fv)
+    finally:  # reached when start-up fails (a served run ends in os._exit): a later run in this process
+        server.log.removeHandler(handler)  # must not log to this run's stderr
+
+
+def _serve(fv: flags.FlagValues) -> int:
+    from serving import server
+    from serving.contract import ServingError
+
     for name, (_, default, why) in NO_EFFECT.items():
         if fv[name].present and fv[name].value != default:
             print(f"lmstack serve: warning: --{name} has no effect here ({why})", file=sys.stderr)

@@ -15,15 +15,16 @@ names the file and field of anything it does not.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import os
 
+import tensorflow as tf
 from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 from google.protobuf import message_factory
 from google.protobuf import wrappers_pb2  # noqa: F401  (registers google/protobuf/wrappers.proto in the pool)
 
 from serving.batching import BatchingParameters
 from serving.contract import ServingError
-from serving.server.versions import ServedModel, VersionPolicy
+from serving.server.versions import ServedModel, VersionPolicy, check_scheme, read_bytes
 
 DEFAULT_METRICS_PATH = "/monitoring/prometheus/metrics"
 
@@ -83,11 +84,15 @@ def _build_messages() -> dict[str, type]:
 MESSAGES = _build_messages()
 
 
-def read_text_proto(path: str | pathlib.Path, message, what: str):
+def read_text_proto(path: str | os.PathLike, message, what: str):
     """Parses a text-format protobuf file into `message`; ServingError INVALID_ARGUMENT naming file and field."""
+    path = os.fspath(path)
+    check_scheme(path)
     try:
-        text = pathlib.Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_bytes(path).decode()
+    except tf.errors.OpError as e:
+        raise ServingError("INVALID_ARGUMENT", f"cannot read the {what} {path}: {e.message}") from None
+    except UnicodeDecodeError as e:
         raise ServingError("INVALID_ARGUMENT", f"cannot read the {what} {path}: {e}") from None
     try:
         return text_format.Parse(text, message)
@@ -100,7 +105,7 @@ def read_text_proto(path: str | pathlib.Path, message, what: str):
 # --model_config_file
 
 
-def models_from_config_file(path: str | pathlib.Path, **model_options) -> dict[str, ServedModel]:
+def models_from_config_file(path: str | os.PathLike, **model_options) -> dict[str, ServedModel]:
     """ServedModels from a ModelServerConfig text file (TensorFlow Serving's --model_config_file)."""
     from tensorflow_serving.config import model_server_config_pb2
 
@@ -142,7 +147,7 @@ def models_from_config(config, source: str = "the model config", **model_options
 # --monitoring_config_file
 
 
-def read_monitoring_config(path: str | pathlib.Path) -> str | None:
+def read_monitoring_config(path: str | os.PathLike) -> str | None:
     """The Prometheus path of a MonitoringConfig file, or None if it is not enabled."""
     config = read_text_proto(path, MESSAGES["MonitoringConfig"](), "monitoring config file").prometheus_config
     if not config.enable:
@@ -163,7 +168,7 @@ class SSLConfig:
     client_verify: bool = False
 
 
-def read_ssl_config(path: str | pathlib.Path) -> SSLConfig:
+def read_ssl_config(path: str | os.PathLike) -> SSLConfig:
     config = read_text_proto(path, MESSAGES["SSLConfig"](), "SSL config file")
     if not config.server_key or not config.server_cert:
         raise ServingError("INVALID_ARGUMENT", f"the SSL config file {path} needs server_key and server_cert "
@@ -178,7 +183,7 @@ def read_ssl_config(path: str | pathlib.Path) -> SSLConfig:
 # --batching_parameters_file
 
 
-def read_batching_parameters(path: str | pathlib.Path) -> BatchingParameters:
+def read_batching_parameters(path: str | os.PathLike) -> BatchingParameters:
     """A BatchingParameters file as `serving.batching.BatchingParameters` (TF Serving's defaults and checks)."""
     message = read_text_proto(path, MESSAGES["BatchingParameters"](), "batching parameters file")
     values = {}

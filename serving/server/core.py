@@ -28,7 +28,7 @@ from serving.batching import Batcher, BatchingParameters
 from serving.contract import ServingError
 from serving.metrics import Registry
 from serving.server.deadlines import Call, Watchdog
-from serving.server.versions import XLA_DISABLED, LoadedVersion, ServedModel, log
+from serving.server.versions import XLA_DISABLED, LoadedVersion, ServedModel, canonical, log, saved_model_proto
 
 UNKNOWN_MODEL = "(unknown)"
 # A stream's optional inputs and their defaults (greedy), and its largest chunk.
@@ -93,7 +93,7 @@ class ModelServer:
         self.xla = xla
         self.health = None  # the gRPC health servicer, when serving one
         self.model_roots = None if model_roots is None else (
-            [str(m.base_path.resolve()) for m in models.values()] + [str(p) for p in model_roots])
+            [canonical(m.base_path) for m in models.values()] + [canonical(str(p)) for p in model_roots])
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._in_flight = 0
@@ -119,8 +119,13 @@ class ModelServer:
             return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
 
     def refresh(self) -> None:
+        """Brings every model's loaded versions in line with its base path; a model whose base path
+        cannot be read now keeps serving what it has (the error is logged)."""
         for model in list(self.models.values()):
-            model.refresh()
+            try:
+                model.refresh()
+            except ServingError as e:
+                log.error("%s", e.message)
             self.metrics.loaded_versions.set(model.name, value=len(model.versions))
 
     def reload(self, models: dict[str, ServedModel], from_request: bool = True) -> None:
@@ -133,7 +138,7 @@ class ModelServer:
         """
         if from_request and self.model_roots is not None:
             for model in models.values():
-                path = str(model.base_path.resolve())
+                path = canonical(model.base_path)
                 if not any(path == root or path.startswith(root.rstrip("/") + "/") for root in self.model_roots):
                     raise ServingError("PERMISSION_DENIED", f"model {model.name!r}: base_path {model.base_path} is "
                                                             "outside the directories this server may load from "
@@ -377,11 +382,10 @@ class ModelServer:
 
     def signature_defs(self, name: str, version: int | None = None, label: str | None = None):
         """(version, the SavedModel's SignatureDefMap proto) as TensorFlow Serving reports metadata."""
-        from tensorflow.core.protobuf import saved_model_pb2
         from tensorflow_serving.apis import get_model_metadata_pb2
 
         loaded = self.model(name).get(version, label)
-        saved = saved_model_pb2.SavedModel.FromString((loaded.path / "saved_model.pb").read_bytes())
+        saved = saved_model_proto(loaded.path)
         signatures = get_model_metadata_pb2.SignatureDefMap()
         for key, value in saved.meta_graphs[0].signature_def.items():
             if not key.startswith("__"):  # TensorFlow's internal signatures (e.g. __saved_model_init_op)

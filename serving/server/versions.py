@@ -10,6 +10,10 @@ one short. A version that fails to load is retried `max_num_load_retries`
 times, `load_retry_interval` seconds apart (a version still being copied in
 by a tool that does not rename into place loads on a later try); after that
 it stays reported as failed and the others keep serving.
+
+Base paths are read through TensorFlow's filesystems (`tf.io.gfile`), as TensorFlow
+Serving reads them through `tensorflow::Env`: a local directory, `file://`,
+`gs://` or any scheme this TensorFlow build registers. Paths stay strings.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import dataclasses
 import functools
 import logging
 import os
-import pathlib
+import posixpath
 import re
 import threading
 import time
@@ -42,7 +46,7 @@ _VERSION_DIR = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also ta
 @dataclasses.dataclass
 class LoadedVersion:
     version: int
-    path: pathlib.Path
+    path: str  # the version's directory, local or a URI
     model: Any  # what tf.saved_model.load returns
     signatures: dict[str, Any]  # name -> concrete function
     methods: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> SignatureDef method name
@@ -90,7 +94,41 @@ class VersionPolicy:
         return sorted(on_disk)[-max(1, self.num_versions):]
 
 
-def replay_warmup(loaded: LoadedVersion, warmup_file: pathlib.Path, xla: bool = False, threads: int = 1) -> int:
+def join(base: str, *parts: str) -> str:
+    """`base/part/...` for a local path or a `scheme://` URI (TensorFlow filesystems use '/')."""
+    return posixpath.join(base, *parts) if "://" in base else os.path.join(base, *parts)
+
+
+def canonical(base_path: str) -> str:
+    """A base path as one spelling: local paths absolute with symlinks resolved, URIs normalized."""
+    scheme, sep, rest = base_path.partition("://")
+    if not sep or "/" in scheme:
+        return os.path.realpath(base_path)
+    if scheme == "file":
+        return os.path.realpath(rest)
+    return f"{scheme}://{posixpath.normpath(rest)}"
+
+
+def check_scheme(base_path: str) -> None:
+    """Raises ServingError INVALID_ARGUMENT if no TensorFlow filesystem here handles the path's scheme."""
+    scheme, sep, _ = base_path.partition("://")
+    if sep and "/" not in scheme and scheme not in tf.io.gfile.get_registered_schemes():
+        known = ", ".join(sorted(s + "://" for s in tf.io.gfile.get_registered_schemes() if s))
+        raise ServingError("INVALID_ARGUMENT", f"no filesystem here handles {scheme}:// in {base_path!r} "
+                                               f"(TensorFlow has: {known}); use one of those or a local path"
+                           + ("; s3:// comes with `pip install tensorflow-io`" if scheme == "s3" else ""))
+
+
+def is_file(path: str) -> bool:
+    return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
+
+
+def read_bytes(path: str) -> bytes:
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return f.read()
+
+
+def replay_warmup(loaded: LoadedVersion, warmup_file: str, xla: bool = False, threads: int = 1) -> int:
     """Runs the PredictionLog requests of a warm-up file (assets.extra/tf_serving_warmup_requests), as
     TensorFlow Serving does, on `threads` threads (its num_model_warmup_threads): XLA compiles one
     shape bucket per thread.
@@ -99,12 +137,12 @@ def replay_warmup(loaded: LoadedVersion, warmup_file: pathlib.Path, xla: bool = 
         ServingError: a request calls an XLA-compiled signature and `xla` is off (TensorFlow Serving
             fails the load the same way: its first compilation request fails).
     """
-    if not warmup_file.is_file():
+    if not is_file(warmup_file):
         return 0
     from tensorflow_serving.apis import prediction_log_pb2
 
     calls = []
-    for record in tf.data.TFRecordDataset(str(warmup_file)).as_numpy_iterator():
+    for record in tf.data.TFRecordDataset(warmup_file).as_numpy_iterator():
         log_record = prediction_log_pb2.PredictionLog.FromString(record)
         kind = log_record.WhichOneof("log_type")
         if kind == "predict_log":
@@ -133,23 +171,27 @@ def replay_warmup(loaded: LoadedVersion, warmup_file: pathlib.Path, xla: bool = 
     return len(calls)
 
 
-def model_context(path: pathlib.Path) -> int | None:
+def model_context(path: str) -> int | None:
     """A transformer export's context length (from its lmstack_config.json), or None."""
     import json
 
-    config = path / c.ASSETS_EXTRA / c.CONFIG_FILE
-    if not config.is_file():
+    config = join(path, c.ASSETS_EXTRA, c.CONFIG_FILE)
+    if not is_file(config):
         return None
-    model = json.loads(config.read_text()).get("model") or {}
+    model = json.loads(read_bytes(config)).get("model") or {}
     return int(model["seq_len"]) if model.get("family") == "transformer" and "seq_len" in model else None
 
 
-def method_names(path: pathlib.Path) -> dict[str, str]:
-    """Signature name -> method name (tensorflow/serving/predict, .../classify) from saved_model.pb."""
+def saved_model_proto(path: str):
+    """The SavedModel proto of a version directory's saved_model.pb."""
     from tensorflow.core.protobuf import saved_model_pb2
 
-    saved = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
-    return {k: v.method_name for k, v in saved.meta_graphs[0].signature_def.items()}
+    return saved_model_pb2.SavedModel.FromString(read_bytes(join(path, "saved_model.pb")))
+
+
+def method_names(path: str) -> dict[str, str]:
+    """Signature name -> method name (tensorflow/serving/predict, .../classify) from saved_model.pb."""
+    return {k: v.method_name for k, v in saved_model_proto(path).meta_graphs[0].signature_def.items()}
 
 
 def examples_of(request_input) -> list[bytes]:
@@ -181,7 +223,7 @@ class ServedModel:
 
     Args:
         name: the name requests use.
-        base_path: a directory of version subdirectories.
+        base_path: a directory of version subdirectories: local, or a URI of a TensorFlow filesystem.
         policy: which versions to serve.
         labels: label -> version (`/labels/L` in REST, `version_label` in gRPC).
         max_num_load_retries: tries after a version's first failed load (TF Serving's flag, default 5).
@@ -191,11 +233,12 @@ class ServedModel:
             export's `lmstack_xla_warmup_requests` too, which compile every shape bucket.
     """
 
-    def __init__(self, name: str, base_path: str | pathlib.Path, policy: VersionPolicy = VersionPolicy(),
+    def __init__(self, name: str, base_path: str | os.PathLike, policy: VersionPolicy = VersionPolicy(),
                  labels: dict[str, int] | None = None, max_num_load_retries: int = 5,
                  load_retry_interval: float = 60.0, warmup: bool = True, xla: bool = False):
         self.name = name
-        self.base_path = pathlib.Path(base_path)
+        self.base_path = os.fspath(base_path)
+        check_scheme(self.base_path)
         self.policy = policy
         self.labels = dict(labels or {})
         self.max_num_load_retries = max_num_load_retries
@@ -213,10 +256,20 @@ class ServedModel:
         return {v: f.message for v, f in self.failures.items() if v not in self.versions}
 
     def on_disk(self) -> list[int]:
-        if not self.base_path.is_dir():
-            return []
-        return sorted(int(p.name) for p in self.base_path.iterdir()
-                      if _VERSION_DIR.fullmatch(p.name) and p.is_dir() and (p / "saved_model.pb").is_file())
+        """The versions under the base path with a saved_model.pb (none if the base path is not there).
+
+        A SavedModel being copied onto an object store by `lmstack export` gets its saved_model.pb
+        after every other file, so a version is complete once it has one.
+        """
+        try:
+            if not tf.io.gfile.isdir(self.base_path):
+                return []
+            names = [n.rstrip("/") for n in tf.io.gfile.listdir(self.base_path)]
+            return sorted(int(n) for n in names if _VERSION_DIR.fullmatch(n)
+                          and is_file(join(self.base_path, n, "saved_model.pb")))
+        except tf.errors.OpError as e:  # e.g. permission denied, an object store out of reach
+            raise ServingError("UNAVAILABLE", f"cannot list the versions of {self.name!r} under {self.base_path}: "
+                                              f"{e.message.splitlines()[0] if e.message else type(e).__name__}") from None
 
     def refresh(self) -> None:
         """Loads the versions the policy wants and unloads the others (see the module docstring)."""
@@ -242,18 +295,18 @@ class ServedModel:
                 log.info("%s version %d unloaded", self.name, version)
 
     def _load(self, version: int, failure: _Failure | None) -> None:
-        path = self.base_path / str(version)
+        path = join(self.base_path, str(version))
         began = time.perf_counter()
         try:
-            model = tf.saved_model.load(str(path))
+            model = tf.saved_model.load(path)
             loaded = LoadedVersion(version, path, model, dict(model.signatures), method_names(path),
                                    model_context(path))
             warmed = 0
             if self.warmup:
-                extra = path / c.ASSETS_EXTRA
-                warmed = replay_warmup(loaded, extra / c.WARMUP_FILE, self.xla)
+                extra = join(path, c.ASSETS_EXTRA)
+                warmed = replay_warmup(loaded, join(extra, c.WARMUP_FILE), self.xla)
                 if self.xla:  # one bucket per core: each XLA compilation runs on one thread
-                    warmed += replay_warmup(loaded, extra / c.XLA_WARMUP_FILE, self.xla, threads=os.cpu_count() or 1)
+                    warmed += replay_warmup(loaded, join(extra, c.XLA_WARMUP_FILE), self.xla, threads=os.cpu_count() or 1)
         except Exception as e:  # a broken export must not take the server down
             attempts = (failure.attempts if failure else 0) + 1
             message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
