@@ -3,9 +3,9 @@
 Writes WORKDIR/tflite/NAME.tflite (NAME = family[-variant]-quantization, e.g.
 transformer-int8), a NAME.json sidecar with the model, tokenizer and signature
 shapes, and the tokenizer files in WORKDIR/tflite/tokenizer/. The transformer
-gets `prefill` and `decode` signatures (KV cache), the LSTM `sequence` (fused
-sequence-LSTM kernel) and `step` (state); only TFLite built-in ops, so the
-file runs in ai-edge-litert.
+gets `prefill` and `decode` signatures (KV cache), the LSTM `sequence` (a
+window, its steps in a loop) and `step` (state); only TFLite built-in ops, so
+the file runs in ai-edge-litert.
 
 example:
   lmstack tflite --workdir=runs/shakespeare --quantize=int8

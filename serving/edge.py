@@ -7,8 +7,8 @@ Needs nothing of lmstack but the file and its JSON sidecar (written by
 `serving.exporters.tflite`): token ids in, token ids out; the app tokenizes with the
 files in tflite/tokenizer/. The transformer runs `prefill` once on the
 right-padded prompt and `decode` per new token; the LSTM runs `step` per
-token. `window_logits` scores a whole window (`prefill` or the fused
-`sequence`), for evaluation.
+token. `window_logits` scores a whole window (`prefill` or `sequence`), for
+evaluation.
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ class EdgeModel:
         if self.family == "lstm":
             shape = self._step.get_input_details()["state"]["shape"]
             self._zero_state = np.zeros(shape, np.float32)
-            # Run both once: reset_all_variables needs every subgraph's tensors allocated.
+        # Files from lmstack before 2026-12 scored an LSTM window with TFLite's fused sequence
+        # kernel, which keeps its state in variable tensors between calls: reset before each window.
+        self._stateful = bool(self.info.get("ops", {}).get("UNIDIRECTIONAL_SEQUENCE_LSTM"))
+        if self._stateful:  # reset_all_variables needs every subgraph's tensors allocated
             self._step(token=np.zeros([1, 1], np.int32), state=self._zero_state)
             self._window(tokens=np.zeros([1, self.max_seq_len], np.int32))
 
@@ -63,8 +66,7 @@ class EdgeModel:
     def window_logits(self, tokens: np.ndarray) -> np.ndarray:
         """Logits `[T, V]` for one window of `max_seq_len` token ids."""
         tokens = np.asarray(tokens, np.int32).reshape(1, self.max_seq_len)
-        if self.family == "lstm":
-            # The fused sequence-LSTM kernel keeps its state in variable tensors between calls.
+        if self._stateful:
             self.interpreter.reset_all_variables()
         return self._window(tokens=tokens)["logits"][0]
 

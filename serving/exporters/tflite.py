@@ -9,18 +9,19 @@ The file holds signatures an app calls step by step, with fixed shapes
                  step(token int32 [1, 1], state [1, L, 2, units]) -> logits [1, V], state
 
 `prefill` runs a (right-padded) prompt at once; the app reads the logits at
-its last real position and calls `decode` from there. The LSTM's `sequence`
-starts from a zero state and converts to TFLite's fused
-UNIDIRECTIONAL_SEQUENCE_LSTM kernel (scoring a window); `step` carries the
-state token by token through the cells' arithmetic (prompts and generation).
+its last real position and calls `decode` from there. The LSTM's `step`
+carries the state token by token through the cells' arithmetic (prompts and
+generation); `sequence` scores a window from a zero state by running that
+same step in a WHILE loop, so the file holds one set of weights. (TFLite's
+fused UNIDIRECTIONAL_SEQUENCE_LSTM kernel needs its own transposed copy of
+every gate matrix, which doubled the file, and was slower on a window here:
+53 against 34 ms on the `small` LSTM, float32, one thread.)
 
 Only TFLite built-in ops are allowed: a model that would need Flex
 (SELECT_TF_OPS) kernels does not run in ai-edge-litert, so conversion fails
 with the ops named. Quantization as TFLite defines it: `float16` weights,
 `dynamic` range (int8 weights, float activations), `int8` full-integer with
-ranges calibrated on validation windows (float32 in and out), except the
-ops in FLOAT_OPS: the LSTM's fused sequence kernel stays float (quantized,
-it loses the signal). QAT variants
+ranges calibrated on validation windows (float32 in and out). QAT variants
 bring their own learned ranges.
 
 Writes WORKDIR/tflite/NAME.tflite (NAME = family[-variant]-quantization), a
@@ -53,9 +54,6 @@ QUANTIZATIONS = typing.get_args(Quantize)
 TFLITE_DIR = "tflite"
 PREFILL, DECODE, SEQUENCE, STEP = "prefill", "decode", "sequence", "step"
 SIGNATURES = {"transformer": (PREFILL, DECODE), "lstm": (SEQUENCE, STEP)}
-# Ops int8 keeps in float (TFLite's selective quantization), because quantized they lose the signal:
-# TFLite's int8 sequence-LSTM kernel, as fused from Keras, predicts near-uniformly on our models.
-FLOAT_OPS = {"transformer": (), "lstm": ("UNIDIRECTIONAL_SEQUENCE_LSTM",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,16 +92,7 @@ def find(workdir: str | os.PathLike, variant: str = "", quantize: str = "none") 
     return path
 
 
-def _static_model(model, config, made: dict[str, Any], seq_len: int):
-    """The model rebuilt with a static sequence length (the fused LSTM kernel needs one), same weights."""
-    static = models.build(config, seq_len=seq_len)
-    if made.get("quantized"):
-        static = mot.quantize(static, preserve_sparsity=made.get("preserve_sparsity", False))
-    static.set_weights(model.get_weights())
-    return static
-
-
-def signature_functions(model, config, made: dict[str, Any], seq_len: int) -> tuple[dict[str, Callable], list]:
+def signature_functions(model, config, seq_len: int) -> dict[str, Callable]:
     """The family's signatures as tf.functions with fixed input shapes, and the models they use."""
     decoder = models.decoder(model, config)
     family = models.family_of(config)
@@ -122,22 +111,24 @@ def signature_functions(model, config, made: dict[str, Any], seq_len: int) -> tu
 
         return {PREFILL: tf.function(prefill, input_signature=[tokens]),
                 DECODE: tf.function(decode, input_signature=[token, cache,
-                                                             tf.TensorSpec([], tf.int32, name="position")])}, [model]
+                                                             tf.TensorSpec([], tf.int32, name="position")])}
     state = tf.TensorSpec(decoder.init_cache(1).shape, tf.float32, name="state")
-    static = _static_model(model, config, made, seq_len)
-    static_decoder = models.decoder(static, config)
 
     def sequence(tokens):
-        # No initial state: with one, TFLite cannot fuse the Keras LSTM into its sequence kernel.
-        # No final state either: TensorFlow's int8 calibrator crashes on an LSTM that returns it.
-        return {"logits": static_decoder.call_with_cache(tokens, None)[0]}
+        def one_step(t, state, logits):
+            out, state = decoder.step(tokens[:, t], state)
+            return t + 1, state, logits.write(t, out[0])
+
+        _, _, logits = tf.while_loop(lambda t, *_: t < seq_len, one_step,
+                                     (tf.constant(0), decoder.init_cache(1), tf.TensorArray(tf.float32, seq_len)))
+        return {"logits": logits.stack()[tf.newaxis]}
 
     def step(token, state):
         logits, state = decoder.step(token[:, 0], state)
         return {"logits": logits, "state": state}
 
     return {SEQUENCE: tf.function(sequence, input_signature=[tokens]),
-            STEP: tf.function(step, input_signature=[token, state])}, [model, static]
+            STEP: tf.function(step, input_signature=[token, state])}
 
 
 def _op_counts(flat: bytes) -> dict[str, int]:
@@ -162,12 +153,8 @@ def non_builtin_ops(flat: bytes) -> list[str]:
 
 
 def convert_functions(functions: dict[str, Callable], quantize: str = "none",
-                      representative: Callable | None = None, trackable=None,
-                      float_ops: tuple[str, ...] = ()) -> bytes:
+                      representative: Callable | None = None, trackable=None) -> bytes:
     """Converts tf.functions (with input signatures) to one TFLite model of built-in ops.
-
-    `float_ops` (int8 only) are TFLite op names left in float: the rest is
-    quantized to int8 around them (TFLite's selective quantization).
 
     Raises:
         UserError: an op has no TFLite built-in kernel (the ops are named).
@@ -185,16 +172,9 @@ def convert_functions(functions: dict[str, Callable], quantize: str = "none",
             converter.target_spec.supported_types = [tf.float16]
         if quantize == "int8":
             converter.representative_dataset = representative
-            if not float_ops:
-                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         try:
-            if quantize == "int8" and float_ops:
-                debugger = tf.lite.experimental.QuantizationDebugger(
-                    converter=converter, debug_dataset=representative,
-                    debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops)))
-                flat = debugger.get_nondebug_quantized_model()
-            else:
-                flat = converter.convert()
+            flat = converter.convert()
         except Exception as e:  # ConverterError; its text lists the ops without a built-in kernel
             ops = sorted(set(re.findall(r"\btf\.[A-Z][A-Za-z0-9_]*", str(e))))
             if not ops:
@@ -255,14 +235,13 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
     name = file_name(family, config.variant, config.quantize)
     progress.note(f"converting {family}{' variant ' + config.variant if config.variant else ''} "
                   f"(step {step}) to TFLite, {config.quantize} quantization, max_seq_len {seq_len}")
-    functions, used = signature_functions(model, model_config, made, seq_len)
+    functions = signature_functions(model, model_config, seq_len)
     representative = (_calibration(wd.root, functions, models.decoder(model, model_config), family, seq_len,
                                    config.calibration_windows)
                       if config.quantize == "int8" else None)
     holder = tf.Module()
-    holder.models = used  # the functions' variables
-    float_ops = FLOAT_OPS[family] if config.quantize == "int8" else ()
-    flat = convert_functions(functions, config.quantize, representative, trackable=holder, float_ops=float_ops)
+    holder.model = model  # the functions' variables
+    flat = convert_functions(functions, config.quantize, representative, trackable=holder)
 
     out = wd.root / TFLITE_DIR
     out.mkdir(exist_ok=True)
@@ -277,7 +256,7 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
         "model": models.config_to_json(model_config), "tokenizer": tokenizer_config,
         "tokenizer_dir": "tokenizer", "eos_id": tokenizers.special_ids(tokenizer_config)["eos"], "bytes": len(flat),
         "signatures": _signature_shapes(flat), "ops": _op_counts(flat),
-        "optimization": made.get("method"), "float_ops": list(float_ops),
+        "optimization": made.get("method"),
     }
     workdir_lib.write_bytes(out / f"{name}.tflite", flat)
     workdir_lib.write_json(out / f"{name}.json", info)
@@ -304,11 +283,10 @@ def describe(path: fs.Path) -> str:
         return ", ".join(f"{k} {v['shape']}" for k, v in signature["inputs"].items())
 
     sigs = ", ".join(f"{n}({inputs(s)})" for n, s in info["signatures"].items())
-    fused = info["ops"].get("UNIDIRECTIONAL_SEQUENCE_LSTM")
     return "\n".join([
         f"wrote {path} ({info['bytes'] / 1e6:.2f} MB, {info['quantize']}) and {path.with_suffix('.json').name}",
         f"signatures: {sigs}",
-        f"ops: {sum(info['ops'].values())} built-in" + (f", {fused} fused sequence LSTM" if fused else ""),
+        f"ops: {sum(info['ops'].values())} built-in",
         f"generate: lmstack generate --workdir={path.parent.parent} --backend=tflite --quantize={info['quantize']}"
         + (f" --variant={info['variant']}" if info["variant"] else ""),
     ])
