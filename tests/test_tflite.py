@@ -100,6 +100,17 @@ def test_quantized_files_are_smaller_and_within_tolerance(run):
         result = evaluate.evaluate_logits(workdir, model.window_logits, model.max_seq_len)
         assert result["perplexity"] <= reference["perplexity"] * (1 + tolerance), quantize
         assert model.generate([1, 2, 3], 5)  # generates
+        if quantize == "int8":  # one scale per weight matrix (--per_channel gives one per output channel)
+            assert model.info["per_channel"] is False and max_scales(quantized.read_bytes()) == 1
+
+
+def max_scales(flat: bytes) -> int:
+    """The most quantization scales any tensor of a TFLite file has."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flat, 0))
+    return max(len(t.quantization.scale) for g in model.subgraphs for t in g.tensors
+               if t.quantization is not None and t.quantization.scale is not None)
 
 
 def test_a_flex_op_is_rejected_with_its_name():
