@@ -94,8 +94,9 @@ class VersionPolicy:
         return sorted(on_disk)[-max(1, self.num_versions):]
 
 
-def join(base: str, *parts: str) -> str:
+def join(base: str | os.PathLike, *parts: str) -> str:
     """`base/part/...` for a local path or a `scheme://` URI (TensorFlow filesystems use '/')."""
+    base = str(base)  # a pathlib.Path, or lmstack's GPath (a URI; it has no __fspath__ on purpose)
     return posixpath.join(base, *parts) if "://" in base else os.path.join(base, *parts)
 
 
@@ -119,16 +120,16 @@ def check_scheme(base_path: str) -> None:
                            + ("; s3:// comes with `pip install tensorflow-io`" if scheme == "s3" else ""))
 
 
-def is_file(path: str) -> bool:
-    return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
+def is_file(path: str | os.PathLike) -> bool:
+    return tf.io.gfile.exists(str(path)) and not tf.io.gfile.isdir(str(path))
 
 
-def read_bytes(path: str) -> bytes:
-    with tf.io.gfile.GFile(path, "rb") as f:
+def read_bytes(path: str | os.PathLike) -> bytes:
+    with tf.io.gfile.GFile(str(path), "rb") as f:
         return f.read()
 
 
-def replay_warmup(loaded: LoadedVersion, warmup_file: str, xla: bool = False, threads: int = 1) -> int:
+def replay_warmup(loaded: LoadedVersion, warmup_file: str | os.PathLike, xla: bool = False, threads: int = 1) -> int:
     """Runs the PredictionLog requests of a warm-up file (assets.extra/tf_serving_warmup_requests), as
     TensorFlow Serving does, on `threads` threads (its num_model_warmup_threads): XLA compiles one
     shape bucket per thread.
@@ -142,7 +143,7 @@ def replay_warmup(loaded: LoadedVersion, warmup_file: str, xla: bool = False, th
     from tensorflow_serving.apis import prediction_log_pb2
 
     calls = []
-    for record in tf.data.TFRecordDataset(warmup_file).as_numpy_iterator():
+    for record in tf.data.TFRecordDataset(str(warmup_file)).as_numpy_iterator():
         log_record = prediction_log_pb2.PredictionLog.FromString(record)
         kind = log_record.WhichOneof("log_type")
         if kind == "predict_log":
@@ -171,7 +172,7 @@ def replay_warmup(loaded: LoadedVersion, warmup_file: str, xla: bool = False, th
     return len(calls)
 
 
-def model_context(path: str) -> int | None:
+def model_context(path: str | os.PathLike) -> int | None:
     """A transformer export's context length (from its lmstack_config.json), or None."""
     import json
 
@@ -182,14 +183,14 @@ def model_context(path: str) -> int | None:
     return int(model["seq_len"]) if model.get("family") == "transformer" and "seq_len" in model else None
 
 
-def saved_model_proto(path: str):
+def saved_model_proto(path: str | os.PathLike):
     """The SavedModel proto of a version directory's saved_model.pb."""
     from tensorflow.core.protobuf import saved_model_pb2
 
     return saved_model_pb2.SavedModel.FromString(read_bytes(join(path, "saved_model.pb")))
 
 
-def method_names(path: str) -> dict[str, str]:
+def method_names(path: str | os.PathLike) -> dict[str, str]:
     """Signature name -> method name (tensorflow/serving/predict, .../classify) from saved_model.pb."""
     return {k: v.method_name for k, v in saved_model_proto(path).meta_graphs[0].signature_def.items()}
 
@@ -237,7 +238,7 @@ class ServedModel:
                  labels: dict[str, int] | None = None, max_num_load_retries: int = 5,
                  load_retry_interval: float = 60.0, warmup: bool = True, xla: bool = False):
         self.name = name
-        self.base_path = os.fspath(base_path)
+        self.base_path = str(base_path)  # a str, pathlib.Path or GPath
         check_scheme(self.base_path)
         self.policy = policy
         self.labels = dict(labels or {})
