@@ -14,7 +14,6 @@ import urllib.request
 import numpy as np
 import pytest
 
-from pipelines import fs
 from pipelines.launch import free_ports
 from serving import client as client_lib
 from serving import contract as c
@@ -344,46 +343,6 @@ def test_bad_streams_fail_before_they_start(running, inputs, status, message):
     assert code == status and message in answer["error"]
     code, answer = post(f"http://{running['rest']}/v1/models/nope:stream", json.dumps({"inputs": inputs}).encode())
     assert code == 404
-
-
-def test_serves_versions_from_a_tensorflow_filesystem(versions, running, tmp_path):
-    """A base path and model config file on ram:// (TensorFlow's in-memory filesystem, standing in
-    for gs://): versions load from there, and one being copied in, saved_model.pb last (as `lmstack
-    export` publishes to object stores, where nothing renames a directory), loads once complete."""
-    import tensorflow as tf
-
-    root = f"ram://{tmp_path.name}"
-
-    def copy_in(version, skip=()):
-        for f in sorted(p for p in (versions / "1").rglob("*") if p.is_file() and p.name not in skip):
-            target = f"{root}/lm/{version}/{f.relative_to(versions / '1').as_posix()}"
-            tf.io.gfile.makedirs(target.rsplit("/", 1)[0])
-            tf.io.gfile.copy(str(f), target)
-
-    copy_in(1)
-    with tf.io.gfile.GFile(f"{root}/models.config", "w") as f:
-        f.write(f'model_config_list {{ config {{ name: "lm" base_path: "{root}/lm/" model_platform: "tensorflow" }} }}')
-    models = server.models_from_config_file(f"{root}/models.config")
-    core = server.ModelServer(models, model_roots=[])
-    core.refresh()
-    grpc_server, rest_server, grpc_target, rest_target = start(core)
-    try:
-        client = client_lib.connect(grpc_target, "grpc")
-        assert client.generate(["ROMEO."], 8) == client_lib.connect(running["rest"], "rest").generate(["ROMEO."], 8)
-        copy_in(2, skip={"saved_model.pb"})  # every file but the index: not a version yet
-        core.refresh()
-        assert [s["version"] for s in client.status()] == [1]
-        tf.io.gfile.copy(str(versions / "1" / "saved_model.pb"), f"{root}/lm/2/saved_model.pb")
-        core.refresh()
-        assert [(s["version"], s["state"]) for s in client_lib.connect(rest_target, "rest").status()] == [
-            (2, "AVAILABLE")]
-        with pytest.raises(c.ServingError) as e:
-            core.reload({"x": server.ServedModel("x", f"ram://{tmp_path.name}-elsewhere/lm")})
-        assert e.value.code == "PERMISSION_DENIED" and "--model_config_roots" in e.value.message
-    finally:
-        rest_server.shutdown()
-        grpc_server.stop(None)
-        fs.rmtree(fs.path(root))  # tolerates ram://'s phantom listings
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -8,7 +8,7 @@ import os
 import pytest
 import tensorflow as tf
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tiny_export
 from pipelines import fs
 from pipelines import workdir as workdir_lib
 from pipelines.errors import UserError
@@ -127,3 +127,48 @@ def test_a_data_dir_without_its_marker_is_not_prepared(tmp_path, corpus_file):
     assert not wd.is_prepared()
     with pytest.raises(UserError, match="not a prepared lmstack workdir"):
         wd.read_manifest()
+
+
+def test_lmstack_serve_reads_versions_from_a_tensorflow_filesystem(tmp_path_factory, english_text, tmp_path):
+    """A base path and model config file on ram:// (TensorFlow Serving reads gs:// the same way):
+    versions load from there and answer as the SavedModel does; one being copied in, saved_model.pb
+    last (how `lmstack export` publishes where nothing renames a directory), loads once complete."""
+    from serving import client as client_lib
+    from serving import contract as c
+    from serving import server
+
+    _, exported = tiny_export("transformer", tmp_path_factory, english_text)
+    root = f"ram://{tmp_path.name}"
+
+    def copy_in(version, skip=()):
+        for f in sorted(p for p in exported.rglob("*") if p.is_file() and p.name not in skip):
+            target = f"{root}/lm/{version}/{f.relative_to(exported).as_posix()}"
+            tf.io.gfile.makedirs(target.rsplit("/", 1)[0])
+            tf.io.gfile.copy(str(f), target)
+
+    copy_in(1)
+    with tf.io.gfile.GFile(f"{root}/models.config", "w") as f:
+        f.write(f'model_config_list {{ config {{ name: "lm" base_path: "{root}/lm/" model_platform: "tensorflow" }} }}')
+    core = server.ModelServer(server.models_from_config_file(f"{root}/models.config"), model_roots=[])
+    core.refresh()
+    grpc_server, grpc_port = server.start_grpc(core, 0)
+    rest_server, rest_port = server.start_rest(core, 0)
+    try:
+        client = client_lib.connect(f"localhost:{grpc_port}", "grpc")
+        expected = tf.saved_model.load(str(exported)).signatures[c.SERVING_DEFAULT](
+            prompt=tf.constant(["ROMEO."]), max_new_tokens=tf.constant([8]))[c.COMPLETION].numpy()[0].decode()
+        assert client.generate(["ROMEO."], 8) == [expected]
+        copy_in(2, skip={"saved_model.pb"})  # every file but the index: not a version yet
+        core.refresh()
+        assert [s["version"] for s in client.status()] == [1]
+        tf.io.gfile.copy(str(exported / "saved_model.pb"), f"{root}/lm/2/saved_model.pb")
+        core.refresh()
+        rest = client_lib.connect(f"localhost:{rest_port}", "rest")
+        assert [(s["version"], s["state"]) for s in rest.status()] == [(2, "AVAILABLE")]
+        with pytest.raises(c.ServingError) as e:  # a reload request may not reach outside the roots
+            core.reload({"x": server.ServedModel("x", f"ram://{tmp_path.name}-elsewhere/lm")})
+        assert e.value.code == "PERMISSION_DENIED" and "--model_config_roots" in e.value.message
+    finally:
+        rest_server.shutdown()
+        grpc_server.stop(None)
+        fs.rmtree(fs.path(root))  # tolerates ram://'s phantom listings
