@@ -3,6 +3,9 @@
     model = EdgeModel("runs/x/tflite/transformer-int8.tflite", num_threads=2)
     ids = model.generate(prompt_ids, max_new_tokens=100, stop_ids=[model.eos_id])
 
+`EdgeClassifier` runs a classifier file (`lmstack tflite` on a `lmstack finetune`
+workdir): token ids of texts in, class scores out.
+
 Needs nothing of lmstack but the file and its JSON sidecar (written by
 `serving.exporters.tflite`): token ids in, token ids out; the app tokenizes with the
 files in tflite/tokenizer/. The transformer runs `prefill` once on the
@@ -127,6 +130,50 @@ class EdgeModel:
             logits = steps.send(token)
         steps.close()
         return new
+
+
+class EdgeClassifier:
+    """A `lmstack tflite` classifier file in ai-edge-litert: token ids of each text in, class scores out.
+
+    The ids are the tokenizer's for the text alone; `encode` adds what the model was trained on
+    ([EOS] first, the first `max_length - 1` tokens, [PAD]s after), as `pipelines.classifiers.encode`.
+
+    Args:
+        path: the .tflite file; its sidecar is the same name with .json.
+        num_threads: interpreter threads (None: the runtime's default).
+    """
+
+    def __init__(self, path: str | pathlib.Path, num_threads: int | None = None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.path = str(path)
+        self.info = json.loads(_read(self.path[:-len(".tflite")] + ".json"))
+        if self.info["family"] != "classifier":
+            raise ValueError(f"{self.path} is a {self.info['family']} language model; use EdgeModel")
+        self.labels: list[str] = list(self.info["labels"])
+        self.max_length, self.batch_size = int(self.info["max_length"]), int(self.info["batch_size"])
+        self.eos_id, self.pad_id = int(self.info["eos_id"]), int(self.info["pad_id"])
+        self.interpreter = Interpreter(model_content=_read(self.path), num_threads=num_threads)
+        self._classify = self.interpreter.get_signature_runner("classify")
+
+    def encode(self, ids: Sequence[int]) -> np.ndarray:
+        row = np.full([self.max_length], self.pad_id, np.int32)
+        kept = [self.eos_id, *ids][:self.max_length]
+        row[:len(kept)] = kept
+        return row
+
+    def scores(self, texts_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Class probabilities `[N, C]`, `batch_size` texts per call (a short last call is padded)."""
+        rows = np.stack([self.encode(ids) for ids in texts_ids]) if texts_ids else np.zeros([0, self.max_length])
+        out = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start:start + self.batch_size]
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - len(chunk), axis=0)])
+            out.append(self._classify(tokens=padded.astype(np.int32))["scores"][:len(chunk)])
+        return np.concatenate(out) if out else np.zeros([0, len(self.labels)], np.float32)
+
+    def classify(self, texts_ids: Sequence[Sequence[int]]) -> list[str]:
+        return [self.labels[i] for i in np.argmax(self.scores(texts_ids), axis=-1)]
 
 
 _MASK = 0xFFFFFFFF

@@ -13,9 +13,9 @@ import tensorflow as tf
 from pipelines import checkpoints, classifiers, evaluate, finetune, labelled
 from serving import contract as c, server
 from serving.exporters import classifier as classifier_export
-from serving.exporters import savedmodel
+from serving.exporters import savedmodel, tflite
 from serving.server.versions import method_names
-from tests.conftest import ROOT, trained_workdir
+from tests.conftest import ROOT, run_cli, trained_workdir
 from tests.test_serve import post, start
 
 REVIEWS = ROOT / "data" / "reviews.csv.bz2"
@@ -109,6 +109,32 @@ def test_exported_signatures_match_the_keras_model(classifier):
     out = loaded.signatures[c.CLASSIFY](inputs=tf.constant([classifier_export.example(t) for t in texts]))
     np.testing.assert_allclose(out[c.SCORES].numpy(), expected, atol=1e-5)
     assert out[c.CLASSES].numpy().tolist() == [[b"fresh", b"rotten"]] * 3
+
+
+def test_tflite_classifier_scores_like_the_keras_model_on_the_device_runtime(classifier, capsys):
+    """`lmstack tflite` on a classifier workdir: token ids in (a batch of 4, the last call padded), the
+    Keras model's scores out, in ai-edge-litert; int8 within 0.05 of them."""
+    from pipelines import tokenizers
+    from serving import edge
+
+    workdir, _ = classifier
+    texts = ["A dark, dull thriller.", "Funny, warm and wise.", "x", "The best film of the year.", ""]
+    model, config, labels, _ = classifiers.load_classifier(workdir)
+    tokenizer = tokenizers.load(workdir / "tokenizer")
+    expected = classifiers.predict_ids(model, tokenizer, texts, config.max_length)
+    code, out, err = run_cli(capsys, "tflite", f"--workdir={workdir}", "--batch_size=4")
+    assert code == 0 and "classes: fresh, rotten" in err
+    device = edge.EdgeClassifier(json.loads(out)["path"])
+    app_tokenizer = tokenizers.load(workdir / "tflite" / "tokenizer")  # what the app ships
+    ids = [app_tokenizer.tokenize(t).numpy().tolist() for t in texts]
+    np.testing.assert_allclose(device.scores(ids), expected, atol=1e-5)
+    assert device.labels == labels and device.info["signatures"]["classify"]["inputs"]["tokens"]["shape"] == [
+        4, config.max_length]
+    int8 = edge.EdgeClassifier(tflite.convert(workdir, tflite.TFLiteConfig(quantize="int8")))
+    assert np.abs(int8.scores(ids) - expected).max() < 0.05  # 8-bit activations: close, not equal
+    assert int8.info["bytes"] < device.info["bytes"] / 2
+    code, _, err = run_cli(capsys, "tflite", f"--workdir={workdir}", "--variant=x")
+    assert code == 2 and "no optimized variants" in err
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ from pipelines.progress import Progress
 Quantize = Literal["none", "float16", "dynamic", "int8"]
 QUANTIZATIONS = typing.get_args(Quantize)
 TFLITE_DIR = "tflite"
-PREFILL, DECODE, SEQUENCE, STEP = "prefill", "decode", "sequence", "step"
+PREFILL, DECODE, SEQUENCE, STEP, CLASSIFY = "prefill", "decode", "sequence", "step", "classify"
 SIGNATURES = {"transformer": (PREFILL, DECODE), "lstm": (SEQUENCE, STEP)}
 
 
@@ -64,7 +64,9 @@ class TFLiteConfig:
         variant: an optimized variant (WORKDIR/optimized/NAME) instead of the trained model ('').
         quantize: none (float32), float16, dynamic (int8 weights) or int8 (weights and activations).
         max_seq_len: the fixed sequence length / cache size (0: the model's context).
-        calibration_windows: int8: validation windows that calibrate the ranges.
+        calibration_windows: int8: validation windows (a classifier's: validation texts) that
+            calibrate the ranges.
+        batch_size: a classifier's rows per call (the language-model signatures take one sequence).
         per_channel: int8: a scale per output channel of each weight matrix (TFLite's default)
             instead of one per matrix. Off by default: each signature stores its own copy of
             every weight's scales and int64 zero points, 18 % of the `small` transformer's int8
@@ -74,6 +76,7 @@ class TFLiteConfig:
     quantize: Quantize = "none"
     max_seq_len: int = 0
     calibration_windows: int = 32
+    batch_size: int = 1
     per_channel: bool = False
 
 
@@ -230,8 +233,15 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
         check_choice("quantize", config.quantize, QUANTIZATIONS)
     if config.calibration_windows < 1:
         raise ConfigError("calibration_windows", config.calibration_windows, "must be at least 1")
+    if config.batch_size < 1:
+        raise ConfigError("batch_size", config.batch_size, "must be at least 1")
     wd = workdir_lib.Workdir(workdir)
     wd.read_config()
+    if checkpoints.classifier_section(wd.root) is not None:
+        return _convert_classifier(wd, config, progress)
+    if config.batch_size != 1:
+        raise ConfigError("batch_size", config.batch_size, "the language-model signatures take one sequence (a "
+                                                           "classifier workdir takes other batch sizes)")
     source = checkpoints.model_dir(wd.root, config.variant)
     model, model_config, step = checkpoints.load_model(source)
     made = checkpoints.optimization(source) or {}
@@ -252,6 +262,52 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
     flat = convert_functions(functions, config.quantize, representative, trackable=holder,
                              per_channel=config.per_channel)
 
+    return _write(wd, name, flat, config, {
+        "family": family, "variant": config.variant or None, "max_seq_len": seq_len, "checkpoint_step": step,
+        "model": models.config_to_json(model_config), "optimization": made.get("method")})
+
+
+def _convert_classifier(wd: workdir_lib.Workdir, config: TFLiteConfig, progress: Progress) -> fs.Path:
+    """A `lmstack finetune` workdir as `classify(tokens int32 [batch_size, max_length]) -> scores [batch_size, C]`:
+    the app tokenizes as `pipelines.classifiers.encode` does ([EOS], the first max_length - 1 tokens,
+    [PAD]s) and reads softmax scores in the order of the sidecar's `labels`."""
+    from pipelines import classifiers
+
+    if config.variant:
+        raise UserError(f"{wd.root} is a classifier workdir: it has no optimized variants (--variant={config.variant})")
+    model, cls_config, labels, step = classifiers.load_classifier(wd.root)
+    length, rows = cls_config.max_length, config.batch_size
+    progress.note(f"converting the classifier (step {step}) to TFLite, {config.quantize} quantization, "
+                  f"{rows} x {length} tokens per call")
+    spec = tf.TensorSpec([rows, length], tf.int32, name="tokens")
+    classify = tf.function(lambda tokens: {"scores": tf.nn.softmax(tf.cast(model(tokens, training=False), tf.float32))},
+                           input_signature=[spec])
+    representative = None
+    if config.quantize == "int8":
+        tokenizer = tokenizers.load(wd.tokenizer_dir)
+        texts = classifiers.read_split(wd.root, "val").texts or classifiers.read_split(wd.root, "train").texts
+        texts = texts[:config.calibration_windows]
+        batches = [texts[i:i + rows] for i in range(0, len(texts), rows)]
+
+        def representative():
+            rng = np.random.default_rng(0)
+            for batch in batches:
+                # Each text whole and cut to a few words: a short text's pooled state is not averaged
+                # down, and ranges calibrated on long texts alone clip it.
+                for texts in (batch, [" ".join(t.split()[:int(rng.integers(1, 4))]) for t in batch]):
+                    ids = classifiers.encode(tokenizer, tf.constant(texts), length).numpy()
+                    yield CLASSIFY, {"tokens": np.resize(ids, (rows, length))}  # a short last batch repeats rows
+    holder = tf.Module()
+    holder.model = model
+    flat = convert_functions({CLASSIFY: classify}, config.quantize, representative, trackable=holder,
+                             per_channel=config.per_channel)
+    return _write(wd, file_name("classifier", "", config.quantize), flat, config, {
+        "family": "classifier", "backbone": models.family_of(cls_config.backbone), "labels": labels,
+        "max_length": length, "batch_size": rows, "pooling": cls_config.pooling, "checkpoint_step": step})
+
+
+def _write(wd: workdir_lib.Workdir, name: str, flat: bytes, config: TFLiteConfig, info: dict[str, Any]) -> fs.Path:
+    """WORKDIR/tflite/NAME.tflite, its NAME.json sidecar and (once) the tokenizer files."""
     out = wd.root / TFLITE_DIR
     out.mkdir(exist_ok=True)
     if not (out / "tokenizer").is_dir():
@@ -259,14 +315,12 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
             for path in wd.tokenizer_dir.iterdir():
                 fs.copy_file(path, staging / path.name)
     tokenizer_config = tokenizers.load_config(wd.tokenizer_dir)
+    special = tokenizers.special_ids(tokenizer_config)
     info = {
-        "file": f"{name}.tflite", "family": family, "variant": config.variant or None,
-        "quantize": config.quantize, "max_seq_len": seq_len, "checkpoint_step": step,
-        "model": models.config_to_json(model_config), "tokenizer": tokenizer_config,
-        "tokenizer_dir": "tokenizer", "eos_id": tokenizers.special_ids(tokenizer_config)["eos"], "bytes": len(flat),
-        "signatures": _signature_shapes(flat), "ops": _op_counts(flat),
-        "optimization": made.get("method"),
+        "file": f"{name}.tflite", **info, "quantize": config.quantize,
         "per_channel": config.per_channel if config.quantize == "int8" else None,
+        "tokenizer": tokenizer_config, "tokenizer_dir": "tokenizer", "eos_id": special["eos"],
+        "pad_id": special["pad"], "bytes": len(flat), "signatures": _signature_shapes(flat), "ops": _op_counts(flat),
     }
     workdir_lib.write_bytes(out / f"{name}.tflite", flat)
     workdir_lib.write_json(out / f"{name}.json", info)
@@ -297,7 +351,8 @@ def describe(path: fs.Path) -> str:
         f"wrote {path} ({info['bytes'] / 1e6:.2f} MB, {info['quantize']}) and {path.with_suffix('.json').name}",
         f"signatures: {sigs}",
         f"ops: {sum(info['ops'].values())} built-in",
-        f"generate: lmstack generate --workdir={path.parent.parent} --backend=tflite --quantize={info['quantize']}"
+        f"classes: {', '.join(info['labels'])}; run it with serving.edge.EdgeClassifier" if info["family"] == "classifier"
+        else f"generate: lmstack generate --workdir={path.parent.parent} --backend=tflite --quantize={info['quantize']}"
         + (f" --variant={info['variant']}" if info["variant"] else ""),
     ])
 
