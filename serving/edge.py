@@ -32,6 +32,18 @@ def _read(path: str) -> bytes:
     return pathlib.Path(path.removeprefix("file://")).read_bytes()
 
 
+def _open(path: str | pathlib.Path, num_threads: int | None, classifier: bool):
+    """(path, sidecar, interpreter) of an lmstack TFLite file; ValueError for the other kind of file."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    path = str(path)
+    info = json.loads(_read(path[:-len(".tflite")] + ".json"))
+    if (info["family"] == "classifier") != classifier:
+        raise ValueError(f"{path} is a {info['family']} {'' if classifier else 'model'}".rstrip()
+                         + f"; use {'EdgeModel' if classifier else 'EdgeClassifier'}")
+    return path, info, Interpreter(model_content=_read(path), num_threads=num_threads)
+
+
 class EdgeModel:
     """A TFLite language model in the ai-edge-litert interpreter (XNNPACK on CPU).
 
@@ -41,14 +53,10 @@ class EdgeModel:
     """
 
     def __init__(self, path: str | pathlib.Path, num_threads: int | None = None):
-        from ai_edge_litert.interpreter import Interpreter
-
-        self.path = str(path)
-        self.info = json.loads(_read(self.path[:-len(".tflite")] + ".json"))
+        self.path, self.info, self.interpreter = _open(path, num_threads, classifier=False)
         self.family = self.info["family"]
         self.max_seq_len = int(self.info["max_seq_len"])
         self.eos_id = int(self.info["eos_id"])
-        self.interpreter = Interpreter(model_content=_read(self.path), num_threads=num_threads)
         names = ("prefill", "decode") if self.family == "transformer" else ("sequence", "step")
         self._window, self._step = (self.interpreter.get_signature_runner(n) for n in names)
         if self.family == "lstm":
@@ -144,16 +152,10 @@ class EdgeClassifier:
     """
 
     def __init__(self, path: str | pathlib.Path, num_threads: int | None = None):
-        from ai_edge_litert.interpreter import Interpreter
-
-        self.path = str(path)
-        self.info = json.loads(_read(self.path[:-len(".tflite")] + ".json"))
-        if self.info["family"] != "classifier":
-            raise ValueError(f"{self.path} is a {self.info['family']} language model; use EdgeModel")
+        self.path, self.info, self.interpreter = _open(path, num_threads, classifier=True)
         self.labels: list[str] = list(self.info["labels"])
         self.max_length, self.batch_size = int(self.info["max_length"]), int(self.info["batch_size"])
         self.eos_id, self.pad_id = int(self.info["eos_id"]), int(self.info["pad_id"])
-        self.interpreter = Interpreter(model_content=_read(self.path), num_threads=num_threads)
         self._classify = self.interpreter.get_signature_runner("classify")
 
     def encode(self, ids: Sequence[int]) -> np.ndarray:

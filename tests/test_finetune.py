@@ -128,6 +128,8 @@ def test_tflite_classifier_scores_like_the_keras_model_on_the_device_runtime(cla
     app_tokenizer = tokenizers.load(workdir / "tflite" / "tokenizer")  # what the app ships
     ids = [app_tokenizer.tokenize(t).numpy().tolist() for t in texts]
     np.testing.assert_allclose(device.scores(ids), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="use EdgeClassifier"):
+        edge.EdgeModel(device.path)
     assert device.labels == labels and device.info["signatures"]["classify"]["inputs"]["tokens"]["shape"] == [
         4, config.max_length]
     int8 = edge.EdgeClassifier(tflite.convert(workdir, tflite.TFLiteConfig(quantize="int8")))
