@@ -51,7 +51,7 @@ def read_model_config(workdir: str | os.PathLike) -> models.ModelConfig:
     config = _read_config(workdir)
     if CLASSIFIER_SECTION in config:
         raise UserError(f"{wd.root} is a classifier workdir (made by `lmstack finetune`); this command needs a "
-                        "language-model run (`lmstack evaluate` and `lmstack export` take classifiers too)")
+                        "language-model run (`lmstack evaluate`, `export` and `tflite` take classifiers too)")
     if MODEL_SECTION not in config:
         raise UserError(f"{wd.root} has no trained model yet; run `lmstack train --workdir={wd.root}` first")
     return models.config_from_json(config[MODEL_SECTION])

@@ -39,8 +39,8 @@ def _open(path: str | pathlib.Path, num_threads: int | None, classifier: bool):
     path = str(path)
     info = json.loads(_read(path[:-len(".tflite")] + ".json"))
     if (info["family"] == "classifier") != classifier:
-        raise ValueError(f"{path} is a {info['family']} {'' if classifier else 'model'}".rstrip()
-                         + f"; use {'EdgeModel' if classifier else 'EdgeClassifier'}")
+        kind, other = ("an LM", "EdgeModel") if classifier else ("a classifier", "EdgeClassifier")
+        raise ValueError(f"{path} holds {kind}; use {other}")
     return path, info, Interpreter(model_content=_read(path), num_threads=num_threads)
 
 

@@ -135,8 +135,9 @@ def test_tflite_classifier_scores_like_the_keras_model_on_the_device_runtime(cla
     int8 = edge.EdgeClassifier(tflite.convert(workdir, tflite.TFLiteConfig(quantize="int8")))
     assert np.abs(int8.scores(ids) - expected).max() < 0.05  # 8-bit activations: close, not equal
     assert int8.info["bytes"] < device.info["bytes"] / 2
-    code, _, err = run_cli(capsys, "tflite", f"--workdir={workdir}", "--variant=x")
-    assert code == 2 and "no optimized variants" in err
+    for flag, message in (("--variant=x", "no optimized variants"), ("--max_seq_len=8", "is for language models")):
+        code, _, err = run_cli(capsys, "tflite", f"--workdir={workdir}", flag)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 import models
-from pipelines import checkpoints, dataset, evaluate, fs, mot, tokenizers
+from pipelines import checkpoints, dataset, evaluate, fs, tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError, check_choice
 from pipelines.progress import Progress
@@ -101,7 +101,7 @@ def find(workdir: str | os.PathLike, variant: str = "", quantize: str = "none") 
 
 
 def signature_functions(model, config, seq_len: int) -> dict[str, Callable]:
-    """The family's signatures as tf.functions with fixed input shapes, and the models they use."""
+    """The family's signatures as tf.functions with fixed input shapes (batch 1, `seq_len` tokens)."""
     decoder = models.decoder(model, config)
     family = models.family_of(config)
     tokens = tf.TensorSpec([1, seq_len], tf.int32, name="tokens")
@@ -276,6 +276,9 @@ def _convert_classifier(wd: workdir_lib.Workdir, config: TFLiteConfig, progress:
     if config.variant:
         raise UserError(f"{wd.root} is a classifier workdir: it has no optimized variants (--variant={config.variant})")
     model, cls_config, labels, step = classifiers.load_classifier(wd.root)
+    if config.max_seq_len:
+        raise ConfigError("max_seq_len", config.max_seq_len, f"is for language models; this classifier reads "
+                                                              f"{cls_config.max_length} tokens a text (finetune's --max_length)")
     length, rows = cls_config.max_length, config.batch_size
     progress.note(f"converting the classifier (step {step}) to TFLite, {config.quantize} quantization, "
                   f"{rows} x {length} tokens per call")
@@ -294,8 +297,8 @@ def _convert_classifier(wd: workdir_lib.Workdir, config: TFLiteConfig, progress:
             for batch in batches:
                 # Each text whole and cut to a few words: a short text's pooled state is not averaged
                 # down, and ranges calibrated on long texts alone clip it.
-                for texts in (batch, [" ".join(t.split()[:int(rng.integers(1, 4))]) for t in batch]):
-                    ids = classifiers.encode(tokenizer, tf.constant(texts), length).numpy()
+                for group in (batch, [" ".join(t.split()[:int(rng.integers(1, 4))]) for t in batch]):
+                    ids = classifiers.encode(tokenizer, tf.constant(group), length).numpy()
                     yield CLASSIFY, {"tokens": np.resize(ids, (rows, length))}  # a short last batch repeats rows
     holder = tf.Module()
     holder.model = model

@@ -86,7 +86,7 @@ MESSAGES = _build_messages()
 
 def read_text_proto(path: str | os.PathLike, message, what: str):
     """Parses a text-format protobuf file into `message`; ServingError INVALID_ARGUMENT naming file and field."""
-    path = os.fspath(path)
+    path = str(path)  # a str, pathlib.Path or lmstack's GPath (which has no __fspath__)
     check_scheme(path)
     try:
         text = read_bytes(path).decode()

@@ -266,8 +266,8 @@ class ServedModel:
             if not tf.io.gfile.isdir(self.base_path):
                 return []
             names = [n.rstrip("/") for n in tf.io.gfile.listdir(self.base_path)]
-            return sorted(int(n) for n in names if _VERSION_DIR.fullmatch(n)
-                          and is_file(join(self.base_path, n, "saved_model.pb")))
+            return sorted(int(n) for n in names if _VERSION_DIR.fullmatch(n)  # one request each on a store
+                          and tf.io.gfile.exists(join(self.base_path, n, "saved_model.pb")))
         except tf.errors.OpError as e:  # e.g. permission denied, an object store out of reach
             raise ServingError("UNAVAILABLE", f"cannot list the versions of {self.name!r} under {self.base_path}: "
                                               f"{e.message.splitlines()[0] if e.message else type(e).__name__}") from None
