@@ -1,17 +1,18 @@
 """Running an lmstack TFLite file the way an app on a device does: ai-edge-litert only.
 
     model = EdgeModel("runs/x/tflite/transformer-int8.tflite", num_threads=2)
+    text = model.complete("ROMEO.", max_new_tokens=100)            # text in, text out
     ids = model.generate(prompt_ids, max_new_tokens=100, stop_ids=[model.eos_id])
 
 `EdgeClassifier` runs a classifier file (`lmstack tflite` on a `lmstack finetune`
-workdir): token ids of texts in, class scores out.
+workdir): texts (or their token ids) in, class scores out.
 
-Needs nothing of lmstack but the file and its JSON sidecar (written by
-`serving.exporters.tflite`): token ids in, token ids out; the app tokenizes with the
-files in tflite/tokenizer/. The transformer runs `prefill` once on the
-right-padded prompt and `decode` per new token; the LSTM runs `step` per
-token. `window_logits` scores a whole window (`prefill` or `sequence`), for
-evaluation.
+Needs nothing of lmstack but the .tflite: its TFLite Metadata describes the model and
+its packed files hold the tokenizer and the sidecar's content (`serving.tflite_metadata`;
+files from before 2026-12 read the JSON sidecar and tflite/tokenizer/ next to them).
+`model.tokenizer` turns text into ids without TensorFlow. The transformer runs `prefill`
+once on the right-padded prompt and `decode` per new token; the LSTM runs `step` per
+token. `window_logits` scores a whole window (`prefill` or `sequence`), for evaluation.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ import pathlib
 from typing import Sequence
 
 import numpy as np
+
+from serving import tflite_metadata
+from serving.edge_tokenizer import EdgeTokenizer
+
+SIDECAR = "lmstack.json"  # the sidecar's content, packed in the file (serving.exporters.edge_metadata)
 
 
 def _read(path: str) -> bytes:
@@ -33,15 +39,27 @@ def _read(path: str) -> bytes:
 
 
 def _open(path: str | pathlib.Path, num_threads: int | None, classifier: bool):
-    """(path, sidecar, interpreter) of an lmstack TFLite file; ValueError for the other kind of file."""
+    """(path, sidecar, packed files, interpreter) of an lmstack TFLite file; ValueError for the other kind."""
     from ai_edge_litert.interpreter import Interpreter
 
     path = str(path)
-    info = json.loads(_read(path[:-len(".tflite")] + ".json"))
+    flat = _read(path)
+    files = tflite_metadata.read(flat).files
+    if SIDECAR in files:
+        info = json.loads(files[SIDECAR])
+    else:  # a file from lmstack before 2026-12: the sidecar and tokenizer/ sit next to it
+        info = json.loads(_read(path[:-len(".tflite")] + ".json"))
+        folder = path[:path.rfind("/") + 1] + info.get("tokenizer_dir", "tokenizer") + "/"
+        files = {name: _read(folder + name) for name in _tokenizer_file_names(info["tokenizer"])}
     if (info["family"] == "classifier") != classifier:
         kind, other = ("an LM", "EdgeModel") if classifier else ("a classifier", "EdgeClassifier")
         raise ValueError(f"{path} holds {kind}; use {other}")
-    return path, info, Interpreter(model_content=_read(path), num_threads=num_threads)
+    return path, info, files, Interpreter(model_content=flat, num_threads=num_threads)
+
+
+def _tokenizer_file_names(config: dict) -> list[str]:
+    return {"char": ["vocabulary.json"], "byte": [], "wordpiece": ["vocabulary.txt"],
+            "sentencepiece": ["sentencepiece.model"], "bpe": ["vocab.json", "merges.txt"]}[config["kind"]]
 
 
 class EdgeModel:
@@ -53,7 +71,8 @@ class EdgeModel:
     """
 
     def __init__(self, path: str | pathlib.Path, num_threads: int | None = None):
-        self.path, self.info, self.interpreter = _open(path, num_threads, classifier=False)
+        self.path, self.info, files, self.interpreter = _open(path, num_threads, classifier=False)
+        self.tokenizer = EdgeTokenizer(self.info["tokenizer"], files)
         self.family = self.info["family"]
         self.max_seq_len = int(self.info["max_seq_len"])
         self.eos_id = int(self.info["eos_id"])
@@ -112,6 +131,14 @@ class EdgeModel:
             state = out["state"]
             token = yield out["logits"][0]
 
+    def complete(self, prompt: str, max_new_tokens: int, **sampling) -> str:
+        """The text that follows `prompt` (a new document when it is empty), up to [EOS].
+
+        `sampling`: `generate`'s temperature, top_k, top_p and seed.
+        """
+        ids = self.tokenizer.encode(prompt) if prompt else [self.eos_id]
+        return self.tokenizer.decode(self.generate(ids, max_new_tokens, stop_ids=[self.eos_id], **sampling))
+
     def generate(self, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = (),
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[int]:
         """Continues `prompt`: greedy when `temperature` is 0, else sampled (top-k, then top-p) as
@@ -152,7 +179,8 @@ class EdgeClassifier:
     """
 
     def __init__(self, path: str | pathlib.Path, num_threads: int | None = None):
-        self.path, self.info, self.interpreter = _open(path, num_threads, classifier=True)
+        self.path, self.info, files, self.interpreter = _open(path, num_threads, classifier=True)
+        self.tokenizer = EdgeTokenizer(self.info["tokenizer"], files)
         self.labels: list[str] = list(self.info["labels"])
         self.max_length, self.batch_size = int(self.info["max_length"]), int(self.info["batch_size"])
         self.eos_id, self.pad_id = int(self.info["eos_id"]), int(self.info["pad_id"])
@@ -176,6 +204,10 @@ class EdgeClassifier:
 
     def classify(self, texts_ids: Sequence[Sequence[int]]) -> list[str]:
         return [self.labels[i] for i in np.argmax(self.scores(texts_ids), axis=-1)]
+
+    def classify_texts(self, texts: Sequence[str]) -> list[str]:
+        """The label of each text, tokenized by the tokenizer packed in the file."""
+        return self.classify([self.tokenizer.encode(text) for text in texts])
 
 
 _MASK = 0xFFFFFFFF

@@ -48,6 +48,7 @@ from pipelines import checkpoints, dataset, evaluate, fs, tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError, check_choice
 from pipelines.progress import Progress
+from serving.exporters import edge_metadata
 
 Quantize = Literal["none", "float16", "dynamic", "int8"]
 QUANTIZATIONS = typing.get_args(Quantize)
@@ -310,7 +311,8 @@ def _convert_classifier(wd: workdir_lib.Workdir, config: TFLiteConfig, progress:
 
 
 def _write(wd: workdir_lib.Workdir, name: str, flat: bytes, config: TFLiteConfig, info: dict[str, Any]) -> fs.Path:
-    """WORKDIR/tflite/NAME.tflite, its NAME.json sidecar and (once) the tokenizer files."""
+    """WORKDIR/tflite/NAME.tflite with its metadata and files inside, its NAME.json sidecar and
+    (once) the tokenizer files next to it."""
     out = wd.root / TFLITE_DIR
     out.mkdir(exist_ok=True)
     if not (out / "tokenizer").is_dir():
@@ -323,10 +325,12 @@ def _write(wd: workdir_lib.Workdir, name: str, flat: bytes, config: TFLiteConfig
         "file": f"{name}.tflite", **info, "quantize": config.quantize,
         "per_channel": config.per_channel if config.quantize == "int8" else None,
         "tokenizer": tokenizer_config, "tokenizer_dir": "tokenizer", "eos_id": special["eos"],
-        "pad_id": special["pad"], "bytes": len(flat), "signatures": _signature_shapes(flat), "ops": _op_counts(flat),
+        "pad_id": special["pad"], "signatures": _signature_shapes(flat), "ops": _op_counts(flat),
     }
+    tokenizer_files = {p.name: p.read_bytes() for p in sorted(wd.tokenizer_dir.iterdir()) if p.is_file()}
+    flat = edge_metadata.populate(flat, info, tokenizer_files)
     workdir_lib.write_bytes(out / f"{name}.tflite", flat)
-    workdir_lib.write_json(out / f"{name}.json", info)
+    workdir_lib.write_json(out / f"{name}.json", {**info, "bytes": len(flat)})
     return out / f"{name}.tflite"
 
 

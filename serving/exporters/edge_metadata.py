@@ -1,0 +1,150 @@
+"""What an lmstack .tflite says about itself: TFLite Metadata and the files packed inside.
+
+Every file `lmstack tflite` writes carries, in the format Android Studio, the Task Library
+and MediaPipe read (`serving.tflite_metadata`):
+
+- the model's name, version (training step), author and a description of every signature;
+- the first subgraph's input and output tensors, each described (the metadata schema
+  describes one subgraph; the description names the others and their shapes);
+- the tokenizer's files as associated files (vocabularies typed VOCABULARY), with a
+  tokenizer process unit where the schema has one for the kind (WordPiece: BertTokenizer,
+  SentencePiece: SentencePieceTokenizer; char, byte and byte-level BPE have none);
+- a classifier's labels on its `scores` tensor (TENSOR_AXIS_LABELS, one per line);
+- `lmstack.json`, the sidecar's content, so `serving.edge` needs nothing but the .tflite.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from serving import tflite_metadata as md
+from serving.edge import SIDECAR
+LABELS = "labels.txt"
+
+# What each tensor of each signature holds (T: max_seq_len, V: vocabulary, L: layers).
+_TENSORS = {
+    "prefill": {
+        "tokens": "Token ids [1, T]: the prompt (starting after [EOS] for a new document), right-padded.",
+        "logits": "Next-token logits [1, T, V] at every position; read the prompt's last real position.",
+        "cache": "Keys and values [1, L, 2, T, d] of every position, for `decode`."},
+    "decode": {
+        "token": "The token just chosen [1, 1].",
+        "cache": "The cache from `prefill` or the previous `decode`.",
+        "position": "The token's position (the prompt's length, then one more each call).",
+        "logits": "Next-token logits [1, V].",
+        "cache_out": "The cache with this token's keys and values."},
+    "sequence": {
+        "tokens": "Token ids [1, T] of a window, scored from a zero state.",
+        "logits": "Next-token logits [1, T, V] at every position."},
+    "step": {
+        "token": "The next token [1, 1] (prompt tokens one by one, then each chosen token).",
+        "state": "The cells' (h, c) [1, L, 2, units]: zeros to start, then the previous step's.",
+        "logits": "Next-token logits [1, V].",
+        "state_out": "The state after this token."},
+    "classify": {
+        "tokens": "Token ids [N, max_length] per text: [EOS], its first max_length - 1 ids, then [PAD]s.",
+        "scores": "Class probabilities [N, C] (softmax), in the order of labels.txt."},
+}
+_VOCABULARIES = {"vocabulary.json", "vocabulary.txt", "vocab.json"}
+
+
+def populate(flat: bytes, info: dict[str, Any], tokenizer_files: dict[str, bytes]) -> bytes:
+    """`flat` with lmstack's metadata and packed files (`info` is the sidecar's content)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    files = [md.File(name, data, _file_description(name, info["tokenizer"]),
+                     md.VOCABULARY if name in _VOCABULARIES else md.UNKNOWN)
+             for name, data in tokenizer_files.items()]
+    files.append(md.File(SIDECAR, json.dumps(info, indent=1).encode(),
+                         "lmstack's sidecar: model and tokenizer config, special ids, signature shapes."))
+    model = schema.Model.GetRootAs(flat, 0)
+    signature = next(model.SignatureDefs(i) for i in range(model.SignatureDefsLength())
+                     if model.SignatureDefs(i).SubgraphIndex() == 0)
+    key = signature.SignatureKey().decode()
+    graph = model.Subgraphs(0)
+    inputs = _tensor_names(signature.Inputs, signature.InputsLength(), graph.InputsAsNumpy())
+    outputs = _tensor_names(signature.Outputs, signature.OutputsLength(), graph.OutputsAsNumpy())
+    described = _TENSORS.get(key, {})
+    output_tensors = []
+    for name in outputs:
+        tensor = _tensor(name, described.get(f"{name}_out" if name in inputs else name, ""))
+        if info["family"] == "classifier" and name == "scores":
+            files.append(md.File(LABELS, "".join(f"{label}\n" for label in info["labels"]).encode(),
+                                 "The class of each score, one per line.", md.TENSOR_AXIS_LABELS))
+            tensor["associated_files"] = [files[-1].entry()]
+        output_tensors.append(tensor)
+    subgraph = {
+        "name": key, "description": _signatures(info),
+        "input_tensor_metadata": [_tensor(name, described.get(name, "")) for name in inputs],
+        "output_tensor_metadata": output_tensors,
+        "input_process_units": _tokenizer_unit(info["tokenizer"], files),
+    }
+    metadata = {
+        "name": _name(info), "description": _description(info), "version": f"step {info['checkpoint_step']}",
+        "author": "lmstack", "subgraph_metadata": [subgraph],
+        "associated_files": [f.entry() for f in files if f.name != LABELS],
+    }
+    return md.populate(flat, metadata, files)
+
+
+def _tensor_names(entry, count: int, order) -> list[str]:
+    """A signature's tensor names in the subgraph's input (or output) order."""
+    by_index = {entry(i).TensorIndex(): entry(i).Name().decode() for i in range(count)}
+    return [by_index[int(i)] for i in order]
+
+
+def _tensor(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "description": description, "content": {"content_properties": ("FeatureProperties", {})}}
+
+
+def _tokenizer_unit(config: dict[str, Any], files: list[md.File]) -> list[dict[str, Any]]:
+    """The schema's tokenizer process unit for the kinds it has one for."""
+    entries = {f.name: f.entry() for f in files}
+    if config["kind"] == "wordpiece":
+        return [{"options": ("BertTokenizerOptions", {"vocab_file": [entries["vocabulary.txt"]]})}]
+    if config["kind"] == "sentencepiece":
+        return [{"options": ("SentencePieceTokenizerOptions", {"sentencePiece_model": [entries["sentencepiece.model"]]})}]
+    return []
+
+
+def _name(info: dict[str, Any]) -> str:
+    if info["family"] == "classifier":
+        return f"lmstack {info['backbone']} text classifier"
+    return f"lmstack {info['family']} language model" + (f" ({info['variant']})" if info.get("variant") else "")
+
+
+def _description(info: dict[str, Any]) -> str:
+    tokenizer = info["tokenizer"]
+    ids = f"[EOS] is id {info['eos_id']}, [PAD] id {info['pad_id']}"
+    if info["family"] == "classifier":
+        what = (f"Classifies texts into {', '.join(info['labels'])} (labels.txt). Call `classify` with "
+                f"{info['batch_size']} texts of {info['max_length']} token ids.")
+    else:
+        what = ("Generates text: start after [EOS], stop at it. " + (
+            "Run `prefill` on the right-padded prompt, then `decode` per new token." if info["family"] == "transformer"
+            else "Run `step` per token from a zero state; `sequence` scores a window."))
+    return (f"{what} Tokenizer: {tokenizer['kind']}, {tokenizer['vocab_size']} ids ({ids}); its files are packed "
+            f"in this file (a zip archive after the model). Weights: {'float32' if info['quantize'] == 'none' else info['quantize']}. lmstack.json has the rest.")
+
+
+def _signatures(info: dict[str, Any]) -> str:
+    """Every signature with its tensors' shapes: the schema describes only the first."""
+    parts = []
+    for name, signature in info["signatures"].items():
+        def shapes(side):
+            return ", ".join(f"{k} {v['dtype']} {v['shape']}" for k, v in signature[side].items())
+        parts.append(f"{name}({shapes('inputs')}) -> {shapes('outputs')}")
+    return "; ".join(parts)
+
+
+def _file_description(name: str, tokenizer: dict[str, Any]) -> str:
+    kind = tokenizer["kind"]
+    return {
+        "tokenizer.json": f"The tokenizer's config: kind {kind}, vocabulary size, reserved tokens, special ids.",
+        "vocabulary.json": "The char tokenizer's vocabulary: a JSON list, a token's id is its index.",
+        "vocabulary.txt": "The WordPiece vocabulary, one token per line (continuations start with ##).",
+        "vocab.json": "The byte-level BPE vocabulary (GPT-2's format): token -> id.",
+        "merges.txt": "The byte-level BPE merges in rank order (GPT-2's format).",
+        "sentencepiece.model": "The SentencePiece model (a serialized ModelProto).",
+    }.get(name, f"A file of the {kind} tokenizer.")
