@@ -52,6 +52,7 @@ class EdgeTokenizer:
             self._sp = sentencepiece.SentencePieceProcessor(model_proto=files["sentencepiece.model"])
         elif self.kind == "bpe":
             self._bpe, self._nul, self._skip = _byte_level_bpe(config, files)
+            self._unsplittable = list(config.get("unsplittable_tokens", ()))
         elif self.kind != "byte":
             raise ValueError(f"unknown tokenizer kind {self.kind!r}")
 
@@ -61,14 +62,16 @@ class EdgeTokenizer:
             return [self._ids.get(c, 1) for c in text]
         if self.kind == "byte":
             return [b + len(RESERVED) for b in text.encode("utf-8")]
-        if self.kind == "wordpiece":
-            return [self._ids[piece] for word in _bert_words(text, self._lowercase) for piece in self._pieces(word)]
+        if self.kind == "wordpiece":  # tensorflow-text's regex split ends a text at its first NUL; so does this
+            words = _bert_words(text.split("\0", 1)[0], self._lowercase)
+            return [self._ids[piece] for word in words for piece in self._pieces(word)]
         if self.kind == "sentencepiece":
             return list(self._sp.encode(text))
         # keras-nlp's regex split drops a text from its first NUL on: lmstack splits there and puts NUL's id back.
         ids: list[int] = []
         for i, piece in enumerate(text.split("\0")):
-            ids += ([self._nul] if i else []) + (self._bpe.encode(piece).ids if piece else [])
+            words = _gpt2_words(piece, self._unsplittable)
+            ids += ([self._nul] if i else []) + (self._bpe.encode(words, is_pretokenized=True).ids if words else [])
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -108,10 +111,10 @@ class EdgeTokenizer:
 
 
 def _bert_words(text: str, lowercase: bool) -> list[str]:
-    """keras-nlp's WordPiece split: case-folded if asked, split at white space and control
-    characters (dropped), punctuation and CJK ideographs (kept as words of their own)."""
-    if lowercase:  # tensorflow-text's case_fold_utf8 is ICU's NFKC_Casefold
-        text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+    """keras-nlp's WordPiece split: at white space and control characters (dropped), punctuation
+    and CJK ideographs (kept as words of their own); then each word case-folded if asked, as
+    tensorflow-text's case_fold_utf8 folds (ICU's NFKC_Casefold: "，" becomes ",", but a
+    no-break space inside a word, already split, stays in it)."""
     words, word = [], []
     for c in text:
         category = unicodedata.category(c)
@@ -129,7 +132,9 @@ def _bert_words(text: str, lowercase: bool) -> list[str]:
             words.append(kept)
     if word:
         words.append("".join(word))
-    return words
+    if lowercase:
+        words = [unicodedata.normalize("NFKC", unicodedata.normalize("NFKD", w).casefold()) for w in words]
+    return [w for w in words if w]
 
 
 def _is_cjk(point: int) -> bool:
@@ -144,7 +149,8 @@ def _byte_level_bpe(config: Mapping[str, Any], files: Mapping[str, bytes]):
     merges = [tuple(line.split(" ")) for line in files["merges.txt"].decode("utf-8").split("\n")
               if line.strip() and not line.startswith("#version")]
     tokenizer = Tokenizer(models.BPE(vocab, merges))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's split and byte alphabet
+    # The words come split (`_gpt2_words`): only GPT-2's byte alphabet here.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
     unsplittable = list(config.get("unsplittable_tokens", ()))
     if unsplittable:  # GPT-2's <|endoftext|> in text is its own id
@@ -152,6 +158,45 @@ def _byte_level_bpe(config: Mapping[str, Any], files: Mapping[str, bytes]):
     special = config.get("special_ids", {"pad": 0, "eos": 3})
     skip = {vocab[t] for t in config.get("reserved_tokens", RESERVED) if t in vocab} | {int(v) for v in special.values()}
     return tokenizer, vocab[_byte_char(0)], skip
+
+
+# keras-nlp's GPT-2 split as RE2 runs it (RE2 has no lookahead; its \s is [\t\n\f\r ]): a marker
+# "६" goes before a space that starts a word, the text splits at `_WORDS`, each piece's last
+# white space splits off, the markers go. (keras-nlp's marker after white space that ends the
+# text needs the four special spaces in a row after it, so it is all but never placed: trailing
+# spaces split one by one, where GPT-2 keeps them together.)
+_SPACES = "\xa0\u2009\u202f\u3000"  # white space RE2's \s misses that GPT-2's Python regex sees
+_WORDS = ("'s|'t|'re|'ve|'m|'ll|'d|[\t\n\f\r " + _SPACES + "]+[\n\r\t\f\u096c" + _SPACES + "]"
+          "| ?\\p{L}+| ?\\p{N}+| ?[^\t\n\f\r \\p{L}\\p{N}" + _SPACES + "]+")
+_LAST_SPACE = "[ \t\r\f\v\u096c" + _SPACES + "]\\Z"
+
+
+def _gpt2_words(text: str, unsplittable: Sequence[str]) -> list[str]:
+    """The pre-tokens keras-nlp's BytePairTokenizer makes of `text` (its graph split, in Python)."""
+    import regex  # \p{L}, \p{N}: keras-hub's own dependency
+
+    text = regex.sub("( )([^\t\n\f\r " + _SPACES + "])", "\u096c\\1\\2", text)
+    text = regex.sub("([\t\n\f\r ]" + _SPACES + ")\\Z", "\\1\u096c", text)
+    pieces = _split_keeping(text, "|".join(map(regex.escape, unsplittable))) if unsplittable else [text]
+    words = []
+    for piece in pieces:
+        if piece in unsplittable:  # GPT-2's <|endoftext|> in text: one word, its own id
+            words.append(piece)
+            continue
+        for word in _split_keeping(piece, _WORDS):
+            words += _split_keeping(word, _LAST_SPACE)
+    return [w for w in words if w != "\u096c"]
+
+
+def _split_keeping(text: str, pattern: str) -> list[str]:
+    """tensorflow-text's regex_split with the delimiters kept: matches and the text between, none empty."""
+    import regex
+
+    pieces, start = [], 0
+    for match in regex.finditer(pattern, text):
+        pieces += [text[start:match.start()], match.group()]
+        start = match.end()
+    return [p for p in pieces + [text[start:]] if p]
 
 
 def _byte_char(byte: int) -> str:
