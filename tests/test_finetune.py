@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -111,11 +112,11 @@ def test_exported_signatures_match_the_keras_model(classifier):
     assert out[c.CLASSES].numpy().tolist() == [[b"fresh", b"rotten"]] * 3
 
 
-def test_tflite_classifier_scores_like_the_keras_model_on_the_device_runtime(classifier, capsys):
+def test_tflite_classifier_scores_like_the_keras_model_on_the_device_runtime(classifier, capsys, tmp_path):
     """`lmstack tflite` on a classifier workdir: token ids in (a batch of 4, the last call padded), the
     Keras model's scores out, in ai-edge-litert; int8 within 0.05 of them."""
     from pipelines import tokenizers
-    from serving import edge
+    from serving import edge, tflite_metadata
 
     workdir, _ = classifier
     texts = ["A dark, dull thriller.", "Funny, warm and wise.", "x", "The best film of the year.", ""]
@@ -124,17 +125,26 @@ def test_tflite_classifier_scores_like_the_keras_model_on_the_device_runtime(cla
     expected = classifiers.predict_ids(model, tokenizer, texts, config.max_length)
     code, out, err = run_cli(capsys, "tflite", f"--workdir={workdir}", "--batch_size=4")
     assert code == 0 and "classes: fresh, rotten" in err
-    device = edge.EdgeClassifier(json.loads(out)["path"])
-    app_tokenizer = tokenizers.load(workdir / "tflite" / "tokenizer")  # what the app ships
-    ids = [app_tokenizer.tokenize(t).numpy().tolist() for t in texts]
+    path = pathlib.Path(json.loads(out)["path"])
+    lone = tmp_path / path.name  # what the app ships: the .tflite alone
+    shutil.copy(path, lone)
+    device = edge.EdgeClassifier(lone)
+    ids = [device.tokenizer.encode(t) for t in texts]  # the tokenizer packed in the file
+    assert ids == [tokenizer.tokenize(t).numpy().tolist() for t in texts]
     np.testing.assert_allclose(device.scores(ids), expected, atol=1e-5)
+    assert device.classify_texts(texts) == [labels[i] for i in np.argmax(expected, axis=-1)]
+    # Its TFLite Metadata: the labels file on the scores tensor, as the Task Library reads it.
+    scores = tflite_metadata.read(lone.read_bytes()).metadata["subgraph_metadata"][0]["output_tensor_metadata"][0]
+    assert scores["name"] == "scores" and scores["associated_files"][0]["type"] == tflite_metadata.TENSOR_AXIS_LABELS
+    packed = tflite_metadata.read(lone.read_bytes()).files
+    assert packed[scores["associated_files"][0]["name"]].decode().splitlines() == labels
     with pytest.raises(ValueError, match="use EdgeClassifier"):
         edge.EdgeModel(device.path)
     assert device.labels == labels and device.info["signatures"]["classify"]["inputs"]["tokens"]["shape"] == [
         4, config.max_length]
     int8 = edge.EdgeClassifier(tflite.convert(workdir, tflite.TFLiteConfig(quantize="int8")))
     assert np.abs(int8.scores(ids) - expected).max() < 0.05  # 8-bit activations: close, not equal
-    assert int8.info["bytes"] < device.info["bytes"] / 2
+    assert pathlib.Path(int8.path).stat().st_size < lone.stat().st_size / 2
     for flag, message in (("--variant=x", "no optimized variants"), ("--max_seq_len=8", "is for language models")):
         code, _, err = run_cli(capsys, "tflite", f"--workdir={workdir}", flag)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

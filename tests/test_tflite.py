@@ -11,7 +11,7 @@ from pipelines import evaluate, optimize
 from pipelines.errors import UserError
 from pipelines.generate import TextGenerator, encode
 from serving import contract as c
-from serving import edge
+from serving import edge, tflite_metadata
 from serving.exporters import tflite
 from tests.conftest import run_cli, tiny_export
 from tests.test_workdir import umask
@@ -61,9 +61,41 @@ def test_signatures_shapes_and_built_in_ops(run):
     params = TextGenerator(workdir).model.count_params()
     assert 4 * params < info["bytes"] < 4 * params * 1.1 + 100_000, (info["bytes"], params)
     assert (workdir / "tflite" / "tokenizer" / "tokenizer.json").is_file()
+    check_metadata(path, info, workdir)
     # The app's build copies the folder: it must be readable like any other (mkdtemp's is 0700).
     assert (workdir / "tflite" / "tokenizer").stat().st_mode & 0o777 == 0o777 & ~umask()
     assert not [p.name for p in (workdir / "tflite").iterdir() if p.name.startswith(".")]
+
+
+def check_metadata(path, info, workdir):
+    """TFLite Metadata as the official tools read it (bench/tflite_metadata_official.py checks that with
+    MediaPipe's): the first subgraph's tensors described in the subgraph's order, the tokenizer's files
+    and the sidecar's content packed."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    packed = tflite_metadata.read(path.read_bytes())
+    meta = packed.metadata
+    assert meta["name"] == f"lmstack {info['family']} language model" and meta["author"] == "lmstack"
+    assert meta["version"] == f"step {info['checkpoint_step']}" and meta["min_parser_version"] == "1.0.1"
+    graph = meta["subgraph_metadata"][0]
+    runner = Interpreter(model_content=path.read_bytes()).get_signature_runner(graph["name"])
+    for side, details in (("input", runner.get_input_details()), ("output", runner.get_output_details())):
+        described = graph[f"{side}_tensor_metadata"]
+        assert sorted(t["name"] for t in described) == sorted(details) and all(t["description"] for t in described)
+    assert {f["name"]: f.get("type", 0) for f in meta["associated_files"]} == {
+        "tokenizer.json": 0, "vocabulary.json": tflite_metadata.VOCABULARY, "lmstack.json": 0}
+    for name in ("tokenizer.json", "vocabulary.json"):
+        assert packed.files[name] == (workdir / "tokenizer" / name).read_bytes()
+    assert json.loads(packed.files["lmstack.json"]) == {k: v for k, v in info.items() if k != "bytes"}
+    assert info["bytes"] == path.stat().st_size
+
+
+def test_the_tflite_file_alone_generates_text(run, tmp_path):
+    """An app ships the .tflite alone: it reads its tokenizer and settings from the file."""
+    family, workdir, _, path = run
+    (tmp_path / path.name).write_bytes(path.read_bytes())
+    model = edge.EdgeModel(tmp_path / path.name)
+    assert model.complete("ROMEO.", 12) == TextGenerator(workdir).generate(["ROMEO."], 12)[0]
 
 
 def test_float32_greedy_is_the_same_on_keras_savedmodel_and_tflite(run):
