@@ -176,21 +176,32 @@ class LSTMDecoder:
         Returns:
             `(logits [B, V] float32, updated state)`.
         """
-        c, get = self.config, lambda name: layers.get_layer(self.model, name)
+        logits, h, c = self.step_cells(ids, tf.unstack(cache[:, :, 0], axis=1), tf.unstack(cache[:, :, 1], axis=1))
+        return logits, tf.stack([tf.stack(h, axis=1), tf.stack(c, axis=1)], axis=2)
+
+    def step_cells(self, ids: tf.Tensor, h: list[tf.Tensor], c: list[tf.Tensor]):
+        """`step` on each layer's `h` and `c` `[B, units]` apart, never stacked together: an int8
+        TFLite file quantizes a tensor with one scale, and `c` (in the hundreds) would set `h`'s.
+
+        Returns:
+            `(logits [B, V] float32, [h per layer], [c per layer])`.
+        """
+        config, get = self.config, lambda name: layers.get_layer(self.model, name)
         x, table = get("token_embedding")(ids[:, tf.newaxis])
         x = x[:, 0]  # (B, e)
-        states = []
-        for i in range(c.layers):
+        hs, cs = [], []
+        for i in range(config.layers):
             cell = get(f"rnn{i}").cell
-            if c.cell == "lstm":
-                x, (h, memory) = cell(x, [cache[:, i, 0], cache[:, i, 1]])
+            if config.cell == "lstm":
+                x, (h_i, c_i) = cell(x, [h[i], c[i]])
             else:
-                x, h = cell(x, [cache[:, i, 0]])
-                h = h[0] if isinstance(h, (list, tuple)) else h
-                memory = tf.zeros_like(h)
+                x, h_i = cell(x, [h[i]])
+                h_i = h_i[0] if isinstance(h_i, (list, tuple)) else h_i
+                c_i = tf.zeros_like(h_i)
             x = get(f"rnn{i}_dropout")(x)
-            states.append(tf.stack([h, memory], axis=1))
-        return self._logits(x[:, tf.newaxis], table)[:, 0], tf.stack(states, axis=1)
+            hs.append(h_i)
+            cs.append(c_i)
+        return self._logits(x[:, tf.newaxis], table)[:, 0], hs, cs
 
     def _logits(self, x: tf.Tensor, table: tf.Tensor) -> tf.Tensor:
         get = lambda name: layers.get_layer(self.model, name)  # noqa: E731

@@ -78,14 +78,14 @@ class EdgeModel:
         self.eos_id = int(self.info["eos_id"])
         names = ("prefill", "decode") if self.family == "transformer" else ("sequence", "step")
         self._window, self._step = (self.interpreter.get_signature_runner(n) for n in names)
-        if self.family == "lstm":
-            shape = self._step.get_input_details()["state"]["shape"]
-            self._zero_state = np.zeros(shape, np.float32)
+        if self.family == "lstm":  # its state: h and c (files before 2026-12: one `state` holding both)
+            self._zero_state = {name: np.zeros(detail["shape"], np.float32)
+                                for name, detail in self._step.get_input_details().items() if name != "token"}
         # Files from lmstack before 2026-12 scored an LSTM window with TFLite's fused sequence
         # kernel, which keeps its state in variable tensors between calls: reset before each window.
         self._stateful = bool(self.info.get("ops", {}).get("UNIDIRECTIONAL_SEQUENCE_LSTM"))
         if self._stateful:  # reset_all_variables needs every subgraph's tensors allocated
-            self._step(token=np.zeros([1, 1], np.int32), state=self._zero_state)
+            self._step(token=np.zeros([1, 1], np.int32), **self._zero_state)
             self._window(tokens=np.zeros([1, self.max_seq_len], np.int32))
 
     @property
@@ -124,11 +124,12 @@ class EdgeModel:
             return
         state = self._zero_state
         for token in prompt[:-1]:
-            state = self._step(token=np.array([[token]], np.int32), state=state)["state"]
+            out = self._step(token=np.array([[token]], np.int32), **state)
+            state = {name: out[name] for name in state}
         token = prompt[-1]
         while True:
-            out = self._step(token=np.array([[token]], np.int32), state=state)
-            state = out["state"]
+            out = self._step(token=np.array([[token]], np.int32), **state)
+            state = {name: out[name] for name in state}
             token = yield out["logits"][0]
 
     def complete(self, prompt: str, max_new_tokens: int, **sampling) -> str:

@@ -53,7 +53,8 @@ def test_signatures_shapes_and_built_in_ops(run):
         assert sigs["decode"]["outputs"]["logits"]["shape"] == [1, model["vocab_size"]]
     else:
         assert set(sigs) == {"sequence", "step"}
-        assert sigs["step"]["inputs"]["state"]["shape"] == [1, model["layers"], 2, model["units"]]
+        assert set(sigs["step"]["inputs"]) == {"token"} | {f"{k}{i}" for i in range(model["layers"]) for k in "hc"}
+        assert sigs["step"]["inputs"]["c1"]["shape"] == sigs["step"]["outputs"]["h0"]["shape"] == [1, model["units"]]
         # `sequence` loops over the step's arithmetic: one set of weights, not the fused kernel's copy.
         assert info["ops"]["WHILE"] == 1 and "UNIDIRECTIONAL_SEQUENCE_LSTM" not in info["ops"]
     assert tflite.non_builtin_ops(path.read_bytes()) == []
@@ -134,6 +135,9 @@ def test_quantized_files_are_smaller_and_within_tolerance(run):
         assert model.generate([1, 2, 3], 5)  # generates
         if quantize == "int8":  # one scale per weight matrix (--per_channel gives one per output channel)
             assert model.info["per_channel"] is False and max_scales(quantized.read_bytes()) == 1
+            if family == "lstm":  # h (within ±1) keeps its 8 bits: no tensor carries it with c
+                scales = input_scales(quantized.read_bytes(), "step")
+                assert max(scales[f"h{i}"] for i in range(2)) < 1.01 / 127 < min(scales[f"c{i}"] for i in range(2))
 
 
 def max_scales(flat: bytes) -> int:
@@ -143,6 +147,19 @@ def max_scales(flat: bytes) -> int:
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flat, 0))
     return max(len(t.quantization.scale) for g in model.subgraphs for t in g.tensors
                if t.quantization is not None and t.quantization.scale is not None)
+
+
+def input_scales(flat: bytes, signature: str) -> dict[str, float]:
+    """The int8 scale each float input of a signature is quantized with on entry."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(flat, 0))
+    sig = next(s for s in model.signatureDefs if s.signatureKey.decode() == signature)
+    graph, quantize = model.subgraphs[sig.subgraphIndex], schema.BuiltinOperator.QUANTIZE
+    by_tensor = {op.inputs[0]: graph.tensors[op.outputs[0]].quantization.scale[0] for op in graph.operators
+                 if max(model.operatorCodes[op.opcodeIndex].builtinCode,
+                        model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode) == quantize}
+    return {t.name.decode(): by_tensor[t.tensorIndex] for t in sig.inputs if t.tensorIndex in by_tensor}
 
 
 def test_a_flex_op_is_rejected_with_its_name():

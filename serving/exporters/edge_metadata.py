@@ -39,9 +39,11 @@ _TENSORS = {
         "logits": "Next-token logits [1, T, V] at every position."},
     "step": {
         "token": "The next token [1, 1] (prompt tokens one by one, then each chosen token).",
-        "state": "The cells' (h, c) [1, L, 2, units]: zeros to start, then the previous step's.",
+        "h": "Layer {i}'s output h [1, units]: zeros to start, then the previous step's.",
+        "c": "Layer {i}'s memory c [1, units]: zeros to start, then the previous step's.",
         "logits": "Next-token logits [1, V].",
-        "state_out": "The state after this token."},
+        "h_out": "Layer {i}'s h after this token.",
+        "c_out": "Layer {i}'s c after this token."},
     "classify": {
         "tokens": "Token ids [N, max_length] per text: [EOS], its first max_length - 1 ids, then [PAD]s.",
         "scores": "Class probabilities [N, C] (softmax), in the order of labels.txt."},
@@ -65,10 +67,15 @@ def populate(flat: bytes, info: dict[str, Any], tokenizer_files: dict[str, bytes
     graph = model.Subgraphs(0)
     inputs = _tensor_names(signature.Inputs, signature.InputsLength(), graph.InputsAsNumpy())
     outputs = _tensor_names(signature.Outputs, signature.OutputsLength(), graph.OutputsAsNumpy())
-    described = _TENSORS.get(key, {})
+    table = _TENSORS.get(key, {})
+
+    def described(name: str, out: bool = False) -> str:  # the LSTM's h0, c0, h1, ...: one text per kind
+        layer = name[1:] if name[:1] in ("h", "c") and name[1:].isdigit() else None
+        return table.get((name[0] if layer else name) + ("_out" if out else ""), "").format(i=layer)
+
     output_tensors = []
     for name in outputs:
-        tensor = _tensor(name, described.get(f"{name}_out" if name in inputs else name, ""))
+        tensor = _tensor(name, described(name, out=name in inputs))
         if info["family"] == "classifier" and name == "scores":
             files.append(md.File(LABELS, "".join(f"{label}\n" for label in info["labels"]).encode(),
                                  "The class of each score, one per line.", md.TENSOR_AXIS_LABELS))
@@ -76,7 +83,7 @@ def populate(flat: bytes, info: dict[str, Any], tokenizer_files: dict[str, bytes
         output_tensors.append(tensor)
     subgraph = {
         "name": key, "description": _signatures(info),
-        "input_tensor_metadata": [_tensor(name, described.get(name, "")) for name in inputs],
+        "input_tensor_metadata": [_tensor(name, described(name)) for name in inputs],
         "output_tensor_metadata": output_tensors,
         "input_process_units": _tokenizer_unit(info["tokenizer"], files),
     }
