@@ -44,7 +44,7 @@ def _open(path: str | pathlib.Path, num_threads: int | None, classifier: bool):
 
     path = str(path)
     flat = _read(path)
-    files = tflite_metadata.read(flat).files
+    files = tflite_metadata.packed_files(flat)  # the app's runtime needs these, not the metadata's text
     if SIDECAR in files:
         info = json.loads(files[SIDECAR])
     else:  # a file from lmstack before 2026-12: the sidecar and tokenizer/ sit next to it

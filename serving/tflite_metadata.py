@@ -75,6 +75,10 @@ _TABLES: dict[str, list[tuple[str, Any]]] = {
 }
 
 
+class OutsideWeights(ValueError):
+    """The model stores its weights after the flatbuffer (over 2 GB), where re-packing would move them."""
+
+
 @dataclasses.dataclass(frozen=True)
 class File:
     """An associated file: packed after the model and named in the metadata."""
@@ -153,7 +157,8 @@ def populate(flat: bytes, metadata: dict[str, Any], files: Sequence[File] = ()) 
         raise ValueError("two associated files share a name")
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(flat, 0))
     if any((b.offset or 0) > 1 for b in model.buffers or []):
-        raise ValueError("the model keeps its weights outside the flatbuffer (over 2 GB); it cannot take metadata")
+        raise OutsideWeights("the model keeps its weights after the flatbuffer (a file over 2 GB): no metadata "
+                             "(TensorFlow's converter skips its own there too)")
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(encode(metadata), np.uint8)
     model.metadata = [m for m in model.metadata or [] if m.name != METADATA_NAME.encode()]
@@ -181,11 +186,15 @@ def read(flat: bytes) -> Packed:
         entry = model.Metadata(i)
         if entry.Name() == METADATA_NAME.encode():
             metadata = decode(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
-    files = {}
-    if zipfile.is_zipfile(io.BytesIO(flat)):
-        with zipfile.ZipFile(io.BytesIO(flat)) as archive:
-            files = {name: archive.read(name) for name in archive.namelist()}
-    return Packed(metadata, files)
+    return Packed(metadata, packed_files(flat))
+
+
+def packed_files(flat: bytes) -> dict[str, bytes]:
+    """The files zipped after the model, by name ({} for none); reads no flatbuffer."""
+    if not zipfile.is_zipfile(io.BytesIO(flat)):
+        return {}
+    with zipfile.ZipFile(io.BytesIO(flat)) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
 
 
 def _file_names(node) -> set[str]:

@@ -58,7 +58,7 @@ def populate(flat: bytes, info: dict[str, Any], tokenizer_files: dict[str, bytes
     files = [md.File(name, data, _file_description(name, info["tokenizer"]),
                      md.VOCABULARY if name in _VOCABULARIES else md.UNKNOWN)
              for name, data in tokenizer_files.items()]
-    files.append(md.File(SIDECAR, json.dumps(info, indent=1).encode(),
+    files.append(md.File(SIDECAR, json.dumps(info, separators=(",", ":")).encode(),
                          "lmstack's sidecar: model and tokenizer config, special ids, signature shapes."))
     model = schema.Model.GetRootAs(flat, 0)
     signature = next(model.SignatureDefs(i) for i in range(model.SignatureDefsLength())

@@ -24,9 +24,11 @@ with the ops named. Quantization as TFLite defines it: `float16` weights,
 ranges calibrated on validation windows (float32 in and out). QAT variants
 bring their own learned ranges.
 
-Writes WORKDIR/tflite/NAME.tflite (NAME = family[-variant]-quantization), a
-NAME.json sidecar (model and tokenizer config, signatures with tensor shapes,
-quantization, op counts) and the tokenizer files in WORKDIR/tflite/tokenizer/.
+Writes WORKDIR/tflite/NAME.tflite (NAME = family[-variant]-quantization) with
+TFLite Metadata and the tokenizer's files inside (`edge_metadata`: an app ships
+the file alone), a NAME.json sidecar (model and tokenizer config, signatures
+with tensor shapes, quantization, op counts; packed in the file too) and the
+tokenizer files in WORKDIR/tflite/tokenizer/.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from pipelines import checkpoints, dataset, evaluate, fs, tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError, check_choice
 from pipelines.progress import Progress
+from serving import tflite_metadata
 from serving.exporters import edge_metadata
 
 Quantize = Literal["none", "float16", "dynamic", "int8"]
@@ -273,7 +276,7 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
     flat = convert_functions(functions, config.quantize, representative, trackable=holder,
                              per_channel=config.per_channel)
 
-    return _write(wd, name, flat, config, {
+    return _write(wd, name, flat, config, progress=progress, info={
         "family": family, "variant": config.variant or None, "max_seq_len": seq_len, "checkpoint_step": step,
         "model": models.config_to_json(model_config), "optimization": made.get("method")})
 
@@ -315,12 +318,13 @@ def _convert_classifier(wd: workdir_lib.Workdir, config: TFLiteConfig, progress:
     holder.model = model
     flat = convert_functions({CLASSIFY: classify}, config.quantize, representative, trackable=holder,
                              per_channel=config.per_channel)
-    return _write(wd, file_name("classifier", "", config.quantize), flat, config, {
+    return _write(wd, file_name("classifier", "", config.quantize), flat, config, progress=progress, info={
         "family": "classifier", "backbone": models.family_of(cls_config.backbone), "labels": labels,
         "max_length": length, "batch_size": rows, "pooling": cls_config.pooling, "checkpoint_step": step})
 
 
-def _write(wd: workdir_lib.Workdir, name: str, flat: bytes, config: TFLiteConfig, info: dict[str, Any]) -> fs.Path:
+def _write(wd: workdir_lib.Workdir, name: str, flat: bytes, config: TFLiteConfig, info: dict[str, Any],
+           progress: Progress) -> fs.Path:
     """WORKDIR/tflite/NAME.tflite with its metadata and files inside, its NAME.json sidecar and
     (once) the tokenizer files next to it."""
     out = wd.root / TFLITE_DIR
@@ -338,7 +342,10 @@ def _write(wd: workdir_lib.Workdir, name: str, flat: bytes, config: TFLiteConfig
         "pad_id": special["pad"], "signatures": _signature_shapes(flat), "ops": _op_counts(flat),
     }
     tokenizer_files = {p.name: p.read_bytes() for p in sorted(wd.tokenizer_dir.iterdir()) if p.is_file()}
-    flat = edge_metadata.populate(flat, info, tokenizer_files)
+    try:
+        flat = edge_metadata.populate(flat, info, tokenizer_files)
+    except tflite_metadata.OutsideWeights as e:
+        progress.note(f"{e}; the app reads {name}.json and tflite/tokenizer/")
     workdir_lib.write_bytes(out / f"{name}.tflite", flat)
     workdir_lib.write_json(out / f"{name}.json", {**info, "bytes": len(flat)})
     return out / f"{name}.tflite"
