@@ -76,6 +76,7 @@ class EdgeModel:
         self.family = self.info["family"]
         self.max_seq_len = int(self.info["max_seq_len"])
         self.eos_id = int(self.info["eos_id"])
+        self.batch_size = int(self.info.get("batch_size", 1))  # rows per call, decoded in lockstep
         names = ("prefill", "decode") if self.family == "transformer" else ("sequence", "step")
         self._window, self._step = (self.interpreter.get_signature_runner(n) for n in names)
         if self.family == "lstm":  # its state: h and c (files before 2026-12: one `state` holding both)
@@ -98,39 +99,54 @@ class EdgeModel:
         tokens = np.asarray(tokens, np.int32).reshape(1, self.max_seq_len)
         if self._stateful:
             self.interpreter.reset_all_variables()
-        return self._window(tokens=tokens)["logits"][0]
+        return self._window(tokens=np.repeat(tokens, self.batch_size, axis=0))["logits"][0]
 
     def steps(self, prompt: Sequence[int]):
         """A generator protocol: yields next-token logits `[V]`, receives the chosen token.
 
         Stops when the transformer's cache is full.
         """
-        if not prompt:
-            raise ValueError("the prompt needs at least one token (start with EOS for none)")
+        rows = self.batch_steps([prompt])
+        token = None
+        while True:
+            try:
+                logits = rows.send(None if token is None else [token] * self.batch_size)
+            except StopIteration:
+                return
+            token = yield logits[0]
+
+    def batch_steps(self, prompts: Sequence[Sequence[int]]):
+        """`steps` for up to `batch_size` prompts of one length, decoded in lockstep (the file's
+        `--batch_size` rows; missing rows repeat the last prompt): yields logits `[batch_size, V]`,
+        receives a token per row."""
+        if not prompts or not all(prompts) or len({len(p) for p in prompts}) != 1 or len(prompts) > self.batch_size:
+            raise ValueError(f"expected 1 to {self.batch_size} prompts of one length, at least one token each "
+                             f"(start with EOS for none); got lengths {[len(p) for p in prompts]}")
+        rows = np.array([*prompts, *[prompts[-1]] * (self.batch_size - len(prompts))], np.int32)  # (B, n)
+        n = rows.shape[1]
         if self.family == "transformer":
-            n = len(prompt)
             if n > self.max_seq_len:
                 raise ValueError(f"a prompt of {n} tokens does not fit max_seq_len={self.max_seq_len}")
-            tokens = np.zeros([1, self.max_seq_len], np.int32)
-            tokens[0, :n] = prompt
+            tokens = np.zeros([self.batch_size, self.max_seq_len], np.int32)
+            tokens[:, :n] = rows
             out = self._window(tokens=tokens)
-            logits, cache = out["logits"][0, n - 1], out["cache"]
+            logits, cache = out["logits"][:, n - 1], out["cache"]
             for position in range(n, self.max_seq_len):
-                token = yield logits
-                out = self._step(token=np.array([[token]], np.int32), cache=cache,
+                chosen = yield logits
+                out = self._step(token=np.array(chosen, np.int32).reshape(-1, 1), cache=cache,
                                  position=np.array(position, np.int32))
-                logits, cache = out["logits"][0], out["cache"]
+                logits, cache = out["logits"], out["cache"]
             yield logits
             return
         state = self._zero_state
-        for token in prompt[:-1]:
-            out = self._step(token=np.array([[token]], np.int32), **state)
+        for column in rows.T[:-1]:
+            out = self._step(token=column.reshape(-1, 1), **state)
             state = {name: out[name] for name in state}
-        token = prompt[-1]
+        chosen = rows[:, -1]
         while True:
-            out = self._step(token=np.array([[token]], np.int32), **state)
+            out = self._step(token=np.array(chosen, np.int32).reshape(-1, 1), **state)
             state = {name: out[name] for name in state}
-            token = yield out["logits"][0]
+            chosen = yield out["logits"]
 
     def complete(self, prompt: str, max_new_tokens: int, **sampling) -> str:
         """The text that follows `prompt` (a new document when it is empty), up to [EOS].
@@ -165,6 +181,39 @@ class EdgeModel:
                 break
             logits = steps.send(token)
         steps.close()
+        return new
+
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = (),
+                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                       seeds: Sequence[int] = ()) -> list[list[int]]:
+        """`generate` for up to `batch_size` prompts of one length in one pass per token: row i
+        samples with `seeds[i]` (default its index), so it gives `generate(prompts[i], ..., seed=seeds[i])`'s
+        tokens. N samples of one prompt: `generate_batch([prompt] * N, ..., seeds=range(N))`."""
+        seeds = list(seeds) or list(range(len(prompts)))
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        limit = self.max_prompt_and_new_tokens
+        if limit is not None:
+            if max_new_tokens >= limit:
+                raise ValueError(f"max_new_tokens={max_new_tokens} does not fit max_seq_len={limit}")
+            prompts = [list(p)[-(limit - max_new_tokens):] for p in prompts]
+        rows = self.batch_steps(prompts)
+        logits = next(rows)
+        new: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        for step in range(max_new_tokens):
+            chosen = []
+            for i, row in enumerate(logits[:len(prompts)]):
+                token = choose(row, len(prompts[0]) + step, temperature, top_k, top_p, seeds[i])
+                done[i] = done[i] or token in stop_ids
+                if not done[i]:
+                    new[i].append(token)
+                chosen.append(token)
+            if all(done) or step + 1 == max_new_tokens:
+                break
+            logits = rows.send(chosen + [chosen[-1]] * (self.batch_size - len(chosen)))
+        rows.close()
         return new
 
 

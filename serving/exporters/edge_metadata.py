@@ -22,26 +22,26 @@ from serving import tflite_metadata as md
 from serving.edge import SIDECAR
 LABELS = "labels.txt"
 
-# What each tensor of each signature holds (T: max_seq_len, V: vocabulary, L: layers).
+# What each tensor of each signature holds (B: batch_size, T: max_seq_len, V: vocabulary, L: layers).
 _TENSORS = {
     "prefill": {
-        "tokens": "Token ids [1, T]: the prompt (starting after [EOS] for a new document), right-padded.",
-        "logits": "Next-token logits [1, T, V] at every position; read the prompt's last real position.",
-        "cache": "Keys and values [1, L, 2, T, d] of every position, for `decode`."},
+        "tokens": "Token ids [B, T]: the prompt (starting after [EOS] for a new document), right-padded.",
+        "logits": "Next-token logits [B, T, V] at every position; read the prompt's last real position.",
+        "cache": "Keys and values [B, L, 2, T, d] of every position, for `decode`."},
     "decode": {
-        "token": "The token just chosen [1, 1].",
+        "token": "The token just chosen [B, 1].",
         "cache": "The cache from `prefill` or the previous `decode`.",
-        "position": "The token's position (the prompt's length, then one more each call).",
-        "logits": "Next-token logits [1, V].",
+        "position": "The token's position, one for every row (the prompt's length, then one more each call).",
+        "logits": "Next-token logits [B, V].",
         "cache_out": "The cache with this token's keys and values."},
     "sequence": {
-        "tokens": "Token ids [1, T] of a window, scored from a zero state.",
-        "logits": "Next-token logits [1, T, V] at every position."},
+        "tokens": "Token ids [B, T] of a window, scored from a zero state.",
+        "logits": "Next-token logits [B, T, V] at every position."},
     "step": {
-        "token": "The next token [1, 1] (prompt tokens one by one, then each chosen token).",
-        "h": "Layer {i}'s output h [1, units]: zeros to start, then the previous step's.",
-        "c": "Layer {i}'s memory c [1, units]: zeros to start, then the previous step's.",
-        "logits": "Next-token logits [1, V].",
+        "token": "The next token [B, 1] (prompt tokens one by one, then each chosen token).",
+        "h": "Layer {i}'s output h [B, units]: zeros to start, then the previous step's.",
+        "c": "Layer {i}'s memory c [B, units]: zeros to start, then the previous step's.",
+        "logits": "Next-token logits [B, V].",
         "h_out": "Layer {i}'s h after this token.",
         "c_out": "Layer {i}'s c after this token."},
     "classify": {
@@ -128,7 +128,8 @@ def _description(info: dict[str, Any]) -> str:
         what = (f"Classifies texts into {', '.join(info['labels'])} (labels.txt). Call `classify` with "
                 f"{info['batch_size']} texts of {info['max_length']} token ids.")
     else:
-        what = ("Generates text: start after [EOS], stop at it. " + (
+        rows = f" {info['batch_size']} rows a call, decoded in lockstep." if info.get("batch_size", 1) > 1 else ""
+        what = (f"Generates text: start after [EOS], stop at it.{rows} " + (
             "Run `prefill` on the right-padded prompt, then `decode` per new token." if info["family"] == "transformer"
             else "Run `step` per token from a zero state; `sequence` scores a window."))
     return (f"{what} Tokenizer: {tokenizer['kind']}, {tokenizer['vocab_size']} ids ({ids}); its files are packed "

@@ -1,12 +1,12 @@
 """`tflite`: a workdir's model as a TFLite file that generates text on a device.
 
 The file holds signatures an app calls step by step, with fixed shapes
-(`max_seq_len` tokens, batch 1):
+(`max_seq_len` tokens, batch 1 or `--batch_size` rows decoded in lockstep):
 
-    transformer  prefill(tokens int32 [1, T])              -> logits [1, T, V], cache [1, L, 2, T, d]
-                 decode(token int32 [1, 1], cache, position int32 []) -> logits [1, V], cache
-    lstm         sequence(tokens int32 [1, T])             -> logits [1, T, V]
-                 step(token int32 [1, 1], h0, c0, h1, c1, ... [1, units]) -> logits [1, V], h0, c0, ...
+    transformer  prefill(tokens int32 [B, T])              -> logits [B, T, V], cache [B, L, 2, T, d]
+                 decode(token int32 [B, 1], cache, position int32 []) -> logits [B, V], cache
+    lstm         sequence(tokens int32 [B, T])             -> logits [B, T, V]
+                 step(token int32 [B, 1], h0, c0, h1, c1, ... [B, units]) -> logits [B, V], h0, c0, ...
 
 `prefill` runs a (right-padded) prompt at once; the app reads the logits at
 its last real position and calls `decode` from there. The LSTM's `step`
@@ -70,7 +70,8 @@ class TFLiteConfig:
         max_seq_len: the fixed sequence length / cache size (0: the model's context).
         calibration_windows: int8: validation windows (a classifier's: validation texts) that
             calibrate the ranges.
-        batch_size: a classifier's rows per call (the language-model signatures take one sequence).
+        batch_size: rows per call: a classifier's texts, or a language model's sequences decoded in
+            lockstep (one position for every row: N samples of one prompt, or prompts of one length).
         per_channel: int8: a scale per output channel of each weight matrix (TFLite's default)
             instead of one per matrix. Off by default: each signature stores its own copy of
             every weight's scales and int64 zero points, 18 % of the `small` transformer's int8
@@ -84,8 +85,10 @@ class TFLiteConfig:
     per_channel: bool = False
 
 
-def file_name(family: str, variant: str, quantize: str) -> str:
-    return f"{family}{'-' + variant if variant else ''}-{'float32' if quantize == 'none' else quantize}"
+def file_name(family: str, variant: str, quantize: str, batch_size: int = 1) -> str:
+    """family[-variant]-quantization[-batchN]: `transformer-int8`, `lstm-pruned50-dynamic-batch4`."""
+    return (f"{family}{'-' + variant if variant else ''}-{'float32' if quantize == 'none' else quantize}"
+            + (f"-batch{batch_size}" if batch_size > 1 else ""))
 
 
 def find(workdir: str | os.PathLike, variant: str = "", quantize: str = "none") -> fs.Path:
@@ -104,17 +107,17 @@ def find(workdir: str | os.PathLike, variant: str = "", quantize: str = "none") 
     return path
 
 
-def signature_functions(model, config, seq_len: int) -> dict[str, Callable]:
-    """The family's signatures as tf.functions with fixed input shapes (batch 1, `seq_len` tokens)."""
+def signature_functions(model, config, seq_len: int, batch: int = 1) -> dict[str, Callable]:
+    """The family's signatures as tf.functions with fixed input shapes (`batch` rows of `seq_len` tokens)."""
     decoder = models.decoder(model, config)
     family = models.family_of(config)
-    tokens = tf.TensorSpec([1, seq_len], tf.int32, name="tokens")
-    token = tf.TensorSpec([1, 1], tf.int32, name="token")
+    tokens = tf.TensorSpec([batch, seq_len], tf.int32, name="tokens")
+    token = tf.TensorSpec([batch, 1], tf.int32, name="token")
     if family == "transformer":
-        cache = tf.TensorSpec(decoder.init_cache(1, seq_len).shape, tf.float32, name="cache")
+        cache = tf.TensorSpec(decoder.init_cache(batch, seq_len).shape, tf.float32, name="cache")
 
         def prefill(tokens):
-            logits, cache = decoder.call_with_cache(tokens, decoder.init_cache(1, seq_len), 0)
+            logits, cache = decoder.call_with_cache(tokens, decoder.init_cache(batch, seq_len), 0)
             return {"logits": logits, "cache": cache}
 
         def decode(token, cache, position):
@@ -127,21 +130,21 @@ def signature_functions(model, config, seq_len: int) -> dict[str, Callable]:
     # The LSTM's state is a tensor per layer and kind, h0, c0, h1, c1, ... [1, units]: an int8 file
     # gives each tensor one scale, and c runs into the hundreds where h stays within ±1 (carried
     # together as one tensor, h lost its precision: +15 % perplexity on the `small` LSTM).
-    states = [tf.TensorSpec([1, config.units], tf.float32, name=f"{kind}{i}")
+    states = [tf.TensorSpec([batch, config.units], tf.float32, name=f"{kind}{i}")
               for i in range(config.layers) for kind in "hc"]
 
     def sequence(tokens):
         def one_step(t, h, c, logits):
             out, h, c = decoder.step_cells(tokens[:, t], h, c)
-            return t + 1, h, c, logits.write(t - 1, out[0])
+            return t + 1, h, c, logits.write(t - 1, out)
 
         # The first token from the zero state outside the loop: the loop's h and c then start as
         # tensors of their own (one shared zero constant would tie their int8 scales together).
-        zeros = [tf.zeros([1, config.units])] * config.layers
+        zeros = [tf.zeros([batch, config.units])] * config.layers
         first, h, c = decoder.step_cells(tokens[:, 0], zeros, zeros)
         _, _, _, rest = tf.while_loop(lambda t, *_: t < seq_len, one_step,
                                       (tf.constant(1), h, c, tf.TensorArray(tf.float32, seq_len - 1)))
-        return {"logits": tf.concat([first, rest.stack()], axis=0)[tf.newaxis]}  # (1, T, V)
+        return {"logits": tf.concat([first[:, tf.newaxis], tf.transpose(rest.stack(), [1, 0, 2])], axis=1)}  # (B, T, V)
 
     def step(token, *state):
         logits, h, c = decoder.step_cells(token[:, 0], list(state[0::2]), list(state[1::2]))
@@ -211,15 +214,17 @@ def convert_functions(functions: dict[str, Callable], quantize: str = "none",
     return flat
 
 
-def _calibration(workdir, functions, decoder, family: str, seq_len: int, windows: int):
-    """int8's representative samples: validation windows and the caches/states they produce."""
-    ds = dataset.val_dataset(workdir, seq_len, 1).take(windows)
+def _calibration(workdir, functions, decoder, family: str, seq_len: int, windows: int, batch: int = 1):
+    """int8's representative samples: validation windows (`batch` a sample) and the caches/states they produce."""
+    ds = dataset.val_dataset(workdir, seq_len, batch).take(-(-windows // batch))
     first, second = SIGNATURES[family]
     rng = np.random.default_rng(0)
 
     def samples():
         for x, _ in ds:
             tokens = x.numpy().astype(np.int32)
+            if len(tokens) < batch:  # a short last batch
+                tokens = np.resize(tokens, (batch, seq_len))
             yield first, {"tokens": tokens}
             position = int(rng.integers(1, seq_len))
             token = tokens[:, position:position + 1]
@@ -227,8 +232,8 @@ def _calibration(workdir, functions, decoder, family: str, seq_len: int, windows
                 cache = functions[first](tf.constant(tokens))["cache"].numpy()
                 yield second, {"token": token, "cache": cache, "position": np.array(position, np.int32)}
             else:
-                _, state = decoder.call_with_cache(tf.constant(tokens[:, :position]), decoder.init_cache(1))
-                state = state.numpy()  # (1, L, 2, units)
+                _, state = decoder.call_with_cache(tf.constant(tokens[:, :position]), decoder.init_cache(batch))
+                state = state.numpy()  # (B, L, 2, units)
                 yield second, {"token": token, **{f"{kind}{i}": state[:, i, k] for i in range(state.shape[1])
                                                   for k, kind in enumerate("hc")}}
     return samples
@@ -253,9 +258,6 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
     wd.read_config()
     if checkpoints.classifier_section(wd.root) is not None:
         return _convert_classifier(wd, config, progress)
-    if config.batch_size != 1:
-        raise ConfigError("batch_size", config.batch_size, "the language-model signatures take one sequence (a "
-                                                           "classifier workdir takes other batch sizes)")
     source = checkpoints.model_dir(wd.root, config.variant)
     model, model_config, step = checkpoints.load_model(source)
     made = checkpoints.optimization(source) or {}
@@ -264,12 +266,13 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
     if seq_len < 2 or (family == "transformer" and seq_len > model_config.seq_len):
         limit = f"2..{model_config.seq_len} (the model's context)" if family == "transformer" else "at least 2"
         raise ConfigError("max_seq_len", config.max_seq_len, f"expected {limit}")
-    name = file_name(family, config.variant, config.quantize)
+    name = file_name(family, config.variant, config.quantize, config.batch_size)
     progress.note(f"converting {family}{' variant ' + config.variant if config.variant else ''} "
-                  f"(step {step}) to TFLite, {config.quantize} quantization, max_seq_len {seq_len}")
-    functions = signature_functions(model, model_config, seq_len)
+                  f"(step {step}) to TFLite, {config.quantize} quantization, max_seq_len {seq_len}"
+                  + (f", {config.batch_size} rows a call" if config.batch_size > 1 else ""))
+    functions = signature_functions(model, model_config, seq_len, config.batch_size)
     representative = (_calibration(wd.root, functions, models.decoder(model, model_config), family, seq_len,
-                                   config.calibration_windows)
+                                   config.calibration_windows, config.batch_size)
                       if config.quantize == "int8" else None)
     holder = tf.Module()
     holder.model = model  # the functions' variables
@@ -277,8 +280,8 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
                              per_channel=config.per_channel)
 
     return _write(wd, name, flat, config, progress=progress, info={
-        "family": family, "variant": config.variant or None, "max_seq_len": seq_len, "checkpoint_step": step,
-        "model": models.config_to_json(model_config), "optimization": made.get("method")})
+        "family": family, "variant": config.variant or None, "max_seq_len": seq_len, "batch_size": config.batch_size,
+        "checkpoint_step": step, "model": models.config_to_json(model_config), "optimization": made.get("method")})
 
 
 def _convert_classifier(wd: workdir_lib.Workdir, config: TFLiteConfig, progress: Progress) -> fs.Path:
@@ -318,7 +321,7 @@ def _convert_classifier(wd: workdir_lib.Workdir, config: TFLiteConfig, progress:
     holder.model = model
     flat = convert_functions({CLASSIFY: classify}, config.quantize, representative, trackable=holder,
                              per_channel=config.per_channel)
-    return _write(wd, file_name("classifier", "", config.quantize), flat, config, progress=progress, info={
+    return _write(wd, file_name("classifier", "", config.quantize, config.batch_size), flat, config, progress=progress, info={
         "family": "classifier", "backbone": models.family_of(cls_config.backbone), "labels": labels,
         "max_length": length, "batch_size": rows, "pooling": cls_config.pooling, "checkpoint_step": step})
 
