@@ -2,7 +2,8 @@
 
 `lmstack generate --backend=savedmodel|tflite` lands here; `keras` (the
 checkpoint) is `pipelines.generate.TextGenerator`. All three tokenize with the
-run's tokenizer and stop at [EOS]; in float32 their greedy text is the same.
+run's tokenizer (the TFLite file with the copy packed inside it, run without
+TensorFlow) and stop at [EOS]; in float32 their greedy text is the same.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ import os
 import tensorflow as tf
 
 from models.generation import SamplerConfig
-from pipelines import fs, tokenizers
+from pipelines import fs
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError
-from pipelines.generate import decode, encode
 from serving import contract as c
 from serving import edge
 from serving.exporters import tflite
@@ -40,15 +40,14 @@ def generate(backend: str, workdir: str | os.PathLike, prompt: str, max_new_toke
     if backend != "tflite":
         raise ConfigError("backend", backend, "expected keras, savedmodel or tflite")
     model = edge.EdgeModel(tflite.find(workdir, variant, quantize), num_threads=num_threads)
-    tokenizer = tokenizers.load(workdir_lib.Workdir(workdir).tokenizer_dir)
-    ids = encode(tokenizer, prompt) if prompt else [tokenizer.eos_id]
+    ids = model.tokenizer.encode(prompt) if prompt else [model.eos_id]  # the tokenizer inside the file
     temperature, top_k, top_p = sampler.settings()
     try:
-        new = model.generate(ids, max_new_tokens, stop_ids=[tokenizer.eos_id], temperature=temperature,
+        new = model.generate(ids, max_new_tokens, stop_ids=[model.eos_id], temperature=temperature,
                              top_k=top_k, top_p=top_p, seed=sampler.draw_seed())
     except ValueError as e:
         raise UserError(f"{e}; lower --max_new_tokens or convert with a larger --max_seq_len") from None
-    return decode(tokenizer, new)
+    return model.tokenizer.decode(new)
 
 
 def _savedmodel(path: fs.Path, prompt: str, max_new_tokens: int, sampler: SamplerConfig) -> str:
