@@ -119,9 +119,11 @@ class EdgeModel:
         """`steps` for up to `batch_size` prompts of one length, decoded in lockstep (the file's
         `--batch_size` rows; missing rows repeat the last prompt): yields logits `[batch_size, V]`,
         receives a token per row."""
-        if not prompts or not all(prompts) or len({len(p) for p in prompts}) != 1 or len(prompts) > self.batch_size:
-            raise ValueError(f"expected 1 to {self.batch_size} prompts of one length, at least one token each "
-                             f"(start with EOS for none); got lengths {[len(p) for p in prompts]}")
+        if not all(prompts):
+            raise ValueError("a prompt needs at least one token (start with EOS for none)")
+        if not prompts or len({len(p) for p in prompts}) != 1 or len(prompts) > self.batch_size:
+            raise ValueError(f"this file decodes 1 to {self.batch_size} prompts of one length in lockstep; "
+                             f"got lengths {[len(p) for p in prompts]}")
         rows = np.array([*prompts, *[prompts[-1]] * (self.batch_size - len(prompts))], np.int32)  # (B, n)
         n = rows.shape[1]
         if self.family == "transformer":

@@ -1,6 +1,7 @@
 """`lmstack tflite`: built-in-op TFLite files that generate on ai-edge-litert like the Keras model."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -176,6 +177,9 @@ def test_a_batch_file_decodes_rows_in_lockstep(run):
     np.testing.assert_allclose(batch.window_logits(window), single.window_logits(window), atol=1e-5)
     with pytest.raises(ValueError, match="prompts of one length"):
         batch.generate_batch([prompt, prompt[:-1]], 4)
+    with pytest.raises(ValueError, match="at least one token"):
+        single.generate([], 4)
+    assert "generate_batch" in tflite.describe(tflite.find(workdir).with_name(pathlib.Path(batch.path).name))
 
 
 def test_a_flex_op_is_rejected_with_its_name():

@@ -127,7 +127,7 @@ def signature_functions(model, config, seq_len: int, batch: int = 1) -> dict[str
         return {PREFILL: tf.function(prefill, input_signature=[tokens]),
                 DECODE: tf.function(decode, input_signature=[token, cache,
                                                              tf.TensorSpec([], tf.int32, name="position")])}
-    # The LSTM's state is a tensor per layer and kind, h0, c0, h1, c1, ... [1, units]: an int8 file
+    # The LSTM's state is a tensor per layer and kind, h0, c0, h1, c1, ... [B, units]: an int8 file
     # gives each tensor one scale, and c runs into the hundreds where h stays within ±1 (carried
     # together as one tensor, h lost its precision: +15 % perplexity on the `small` LSTM).
     states = [tf.TensorSpec([batch, config.units], tf.float32, name=f"{kind}{i}")
@@ -379,6 +379,8 @@ def describe(path: fs.Path) -> str:
         f"signatures: {sigs}",
         f"ops: {sum(info['ops'].values())} built-in",
         f"classes: {', '.join(info['labels'])}; run it with serving.edge.EdgeClassifier" if info["family"] == "classifier"
+        else f"{info['batch_size']} rows in lockstep: run it with serving.edge.EdgeModel(...).generate_batch"
+        if info.get("batch_size", 1) > 1
         else f"generate: lmstack generate --workdir={path.parent.parent} --backend=tflite --quantize={info['quantize']}"
         + (f" --variant={info['variant']}" if info["variant"] else ""),
     ])
