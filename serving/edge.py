@@ -39,7 +39,7 @@ def _read(path: str) -> bytes:
 
 
 def _open(path: str | pathlib.Path, num_threads: int | None, classifier: bool):
-    """(path, sidecar, packed files, interpreter) of an lmstack TFLite file; ValueError for the other kind."""
+    """(path, sidecar, tokenizer, interpreter) of an lmstack TFLite file; ValueError for the other kind."""
     from ai_edge_litert.interpreter import Interpreter
 
     path = str(path)
@@ -54,7 +54,7 @@ def _open(path: str | pathlib.Path, num_threads: int | None, classifier: bool):
     if (info["family"] == "classifier") != classifier:
         kind, other = ("an LM", "EdgeModel") if classifier else ("a classifier", "EdgeClassifier")
         raise ValueError(f"{path} holds {kind}; use {other}")
-    return path, info, files, Interpreter(model_content=flat, num_threads=num_threads)
+    return path, info, EdgeTokenizer(info["tokenizer"], files), Interpreter(model_content=flat, num_threads=num_threads)
 
 
 def _tokenizer_file_names(config: dict) -> list[str]:
@@ -66,13 +66,12 @@ class EdgeModel:
     """A TFLite language model in the ai-edge-litert interpreter (XNNPACK on CPU).
 
     Args:
-        path: the .tflite file; its sidecar is the same name with .json.
+        path: the .tflite file (its settings and tokenizer are packed inside it).
         num_threads: interpreter threads (None: the runtime's default).
     """
 
     def __init__(self, path: str | pathlib.Path, num_threads: int | None = None):
-        self.path, self.info, files, self.interpreter = _open(path, num_threads, classifier=False)
-        self.tokenizer = EdgeTokenizer(self.info["tokenizer"], files)
+        self.path, self.info, self.tokenizer, self.interpreter = _open(path, num_threads, classifier=False)
         self.family = self.info["family"]
         self.max_seq_len = int(self.info["max_seq_len"])
         self.eos_id = int(self.info["eos_id"])
@@ -226,13 +225,12 @@ class EdgeClassifier:
     ([EOS] first, the first `max_length - 1` tokens, [PAD]s after), as `pipelines.classifiers.encode`.
 
     Args:
-        path: the .tflite file; its sidecar is the same name with .json.
+        path: the .tflite file (its settings and tokenizer are packed inside it).
         num_threads: interpreter threads (None: the runtime's default).
     """
 
     def __init__(self, path: str | pathlib.Path, num_threads: int | None = None):
-        self.path, self.info, files, self.interpreter = _open(path, num_threads, classifier=True)
-        self.tokenizer = EdgeTokenizer(self.info["tokenizer"], files)
+        self.path, self.info, self.tokenizer, self.interpreter = _open(path, num_threads, classifier=True)
         self.labels: list[str] = list(self.info["labels"])
         self.max_length, self.batch_size = int(self.info["max_length"]), int(self.info["batch_size"])
         self.eos_id, self.pad_id = int(self.info["eos_id"]), int(self.info["pad_id"])

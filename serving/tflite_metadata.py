@@ -161,11 +161,15 @@ def populate(flat: bytes, metadata: dict[str, Any], files: Sequence[File] = ()) 
                              "(TensorFlow's converter skips its own there too)")
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(encode(metadata), np.uint8)
-    model.metadata = [m for m in model.metadata or [] if m.name != METADATA_NAME.encode()]
-    entry = schema.MetadataT()
-    entry.name, entry.buffer = METADATA_NAME.encode(), len(model.buffers)
-    model.buffers.append(buffer)
-    model.metadata.append(entry)
+    model.metadata = model.metadata or []
+    entry = next((m for m in model.metadata if m.name == METADATA_NAME.encode()), None)
+    if entry is None:  # a new entry and buffer; a previous one's buffer is overwritten, not left behind
+        entry = schema.MetadataT()
+        entry.name, entry.buffer = METADATA_NAME.encode(), len(model.buffers)
+        model.buffers.append(buffer)
+        model.metadata.append(entry)
+    else:
+        model.buffers[entry.buffer] = buffer
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=TFLITE_IDENTIFIER)
     out = io.BytesIO(bytes(builder.Output()))

@@ -53,6 +53,7 @@ def test_round_trip_replacing_and_refusing(flat):
     model = schema.Model.GetRootAs(again, 0)
     names = [model.Metadata(i).Name() for i in range(model.MetadataLength())]
     assert names.count(md.METADATA_NAME.encode()) == 1 and md.read(again).metadata["name"] == "n"  # replaced
+    assert model.BuffersLength() == schema.Model.GetRootAs(out, 0).BuffersLength()  # the old buffer reused
     with pytest.raises(ValueError, match="not packed: labels.txt"):
         md.populate(flat, metadata)
     assert md.read(flat) == md.Packed(None, {})
