@@ -47,6 +47,8 @@ def _open(path: str | pathlib.Path, num_threads: int | None, classifier: bool):
     files = tflite_metadata.packed_files(flat)  # the app's runtime needs these, not the metadata's text
     if SIDECAR in files:
         info = json.loads(files[SIDECAR])
+        if "tokenizer" not in info:  # packed as tokenizer.json (lmstack.json held a copy until 2026-12-02)
+            info["tokenizer"] = json.loads(files["tokenizer.json"])
     else:  # a file from lmstack before 2026-12: the sidecar and tokenizer/ sit next to it
         info = json.loads(_read(path[:-len(".tflite")] + ".json"))
         folder = path[:path.rfind("/") + 1] + info.get("tokenizer_dir", "tokenizer") + "/"

@@ -140,8 +140,8 @@ def test_tflite_classifier_scores_like_the_keras_model_on_the_device_runtime(cla
     assert packed[scores["associated_files"][0]["name"]].decode().splitlines() == labels
     with pytest.raises(ValueError, match="use EdgeClassifier"):
         edge.EdgeModel(device.path)
-    assert device.labels == labels and device.info["signatures"]["classify"]["inputs"]["tokens"]["shape"] == [
-        4, config.max_length]
+    classify = device.interpreter.get_signature_runner("classify").get_input_details()
+    assert device.labels == labels and list(classify["tokens"]["shape"]) == [4, config.max_length]
     int8 = edge.EdgeClassifier(tflite.convert(workdir, tflite.TFLiteConfig(quantize="int8")))
     assert np.abs(int8.scores(ids) - expected).max() < 0.05  # 8-bit activations: close, not equal
     assert pathlib.Path(int8.path).stat().st_size < lone.stat().st_size / 2

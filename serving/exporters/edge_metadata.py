@@ -10,7 +10,8 @@ and MediaPipe read (`serving.tflite_metadata`):
   tokenizer process unit where the schema has one for the kind (WordPiece: BertTokenizer,
   SentencePiece: SentencePieceTokenizer; char, byte and byte-level BPE have none);
 - a classifier's labels on its `scores` tensor (TENSOR_AXIS_LABELS, one per line);
-- `lmstack.json`, the sidecar's content, so `serving.edge` needs nothing but the .tflite.
+- `lmstack.json`, the sidecar's settings (not what the model and tokenizer.json already say),
+  so `serving.edge` needs nothing but the .tflite.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def populate(flat: bytes, info: dict[str, Any], tokenizer_files: dict[str, bytes
     files = [md.File(name, data, _file_description(name, info["tokenizer"]),
                      md.VOCABULARY if name in _VOCABULARIES else md.UNKNOWN)
              for name, data in tokenizer_files.items()]
-    files.append(md.File(SIDECAR, json.dumps(info, separators=(",", ":")).encode(),
-                         "lmstack's sidecar: model and tokenizer config, special ids, signature shapes."))
+    files.append(md.File(SIDECAR, json.dumps(packed_sidecar(info), separators=(",", ":")).encode(),
+                         "lmstack's settings: family, model config, lengths, special ids, quantization."))
     model = schema.Model.GetRootAs(flat, 0)
     signature = next(model.SignatureDefs(i) for i in range(model.SignatureDefsLength())
                      if model.SignatureDefs(i).SubgraphIndex() == 0)
@@ -93,6 +94,13 @@ def populate(flat: bytes, info: dict[str, Any], tokenizer_files: dict[str, bytes
         "associated_files": [f.entry() for f in files if f.name != LABELS],
     }
     return md.populate(flat, metadata, files)
+
+
+def packed_sidecar(info: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar's content as packed in the file: without what the file says already (the
+    signatures' shapes and the op counts are the model's own; the tokenizer's config is the
+    packed tokenizer.json)."""
+    return {k: v for k, v in info.items() if k not in ("signatures", "ops", "tokenizer", "tokenizer_dir", "bytes")}
 
 
 def _tensor_names(entry, count: int, order) -> list[str]:
