@@ -142,6 +142,23 @@ def test_quantized_files_are_smaller_and_within_tolerance(run):
             if family == "lstm":  # h (within ±1) keeps its 8 bits: no tensor carries it with c
                 scales = input_scales(quantized.read_bytes(), "step")
                 assert max(scales[f"h{i}"] for i in range(2)) < 1.01 / 127 < min(scales[f"c{i}"] for i in range(2))
+                assert model.info["cell_clip"] == tflite.CELL_CLIP  # the memory's range, so its scale
+
+
+def test_the_int8_lstm_clips_its_memory_not_its_output(run):
+    """`cell_clip` bounds the c each token passes on; h (tanh of c) stays what the cell computes."""
+    family, workdir, _, _ = run
+    if family != "lstm":
+        pytest.skip("the LSTM's cell state")
+    generator = TextGenerator(workdir)
+    config = generator.config
+    state = {f"{k}{i}": tf.fill([1, config.units], 50.0 if k == "c" else 0.0) for i in range(2) for k in "hc"}
+    token = tf.constant([[3]])
+    plain = tflite.signature_functions(generator.model, config, 8)["step"](token, *state.values())
+    clipped = tflite.signature_functions(generator.model, config, 8, cell_clip=2.0)["step"](token, *state.values())
+    for i in range(2):
+        assert np.abs(plain[f"c{i}"]).max() > 2.0 >= np.abs(clipped[f"c{i}"]).max()
+        np.testing.assert_allclose(clipped[f"h{i}"], plain[f"h{i}"], atol=1e-6)
 
 
 def max_scales(flat: bytes) -> int:
