@@ -8,7 +8,7 @@ transformer gets `prefill` and `decode` signatures (KV cache), the LSTM
 `sequence` (a window, its steps in a loop) and `step` (state); a classifier
 workdir (from `lmstack finetune`) gets `classify` (token ids -> class scores).
 --batch_size sets the rows per call (a language model's rows decode in
-lockstep: N samples of one prompt). Only TFLite built-in ops, so the file runs
+lockstep: N samples of a prompt, or N prompts). Only TFLite built-in ops, so the file runs
 in ai-edge-litert.
 
 example:

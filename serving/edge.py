@@ -119,7 +119,7 @@ class EdgeModel:
     def batch_steps(self, prompts: Sequence[Sequence[int]]):
         """`steps` for up to `batch_size` prompts of one length, decoded in lockstep (the file's
         `--batch_size` rows; missing rows repeat the last prompt): yields logits `[batch_size, V]`,
-        receives a token per row."""
+        receives a token per row (`generate_batch` feeds a longer prompt's rest through it)."""
         if not all(prompts):
             raise ValueError("a prompt needs at least one token (start with EOS for none)")
         if not prompts or len({len(p) for p in prompts}) != 1 or len(prompts) > self.batch_size:
@@ -190,32 +190,50 @@ class EdgeModel:
     def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = (),
                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                        seeds: Sequence[int] = ()) -> list[list[int]]:
-        """`generate` for up to `batch_size` prompts of one length in one pass per token: row i
-        samples with `seeds[i]` (default its index), so it gives `generate(prompts[i], ..., seed=seeds[i])`'s
-        tokens. N samples of one prompt: `generate_batch([prompt] * N, ..., seeds=range(N))`."""
+        """`generate` for up to `batch_size` prompts in one pass per token: row i samples with
+        `seeds[i]` (default its index), so it gives `generate(prompts[i], ..., seed=seeds[i])`'s tokens.
+        N samples of one prompt: `generate_batch([prompt] * N, ..., seeds=range(N))`.
+
+        The rows share one position (the file decodes in lockstep): all run the shortest prompt
+        together, then a longer prompt's row feeds its own next token while the others generate,
+        as the SavedModel's decoding loop does.
+        """
         seeds = list(seeds) or list(range(len(prompts)))
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        if not 1 <= len(prompts) <= self.batch_size:
+            raise ValueError(f"this file decodes 1 to {self.batch_size} prompts a call; got {len(prompts)}")
+        if not all(prompts):
+            raise ValueError("a prompt needs at least one token (start with EOS for none)")
         limit = self.max_prompt_and_new_tokens
         if limit is not None:
             if max_new_tokens >= limit:
                 raise ValueError(f"max_new_tokens={max_new_tokens} does not fit max_seq_len={limit}")
             prompts = [list(p)[-(limit - max_new_tokens):] for p in prompts]
-        rows = self.batch_steps(prompts)
-        logits = next(rows)
         new: list[list[int]] = [[] for _ in prompts]
+        if max_new_tokens <= 0:
+            return new
+        position = min(len(p) for p in prompts)  # of the token being chosen
+        rows = self.batch_steps([p[:position] for p in prompts])
+        logits = next(rows)
         done = [False] * len(prompts)
-        for step in range(max_new_tokens):
-            chosen = []
-            for i, row in enumerate(logits[:len(prompts)]):
-                token = choose(row, len(prompts[0]) + step, temperature, top_k, top_p, seeds[i])
-                done[i] = done[i] or token in stop_ids
+        while True:
+            fed = []
+            for i, prompt in enumerate(prompts):
+                if position < len(prompt):  # still in its prompt
+                    fed.append(prompt[position])
+                    continue
+                token = choose(logits[i], position, temperature, top_k, top_p, seeds[i])
                 if not done[i]:
-                    new[i].append(token)
-                chosen.append(token)
-            if all(done) or step + 1 == max_new_tokens:
+                    done[i] = token in stop_ids
+                    if not done[i]:
+                        new[i].append(token)
+                        done[i] = len(new[i]) == max_new_tokens
+                fed.append(token)
+            if all(done):
                 break
-            logits = rows.send(chosen + [chosen[-1]] * (self.batch_size - len(chosen)))
+            logits = rows.send(fed + [fed[-1]] * (self.batch_size - len(fed)))
+            position += 1
         rows.close()
         return new
 

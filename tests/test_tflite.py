@@ -1,5 +1,6 @@
 """`lmstack tflite`: built-in-op TFLite files that generate on ai-edge-litert like the Keras model."""
 
+import itertools
 import json
 import pathlib
 
@@ -184,7 +185,8 @@ def input_scales(flat: bytes, signature: str) -> dict[str, float]:
 
 
 def test_a_batch_file_decodes_rows_in_lockstep(run):
-    """--batch_size=2: each row samples as one-row generation with its seed; a window scores the same."""
+    """--batch_size=2: each row samples as one-row generation with its seed, prompts of one length
+    or not; a window scores the same."""
     family, workdir, _, path = run
     single = edge.EdgeModel(path)
     batch = edge.EdgeModel(tflite.convert(workdir, tflite.TFLiteConfig(batch_size=2)))
@@ -195,8 +197,15 @@ def test_a_batch_file_decodes_rows_in_lockstep(run):
     assert rows[0] != rows[1]  # two samples, not one twice
     window = np.arange(single.max_seq_len, dtype=np.int32) % 7
     np.testing.assert_allclose(batch.window_logits(window), single.window_logits(window), atol=1e-5)
-    with pytest.raises(ValueError, match="prompts of one length"):
-        batch.generate_batch([prompt, prompt[:-1]], 4)
+    # Prompts of different lengths: the longer row feeds its prompt while the shorter generates.
+    other = TextGenerator(workdir).prompt_ids("JULIET. O Romeo")
+    rows = batch.generate_batch([prompt, other], 10, temperature=1.5, seeds=[5, 6])
+    assert rows == [single.generate(p, 10, temperature=1.5, seed=s) for p, s in ((prompt, 5), (other, 6))]
+    stop = rows[1][0]  # the other row's first token ends it at once; the first row goes on
+    kept = list(itertools.takewhile(lambda t: t != stop, rows[0]))  # (10 new tokens: the same prompt cut)
+    assert batch.generate_batch([other, prompt], 10, stop_ids=[stop], temperature=1.5, seeds=[6, 5]) == [[], kept]
+    with pytest.raises(ValueError, match="1 to 2 prompts"):
+        batch.generate_batch([prompt] * 3, 4)
     with pytest.raises(ValueError, match="at least one token"):
         single.generate([], 4)
     assert "generate_batch" in tflite.describe(tflite.find(workdir).with_name(pathlib.Path(batch.path).name))
