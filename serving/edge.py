@@ -203,8 +203,6 @@ class EdgeModel:
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         if not 1 <= len(prompts) <= self.batch_size:
             raise ValueError(f"this file decodes 1 to {self.batch_size} prompts a call; got {len(prompts)}")
-        if not all(prompts):
-            raise ValueError("a prompt needs at least one token (start with EOS for none)")
         limit = self.max_prompt_and_new_tokens
         if limit is not None:
             if max_new_tokens >= limit:

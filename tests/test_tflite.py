@@ -153,11 +153,11 @@ def test_the_int8_lstm_clips_its_memory_not_its_output(run):
         pytest.skip("the LSTM's cell state")
     generator = TextGenerator(workdir)
     config = generator.config
-    state = {f"{k}{i}": tf.fill([1, config.units], 50.0 if k == "c" else 0.0) for i in range(2) for k in "hc"}
+    state = {f"{k}{i}": tf.fill([1, config.units], 50.0 if k == "c" else 0.0) for i in range(config.layers) for k in "hc"}
     token = tf.constant([[3]])
     plain = tflite.signature_functions(generator.model, config, 8)["step"](token, *state.values())
     clipped = tflite.signature_functions(generator.model, config, 8, cell_clip=2.0)["step"](token, *state.values())
-    for i in range(2):
+    for i in range(config.layers):
         assert np.abs(plain[f"c{i}"]).max() > 2.0 >= np.abs(clipped[f"c{i}"]).max()
         np.testing.assert_allclose(clipped[f"h{i}"], plain[f"h{i}"], atol=1e-6)
 

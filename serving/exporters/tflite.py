@@ -303,7 +303,7 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
     return _write(wd, name, flat, config, progress=progress, info={
         "family": family, "variant": config.variant or None, "max_seq_len": seq_len, "batch_size": config.batch_size,
         "checkpoint_step": step, "model": models.config_to_json(model_config), "optimization": made.get("method"),
-        **({"cell_clip": cell_clip} if cell_clip else {})})
+        "cell_clip": cell_clip or None})
 
 
 def _convert_classifier(wd: workdir_lib.Workdir, config: TFLiteConfig, progress: Progress) -> fs.Path:
