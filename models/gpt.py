@@ -188,8 +188,12 @@ def write_cache(old: tf.Tensor, update: tf.Tensor, positions: tf.Tensor) -> tf.T
     Args:
         old: `[B, 2, max_len, d]`.
         update: `[B, 2, S, d]`.
-        positions: int `[S]`, distinct.
+        positions: int `[S]`, consecutive (`start .. start + S - 1`), within `max_len`.
     """
+    if update.shape[2] is not None and update.shape[2] == old.shape[2]:
+        # S == max_len consecutive positions can only be 0 .. max_len-1: the update is the whole new
+        # cache. Exact, and no [S, S] one-hot for an int8 TFLite prefill to quantize.
+        return update
     place = tf.one_hot(positions, tf.shape(old)[2], dtype=old.dtype)  # (S, max_len)
     written = tf.einsum("sm,bksd->bkmd", place, update)  # update rows moved to their positions
     keep = 1.0 - tf.reduce_sum(place, axis=0)  # (max_len,): 0 where written

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 import models
-from models import generation, layers
+from models import generation, gpt, layers
 from models.backend import keras
 from models.layers import custom_objects
 
@@ -85,6 +85,22 @@ def test_cached_decoding_equals_full_recomputation(any_variant):
         logits, cache = decoder.call_with_cache(ids[:, t:t + 1], cache, t)
         steps.append(logits.numpy())
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-4)
+
+
+def test_a_cache_write_of_every_position_equals_the_placed_write():
+    # write_cache returns the update itself when it fills the whole cache (the TFLite prefill's case):
+    # it must equal the one-hot placement it skips, which a dynamic update length still takes.
+    rng = np.random.default_rng(0)
+    old = tf.constant(rng.normal(size=[2, 2, 8, 4]).astype(np.float32))
+    update = tf.constant(rng.normal(size=[2, 2, 8, 4]).astype(np.float32))
+    placed = tf.function(gpt.write_cache, input_signature=[
+        tf.TensorSpec([2, 2, 8, 4]), tf.TensorSpec([2, 2, None, 4]), tf.TensorSpec([None], tf.int32)])
+    expected = placed(old, update, tf.range(8)).numpy()
+    np.testing.assert_allclose(gpt.write_cache(old, update, tf.range(8)).numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(expected, update.numpy(), atol=1e-6)
+    partial = placed(old, update[:, :, :3], tf.range(5, 8)).numpy()  # the general path still places
+    np.testing.assert_allclose(partial[:, :, 5:], update.numpy()[:, :, :3], atol=1e-6)
+    np.testing.assert_allclose(partial[:, :, :5], old.numpy()[:, :, :5], atol=1e-6)
 
 
 def test_blocked_attention_equals_one_masked_attention():
