@@ -182,7 +182,7 @@ def main() -> None:
         dynamic = by.get(f"{family}-dynamic.tflite")
         ppl = lambda r: 2 ** (r["bits_per_char"] * chars_per_token)  # noqa: E731  (per token)
         targets = [
-            ("int8 file <= 30 % of float32", f"{int8['bytes'] / float32['bytes']:.0%}",
+            ("int8 file <= 30 % of float32", f"{int8['bytes'] / float32['bytes']:.1%}",
              int8["bytes"] <= 0.30 * float32["bytes"]),
             ("int8 perplexity <= +3 % of float32", f"{ppl(int8) / ppl(float32) - 1:+.2%}",
              ppl(int8) <= 1.03 * ppl(float32)),
