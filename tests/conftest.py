@@ -92,3 +92,15 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
         main(list(argv))
     out, err = capsys.readouterr()
     return e.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def served_bases(tmp_path_factory, english_text) -> pathlib.Path:
+    """Model base paths (version 1) of a tiny transformer and a tiny LSTM: BASES/{transformer,lstm}/1."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("bases")
+    for family in ("transformer", "lstm"):
+        _, exported = tiny_export(family, tmp_path_factory, english_text)
+        shutil.copytree(exported, root / family / "1")
+    return root
