@@ -175,28 +175,28 @@ def max_scales(flat: bytes) -> int:
                if t.quantization is not None and t.quantization.scale is not None)
 
 
-def sliced_sizes(flat: bytes, signature: str) -> list[int]:
-    """The element counts of the tensors a signature's STRIDED_SLICE ops read."""
+def signature_ops(flat: bytes, signature: str, op: str) -> tuple:
+    """(subgraph, signature, ops of builtin kind `op`, e.g. "QUANTIZE") of a signature in a TFLite file."""
     from tensorflow.lite.python import schema_py_generated as schema
 
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(flat, 0))
     sig = next(s for s in model.signatureDefs if s.signatureKey.decode() == signature)
-    graph, strided_slice = model.subgraphs[sig.subgraphIndex], schema.BuiltinOperator.STRIDED_SLICE
-    return [int(np.prod(graph.tensors[op.inputs[0]].shape)) for op in graph.operators
-            if max(model.operatorCodes[op.opcodeIndex].builtinCode,
-                   model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode) == strided_slice]
+    graph, code = model.subgraphs[sig.subgraphIndex], getattr(schema.BuiltinOperator, op)
+    kind = lambda o: max(model.operatorCodes[o.opcodeIndex].builtinCode,  # noqa: E731
+                         model.operatorCodes[o.opcodeIndex].deprecatedBuiltinCode)
+    return graph, sig, [o for o in graph.operators if kind(o) == code]
+
+
+def sliced_sizes(flat: bytes, signature: str) -> list[int]:
+    """The element counts of the tensors a signature's STRIDED_SLICE ops read."""
+    graph, _, ops = signature_ops(flat, signature, "STRIDED_SLICE")
+    return [int(np.prod(graph.tensors[op.inputs[0]].shape)) for op in ops]
 
 
 def input_scales(flat: bytes, signature: str) -> dict[str, float]:
     """The int8 scale each float input of a signature is quantized with on entry."""
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(flat, 0))
-    sig = next(s for s in model.signatureDefs if s.signatureKey.decode() == signature)
-    graph, quantize = model.subgraphs[sig.subgraphIndex], schema.BuiltinOperator.QUANTIZE
-    by_tensor = {op.inputs[0]: graph.tensors[op.outputs[0]].quantization.scale[0] for op in graph.operators
-                 if max(model.operatorCodes[op.opcodeIndex].builtinCode,
-                        model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode) == quantize}
+    graph, sig, ops = signature_ops(flat, signature, "QUANTIZE")
+    by_tensor = {op.inputs[0]: graph.tensors[op.outputs[0]].quantization.scale[0] for op in ops}
     return {t.name.decode(): by_tensor[t.tensorIndex] for t in sig.inputs if t.tensorIndex in by_tensor}
 
 
