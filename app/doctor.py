@@ -10,9 +10,12 @@ wrong, how to fix it. Exit status 0 when nothing FAILs, 1 otherwise.
   TF_USE_LEGACY_KERAS                     must be 1: tf.keras is then Keras 2, what TF-MOT needs
   GPUs                                    what tf.distribute will use; a CUDA build of TensorFlow
   smoke tests                             a keras-nlp tokenizer in a tf.function; a TFLite model in ai-edge-litert
+  the lock                                every installed package at the version requirements/lock.txt
+                                          holds (the set CI tested), or which differ and the command to fix it
 
 example:
   lmstack doctor
+  lmstack doctor --lock=path/to/lmstack/requirements/lock.txt   (lmstack installed from a wheel)
 """
 
 from __future__ import annotations
@@ -20,12 +23,19 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import os
+import pathlib
+import re
 import sys
-from typing import Callable
+from typing import Callable, Mapping
 
 from absl import flags
 
-FIX_PIN = "reinstall the pinned set: `pip install -e .` (or `make venv`) in the lmstack checkout"
+from pipelines.errors import ConfigError
+
+# The lock next to the source, where an editable install (`make venv`) finds it.
+CHECKOUT_LOCK = pathlib.Path(__file__).resolve().parent.parent / "requirements" / "lock.txt"
+FIX_PIN = ("install the locked set: `make venv` in the lmstack checkout, or "
+           "`pip install . -c requirements/lock.txt` in your environment")
 
 
 @dataclasses.dataclass
@@ -67,6 +77,52 @@ def version_checks(version: Callable[[str], str | None] = _version) -> list[Chec
         v = version(package)
         checks.append(Check(f"{package} ({why})", "OK" if v else "FAIL", v or "missing", "" if v else FIX_PIN))
     return checks
+
+
+def normalize(name: str) -> str:
+    """A distribution's name as the index compares it (PEP 503): `Typing_Extensions` -> `typing-extensions`."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+# `name==version` opening a pip-compile requirement, with the environment marker that may follow it.
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:;([^\\]*))?")
+
+
+def read_lock(text: str) -> dict[str, str]:
+    """The pins of a pip-compile lock that apply to this Python and platform: normalized name -> version."""
+    from packaging.markers import Marker
+
+    pins = {}
+    for line in text.splitlines():
+        m = _PIN.match(line)
+        if m and (not m.group(3) or Marker(m.group(3).strip()).evaluate()):
+            pins[normalize(m.group(1))] = m.group(2)
+    return pins
+
+
+def installed() -> dict[str, str]:
+    """Every distribution this Python sees: normalized name -> version."""
+    return {normalize(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()
+            if d.metadata["Name"]}
+
+
+def lock_check(lock: pathlib.Path, packages: Mapping[str, str]) -> Check:
+    """Installed packages against the lock: which differ (drift), and the command that puts them back.
+
+    Packages the lock holds but that are not installed (an extra not taken) are not drift.
+    """
+    name = "packages at the locked versions"
+    if not lock.is_file():
+        return Check(name, "WARN", "no requirements/lock.txt next to this installation (installed from a wheel?)",
+                     "pass the lock of the lmstack source you installed: `lmstack doctor --lock=.../requirements/lock.txt`")
+    pins = read_lock(lock.read_text(encoding="utf-8"))
+    drift = {p: (packages[p], v) for p, v in sorted(pins.items()) if p in packages and packages[p] != v}
+    present = sum(p in packages for p in pins)
+    if not drift:
+        return Check(name, "OK", f"{present} of the lock's {len(pins)} installed, each as locked ({lock})")
+    found = ", ".join(f"{p} {have} (lock: {want})" for p, (have, want) in drift.items())
+    return Check(name, "WARN", f"{len(drift)} of {present} differ from {lock}: {found}",
+                 f"python -m pip install -c {lock} " + " ".join(f"{p}=={want}" for p, (_, want) in drift.items()))
 
 
 def keras_check(environ=os.environ) -> Check:
@@ -138,13 +194,17 @@ def _tflite_smoke() -> str:
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    del fv  # no flags
+    flags.DEFINE_string("lock", None, "the lock to compare installed packages with (default: requirements/lock.txt "
+                        "of the checkout lmstack runs from)", flag_values=fv)
 
 
 def run(fv: flags.FlagValues) -> int:
-    checks = [Check("Python >= 3.10", "OK" if sys.version_info >= (3, 10) else "FAIL", sys.version.split()[0],
-                    "" if sys.version_info >= (3, 10) else "use Python 3.10 or newer")]
-    checks += version_checks() + [keras_check()] + runtime_checks()
+    if fv.lock is not None and not pathlib.Path(fv.lock).is_file():
+        raise ConfigError("lock", fv.lock, "no such file; give lmstack's requirements/lock.txt")
+    lock = pathlib.Path(fv.lock) if fv.lock is not None else CHECKOUT_LOCK
+    checks = [Check("Python >= 3.11", "OK" if sys.version_info >= (3, 11) else "FAIL", sys.version.split()[0],
+                    "" if sys.version_info >= (3, 11) else "use Python 3.11 (the lock's) or newer")]
+    checks += version_checks() + [lock_check(lock, installed()), keras_check()] + runtime_checks()
     width = max(len(c.name) for c in checks)
     for c in checks:
         print(f"{c.status:4}  {c.name.ljust(width)}  {c.found}")

@@ -17,7 +17,7 @@ validation split. The rows are the defaults and each default reverted alone:
 
 and `pytorch-gpt`: nanoGPT's model and initialization in PyTorch, same shape,
 same windows, same schedule as the defaults row, trained in a subprocess of
-this job (bench/reference_gpt.py; `pip install -e '.[reference]'`).
+this job (bench/reference_gpt.py; `make bench` installs it beside the lock).
 
 XLA is on for the transformer and off for the LSTM (XLA compiles tf_keras's
 LSTM step again at every step); it changes speed, not what is learned.
@@ -109,7 +109,7 @@ def _reference(base: pathlib.Path, model_config, train_config, reuse: bool) -> d
         if saved.get("settings") == settings:
             return saved
     if importlib.util.find_spec("torch") is None:
-        print("pytorch-gpt: torch is not installed (pip install -e '.[reference]'); row left out", file=sys.stderr)
+        print("pytorch-gpt: torch is not installed (`make bench` installs it); row left out", file=sys.stderr)
         return None
     data = _windows(base / "data-only", model_config.seq_len, base / "windows.npz")
     print("training pytorch-gpt ...", file=sys.stderr)

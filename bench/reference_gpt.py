@@ -17,7 +17,7 @@ validation window once. Prints one JSON line.
 
 usage: python bench/reference_gpt.py --data=windows.npz --steps=1500 --batch_size=32 \\
            --layers=4 --d_model=128 --heads=4 --learning_rate=2e-3 --warmup_steps=100
-Needs torch (`pip install -e '.[reference]'`).
+Needs torch (`make bench` installs it beside the lock).
 """
 
 from __future__ import annotations

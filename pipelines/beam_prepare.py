@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -168,8 +168,8 @@ def _cut_at_shards(block: tuple[int, np.ndarray], layout: dict[str, Any]
             yield (split, shard, num), (int(start - bounds[shard]), ids[start - offset:end - offset])
 
 
-def _write(shard: tuple[tuple[str, int, int], Sequence[tuple[int, np.ndarray]]], settings: dict[str, Any]) -> dict:
-    """Puts a shard's pieces back in stream order and writes it."""
+def _write(shard: tuple[tuple[str, int, int], Iterable[tuple[int, np.ndarray]]], settings: dict[str, Any]) -> dict:
+    """Puts a shard's pieces (GroupByKey's iterable, in no order) back in stream order and writes it."""
     (split, index, num), pieces = shard
     tokens = np.concatenate([ids for _, ids in sorted(pieces, key=lambda piece: piece[0])])
     name = prepare.shard_name(split, index, num)
