@@ -2,7 +2,7 @@
 
 The driver (the `lmstack prepare` process) scans the corpus, plans the blocks
 and their split and learns the tokenizer exactly as the local prepare does
-(`prepare.plan`); the pipeline then does the heavy part on the runner's
+(`prepare.plan`, in the driver); the pipeline then does the heavy part on the runner's
 workers, and writes the same shards:
 
     files -> blocks (read where they run) -> tokenize (+ [EOS]) -> token counts (a side input)
@@ -30,7 +30,7 @@ from apache_beam.runners import create_runner
 
 from pipelines import corpus as corpus_lib
 from pipelines import fs
-from pipelines import prepare
+from pipelines import shards
 from pipelines.errors import ConfigError
 from pipelines.progress import Progress
 
@@ -83,7 +83,7 @@ def tokenize_and_write(config, paths: Sequence[fs.Path], plan, tok_dir: fs.Path,
     progress.note(f"tokenizing and writing shards with Apache Beam ({runner}, {len(plan.sizes)} blocks)")
     settings = {"target": plan.target, "errors": config.encoding_errors, "kind": config.tokenizer.kind,
                 "split_of": plan.split_of, "eos_after": sorted(plan.eos_after), "record_tokens": config.record_tokens,
-                "tokenizer": str(tok_dir), "data": str(data_dir), "config": config, "piece": prepare.PIECE_CHARS}
+                "tokenizer": str(tok_dir), "data": str(data_dir), "config": config, "piece": shards.PIECE_CHARS}
     with beam.Pipeline(options=PipelineOptions([f"--runner={runner}", *options])) as p:
         tokens = (p
                   | "files" >> beam.Create([(str(path), int(start)) for path, start in zip(paths, first)])
@@ -101,11 +101,11 @@ def tokenize_and_write(config, paths: Sequence[fs.Path], plan, tok_dir: fs.Path,
              | "all" >> beam.combiners.ToList()
              | "answer" >> beam.Map(_answer, settings["data"]))
     answer = fs.path(data_dir) / RESULT_FILE
-    shards = json.loads(answer.read_text())
+    written = json.loads(answer.read_text())
     answer.unlink()
     out = {}
-    for split in ("train", "val"):
-        mine = sorted((s for s in shards if s["split"] == split), key=lambda s: s["index"])
+    for split in shards.SPLITS:
+        mine = sorted((s for s in written if s["split"] == split), key=lambda s: s["index"])
         out[split] = ([s["name"] for s in mine], [s["tokens"] for s in mine])
     return out
 
@@ -136,7 +136,7 @@ class _Tokenize(beam.DoFn):
 
     def process(self, block):
         index, text = block
-        parts = [text] if self.settings["kind"] == "sentencepiece" else prepare.text_pieces(text, self.settings["piece"])
+        parts = [text] if self.settings["kind"] == "sentencepiece" else shards.text_pieces(text, self.settings["piece"])
         ids = [self.tokenize(part).numpy() for part in parts]
         if index in self.eos_after:
             ids.append(np.array([self.tokenizer.eos_id], np.int32))
@@ -147,12 +147,12 @@ def _layout(counts: list[tuple[int, int]], settings: dict[str, Any]) -> dict[str
     """From every block's token count: where its tokens start in its split's stream, and each
     split's shard bounds (as the local prepare cuts them)."""
     split_of = settings["split_of"]
-    offsets, totals = {}, dict.fromkeys(prepare.SPLITS, 0)
+    offsets, totals = {}, dict.fromkeys(shards.SPLITS, 0)
     for index, count in sorted(counts):
         offsets[index] = totals[split_of[index]]
         totals[split_of[index]] += count
     return {"split_of": split_of, "offsets": offsets,
-            "bounds": {split: prepare.shard_bounds(totals[split], settings["config"], split) for split in totals}}
+            "bounds": {split: settings["config"].shard_bounds(totals[split], split) for split in totals}}
 
 
 def _cut_at_shards(block: tuple[int, np.ndarray], layout: dict[str, Any]
@@ -172,8 +172,8 @@ def _write(shard: tuple[tuple[str, int, int], Iterable[tuple[int, np.ndarray]]],
     """Puts a shard's pieces (GroupByKey's iterable, in no order) back in stream order and writes it."""
     (split, index, num), pieces = shard
     tokens = np.concatenate([ids for _, ids in sorted(pieces, key=lambda piece: piece[0])])
-    name = prepare.shard_name(split, index, num)
-    prepare.write_shard(fs.path(settings["data"]) / name, tokens, settings["record_tokens"])
+    name = shards.shard_name(split, index, num)
+    shards.write_shard(fs.path(settings["data"]) / name, tokens, settings["record_tokens"])
     return {"split": split, "index": index, "name": name, "tokens": int(tokens.size)}
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 import models
-from pipelines import checkpoints, classifiers, corpus as corpus_lib, dataset, labelled, prepare, tokenizers
+from pipelines import checkpoints, classifiers, corpus as corpus_lib, dataset, labelled, tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import UserError
 from pipelines.progress import Progress
@@ -78,7 +78,7 @@ def _score(workdir, seq_len: int, batch_size: int, nats, corpus, progress) -> di
         docs = corpus_lib.read_corpus(corpus)
         tokenizer = tokenizers.load(wd.tokenizer_dir)
         blocks = corpus_lib.make_blocks(docs, num_blocks=max(1, sum(len(d.text) for d in docs) // 100_000))
-        stream = prepare.tokenize_blocks(tokenizer, blocks, "evaluation text", progress)
+        stream = _tokenize_blocks(tokenizer, blocks, progress)
         chars_per_token = sum(len(d.text) for d in docs) / max(1, stream.size)
         ds, text = _windows_of(stream, seq_len, batch_size), ",".join(corpus)
     else:
@@ -193,3 +193,19 @@ def describe_classifier(result: dict[str, Any]) -> str:
     for label, row in zip(labels, result["confusion"]):
         lines.append(label.ljust(width) + "  " + "  ".join(f"{v:8,}" for v in row))
     return "\n".join(lines)
+
+
+def _tokenize_blocks(tokenizer, blocks: Sequence[corpus_lib.Block], progress: Progress) -> np.ndarray:
+    """One int32 token stream of an evaluation text; [EOS] closes each document's last block."""
+    if not blocks:
+        return np.zeros([0], np.int32)
+    # Tokenize inside tf.data: the graph path, identical to training and serving.
+    ds = tf.data.Dataset.from_tensor_slices([b.text for b in blocks]).map(
+        tokenizer.tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    pieces, eos = [], np.array([tokenizer.eos_id], np.int32)
+    for i, ids in enumerate(ds.as_numpy_iterator()):
+        pieces.append(ids.astype(np.int32))
+        if i + 1 == len(blocks) or blocks[i + 1].doc != blocks[i].doc:
+            pieces.append(eos)
+        progress.count("tokenizing evaluation text", i + 1, len(blocks), "blocks")
+    return np.concatenate(pieces)

@@ -30,20 +30,16 @@ import tensorflow as tf
 
 from pipelines import corpus as corpus_lib
 from pipelines import fs
+from pipelines import shards
 from pipelines import tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError, check_at_least, check_choice
 from pipelines.progress import Progress
 
 MANIFEST_FORMAT = 1
-SPLITS = ("train", "val")
 # Tokenizers other than char learn from at most this much training text: a sample of whole blocks
 # spread over the corpus when it holds more (their trainers keep their text in memory).
 LEARN_SAMPLE_CHARS = 50_000_000
-# Blocks are tokenized in pieces of about this many characters (`text_pieces`).
-PIECE_CHARS = 1 << 20
-# zlib level of the shards: 3 writes int32 token records ~3x faster than the default 6, files ~17 % larger.
-SHARD_GZIP_LEVEL = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +79,11 @@ class PrepareConfig:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"corpus": list(self.corpus)}
+
+    def shard_bounds(self, count: int, split: str) -> np.ndarray:
+        """Where the shards of a split of `count` tokens start (and the last ends): `shards.bounds`."""
+        min_shards = self.min_train_shards if split == "train" else self.min_val_shards
+        return shards.bounds(count, self.shard_tokens, min_shards)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +182,7 @@ def summary(manifest: dict[str, Any]) -> str:
     """A short human summary of a manifest: documents, characters, tokens, vocabulary, shards."""
     tok = manifest["tokenizer"]
     rows = [("split", "documents", "characters", "tokens", "chars/token", "shards")]
-    for name in SPLITS:
+    for name in shards.SPLITS:
         s = manifest["splits"][name]
         ratio = f"{s['chars'] / s['tokens']:.2f}" if s["tokens"] else "-"
         rows.append((name, f"{s['documents']:,}", f"{s['chars']:,}", f"{s['tokens']:,}", ratio, str(len(s["files"]))))
@@ -236,13 +237,6 @@ class Plan:
     eos_after: frozenset[int]
 
 
-def shard_bounds(count: int, config: PrepareConfig, split: str) -> np.ndarray:
-    """Token offsets where a split of `count` tokens' shards start (and the last ends): contiguous, even."""
-    min_shards = config.min_train_shards if split == "train" else config.min_val_shards
-    num = min(count, max(min_shards, math.ceil(count / config.shard_tokens)))
-    return np.linspace(0, count, num + 1).astype(np.int64)
-
-
 def plan(config: PrepareConfig, paths: Sequence[fs.Path], sources: Sequence[corpus_lib.Source]) -> Plan:
     """Reads the corpus once more (streamed) for its blocks' sizes; draws the validation blocks."""
     target = corpus_lib.block_target(sum(s.chars for s in sources), config.num_blocks)
@@ -281,7 +275,7 @@ def _build(config: PrepareConfig, paths: Sequence[fs.Path], sources: Sequence[co
     else:
         written = _write_local(config, paths, blocks, tokenizers.load(tok_dir), data_dir, progress)
     splits = {}
-    for name in SPLITS:
+    for name in shards.SPLITS:
         members = [i for i, split in enumerate(blocks.split_of) if split == name]
         names, shard_sizes = written[name]
         splits[name] = {
@@ -310,8 +304,8 @@ def _write_local(config: PrepareConfig, paths: Sequence[fs.Path], blocks: Plan, 
     dtype = np.uint16 if tokenizer.vocabulary_size() <= 1 << 16 else np.int32
     stream = corpus_lib.iter_blocks(paths, blocks.target, config.encoding_errors)
     with tempfile.TemporaryDirectory(prefix="lmstack-prepare-") as scratch:
-        files = {name: open(os.path.join(scratch, name), "wb") for name in SPLITS}  # noqa: SIM115
-        counts = dict.fromkeys(SPLITS, 0)
+        files = {name: open(os.path.join(scratch, name), "wb") for name in shards.SPLITS}  # noqa: SIM115
+        counts = dict.fromkeys(shards.SPLITS, 0)
         try:
             for i, ids, eos in _tokenized(tokenizer, stream, config.tokenizer.kind, blocks.eos_after):
                 if eos:
@@ -322,8 +316,8 @@ def _write_local(config: PrepareConfig, paths: Sequence[fs.Path], blocks: Plan, 
         finally:
             for f in files.values():
                 f.close()
-        return {name: _write_shards(os.path.join(scratch, name), dtype, shard_bounds(counts[name], config, name),
-                                    data_dir, name, config, progress) for name in SPLITS}
+        return {name: _write_shards(os.path.join(scratch, name), dtype, config.shard_bounds(counts[name], name),
+                                    data_dir, name, config, progress) for name in shards.SPLITS}
 
 
 def _learning_lines(blocks: Iterator[corpus_lib.Block], split_of: Sequence[str], sizes: Sequence[int],
@@ -347,7 +341,7 @@ def _tokenized(tokenizer, blocks: Iterator[corpus_lib.Block], kind: str, eos_aft
     """
     def pieces():
         for i, block in enumerate(blocks):
-            parts = [block.text] if kind == "sentencepiece" else text_pieces(block.text, PIECE_CHARS)
+            parts = [block.text] if kind == "sentencepiece" else shards.text_pieces(block.text, shards.PIECE_CHARS)
             for k, part in enumerate(parts):
                 yield i, part, i in eos_after and k == len(parts) - 1
 
@@ -359,65 +353,18 @@ def _tokenized(tokenizer, blocks: Iterator[corpus_lib.Block], kind: str, eos_aft
         yield int(i), ids, bool(eos)
 
 
-def text_pieces(text: str, size: int) -> list[str]:
-    """`text` cut into pieces of about `size` characters, each cut just after a line break that sits
-    between two non-space characters: no tokenizer here (char, byte, WordPiece, GPT-2's BPE) joins
-    tokens across one, so the pieces' tokens are the whole text's."""
-    out, start = [], 0
-    while len(text) - start > size:
-        cut = text.find("\n", start + size)
-        while cut != -1 and not (0 < cut < len(text) - 1 and not text[cut - 1].isspace()
-                                 and not text[cut + 1].isspace()):
-            cut = text.find("\n", cut + 1)
-        if cut == -1:
-            break
-        out.append(text[start:cut + 1])
-        start = cut + 1
-    out.append(text[start:])
-    return out
-
-
-def tokenize_blocks(tokenizer, blocks: Sequence[corpus_lib.Block], split: str,
-                    progress: Progress) -> np.ndarray:
-    """One int32 token stream; [EOS] closes each document's last block in the split."""
-    if not blocks:
-        return np.zeros([0], np.int32)
-    # Tokenize inside tf.data: the graph path, identical to training and serving.
-    ds = tf.data.Dataset.from_tensor_slices([b.text for b in blocks]).map(
-        tokenizer.tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    pieces, eos = [], np.array([tokenizer.eos_id], np.int32)
-    for i, ids in enumerate(ds.as_numpy_iterator()):
-        pieces.append(ids.astype(np.int32))
-        if i + 1 == len(blocks) or blocks[i + 1].doc != blocks[i].doc:
-            pieces.append(eos)
-        progress.count(f"tokenizing {split}", i + 1, len(blocks), "blocks")
-    return np.concatenate(pieces)
-
-
-def shard_name(split: str, index: int, count: int) -> str:
-    return f"{split}-{index:05d}-of-{count:05d}.tfrecord.gz"
-
-
-def write_shard(path: fs.Path, tokens: np.ndarray, record_tokens: int) -> None:
-    """One shard: GZIP'd TFRecords of raw little-endian int32 records of `record_tokens` tokens."""
-    options = tf.io.TFRecordOptions(compression_type="GZIP", compression_level=SHARD_GZIP_LEVEL)
-    with tf.io.TFRecordWriter(str(path), options) as writer:
-        for start in range(0, tokens.size, record_tokens):
-            writer.write(tokens[start:start + record_tokens].astype("<i4").tobytes())
-
-
 def _write_shards(scratch: str, dtype, bounds: np.ndarray, out: fs.Path, split: str, config: PrepareConfig,
                   progress: Progress) -> tuple[list[str], list[int]]:
     """Cuts the split's token stream (a scratch file) into contiguous shards at `bounds`, one shard
     per thread on every core (TensorFlow's record writer compresses without holding the GIL: 2 threads
     write 2x as fast here); each thread holds one shard's tokens."""
     num = len(bounds) - 1
-    names = [shard_name(split, i, num) for i in range(num)]
+    names = [shards.shard_name(split, i, num) for i in range(num)]
     itemsize = np.dtype(dtype).itemsize
 
     def write(i: int) -> None:
         tokens = np.fromfile(scratch, dtype, count=int(bounds[i + 1] - bounds[i]), offset=int(bounds[i]) * itemsize)
-        write_shard(out / names[i], tokens, config.record_tokens)
+        shards.write_shard(out / names[i], tokens, config.record_tokens)
 
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="shard-writer") as pool:
         for done, future in enumerate(concurrent.futures.as_completed([pool.submit(write, i) for i in range(num)])):

@@ -28,9 +28,9 @@ def _streams(run):
 
 @pytest.mark.slow
 def test_beam_direct_runner_writes_the_local_token_streams(tmp_path, english_text, capsys, monkeypatch):
-    from pipelines import prepare
+    from pipelines import shards
 
-    monkeypatch.setattr(prepare, "PIECE_CHARS", 500)  # blocks tokenized in pieces on both sides
+    monkeypatch.setattr(shards, "PIECE_CHARS", 500)  # blocks tokenized in pieces on both sides
     (tmp_path / "a.txt").write_text(english_text[:15000], encoding="utf-8")
     (tmp_path / "b.txt").write_text(english_text[15000:], encoding="utf-8")
     common = [f"--corpus={tmp_path / '*.txt'}", "--tokenizer=bpe", "--vocab_size=400", "--num_blocks=30",

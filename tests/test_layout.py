@@ -78,3 +78,28 @@ def test_only_the_publish_helper_renames_directories_into_place():
                         getattr(node.value, "id", "") == "os":
                     calls.append(f"{path.relative_to(ROOT)}:{node.lineno}: os.{node.attr}")
     assert not calls, calls
+
+
+def test_no_import_cycles_among_project_modules():
+    """Function-level imports count: a helper two modules share gets a module of its own (STYLE.md)."""
+    modules = {}
+    for folder in ("app", "models", "pipelines", "serving"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.name != "__init__.py":  # packages re-export; they are not a module's dependency
+                modules[".".join(path.relative_to(ROOT).with_suffix("").parts)] = path
+    graph = {m: {i for i in imported_modules(p) if i in modules and i != m} for m, p in modules.items()}
+    assert len(graph) >= 60
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            m = todo.pop()
+            if m == goal:
+                return True
+            if m not in seen:
+                seen.add(m)
+                todo.extend(graph[m])
+        return False
+
+    cycles = sorted({tuple(sorted((a, b))) for a in graph for b in graph[a] if reaches(b, a)})
+    assert not cycles, f"modules that import each other, directly or through others: {cycles}"

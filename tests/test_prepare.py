@@ -168,10 +168,10 @@ def test_streamed_shards_hold_each_splits_blocks_tokenized_whole(tmp_path, engli
     whole, [EOS] after a document's last block in its split."""
     import gzip
 
-    from pipelines import corpus
+    from pipelines import corpus, shards
 
     monkeypatch.setattr(corpus, "CHUNK_BYTES", 257)  # chunk ends inside lines, CRLFs and UTF-8 sequences
-    monkeypatch.setattr(prepare_lib, "PIECE_CHARS", 300)  # every block cut into pieces
+    monkeypatch.setattr(shards, "PIECE_CHARS", 300)  # every block cut into pieces
     first = tmp_path / "a.txt.gz"
     first.write_bytes(gzip.compress(("\ufeff" + english_text[:9000]).replace("\n", "\r\n").encode()))
     second = tmp_path / "b.txt"
