@@ -14,7 +14,7 @@ PYTHON ?= $(shell for p in python3.11 python3 python3.12 python3.13; do \
 CHECK_PYTHON = @$(PYTHON) -c '$(PY_OK)' >/dev/null 2>&1 || { echo "make: lmstack needs Python >= 3.11 \
   (found $(or $(PYTHON),none)): install python3.11, or run make PYTHON=/path/to/python3.11" >&2; exit 2; }
 
-.PHONY: quickstart test test-latest lock bench venv clean
+.PHONY: quickstart test lint test-latest lock bench venv clean
 SHELL := /bin/bash
 
 venv: $(VENV)/.installed
@@ -41,6 +41,10 @@ quickstart: venv
 # multi-worker tests never overlap one another.
 test: venv
 	$(BIN)/python -m pytest -q --durations=15 -n 2 --dist loadfile
+
+# ruff, as configured in pyproject.toml; CI (.ci/run) runs it before the tests.
+lint: venv
+	$(BIN)/ruff check .
 
 # The newest versions setup.cfg's ranges allow, in a venv of their own, against the fast tests:
 # the next breaking release turns this job red before it reaches a user. It changes nothing locked.

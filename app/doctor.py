@@ -114,7 +114,8 @@ def lock_check(lock: pathlib.Path, packages: Mapping[str, str]) -> Check:
     name = "packages at the locked versions"
     if not lock.is_file():
         return Check(name, "WARN", "no requirements/lock.txt next to this installation (installed from a wheel?)",
-                     "pass the lock of the lmstack source you installed: `lmstack doctor --lock=.../requirements/lock.txt`")
+                     "pass the lock of the lmstack source you installed: "
+                     "`lmstack doctor --lock=.../requirements/lock.txt`")
     pins = read_lock(lock.read_text(encoding="utf-8"))
     drift = {p: (packages[p], v) for p, v in sorted(pins.items()) if p in packages and packages[p] != v}
     present = sum(p in packages for p in pins)

@@ -126,7 +126,8 @@ class Pipeline:
         self.state["stages"][key] = {"fingerprint": fingerprint, "run_id": f"{fingerprint}-{time.time():.0f}",
                                      "seconds": round(seconds, 1), "result": result}
         workdir_lib.write_json(self.state_path, self.state)
-        self.progress.note(f"{label}: done in {seconds:.0f} s" + (f" ({BY_NAME[stage].brief(result)})" if result else ""))
+        brief = f" ({BY_NAME[stage].brief(result)})" if result else ""
+        self.progress.note(f"{label}: done in {seconds:.0f} s{brief}")
 
     # -- the stages ---------------------------------------------------------------------------
 
@@ -136,8 +137,9 @@ class Pipeline:
         (config,) = stage_configs("prepare", settings, self.config.corpus, self.config.tokenizer)
         prepare.prepare(config, wd, overwrite=True, progress=self.progress)
         manifest = workdir_lib.Workdir(wd).read_manifest()
+        splits = manifest["splits"]
         return {"vocab_size": manifest["tokenizer"]["vocab_size"],
-                "train_tokens": manifest["splits"]["train"]["tokens"], "val_tokens": manifest["splits"]["val"]["tokens"]}
+                "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"]}
 
     def _train(self, family, wd, settings):
         import models
@@ -193,7 +195,7 @@ class Pipeline:
         (check,) = stage_configs("serve", settings)
         # One setting serves both families: a transformer is asked for what fits its context.
         context = model_context(version)
-        fit = (lambda n: n) if context is None else (lambda n: min(n, context - 1))  # noqa: E731
+        fit = (lambda n: n) if context is None else (lambda n: min(n, context - 1))
         prompt, count = check.prompt, fit(check.max_new_tokens)
         answers = {}
         try:
@@ -276,7 +278,8 @@ def summary_table(summary: dict[str, Any]) -> str:
         for row in (results.get("report") or {}).get("rows", []):
             lines.append(f"| {family} | {row['variant']} | {fmt(row['bits_per_char'], '.3f')} | "
                          f"{fmt(row['params'], ',')} | {fmt(row['nonzero_params'], ',')} | "
-                         f"{fmt(row['gzip_bytes'], '.2f', 1e-6, ' MB')} | {fmt(row['tflite_bytes'], '.2f', 1e-6, ' MB')} | "
+                         f"{fmt(row['gzip_bytes'], '.2f', 1e-6, ' MB')} | "
+                         f"{fmt(row['tflite_bytes'], '.2f', 1e-6, ' MB')} | "
                          f"{fmt(row['ms_per_token'], '.2f')} |")
         root = fs.path(summary["workdir"]) / family
         where.append(f"{family}: checkpoints {root / 'checkpoints'}")

@@ -14,7 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "data" / "shakespeare.txt.gz"
 
 
-def untrained_export(root: pathlib.Path, family: str, preset: str, export_base: str = "") -> tuple[pathlib.Path, pathlib.Path]:
+def untrained_export(root: pathlib.Path, family: str, preset: str,
+                     export_base: str = "") -> tuple[pathlib.Path, pathlib.Path]:
     """Prepares the bundled corpus (char tokenizer) in ROOT/FAMILY, saves an untrained PRESET
     model as its checkpoint and exports it. Latency does not depend on the weights.
 
@@ -73,7 +74,7 @@ class Server:
 
         self.grpc, self.rest = free_ports(2)
         self.started = time.perf_counter()
-        self._log = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (closed in stop)
+        self._log = open(log, "w") if log else subprocess.DEVNULL  # closed in stop
         self.process = subprocess.Popen(
             [sys.executable, "-m", "app", "serve", f"--port={self.grpc}", f"--rest_api_port={self.rest}",
              "--file_system_poll_wait_seconds=0", *flags],

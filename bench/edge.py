@@ -8,8 +8,9 @@ RSS after loading and one decode step, minus RSS before), ms per generated
 token in ai-edge-litert with XNNPACK at 1 and 2 threads (greedy, batch 1, the
 decode/step signature), and bits/char on the first validation windows. The
 references, same run: the Keras decoding step (`call_with_cache` on one token,
-tf.function, XLA, over the same full-context cache as the TFLite file) and the exported SavedModel's `serving_default` (greedy,
-per token), when the workdir has an export.
+tf.function, XLA, over the same full-context cache as the TFLite file) and the
+exported SavedModel's `serving_default` (greedy, per token), when the workdir
+has an export.
 
 Targets: int8 file <= 30 % of float32; int8 and dynamic within +3 % perplexity
 of float32; TFLite decode per token faster than the Keras step.
@@ -34,15 +35,15 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import app  # noqa: E402,F401  (environment before TensorFlow)
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import app  # noqa: F401  (environment before TensorFlow)
+import numpy as np
+import tensorflow as tf
 
-import models  # noqa: E402
-from pipelines import checkpoints, dataset, tokenizers  # noqa: E402
-from serving import contract as c  # noqa: E402
+import models
+from pipelines import checkpoints, dataset, tokenizers
+from serving import contract as c
 from serving import edge
-from serving.exporters import tflite  # noqa: E402
+from serving.exporters import tflite
 
 RESULTS = ROOT / "bench" / "results"
 NEW_TOKENS = 64
@@ -130,7 +131,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=256, help="validation windows for bits/char")
     parser.add_argument("--rerun", action="store_true", help="reconvert files that exist")
     args = parser.parse_args()
-    results = {"benchmark": "tflite", "machine": {"node": platform.node(), "cpus": len(tf.config.list_logical_devices("CPU"))},
+    machine = {"node": platform.node(), "cpus": len(tf.config.list_logical_devices("CPU"))}
+    results = {"benchmark": "tflite", "machine": machine,
                "tensorflow": tf.__version__, "new_tokens": NEW_TOKENS, "windows": args.windows, "models": {}}
     for family in args.models.split(","):
         workdir = pathlib.Path(args.workdir) / family / "defaults"  # bench/quality.py's row of the defaults
@@ -144,7 +146,7 @@ def main() -> None:
                    dataset.val_dataset(workdir, config.seq_len, 1).take(args.windows)]
         prompt = [tokenizers.EOS_ID] + [int(t) for t in windows[0][0][:15]]
         rows = [{"file": "keras (checkpoint)", "bits_per_char": nats_per_char(
-                    lambda x: model(x[None])[0].numpy(), windows, chars_per_token),
+                    lambda x, model=model: model(x[None])[0].numpy(), windows, chars_per_token),
                  "ms_per_token_1": keras_step_ms(model, config, prompt)}]
         saved = savedmodel_ms(workdir)
         if saved is not None:
@@ -167,7 +169,8 @@ def main() -> None:
         float32 = next(r for r in rows if r["file"].endswith("-float32.tflite"))
         keras_row = rows[0]
         print(f"\n## {family} (small), {args.windows} validation windows, {NEW_TOKENS} new tokens\n")
-        print("| model | MB | vs float32 | interpreter MB | ms/token 1 thread | 2 threads | vs Keras step | bits/char |")
+        print("| model | MB | vs float32 | interpreter MB | ms/token 1 thread | 2 threads | vs Keras step "
+              "| bits/char |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             mb = f"{r['bytes'] / 1e6:.2f}" if "bytes" in r else "–"
@@ -180,7 +183,7 @@ def main() -> None:
         by = {r["file"]: r for r in rows}
         int8 = by.get(f"{family}-int8.tflite")
         dynamic = by.get(f"{family}-dynamic.tflite")
-        ppl = lambda r: 2 ** (r["bits_per_char"] * chars_per_token)  # noqa: E731  (per token)
+        ppl = lambda r, chars_per_token=chars_per_token: 2 ** (r["bits_per_char"] * chars_per_token)  # per token
         targets = [
             ("int8 file <= 30 % of float32", f"{int8['bytes'] / float32['bytes']:.1%}",
              int8["bytes"] <= 0.30 * float32["bytes"]),

@@ -35,11 +35,11 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import app  # noqa: E402,F401  (environment before TensorFlow)
-import tensorflow as tf  # noqa: E402
+import app  # noqa: F401  (environment before TensorFlow)
+import tensorflow as tf
 
-from pipelines import finetune  # noqa: E402
-from pipelines.progress import Progress  # noqa: E402
+from pipelines import finetune
+from pipelines.progress import Progress
 
 RESULTS = ROOT / "bench" / "results"
 REVIEWS = ROOT / "data" / "reviews.csv.bz2"
@@ -141,7 +141,8 @@ def main() -> None:
     for family, name, m in rows:
         print(f"| {family} | {name} | {m['accuracy']:.1%} | {m['macro_f1']:.3f} | {m['train_accuracy']:.1%} | "
               f"{m['trainable_params']:,} | {m['wall_seconds']:.0f} |")
-    print(f"\nmajority class: {rows[0][2]['majority_class_accuracy']:.1%} of {rows[0][2]['examples']} held-out examples")
+    first = rows[0][2]
+    print(f"\nmajority class: {first['majority_class_accuracy']:.1%} of {first['examples']} held-out examples")
     for family, entry in results["models"].items():
         gain = entry["fine-tuned"]["accuracy"] - entry["from scratch"]["accuracy"]
         print(f"- {family}: pre-training {gain:+.1%} accuracy over the same network from scratch")

@@ -30,12 +30,12 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import app  # noqa: E402,F401  (environment before TensorFlow)
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import app  # noqa: F401  (environment before TensorFlow)
+import numpy as np
+import tensorflow as tf
 
-import models  # noqa: E402
-from models import generation  # noqa: E402
+import models
+from models import generation
 
 VOCAB = 88  # the char vocabulary of the bundled corpus
 PROMPT, NEW = 16, 112
@@ -108,7 +108,7 @@ def main() -> None:
             runners[(family, "cached", batch)] = cached_runner(family, batch)
             runners[(family, "recompute", batch)] = recompute_runner(family, batch)
         runners[("transformer", "keras-hub GPT2CausalLM", batch)] = keras_hub_runner(batch)
-    for key, fn in runners.items():  # trace / compile once, outside the timings
+    for fn in runners.values():  # trace / compile once, outside the timings
         fn()
     seconds = {key: [] for key in runners}
     for r in range(args.rounds):

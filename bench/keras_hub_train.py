@@ -16,14 +16,14 @@ import time
 
 STARTED = time.perf_counter()
 
-import argparse  # noqa: E402
-import gzip  # noqa: E402
-import json  # noqa: E402
+import argparse
+import gzip
+import json
 
-import keras  # noqa: E402
-import keras_hub  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import keras_hub
+import numpy as np
+import tensorflow as tf
 
 
 def main() -> None:

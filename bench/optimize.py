@@ -33,11 +33,11 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import app  # noqa: E402,F401  (environment before TensorFlow)
-import tensorflow as tf  # noqa: E402
+import app  # noqa: F401  (environment before TensorFlow)
+import tensorflow as tf
 
-from pipelines import checkpoints, optimize, report  # noqa: E402
-from pipelines.progress import Progress  # noqa: E402
+from pipelines import checkpoints, optimize, report
+from pipelines.progress import Progress
 
 RESULTS = ROOT / "bench" / "results"
 RECIPES = {
@@ -74,7 +74,8 @@ def main() -> None:
     parser.add_argument("--rerun", action="store_true", help="remake variants that exist")
     args = parser.parse_args()
     progress = Progress(sys.stderr)
-    results = {"benchmark": "optimize", "machine": {"node": platform.node(), "cpus": len(tf.config.list_logical_devices("CPU"))},
+    machine = {"node": platform.node(), "cpus": len(tf.config.list_logical_devices("CPU"))}
+    results = {"benchmark": "optimize", "machine": machine,
                "tensorflow": tf.__version__, "recipes": {k: dataclasses.asdict(v) for k, v in RECIPES.items()},
                "models": {}}
     for family in args.models.split(","):

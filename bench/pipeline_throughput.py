@@ -35,10 +35,10 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import app  # noqa: E402,F401  (environment before TensorFlow)
-import tensorflow as tf  # noqa: E402
+import app  # noqa: F401  (environment before TensorFlow)
+import tensorflow as tf
 
-from pipelines import dataset, prepare, tokenizers  # noqa: E402
+from pipelines import dataset, prepare, tokenizers
 
 CORPUS = ROOT / "data" / "shakespeare.txt.gz"
 RESULTS = ROOT / "bench" / "results"
@@ -177,7 +177,8 @@ def main() -> None:
     print("learning (s): " + ", ".join(f"{k} {v}" for k, v in learn_seconds.items()))
     print(f"\ntrain_dataset (char, seq 128, batch 16): {result['train_dataset']['tokens_per_s']:,} tokens/s")
     if result["streaming_prepare"]:
-        print("\n| `lmstack prepare` (char, 8 files) | GB | seconds | MB/s | peak resident MB |\n|---|---:|---:|---:|---:|")
+        print("\n| `lmstack prepare` (char, 8 files) | GB | seconds | MB/s | peak resident MB |\n"
+              "|---|---:|---:|---:|---:|")
         for row in result["streaming_prepare"]:
             print(f"| generated corpus | {row['gigabytes']:.2f} | {row['seconds']:,.0f} | {row['mb_per_s']:.1f} | "
                   f"{row['peak_rss_mb']:,} |")

@@ -90,7 +90,8 @@ def matmul_rates(seconds: float = 1.0) -> list[dict]:
                     out = f(a, b)
                     calls += 1
                 out.numpy()
-                row[f"{dtype.name}{' xla' if xla else ''}"] = 2 * m * k * n * calls / (time.perf_counter() - began) / 1e9
+                elapsed = time.perf_counter() - began
+                row[f"{dtype.name}{' xla' if xla else ''}"] = 2 * m * k * n * calls / elapsed / 1e9
         rows.append(row)
     return rows
 
@@ -107,7 +108,8 @@ def main() -> None:
     import app  # noqa: F401  (lmstack's environment, as the trained processes have it)
 
     matmuls = matmul_rates()
-    print("| matmul (MxKxN) | float32 | float32 XLA | bf16 | bf16 XLA | bf16 / float32 |\n|---|---:|---:|---:|---:|---:|")
+    print("| matmul (MxKxN) | float32 | float32 XLA | bf16 | bf16 XLA | bf16 / float32 |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for r in matmuls:
         print(f"| {r['shape']} | {r['float32']:.0f} | {r['float32 xla']:.0f} | {r['bfloat16']:.0f} | "
               f"{r['bfloat16 xla']:.0f} | {r['bfloat16'] / r['float32']:.2f} |")

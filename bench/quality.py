@@ -44,12 +44,12 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import app  # noqa: E402,F401  (environment before TensorFlow)
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import app  # noqa: F401  (environment before TensorFlow)
+import numpy as np
+import tensorflow as tf
 
-import models  # noqa: E402
-from pipelines import dataset, prepare, tokenizers, train  # noqa: E402
+import models
+from pipelines import dataset, prepare, tokenizers, train
 
 CORPUS = ROOT / "data" / "shakespeare.txt.gz"
 RESULTS = ROOT / "bench" / "results"

@@ -36,7 +36,8 @@ def check(path: str) -> tuple[bool, str, str]:
     populator.load_associated_file_buffers({name: archive.read(name) for name in files})
     populator.populate()
     again = md.MetadataDisplayer.with_model_buffer(populator.get_model_buffer())
-    same = json.loads(again.get_metadata_json()) == ours and sorted(again.get_packed_associated_file_list()) == sorted(files)
+    same = (json.loads(again.get_metadata_json()) == ours
+            and sorted(again.get_packed_associated_file_list()) == sorted(files))
     ok = official_version == ours["min_parser_version"] and same and bool(files)
     line = (f"{'ok  ' if ok else 'FAIL'} {path}: {len(files)} packed files, min_parser_version "
             f"{ours['min_parser_version']} (official check: {official_version}), official populator "

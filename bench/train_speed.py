@@ -243,7 +243,8 @@ def main() -> None:
           f"(per round: {ratios}; median {view['ratio_median']:.2f}x)")
     if args.user_view_only:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        previous = json.loads((RESULTS / "train_speed.json").read_text()) if (RESULTS / "train_speed.json").exists() else {}
+        saved = RESULTS / "train_speed.json"
+        previous = json.loads(saved.read_text()) if saved.exists() else {}
         (RESULTS / "train_speed.json").write_text(json.dumps({**previous, "user_view": view}, indent=2) + "\n")
         return
     runs: dict[tuple, list[dict]] = {c: [] for c in CONFIGS}
@@ -262,7 +263,7 @@ def main() -> None:
                   file=sys.stderr)
 
     rows = []
-    for key, values in runs.items():
+    for values in runs.values():
         row = dict(values[0])
         for field in ("tokens_per_s", "mfu", "matmul_peak_gflops", "peak_rss_mb"):
             row[field] = statistics.median(v[field] for v in values)

@@ -19,8 +19,8 @@ import os
 import pathlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
+import tensorflow as tf
+import tf_keras as keras
 
 CORPUS = pathlib.Path(__file__).resolve().parent.parent / "data" / "shakespeare.txt.gz"
 

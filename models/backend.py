@@ -9,8 +9,8 @@ import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-import tensorflow_model_optimization as tfmot  # noqa: E402
-import tf_keras as keras  # noqa: E402
+import tensorflow_model_optimization as tfmot
+import tf_keras as keras
 
 # Custom layers subclass these so `prune_low_magnitude` can wrap a whole model
 # and `cluster_weights` can wrap the layers that hold big weights.

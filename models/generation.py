@@ -269,7 +269,7 @@ def decode(decoder, tokens: tf.Tensor, keep: tf.Tensor, new: tf.Tensor, sampling
     any_sampled = tf.reduce_any(sampling.temperature > 0)
 
     def choose(logits, index):
-        greedy = lambda: tf.argmax(logits, axis=-1, output_type=tf.int32)  # noqa: E731
+        greedy = lambda: tf.argmax(logits, axis=-1, output_type=tf.int32)
         return tf.cond(any_sampled, lambda: sample_next(logits, index, *sampling), greedy)
 
     def step(index, tokens, cache, done):
@@ -381,7 +381,7 @@ def generate_graph(decoder, prompts: tf.RaggedTensor, max_new_tokens: tf.Tensor,
         The new tokens, int32 ragged `[B, None]`.
     """
     if loop is None:
-        loop = lambda *args: decode(decoder, *args, stop_token_id=stop_token_id)  # noqa: E731
+        loop = lambda *args: decode(decoder, *args, stop_token_id=stop_token_id)
     batch = tf.shape(max_new_tokens)[0]
     lengths = tf.cast(prompts.row_lengths(), tf.int32)
     dense = prompts.to_tensor(default_value=0)

@@ -150,7 +150,7 @@ def build_gpt(config: GPTConfig, seq_len: int | None = None) -> keras.Model:
             return keras.layers.Dense(units, name=name, **kwargs)
         return make
 
-    norm = lambda name: keras.layers.LayerNormalization(epsilon=1e-5, name=name)  # noqa: E731
+    norm = lambda name: keras.layers.LayerNormalization(epsilon=1e-5, name=name)
     makers = {"ln1": norm, "ln2": norm, "query": dense(c.d_model), "key": dense(c.d_model),
               "value": dense(c.d_model), "attention_output": dense(c.d_model, residual=True),
               "mlp_in": dense(c.mlp_ratio * c.d_model, activation="gelu" if c.activation == "gelu" else None),

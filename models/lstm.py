@@ -204,7 +204,7 @@ class LSTMDecoder:
         return self._logits(x[:, tf.newaxis], table)[:, 0], hs, cs
 
     def _logits(self, x: tf.Tensor, table: tf.Tensor) -> tf.Tensor:
-        get = lambda name: layers.get_layer(self.model, name)  # noqa: E731
+        get = lambda name: layers.get_layer(self.model, name)
         if self.config.tie_embeddings:
             return get("logits")([get("projection")(x), table])
         return get("logits")(x)

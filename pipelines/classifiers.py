@@ -22,7 +22,7 @@ import tensorflow as tf
 
 import models
 from models import classifier as classifier_lib
-from pipelines import checkpoints, fs, labelled, tokenizers
+from pipelines import checkpoints, fs, labelled
 from pipelines import workdir as workdir_lib
 from pipelines.errors import UserError
 

@@ -149,7 +149,7 @@ class GPath:
     def rglob(self, pattern: str) -> Iterator[GPath]:
         return iter([f for f in files_under(self) if pathlib.PurePosixPath(f.name).match(pattern)])
 
-    def open(self, mode: str = "r", encoding: str | None = None):  # noqa: ARG002 (GFile's text is UTF-8)
+    def open(self, mode: str = "r", encoding: str | None = None):  # GFile's text is UTF-8
         return tf.io.gfile.GFile(str(self), mode)
 
     def read_bytes(self) -> bytes:

@@ -304,7 +304,7 @@ def _write_local(config: PrepareConfig, paths: Sequence[fs.Path], blocks: Plan, 
     dtype = np.uint16 if tokenizer.vocabulary_size() <= 1 << 16 else np.int32
     stream = corpus_lib.iter_blocks(paths, blocks.target, config.encoding_errors)
     with tempfile.TemporaryDirectory(prefix="lmstack-prepare-") as scratch:
-        files = {name: open(os.path.join(scratch, name), "wb") for name in shards.SPLITS}  # noqa: SIM115
+        files = {name: open(os.path.join(scratch, name), "wb") for name in shards.SPLITS}
         counts = dict.fromkeys(shards.SPLITS, 0)
         try:
             for i, ids, eos in _tokenized(tokenizer, stream, config.tokenizer.kind, blocks.eos_after):

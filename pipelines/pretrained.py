@@ -134,7 +134,7 @@ def _read_hugging_face(path: pathlib.Path, hf: dict[str, Any]) -> Checkpoint:
 
     try:
         raw = load_file(str(weights_file))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+    except Exception as e:  # safetensors raises its own error types
         raise UserError(f"{weights_file}: cannot read it as safetensors ({str(e).splitlines()[0]})") from None
     # GPT2LMHeadModel saves `transformer.`-prefixed names; GPT2Model (the Hub's gpt2) plain ones.
     weights = {k.removeprefix("transformer."): v.astype(np.float32) for k, v in raw.items()}
@@ -157,7 +157,7 @@ def _read_keras_hub(path: pathlib.Path, config: dict[str, Any]) -> Checkpoint:
 
     try:
         backbone = keras_hub.models.Backbone.from_preset(str(path))
-    except Exception as e:  # noqa: BLE001 - whatever Keras raises, one line
+    except Exception as e:  # whatever Keras raises, one line
         raise UserError(f"{path}: keras-hub cannot load this preset ({str(e).splitlines()[0]})") from None
     c = backbone.get_config()
     d = c["hidden_dim"]
@@ -217,8 +217,8 @@ def assign(model, checkpoint: Checkpoint) -> None:
     for i in range(checkpoint.config.layers):
         h = f"h.{i}."
         for j, name in enumerate(("query", "key", "value")):  # c_attn: [q | k | v] columns
-            put(f"block{i}_{name}", take(h + "attn.c_attn.weight", lambda x: x[:, j * d:(j + 1) * d]),
-                take(h + "attn.c_attn.bias", lambda x: x[j * d:(j + 1) * d]))
+            put(f"block{i}_{name}", take(h + "attn.c_attn.weight", lambda x, j=j: x[:, j * d:(j + 1) * d]),
+                take(h + "attn.c_attn.bias", lambda x, j=j: x[j * d:(j + 1) * d]))
         for ours, theirs in (("ln1", "ln_1"), ("ln2", "ln_2"), ("attention_output", "attn.c_proj"),
                              ("mlp_in", "mlp.c_fc"), ("mlp_out", "mlp.c_proj")):
             put(f"block{i}_{ours}", take(f"{h}{theirs}.weight"), take(f"{h}{theirs}.bias"))

@@ -192,7 +192,7 @@ def accumulate_gradients(model, micro_batches: int):
 
     def train_step(data):
         x, y = data  # (N * b, ...) each
-        parts = lambda t: tf.reshape(t, tf.concat([[micro_batches, -1], tf.shape(t)[1:]], 0))  # noqa: E731
+        parts = lambda t: tf.reshape(t, tf.concat([[micro_batches, -1], tf.shape(t)[1:]], 0))
         xs, ys = parts(x), parts(y)  # (N, b, ...)
         variables = model.trainable_variables
         optimizer = model.optimizer

@@ -275,7 +275,7 @@ class Batcher:
                     start += task.rows
             for task, out in zip(batch, outputs):
                 task.outputs = out
-        except BaseException as e:  # noqa: BLE001 (every waiting request gets the error)
+        except BaseException as e:  # every waiting request gets the error
             for task in batch:
                 task.error = e
         finally:

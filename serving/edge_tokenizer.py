@@ -156,7 +156,8 @@ def _byte_level_bpe(config: Mapping[str, Any], files: Mapping[str, bytes]):
     if unsplittable:  # GPT-2's <|endoftext|> in text is its own id
         tokenizer.add_special_tokens(unsplittable)
     special = config.get("special_ids", {"pad": 0, "eos": 3})
-    skip = {vocab[t] for t in config.get("reserved_tokens", RESERVED) if t in vocab} | {int(v) for v in special.values()}
+    skip = ({vocab[t] for t in config.get("reserved_tokens", RESERVED) if t in vocab}
+            | {int(v) for v in special.values()})
     return tokenizer, vocab[_byte_char(0)], skip
 
 
@@ -201,7 +202,7 @@ def _split_keeping(text: str, pattern: str) -> list[str]:
 
 def _byte_char(byte: int) -> str:
     """GPT-2's printable stand-in for a byte (its bytes_to_unicode table)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     if byte in printable:
         return chr(byte)
     return chr(256 + sorted(set(range(256)) - set(printable)).index(byte))

@@ -69,7 +69,7 @@ def to_ndarray(proto: tensor_pb2.TensorProto) -> np.ndarray:
     if values.size > size:
         raise ValueError(f"a tensor of shape {shape} holds {values.size} values")
     if values.size == 0:
-        return np.full(shape, b"" if dtype == object else 0, dtype)
+        return np.full(shape, b"" if values.dtype.kind == "O" else 0, dtype)
     return np.concatenate([values, np.repeat(values[-1:], size - values.size)]).reshape(shape)
 
 

@@ -42,7 +42,8 @@ def test_installed_console_script_and_module_entry_point(tmp_path):
     bad = subprocess.run(lmstack + ["prepare", f"--corpus={tmp_path / 'missing.txt'}", f"--workdir={tmp_path / 'r'}"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == [f"lmstack prepare: error: --corpus={tmp_path / 'missing.txt'}: no such file"]
+    missing = tmp_path / "missing.txt"
+    assert bad.stderr.strip().splitlines() == [f"lmstack prepare: error: --corpus={missing}: no such file"]
     script = subprocess.run([str(__import__("pathlib").Path(sys.executable).parent / "lmstack"), "prepare", "--help"],
                             capture_output=True, text=True, timeout=120)
     assert script.returncode == 0 and "--corpus" in script.stdout

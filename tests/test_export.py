@@ -50,7 +50,7 @@ def complete(loaded, prompts, max_new_tokens, signature=c.SERVING_DEFAULT):
 
 def sample(loaded, prompts, seeds, temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=12, signature=c.GENERATE):
     n = len(prompts)
-    as_row = lambda v, dtype: tf.constant(v, dtype) if isinstance(v, list) else tf.fill([n], tf.constant(v, dtype))  # noqa: E731
+    as_row = lambda v, dtype: tf.constant(v, dtype) if isinstance(v, list) else tf.fill([n], tf.constant(v, dtype))
     return call(loaded, signature, prompt=tf.constant(prompts), max_new_tokens=tf.fill([n], max_new_tokens),
                 temperature=as_row(temperature, tf.float32), top_k=as_row(top_k, tf.int32),
                 top_p=as_row(top_p, tf.float32), seed=tf.constant(seeds, tf.int32))
@@ -118,7 +118,8 @@ def test_compiled_signatures_answer_as_the_uncompiled_ones(exported):
         np.testing.assert_array_equal(compiled[c.COMPLETION], plain[c.COMPLETION])
     # Sampling: each row its own settings and seed; the same noise compiled or not.
     prompts = ["ROMEO.", "ROMEO.", "JULIET.", ""]
-    settings = dict(seeds=[1, 2, 3, 4], temperature=[1.5, 0.0, 0.7, 2.0], top_k=[0, 0, 5, 3], top_p=[1.0, 1.0, 0.9, 0.5])
+    settings = dict(seeds=[1, 2, 3, 4], temperature=[1.5, 0.0, 0.7, 2.0], top_k=[0, 0, 5, 3],
+                    top_p=[1.0, 1.0, 0.9, 0.5])
     plain = sample(loaded, prompts, **settings)
     compiled = sample(loaded, prompts, **settings, signature=c.GENERATE_XLA)
     np.testing.assert_array_equal(compiled[c.TOKEN_IDS], plain[c.TOKEN_IDS])
@@ -367,8 +368,8 @@ def test_clients_generate_score_status_metadata(served, protocol):
     sampled = client.generate(["ROMEO."], max_new_tokens=12, temperature=1.5, seed=1)
     assert sampled == [sample(loaded, ["ROMEO."], [1])[c.COMPLETION][0].decode()]
     (ll, n), = client.score(["To be"])
-    assert n == 5 and ll == pytest.approx(float(call(loaded, c.SCORE, text=tf.constant(["To be"]))[c.LOG_LIKELIHOOD][0]),
-                                          rel=1e-5)
+    direct = float(call(loaded, c.SCORE, text=tf.constant(["To be"]))[c.LOG_LIKELIHOOD][0])
+    assert n == 5 and ll == pytest.approx(direct, rel=1e-5)
     assert client.status() == [{"version": int(loaded_version(served)), "state": "AVAILABLE", "error_code": "OK",
                                 "error_message": ""}]
     signatures = client.metadata()["metadata"]["signature_def"]["signature_def"]

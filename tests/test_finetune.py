@@ -246,7 +246,8 @@ def test_bad_classify_requests_get_tensorflow_serving_errors(serving_classifier)
     with pytest.raises(grpc.RpcError) as e:
         stub.Classify(request, timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "Input is empty" in e.value.details()
-    status, body = post(url, json.dumps({"signature_name": "classify", "examples": [{"text": "still serving"}]}).encode())
+    still = {"signature_name": "classify", "examples": [{"text": "still serving"}]}
+    status, body = post(url, json.dumps(still).encode())
     assert status == 200 and len(body["result"]) == 1
     request.input.example_list.examples.add().features.feature["text"].bytes_list.value.append(b"Fine.")
     assert len(stub.Classify(request, timeout=30).result.classifications) == 1

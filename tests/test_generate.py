@@ -46,7 +46,8 @@ def test_cli_prints_the_continuation(capsys, workdir):
 
 @pytest.mark.slow
 def test_cli_seeded_sampling_repeats(capsys, workdir):
-    args = [f"--workdir={workdir}", "--prompt=", "--max_new_tokens=12", "--sampler=top_p", "--temperature=3", "--seed=4"]
+    args = [f"--workdir={workdir}", "--prompt=", "--max_new_tokens=12", "--sampler=top_p", "--temperature=3",
+            "--seed=4"]
     first = run_cli(capsys, "generate", *args)
     again = run_cli(capsys, "generate", *args)
     other = run_cli(capsys, "generate", *args[:-1], "--seed=5")

@@ -6,7 +6,6 @@ metric labels — and checks the answer TensorFlow Serving would give, that
 neighbouring requests are untouched, and that the work stops.
 """
 
-import base64
 import json
 import os
 import resource

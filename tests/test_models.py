@@ -234,7 +234,7 @@ def test_gpt2_initialization_shrinks_the_residual_projections_with_depth(depth):
     config = models.make_config("transformer", "small", vocab_size=VOCAB, layers=depth, d_model=256, heads=4,
                                 init="gpt2")
     model = models.build(config)
-    std = lambda name: float(np.std(model.get_layer(name).kernel.numpy()))  # noqa: E731
+    std = lambda name: float(np.std(model.get_layer(name).kernel.numpy()))
     for name in ("block0_query", "block0_mlp_in", f"block{depth - 1}_value"):
         assert std(name) == pytest.approx(0.02, rel=0.05)
     for name in ("block0_attention_output", f"block{depth - 1}_mlp_out"):

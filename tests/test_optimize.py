@@ -127,7 +127,8 @@ def test_m_by_n_sparsity(run):
     (["--method=distill"], "--method=distill: value should be one of <prune|qat|prune_qat|cluster>"),
     (["--method=qat", "--from_variant=nope"], "no optimized variant 'nope'"),
     (["--method=prune_qat", "--from_variant=cluster-none"], "no optimized variant"),
-    (["--method=prune", "--steps=10", "--end_step=7", "--frequency=2"], "--end_step=7: end_step - begin_step=0 is not a multiple of frequency=2"),
+    (["--method=prune", "--steps=10", "--end_step=7", "--frequency=2"],
+     "--end_step=7: end_step - begin_step=0 is not a multiple of frequency=2"),
     (["--method=prune", "--sparsity_m_by_n=4,2"], "0 < M < N"),
     (["--method=prune", "--name=pruned50"], "exists"),
 ])

@@ -81,7 +81,8 @@ def test_every_stage_runs_once_and_a_changed_setting_reruns_only_what_depends_on
     ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\nskip: [deploy]\n", "cannot skip deploy"),
     ("workdir: run\nmodels: {lstm: {}}\n", "`corpus` is required"),
     ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {width: 3}}\n", "models.lstm.width: no such setting"),
-    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {train: {stpes: 3}}}\n", "models.lstm.train.stpes: no such setting"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {train: {stpes: 3}}}\n",
+     "models.lstm.train.stpes: no such setting"),
     # Values are checked against the settings' types before any stage runs.
     ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\ntrain: {steps: many}\n",
      "train.steps: expected a value of type int (got many)"),

@@ -9,7 +9,6 @@ parity check can tell them apart.
 """
 
 import json
-import os
 import pathlib
 import shutil
 
@@ -17,7 +16,6 @@ import numpy as np
 import pytest
 
 from pipelines import checkpoints, pretrained, tokenizers
-from pipelines.errors import UserError
 from pipelines.generate import encode
 from tests.conftest import bundled_lines, run_cli
 

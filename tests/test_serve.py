@@ -81,7 +81,7 @@ def test_new_versions_load_while_serving_and_old_ones_unload(versions, tmp_path)
                 try:
                     assert c.generate(["ROMEO."], 8) == before
                     answered[0] += 1
-                except Exception as e:  # noqa: BLE001 (collected and asserted below)
+                except Exception as e:  # collected and asserted below
                     failures.append(repr(e))
 
         threads = [threading.Thread(target=hammer, args=args) for args in

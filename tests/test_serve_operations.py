@@ -180,7 +180,8 @@ def _deploy_args(path, key):
 def test_lmstack_serve_runs_the_deploy_files_command_line(served_bases, tmp_path, deploy_file, key):
     """The exact flags of deploy/serving/, with the container's paths mapped onto this machine."""
     deploy = ROOT / "deploy" / "serving"
-    config = (deploy / "models.config").read_text().replace('"/models/lm"', json.dumps(str(served_bases / "transformer")))
+    served = json.dumps(str(served_bases / "transformer"))
+    config = (deploy / "models.config").read_text().replace('"/models/lm"', served)
     (tmp_path / "models.config").write_text(config)
     for name in ("batching_parameters.txt", "monitoring.config"):
         shutil.copy(deploy / name, tmp_path / name)

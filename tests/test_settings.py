@@ -139,7 +139,7 @@ def test_library_errors_do_not_speak_in_flags():
     from tests.conftest import ROOT
 
     offenders = []
-    for path in [*(ROOT / "pipelines").rglob("*.py"), *(ROOT / "serving").rglob("*.py"), *(ROOT / "models").rglob("*.py")]:
+    for path in [p for folder in ("pipelines", "serving", "models") for p in (ROOT / folder).rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("UserError", "ConfigError"):
                 first = node.args[0] if node.args else None

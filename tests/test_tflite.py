@@ -157,7 +157,8 @@ def test_the_int8_lstm_clips_its_memory_not_its_output(run):
         pytest.skip("the LSTM's cell state")
     generator = TextGenerator(workdir)
     config = generator.config
-    state = {f"{k}{i}": tf.fill([1, config.units], 50.0 if k == "c" else 0.0) for i in range(config.layers) for k in "hc"}
+    state = {f"{k}{i}": tf.fill([1, config.units], 50.0 if k == "c" else 0.0)
+             for i in range(config.layers) for k in "hc"}
     token = tf.constant([[3]])
     plain = tflite.signature_functions(generator.model, config, 8)["step"](token, *state.values())
     clipped = tflite.signature_functions(generator.model, config, 8, cell_clip=2.0)["step"](token, *state.values())
@@ -182,7 +183,7 @@ def signature_ops(flat: bytes, signature: str, op: str) -> tuple:
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(flat, 0))
     sig = next(s for s in model.signatureDefs if s.signatureKey.decode() == signature)
     graph, code = model.subgraphs[sig.subgraphIndex], getattr(schema.BuiltinOperator, op)
-    kind = lambda o: max(model.operatorCodes[o.opcodeIndex].builtinCode,  # noqa: E731
+    kind = lambda o: max(model.operatorCodes[o.opcodeIndex].builtinCode,
                          model.operatorCodes[o.opcodeIndex].deprecatedBuiltinCode)
     return graph, sig, [o for o in graph.operators if kind(o) == code]
 

@@ -96,7 +96,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(workdi
     code, _, err = run_cli(capsys, "train", f"--workdir={workdir}", *TINY, "--steps=60", "--learning_rate=1e30",
                            "--clip_norm=0")
     assert code == 2
-    lines = [l for l in err.splitlines() if "error:" in l]
+    lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and "the loss became nan" in lines[0].lower() and "Traceback" not in err
     assert checkpoint_steps(workdir) == before  # the diverged weights were never saved
 
@@ -158,14 +158,15 @@ def test_warmup_fits_the_run_unless_given(steps, warmup):
 
 
 @pytest.mark.parametrize("intervals, expected", [((1000, 200, 200, 0), 10), ((60, 60, 200, 0), 10),
-                                                  ((30, 10, 10, 0), 10), ((1001, 200, 200, 0), 1), ((48, 48, 16, 32), 16)])
+                                                  ((30, 10, 10, 0), 10), ((1001, 200, 200, 0), 1),
+                                                  ((48, 48, 16, 32), 16)])
 def test_steps_per_execution_divides_every_interval_the_loop_acts_on(intervals, expected):
     k = training.steps_per_execution(*intervals)
     assert k == expected and all(i % k == 0 for i in intervals)
 
 
 def test_learning_rate_defaults_to_the_models_own():
-    peak = lambda family, preset, **kw: train.TrainConfig().for_model(  # noqa: E731
+    peak = lambda family, preset, **kw: train.TrainConfig().for_model(
         models.make_config(family, preset, vocab_size=30, **kw)).learning_rate
     assert peak("transformer", "small") == pytest.approx(3e-3) and peak("lstm", "small") == pytest.approx(5e-3)
     # wider models train at a lower peak: nanoGPT's 1e-3 at width 384, about GPT-3 Small's at 768
@@ -252,7 +253,8 @@ def test_mirrored_on_two_logical_cpus(workdir, tmp_path, capsys):
                      "--logical_cpus=2", "--batch_size=4", "--grad_accum_steps=2")
     assert result.returncode == 0, result.stderr[-3000:]
     # Into a pipe the progress bar is a line per epoch, not a redrawn bar (backspaces, carriage returns).
-    assert "\x08" not in result.stdout and "\r" not in result.stdout and "Epoch 2/2" in result.stdout, repr(result.stdout)
+    out = result.stdout
+    assert "\x08" not in out and "\r" not in out and "Epoch 2/2" in out, repr(out)
     assert "MirroredStrategy on 2 replica(s), global batch 16 x 16 (2 accumulated batches of 8)" in result.stderr
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["replicas"] == 2 and metrics["global_batch"] == 16 and metrics["steps"] == 20
@@ -277,7 +279,7 @@ def test_kill_9_then_rerun_resumes(workdir):
     assert 40 <= killed_at < 200
     result = lmstack(*args)
     assert result.returncode == 0, result.stderr[-3000:]
-    resumed = [l for l in result.stderr.splitlines() if l.startswith("resuming from step")]
+    resumed = [line for line in result.stderr.splitlines() if line.startswith("resuming from step")]
     assert resumed and int(resumed[0].split()[-1]) >= killed_at
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["steps"] == 200 and metrics["trained_steps_this_run"] <= 200 - killed_at
@@ -335,7 +337,7 @@ def test_kill_one_worker_then_relaunch_resumes(workdir):
     assert killed_at < 80
     again = lmstack(*args[:-1])
     assert again.returncode == 0, again.stdout[-3000:]
-    resumed = [l for l in again.stdout.splitlines() if "resuming from step" in l]
+    resumed = [line for line in again.stdout.splitlines() if "resuming from step" in line]
     assert resumed and int(resumed[0].split()[-1]) >= 20
     assert json.loads((workdir / "metrics.json").read_text())["steps"] == 80
 

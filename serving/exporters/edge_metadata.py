@@ -119,7 +119,8 @@ def _tokenizer_unit(config: dict[str, Any], files: list[md.File]) -> list[dict[s
     if config["kind"] == "wordpiece":
         return [{"options": ("BertTokenizerOptions", {"vocab_file": [entries["vocabulary.txt"]]})}]
     if config["kind"] == "sentencepiece":
-        return [{"options": ("SentencePieceTokenizerOptions", {"sentencePiece_model": [entries["sentencepiece.model"]]})}]
+        model = [entries["sentencepiece.model"]]
+        return [{"options": ("SentencePieceTokenizerOptions", {"sentencePiece_model": model})}]
     return []
 
 
@@ -140,15 +141,16 @@ def _description(info: dict[str, Any]) -> str:
         what = (f"Generates text: start after [EOS], stop at it.{rows} " + (
             "Run `prefill` on the right-padded prompt, then `decode` per new token." if info["family"] == "transformer"
             else "Run `step` per token from a zero state; `sequence` scores a window."))
+    weights = "float32" if info["quantize"] == "none" else info["quantize"]
     return (f"{what} Tokenizer: {tokenizer['kind']}, {tokenizer['vocab_size']} ids ({ids}); its files are packed "
-            f"in this file (a zip archive after the model). Weights: {'float32' if info['quantize'] == 'none' else info['quantize']}. lmstack.json has the rest.")
+            f"in this file (a zip archive after the model). Weights: {weights}. lmstack.json has the rest.")
 
 
 def _signatures(info: dict[str, Any]) -> str:
     """Every signature with its tensors' shapes: the schema describes only the first."""
     parts = []
     for name, signature in info["signatures"].items():
-        def shapes(side):
+        def shapes(side, signature=signature):
             return ", ".join(f"{k} {v['dtype']} {v['shape']}" for k, v in signature[side].items())
         parts.append(f"{name}({shapes('inputs')}) -> {shapes('outputs')}")
     return "; ".join(parts)

@@ -100,7 +100,8 @@ def find(workdir: str | os.PathLike, variant: str = "", quantize: str = "none") 
     if quantize not in QUANTIZATIONS:
         check_choice("quantize", quantize, QUANTIZATIONS)
     config = checkpoints.read_model_config(checkpoints.model_dir(workdir, variant))
-    path = workdir_lib.Workdir(workdir).root / TFLITE_DIR / f"{file_name(models.family_of(config), variant, quantize)}.tflite"
+    name = file_name(models.family_of(config), variant, quantize)
+    path = workdir_lib.Workdir(workdir).root / TFLITE_DIR / f"{name}.tflite"
     if not path.is_file():
         raise UserError(f"no {path}; run `lmstack tflite --workdir={workdir} --quantize={quantize}"
                         + (f" --variant={variant}" if variant else "") + "` first")
@@ -320,8 +321,9 @@ def _convert_classifier(wd: workdir_lib.Workdir, config: TFLiteConfig, progress:
         raise UserError(f"{wd.root} is a classifier workdir: it has no optimized variants (--variant={config.variant})")
     model, cls_config, labels, step = classifiers.load_classifier(wd.root)
     if config.max_seq_len:
-        raise ConfigError("max_seq_len", config.max_seq_len, f"is for language models; this classifier reads "
-                                                              f"{cls_config.max_length} tokens a text (finetune's --max_length)")
+        raise ConfigError("max_seq_len", config.max_seq_len,
+                          f"is for language models; this classifier reads {cls_config.max_length} tokens a text "
+                          "(finetune's --max_length)")
     length, rows = cls_config.max_length, config.batch_size
     progress.note(f"converting the classifier (step {step}) to TFLite, {config.quantize} quantization, "
                   f"{rows} x {length} tokens per call")
@@ -347,7 +349,8 @@ def _convert_classifier(wd: workdir_lib.Workdir, config: TFLiteConfig, progress:
     holder.model = model
     flat = convert_functions({CLASSIFY: classify}, config.quantize, representative, trackable=holder,
                              per_channel=config.per_channel)
-    return _write(wd, file_name("classifier", "", config.quantize, config.batch_size), flat, config, progress=progress, info={
+    name = file_name("classifier", "", config.quantize, config.batch_size)
+    return _write(wd, name, flat, config, progress=progress, info={
         "family": "classifier", "backbone": models.family_of(cls_config.backbone), "labels": labels,
         "max_length": length, "batch_size": rows, "pooling": cls_config.pooling, "checkpoint_step": step})
 
@@ -404,7 +407,8 @@ def describe(path: fs.Path) -> str:
         f"wrote {path} ({info['bytes'] / 1e6:.2f} MB, {info['quantize']}) and {path.with_suffix('.json').name}",
         f"signatures: {sigs}",
         f"ops: {sum(info['ops'].values())} built-in",
-        f"classes: {', '.join(info['labels'])}; run it with serving.edge.EdgeClassifier" if info["family"] == "classifier"
+        f"classes: {', '.join(info['labels'])}; run it with serving.edge.EdgeClassifier"
+        if info["family"] == "classifier"
         else f"{info['batch_size']} rows in lockstep: run it with serving.edge.EdgeModel(...).generate_batch"
         if info.get("batch_size", 1) > 1
         else f"generate: lmstack generate --workdir={path.parent.parent} --backend=tflite --quantize={info['quantize']}"

@@ -20,7 +20,7 @@ import os
 import tensorflow as tf
 from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 from google.protobuf import message_factory
-from google.protobuf import wrappers_pb2  # noqa: F401  (registers google/protobuf/wrappers.proto in the pool)
+from google.protobuf import wrappers_pb2
 
 from serving.batching import BatchingParameters
 from serving.contract import ServingError

@@ -173,7 +173,7 @@ class ModelServer:
                         self.refresh()
                 except ServingError as e:
                     log.error("the model config file %s was not applied: %s", config_file, e.message)
-                except Exception:  # noqa: BLE001 (keep polling; the error is logged)
+                except Exception:  # keep polling; the error is logged
                     log.exception("refreshing the model versions failed")
 
         self._poller = threading.Thread(target=poll, name="version-poller", daemon=True)

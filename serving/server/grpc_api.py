@@ -42,7 +42,7 @@ def _guarded(method):
     def run(self, request, context):
         try:
             return method(self, request, context)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if context.code() is not None:  # context.abort() raises after setting the status: let it through
                 raise
             log.error("%s failed: %s: %s", method.__name__, type(e).__name__, str(e).splitlines()[:1])
@@ -212,7 +212,7 @@ def stream_handler(core: ModelServer):
                     yield response
             except ServingError as e:
                 _fail(context, e)
-            except Exception as e:  # noqa: BLE001 (one log line, not a traceback)
+            except Exception as e:  # one log line, not a traceback
                 if context.code() is not None:  # context.abort() raised after setting the status
                     raise
                 log.error("StreamGenerate failed: %s: %s", type(e).__name__, str(e).splitlines()[:1])

@@ -144,9 +144,9 @@ def json_value(name: str, array: np.ndarray):
     """An output as JSON: strings as text, or {"b64": ...} for outputs named *_bytes."""
     if array.dtype.kind in ("O", "S"):
         if name.endswith("_bytes"):
-            encode = lambda b: {"b64": base64.b64encode(b).decode("ascii")}  # noqa: E731
+            encode = lambda b: {"b64": base64.b64encode(b).decode("ascii")}
         else:
-            encode = lambda b: b.decode("utf-8", errors="replace") if isinstance(b, bytes) else b  # noqa: E731
+            encode = lambda b: b.decode("utf-8", errors="replace") if isinstance(b, bytes) else b
         flat = [encode(b) for b in array.flat]
         out = np.empty(len(flat), dtype=object)
         out[:] = flat

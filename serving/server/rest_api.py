@@ -56,7 +56,7 @@ class RestApi:
                 status, body, content_type = self._answer(method, path, environ)
             except ServingError as e:
                 status, body, content_type = HTTP_STATUS.get(e.code, 500), {"error": e.message}, "application/json"
-            except Exception as e:  # noqa: BLE001 (a bug must not drop the connection or print a traceback)
+            except Exception as e:  # a bug must not drop the connection or print a traceback
                 log.error("%s %s failed: %s: %s", method, path[:200], type(e).__name__, str(e).splitlines()[:1])
                 status, body, content_type = 500, {"error": f"internal error: {type(e).__name__}"}, "application/json"
         return _respond(start_response, status, body, content_type)
@@ -130,7 +130,7 @@ class RestApi:
                 _, chunks = core.stream(name, version, inputs, label, call)
         except ServingError as e:
             return _respond(start_response, HTTP_STATUS.get(e.code, 500), {"error": e.message})
-        except Exception as e:  # noqa: BLE001 (as in __call__: one log line, a 500, no traceback)
+        except Exception as e:  # as in __call__: one log line, a 500, no traceback
             log.error("POST %s failed: %s: %s", path[:200], type(e).__name__, str(e).splitlines()[:1])
             return _respond(start_response, 500, {"error": f"internal error: {type(e).__name__}"})
         start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
@@ -144,7 +144,7 @@ class RestApi:
                     yield f"{event}data: {json.dumps(chunk)}\n\n".encode("utf-8")
             except ServingError as e:
                 yield f"event: error\ndata: {json.dumps({'error': e.message})}\n\n".encode("utf-8")
-            except Exception as e:  # noqa: BLE001 (one log line and an error event, not a traceback)
+            except Exception as e:  # one log line and an error event, not a traceback
                 log.error("stream failed: %s: %s", type(e).__name__, str(e).splitlines()[:1])
                 yield f"event: error\ndata: {json.dumps({'error': f'internal error: {type(e).__name__}'})}\n\n".encode()
             finally:

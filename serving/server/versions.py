@@ -269,8 +269,9 @@ class ServedModel:
             return sorted(int(n) for n in names if _VERSION_DIR.fullmatch(n)  # one request each on a store
                           and tf.io.gfile.exists(join(self.base_path, n, "saved_model.pb")))
         except tf.errors.OpError as e:  # e.g. permission denied, an object store out of reach
-            raise ServingError("UNAVAILABLE", f"cannot list the versions of {self.name!r} under {self.base_path}: "
-                                              f"{e.message.splitlines()[0] if e.message else type(e).__name__}") from None
+            reason = e.message.splitlines()[0] if e.message else type(e).__name__
+            raise ServingError("UNAVAILABLE",
+                               f"cannot list the versions of {self.name!r} under {self.base_path}: {reason}") from None
 
     def refresh(self) -> None:
         """Loads the versions the policy wants and unloads the others (see the module docstring)."""
@@ -307,7 +308,8 @@ class ServedModel:
                 extra = join(path, c.ASSETS_EXTRA)
                 warmed = replay_warmup(loaded, join(extra, c.WARMUP_FILE), self.xla)
                 if self.xla:  # one bucket per core: each XLA compilation runs on one thread
-                    warmed += replay_warmup(loaded, join(extra, c.XLA_WARMUP_FILE), self.xla, threads=os.cpu_count() or 1)
+                    warmed += replay_warmup(loaded, join(extra, c.XLA_WARMUP_FILE), self.xla,
+                                            threads=os.cpu_count() or 1)
         except Exception as e:  # a broken export must not take the server down
             attempts = (failure.attempts if failure else 0) + 1
             message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
