@@ -29,10 +29,6 @@ ACTIVATIONS = typing.get_args(Activation)
 INIT_STD = 0.02  # GPT-2's standard deviation for every weight matrix and embedding
 
 
-def _identity(x):
-    return x
-
-
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
     """Shape of a GPT decoder.
@@ -102,31 +98,85 @@ class GPTConfig:
         return 2 * matmul_params + 2 * 2 * self.layers * self.seq_len * d
 
 
-def block(x, i: int, layer: Callable[[str], Callable], attend: Callable) -> tf.Tensor:
-    """Transformer block `i`: x + Dropout(Out(Attn(LN1(x)))), then x + Dropout(MLP(LN2(x))).
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """Transformer block `i`'s layers: x + Dropout(Out(Attn(LN1(x)))), then x + Dropout(MLP(LN2(x))).
 
-    The MLP's exact GELU is its first Dense layer's activation; GPT-2's tanh
-    GELU is a layer of its own, `block{i}_mlp_act` (TF-MOT's QAT knows
-    activations by name and has no tanh GELU), absent with the exact one.
+    The one definition of the forward pass (`__call__`) and of the layer names TF-MOT,
+    checkpoints and the exporters see: `block{i}_{field}`. `build_gpt` makes the layers
+    (`Block.build`); `GPTDecoder` finds them in a built model, QAT wrappers included
+    (`Block.of`), and runs the same `__call__` with attention over its cache.
 
-    The one definition of the forward pass, and of the layer names TF-MOT,
-    checkpoints and the exporters see. `build_gpt` calls it with a `layer`
-    that makes each layer; `GPTDecoder` with one that finds the built model's
-    layers (QAT wrappers included) and `attend` reading and writing the cache.
-
-    Args:
-        x: the residual stream `[B, T, d]`.
-        i: the block's index.
-        layer: name -> the layer to apply.
-        attend: `(i, q, k, v)` -> the attention output `[B, T, d]` before its projection.
+    The MLP's exact GELU is `mlp_in`'s activation; GPT-2's tanh GELU is a layer of its
+    own, `mlp_act` (TF-MOT's QAT knows activations by name and has no tanh GELU), None
+    with the exact one. The dropouts are None when decoding (inference).
     """
-    h = layer(f"block{i}_ln1")(x)
-    q, k, v = (layer(f"block{i}_{n}")(h) for n in ("query", "key", "value"))
-    a = layer(f"block{i}_attention_dropout")(layer(f"block{i}_attention_output")(attend(i, q, k, v)))
-    x = layer(f"block{i}_attention_residual")([x, a])
-    h = layer(f"block{i}_mlp_act")(layer(f"block{i}_mlp_in")(layer(f"block{i}_ln2")(x)))
-    h = layer(f"block{i}_mlp_out")(h)
-    return layer(f"block{i}_mlp_residual")([x, layer(f"block{i}_mlp_dropout")(h)])
+    ln1: Callable
+    query: Callable
+    key: Callable
+    value: Callable
+    attention_output: Callable
+    attention_dropout: Callable | None
+    attention_residual: Callable
+    ln2: Callable
+    mlp_in: Callable
+    mlp_act: Callable | None
+    mlp_out: Callable
+    mlp_dropout: Callable | None
+    mlp_residual: Callable
+
+    @classmethod
+    def build(cls, config: GPTConfig, i: int) -> Block:
+        """New layers for block `i` of a model of `config`."""
+        c, rate = config, config.dropout or 0.0
+
+        def dense(field, units, residual=False, **kwargs):
+            if c.init == "gpt2":
+                std = INIT_STD / math.sqrt(2 * c.layers) if residual else INIT_STD
+                kwargs["kernel_initializer"] = keras.initializers.RandomNormal(stddev=std)
+            return keras.layers.Dense(units, name=f"block{i}_{field}", **kwargs)
+
+        def norm(field):
+            return keras.layers.LayerNormalization(epsilon=1e-5, name=f"block{i}_{field}")
+
+        exact = c.activation == "gelu"
+        return cls(
+            ln1=norm("ln1"), query=dense("query", c.d_model), key=dense("key", c.d_model),
+            value=dense("value", c.d_model), attention_output=dense("attention_output", c.d_model, residual=True),
+            attention_dropout=keras.layers.Dropout(rate, name=f"block{i}_attention_dropout"),
+            attention_residual=keras.layers.Add(name=f"block{i}_attention_residual"),
+            ln2=norm("ln2"), mlp_in=dense("mlp_in", c.mlp_ratio * c.d_model, activation="gelu" if exact else None),
+            mlp_act=None if exact else layers.GELU(approximate=True, name=f"block{i}_mlp_act"),
+            mlp_out=dense("mlp_out", c.d_model, residual=True),
+            mlp_dropout=keras.layers.Dropout(rate, name=f"block{i}_mlp_dropout"),
+            mlp_residual=keras.layers.Add(name=f"block{i}_mlp_residual"))
+
+    @classmethod
+    def of(cls, model: keras.Model, config: GPTConfig, i: int) -> Block:
+        """Block `i`'s layers in a built model, for inference: no dropout."""
+        def get(field):
+            return layers.get_layer(model, f"block{i}_{field}")
+
+        inference = {"attention_dropout": None, "mlp_dropout": None,
+                     "mlp_act": None if config.activation == "gelu" else get("mlp_act")}
+        return cls(**{f.name: inference[f.name] if f.name in inference else get(f.name)
+                      for f in dataclasses.fields(cls)})
+
+    def __call__(self, x: tf.Tensor, attend: Callable) -> tf.Tensor:
+        """Args:
+            x: the residual stream `[B, T, d]`.
+            attend: `(q, k, v)` -> the attention output `[B, T, d]` before its projection.
+        """
+        h = self.ln1(x)
+        a = self.attention_output(attend(self.query(h), self.key(h), self.value(h)))
+        x = self.attention_residual([x, _maybe(self.attention_dropout, a)])
+        h = _maybe(self.mlp_act, self.mlp_in(self.ln2(x)))
+        h = self.mlp_out(h)
+        return self.mlp_residual([x, _maybe(self.mlp_dropout, h)])
+
+
+def _maybe(layer: Callable | None, x: tf.Tensor) -> tf.Tensor:
+    return x if layer is None else layer(x)
 
 
 def build_gpt(config: GPTConfig, seq_len: int | None = None) -> keras.Model:
@@ -140,40 +190,13 @@ def build_gpt(config: GPTConfig, seq_len: int | None = None) -> keras.Model:
         seq_len: a static sequence length (TFLite wants one); None accepts any T <= config.seq_len.
     """
     c = config
-    rate = c.dropout or 0.0
-
-    def dense(units, residual=False, **kwargs):
-        def make(name):
-            if c.init == "gpt2":
-                std = INIT_STD / math.sqrt(2 * c.layers) if residual else INIT_STD
-                kwargs["kernel_initializer"] = keras.initializers.RandomNormal(stddev=std)
-            return keras.layers.Dense(units, name=name, **kwargs)
-        return make
-
-    norm = lambda name: keras.layers.LayerNormalization(epsilon=1e-5, name=name)
-    makers = {"ln1": norm, "ln2": norm, "query": dense(c.d_model), "key": dense(c.d_model),
-              "value": dense(c.d_model), "attention_output": dense(c.d_model, residual=True),
-              "mlp_in": dense(c.mlp_ratio * c.d_model, activation="gelu" if c.activation == "gelu" else None),
-              "mlp_act": (lambda name: _identity) if c.activation == "gelu" else (
-                  lambda name: layers.GELU(approximate=True, name=name)),
-              "mlp_out": dense(c.d_model, residual=True),
-              "attention_dropout": lambda name: keras.layers.Dropout(rate, name=name),
-              "mlp_dropout": lambda name: keras.layers.Dropout(rate, name=name),
-              "attention_residual": lambda name: keras.layers.Add(name=name),
-              "mlp_residual": lambda name: keras.layers.Add(name=name)}
-
-    def make_layer(name):
-        return makers[name.split("_", 1)[1]](name)
-
-    def attend(i, q, k, v):
-        return layers.CausalAttention(c.heads, name=f"block{i}_attention")([q, k, v])
-
     ids = keras.Input(shape=(seq_len,), dtype="int32", name="token_ids")
     x, table = layers.TokenEmbedding(c.vocab_size, c.d_model, name="token_embedding")(ids)  # (B, T, d), (V, d)
     x = layers.PositionEmbedding(c.seq_len, name="position_embedding")(x)
-    x = keras.layers.Dropout(rate, name="embedding_dropout")(x)
+    x = keras.layers.Dropout(c.dropout or 0.0, name="embedding_dropout")(x)
     for i in range(c.layers):
-        x = block(x, i, make_layer, attend)
+        attention = layers.CausalAttention(c.heads, name=f"block{i}_attention")
+        x = Block.build(c, i)(x, lambda q, k, v, attention=attention: attention([q, k, v]))
     x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_ln")(x)
     logits = layers.TiedLogits(name="logits")([x, table])  # (B, T, V)
     return keras.Model(ids, logits, name="gpt")
@@ -222,6 +245,7 @@ class GPTDecoder:
         self.vocab_size = config.vocab_size
         self.max_length = config.seq_len
         self._layer = lambda name: layers.get_layer(model, name)
+        self.blocks = [Block.of(model, config, i) for i in range(config.layers)]
 
     def init_cache(self, batch_size, max_length: int | None = None) -> tf.Tensor:
         c = self.config
@@ -259,19 +283,14 @@ class GPTDecoder:
         x = get("position_embedding")(x, start_index=index)  # (B, S, d)
         layer_caches = tf.unstack(cache, axis=1)  # c.layers x (B, 2, max_len, d)
         new_cache = []
+        for block, layer_cache in zip(self.blocks, layer_caches):
+            def attend(q, k, v, layer_cache=layer_cache):
+                kv = tf.stack([k, v], axis=1)  # (B, 2, S, d)
+                layer_cache = write_cache(layer_cache, kv, q_positions)  # (B, 2, max_len, d)
+                new_cache.append(layer_cache)
+                keys, values = tf.unstack(layer_cache, axis=1)  # (B, max_len, d) each
+                return layers.attention(q, keys, values, c.heads, q_positions, k_positions)
 
-        def attend(i, q, k, v):
-            kv = tf.stack([k, v], axis=1)  # (B, 2, S, d)
-            layer_cache = write_cache(layer_caches[i], kv, q_positions)  # (B, 2, max_len, d)
-            new_cache.append(layer_cache)
-            keys, values = tf.unstack(layer_cache, axis=1)  # (B, max_len, d) each
-            return layers.attention(q, keys, values, c.heads, q_positions, k_positions)
-
-        def layer(name):  # decoding is inference: no dropout
-            skip = name.endswith("_dropout") or (name.endswith("_mlp_act") and c.activation == "gelu")
-            return _identity if skip else get(name)
-
-        for i in range(c.layers):
-            x = block(x, i, layer, attend)
+            x = block(x, attend)
         logits = get("logits")([get("final_ln")(x), table])
         return logits, tf.stack(new_cache, axis=1)
