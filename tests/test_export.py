@@ -349,14 +349,10 @@ def test_saved_model_cli_shows_and_runs_it(transformer):
 @pytest.fixture(scope="module")
 def served(transformer):
     workdir, path, loaded = transformer
-    model = server.ServedModel("lm", path.parent)
-    model.load_latest()
-    core = server.ModelServer({"lm": model})
-    grpc_server, grpc_port = server.start_grpc(core, 0)
-    rest_server, rest_port = server.start_rest(core, 0)
-    yield {"grpc": f"localhost:{grpc_port}", "rest": f"localhost:{rest_port}", "loaded": loaded}
-    rest_server.shutdown()
-    grpc_server.stop(grace=None)
+    running = server.Server.build_and_start(server.Options(model_base_path=str(path.parent), port=0, rest_api_port=0,
+                                                           file_system_poll_wait_seconds=0))
+    yield {"grpc": f"localhost:{running.grpc_port}", "rest": f"localhost:{running.rest_port}", "loaded": loaded}
+    running.stop(grace=0)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "rest"])

@@ -34,12 +34,10 @@ def versions(tmp_path_factory, english_text):
 @pytest.fixture(scope="module")
 def running(versions):
     """A server on `versions` (newest version), for tests that do not change what it serves."""
-    core = server.ModelServer({"lm": server.ServedModel("lm", versions)})
-    core.refresh()
-    grpc_server, rest_server, grpc_target, rest_target = start(core)
-    yield {"grpc": grpc_target, "rest": rest_target}
-    rest_server.shutdown()
-    grpc_server.stop(None)
+    running = server.Server.build_and_start(server.Options(model_base_path=str(versions), port=0, rest_api_port=0,
+                                                           file_system_poll_wait_seconds=0))
+    yield {"grpc": f"localhost:{running.grpc_port}", "rest": f"localhost:{running.rest_port}"}
+    running.stop(grace=0)
 
 
 def start(core):

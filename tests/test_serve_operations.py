@@ -24,25 +24,29 @@ from tests.conftest import ROOT
 from tests.serving_wire import predict_request, raw_http, stub
 
 
+def local_options(base, **options) -> server.Options:
+    """A server of one model, "lm", on free ports of 127.0.0.1, loading its versions once."""
+    return server.Options(model_base_path=str(base), port=0, rest_api_port=0, bind_address="127.0.0.1",
+                          file_system_poll_wait_seconds=0, **options)
+
+
 def test_reload_cannot_load_from_outside_the_model_roots(served_bases, tmp_path):
     from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
     from tensorflow_serving.config import model_server_config_pb2
 
     outside = tmp_path / "elsewhere"
     shutil.copytree(served_bases / "transformer", outside)
-    core = server.ModelServer({"lm": server.ServedModel("lm", served_bases / "transformer")})
-    core.refresh()
-    grpc_server, port = server.start_grpc(core, 0, host="127.0.0.1")
+    running = server.Server.build_and_start(local_options(served_bases / "transformer"))
     try:
-        models = model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        models = model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}"))
         config = model_server_config_pb2.ModelServerConfig()
         config.model_config_list.config.add(name="other", base_path=str(outside))
         with pytest.raises(grpc.RpcError) as e:
             models.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=config), timeout=30)
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "--model_config_roots" in e.value.details()
-        assert list(core.models) == ["lm"]
+        assert list(running.core.models) == ["lm"]
     finally:
-        grpc_server.stop(None)
+        running.stop(grace=0)
 
 
 def test_tls_clients_connect_and_plain_ones_cannot(served_bases, tmp_path):
@@ -66,9 +70,8 @@ def test_tls_clients_connect_and_plain_ones_cannot(served_bases, tmp_path):
     cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
     ssl_file = tmp_path / "ssl.config"
     ssl_file.write_text(f"server_key: {json.dumps(key_pem)}\nserver_cert: {json.dumps(cert_pem)}\n")
-    core = server.ModelServer({"lm": server.ServedModel("lm", served_bases / "transformer")})
-    core.refresh()
-    grpc_server, port = server.start_grpc(core, 0, host="127.0.0.1", ssl=server.read_ssl_config(ssl_file))
+    running = server.Server.build_and_start(local_options(served_bases / "transformer", ssl_config_file=str(ssl_file)))
+    port = running.grpc_port
     try:
         request = predict_request("lm", "score", text=["To be"])
         secure = grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(cert_pem.encode()))
@@ -78,7 +81,7 @@ def test_tls_clients_connect_and_plain_ones_cannot(served_bases, tmp_path):
             stub(f"localhost:{port}").Predict(request, timeout=5)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
-        grpc_server.stop(None)
+        running.stop(grace=0)
     (tmp_path / "half.config").write_text('server_key: "k"')
     with pytest.raises(c.ServingError, match="needs server_key and server_cert"):
         server.read_ssl_config(tmp_path / "half.config")

@@ -8,6 +8,7 @@ from absl import flags
 
 from app import finetune, optimize, pipeline_file, prepare, settings, train
 from app import export as export_cmd
+from app import serve as serve_cmd
 from app import tflite as tflite_cmd
 from app.main import main
 from pipelines import finetune as finetune_lib
@@ -16,6 +17,7 @@ from pipelines import prepare as prepare_lib
 from pipelines import tokenizers
 from pipelines import train as train_lib
 from pipelines.errors import ConfigError
+from serving import server
 from serving.exporters import savedmodel, tflite
 
 # command -> the config dataclasses its flags come from, with the fields it fills in itself.
@@ -26,6 +28,7 @@ COMMANDS = {
     prepare: [(prepare_lib.PrepareConfig, ("tokenizer",)), (tokenizers.TokenizerConfig, ())],
     export_cmd: [(savedmodel.ExportConfig, ())],
     tflite_cmd: [(tflite.TFLiteConfig, ())],
+    serve_cmd: [(server.Options, ())],
 }
 
 
@@ -55,6 +58,8 @@ def test_every_field_is_a_flag_with_its_default_type_and_help(module):
                 assert flag.flag_type() == "int", name
     # Nothing else but the command's own (workdir, progress, ...).
     own = {"workdir", "progress", "overwrite", "epochs", "model", "preset", "runner", "beam_options"}
+    if module is serve_cmd:  # TensorFlow Serving's flags that change nothing here, accepted with a warning
+        own |= {"version", *serve_cmd.NO_EFFECT}
     names = {prepare.TOKENIZER.get(f.name, f.name) for cls, exclude in COMMANDS[module]
              for f in dataclasses.fields(cls) if f.name not in exclude}
     extra = set(fv) - names - own

@@ -10,6 +10,7 @@ ops the exported tokenizers use), gRPC, waitress and the runtime modules of
 
 The parts, each about the size of its counterpart in TensorFlow Serving:
 
+    server.py      Options (every flag a field), Server.build_and_start, wait_for_termination, stop
     versions.py    model versions on disk, the version policy, loading with warm-up and retries
     config.py      the config files (ModelServerConfig, BatchingParameters, MonitoringConfig, SSLConfig)
     core.py        the protocol-free server: request checks and limits, batching, metrics
@@ -25,8 +26,9 @@ from serving.server.core import Limits, ModelServer
 from serving.server.deadlines import Call
 from serving.server.grpc_api import start_grpc
 from serving.server.rest_api import start_rest
+from serving.server.server import Options, Server
 from serving.server.versions import LoadedVersion, ServedModel, VersionPolicy, log
 
-__all__ = ["Call", "DEFAULT_METRICS_PATH", "Limits", "LoadedVersion", "ModelServer", "SSLConfig", "ServedModel",
-           "VersionPolicy", "log", "models_from_config", "models_from_config_file", "read_batching_parameters",
-           "read_monitoring_config", "read_ssl_config", "start_grpc", "start_rest"]
+__all__ = ["Call", "DEFAULT_METRICS_PATH", "Limits", "LoadedVersion", "ModelServer", "Options", "SSLConfig",
+           "ServedModel", "Server", "VersionPolicy", "log", "models_from_config", "models_from_config_file",
+           "read_batching_parameters", "read_monitoring_config", "read_ssl_config", "start_grpc", "start_rest"]
