@@ -25,7 +25,7 @@ SAMPLER = {"name": "sampler"}  # SamplerConfig.name is --sampler
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    from models.generation import SamplerConfig
+    from models.samplers import SamplerConfig
     from serving.exporters import tflite
 
     flags.DEFINE_string("workdir", None, "a workdir with a trained model", flag_values=fv)
@@ -45,7 +45,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def run(fv: flags.FlagValues) -> int:
-    from models.generation import SamplerConfig
+    from models.samplers import SamplerConfig
     from pipelines.errors import UserError
     from pipelines.generate import TextGenerator
 

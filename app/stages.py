@@ -223,7 +223,7 @@ class Pipeline:
         return {"model_name": name, "version": int(version.name), "prompt": prompt, **answers}
 
     def _tflite(self, family, wd, settings):
-        from models.generation import SamplerConfig
+        from models.samplers import SamplerConfig
         from serving.exporters import backends, tflite
 
         config, check = stage_configs("tflite", settings)

@@ -7,7 +7,7 @@ signature (the XLA-compiled twins too) `--reps` times per batch size (1 and 8)
 after a warm-up call (which compiles the request's shape bucket):
 p50/p99 per request, and new tokens/s for the two generation signatures. The
 reference, timed in the same process and interleaved, is lmstack's in-process
-greedy generation (`models.generation.generate`, the decoding loop XLA-compiled)
+greedy generation (`models.decoding.generate`, the decoding loop XLA-compiled)
 on the same prompts. This table is also what the server's overhead is
 measured against.
 
@@ -51,7 +51,7 @@ def main() -> None:
     import tensorflow as tf
 
     from bench.common import untrained_export
-    from models import generation
+    from models import samplers
     from pipelines.generate import TextGenerator
     from serving import contract as c
 
@@ -77,13 +77,13 @@ def main() -> None:
                 c.NEXT_TOKEN_LOGITS: dict(token_ids=tf.fill([batch, 64], 5), num_tokens=tf.fill([batch], 64)),
             }
             ids = [reference.prompt_ids(p) for p in prompts]
-            sampler = generation.SamplerConfig()
+            sampler = samplers.SamplerConfig()
             timings: dict[str, list[float]] = {name: [] for name in [*calls, "reference"]}
             new_tokens: dict[str, int] = {}
             # Warm-up (tracing, XLA compilation), then interleaved repetitions.
             for name, inputs in calls.items():
                 loaded.signatures[name](**inputs)
-            generation.generate(reference.decoder, ids, n_new, sampler)
+            reference.generator.generate(ids, n_new, sampler)
             for _ in range(args.reps):
                 for name, inputs in calls.items():
                     start = time.perf_counter()
@@ -92,7 +92,7 @@ def main() -> None:
                     if c.TOKEN_IDS in out:
                         new_tokens[name] = int(tf.math.count_nonzero(out[c.TOKEN_IDS]))
                 start = time.perf_counter()
-                out = generation.generate(reference.decoder, ids, n_new, sampler)  # no stop token: all n_new
+                out = reference.generator.generate(ids, n_new, sampler)  # no stop token: all n_new
                 timings["reference"].append(time.perf_counter() - start)
                 new_tokens["reference"] = sum(len(r) for r in out)
             ref_rate = new_tokens["reference"] / np.median(timings["reference"])

@@ -5,7 +5,7 @@ not depend on them), prompt 16 tokens + 112 new tokens, greedy, batch 1
 and 8, all in one process and interleaved over rounds:
 
 - `cached`: lmstack's decoder with the KV cache / LSTM state
-  (`models.generation.generate`, one tf.while_loop);
+  (`models.decoding.generate`, one tf.while_loop);
 - `recompute`: a greedy loop in which every step runs the full model over
   the whole (padded) sequence — what generation costs without a cache;
 - `keras-hub`: `GPT2CausalLM.generate` (Keras 3) on a GPT-2 of the same
@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 import models
-from models import generation
+from models import decoding
 
 VOCAB = 88  # the char vocabulary of the bundled corpus
 PROMPT, NEW = 16, 112
@@ -49,9 +49,9 @@ def prompts(batch: int) -> np.ndarray:
 
 def cached_runner(family: str, batch: int):
     config = models.make_config(family, "small", vocab_size=VOCAB, dropout=0.0)
-    decoder = models.decoder(models.build(config), config)
+    generator = decoding.Generator(models.decoder(models.build(config), config))
     rows = prompts(batch).tolist()
-    return lambda: generation.generate(decoder, rows, NEW)
+    return lambda: generator.generate(rows, NEW)
 
 
 def recompute_runner(family: str, batch: int):

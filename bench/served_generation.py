@@ -14,7 +14,7 @@ the prompt "ROMEO.\\nWhat light through yonder window breaks?" (47 tokens):
   (`:stream`, server-sent events; chunks through `generate_chunk_xla`), read
   to the end; its time to the first token is reported too;
 - `lmstack in-process`: lmstack's own loop on the same weights in this process
-  (`models.generation.generate`, XLA-compiled);
+  (`models.decoding.generate`, XLA-compiled);
 - `keras-hub compiled` (transformer): keras-hub's `GPT2CausalLM.generate` on a
   GPT-2 of the same shape, `jit_compile=True` (keras-hub's own default leaves
   it uncompiled on this backend), in this process.
@@ -96,11 +96,11 @@ def first_token_seconds(client) -> float:
 
 
 def in_process_runner(generator, batch: int, new: int):
-    from models import generation
+    from models import samplers
 
     ids = [generator.prompt_ids(PROMPT)] * batch
-    sampler = generation.SamplerConfig()
-    return lambda: sum(map(len, generation.generate(generator.decoder, ids, new, sampler)))  # no stop token
+    sampler = samplers.SamplerConfig()
+    return lambda: sum(map(len, generator.generator.generate(ids, new, sampler)))  # no stop token
 
 
 def keras_hub_runner(vocab: int, prompt_ids: list[int], batch: int, new: int, built: dict):

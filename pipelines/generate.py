@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import tensorflow as tf
 
 import models
-from models import generation
+from models import decoding, samplers
 from pipelines import checkpoints, tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError
@@ -45,20 +45,21 @@ class TextGenerator:
         self.tokenizer = tokenizers.load(wd.tokenizer_dir)
         self.model, self.config, self.step = checkpoints.load_model(checkpoints.model_dir(workdir, variant))
         self.decoder = models.decoder(self.model, self.config)
+        self.generator = decoding.Generator(self.decoder)  # its compiled functions serve every call
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return encode(self.tokenizer, prompt) if prompt else [self.tokenizer.eos_id]
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int,
-                 sampler: generation.SamplerConfig = generation.SamplerConfig()) -> list[str]:
+                 sampler: samplers.SamplerConfig = samplers.SamplerConfig()) -> list[str]:
         """Continuations of a batch of prompts."""
         _check(max_new_tokens, self.decoder.max_length)
-        ids = generation.generate(self.decoder, [self.prompt_ids(p) for p in prompts], max_new_tokens,
-                                  sampler, stop_token_ids=[self.tokenizer.eos_id])
+        ids = self.generator.generate([self.prompt_ids(p) for p in prompts], max_new_tokens, sampler,
+                                      stop_token_ids=[self.tokenizer.eos_id])
         return [decode(self.tokenizer, row) for row in ids]
 
     def stream(self, prompt: str, max_new_tokens: int,
-               sampler: generation.SamplerConfig = generation.SamplerConfig()) -> Iterator[str]:
+               sampler: samplers.SamplerConfig = samplers.SamplerConfig()) -> Iterator[str]:
         """Yields pieces of the continuation as tokens are chosen.
 
         Text is decoded from all tokens so far and only the new part is
@@ -67,8 +68,8 @@ class TextGenerator:
         """
         _check(max_new_tokens, self.decoder.max_length)
         shown, tokens = "", []
-        for token in generation.stream(self.decoder, self.prompt_ids(prompt), max_new_tokens,
-                                       sampler, stop_token_ids=[self.tokenizer.eos_id]):
+        for token in self.generator.stream(self.prompt_ids(prompt), max_new_tokens, sampler,
+                                           stop_token_ids=[self.tokenizer.eos_id]):
             tokens.append(token)
             text = decode(self.tokenizer, tokens)
             if text.endswith("\ufffd"):

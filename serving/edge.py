@@ -162,7 +162,7 @@ class EdgeModel:
     def generate(self, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = (),
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[int]:
         """Continues `prompt`: greedy when `temperature` is 0, else sampled (top-k, then top-p) as
-        `models.generation.sample_next` samples, with the same noise: the same tokens as the
+        `models.samplers.sample_next` samples, with the same noise: the same tokens as the
         SavedModel and in-process generation for the same seed.
 
         A transformer prompt longer than the cache allows keeps its last tokens.
@@ -282,7 +282,7 @@ _MASK = 0xFFFFFFFF
 
 
 def _mix32(x: np.ndarray) -> np.ndarray:
-    """`models.generation._mix32` in numpy (uint64 holding 32-bit values)."""
+    """`models.samplers._mix32` in numpy (uint64 holding 32-bit values)."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK
     x = x ^ (x >> 15)
@@ -291,7 +291,7 @@ def _mix32(x: np.ndarray) -> np.ndarray:
 
 
 def uniform_noise(seed: int, position: int, vocab: int) -> np.ndarray:
-    """`models.generation.uniform_noise` for one row: the same float32 bits."""
+    """`models.samplers.uniform_noise` for one row: the same float32 bits."""
     row = _mix32(np.uint64(seed & _MASK) ^ _mix32(np.uint64((position + 0x9E3779B9) & _MASK)))
     ids = (np.arange(vocab, dtype=np.uint64) * np.uint64(0x85EBCA6B)) & np.uint64(_MASK)
     bits = _mix32(row ^ ids)
@@ -300,7 +300,7 @@ def uniform_noise(seed: int, position: int, vocab: int) -> np.ndarray:
 
 def choose(logits: np.ndarray, position: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
            seed: int = 0) -> int:
-    """The next token, as `models.generation.sample_next` picks it for one row (see there)."""
+    """The next token, as `models.samplers.sample_next` picks it for one row (see there)."""
     logits = logits.astype(np.float32)
     if temperature <= 0:
         return int(np.argmax(logits))

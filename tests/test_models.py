@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 import models
-from models import generation, gpt, layers
+from models import decoding, gpt, layers, samplers
 from models.backend import keras
 from models.layers import custom_objects
 
@@ -165,12 +165,12 @@ def test_save_and_load(built, tmp_path):
 @pytest.mark.slow
 def test_batched_prompts_of_different_lengths_match_one_by_one(built):
     config, model = built
-    decoder = models.decoder(model, config)
+    generator = decoding.Generator(models.decoder(model, config))
     prompts = [[3, 4, 5], [6, 7, 8, 9, 10, 11], [12]]
-    for sampler in (generation.SamplerConfig(), generation.SamplerConfig("top_p", temperature=2.0, seed=3)):
-        batch = generation.generate(decoder, prompts, 6, sampler)
-        alone = [generation.generate(decoder, [p], 6, sampler)[0] for p in prompts]
-        streamed = [list(generation.stream(decoder, p, 6, sampler)) for p in prompts]
+    for sampler in (samplers.SamplerConfig(), samplers.SamplerConfig("top_p", temperature=2.0, seed=3)):
+        batch = generator.generate(prompts, 6, sampler)
+        alone = [generator.generate([p], 6, sampler)[0] for p in prompts]
+        streamed = [list(generator.stream(p, 6, sampler)) for p in prompts]
         assert batch == alone == streamed
         assert all(len(row) == 6 for row in batch)
 
@@ -178,12 +178,11 @@ def test_batched_prompts_of_different_lengths_match_one_by_one(built):
 @pytest.mark.slow
 def test_samplers_are_seeded(built):
     config, model = built
-    decoder = models.decoder(model, config)
+    generator = decoding.Generator(models.decoder(model, config))
     prompts = [[3, 4], [5, 6, 7]]
 
     def run(name, seed):
-        return generation.generate(decoder, prompts, 8, generation.SamplerConfig(name, temperature=2.0, top_k=8,
-                                                                                  seed=seed))
+        return generator.generate(prompts, 8, samplers.SamplerConfig(name, temperature=2.0, top_k=8, seed=seed))
 
     for name in ("top_k", "top_p", "random"):
         assert run(name, 5) == run(name, 5)
@@ -202,8 +201,8 @@ def test_one_sampling_rule_in_tensorflow_under_xla_and_on_the_device():
     for position in (0, 7, 1000):
         seed = rng.integers(0, 2**31 - 1, size=6).astype(np.int32)
         args = [tf.constant(v) for v in (logits, position, temperature, top_k, top_p, seed)]
-        plain = generation.sample_next(*args).numpy()
-        compiled = tf.function(generation.sample_next, jit_compile=True)(*args).numpy()
+        plain = samplers.sample_next(*args).numpy()
+        compiled = tf.function(samplers.sample_next, jit_compile=True)(*args).numpy()
         device = [edge.choose(logits[i], position, temperature[i], top_k[i], top_p[i], int(seed[i]))
                   for i in range(6)]
         np.testing.assert_array_equal(compiled, plain)
@@ -218,10 +217,10 @@ def test_one_sampling_rule_in_tensorflow_under_xla_and_on_the_device():
 
 def test_stop_tokens_end_a_row(built):
     config, model = built
-    decoder = models.decoder(model, config)
-    greedy = generation.generate(decoder, [[3, 4, 5]], 6)[0]
+    generator = decoding.Generator(models.decoder(model, config))
+    greedy = generator.generate([[3, 4, 5]], 6)[0]
     stop = greedy[2]
-    cut = generation.generate(decoder, [[3, 4, 5]], 6, stop_token_ids=[stop])[0]
+    cut = generator.generate([[3, 4, 5]], 6, stop_token_ids=[stop])[0]
     assert cut == greedy[:greedy.index(stop)]
 
 

@@ -83,7 +83,7 @@ def test_logits_equal_keras_hubs_gpt2(sources, imported, name):
 
 
 def test_tokenizer_and_greedy_continuation_match_keras_hub(sources, imported):
-    from models.generation import SamplerConfig
+    from models.samplers import SamplerConfig
     from pipelines.generate import TextGenerator
 
     _, reference = sources

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models.generation import SamplerConfig
+from models.samplers import SamplerConfig
 from pipelines import evaluate, optimize
 from pipelines.errors import UserError
 from pipelines.generate import TextGenerator, encode

@@ -12,7 +12,7 @@ import os
 
 import tensorflow as tf
 
-from models.generation import SamplerConfig
+from models.samplers import SamplerConfig
 from pipelines import fs
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError

@@ -9,7 +9,7 @@
 Everything a request needs runs inside the graph: tokenizing (keras-nlp
 tokenizers, built from TensorFlow and tensorflow-text ops, which TensorFlow
 Serving links), the decoding loop with the KV cache or LSTM state
-(`models.generation.generate_graph`), detokenizing. The graph is not
+(`models.decoding.generate_graph`), detokenizing. The graph is not
 XLA-compiled: `tensorflow_model_server` refuses XLA functions unless started
 with `--xla_cpu_compilation_enabled`.
 
@@ -28,7 +28,7 @@ from typing import Any
 import tensorflow as tf
 
 import models
-from models import generation
+from models import decoding, samplers
 from pipelines import checkpoints, fs, tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError
@@ -61,8 +61,8 @@ class ExportConfig:
     export_base: str = ""
     version: int = 0
     model_name: str = c.DEFAULT_MODEL_NAME
-    batch_buckets: tuple[int, ...] = generation.Buckets.batch
-    length_buckets: tuple[int, ...] = generation.Buckets.length
+    batch_buckets: tuple[int, ...] = decoding.Buckets.batch
+    length_buckets: tuple[int, ...] = decoding.Buckets.length
     xla_warmup: bool = False
 
     def __post_init__(self):
@@ -93,7 +93,7 @@ class LanguageModelModule(tf.Module):
     """
 
     def __init__(self, model, config: models.ModelConfig, tokenizer, asset_files: list[str],
-                 buckets: generation.Buckets = generation.Buckets()):
+                 buckets: decoding.Buckets = decoding.Buckets()):
         super().__init__(name="lmstack")
         self.model = model
         self.tokenizer = tokenizer
@@ -103,39 +103,39 @@ class LanguageModelModule(tf.Module):
         self._context = getattr(config, "seq_len", None) if models.family_of(config) == "transformer" else None
         self.buckets = buckets.fit(self._context)
 
-    def _complete(self, prompt, max_new_tokens, sampling: generation.Sampling, compiled: bool):
+    def _complete(self, prompt, max_new_tokens, sampling: samplers.Sampling, compiled: bool):
         prompts = self._tokenize(prompt)  # ragged (B, None)
-        ids = generation.generate_graph(self._decoder, prompts, max_new_tokens, sampling,
+        ids = decoding.generate_graph(self._decoder, prompts, max_new_tokens, sampling,
                                         stop_token_id=self._eos, empty_prompt_id=self._eos,
                                         loop=self._loop(compiled))
         return {c.COMPLETION: self._detokenize(ids), c.TOKEN_IDS: ids.to_tensor(default_value=0)}
 
     @tf.function(input_signature=_spec(c.SERVING_DEFAULT))
     def serving_default(self, prompt, max_new_tokens):
-        return self._complete(prompt, max_new_tokens, generation.Sampling.greedy(tf.shape(prompt)[0]), False)
+        return self._complete(prompt, max_new_tokens, samplers.Sampling.greedy(tf.shape(prompt)[0]), False)
 
     @tf.function(input_signature=_spec(c.GENERATE))
     def generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
-        return self._complete(prompt, max_new_tokens, generation.Sampling(temperature, top_k, top_p, seed), False)
+        return self._complete(prompt, max_new_tokens, samplers.Sampling(temperature, top_k, top_p, seed), False)
 
     @tf.function(input_signature=_spec(c.SERVING_DEFAULT_XLA))
     def serving_default_xla(self, prompt, max_new_tokens):
-        return self._complete(prompt, max_new_tokens, generation.Sampling.greedy(tf.shape(prompt)[0]), True)
+        return self._complete(prompt, max_new_tokens, samplers.Sampling.greedy(tf.shape(prompt)[0]), True)
 
     @tf.function(input_signature=_spec(c.GENERATE_XLA))
     def generate_xla(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
-        return self._complete(prompt, max_new_tokens, generation.Sampling(temperature, top_k, top_p, seed), True)
+        return self._complete(prompt, max_new_tokens, samplers.Sampling(temperature, top_k, top_p, seed), True)
 
     @tf.function(input_signature=_spec(c.GENERATE_CHUNK))
     def generate_chunk(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, generated, num_generated,
                        chunk_tokens):
-        return self._chunk(prompt, max_new_tokens, generation.Sampling(temperature, top_k, top_p, seed), generated,
+        return self._chunk(prompt, max_new_tokens, samplers.Sampling(temperature, top_k, top_p, seed), generated,
                            num_generated, chunk_tokens, False)
 
     @tf.function(input_signature=_spec(c.GENERATE_CHUNK_XLA))
     def generate_chunk_xla(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, generated, num_generated,
                            chunk_tokens):
-        return self._chunk(prompt, max_new_tokens, generation.Sampling(temperature, top_k, top_p, seed), generated,
+        return self._chunk(prompt, max_new_tokens, samplers.Sampling(temperature, top_k, top_p, seed), generated,
                            num_generated, chunk_tokens, True)
 
     def _chunk(self, prompt, max_new_tokens, sampling, generated, num_generated, chunk_tokens, compiled: bool):
@@ -153,7 +153,7 @@ class LanguageModelModule(tf.Module):
         prompts = tf.concat([start, prompts], axis=1)
         total = tf.maximum(max_new_tokens, 0)
         if self._context is not None:  # keep the prompt's end, as generate_graph does for `total`
-            with tf.control_dependencies([generation.check_fits_context(total, self._context)]):
+            with tf.control_dependencies([decoding.check_fits_context(total, self._context)]):
                 total = tf.identity(total)
             lengths = tf.cast(prompts.row_lengths(), tf.int32)
             keep = tf.minimum(lengths, self._context - total)
@@ -162,7 +162,7 @@ class LanguageModelModule(tf.Module):
         made = tf.clip_by_value(num_generated, 0, tf.shape(generated)[1])
         so_far = tf.RaggedTensor.from_tensor(generated, lengths=made).with_row_splits_dtype(splits)
         new = tf.clip_by_value(tf.minimum(chunk_tokens, total - made), 0, total)
-        ids = generation.generate_graph(self._decoder, tf.concat([prompts, so_far], axis=1), new, sampling,
+        ids = decoding.generate_graph(self._decoder, tf.concat([prompts, so_far], axis=1), new, sampling,
                                         stop_token_id=self._eos, empty_prompt_id=self._eos,
                                         loop=self._loop(compiled))
         count = tf.cast(ids.row_lengths(), tf.int32)
@@ -182,14 +182,14 @@ class LanguageModelModule(tf.Module):
 
     @tf.function
     def _decode(self, tokens, keep, new, sampling):
-        return generation.decode(self._decoder, tokens, keep, new, sampling, stop_token_id=self._eos)
+        return decoding.decode(self._decoder, tokens, keep, new, sampling, stop_token_id=self._eos)
 
     @tf.function(jit_compile=True)
     def _decode_xla(self, tokens, keep, new, sampling):
-        return generation.decode(self._decoder, tokens, keep, new, sampling, stop_token_id=self._eos)
+        return decoding.decode(self._decoder, tokens, keep, new, sampling, stop_token_id=self._eos)
 
     def _loop(self, compiled: bool):
-        return generation.bucketed(self._decode_xla, self.buckets, self._decode) if compiled else self._decode
+        return decoding.bucketed(self._decode_xla, self.buckets, self._decode) if compiled else self._decode
 
     @tf.function(input_signature=_spec(c.SCORE))
     def score(self, text):
@@ -262,7 +262,7 @@ def warmup_requests(model_name: str) -> list[bytes]:
 
 
 
-def xla_warmup_requests(model_name: str, buckets: generation.Buckets, tokenizer) -> list[bytes]:
+def xla_warmup_requests(model_name: str, buckets: decoding.Buckets, tokenizer) -> list[bytes]:
     """Records that compile every bucket of the _xla signatures: one request of each (batch, length)."""
     requests = []
     for batch, length in buckets.shapes():
@@ -323,7 +323,7 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
     else:
         model, model_config, step = checkpoints.load_model(source)  # UserError without a checkpoint
         module = LanguageModelModule(model, model_config, tokenizer, files,
-                                     generation.Buckets(config.batch_buckets, config.length_buckets))
+                                     decoding.Buckets(config.batch_buckets, config.length_buckets))
         info = {"kind": "language_model", "checkpoint_step": step, "model": models.config_to_json(model_config),
                 "xla_buckets": {"batch": list(module.buckets.batch), "length": list(module.buckets.length)}}
         signatures, warmup, methods = c.SIGNATURES, warmup_requests(config.model_name), {}
