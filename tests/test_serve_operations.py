@@ -21,7 +21,7 @@ from serving import client as client_lib
 from serving import contract as c
 from serving import server
 from tests.conftest import ROOT
-from tests.serving_wire import predict_request, raw_http, stub
+from tests.serving_wire import post, predict_request, raw_http, stub
 
 
 def local_options(base, **options) -> server.Options:
@@ -45,6 +45,27 @@ def test_reload_cannot_load_from_outside_the_model_roots(served_bases, tmp_path)
             models.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=config), timeout=30)
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "--model_config_roots" in e.value.details()
         assert list(running.core.models) == ["lm"]
+    finally:
+        running.stop(grace=0)
+
+
+def test_a_bug_answers_internal_in_one_log_line_and_the_server_serves_on(served_bases, monkeypatch, caplog):
+    running = server.Server.build_and_start(local_options(served_bases / "transformer"))
+    try:
+        score = running.core.predict
+        monkeypatch.setattr(running.core, "predict", lambda *a, **k: 1 / 0)
+        code, body = post(("127.0.0.1", running.rest_port), "/v1/models/lm:predict",
+                          {"signature_name": "score", "inputs": {"text": ["To be"]}})
+        assert code == 500 and body == {"error": "internal error: ZeroDivisionError"}
+        with pytest.raises(grpc.RpcError) as e:
+            stub(f"127.0.0.1:{running.grpc_port}").Predict(predict_request("lm", "score", text=["To be"]), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INTERNAL and e.value.details() == "internal error: ZeroDivisionError"
+        failures = [r.getMessage() for r in caplog.records if "failed: ZeroDivisionError" in r.getMessage()]
+        assert len(failures) == 2 and all("\n" not in f for f in failures), failures
+        monkeypatch.setattr(running.core, "predict", score)
+        code, body = post(("127.0.0.1", running.rest_port), "/v1/models/lm:predict",
+                          {"signature_name": "score", "inputs": {"text": ["To be"]}})
+        assert code == 200, body
     finally:
         running.stop(grace=0)
 

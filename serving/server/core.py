@@ -432,3 +432,10 @@ def op_error_message(message: str) -> str:
         if line and not line.startswith(("Graph execution error", "Detected at node", "<stack traces", "[[", "File ")):
             return line.split(" [[", 1)[0]
     return message.strip()
+
+
+def internal_error(what: str, error: Exception) -> str:
+    """Logs a failure that is a bug on one line (no traceback) and returns what the client is told:
+    INTERNAL (gRPC) or 500 (REST), naming only the exception's type."""
+    log.error("%s failed: %s: %s", what, type(error).__name__, str(error).splitlines()[:1])
+    return f"internal error: {type(error).__name__}"

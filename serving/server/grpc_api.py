@@ -27,7 +27,7 @@ from serving import contract as c
 from serving import tensors
 from serving.contract import SERVING_DEFAULT, ServingError
 from serving.server.config import SSLConfig, models_from_config
-from serving.server.core import ModelServer
+from serving.server.core import ModelServer, internal_error
 from serving.server.deadlines import Call
 from serving.server.versions import examples_of, log
 
@@ -45,8 +45,7 @@ def _guarded(method):
         except Exception as e:
             if context.code() is not None:  # context.abort() raises after setting the status: let it through
                 raise
-            log.error("%s failed: %s: %s", method.__name__, type(e).__name__, str(e).splitlines()[:1])
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
+            context.abort(grpc.StatusCode.INTERNAL, internal_error(method.__name__, e))
     return run
 
 
@@ -215,8 +214,7 @@ def stream_handler(core: ModelServer):
             except Exception as e:  # one log line, not a traceback
                 if context.code() is not None:  # context.abort() raised after setting the status
                     raise
-                log.error("StreamGenerate failed: %s: %s", type(e).__name__, str(e).splitlines()[:1])
-                context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
+                context.abort(grpc.StatusCode.INTERNAL, internal_error("StreamGenerate", e))
 
     handler = grpc.unary_stream_rpc_method_handler(generate, request_deserializer=predict_pb2.PredictRequest.FromString,
                                                    response_serializer=predict_pb2.PredictResponse.SerializeToString)

@@ -27,9 +27,8 @@ import threading
 
 from serving.contract import HTTP_STATUS, ServingError
 from serving.server import json_codec
-from serving.server.core import ModelServer
+from serving.server.core import ModelServer, internal_error
 from serving.server.deadlines import Call
-from serving.server.versions import log
 
 _PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[0-9]{1,18})|/labels/(?P<label>[^/:]+))?"
                    r"(?P<rest>/metadata|:predict|:classify|:regress|:stream)?$")
@@ -57,8 +56,8 @@ class RestApi:
             except ServingError as e:
                 status, body, content_type = HTTP_STATUS.get(e.code, 500), {"error": e.message}, "application/json"
             except Exception as e:  # a bug must not drop the connection or print a traceback
-                log.error("%s %s failed: %s: %s", method, path[:200], type(e).__name__, str(e).splitlines()[:1])
-                status, body, content_type = 500, {"error": f"internal error: {type(e).__name__}"}, "application/json"
+                body = {"error": internal_error(f"{method} {path[:200]}", e)}
+                status, content_type = 500, "application/json"
         return _respond(start_response, status, body, content_type)
 
     def _answer(self, method: str, path: str, environ):
@@ -131,8 +130,7 @@ class RestApi:
         except ServingError as e:
             return _respond(start_response, HTTP_STATUS.get(e.code, 500), {"error": e.message})
         except Exception as e:  # as in __call__: one log line, a 500, no traceback
-            log.error("POST %s failed: %s: %s", path[:200], type(e).__name__, str(e).splitlines()[:1])
-            return _respond(start_response, 500, {"error": f"internal error: {type(e).__name__}"})
+            return _respond(start_response, 500, {"error": internal_error(f"POST {path[:200]}", e)})
         start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
         return self._events(chunks, call)
 
@@ -145,8 +143,7 @@ class RestApi:
             except ServingError as e:
                 yield f"event: error\ndata: {json.dumps({'error': e.message})}\n\n".encode("utf-8")
             except Exception as e:  # one log line and an error event, not a traceback
-                log.error("stream failed: %s: %s", type(e).__name__, str(e).splitlines()[:1])
-                yield f"event: error\ndata: {json.dumps({'error': f'internal error: {type(e).__name__}'})}\n\n".encode()
+                yield f"event: error\ndata: {json.dumps({'error': internal_error('stream', e)})}\n\n".encode()
             finally:
                 call.gone.set()  # a client that left (waitress closes this generator) stops the chunk in flight
 
