@@ -1,9 +1,11 @@
 """Export the workdir's newest model as a SavedModel that TensorFlow Serving serves.
 
 Writes EXPORT_BASE/VERSION/ (TensorFlow Serving's layout; the next free
-integer version unless --version is given) with four signatures:
-serving_default (greedy), generate (sampled, seeded), score and
-next_token_logits; text in and text out, the tokenizer inside the graph.
+integer version unless --version is given) with the signatures of
+`serving.contract`: serving_default (greedy), generate (sampled, seeded),
+score, next_token_logits and generate_chunk (streams), and XLA-compiled
+serving_default_xla, generate_xla and generate_chunk_xla; text in and text
+out, the tokenizer inside the graph.
 A version appears complete or not at all.
 
 example:

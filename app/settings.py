@@ -1,6 +1,6 @@
 """Command-line flags made from config dataclasses: a setting is written once.
 
-A library config (`pipelines.train.TrainConfig`, ...) is a frozen dataclass
+A library config (`pipelines.training.TrainConfig`, ...) is a frozen dataclass
 whose fields carry the type and the default, and whose docstring's
 `Attributes:` section carries each field's help. `define(fv, Config)` turns
 every field into an absl flag of the same name - DEFINE_enum for a `Literal`

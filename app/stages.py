@@ -3,8 +3,8 @@
     prepare ─► train ─► evaluate ─► optimize ─► export ─► serve ─► tflite ─► report
                                                  (per model family: WORKDIR/lstm, WORKDIR/transformer)
 
-This is the one module that composes `pipelines/` (building a model) with
-`serving/` (delivering it), which is why it lives with the command line.
+It composes `pipelines/` (building a model) with `serving/` (delivering it),
+which is why it lives with the command line (as do the commands that call both).
 Each stage of each model has a fingerprint: a hash of its settings, the model
 settings and the run ids of the stages it reads from (for prepare: the
 corpus files' bytes). WORKDIR/pipeline.json records the fingerprint of every

@@ -88,6 +88,8 @@ def test_every_stage_runs_once_and_a_changed_setting_reruns_only_what_depends_on
      "train.steps: expected a value of type int (got many)"),
     ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\ntflite: {quantize: int4}\nskip: [optimize]\n",
      "tflite.quantize: expected one of none|float16|dynamic|int8 (got int4)"),
+    ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\ntflite: {batch_size: 0}\nskip: [optimize]\n",
+     "tflite.batch_size: must be at least 1 (got 0)"),
     ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {cell: rnn}}\n", "models.lstm.cell: expected one of lstm|gru"),
     ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {preset: huge}}\n", "models.lstm.preset: expected one of"),
     ("workdir: run\ncorpus: [c.txt]\nmodels: {lstm: {}}\nserve: {max_new_tokens: 2.5}\nskip: [optimize]\n",

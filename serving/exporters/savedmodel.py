@@ -1,7 +1,7 @@
 """Export: a workdir's model + tokenizer -> a SavedModel that TensorFlow Serving serves, text in and text out.
 
     EXPORT_BASE/VERSION/
-      saved_model.pb, variables/       the four signatures of `serving.contract`
+      saved_model.pb, variables/       the signatures of `serving.contract` (eight)
       assets/                          the tokenizer's files (vocabulary / SentencePiece model)
       assets.extra/lmstack_config.json the run's config, the tokenizer's, the checkpoint step
       assets.extra/tf_serving_warmup_requests   one PredictionLog per signature

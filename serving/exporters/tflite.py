@@ -84,6 +84,15 @@ class TFLiteConfig:
     batch_size: int = 1
     per_channel: bool = False
 
+    def validate(self) -> None:
+        """The checks that need no model (the pipeline runs them before its first stage)."""
+        check_choice("quantize", self.quantize, QUANTIZATIONS)
+        for name in ("calibration_windows", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be at least 1")
+        if self.max_seq_len < 0:
+            raise ConfigError("max_seq_len", self.max_seq_len, "expected 0 (the model's context) or a length")
+
 
 def file_name(family: str, variant: str, quantize: str, batch_size: int = 1) -> str:
     """family[-variant]-quantization[-batchN]: `transformer-int8`, `lstm-pruned50-dynamic-batch4`."""
@@ -273,12 +282,7 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
             max_seq_len, an op without a built-in kernel.
     """
     progress = progress or Progress()
-    if config.quantize not in QUANTIZATIONS:
-        check_choice("quantize", config.quantize, QUANTIZATIONS)
-    if config.calibration_windows < 1:
-        raise ConfigError("calibration_windows", config.calibration_windows, "must be at least 1")
-    if config.batch_size < 1:
-        raise ConfigError("batch_size", config.batch_size, "must be at least 1")
+    config.validate()
     wd = workdir_lib.Workdir(workdir)
     wd.read_config()
     if checkpoints.classifier_section(wd.root) is not None:

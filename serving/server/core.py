@@ -30,10 +30,11 @@ from serving.metrics import Registry
 from serving.server.deadlines import Call, Watchdog
 from serving.server.versions import XLA_DISABLED, LoadedVersion, ServedModel, canonical, log, saved_model_proto
 
-UNKNOWN_MODEL = "(unknown)"
-# A stream's optional inputs and their defaults (greedy), and its largest chunk.
+UNKNOWN_MODEL = "(unknown)"  # the metrics label of requests for a model the server does not hold
+# A stream's optional inputs and their defaults (greedy), and its largest chunk in tokens (chunks
+# double from 1 up to it).
 _STREAM_DEFAULTS = {c.MAX_NEW_TOKENS: 50, c.TEMPERATURE: 0.0, c.TOP_K: 0, c.TOP_P: 1.0, c.SEED: 0}
-_MAX_CHUNK = 16  # the metrics label of requests for a model the server does not hold
+_MAX_CHUNK = 16
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ Every client error carries the status TensorFlow Serving would return
 (INVALID_ARGUMENT for bad tensors, unknown outputs and impossible shapes,
 NOT_FOUND for unknown models and versions). A request runs until its gRPC
 deadline; a client that cancels or disconnects stops its work
-(`core.Call`). Tensors are checked against the limits on their declared
+(`deadlines.Call`). Tensors are checked against the limits on their declared
 shape before any memory is allocated for them.
 """
 

@@ -25,7 +25,7 @@ import json
 import re
 import threading
 
-from serving.contract import HTTP_STATUS, ServingError
+from serving.contract import HTTP_STATUS, SERVING_DEFAULT, ServingError
 from serving.server import json_codec
 from serving.server.core import ModelServer, internal_error
 from serving.server.deadlines import Call
@@ -173,7 +173,7 @@ def _read_body(environ, limit: int) -> bytes:
 
 def _only_input(core: ModelServer, name: str, version: int | None, signature: str, label: str | None) -> str:
     loaded = core.model(name).get(version, label)
-    signature = signature or "serving_default"
+    signature = signature or SERVING_DEFAULT
     specs = list(loaded.input_specs(signature)) if signature in loaded.signatures else []
     if len(specs) != 1:
         raise ServingError("INVALID_ARGUMENT", f"the signature takes inputs {specs}: name them in a JSON object")
