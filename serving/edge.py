@@ -9,7 +9,7 @@ workdir): texts (or their token ids) in, class scores out.
 
 Needs nothing of lmstack but the .tflite: its TFLite Metadata describes the model and
 its packed files hold the tokenizer and the sidecar's content (`serving.tflite_metadata`;
-files from before 2026-12 read the JSON sidecar and tflite/tokenizer/ next to them).
+files of format 1 read the JSON sidecar and tflite/tokenizer/ next to them).
 `model.tokenizer` turns text into ids without TensorFlow. The transformer runs `prefill`
 once on the right-padded prompt and `decode` per new token; the LSTM runs `step` per
 token. `window_logits` scores a whole window (`prefill` or `sequence`), for evaluation.
@@ -27,6 +27,11 @@ from serving import tflite_metadata
 from serving.edge_tokenizer import EdgeTokenizer
 
 SIDECAR = "lmstack.json"  # the sidecar's content, packed in the file (serving.exporters.edge_metadata)
+# The layout of lmstack's .tflite files, recorded in the sidecar as "format" (files without it are older):
+#   1  nothing packed: NAME.json and tokenizer/ sit next to the file
+#   2  the sidecar packed as lmstack.json, with the tokenizer's config in it
+#   3  the sidecar packed as lmstack.json; the tokenizer's config is the packed tokenizer.json
+FORMAT = 3
 
 
 def _read(path: str) -> bytes:
@@ -47,9 +52,9 @@ def _open(path: str | pathlib.Path, num_threads: int | None, classifier: bool):
     files = tflite_metadata.packed_files(flat)  # the app's runtime needs these, not the metadata's text
     if SIDECAR in files:
         info = json.loads(files[SIDECAR])
-        if "tokenizer" not in info:  # packed as tokenizer.json (lmstack.json held a copy until 2026-12-02)
+        if info.get("format", 2) >= 3:
             info["tokenizer"] = json.loads(files["tokenizer.json"])
-    else:  # a file from lmstack before 2026-12: the sidecar and tokenizer/ sit next to it
+    else:  # format 1 (or a file over 2 GB, which TFLite Metadata cannot hold): read what sits next to it
         info = json.loads(_read(path[:-len(".tflite")] + ".json"))
         folder = path[:path.rfind("/") + 1] + info.get("tokenizer_dir", "tokenizer") + "/"
         files = {name: _read(folder + name) for name in _tokenizer_file_names(info["tokenizer"])}
@@ -80,11 +85,11 @@ class EdgeModel:
         self.batch_size = int(self.info.get("batch_size", 1))  # rows per call, decoded in lockstep
         names = ("prefill", "decode") if self.family == "transformer" else ("sequence", "step")
         self._window, self._step = (self.interpreter.get_signature_runner(n) for n in names)
-        if self.family == "lstm":  # its state: h and c (files before 2026-12: one `state` holding both)
+        if self.family == "lstm":  # its state: h and c per layer (older files: one `state` holding both)
             self._zero_state = {name: np.zeros(detail["shape"], np.float32)
                                 for name, detail in self._step.get_input_details().items() if name != "token"}
-        # Files from lmstack before 2026-12 scored an LSTM window with TFLite's fused sequence
-        # kernel, which keeps its state in variable tensors between calls: reset before each window.
+        # Older files scored an LSTM window with TFLite's fused sequence kernel (their op counts
+        # name it), which keeps its state in variable tensors between calls: reset before each window.
         self._stateful = bool(self.info.get("ops", {}).get("UNIDIRECTIONAL_SEQUENCE_LSTM"))
         if self._stateful:  # reset_all_variables needs every subgraph's tensors allocated
             self._step(token=np.zeros([1, 1], np.int32), **self._zero_state)

@@ -40,6 +40,7 @@ def test_signatures_shapes_and_built_in_ops(run):
     family, workdir, _, path = run
     info = json.loads(path.with_suffix(".json").read_text())
     assert path.name == f"{family}-float32.tflite" and info["quantize"] == "none"
+    assert info["format"] == edge.FORMAT  # what the device runtime keys older layouts by
     model = info["model"]
     t = info["max_seq_len"]
     assert t == model["seq_len"]

@@ -50,7 +50,7 @@ from pipelines import checkpoints, dataset, evaluate, fs, tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError, check_choice
 from pipelines.progress import Progress
-from serving import tflite_metadata
+from serving import edge, tflite_metadata
 from serving.exporters import edge_metadata
 
 Quantize = Literal["none", "float16", "dynamic", "int8"]
@@ -372,7 +372,7 @@ def _write(wd: workdir_lib.Workdir, name: str, flat: bytes, config: TFLiteConfig
     tokenizer_config = tokenizers.load_config(wd.tokenizer_dir)
     special = tokenizers.special_ids(tokenizer_config)
     info = {
-        "file": f"{name}.tflite", **info, "quantize": config.quantize,
+        "format": edge.FORMAT, "file": f"{name}.tflite", **info, "quantize": config.quantize,
         "per_channel": config.per_channel if config.quantize == "int8" else None,
         "tokenizer": tokenizer_config, "tokenizer_dir": "tokenizer", "eos_id": special["eos"],
         "pad_id": special["pad"], "signatures": _signature_shapes(flat), "ops": _op_counts(flat),
@@ -422,8 +422,6 @@ def describe(path: fs.Path) -> str:
 
 def measure(workdir: str | os.PathLike, path: fs.Path, latency: bool = True) -> dict[str, Any]:
     """A TFLite file's validation perplexity and bits/char, and ms per decoded token (1 thread)."""
-    from serving import edge
-
     model = edge.EdgeModel(path, num_threads=1)
     result = evaluate.evaluate_logits(workdir, model.window_logits, model.max_seq_len)
     out = {"perplexity": result["perplexity"], "bits_per_char": result["bits_per_char"]}
