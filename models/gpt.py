@@ -232,7 +232,7 @@ class GPTDecoder:
     kernels (strided slice, int8 calibration) take no more. Layers and keys/values
     are taken apart with `tf.unstack`, not indexing: TFLite runs UNPACK as block
     copies, while a slice of a 5-D tensor goes to its per-element reference kernel
-    (62 % of a `small` transformer's decode step; 5.6× slower decoding).
+    (docs/results.md, "TFLite on the device runtime", has the measurement).
 
     Args:
         model: a model from `build_gpt` (its weights are used, not copied).

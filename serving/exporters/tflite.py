@@ -14,8 +14,7 @@ carries the state token by token through the cells' arithmetic (prompts and
 generation); `sequence` scores a window from a zero state by running that
 same step in a WHILE loop, so the file holds one set of weights. (TFLite's
 fused UNIDIRECTIONAL_SEQUENCE_LSTM kernel needs its own transposed copy of
-every gate matrix, which doubled the file, and was slower on a window here:
-53 against 34 ms on the `small` LSTM, float32, one thread.)
+every gate matrix, and was no faster on a window: docs/results.md.)
 
 Only TFLite built-in ops are allowed: a model that would need Flex
 (SELECT_TF_OPS) kernels does not run in ai-edge-litert, so conversion fails
@@ -147,7 +146,7 @@ def signature_functions(model, config, seq_len: int, batch: int = 1, cell_clip: 
                                                              tf.TensorSpec([], tf.int32, name="position")])}
     # The LSTM's state is a tensor per layer and kind, h0, c0, h1, c1, ... [B, units]: an int8 file
     # gives each tensor one scale, and c runs into the hundreds where h stays within ±1 (carried
-    # together as one tensor, h lost its precision: +15 % perplexity on the `small` LSTM).
+    # together as one tensor, h would lose its precision; docs/results.md has the measurement).
     states = [tf.TensorSpec([batch, config.units], tf.float32, name=f"{kind}{i}")
               for i in range(config.layers) for kind in "hc"]
 
@@ -238,9 +237,8 @@ def convert_functions(functions: dict[str, Callable], quantize: str = "none",
 
 # An int8 LSTM file clips the memory `c` at ±CELL_CLIP after each token, as TFLite's LSTM kernel's
 # `cell_clip` does: int8 gives `c` one scale, and a trained LSTM's rare |c| of 100 would set it
-# (steps of ~0.8, where tanh(c) turns within ±2): the 1,500-step `small` LSTM lost 6 % perplexity.
-# Past ±8, tanh(c) is 1 to 7 digits; what the clip changes is how long a saturated memory lasts
-# (float32 perplexity +0.0005 % there; ±4: +0.025 %, and no better int8).
+# (steps of ~0.8, where tanh(c) turns within ±2). Past ±8, tanh(c) is 1 to 7 digits; what the clip
+# changes is how long a saturated memory lasts (docs/results.md measures the choice of 8).
 CELL_CLIP = 8.0
 
 
