@@ -103,6 +103,43 @@ def _check_resume(wd: workdir_lib.Workdir, model_config: models.ModelConfig, con
             "rerun with the same flags to resume, or use a new --workdir")
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run decides before it builds anything.
+
+    Attributes:
+        wd: the workdir.
+        model_config: the model, its dropout decided (`run_dropout`).
+        config: how to train, resolved for this model (`TrainConfig.for_model`).
+        manifest: the prepared data's manifest.
+        strategy: the tf.distribute strategy; `chief` is whether this process writes the workdir.
+        global_batch: sequences per optimizer step (per-replica batch x replicas x accumulated batches).
+        dropout_why: why the dropout is what it is (None when it was given).
+        steps_per_epoch: Keras epochs are the evaluation interval (or the whole run).
+        per_call: steps Keras runs per call (`training.steps_per_execution`).
+        latest: the newest checkpoint in the workdir, if any.
+    """
+    wd: workdir_lib.Workdir
+    model_config: models.ModelConfig
+    config: TrainConfig
+    manifest: dict[str, Any]
+    strategy: tf.distribute.Strategy
+    chief: bool
+    global_batch: int
+    dropout_why: str | None
+    steps_per_epoch: int
+    per_call: int
+    latest: str | None
+
+    @property
+    def seq_len(self) -> int:
+        return self.model_config.seq_len
+
+    @property
+    def replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync
+
+
 def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: TrainConfig,
           progress: Progress | None = None, verbose: int = 1) -> dict[str, Any]:
     """Trains (or resumes training) the workdir's model to `config.steps` steps.
@@ -119,6 +156,43 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
         UserError: bad settings, an unprepared workdir, a resume with other settings, a NaN loss.
     """
     progress = progress or Progress()
+    plan = make_plan(workdir, model_config, config, progress)
+    if plan.chief:
+        checkpoints.save_model_config(plan.wd.root, plan.model_config)
+        plan.wd.update_config(TRAIN_SECTION, dataclasses.asdict(plan.config))
+    with plan.strategy.scope():
+        model = training.build_and_compile(plan.model_config, plan.config, plan.per_call)
+    start = _restore(plan, model)
+    if start >= plan.config.steps:
+        progress.note(f"{plan.wd.root} is already trained to step {start} (asked for {plan.config.steps}); "
+                      "nothing to do")
+        return evaluate.evaluate_model(plan.wd.root, model, plan.model_config, write=plan.chief)
+    train_ds, val_ds, val_steps = _datasets(plan, progress)
+    # Every worker saves (MultiWorkerMirroredStrategy needs it), only the chief into the workdir.
+    ckpt_dir = checkpoints.checkpoint_dir(plan.wd.root) if plan.chief else \
+        tempfile.mkdtemp(prefix="lmstack-worker-ckpt-")
+    log: dict[str, Any] = {}
+    callbacks = _callbacks(plan, model, ckpt_dir, progress, log)
+    began = time.perf_counter()
+    try:
+        with callbacks_lib.quiet_callback_timing():
+            history = model.fit(train_ds, epochs=math.ceil(plan.config.steps / plan.steps_per_epoch),
+                                steps_per_epoch=plan.steps_per_epoch, initial_epoch=start // plan.steps_per_epoch,
+                                validation_data=val_ds, validation_steps=val_steps, callbacks=callbacks,
+                                verbose=verbose)
+    finally:
+        if not plan.chief:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    summary = _summary(plan, model, history, log, start, wall=time.perf_counter() - began)
+    if plan.chief:
+        workdir_lib.write_json(plan.wd.root / evaluate.METRICS_FILE, summary)
+    return summary
+
+
+def make_plan(workdir: str | os.PathLike, model_config: models.ModelConfig, config: TrainConfig,
+              progress: Progress) -> Plan:
+    """Checks the settings against the workdir, makes the strategy and decides what the run does;
+    writes nothing. Raises UserError on what cannot train."""
     config.validate()
     if config.data_service:  # before anything is written: without a dispatcher training would wait forever
         config = dataclasses.replace(config, data_service=data_service.check_address(config.data_service))
@@ -133,9 +207,8 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     strategy_lib.split_cpu(config.logical_cpus)
     strategy = strategy_lib.make(config.strategy)
     strategy_lib.check_jit_compile(strategy, config.jit_compile)
-    chief = strategy_lib.is_chief(strategy)
     replicas = strategy.num_replicas_in_sync
-    global_batch = config.batch_size * replicas * config.grad_accum_steps  # sequences per optimizer step
+    global_batch = config.batch_size * replicas * config.grad_accum_steps
     seq_len = model_config.seq_len
     resumed = _resumed_model(wd)
     model_config, why = run_dropout(model_config, epochs_of(manifest, config.steps, global_batch, seq_len),
@@ -153,78 +226,76 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
         progress.note("note: with --jit_compile, XLA compiles tf_keras's LSTM step again at every step "
                       "(~2.5 s each on CPU, docs/results.md: Training speed); drop --jit_compile for the LSTM")
 
-    if chief:
-        checkpoints.save_model_config(wd.root, model_config)
-        wd.update_config(TRAIN_SECTION, dataclasses.asdict(config))
-
     steps_per_epoch = min(config.eval_every or config.steps, config.steps)
     latest = tf.train.latest_checkpoint(checkpoints.checkpoint_dir(wd.root))
     # The profiler traces steps by Keras's batch count, so a traced run goes one step per call.
     per_call = 1 if config.profile_range() else training.steps_per_execution(
         config.steps, steps_per_epoch, config.checkpoint_every, int(latest.rsplit("-", 1)[1]) if latest else 0)
-    with strategy.scope():
-        model = training.build_and_compile(model_config, config, per_call)
-    optimizer = model.optimizer
+    return Plan(wd, model_config, config, manifest, strategy, strategy_lib.is_chief(strategy), global_batch, why,
+                steps_per_epoch, per_call, latest)
 
-    ckpt_dir = checkpoints.checkpoint_dir(wd.root) if chief else tempfile.mkdtemp(prefix="lmstack-worker-ckpt-")
-    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, optimizer=optimizer), ckpt_dir,
-                                         max_to_keep=config.keep_checkpoints)
-    backup_dir = str(wd.root / checkpoints.CHECKPOINT_DIR / "backup")
-    if latest and not _has_files(backup_dir):
-        # A finished run (its backup is deleted at the end): continue from its last checkpoint.
-        tf.train.Checkpoint(model=model, optimizer=optimizer).restore(latest).expect_partial()
-    start = int(optimizer.iterations.numpy())
-    if start >= config.steps:
-        progress.note(f"{wd.root} is already trained to step {start} (asked for {config.steps}); nothing to do")
-        return evaluate.evaluate_model(wd.root, model, model_config, write=chief)
 
-    epochs = math.ceil(config.steps / steps_per_epoch)
-    train_ds = dataset.train_dataset(wd.root, seq_len, global_batch, seed=config.seed)
+def _restore(plan: Plan, model: keras.Model) -> int:
+    """Continues a finished run from its last checkpoint (an interrupted one resumes from its backup,
+    in `fit`); returns the step training starts from."""
+    backup_dir = str(plan.wd.root / checkpoints.CHECKPOINT_DIR / "backup")
+    if plan.latest and not _has_files(backup_dir):  # a finished run deletes its backup at the end
+        tf.train.Checkpoint(model=model, optimizer=model.optimizer).restore(plan.latest).expect_partial()
+    return int(model.optimizer.iterations.numpy())
+
+
+def _datasets(plan: Plan, progress: Progress) -> tuple[tf.data.Dataset, tf.data.Dataset | None, int | None]:
+    """(training batches, validation batches or None, validation steps or None)."""
+    config, root = plan.config, plan.wd.root
+    train_ds = dataset.train_dataset(root, plan.seq_len, plan.global_batch, seed=config.seed)
     if config.data_service:
-        job = f"lmstack-train:{wd.root}:{config.seed}"  # one job per run: its workers share the batches
+        job = f"lmstack-train:{root}:{config.seed}"  # one job per run: its workers share the batches
         train_ds = data_service.distribute(train_ds, config.data_service, job)
         progress.note(f"training batches from the tf.data service at {config.data_service} (job {job})")
-    val_ds = val_steps = None
-    if config.eval_every and config.eval_batches:
-        val_ds = dataset.val_dataset(wd.root, seq_len, global_batch // config.grad_accum_steps).take(
-            config.eval_batches)
-        # Keras needs the count to run several steps per call; the split may hold fewer batches.
-        val_steps = sum(1 for _ in val_ds) or None
-        val_ds = val_ds if val_steps else None
-    log: dict[str, Any] = {}
+    if not (config.eval_every and config.eval_batches):
+        return train_ds, None, None
+    val_ds = dataset.val_dataset(root, plan.seq_len, plan.global_batch // config.grad_accum_steps).take(
+        config.eval_batches)
+    # Keras needs the count to run several steps per call; the split may hold fewer batches.
+    val_steps = sum(1 for _ in val_ds) or None
+    return train_ds, (val_ds if val_steps else None), val_steps
+
+
+def _callbacks(plan: Plan, model: keras.Model, ckpt_dir: str, progress: Progress,
+               log: dict[str, Any]) -> list[keras.callbacks.Callback]:
+    """NaN guard, derived metrics, backup for resume, checkpoints, the stop step, TensorBoard (chief)."""
+    config = plan.config
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, optimizer=model.optimizer), ckpt_dir,
+                                         max_to_keep=config.keep_checkpoints)
+    backup_dir = str(plan.wd.root / checkpoints.CHECKPOINT_DIR / "backup")
     callbacks = [
         callbacks_lib.NaNGuard(),
-        callbacks_lib.DerivedMetrics(training.tokens_per_char(manifest)),
-        callbacks_lib.BackupAndRestore(backup_dir, save_freq=config.checkpoint_every // per_call),
-        callbacks_lib.Checkpointer(manager, config.checkpoint_every, global_batch * seq_len, progress, log),
+        callbacks_lib.DerivedMetrics(training.tokens_per_char(plan.manifest)),
+        callbacks_lib.BackupAndRestore(backup_dir, save_freq=config.checkpoint_every // plan.per_call),
+        callbacks_lib.Checkpointer(manager, config.checkpoint_every, plan.global_batch * plan.seq_len, progress,
+                                   log),
         callbacks_lib.StopAtStep(config.steps),
     ]
-    if chief:
-        profile = config.profile_range() or 0
-        callbacks.append(keras.callbacks.TensorBoard(str(wd.root / "logs"), update_freq=50,
-                                                     profile_batch=profile))
-    began = time.perf_counter()
-    try:
-        with callbacks_lib.quiet_callback_timing():
-            history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                                initial_epoch=start // steps_per_epoch, validation_data=val_ds,
-                                validation_steps=val_steps, callbacks=callbacks, verbose=verbose)
-    finally:
-        if not chief:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-    wall = time.perf_counter() - began
-    summary = evaluate.evaluate_model(wd.root, model, model_config, write=False)
+    if plan.chief:
+        callbacks.append(keras.callbacks.TensorBoard(str(plan.wd.root / "logs"), update_freq=50,
+                                                     profile_batch=config.profile_range() or 0))
+    return callbacks
+
+
+def _summary(plan: Plan, model: keras.Model, history, log: dict[str, Any], start: int,
+             wall: float) -> dict[str, Any]:
+    """The final evaluation with what the run did: what metrics.json holds."""
+    summary = evaluate.evaluate_model(plan.wd.root, model, plan.model_config, write=False)
+    steps = int(model.optimizer.iterations.numpy())
     summary.update({
-        "model": models.family_of(model_config), "params": model_config.num_params(),
-        "steps": int(optimizer.iterations.numpy()), "global_batch": global_batch, "seq_len": seq_len,
-        "replicas": replicas, "strategy": _strategy_name(strategy), "dropout": model_config.dropout,
-        "dropout_chosen_because": why,
+        "model": models.family_of(plan.model_config), "params": plan.model_config.num_params(),
+        "steps": steps, "global_batch": plan.global_batch, "seq_len": plan.seq_len,
+        "replicas": plan.replicas, "strategy": _strategy_name(plan.strategy), "dropout": plan.model_config.dropout,
+        "dropout_chosen_because": plan.dropout_why,
         "train_loss": float(history.history["loss"][-1]) if history.history.get("loss") else None,
         "tokens_per_s": log.get("tokens_per_s"), "wall_seconds": round(wall, 1),
-        "trained_steps_this_run": int(optimizer.iterations.numpy()) - log.get("start_step", start),
+        "trained_steps_this_run": steps - log.get("start_step", start),
     })
-    if chief:
-        workdir_lib.write_json(wd.root / evaluate.METRICS_FILE, summary)
     return summary
 
 
