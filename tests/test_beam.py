@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def _streams(run):

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from pipelines.launch import free_ports
-from tests.conftest import ROOT, run_cli
+from tests.helpers import ROOT, run_cli
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None:

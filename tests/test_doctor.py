@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from app import doctor
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 GOOD = {"tensorflow": "2.21.0", "tf-keras": "2.21.0", "tensorflow-text": "2.21.1", "tensorflow-serving-api": "2.21.0",
         "tensorflow-model-optimization": "0.8.1", "keras-nlp": "0.32.0", "ai-edge-litert": "2.3.0",

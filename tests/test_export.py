@@ -21,7 +21,7 @@ from serving import client as client_lib
 from serving import contract as c
 from serving import server
 from serving.exporters import savedmodel
-from tests.conftest import run_cli, tiny_export
+from tests.helpers import run_cli, tiny_export
 
 PROMPTS = ["ROMEO.", "", "What light through yonder window breaks"]
 
@@ -270,7 +270,7 @@ def test_versions_and_bad_input(transformer, tmp_path, capsys, english_text):
 
 def test_xla_warmup_export_needs_a_server_with_xla(transformer, tmp_path, capsys):
     """--xla_warmup: TF Serving's warm-up file compiles every bucket, and a server without XLA refuses the version."""
-    from tests.conftest import TEST_BUCKETS
+    from tests.helpers import TEST_BUCKETS
 
     workdir, _, _ = transformer
     base = tmp_path / "lm"

@@ -16,7 +16,7 @@ from serving import contract as c, server
 from serving.exporters import classifier as classifier_export
 from serving.exporters import savedmodel, tflite
 from serving.server.versions import method_names
-from tests.conftest import ROOT, run_cli, trained_workdir
+from tests.helpers import ROOT, run_cli, trained_workdir
 from tests.test_serve import post, start
 
 REVIEWS = ROOT / "data" / "reviews.csv.bz2"

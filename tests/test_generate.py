@@ -7,7 +7,7 @@ import models
 from app.main import main
 from pipelines import checkpoints, prepare, tokenizers
 from pipelines.generate import TextGenerator
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 @pytest.fixture(scope="module", params=["transformer", "lstm"])

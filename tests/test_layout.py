@@ -4,7 +4,7 @@ import ast
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 RUNTIME = sorted(p for p in (ROOT / "serving").rglob("*.py") if "exporters" not in p.parts)
 BUILD_TIME = ("models", "pipelines", "app", "serving.exporters")

@@ -9,7 +9,7 @@ import configparser
 from packaging.requirements import Requirement
 
 from app import doctor
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 LOCK, GPU = ROOT / "requirements" / "lock.txt", ROOT / "requirements" / "gpu.txt"
 

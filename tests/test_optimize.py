@@ -13,7 +13,7 @@ from pipelines import workdir as workdir_lib
 from pipelines.generate import TextGenerator
 from serving import contract as c
 from serving.exporters import savedmodel
-from tests.conftest import run_cli, tiny_export
+from tests.helpers import run_cli, tiny_export
 
 # Short fine-tunes: the polynomial schedule reaches its target at step 8 and trains 4 more, each step
 # over two accumulated batches of 4 (TF-MOT's wrappers inside the accumulating step).

@@ -6,7 +6,7 @@ import pytest
 
 from app import pipeline_file, stages
 from pipelines.errors import UserError
-from tests.conftest import bundled_lines, run_cli
+from tests.helpers import bundled_lines, run_cli
 
 TINY = """
 workdir: run

@@ -6,7 +6,7 @@ import pytest
 from pipelines import prepare as prepare_lib
 from pipelines import tokenizers
 from pipelines.errors import UserError
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def config(*corpus, kind="char", **kw):

@@ -17,7 +17,7 @@ import pytest
 
 from pipelines import checkpoints, pretrained, tokenizers
 from pipelines.generate import encode
-from tests.conftest import bundled_lines, run_cli
+from tests.helpers import bundled_lines, run_cli
 
 TEXT = ("ROMEO: But soft, what light through yonder window breaks?<|endoftext|>It is the east,\n\n"
         "  and Juliet is the sun. 1234 caf\u00e9 \u65e5\u672c tab\tend")

@@ -18,7 +18,7 @@ from pipelines.launch import free_ports
 from serving import client as client_lib
 from serving import contract as c
 from serving import server
-from tests.conftest import tiny_export
+from tests.helpers import tiny_export
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pipelines.launch import free_ports
 from serving import client as client_lib
 from serving import contract as c
 from serving import server
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.serving_wire import post, predict_request, raw_http, stub
 
 

@@ -141,7 +141,7 @@ def test_library_errors_do_not_speak_in_flags():
     """pipelines/ and serving/ raise ConfigError(field, ...), never UserError("--field=...")."""
     import ast
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     offenders = []
     for path in [p for folder in ("pipelines", "serving", "models") for p in (ROOT / folder).rglob("*.py")]:

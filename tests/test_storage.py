@@ -8,7 +8,7 @@ import os
 import pytest
 import tensorflow as tf
 
-from tests.conftest import run_cli, tiny_export
+from tests.helpers import run_cli, tiny_export
 from pipelines import fs
 from pipelines import workdir as workdir_lib
 from pipelines.errors import UserError

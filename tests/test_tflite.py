@@ -15,7 +15,7 @@ from pipelines.generate import TextGenerator, encode
 from serving import contract as c
 from serving import edge, tflite_metadata
 from serving.exporters import tflite
-from tests.conftest import run_cli, tiny_export
+from tests.helpers import run_cli, tiny_export
 from tests.test_workdir import umask
 
 PROMPTS = ["ROMEO.", "", "What light through yonder window"]

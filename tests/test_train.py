@@ -15,7 +15,7 @@ import tensorflow as tf
 import models
 from pipelines import prepare, tokenizers, train, training
 from pipelines.errors import UserError
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 TINY = ["--model=transformer", "--preset=tiny", "--warmup_steps=5", "--eval_every=10", "--eval_batches=2",
         "--checkpoint_every=10", "--batch_size=8", "--progress=none"]
