@@ -1,7 +1,8 @@
 """Send a prompt to a TensorFlow Serving endpoint (or `lmstack serve`) and print the completion.
 
-Greedy (the serving_default signature) unless --temperature is above 0, then
-sampled (the generate signature; the same --seed gives the same text).
+The same --prompt, --max_new_tokens and sampler flags as `lmstack generate`:
+greedy (the serving_default signature) by default, else sampled by --sampler
+(the generate signature; the same --seed gives the same text).
 --stream prints the text as the server makes it (`lmstack serve`'s streaming
 extension). --score prints the text's log-likelihood instead; --classify sends the prompt
 to a classifier export (`lmstack finetune`) through TensorFlow Serving's
@@ -10,7 +11,7 @@ what the server says about the model, as JSON.
 
 example:
   lmstack client --target=localhost:8500 --prompt="ROMEO." --max_new_tokens=80
-  lmstack client --target=localhost:8501 --protocol=rest --prompt="ROMEO." --temperature=0.8 --top_k=40 --seed=3
+  lmstack client --target=localhost:8501 --protocol=rest --prompt="ROMEO." --sampler=top_k --temperature=0.8 --seed=3
   lmstack client --target=localhost:8501 --protocol=rest --prompt="ROMEO." --stream
   lmstack client --model_name=reviews --classify --prompt="A dark, dull thriller."
 """
@@ -22,6 +23,7 @@ import sys
 
 from absl import flags
 
+from app import settings
 from pipelines.errors import UserError
 
 
@@ -31,12 +33,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum("protocol", "grpc", ["grpc", "rest"], "TensorFlow Serving API to use", flag_values=fv)
     flags.DEFINE_string("model_name", "lm", "the model's name on the server", flag_values=fv)
     flags.DEFINE_integer("version", None, "a specific version (default: the server's latest)", flag_values=fv)
-    flags.DEFINE_string("prompt", "", "text to continue", flag_values=fv)
-    flags.DEFINE_integer("max_new_tokens", 50, "tokens to generate at most", flag_values=fv)
-    flags.DEFINE_float("temperature", 0.0, "0: greedy; above 0: sample at this temperature", flag_values=fv)
-    flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0: all)", flag_values=fv)
-    flags.DEFINE_float("top_p", 1.0, "sample from the smallest set with this probability mass", flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "the same seed gives the same sampled text", flag_values=fv)
+    settings.define_generation(fv)
     flags.DEFINE_bool("compiled", False, "call the XLA-compiled signatures (serving_default_xla, generate_xla): "
                       "the same text, faster, from a server started with --xla_cpu_compilation_enabled",
                       flag_values=fv)
@@ -53,12 +50,9 @@ def define_flags(fv: flags.FlagValues) -> None:
 def run(fv: flags.FlagValues) -> int:
     from serving import client as client_lib
 
-    if fv.max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens={fv.max_new_tokens}: must be at least 1")
-    if fv.temperature < 0:
-        raise UserError(f"--temperature={fv.temperature}: must not be negative (0 is greedy)")
-    if not 0 <= fv.top_p <= 1:
-        raise UserError(f"--top_p={fv.top_p}: must be in [0, 1]")
+    sampler = settings.sampler(fv)
+    temperature, top_k, top_p = sampler.settings()  # the signatures' per-row settings: temperature 0 is greedy
+    seed = sampler.draw_seed()
     client = client_lib.connect(fv.target, fv.protocol, model_name=fv.model_name, version=fv.version,
                                 timeout=fv.timeout, retries=fv.retries)
     try:
@@ -73,13 +67,13 @@ def run(fv: flags.FlagValues) -> int:
             (log_likelihood, tokens), = client.score([fv.prompt])
             print(json.dumps({"log_likelihood": log_likelihood, "num_tokens": tokens}))
         elif fv.stream:
-            for piece in client.stream(fv.prompt, fv.max_new_tokens, fv.temperature, fv.top_k, fv.top_p, fv.seed):
+            for piece in client.stream(fv.prompt, fv.max_new_tokens, temperature, top_k, top_p, seed):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
         else:
-            completion, = client.generate([fv.prompt], fv.max_new_tokens, fv.temperature, fv.top_k, fv.top_p,
-                                          fv.seed, compiled=fv.compiled)
+            completion, = client.generate([fv.prompt], fv.max_new_tokens, temperature, top_k, top_p, seed,
+                                          compiled=fv.compiled)
             print(completion)
     except client_lib.ServingError as e:
         raise UserError(f"{fv.target} ({fv.protocol}) answered {e.code}: {e.message}") from None

@@ -21,17 +21,11 @@ from absl import flags
 from app import settings
 
 
-SAMPLER = {"name": "sampler"}  # SamplerConfig.name is --sampler
-
-
 def define_flags(fv: flags.FlagValues) -> None:
-    from models.samplers import SamplerConfig
     from serving.exporters import tflite
 
     flags.DEFINE_string("workdir", None, "a workdir with a trained model", flag_values=fv)
-    flags.DEFINE_string("prompt", "", "text to continue (empty: start a new document)", flag_values=fv)
-    flags.DEFINE_integer("max_new_tokens", 100, "tokens to generate at most", flag_values=fv)
-    settings.define(fv, SamplerConfig, rename=SAMPLER)
+    settings.define_generation(fv)
     flags.DEFINE_string("variant", "", "an optimized variant (WORKDIR/optimized/NAME) instead of the trained model",
                         flag_values=fv)
     flags.DEFINE_enum("backend", "keras", ["keras", "savedmodel", "tflite"], "what runs the model",
@@ -45,14 +39,9 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def run(fv: flags.FlagValues) -> int:
-    from models.samplers import SamplerConfig
-    from pipelines.errors import UserError
     from pipelines.generate import TextGenerator
 
-    try:
-        sampler = settings.build(fv, SamplerConfig, rename=SAMPLER)
-    except ValueError as e:  # models/ checks its own configs (it imports nothing of the project)
-        raise UserError(f"--{e}") from None
+    sampler = settings.sampler(fv)
     if fv.backend == "keras":
         generator = TextGenerator(fv.workdir, fv.variant)
         for piece in generator.stream(fv.prompt, fv.max_new_tokens, sampler):

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Literal
 
 from absl import flags
 
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, UserError
 
 def field_help(cls: type) -> dict[str, str]:
     """Field name -> its help, from the `Attributes:` sections of the class's docstring and its bases'.
@@ -280,3 +280,33 @@ def keras_verbose(progress: str) -> int:
     growing by ~70 bytes a step, so there the bar becomes a line per epoch.
     """
     return {"bar": 1 if sys.stdout.isatty() else 2, "epoch": 2, "none": 0}[progress]
+
+
+# --prompt, --max_new_tokens and the sampler: one definition for the commands that generate text
+# (`lmstack generate` in this process, `lmstack client` from a server), so both take the same flags
+# with the same defaults and meanings.
+MAX_NEW_TOKENS = 100
+SAMPLER_FLAGS = {"name": "sampler"}  # SamplerConfig.name is --sampler
+
+
+def define_generation(fv: flags.FlagValues) -> None:
+    from models.samplers import SamplerConfig
+
+    module_name = sys._getframe(1).f_globals["__name__"]
+    flags.DEFINE_string("prompt", "", "text to continue (empty: start a new document)", flag_values=fv,
+                        module_name=module_name)
+    flags.DEFINE_integer("max_new_tokens", MAX_NEW_TOKENS, "tokens to generate at most", flag_values=fv,
+                         module_name=module_name)
+    define(fv, SamplerConfig, rename=SAMPLER_FLAGS, module_name=module_name)
+
+
+def sampler(fv: flags.FlagValues):
+    """The `SamplerConfig` of `define_generation`'s flags; ConfigError for a bad value."""
+    from models.samplers import SamplerConfig
+
+    if fv.max_new_tokens < 1:
+        raise ConfigError("max_new_tokens", fv.max_new_tokens, "must be at least 1")
+    try:
+        return build(fv, SamplerConfig, rename=SAMPLER_FLAGS)
+    except ValueError as e:  # models/ checks its own configs (it imports nothing of the project)
+        raise UserError(f"--{e}") from None

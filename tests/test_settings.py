@@ -8,6 +8,8 @@ from absl import flags
 
 from app import finetune, optimize, pipeline_file, prepare, settings, train
 from app import export as export_cmd
+from app import client as client_cmd
+from app import generate as generate_cmd
 from app import serve as serve_cmd
 from app import tflite as tflite_cmd
 from app.main import main
@@ -67,6 +69,18 @@ def test_every_field_is_a_flag_with_its_default_type_and_help(module):
         import models
         extra -= {f.name for cls in models.FAMILIES.values() for f in dataclasses.fields(cls)}
     assert not extra, extra
+
+
+def test_generate_and_client_take_one_set_of_generation_flags():
+    """The prompt, the length and the sampler mean the same in this process and from a server."""
+    from models.samplers import SamplerConfig
+
+    here, served = command_flags(generate_cmd), command_flags(client_cmd)
+    names = {"prompt", "max_new_tokens", "sampler"} | {f.name for f in dataclasses.fields(SamplerConfig)} - {"name"}
+    for name in names:
+        assert (here[name].default, here[name].help) == (served[name].default, served[name].help), name
+    assert served["sampler"].default == SamplerConfig().name == "greedy"
+    assert served["max_new_tokens"].default == settings.MAX_NEW_TOKENS
 
 
 def test_the_pipeline_takes_the_same_settings_as_the_flags():
