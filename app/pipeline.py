@@ -31,18 +31,18 @@ def define_flags(fv: flags.FlagValues) -> None:
 def run(fv: flags.FlagValues) -> int:
     import dataclasses
 
-    from app import pipeline_file, stages
+    from app import pipeline_file, pipeline_run, pipeline_stages
     from pipelines.errors import UserError
     from pipelines.progress import Progress
 
     config = pipeline_file.load_config(fv.config)
-    bad = [s for s in fv.skip if s not in pipeline_file.STAGES]
+    bad = [s for s in fv.skip if s not in pipeline_stages.STAGES]
     if bad:
-        raise UserError(f"--skip: unknown stage(s) {', '.join(bad)}; stages are {', '.join(pipeline_file.STAGES)}")
+        raise UserError(f"--skip: unknown stage(s) {', '.join(bad)}; stages are {', '.join(pipeline_stages.STAGES)}")
     config = dataclasses.replace(config, skip=tuple(dict.fromkeys(config.skip + tuple(fv.skip))))
-    pipeline = stages.Pipeline(config, Progress(sys.stderr), rerun=tuple(fv.rerun), families=tuple(fv.models))
+    pipeline = pipeline_run.Pipeline(config, Progress(sys.stderr), rerun=tuple(fv.rerun), families=tuple(fv.models))
     summary = pipeline.run()
-    print(f"\n{stages.summary_table(summary)}\n\nfinished in {summary['seconds']:.0f} s; "
-          f"state in {config.workdir / stages.STATE_FILE}", file=sys.stderr)
+    print(f"\n{pipeline_run.summary_table(summary)}\n\nfinished in {summary['seconds']:.0f} s; "
+          f"state in {config.workdir / pipeline_run.STATE_FILE}", file=sys.stderr)
     print(json.dumps({"workdir": summary["workdir"], "seconds": summary["seconds"]}))
     return 0

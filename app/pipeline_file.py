@@ -15,64 +15,25 @@ A config file (see quickstart.yaml):
     report: {latency: true}
     skip: []
 
-Each stage's section holds the fields of its config dataclasses (`PIPELINE`),
-the same settings the stage's command takes as flags. `load_config` checks
-every name, type and value before any stage runs.
+Each stage's section holds the fields of its config dataclasses (the stages
+are declared in `app.pipeline_stages`), the same settings the stage's command
+takes as flags. `load_config` checks every name, type and value before any
+stage runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import pathlib
-from typing import Any, Callable
+from typing import Any
 
 from app import settings as app_settings
+from app.pipeline_stages import BY_NAME, STAGES
 from pipelines.errors import ConfigError, UserError
 
 
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """One stage of the pipeline, declared once; it runs as `Pipeline._NAME`.
-
-    Attributes:
-        name: its key in the config file and in pipeline.json.
-        inputs: the stages it reads; its fingerprint includes their run ids.
-        outputs: what it writes in the model's workdir, cleared before it is redone.
-        settings: the config dataclasses its section fills ("module:Class"), each with the fields the
-            pipeline fills in itself (loaded when needed: the library modules import TensorFlow).
-        brief: a few words on its result, for its progress line.
-    """
-    name: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    settings: tuple[tuple[str, tuple[str, ...]], ...]
-    brief: Callable[[dict[str, Any]], str]
-
-
-PIPELINE = (
-    Stage("prepare", (), (), (("pipelines.prepare:PrepareConfig", ("corpus", "tokenizer")),),
-          lambda r: f"{r['train_tokens']:,} training tokens, vocabulary {r['vocab_size']}"),
-    Stage("train", ("prepare",), ("checkpoints", "logs", "metrics.json"), (("pipelines.training:TrainConfig", ()),),
-          lambda r: f"{r['params']:,} parameters, {r['steps']} steps, {r['bits_per_char']:.3f} bits/char"),
-    Stage("evaluate", ("train",), (), (),
-          lambda r: f"{r['bits_per_char']:.3f} bits/char on the validation split"),
-    Stage("optimize", ("train",), ("optimized",), (("pipelines.optimize:OptimizeConfig", ("overwrite",)),),
-          lambda r: f"{r['variant']}: perplexity {r['perplexity_change']:+.1%}"),
-    Stage("export", ("train", "optimize"), ("export",), (("serving.exporters.savedmodel:ExportConfig", ()),),
-          lambda r: r["path"]),
-    Stage("serve", ("export",), (), (("app.pipeline_file:ServeCheck", ()),),
-          lambda r: f"REST {r['rest']['ms']:.0f} ms, gRPC {r['grpc']['ms']:.0f} ms for {r['prompt']!r}"),
-    Stage("tflite", ("train", "optimize"), ("tflite",),
-          (("serving.exporters.tflite:TFLiteConfig", ()), ("app.pipeline_file:DeviceCheck", ())),
-          lambda r: f"{pathlib.Path(r['path']).name}, {r['bytes'] / 1e6:.2f} MB: {r['completion'][:40]!r}"),
-    Stage("report", ("evaluate", "optimize", "tflite"), ("report",), (("app.pipeline_file:ReportSettings", ()),),
-          lambda r: r["path"]),
-)
-STAGES = tuple(stage.name for stage in PIPELINE)
-BY_NAME = {stage.name: stage for stage in PIPELINE}
 TOP_KEYS = {"workdir", "corpus", "tokenizer", "models", "skip", *STAGES}
 
 
@@ -177,7 +138,7 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
         for section, cls, values, exclude in ((f"models.{family}", models.FAMILIES[family], settings, ("vocab_size",)),
                                               (f"models.{family}.train", None, train_settings, ())):
             try:
-                app_settings.check_mapping(cls, values, exclude=exclude) if cls else stage_configs("train", values)
+                app_settings.check_mapping(cls, values, exclude=exclude) if cls else BY_NAME["train"].configs(values)
             except ConfigError as e:
                 raise UserError(f"--config={path}: {e.as_key(section)}" + (
                     "; a model also takes preset and train (overrides of the train stage)"
@@ -191,7 +152,7 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
         if stage in skip:
             continue
         try:
-            stage_configs(stage, data.get(stage) or {}, corpus=("-",), tokenizer=tokenizer)
+            BY_NAME[stage].configs(data.get(stage) or {}, tokenizer=tokenizer)
         except ConfigError as e:
             raise UserError(f"--config={path}: {e.as_key(stage)}") from None
     return PipelineConfig(
@@ -200,80 +161,3 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
         tokenizer=dict(tokenizer),
         models={f: dict(s or {}) for f, s in families.items()},
         stages={s: dict(data.get(s) or {}) for s in STAGES}, skip=skip)
-
-
-@dataclasses.dataclass(frozen=True)
-class ServeCheck:
-    """The serve stage: `lmstack serve` on the newest export, asked over REST and gRPC, then stopped.
-
-    Attributes:
-        prompt: the prompt both protocols are asked to continue (greedy).
-        max_new_tokens: tokens asked for (a transformer: at most its context - 1).
-        start_timeout: seconds to wait for the server to serve the model.
-        sample_tokens: also ask for this many sampled tokens, shown in the summary (0: none; a
-            transformer: at most its context - 1).
-        temperature: the sample's temperature.
-    """
-    prompt: str = "ROMEO."
-    max_new_tokens: int = 32
-    start_timeout: float = 180.0
-    sample_tokens: int = 0
-    temperature: float = 0.8
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceCheck:
-    """After converting, the tflite stage generates on the device runtime.
-
-    Attributes:
-        prompt: the prompt the TFLite file continues (greedy).
-        max_new_tokens: tokens asked for.
-    """
-    prompt: str = "ROMEO."
-    max_new_tokens: int = 32
-
-
-@dataclasses.dataclass(frozen=True)
-class ReportSettings:
-    """The report stage.
-
-    Attributes:
-        latency: measure TFLite latency per token (slower).
-    """
-    latency: bool = True
-
-
-def stage_settings() -> dict[str, tuple[tuple[type, tuple[str, ...]], ...]]:
-    """Each stage's settings: the config dataclasses they fill, less the fields the pipeline fills in."""
-    def load(path: str) -> type:
-        module, name = path.split(":")
-        return getattr(importlib.import_module(module), name)
-
-    return {stage.name: tuple((load(path), exclude) for path, exclude in stage.settings) for stage in PIPELINE}
-
-
-def stage_configs(stage: str, values: dict[str, Any], corpus: tuple[str, ...] = (),
-                  tokenizer: dict[str, Any] | None = None) -> list[Any]:
-    """A stage's section as its config objects, checked and validated.
-
-    Raises:
-        ConfigError: a key none of the stage's configs has, a value of the wrong type, a bad value.
-    """
-    from pipelines import tokenizers
-
-    configs, taken = [], set()
-    for cls, exclude in stage_settings()[stage]:
-        names = {f.name for f in dataclasses.fields(cls)} - set(exclude)
-        part = {k: v for k, v in values.items() if k in names}
-        taken |= set(part)
-        given = {"corpus": tuple(corpus), "tokenizer": tokenizers.TokenizerConfig(**(tokenizer or {}))} \
-            if stage == "prepare" else {"overwrite": True} if stage == "optimize" else {}
-        configs.append(app_settings.from_mapping(cls, part, **given))
-        if hasattr(configs[-1], "validate"):
-            configs[-1].validate()
-    for key in values:
-        if key not in taken:
-            known = sorted({f.name for cls, exclude in stage_settings()[stage] for f in dataclasses.fields(cls)
-                            if f.name not in exclude})
-            raise ConfigError(key, values[key], f"no such setting; it takes {', '.join(known) or 'none'}")
-    return configs

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from app import pipeline_file, stages
+from app import pipeline_file, pipeline_run, pipeline_stages
 from pipelines.errors import UserError
 from tests.helpers import bundled_lines, run_cli
 
@@ -48,7 +48,7 @@ def test_every_stage_runs_once_and_a_changed_setting_reruns_only_what_depends_on
     code, out, err = run_cli(capsys, "pipeline", f"--config={config}")
     assert code == 0, err
     state = json.loads((tmp_path / "run" / "pipeline.json").read_text())["stages"]
-    assert set(state) == {f"transformer/{s}" for s in pipeline_file.STAGES}
+    assert set(state) == {f"transformer/{s}" for s in pipeline_stages.STAGES}
     served = state["transformer/serve"]["result"]
     assert served["rest"]["completion"] == served["grpc"]["completion"] != ""  # greedy: both protocols agree
     assert state["transformer/tflite"]["result"]["completion"] != ""
@@ -122,4 +122,4 @@ def test_json_configs_read_like_yaml(tmp_path):
     assert loaded.workdir == tmp_path / "run" and loaded.corpus == (str(tmp_path / "corpus.txt"),)
     assert loaded.skip == ("serve",) and loaded.models == {"lstm": {"preset": "tiny"}}
     with pytest.raises(UserError, match="--rerun: unknown stage"):
-        stages.Pipeline(loaded, progress=None, rerun=("deploy",))
+        pipeline_run.Pipeline(loaded, progress=None, rerun=("deploy",))

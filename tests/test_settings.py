@@ -6,7 +6,7 @@ import typing
 import pytest
 from absl import flags
 
-from app import finetune, optimize, pipeline_file, prepare, settings, train
+from app import finetune, optimize, pipeline_stages, prepare, settings, train
 from app import export as export_cmd
 from app import client as client_cmd
 from app import generate as generate_cmd
@@ -84,7 +84,7 @@ def test_generate_and_client_take_one_set_of_generation_flags():
 
 
 def test_the_pipeline_takes_the_same_settings_as_the_flags():
-    declared = pipeline_file.stage_settings()
+    declared = pipeline_stages.stage_settings()
     assert {cls for cls, _ in declared["train"]} == {train_lib.TrainConfig}
     assert {cls for cls, _ in declared["optimize"]} == {optimize_lib.OptimizeConfig}
     assert {cls for cls, _ in declared["export"]} == {savedmodel.ExportConfig}
