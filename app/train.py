@@ -39,18 +39,15 @@ def define_flags(fv: flags.FlagValues) -> None:
                       "shapes)", flag_values=fv)
     settings.define_overrides(fv, models.FAMILIES, exclude=NOT_OVERRIDDEN)
     settings.define(fv, train.TrainConfig)
-    flags.DEFINE_integer("epochs", None, "train this many passes over the training windows instead of --steps",
-                         flag_values=fv)
     settings.define_progress(fv)
     flags.mark_flags_as_required(["workdir"], flag_values=fv)
 
 
 def run(fv: flags.FlagValues) -> int:
-    import dataclasses
 
     import models
     from pipelines import checkpoints, train, workdir
-    from pipelines.errors import ConfigError, UserError
+    from pipelines.errors import UserError
     from pipelines.progress import Progress
 
     if checkpoints.classifier_section(fv.workdir) is not None:
@@ -71,11 +68,6 @@ def run(fv: flags.FlagValues) -> int:
     except (ValueError, TypeError) as e:
         raise UserError(f"--model={fv.model} --preset={fv.preset} with {overrides or 'no overrides'}: {e}") from None
     config = settings.build(fv, train.TrainConfig)
-    if fv.epochs is not None:
-        if fv.epochs < 1:
-            raise ConfigError("epochs", fv.epochs, "must be at least 1")
-        windows = manifest["splits"]["train"]["tokens"] // (model_config.seq_len + 1)
-        config = dataclasses.replace(config, steps=max(1, fv.epochs * windows // fv.batch_size))
     summary = train.train(fv.workdir, model_config, config, Progress(sys.stderr),
                           verbose=settings.keras_verbose(fv.progress))
     print(train.describe(summary), file=sys.stderr)

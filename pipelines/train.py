@@ -199,6 +199,7 @@ def make_plan(workdir: str | os.PathLike, model_config: models.ModelConfig, conf
     wd = workdir_lib.Workdir(workdir)
     config = config.for_model(model_config, pretrained=wd.is_imported())
     manifest = wd.read_manifest()
+    config = config.for_data(manifest["splits"]["train"]["tokens"], model_config.seq_len)
     vocab = manifest["tokenizer"]["vocab_size"]
     if model_config.vocab_size != vocab:
         raise UserError(f"the model's vocab_size={model_config.vocab_size} differs from the tokenizer's {vocab}")

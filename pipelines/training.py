@@ -31,6 +31,7 @@ class TrainConfig(strategy_lib.Devices):
 
     Attributes:
         steps: optimizer steps in all (a rerun with more steps continues).
+        epochs: train this many passes over the training windows instead of `steps` (None: use steps).
         batch_size: sequences per replica; the global batch is this x replicas.
         grad_accum_steps: batches per optimizer step: each step adds up the gradients of this many
             batches before one update, the update of one batch this many times larger in the memory
@@ -53,6 +54,7 @@ class TrainConfig(strategy_lib.Devices):
             workers prepare the training batches ('': this process does).
     """
     steps: int = 1000
+    epochs: int | None = None
     batch_size: int = 32
     grad_accum_steps: int = 1
     learning_rate: float | None = None
@@ -69,7 +71,8 @@ class TrainConfig(strategy_lib.Devices):
     data_service: str = ""
 
     def validate(self) -> None:
-        check_at_least(self, 1, "steps", "batch_size", "grad_accum_steps", "checkpoint_every", "keep_checkpoints")
+        check_at_least(self, 1, "steps", "epochs", "batch_size", "grad_accum_steps", "checkpoint_every",
+                       "keep_checkpoints")
         check_at_least(self, 0, "warmup_steps", "eval_every", "eval_batches", "weight_decay", "clip_norm",
                        "logical_cpus")
         if self.learning_rate is not None and self.learning_rate <= 0:
@@ -84,6 +87,16 @@ class TrainConfig(strategy_lib.Devices):
     def warmup(self) -> int:
         """The warmup steps: as given, or `derived_warmup(steps)`."""
         return derived_warmup(self.steps) if self.warmup_steps is None else self.warmup_steps
+
+    def for_data(self, train_tokens: int, seq_len: int) -> "TrainConfig":
+        """This config with `steps` from `epochs`, if given: passes over the training split's windows of
+        `seq_len` + 1 tokens, `batch_size` windows a step."""
+        if self.epochs is None:
+            return self
+        windows = train_tokens // (seq_len + 1)
+        config = dataclasses.replace(self, steps=max(1, self.epochs * windows // self.batch_size))
+        config.validate()
+        return config
 
     def for_model(self, model_config: models.ModelConfig, pretrained: bool = False) -> "TrainConfig":
         """This config with a learning rate: as given, or the model's `peak_learning_rate`.

@@ -59,7 +59,7 @@ def test_every_field_is_a_flag_with_its_default_type_and_help(module):
             elif hints[field.name] in (int, "int"):
                 assert flag.flag_type() == "int", name
     # Nothing else but the command's own (workdir, progress, ...).
-    own = {"workdir", "progress", "overwrite", "epochs", "model", "preset", "runner", "beam_options"}
+    own = {"workdir", "progress", "overwrite", "model", "preset", "runner", "beam_options"}
     if module is serve_cmd:  # TensorFlow Serving's flags that change nothing here, accepted with a warning
         own |= {"version", *serve_cmd.NO_EFFECT}
     names = {prepare.TOKENIZER.get(f.name, f.name) for cls, exclude in COMMANDS[module]

@@ -114,6 +114,14 @@ def test_bad_settings(workdir, capsys, args, message):
     assert not (workdir / "checkpoints").exists()
 
 
+def test_epochs_become_steps_over_the_training_windows():
+    config = train.TrainConfig(epochs=2, batch_size=4)
+    # 1,000 tokens make 100 windows of 9 + 1 tokens; 2 passes at 4 windows a step are 50 steps.
+    assert config.for_data(train_tokens=1000, seq_len=9).steps == 50
+    assert train.TrainConfig(steps=7).for_data(train_tokens=1000, seq_len=9).steps == 7  # no epochs: as given
+    assert train.TrainConfig(epochs=1, batch_size=4).for_data(train_tokens=10, seq_len=9).steps == 1  # at least one
+
+
 def test_unprepared_workdir(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", f"--workdir={tmp_path}", *TINY)
     assert code == 2 and "lmstack prepare" in err
