@@ -28,11 +28,9 @@ from pipelines.errors import UserError
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    flags.DEFINE_string("target", "localhost:8500", "HOST:PORT of the server (gRPC 8500, REST 8501 by default)",
-                        flag_values=fv)
-    flags.DEFINE_enum("protocol", "grpc", ["grpc", "rest"], "TensorFlow Serving API to use", flag_values=fv)
-    flags.DEFINE_string("model_name", "lm", "the model's name on the server", flag_values=fv)
-    flags.DEFINE_integer("version", None, "a specific version (default: the server's latest)", flag_values=fv)
+    from serving.client import Connection
+
+    settings.define(fv, Connection)
     settings.define_generation(fv)
     flags.DEFINE_bool("compiled", False, "call the XLA-compiled signatures (serving_default_xla, generate_xla): "
                       "the same text, faster, from a server started with --xla_cpu_compilation_enabled",
@@ -43,8 +41,6 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("classify", False, "classify the prompt (a classifier export's Classify API)", flag_values=fv)
     flags.DEFINE_bool("status", False, "print the model's version status", flag_values=fv)
     flags.DEFINE_bool("metadata", False, "print the model's signatures", flag_values=fv)
-    flags.DEFINE_float("timeout", 60.0, "seconds to wait for an answer", flag_values=fv)
-    flags.DEFINE_integer("retries", 3, "retries while the server is UNAVAILABLE", flag_values=fv)
 
 
 def run(fv: flags.FlagValues) -> int:
@@ -53,8 +49,7 @@ def run(fv: flags.FlagValues) -> int:
     sampler = settings.sampler(fv)
     temperature, top_k, top_p = sampler.settings()  # the signatures' per-row settings: temperature 0 is greedy
     seed = sampler.draw_seed()
-    client = client_lib.connect(fv.target, fv.protocol, model_name=fv.model_name, version=fv.version,
-                                timeout=fv.timeout, retries=fv.retries)
+    client = settings.build(fv, client_lib.Connection).connect()
     try:
         if fv.status:
             print(json.dumps(client.status()))

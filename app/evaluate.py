@@ -25,16 +25,15 @@ import sys
 
 from absl import flags
 
+from app import settings
+
 
 def define_flags(fv: flags.FlagValues) -> None:
+    from pipelines.evaluate import EvaluateConfig
     from serving.exporters import tflite
 
     flags.DEFINE_string("workdir", None, "a workdir with a trained model", flag_values=fv)
-    flags.DEFINE_list("corpus", None, "text files or globs to score instead of the validation split (a "
-                      "classifier: labelled CSV / JSONL files with the columns it was trained on)",
-                      flag_values=fv)
-    flags.DEFINE_string("variant", "", "an optimized variant (WORKDIR/optimized/NAME) instead of the trained model",
-                        flag_values=fv)
+    settings.define(fv, EvaluateConfig)
     flags.DEFINE_enum("backend", "keras", ["keras", "tflite"], "keras: the checkpoint; tflite: the converted "
                       "file in WORKDIR/tflite/ run by ai-edge-litert", flag_values=fv)
     flags.DEFINE_enum("quantize", "none", list(tflite.QUANTIZATIONS), "tflite: which file (none: float32)",

@@ -8,6 +8,7 @@ counted are those of the tokens scored (tokens x the text's chars/token).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -53,6 +54,19 @@ def evaluate_model(workdir: str | os.PathLike, model, model_config: models.Model
     if write:
         workdir_lib.write_json(workdir_lib.Workdir(workdir).root / METRICS_FILE, result)
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """What to score.
+
+    Attributes:
+        corpus: text files or globs to score instead of the validation split (a classifier: labelled CSV /
+            JSONL files with the columns it was trained on).
+        variant: an optimized variant (WORKDIR/optimized/NAME) instead of the trained model.
+    """
+    corpus: tuple[str, ...] = ()
+    variant: str = ""
 
 
 def evaluate_logits(workdir: str | os.PathLike, logits_fn: Callable[[np.ndarray], np.ndarray], seq_len: int,

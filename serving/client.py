@@ -16,11 +16,12 @@ The gRPC client uses tensorflow-serving-api's `PredictionServiceStub` and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 from serving import contract as c
 
@@ -330,6 +331,30 @@ def _code_name(code: int) -> str:
     import grpc
 
     return next((s.name for s in grpc.StatusCode if s.value[0] == code), str(code))
+
+
+@dataclasses.dataclass(frozen=True)
+class Connection:
+    """Where a client sends its requests, and how long it waits for them.
+
+    Attributes:
+        target: HOST:PORT of the server (gRPC 8500, REST 8501 by default).
+        protocol: TensorFlow Serving API to use: grpc or rest.
+        model_name: the model's name on the server.
+        version: a specific version (default: the server's latest).
+        timeout: seconds to wait for an answer.
+        retries: retries while the server is UNAVAILABLE.
+    """
+    target: str = "localhost:8500"
+    protocol: Literal["grpc", "rest"] = "grpc"
+    model_name: str = c.DEFAULT_MODEL_NAME
+    version: int | None = None
+    timeout: float = 60.0
+    retries: int = 3
+
+    def connect(self) -> RestClient | GrpcClient:
+        return connect(self.target, self.protocol, model_name=self.model_name, version=self.version,
+                       timeout=self.timeout, retries=self.retries)
 
 
 def connect(target: str, protocol: str = "grpc", **kwargs) -> RestClient | GrpcClient:

@@ -9,16 +9,20 @@ from absl import flags
 from app import finetune, optimize, pipeline_stages, prepare, settings, train
 from app import export as export_cmd
 from app import client as client_cmd
+from app import evaluate as evaluate_cmd
 from app import generate as generate_cmd
 from app import serve as serve_cmd
 from app import tflite as tflite_cmd
 from app.main import main
+from pipelines import evaluate as evaluate_lib
 from pipelines import finetune as finetune_lib
 from pipelines import optimize as optimize_lib
 from pipelines import prepare as prepare_lib
 from pipelines import tokenizers
 from pipelines import train as train_lib
 from pipelines.errors import ConfigError
+from models.samplers import SamplerConfig
+from serving import client as client_lib
 from serving import server
 from serving.exporters import savedmodel, tflite
 
@@ -31,6 +35,18 @@ COMMANDS = {
     export_cmd: [(savedmodel.ExportConfig, ())],
     tflite_cmd: [(tflite.TFLiteConfig, ())],
     serve_cmd: [(server.Options, ())],
+    evaluate_cmd: [(evaluate_lib.EvaluateConfig, ())],
+    generate_cmd: [(SamplerConfig, ("name",))],
+    client_cmd: [(client_lib.Connection, ()), (SamplerConfig, ("name",))],
+}
+# What a command takes besides its dataclasses' fields: where it works and what it does.
+OWN = {
+    serve_cmd: {"version"},  # and TensorFlow Serving's flags that change nothing here (NO_EFFECT)
+    evaluate_cmd: {"backend", "quantize"},
+    generate_cmd: {"prompt", "max_new_tokens", "sampler", "variant", "backend", "quantize", "export_dir",
+                   "num_threads"},
+    client_cmd: {"prompt", "max_new_tokens", "sampler", "compiled", "stream", "score", "classify", "status",
+                 "metadata"},
 }
 
 
@@ -59,9 +75,9 @@ def test_every_field_is_a_flag_with_its_default_type_and_help(module):
             elif hints[field.name] in (int, "int"):
                 assert flag.flag_type() == "int", name
     # Nothing else but the command's own (workdir, progress, ...).
-    own = {"workdir", "progress", "overwrite", "model", "preset", "runner", "beam_options"}
+    own = {"workdir", "progress", "overwrite", "model", "preset", "runner", "beam_options", *OWN.get(module, ())}
     if module is serve_cmd:  # TensorFlow Serving's flags that change nothing here, accepted with a warning
-        own |= {"version", *serve_cmd.NO_EFFECT}
+        own |= set(serve_cmd.NO_EFFECT)
     names = {prepare.TOKENIZER.get(f.name, f.name) for cls, exclude in COMMANDS[module]
              for f in dataclasses.fields(cls) if f.name not in exclude}
     extra = set(fv) - names - own
