@@ -212,7 +212,7 @@ def test_next_token_logits_equal_the_keras_model(exported):
 
 def test_next_token_logits_ignore_tensorflow_servings_padding(exported):
     """A row padded as TF Serving pads it (its first element, to the batch's longest row) answers the same."""
-    from serving.batching import pad_to
+    from serving.server.batching import pad_to
 
     workdir, _, loaded = exported
     generator = TextGenerator(workdir)

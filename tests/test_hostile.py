@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2
 
-from serving import batching
+from serving.server import batching
 from serving import contract as c
 from serving import server
 from tests.serving_wire import post, predict_request, raw_http, stub

@@ -366,7 +366,7 @@ def test_serve_bad_flags(tmp_path, capsys, flags, message):
 def test_batched_answers_equal_unbatched_ones_and_batches_form(versions):
     from concurrent.futures import ThreadPoolExecutor
 
-    from serving import batching
+    from serving.server import batching
 
     prompts = ["ROMEO.", "To be, or not", "", "What light through yonder window", "A", "Enter HAMLET"] * 3
     token_rows = [[5, 6, 7], [8, 9], [5, 6, 7], [10]] * 3  # next_token_logits of different lengths
@@ -436,7 +436,7 @@ def test_prometheus_metrics_under_tensorflow_serving_names(versions, tmp_path):
 
 
 def test_batching_parameters_file(tmp_path):
-    from serving import batching
+    from serving.server import batching
 
     path = tmp_path / "batching.txt"
     path.write_text("max_batch_size { value: 32 }\nbatch_timeout_micros { value: 1000 }\n"

@@ -14,6 +14,8 @@ The parts, each about the size of its counterpart in TensorFlow Serving:
     versions.py    model versions on disk, the version policy, loading with warm-up and retries
     config.py      the config files (ModelServerConfig, BatchingParameters, MonitoringConfig, SSLConfig)
     core.py        the protocol-free server: request checks and limits, batching, metrics
+    batching.py    dynamic batching (TF Serving's batching parameters, padding to allowed sizes)
+    metrics.py     the Prometheus page, with TF Serving's metric names
     deadlines.py   deadlines and abandoned requests: their work is cancelled
     grpc_api.py    PredictionService, ModelService and the health service
     rest_api.py    the HTTP routes (on waitress)

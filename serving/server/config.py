@@ -22,7 +22,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 from google.protobuf import message_factory
 from google.protobuf import wrappers_pb2
 
-from serving.batching import BatchingParameters
+from serving.server.batching import BatchingParameters
 from serving.contract import ServingError
 from serving.server.versions import ServedModel, VersionPolicy, check_scheme, read_bytes
 
@@ -184,7 +184,7 @@ def read_ssl_config(path: str | os.PathLike) -> SSLConfig:
 
 
 def read_batching_parameters(path: str | os.PathLike) -> BatchingParameters:
-    """A BatchingParameters file as `serving.batching.BatchingParameters` (TF Serving's defaults and checks)."""
+    """A BatchingParameters file as `serving.server.batching.BatchingParameters` (TF Serving's defaults and checks)."""
     message = read_text_proto(path, MESSAGES["BatchingParameters"](), "batching parameters file")
     values = {}
     for field in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads",

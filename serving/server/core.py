@@ -24,9 +24,9 @@ import numpy as np
 import tensorflow as tf
 
 from serving import contract as c
-from serving.batching import Batcher, BatchingParameters
+from serving.server.batching import Batcher, BatchingParameters
 from serving.contract import ServingError
-from serving.metrics import Registry
+from serving.server.metrics import Registry
 from serving.server.deadlines import Call, Watchdog
 from serving.server.versions import XLA_DISABLED, LoadedVersion, ServedModel, canonical, log, saved_model_proto
 

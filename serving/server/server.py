@@ -18,7 +18,7 @@ import signal
 import threading
 from typing import Any
 
-from serving.batching import BatchingParameters
+from serving.server.batching import BatchingParameters
 from serving.server import grpc_api, rest_api
 from serving.server.config import (SSLConfig, models_from_config_file, read_batching_parameters,
                                    read_monitoring_config, read_ssl_config)
