@@ -1,6 +1,6 @@
 """Reads lmstack .tflite files with the official TFLite Metadata tools (MediaPipe's copy of tflite-support's).
 
-lmstack writes the metadata itself (serving/tflite_metadata.py): the official writers cannot be
+lmstack writes the metadata itself (serving/edge/metadata.py): the official writers cannot be
 installed next to TF-MOT (absl-py, protobuf pins). This script runs in a separate environment that has
 them and checks, for each file, that the official reader parses the metadata and finds the packed
 files, that the official version check agrees with the recorded min_parser_version, and that the

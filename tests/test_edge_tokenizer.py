@@ -1,4 +1,4 @@
-"""`serving.edge_tokenizer`: the device's tokenizer gives the training tokenizer's ids and text, without TensorFlow."""
+"""`serving.edge.tokenizer`: the device's tokenizer gives the training tokenizer's ids and text, without TensorFlow."""
 
 import pathlib
 import subprocess
@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from pipelines import tokenizers
 from pipelines.tokenizers import TokenizerConfig
-from serving.edge_tokenizer import EdgeTokenizer
+from serving.edge.tokenizer import EdgeTokenizer
 from tests.test_tokenizers import CHINESE, ids_of
 
 # Text a device meets besides plays: accents, ligatures, CJK, emoji, controls, runs of white space.
@@ -43,6 +43,6 @@ def test_the_same_ids_and_text_as_the_training_tokenizer(tmp_path, english_text,
 
 def test_the_device_runtime_imports_no_tensorflow():
     root = pathlib.Path(__file__).resolve().parent.parent
-    code = ("import sys; import serving.edge, serving.edge_tokenizer, serving.tflite_metadata; "
+    code = ("import sys; import serving.edge, serving.edge.tokenizer, serving.edge.metadata; "
             "sys.exit(1 if 'tensorflow' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0

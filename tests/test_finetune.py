@@ -116,7 +116,8 @@ def test_tflite_classifier_scores_like_the_keras_model_on_the_device_runtime(cla
     """`lmstack tflite` on a classifier workdir: token ids in (a batch of 4, the last call padded), the
     Keras model's scores out, in ai-edge-litert; int8 within 0.05 of them."""
     from pipelines import tokenizers
-    from serving import edge, tflite_metadata
+    from serving import edge
+    from serving.edge import metadata as tflite_metadata
 
     workdir, _ = classifier
     texts = ["A dark, dull thriller.", "Funny, warm and wise.", "x", "The best film of the year.", ""]

@@ -13,7 +13,8 @@ from pipelines import evaluate, optimize
 from pipelines.errors import UserError
 from pipelines.generate import TextGenerator, encode
 from serving import contract as c
-from serving import edge, tflite_metadata
+from serving import edge
+from serving.edge import metadata as tflite_metadata
 from serving.exporters import tflite
 from tests.helpers import run_cli, tiny_export
 from tests.test_workdir import umask

@@ -1,4 +1,4 @@
-"""`serving.tflite_metadata` and `serving.exporters.edge_metadata`: TFLite Metadata written and read back."""
+"""`serving.edge.metadata` and `serving.exporters.edge_metadata`: TFLite Metadata written and read back."""
 
 import pytest
 import tensorflow as tf
@@ -6,7 +6,7 @@ from ai_edge_litert import schema_py_generated as schema
 
 from pipelines import tokenizers
 from pipelines.tokenizers import TokenizerConfig
-from serving import tflite_metadata as md
+from serving.edge import metadata as md
 from serving.exporters import edge_metadata, tflite
 
 

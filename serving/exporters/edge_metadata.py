@@ -1,7 +1,7 @@
 """What an lmstack .tflite says about itself: TFLite Metadata and the files packed inside.
 
 Every file `lmstack tflite` writes carries, in the format Android Studio, the Task Library
-and MediaPipe read (`serving.tflite_metadata`):
+and MediaPipe read (`serving.edge.metadata`):
 
 - the model's name, version (training step), author and a description of every signature;
 - the first subgraph's input and output tensors, each described (the metadata schema
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from serving import tflite_metadata as md
+from serving.edge import metadata as md
 from serving.edge import SIDECAR
 LABELS = "labels.txt"
 

@@ -49,7 +49,8 @@ from pipelines import checkpoints, dataset, evaluate, fs, tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError, check_choice
 from pipelines.progress import Progress
-from serving import edge, tflite_metadata
+from serving import edge
+from serving.edge import metadata as tflite_metadata
 from serving.exporters import edge_metadata
 
 Quantize = Literal["none", "float16", "dynamic", "int8"]

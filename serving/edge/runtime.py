@@ -8,7 +8,7 @@
 workdir): texts (or their token ids) in, class scores out.
 
 Needs nothing of lmstack but the .tflite: its TFLite Metadata describes the model and
-its packed files hold the tokenizer and the sidecar's content (`serving.tflite_metadata`;
+its packed files hold the tokenizer and the sidecar's content (`serving.edge.metadata`;
 files of format 1 read the JSON sidecar and tflite/tokenizer/ next to them).
 `model.tokenizer` turns text into ids without TensorFlow. The transformer runs `prefill`
 once on the right-padded prompt and `decode` per new token; the LSTM runs `step` per
@@ -23,8 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
-from serving import tflite_metadata
-from serving.edge_tokenizer import EdgeTokenizer
+from serving.edge import metadata as tflite_metadata
+from serving.edge.tokenizer import EdgeTokenizer
 
 SIDECAR = "lmstack.json"  # the sidecar's content, packed in the file (serving.exporters.edge_metadata)
 # The layout of lmstack's .tflite files, recorded in the sidecar as "format" (files without it are older):
