@@ -162,6 +162,75 @@ def decode(decoder, tokens: tf.Tensor, keep: tf.Tensor, new: tf.Tensor, sampling
     return tokens
 
 
+STEPS = 16  # the most decoding steps one `continue_rows` call runs (the width of its output)
+
+
+def start_rows(decoder, tokens: tf.Tensor, lengths: tf.Tensor, cache_length, sampling: Sampling
+               ) -> tuple[tf.Tensor, tf.Tensor]:
+    """Starts a batch of sequences for a server that decodes them step by step (continuous batching).
+
+    Prefills each row's tokens into a fresh cache and chooses its first new token, at position
+    `lengths[i]`, as `decode` chooses it.
+
+    Args:
+        decoder: a `GPTDecoder` or `LSTMDecoder`.
+        tokens: int32 `[B, T]`; row i's sequence in its first `lengths[i]` columns (at least 1).
+        lengths: int32 `[B]`.
+        cache_length: the cache's length (a transformer's: the context; ignored by an LSTM).
+        sampling: per-row settings.
+    Returns:
+        `(first new token [B], cache [B, ...])`.
+    """
+    logits, cache = decoder.prefill_rows(tokens, lengths, cache_length)
+    return _choose_rows(logits, lengths, sampling), cache
+
+
+def continue_rows(decoder, tokens: tf.Tensor, positions: tf.Tensor, cache: tf.Tensor, steps: tf.Tensor,
+                  sampling: Sampling, stop_token_id: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Up to `steps[i]` more tokens for each row, every row at its own position, in one loop.
+
+    Row i's last token `tokens[i]` sits at `positions[i]` and is not yet in its cache. Each step
+    feeds every row's last token, and chooses the next at the following position with the row's
+    own settings (`sample_next`): what `decode` chooses, whatever else is in the batch. A row
+    stops at `stop_token_id` (not returned) or after its steps; its cache then stays as it is.
+
+    Args:
+        tokens, positions: int32 `[B]`.
+        cache: `[B, ...]`, from `start_rows` or a previous call.
+        steps: int32 `[B]`, at most `STEPS`; a row with 0 (a free slot's padding) is left alone.
+        sampling: per-row settings.
+        stop_token_id: a row ends at this token.
+    Returns:
+        `(new tokens [B, STEPS] (zeros after each row's count), count [B], cache)`. A row's next
+        call continues from its last new token, at `positions[i] + count[i]`; a row with
+        `count[i] < steps[i]` met the stop token.
+    """
+    batch = tf.shape(tokens)[0]
+    new = tf.zeros([batch, STEPS], tf.int32)
+    columns = tf.range(STEPS)[tf.newaxis, :]
+
+    def step(i, token, position, parts, new, count, live):
+        logits, parts = decoder.step_rows(token, parts, position, live)
+        chosen = _choose_rows(logits, position + 1, sampling)
+        live = live & (chosen != stop_token_id)
+        new = tf.where(live[:, tf.newaxis] & (columns == i), chosen[:, tf.newaxis], new)
+        count += tf.cast(live, tf.int32)
+        token, position = tf.where(live, chosen, token), tf.where(live, position + 1, position)
+        return i + 1, token, position, parts, new, count, live & (i + 1 < steps)
+
+    loop = tf.while_loop(lambda i, *args: (i < STEPS) & tf.reduce_any(args[-1]), step,
+                         (tf.constant(0), tokens, positions, decoder.split_cache(cache), new,
+                          tf.zeros([batch], tf.int32), steps > 0))
+    return loop[4], loop[5], decoder.join_cache(loop[3])
+
+
+def _choose_rows(logits: tf.Tensor, positions: tf.Tensor, sampling: Sampling) -> tf.Tensor:
+    """`sample_next` with every row at its own position (greedy batches skip the sampling work)."""
+    logits = tf.cast(logits, tf.float32)
+    return tf.cond(tf.reduce_any(sampling.temperature > 0), lambda: sample_next(logits, positions, *sampling),
+                   lambda: tf.argmax(logits, axis=-1, output_type=tf.int32))
+
+
 @dataclasses.dataclass(frozen=True)
 class Buckets:
     """The buffer shapes a compiled loop runs at: batch and length rounded up to one of these.

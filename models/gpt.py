@@ -263,6 +263,20 @@ class GPTDecoder:
         del count
         return self.call_with_cache(ids, cache, 0)[1]
 
+    def prefill_rows(self, ids: tf.Tensor, lengths: tf.Tensor, cache_length: int) -> tuple[tf.Tensor, tf.Tensor]:
+        """A new cache of `cache_length` positions holding each row's first `lengths[i]` tokens of
+        `ids` `[B, T]` (T <= cache_length), in one pass.
+
+        Returns:
+            `(logits after each row's last token [B, V] float32, cache)`. The cache past a row's
+            length holds what the padding made of it, which decoding overwrites position by
+            position before any query reads it (attention is causal).
+        """
+        # A cache of exactly T positions takes the keys and values whole (no one-hot placement).
+        logits, cache = self.call_with_cache(ids, self.init_cache(tf.shape(ids)[0], tf.shape(ids)[1]), 0)
+        cache = tf.pad(cache, [[0, 0], [0, 0], [0, 0], [0, cache_length - tf.shape(ids)[1]], [0, 0]])
+        return tf.gather(logits, lengths - 1, batch_dims=1), cache
+
     def call_with_cache(self, ids: tf.Tensor, cache: tf.Tensor, index) -> tuple[tf.Tensor, tf.Tensor]:
         """Runs tokens at positions `index .. index + S - 1` against the cache.
 
@@ -294,3 +308,47 @@ class GPTDecoder:
             x = block(x, attend)
         logits = get("logits")([get("final_ln")(x), table])
         return logits, tf.stack(new_cache, axis=1)
+
+    # -- a server's batch of sequences, each at its own position (`models.decoding.continue_rows`) --
+
+    def split_cache(self, cache: tf.Tensor) -> list[tf.Tensor]:
+        """The cache as one tensor per layer and kind, `[B, max_len, d]` each (keys of layer 0, its
+        values, keys of layer 1, ...): the layout `step_rows` writes in place."""
+        return [part for layer in tf.unstack(cache, axis=1) for part in tf.unstack(layer, axis=1)]
+
+    def join_cache(self, parts: list[tf.Tensor]) -> tf.Tensor:
+        """The inverse of `split_cache`."""
+        return tf.stack([tf.stack(parts[i:i + 2], axis=1) for i in range(0, len(parts), 2)], axis=1)
+
+    def step_rows(self, ids: tf.Tensor, parts: list[tf.Tensor], positions: tf.Tensor,
+                  write: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """One token per row, each at its own position, against a cache from `split_cache`.
+
+        Each layer's new key and value go to their row and position by a scatter, which XLA
+        does in place inside a decoding loop (the one-hot write of `call_with_cache` rewrites
+        the whole cache at every step).
+
+        Args:
+            ids, positions: int32 `[B]`; positions below the cache's length.
+            write: bool `[B]`, the rows whose cache is updated; the others keep theirs (and their
+                logits mean nothing).
+        Returns:
+            `(logits [B, V] float32, parts)`.
+        """
+        c, get = self.config, self._layer
+        x, table = get("token_embedding")(ids[:, tf.newaxis])
+        x = get("position_embedding")(x, start_index=positions)  # (B, 1, d)
+        at = tf.stack([tf.range(tf.shape(ids)[0]), positions], axis=1)  # (B, 2): row, position
+        k_positions = tf.range(tf.shape(parts[0])[1])
+        new_parts = []
+        for i, block in enumerate(self.blocks):
+            def attend(q, k, v, keys=parts[2 * i], values=parts[2 * i + 1]):
+                for new, old in ((k, keys), (v, values)):
+                    kept = tf.where(write[:, tf.newaxis], new[:, 0], tf.gather_nd(old, at))
+                    new_parts.append(tf.tensor_scatter_nd_update(old, at, kept))
+                return layers.attention(q, new_parts[-2], new_parts[-1], c.heads, positions[:, tf.newaxis],
+                                        k_positions)
+
+            x = block(x, attend)
+        logits = get("logits")([get("final_ln")(x), table])
+        return logits[:, 0], new_parts

@@ -73,7 +73,8 @@ class PositionEmbedding(keras.layers.Layer, PrunableLayer):
 
     Call arguments:
         x: float `[B, T, d]`.
-        start_index: position of `x[:, 0]` (cached decoding feeds later positions).
+        start_index: position of `x[:, 0]` (cached decoding feeds later positions): a scalar, or
+            int `[B]`, one per row (a server's batch of sequences at different positions).
     """
 
     def __init__(self, max_length: int, initializer_stddev: float = 0.02, **kwargs):
@@ -90,6 +91,9 @@ class PositionEmbedding(keras.layers.Layer, PrunableLayer):
     def call(self, x, start_index=0):
         length = tf.shape(x)[1]
         table = tf.convert_to_tensor(self.positions)
+        start_index = tf.convert_to_tensor(start_index, tf.int32)
+        if start_index.shape.rank == 1:
+            return x + tf.gather(table, start_index[:, tf.newaxis] + tf.range(length)[tf.newaxis, :])  # (B, T, d)
         # A static width (not -1) keeps the slice XLA-compilable at a dynamic start.
         return x + tf.slice(table, [start_index, 0], [length, table.shape[-1]])[tf.newaxis]  # (B, T, d)
 
@@ -110,7 +114,7 @@ def attention(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, num_heads: int,
     Args:
         q: `[B, Tq, d]`; k, v: `[B, Tk, d]`.
         num_heads: heads; d must divide by it.
-        q_positions: int `[Tq]`; k_positions: int `[Tk]`.
+        q_positions: int `[Tq]`, or `[B, Tq]` when rows sit at different positions; k_positions: int `[Tk]`.
     Returns:
         `[B, Tq, d]`.
     """
@@ -122,7 +126,10 @@ def attention(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, num_heads: int,
 
     scores = tf.matmul(heads(q), heads(k), transpose_b=True)  # (B, nh, Tq, Tk)
     scores = scores * tf.cast(1.0 / math.sqrt(head_dim), scores.dtype)
-    visible = q_positions[:, tf.newaxis] >= k_positions[tf.newaxis, :]  # (Tq, Tk)
+    if q_positions.shape.rank == 2:  # per row: (B, 1, Tq, Tk), the same for every head
+        visible = q_positions[:, tf.newaxis, :, tf.newaxis] >= k_positions[tf.newaxis, tf.newaxis, tf.newaxis, :]
+    else:
+        visible = q_positions[:, tf.newaxis] >= k_positions[tf.newaxis, :]  # (Tq, Tk)
     # Softmax in float32 even under mixed precision. A masked score becomes 30 below the row's
     # lowest, so its weight is under e^-30 of any visible one; no extreme constant such as
     # -1e9, which would stretch an int8 range over every real score in a quantized TFLite model.

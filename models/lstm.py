@@ -133,11 +133,13 @@ class LSTMDecoder:
         dtype = layers.get_layer(self.model, "rnn0").compute_dtype
         return tf.zeros([batch_size, c.layers, 2, c.units], dtype)
 
-    def call_with_cache(self, ids: tf.Tensor, cache: tf.Tensor | None, index=None) -> tuple[tf.Tensor, tf.Tensor]:
+    def call_with_cache(self, ids: tf.Tensor, cache: tf.Tensor | None, index=None,
+                        write=None) -> tuple[tf.Tensor, tf.Tensor]:
         """Feeds tokens `[B, S]` after the state in `cache`; `index` is unused (state is sequential).
 
         `cache=None` starts from the zero state without passing one, which is
-        what lets TFLite fuse each layer into its sequence-LSTM kernel.
+        what lets TFLite fuse each layer into its sequence-LSTM kernel. `write`, bool `[B]`: the
+        rows whose state advances (default all); the others keep theirs.
 
         Returns:
             `(logits [B, S, V] float32, updated state)`.
@@ -155,7 +157,10 @@ class LSTMDecoder:
                 cell = tf.zeros_like(h)
             x = get(f"rnn{i}_dropout")(x)  # identity at inference; under QAT it may carry a fake-quant
             states.append(tf.stack([h, cell], axis=1))  # (B, 2, units)
-        return self._logits(x, table), tf.stack(states, axis=1)
+        state = tf.stack(states, axis=1)
+        if write is not None:
+            state = tf.where(write[:, tf.newaxis, tf.newaxis, tf.newaxis], state, cache)
+        return self._logits(x, table), state
 
     def prefill(self, ids: tf.Tensor, count, cache: tf.Tensor) -> tf.Tensor:
         """The state after the first `count` tokens of `ids` `[B, T]`, one `step` at a time (any count, one
@@ -164,6 +169,37 @@ class LSTMDecoder:
             return i + 1, self.step(ids[:, i], state)[1]
 
         return tf.while_loop(lambda i, state: i < count, body, (tf.constant(0), cache))[1]
+
+    def prefill_rows(self, ids: tf.Tensor, lengths: tf.Tensor, cache_length=None) -> tuple[tf.Tensor, tf.Tensor]:
+        """A new state after each row's first `lengths[i]` tokens of `ids` `[B, T]`, one token at a time
+        (a row's state stops at its length; `cache_length` means nothing to an LSTM).
+
+        Returns:
+            `(logits after each row's last token [B, V] float32, state)`.
+        """
+        def body(i, state, last):
+            logits, state = self.call_with_cache(ids[:, i:i + 1], state, write=i < lengths)
+            return i + 1, state, tf.where((i == lengths - 1)[:, tf.newaxis], logits[:, 0], last)
+
+        cache = self.init_cache(tf.shape(ids)[0])
+        last = tf.zeros([tf.shape(ids)[0], self.vocab_size], tf.float32)
+        _, cache, last = tf.while_loop(lambda i, *_: i < tf.reduce_max(lengths), body, (tf.constant(0), cache, last))
+        return last, cache
+
+    # A server's batch of sequences (`models.decoding.continue_rows`): the state is one part, and
+    # positions mean nothing to it.
+    def split_cache(self, cache: tf.Tensor) -> list[tf.Tensor]:
+        return [cache]
+
+    def join_cache(self, parts: list[tf.Tensor]) -> tf.Tensor:
+        return parts[0]
+
+    def step_rows(self, ids: tf.Tensor, parts: list[tf.Tensor], positions: tf.Tensor,
+                  write: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """One token per row `[B]`; the rows not in `write` keep their state."""
+        del positions
+        logits, state = self.call_with_cache(ids[:, tf.newaxis], parts[0], write=write)
+        return logits[:, 0], [state]
 
     def step(self, ids: tf.Tensor, cache: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """One token per row, `[B]`, through the cells directly (no recurrent loop op).
