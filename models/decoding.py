@@ -282,6 +282,30 @@ def bucketed(compiled, buckets: Buckets, fallback):
     return run
 
 
+def layout_prompts(prompts: tf.RaggedTensor, max_new_tokens: tf.Tensor, max_length: int | None,
+                   empty_prompt_id: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Prompts as every generation path lays them out: `(tokens [B, T] int32, lengths [B])`.
+
+    Row i holds its last `lengths[i]` tokens, left-aligned: an empty prompt is `empty_prompt_id`
+    alone, and a prompt that would overflow `max_length` with its `max_new_tokens` (less than
+    `max_length`) keeps its end. T is the longest row; the rest of a row is zeros.
+    """
+    batch = tf.shape(max_new_tokens)[0]
+    lengths = tf.cast(prompts.row_lengths(), tf.int32)
+    dense = prompts.to_tensor(default_value=0)
+    dense = tf.concat([dense, tf.zeros([batch, 1], tf.int32)], axis=1)  # at least one column
+    first = tf.where(lengths > 0, dense[:, 0], empty_prompt_id)
+    dense = tf.concat([first[:, tf.newaxis], dense[:, 1:]], axis=1)
+    lengths = tf.maximum(lengths, 1)
+    keep = lengths
+    if max_length is not None:
+        keep = tf.minimum(lengths, max_length - tf.maximum(max_new_tokens, 0))
+    width = tf.reduce_max(keep)
+    columns = tf.range(width)[tf.newaxis, :]
+    source = tf.minimum((lengths - keep)[:, tf.newaxis] + columns, tf.shape(dense)[1] - 1)
+    return tf.where(columns < keep[:, tf.newaxis], tf.gather(dense, source, batch_dims=1), 0), keep
+
+
 # One compiled rule for every stream's token-by-token choice.
 _choose = tf.function(sample_next, jit_compile=True)
 
@@ -309,24 +333,13 @@ def generate_graph(decoder, prompts: tf.RaggedTensor, max_new_tokens: tf.Tensor,
     """
     if loop is None:
         loop = lambda *args: decode(decoder, *args, stop_token_id=stop_token_id)
-    batch = tf.shape(max_new_tokens)[0]
-    lengths = tf.cast(prompts.row_lengths(), tf.int32)
-    dense = prompts.to_tensor(default_value=0)
-    dense = tf.concat([dense, tf.zeros([batch, 1], tf.int32)], axis=1)  # at least one column
-    first = tf.where(lengths > 0, dense[:, 0], empty_prompt_id)
-    dense = tf.concat([first[:, tf.newaxis], dense[:, 1:]], axis=1)
-    lengths = tf.maximum(lengths, 1)
     new = tf.maximum(max_new_tokens, 0)
-    keep = lengths
     if decoder.max_length is not None:
         with tf.control_dependencies([check_fits_context(new, decoder.max_length)]):
             new = tf.identity(new)
-        keep = tf.minimum(lengths, decoder.max_length - new)
-    # Left-align the kept end of every prompt: row i holds its last keep[i] tokens.
+    tokens, keep = layout_prompts(prompts, new, decoder.max_length, empty_prompt_id)
     total = tf.reduce_max(keep + new)
-    columns = tf.range(total)[tf.newaxis, :]
-    source = tf.minimum((lengths - keep)[:, tf.newaxis] + columns, tf.shape(dense)[1] - 1)
-    tokens = tf.where(columns < keep[:, tf.newaxis], tf.gather(dense, source, batch_dims=1), 0)  # (B, total)
+    tokens = tf.pad(tokens, [[0, 0], [0, tf.maximum(total - tf.shape(tokens)[1], 0)]])  # room for the new tokens
     tokens = loop(tokens, keep, new, sampling)
     # Row i's new tokens are tokens[i, keep[i]:keep[i] + new[i]], up to its first stop token.
     width = tf.reduce_max(new)

@@ -1,6 +1,6 @@
 """The serving contract: signature, tensor and file names shared by the exporter, the server and the clients.
 
-An exported language model answers eight signatures (TensorFlow Serving's
+An exported language model answers thirteen signatures (TensorFlow Serving's
 `signature_name`); every tensor's first dimension is the batch:
 
     serving_default    prompt string [B], max_new_tokens int32 [B]
@@ -30,6 +30,31 @@ An exported language model answers eight signatures (TensorFlow Serving's
                        from the warm-up requests. (score is one forward pass, already as fast
                        uncompiled: it has no compiled twin.)
 
+Three more let a server schedule generation step by step (continuous batching: `lmstack serve`
+keeps each sequence's cache between calls; TensorFlow Serving has no use for them, but serves
+them like any other):
+
+    prefill            the inputs of generate
+                       -> cache float [B, ...], token int32 [B], num_tokens int32 [B]
+                       (each row laid out as generate lays it out for its max_new_tokens, in a new
+                       cache: `num_tokens` tokens of it, [EOS] alone for an empty prompt; `token` is
+                       its first new token, chosen as generate chooses it, at position num_tokens)
+    decode             token int32 [B], position int32 [B], cache, steps int32 [B], temperature,
+                       top_k, top_p, seed float/int [B]
+                       -> token_ids int32 [B, 16], num_tokens int32 [B], cache
+                       (up to steps[i] <= 16 more tokens for each row, every row at its own position:
+                       its last token `token` sits at `position` and is not in its cache yet; the
+                       same tokens generate makes, whatever else is in the batch. A row stops at
+                       [EOS] (num_tokens < steps) or after its steps; a row with steps 0 is left
+                       alone. The next call continues from its last new token, at position +
+                       num_tokens)
+    detokenize         token_ids int32 [B, T], num_tokens int32 [B] -> text string [B]
+                       (the text of each row's first num_tokens ids)
+    prefill_xla, decode_xla   the same, XLA-compiled over the export's shape buckets.
+
+The cache is a transformer's keys and values, `[B, layers, 2, length, d_model]` (any length up to
+the context; a prefill makes it the context), or an LSTM's state `[B, layers, 2, units]`.
+
 A classifier export (`lmstack finetune`, then `lmstack export`) answers two:
 
     serving_default    text string [B] -> label string [B], scores float [B, C]
@@ -58,6 +83,12 @@ XLA_SUFFIX = "_xla"
 SERVING_DEFAULT_XLA = SERVING_DEFAULT + XLA_SUFFIX
 GENERATE_XLA = GENERATE + XLA_SUFFIX
 GENERATE_CHUNK_XLA = GENERATE_CHUNK + XLA_SUFFIX
+PREFILL = "prefill"
+DECODE = "decode"
+DETOKENIZE = "detokenize"
+PREFILL_XLA = PREFILL + XLA_SUFFIX
+DECODE_XLA = DECODE + XLA_SUFFIX
+DECODE_STEPS = 16  # the most tokens one decode call makes per row (the width of its token_ids)
 
 # Tensor names.
 PROMPT = "prompt"
@@ -76,6 +107,10 @@ GENERATED = "generated"
 NUM_GENERATED = "num_generated"
 CHUNK_TOKENS = "chunk_tokens"
 FINISHED = "finished"
+CACHE = "cache"
+TOKEN = "token"
+POSITION = "position"
+STEPS = "steps"
 
 # The classifier's signatures and tensors (TensorFlow Serving's names for the Classify API).
 CLASSIFY = "classify"
@@ -120,9 +155,10 @@ HTTP_STATUS = {"OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 
 
 @dataclasses.dataclass(frozen=True)
 class Tensor:
-    """One input or output of a signature: dtype name (as in TensorFlow) and rank."""
+    """One input or output of a signature: dtype name (as in TensorFlow) and rank (None: the model's
+    cache, whose rank depends on the model)."""
     dtype: str
-    rank: int
+    rank: int | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +178,13 @@ _SAMPLED = Signature(inputs={PROMPT: Tensor("string", 1), MAX_NEW_TOKENS: Tensor
 _CHUNK = Signature(inputs={**_SAMPLED.inputs, GENERATED: Tensor("int32", 2), NUM_GENERATED: Tensor("int32", 1),
                            CHUNK_TOKENS: Tensor("int32", 1)},
                    outputs={**_COMPLETION_OUTPUTS, FINISHED: Tensor("bool", 1)})
+_SAMPLING = {k: _SAMPLED.inputs[k] for k in (TEMPERATURE, TOP_K, TOP_P, SEED)}
+_CACHE = Tensor("float32", None)  # the model's own shape (see above)
+_PREFILL = Signature(inputs=_SAMPLED.inputs,
+                     outputs={CACHE: _CACHE, TOKEN: Tensor("int32", 1), NUM_TOKENS: Tensor("int32", 1)})
+_DECODE = Signature(inputs={TOKEN: Tensor("int32", 1), POSITION: Tensor("int32", 1), CACHE: _CACHE,
+                            STEPS: Tensor("int32", 1), **_SAMPLING},
+                    outputs={TOKEN_IDS: Tensor("int32", 2), NUM_TOKENS: Tensor("int32", 1), CACHE: _CACHE})
 _SCORE = Signature(inputs={TEXT: Tensor("string", 1)},
                    outputs={LOG_LIKELIHOOD: Tensor("float32", 1), NUM_TOKENS: Tensor("int32", 1)})
 
@@ -156,7 +199,14 @@ SIGNATURES: dict[str, Signature] = {
     NEXT_TOKEN_LOGITS: Signature(
         inputs={TOKEN_IDS: Tensor("int32", 2), NUM_TOKENS: Tensor("int32", 1)},
         outputs={LOGITS: Tensor("float32", 2)}),
+    PREFILL: _PREFILL,
+    DECODE: _DECODE,
+    PREFILL_XLA: _PREFILL,
+    DECODE_XLA: _DECODE,
+    DETOKENIZE: Signature(inputs={TOKEN_IDS: Tensor("int32", 2), NUM_TOKENS: Tensor("int32", 1)},
+                          outputs={TEXT: Tensor("string", 1)}),
 }
+STEP_SIGNATURES = (PREFILL, DECODE, DETOKENIZE)  # what a step scheduler needs (with the _xla twins, faster)
 
 
 

@@ -1,7 +1,7 @@
 """Export: a workdir's model + tokenizer -> a SavedModel that TensorFlow Serving serves, text in and text out.
 
     EXPORT_BASE/VERSION/
-      saved_model.pb, variables/       the signatures of `serving.contract` (eight)
+      saved_model.pb, variables/       the signatures of `serving.contract` (thirteen)
       assets/                          the tokenizer's files (vocabulary / SentencePiece model)
       assets.extra/lmstack_config.json the run's config, the tokenizer's, the checkpoint step
       assets.extra/tf_serving_warmup_requests   one PredictionLog per signature
@@ -75,10 +75,19 @@ class ExportConfig:
             raise ConfigError("version", self.version, "must be positive (0 picks the next free one)")
 
 
-def _spec(signature: str) -> list[tf.TensorSpec]:
-    shapes = {1: [None], 2: [None, None]}
+def _spec(signature: str, cache: list | None = None) -> list[tf.TensorSpec]:
+    """The signature's input specs; `cache`, the shape of the model's cache (its batch None)."""
+    shapes = {1: [None], 2: [None, None], None: cache}
     return [tf.TensorSpec(shapes[t.rank], tf.dtypes.as_dtype(t.dtype), name=name)
             for name, t in c.SIGNATURES[signature].inputs.items()]
+
+
+def cache_shape(decoder) -> list:
+    """The cache's shape in the step signatures: any batch and, for a transformer, any length."""
+    shape = [None] + list(decoder.init_cache(1, 1).shape[1:])
+    if decoder.max_length is not None:
+        shape[3] = None
+    return shape
 
 
 class LanguageModelModule(tf.Module):
@@ -236,8 +245,96 @@ class LanguageModelModule(tf.Module):
         logits = self.model(window, training=False)  # (B, W, V); causal, so padding after `last` is not read
         return {c.LOGITS: tf.cast(tf.gather(logits, last, batch_dims=1), tf.float32)}
 
+    # -- the step signatures (continuous batching in a server; see serving.contract) --
+
+    def _prefill(self, prompt, max_new_tokens, sampling: samplers.Sampling, compiled: bool):
+        """Each prompt laid out as `generate_graph` lays it out, prefilled into a new cache."""
+        new = tf.maximum(max_new_tokens, 0)
+        if self._context is not None:
+            with tf.control_dependencies([decoding.check_fits_context(new, self._context)]):
+                new = tf.identity(new)
+        tokens, lengths = decoding.layout_prompts(self._tokenize(prompt), new, self._context, self._eos)
+        if compiled:  # padded to a bucket: padding rows are one [EOS], padding columns never read
+            batch, width = tf.shape(tokens)[0], tf.shape(tokens)[1]
+            rows = decoding.round_up(batch, self.buckets.batch)
+            columns = decoding.round_up(width, self.buckets.length)
+
+            def padded():
+                extra = rows - batch
+                token, cache = self._start_xla(
+                    tf.pad(tokens, [[0, extra], [0, columns - width]], constant_values=self._eos),
+                    tf.pad(lengths, [[0, extra]], constant_values=1), sampling.pad(extra))
+                return token[:batch], cache[:batch]
+
+            token, cache = tf.cond((rows > 0) & (columns > 0), padded, lambda: self._start(tokens, lengths, sampling))
+        else:
+            token, cache = self._start(tokens, lengths, sampling)
+        return {c.CACHE: cache, c.TOKEN: token, c.NUM_TOKENS: lengths}
+
+    def _start_rows(self, tokens, lengths, sampling):
+        return decoding.start_rows(self._decoder, tokens, lengths, self._context, sampling)
+
+    @tf.function
+    def _start(self, tokens, lengths, sampling):
+        return self._start_rows(tokens, lengths, sampling)
+
+    @tf.function(jit_compile=True)
+    def _start_xla(self, tokens, lengths, sampling):
+        return self._start_rows(tokens, lengths, sampling)
+
+    def _continue(self, token, position, cache, steps, sampling: samplers.Sampling, compiled: bool):
+        if compiled:  # a batch beyond the largest bucket runs uncompiled; others are padded to one
+            batch = tf.shape(token)[0]
+            rows = decoding.round_up(batch, self.buckets.batch)
+
+            def padded():
+                extra = rows - batch
+                pad = lambda x: tf.pad(x, [[0, extra]] + [[0, 0]] * (len(x.shape) - 1))
+                ids, count, new_cache = self._continue_xla(pad(token), pad(position), pad(cache), pad(steps),
+                                                           sampling.pad(extra))
+                return ids[:batch], count[:batch], new_cache[:batch]
+
+            ids, count, cache = tf.cond(rows > 0, padded,
+                                        lambda: self._continue_graph(token, position, cache, steps, sampling))
+        else:
+            ids, count, cache = self._continue_graph(token, position, cache, steps, sampling)
+        return {c.TOKEN_IDS: ids, c.NUM_TOKENS: count, c.CACHE: cache}
+
+    def _continue_rows(self, token, position, cache, steps, sampling):
+        return decoding.continue_rows(self._decoder, token, position, cache, tf.minimum(steps, c.DECODE_STEPS),
+                                      sampling, self._eos)
+
+    @tf.function
+    def _continue_graph(self, token, position, cache, steps, sampling):
+        return self._continue_rows(token, position, cache, steps, sampling)
+
+    @tf.function(jit_compile=True)
+    def _continue_xla(self, token, position, cache, steps, sampling):
+        return self._continue_rows(token, position, cache, steps, sampling)
+
+    def step_signatures(self) -> dict[str, Any]:
+        """The prefill, decode and detokenize signatures (and the compiled twins)."""
+        cache = cache_shape(self._decoder)
+        sampled = lambda compiled: tf.function(
+            lambda prompt, max_new_tokens, temperature, top_k, top_p, seed: self._prefill(
+                prompt, max_new_tokens, samplers.Sampling(temperature, top_k, top_p, seed), compiled),
+            input_signature=_spec(c.PREFILL))
+        stepped = lambda compiled: tf.function(
+            lambda token, position, cache, steps, temperature, top_k, top_p, seed: self._continue(
+                token, position, cache, steps, samplers.Sampling(temperature, top_k, top_p, seed), compiled),
+            input_signature=_spec(c.DECODE, cache))
+        detokenize = tf.function(
+            lambda token_ids, num_tokens: {c.TEXT: self._detokenize(
+                tf.RaggedTensor.from_tensor(token_ids, lengths=tf.clip_by_value(num_tokens, 0, tf.shape(token_ids)[1])))},
+            input_signature=_spec(c.DETOKENIZE))
+        return {c.PREFILL: sampled(False).get_concrete_function(), c.PREFILL_XLA: sampled(True).get_concrete_function(),
+                c.DECODE: stepped(False).get_concrete_function(), c.DECODE_XLA: stepped(True).get_concrete_function(),
+                c.DETOKENIZE: detokenize.get_concrete_function()}
+
     def signatures(self) -> dict[str, Any]:
-        return {name: getattr(self, name).get_concrete_function() for name in c.SIGNATURES}
+        steps = self.step_signatures()
+        return {name: steps[name] if name in steps else getattr(self, name).get_concrete_function()
+                for name in c.SIGNATURES}
 
 
 def _tokenizer_files(tokenizer_dir: fs.Path) -> list[str]:
@@ -249,8 +346,14 @@ _SAMPLED_WARMUP = {c.PROMPT: [WARMUP_PROMPT], c.MAX_NEW_TOKENS: [4], c.TEMPERATU
 _CHUNK_WARMUP = {**_SAMPLED_WARMUP, c.GENERATED: [[tokenizers.EOS_ID]], c.NUM_GENERATED: [1], c.CHUNK_TOKENS: [2]}
 
 
-def warmup_requests(model_name: str) -> list[bytes]:
-    """Serialized PredictionLog records, one small request per uncompiled signature."""
+def warmup_requests(model_name: str, cache: list) -> list[bytes]:
+    """Serialized PredictionLog records, one small request per uncompiled signature (`cache`: the
+    step signatures' cache shape, its None dimensions 1 here)."""
+    import numpy as np
+
+    empty_cache = np.zeros([1 if n is None else n for n in cache], np.float32)
+    step = {c.TOKEN: [tokenizers.EOS_ID], c.POSITION: [0], c.CACHE: empty_cache, c.STEPS: [1], c.TEMPERATURE: [1.0],
+            c.TOP_K: [0], c.TOP_P: [0.9], c.SEED: [0]}
     return _prediction_logs(model_name, [
         (c.SERVING_DEFAULT, {c.PROMPT: [WARMUP_PROMPT], c.MAX_NEW_TOKENS: [4]}),
         (c.GENERATE, {c.PROMPT: [WARMUP_PROMPT], c.MAX_NEW_TOKENS: [4], c.TEMPERATURE: [1.0], c.TOP_K: [0],
@@ -258,16 +361,28 @@ def warmup_requests(model_name: str) -> list[bytes]:
         (c.SCORE, {c.TEXT: [WARMUP_PROMPT]}),
         (c.NEXT_TOKEN_LOGITS, {c.TOKEN_IDS: [[tokenizers.EOS_ID]], c.NUM_TOKENS: [1]}),
         (c.GENERATE_CHUNK, _CHUNK_WARMUP),
+        (c.PREFILL, _SAMPLED_WARMUP),
+        (c.DECODE, step),
+        (c.DETOKENIZE, {c.TOKEN_IDS: [[tokenizers.EOS_ID]], c.NUM_TOKENS: [1]}),
     ])
 
 
 
 def xla_warmup_requests(model_name: str, buckets: decoding.Buckets, tokenizer) -> list[bytes]:
-    """Records that compile every bucket of the _xla signatures: one request of each (batch, length)."""
+    """Records that compile every bucket of the _xla signatures: one request of each (batch, length).
+
+    (decode_xla's buckets are compiled by the server that schedules steps, which holds the caches:
+    a record would carry a whole batch of them.)
+    """
     requests = []
     for batch, length in buckets.shapes():
         # An empty prompt is one token ([EOS]): with length - 1 new tokens the buffer is `length`.
         requests.append((c.SERVING_DEFAULT_XLA, {c.PROMPT: [""] * batch, c.MAX_NEW_TOKENS: [length - 1] * batch}))
+        # A prompt of `length` tokens (the char "x" or a byte: a token or more each) prefills at `length`.
+        prompt = "x" * length
+        requests.append((c.PREFILL_XLA, {c.PROMPT: [prompt] * batch, c.MAX_NEW_TOKENS: [0] * batch,
+                                         **{k: v * batch for k, v in _SAMPLED_WARMUP.items()
+                                            if k not in (c.PROMPT, c.MAX_NEW_TOKENS)}}))
     # The sampled and chunked twins run the same compiled loop: one request each prepares their graphs.
     requests.append((c.GENERATE_XLA, _SAMPLED_WARMUP))
     requests.append((c.GENERATE_CHUNK_XLA, _CHUNK_WARMUP))
@@ -326,7 +441,8 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
                                      decoding.Buckets(config.batch_buckets, config.length_buckets))
         info = {"kind": "language_model", "checkpoint_step": step, "model": models.config_to_json(model_config),
                 "xla_buckets": {"batch": list(module.buckets.batch), "length": list(module.buckets.length)}}
-        signatures, warmup, methods = c.SIGNATURES, warmup_requests(config.model_name), {}
+        signatures, methods = c.SIGNATURES, {}
+        warmup = warmup_requests(config.model_name, cache_shape(module._decoder))
         xla_warmup = xla_warmup_requests(config.model_name, module.buckets, tokenizer)
         if config.xla_warmup:
             warmup, xla_warmup = warmup + xla_warmup, []
