@@ -35,10 +35,11 @@ keeps each sequence's cache between calls; TensorFlow Serving has no use for the
 them like any other):
 
     prefill            the inputs of generate
-                       -> cache float [B, ...], token int32 [B], num_tokens int32 [B]
+                       -> cache float [B, ...], token int32 [B], num_tokens int32 [B], finished bool [B]
                        (each row laid out as generate lays it out for its max_new_tokens, in a new
                        cache: `num_tokens` tokens of it, [EOS] alone for an empty prompt; `token` is
-                       its first new token, chosen as generate chooses it, at position num_tokens)
+                       its first new token, chosen as generate chooses it, at position num_tokens;
+                       finished: that token is [EOS], so the row has no new tokens)
     decode             token int32 [B], position int32 [B], cache, steps int32 [B], temperature,
                        top_k, top_p, seed float/int [B]
                        -> token_ids int32 [B, 16], num_tokens int32 [B], cache
@@ -181,7 +182,8 @@ _CHUNK = Signature(inputs={**_SAMPLED.inputs, GENERATED: Tensor("int32", 2), NUM
 _SAMPLING = {k: _SAMPLED.inputs[k] for k in (TEMPERATURE, TOP_K, TOP_P, SEED)}
 _CACHE = Tensor("float32", None)  # the model's own shape (see above)
 _PREFILL = Signature(inputs=_SAMPLED.inputs,
-                     outputs={CACHE: _CACHE, TOKEN: Tensor("int32", 1), NUM_TOKENS: Tensor("int32", 1)})
+                     outputs={CACHE: _CACHE, TOKEN: Tensor("int32", 1), NUM_TOKENS: Tensor("int32", 1),
+                              FINISHED: Tensor("bool", 1)})
 _DECODE = Signature(inputs={TOKEN: Tensor("int32", 1), POSITION: Tensor("int32", 1), CACHE: _CACHE,
                             STEPS: Tensor("int32", 1), **_SAMPLING},
                     outputs={TOKEN_IDS: Tensor("int32", 2), NUM_TOKENS: Tensor("int32", 1), CACHE: _CACHE})
@@ -206,6 +208,7 @@ SIGNATURES: dict[str, Signature] = {
     DETOKENIZE: Signature(inputs={TOKEN_IDS: Tensor("int32", 2), NUM_TOKENS: Tensor("int32", 1)},
                           outputs={TEXT: Tensor("string", 1)}),
 }
+GENERATION_SIGNATURES = (SERVING_DEFAULT, GENERATE, SERVING_DEFAULT_XLA, GENERATE_XLA)  # what a scheduler runs
 STEP_SIGNATURES = (PREFILL, DECODE, DETOKENIZE)  # what a step scheduler needs (with the _xla twins, faster)
 
 

@@ -269,7 +269,7 @@ class LanguageModelModule(tf.Module):
             token, cache = tf.cond((rows > 0) & (columns > 0), padded, lambda: self._start(tokens, lengths, sampling))
         else:
             token, cache = self._start(tokens, lengths, sampling)
-        return {c.CACHE: cache, c.TOKEN: token, c.NUM_TOKENS: lengths}
+        return {c.CACHE: cache, c.TOKEN: token, c.NUM_TOKENS: lengths, c.FINISHED: token == self._eos}
 
     def _start_rows(self, tokens, lengths, sampling):
         return decoding.start_rows(self._decoder, tokens, lengths, self._context, sampling)

@@ -93,6 +93,7 @@ class ModelServer:
         self.method_name_check = method_name_check
         self.xla = xla
         self.health = None  # the gRPC health servicer, when serving one
+        self.model_options: dict[str, Any] = {}  # what a reload request's models are made with (ServedModel's)
         self.model_roots = None if model_roots is None else (
             [canonical(m.base_path) for m in models.values()] + [canonical(str(p)) for p in model_roots])
         self._stop = threading.Event()
@@ -236,7 +237,8 @@ class ModelServer:
         the text of one `generate` call; they grow 1, 2, 4, 8, 16, 16, ... tokens (the first token
         comes as soon as possible, then the per-call cost is spread). Each chunk is a request of
         its own to the batcher, so concurrent streams share batches. The stream stops between
-        chunks, and a running chunk is cancelled, once `call` is abandoned.
+        chunks, and a running chunk is cancelled, once `call` is abandoned. With a step scheduler
+        (`serving.server.scheduler`), the tokens come from the stream's slot as they are made instead.
 
         Returns:
             The version, and an iterator of `{"text": new text, "token_ids": new tokens}`, then a
@@ -265,6 +267,8 @@ class ModelServer:
                                                    c.NUM_GENERATED: np.zeros([1], np.int32),
                                                    c.CHUNK_TOKENS: np.ones([1], np.int32)})
         wanted = int(arrays[c.MAX_NEW_TOKENS][0])
+        if loaded.scheduler is not None:  # tokens as the scheduler makes them: nothing is read twice
+            return loaded, loaded.scheduler.stream(arrays, call)
 
         def chunks():
             generated: list[int] = []
@@ -364,6 +368,8 @@ class ModelServer:
         """One signature call on the version a request holds (batched if batching is on)."""
         arrays = self.validate(loaded, signature, inputs)
         call.check()
+        if loaded.scheduler is not None and signature in c.GENERATION_SIGNATURES:
+            return loaded.scheduler.generate(arrays, call)  # step by step, with the other sequences
         run = loaded.numpy_function(signature, self.watchdog.cancellable)
         try:
             if self.batcher is not None:

@@ -171,7 +171,7 @@ def servicers(core: ModelServer):
         @_guarded
         def HandleReloadConfigRequest(self, request, context):
             try:
-                core.reload(models_from_config(request.config, "the reload request"))
+                core.reload(models_from_config(request.config, "the reload request", **core.model_options))
             except ServingError as e:
                 return _fail(context, e)
             return model_management_pb2.ReloadConfigResponse()

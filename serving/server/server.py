@@ -13,16 +13,18 @@ its flags from `Options` and calls these two; tests start servers the same way.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import threading
 from typing import Any
 
 from serving.server.batching import BatchingParameters
-from serving.server import grpc_api, rest_api
+from serving.server import grpc_api, rest_api, scheduler
 from serving.server.config import (SSLConfig, models_from_config_file, read_batching_parameters,
                                    read_monitoring_config, read_ssl_config)
 from serving.server.core import Limits, ModelServer
+from serving.server.scheduler import SchedulerOptions
 from serving.server.versions import LoadedVersion, ServedModel
 
 # How long requests in flight may run on after a stop before they are cut (TF Serving's gRPC grace).
@@ -73,6 +75,15 @@ class Options:
         max_tensor_elements: (lmstack extension) elements of one input tensor.
         max_text_bytes: (lmstack extension) bytes of a request's strings together (prompts, texts to score).
         max_new_tokens_limit: (lmstack extension) the largest max_new_tokens a request may ask for.
+        continuous_batching: (lmstack extension) schedule generation step by step over a pool of cache
+            slots (generate, serving_default, their _xla twins and streams; exports with the step
+            signatures); off, each request runs call by call, batched as TF Serving batches.
+        generation_slots: (lmstack extension) sequences decoded at once (0: as many as 1 GiB of caches
+            holds, at most 32 and the export's largest compiled batch).
+        generation_steps_per_call: (lmstack extension) decoding steps per call before finished sequences
+            leave and waiting ones join (1-16).
+        generation_max_waiting: (lmstack extension) sequences that may wait for a slot; past it a request
+            fails with RESOURCE_EXHAUSTED (0: 8 per slot).
     """
     port: int = 8500
     rest_api_port: int = 8501
@@ -106,6 +117,10 @@ class Options:
     max_tensor_elements: int = Limits.max_tensor_elements
     max_text_bytes: int = Limits.max_text_bytes
     max_new_tokens_limit: int = Limits.max_new_tokens
+    continuous_batching: bool = True
+    generation_slots: int = SchedulerOptions.slots
+    generation_steps_per_call: int = SchedulerOptions.steps_per_call
+    generation_max_waiting: int = SchedulerOptions.max_waiting
 
     def validate(self) -> None:
         """Raises ValueError for the settings that cannot start a server, one line each."""
@@ -131,10 +146,16 @@ class Options:
         if self.model_config_file_poll_wait_seconds and not self.model_config_file:
             raise ValueError("--model_config_file_poll_wait_seconds needs --model_config_file")
         self.limits()
+        self.scheduling()
 
     @property
     def xla(self) -> bool:
         return self.xla_cpu_compilation_enabled or self.xla_gpu_compilation_enabled
+
+    def scheduling(self) -> SchedulerOptions:
+        """The step scheduler's options (ValueError on a bad one)."""
+        return SchedulerOptions(slots=self.generation_slots, steps_per_call=self.generation_steps_per_call,
+                                max_waiting=self.generation_max_waiting)
 
     def limits(self) -> Limits:
         """The per-request limits (ValueError on one below 1)."""
@@ -184,6 +205,10 @@ class Server:
         model_options = {"max_num_load_retries": options.max_num_load_retries,
                          "load_retry_interval": max(0.0, options.load_retry_interval_micros / 1e6),
                          "warmup": options.enable_model_warmup, "xla": options.xla}
+        if options.continuous_batching:
+            model_options["scheduler"] = functools.partial(
+                scheduler.for_version, options=options.scheduling(), xla=options.xla,
+                warm_up=options.enable_model_warmup)
         batching = None
         if options.enable_batching:
             batching = (read_batching_parameters(options.batching_parameters_file)
@@ -201,6 +226,7 @@ class Server:
         core = ModelServer(served, batching=batching, metrics_path=metrics_path, limits=options.limits(),
                            model_roots=roots, method_name_check=options.enable_signature_method_name_check,
                            xla=options.xla)
+        core.model_options = model_options
         server = cls(options, core, loaded, batching, metrics_path, ssl)
         core.refresh()
         core.start_polling(options.file_system_poll_wait_seconds, options.model_config_file or None,
@@ -251,4 +277,8 @@ class Server:
             done.wait()
         if core.batcher is not None:
             core.batcher.close()
+        for model in core.models.values():
+            for loaded in model.versions.values():
+                if loaded.scheduler is not None:
+                    loaded.scheduler.close()
         return drained

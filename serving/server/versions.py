@@ -27,7 +27,7 @@ import posixpath
 import re
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -51,6 +51,7 @@ class LoadedVersion:
     signatures: dict[str, Any]  # name -> concrete function
     methods: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> SignatureDef method name
     context: int | None = None  # a transformer's context: max_new_tokens must stay below it
+    scheduler: Any = None  # the step scheduler of its generation (`serving.server.scheduler`), if any
 
     def __post_init__(self):
         # structured_input_signature rebuilds its answer on every access: read it once.
@@ -232,11 +233,15 @@ class ServedModel:
         warmup: replay a version's warm-up requests before it serves (--enable_model_warmup).
         xla: the server runs XLA-compiled signatures (--xla_cpu_compilation_enabled): replay the
             export's `lmstack_xla_warmup_requests` too, which compile every shape bucket.
+        scheduler: `scheduler(loaded)` makes a loaded version's step scheduler, or None for an export
+            without the step signatures (`serving.server.scheduler.for_version`); None: every
+            generation request runs call by call.
     """
 
     def __init__(self, name: str, base_path: str | os.PathLike, policy: VersionPolicy = VersionPolicy(),
                  labels: dict[str, int] | None = None, max_num_load_retries: int = 5,
-                 load_retry_interval: float = 60.0, warmup: bool = True, xla: bool = False):
+                 load_retry_interval: float = 60.0, warmup: bool = True, xla: bool = False,
+                 scheduler: Callable[[LoadedVersion], Any] | None = None):
         self.name = name
         self.base_path = str(base_path)  # a str, pathlib.Path or GPath
         check_scheme(self.base_path)
@@ -246,6 +251,7 @@ class ServedModel:
         self.load_retry_interval = load_retry_interval
         self.warmup = warmup
         self.xla = xla
+        self.scheduler = scheduler
         self.versions: dict[int, LoadedVersion] = {}
         self.failures: dict[int, _Failure] = {}
         self._lock = threading.Lock()
@@ -293,7 +299,10 @@ class ServedModel:
             keep = set(wanted) if any(v in self.versions for v in wanted) else set(self.versions)
             for version in sorted(set(self.versions) - keep):
                 with self._lock:
+                    gone = self.versions[version]
                     self.versions = {v: lv for v, lv in self.versions.items() if v != version}
+                if gone.scheduler is not None:
+                    gone.scheduler.retire()
                 log.info("%s version %d unloaded", self.name, version)
 
     def _load(self, version: int, failure: _Failure | None) -> None:
@@ -310,6 +319,8 @@ class ServedModel:
                 if self.xla:  # one bucket per core: each XLA compilation runs on one thread
                     warmed += replay_warmup(loaded, join(extra, c.XLA_WARMUP_FILE), self.xla,
                                             threads=os.cpu_count() or 1)
+            if self.scheduler is not None:
+                loaded.scheduler = self.scheduler(loaded)
         except Exception as e:  # a broken export must not take the server down
             attempts = (failure.attempts if failure else 0) + 1
             message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
