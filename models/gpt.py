@@ -329,13 +329,16 @@ class GPTDecoder:
         the whole cache at every step).
 
         Args:
-            ids, positions: int32 `[B]`; positions below the cache's length.
+            ids, positions: int32 `[B]`; the positions of the rows written below the cache's length.
             write: bool `[B]`, the rows whose cache is updated; the others keep theirs (and their
                 logits mean nothing).
         Returns:
             `(logits [B, V] float32, parts)`.
         """
         c, get = self.config, self._layer
+        # A row not written may sit past the end (a finished sequence at the context): any position
+        # serves it, as its logits mean nothing.
+        positions = tf.minimum(positions, tf.shape(parts[0])[1] - 1)
         x, table = get("token_embedding")(ids[:, tf.newaxis])
         x = get("position_embedding")(x, start_index=positions)  # (B, 1, d)
         at = tf.stack([tf.range(tf.shape(ids)[0]), positions], axis=1)  # (B, 2): row, position

@@ -69,15 +69,18 @@ def test_layout(transformer):
 
 
 def test_signature_shapes_and_dtypes(exported):
-    _, _, loaded = exported
+    workdir, _, loaded = exported
     assert set(loaded.signatures) == set(c.SIGNATURES)
+    # The cache's rank is the model's: a transformer's keys and values, an LSTM's state.
+    cache_rank = 5 if checkpoints.read_model_config(workdir).__class__.__name__ == "GPTConfig" else 4
+    rank = lambda t: cache_rank if t.rank is None else t.rank
     for name, contract in c.SIGNATURES.items():
         fn = loaded.signatures[name]
         inputs = fn.structured_input_signature[1]
         assert {k: (v.dtype.name, v.shape.rank) for k, v in inputs.items()} == {
-            k: (t.dtype, t.rank) for k, t in contract.inputs.items()}
+            k: (t.dtype, rank(t)) for k, t in contract.inputs.items()}
         assert {k: (v.dtype.name, v.shape.rank) for k, v in fn.structured_outputs.items()} == {
-            k: (t.dtype, t.rank) for k, t in contract.outputs.items()}
+            k: (t.dtype, rank(t)) for k, t in contract.outputs.items()}
     out = complete(loaded, PROMPTS, [12, 5, 0])
     assert out[c.COMPLETION].shape == (3,) and out[c.TOKEN_IDS].shape == (3, 12)
     assert out[c.COMPLETION][2] == b"" and not out[c.TOKEN_IDS][2].any()  # max_new_tokens=0
@@ -123,6 +126,52 @@ def test_compiled_signatures_answer_as_the_uncompiled_ones(exported):
     plain = sample(loaded, prompts, **settings)
     compiled = sample(loaded, prompts, **settings, signature=c.GENERATE_XLA)
     np.testing.assert_array_equal(compiled[c.TOKEN_IDS], plain[c.TOKEN_IDS])
+
+
+def step_by_step(loaded, prompts, new, settings, compiled: bool, steps: int = 3):
+    """Generation through prefill, decode (at most `steps` per call, rows at their own positions) and
+    detokenize, as a server's scheduler drives them: (texts, token lists)."""
+    suffix = c.XLA_SUFFIX if compiled else ""
+    n = len(prompts)
+    sampling = {k: tf.constant(v) for k, v in settings.items()}
+    first = loaded.signatures[c.PREFILL + suffix](prompt=tf.constant(prompts), max_new_tokens=tf.constant(new),
+                                                  **sampling)
+    token, position, cache = first[c.TOKEN].numpy(), first[c.NUM_TOKENS].numpy().copy(), first[c.CACHE]
+    stopped = first[c.FINISHED].numpy()
+    tokens = [[] if stopped[i] or new[i] == 0 else [int(token[i])] for i in range(n)]
+    done = [bool(stopped[i]) or len(tokens[i]) >= new[i] for i in range(n)]
+    while not all(done):
+        want = np.array([0 if done[i] else min(steps, new[i] - len(tokens[i])) for i in range(n)], np.int32)
+        out = loaded.signatures[c.DECODE + suffix](token=tf.constant(token), position=tf.constant(position),
+                                                   cache=cache, steps=tf.constant(want), **sampling)
+        ids, counts, cache = out[c.TOKEN_IDS].numpy(), out[c.NUM_TOKENS].numpy(), out[c.CACHE]
+        for i in np.flatnonzero(want):
+            tokens[i] += ids[i, :counts[i]].tolist()
+            token[i] = tokens[i][-1] if tokens[i] else token[i]
+            position[i] += counts[i]
+            done[i] = counts[i] < want[i] or len(tokens[i]) >= new[i]
+    ids = np.zeros([n, max(map(len, tokens))], np.int32)
+    for i, row in enumerate(tokens):
+        ids[i, :len(row)] = row
+    text = loaded.signatures[c.DETOKENIZE](token_ids=tf.constant(ids),
+                                           num_tokens=tf.constant([len(t) for t in tokens]))[c.TEXT].numpy()
+    return text, tokens
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_step_signatures_make_generates_text(exported, compiled):
+    """prefill + decode + detokenize, rows at different positions and stopping at different steps, give
+    what generate gives, greedy and sampled (the contract a step-scheduling server relies on)."""
+    _, _, loaded = exported
+    prompts, new = PROMPTS + ["To be"], [12, 5, 0, 9]
+    settings = {c.TEMPERATURE: [0.0, 1.5, 1.0, 0.8], c.TOP_K: [0, 0, 3, 5], c.TOP_P: [1.0, 0.9, 1.0, 1.0],
+                c.SEED: [1, 2, 3, 4]}
+    expected = call(loaded, c.GENERATE, prompt=tf.constant(prompts), max_new_tokens=tf.constant(new),
+                    **{k: tf.constant(v) for k, v in settings.items()})
+    text, tokens = step_by_step(loaded, prompts, new, settings, compiled)
+    assert list(text) == list(expected[c.COMPLETION])
+    assert tokens == [[t for t in row if t] for row in expected[c.TOKEN_IDS].tolist()]  # 0 is [EOS]: never made
+    assert sum(map(len, tokens)) > 10
 
 
 def test_one_overflow_rule(exported):

@@ -130,10 +130,11 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         return f.read()
 
 
-def replay_warmup(loaded: LoadedVersion, warmup_file: str | os.PathLike, xla: bool = False, threads: int = 1) -> int:
+def replay_warmup(loaded: LoadedVersion, warmup_file: str | os.PathLike, xla: bool = False, threads: int = 1,
+                  skip: Sequence[str] = ()) -> int:
     """Runs the PredictionLog requests of a warm-up file (assets.extra/tf_serving_warmup_requests), as
     TensorFlow Serving does, on `threads` threads (its num_model_warmup_threads): XLA compiles one
-    shape bucket per thread.
+    shape bucket per thread. Requests for the signatures in `skip` are left out.
 
     Raises:
         ServingError: a request calls an XLA-compiled signature and `xla` is off (TensorFlow Serving
@@ -150,6 +151,8 @@ def replay_warmup(loaded: LoadedVersion, warmup_file: str | os.PathLike, xla: bo
         if kind == "predict_log":
             request = log_record.predict_log.request
             name = request.model_spec.signature_name or SERVING_DEFAULT
+            if name in skip:
+                continue
             if c.needs_xla(name) and not xla:
                 raise ServingError("FAILED_PRECONDITION", f"{XLA_DISABLED}: the warm-up requests call the XLA-compiled "
                                                           f"signature {name!r} (an export made with --xla_warmup); "
@@ -317,8 +320,13 @@ class ServedModel:
                 extra = join(path, c.ASSETS_EXTRA)
                 warmed = replay_warmup(loaded, join(extra, c.WARMUP_FILE), self.xla)
                 if self.xla:  # one bucket per core: each XLA compilation runs on one thread
+                    # A step scheduler runs prefill_xla and decode_xla in place of the compiled
+                    # generation loops; without one, those are what runs.
+                    scheduled = self.scheduler is not None and all(n in loaded.signatures for n in c.STEP_SIGNATURES)
+                    unused = ((c.SERVING_DEFAULT_XLA, c.GENERATE_XLA, c.GENERATE_CHUNK_XLA) if scheduled
+                              else (c.PREFILL_XLA,))
                     warmed += replay_warmup(loaded, join(extra, c.XLA_WARMUP_FILE), self.xla,
-                                            threads=os.cpu_count() or 1)
+                                            threads=os.cpu_count() or 1, skip=unused)
             if self.scheduler is not None:
                 loaded.scheduler = self.scheduler(loaded)
         except Exception as e:  # a broken export must not take the server down
