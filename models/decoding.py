@@ -300,7 +300,7 @@ def layout_prompts(prompts: tf.RaggedTensor, max_new_tokens: tf.Tensor, max_leng
     keep = lengths
     if max_length is not None:
         keep = tf.minimum(lengths, max_length - tf.maximum(max_new_tokens, 0))
-    width = tf.reduce_max(keep)
+    width = tf.maximum(tf.reduce_max(keep), 0)  # 0 for no rows
     columns = tf.range(width)[tf.newaxis, :]
     source = tf.minimum((lengths - keep)[:, tf.newaxis] + columns, tf.shape(dense)[1] - 1)
     return tf.where(columns < keep[:, tf.newaxis], tf.gather(dense, source, batch_dims=1), 0), keep
@@ -338,11 +338,11 @@ def generate_graph(decoder, prompts: tf.RaggedTensor, max_new_tokens: tf.Tensor,
         with tf.control_dependencies([check_fits_context(new, decoder.max_length)]):
             new = tf.identity(new)
     tokens, keep = layout_prompts(prompts, new, decoder.max_length, empty_prompt_id)
-    total = tf.reduce_max(keep + new)
+    total = tf.maximum(tf.reduce_max(keep + new), 0)
     tokens = tf.pad(tokens, [[0, 0], [0, tf.maximum(total - tf.shape(tokens)[1], 0)]])  # room for the new tokens
     tokens = loop(tokens, keep, new, sampling)
     # Row i's new tokens are tokens[i, keep[i]:keep[i] + new[i]], up to its first stop token.
-    width = tf.reduce_max(new)
+    width = tf.maximum(tf.reduce_max(new), 0)
     offsets = tf.range(width)[tf.newaxis, :]
     generated = tf.gather(tokens, tf.minimum(keep[:, tf.newaxis] + offsets, total - 1), batch_dims=1)
     stops = tf.cumsum(tf.cast(generated == stop_token_id, tf.int32), axis=1)

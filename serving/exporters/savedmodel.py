@@ -324,10 +324,11 @@ class LanguageModelModule(tf.Module):
                 token, position, cache, steps, samplers.Sampling(temperature, top_k, top_p, seed), compiled),
             input_signature=_spec(c.DECODE, cache))
         detokenize = tf.function(
-            lambda token_ids, num_tokens: {c.TEXT: self._detokenize(
-                tf.RaggedTensor.from_tensor(token_ids, lengths=tf.clip_by_value(num_tokens, 0, tf.shape(token_ids)[1])))},
+            lambda token_ids, num_tokens: {c.TEXT: self._detokenize(tf.RaggedTensor.from_tensor(
+                token_ids, lengths=tf.clip_by_value(num_tokens, 0, tf.shape(token_ids)[1])))},
             input_signature=_spec(c.DETOKENIZE))
-        return {c.PREFILL: sampled(False).get_concrete_function(), c.PREFILL_XLA: sampled(True).get_concrete_function(),
+        return {c.PREFILL: sampled(False).get_concrete_function(),
+                c.PREFILL_XLA: sampled(True).get_concrete_function(),
                 c.DECODE: stepped(False).get_concrete_function(), c.DECODE_XLA: stepped(True).get_concrete_function(),
                 c.DETOKENIZE: detokenize.get_concrete_function()}
 

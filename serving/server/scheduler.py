@@ -177,6 +177,7 @@ class Scheduler:
         self._free = list(range(self.slots))[::-1]  # pop() takes the lowest slot
         self._staged: list[tuple[list[_Row], tf.Tensor]] = []
         self._active: dict[int, _Row] = {}  # slot -> row
+        self._live: set[Generation] = set()  # requests not yet done, wherever their rows are
         self._closed = False
         self._retiring = False
         if xla and warm_up:
@@ -251,6 +252,8 @@ class Scheduler:
                     generation._pending -= 1
                 else:
                     self._waiting.append(row)
+            if not generation.done:
+                self._live.add(generation)
             self._cond.notify_all()
         return generation
 
@@ -264,11 +267,11 @@ class Scheduler:
         """Fails what is waiting or running with UNAVAILABLE and stops the threads."""
         with self._cond:
             self._closed = True
-            rows = list(self._waiting) + list(self._active.values()) + [r for rows, _ in self._staged for r in rows]
+            live, self._live = self._live, set()
             self._waiting.clear()
             self._cond.notify_all()
-        for row in rows:
-            row.generation._fail(ServingError("UNAVAILABLE", "the server is shutting down"))
+        for generation in live:  # waiting, in a prefill, staged or in the pool
+            generation._fail(ServingError("UNAVAILABLE", "the server is shutting down"))
 
     # -- the two threads -------------------------------------------------------
 
@@ -396,6 +399,7 @@ class Scheduler:
         g = row.generation
         if g.error is None and not g.cancelled and not g.call.abandoned():
             return False
+        self._live.discard(g)
         if g.error is None:
             try:
                 g.call.check()
@@ -422,6 +426,9 @@ class Scheduler:
                 self._cond.notify_all()
         row.done = True
         row.generation._update(done_rows=1)
+        if row.generation.done:
+            with self._cond:
+                self._live.discard(row.generation)
 
     def _fail(self, rows: list[_Row], error: Exception) -> None:
         if isinstance(error, ServingError):
@@ -441,6 +448,8 @@ class Scheduler:
             self._cond.notify_all()
         for row in rows:
             row.generation._fail(failure)
+        with self._cond:
+            self._live.difference_update(row.generation for row in rows)
 
     def _text(self, token_lists: list[list[int]]) -> list[str]:
         ids, counts = _padded(token_lists)
