@@ -342,15 +342,13 @@ class GPTDecoder:
         x, table = get("token_embedding")(ids[:, tf.newaxis])
         x = get("position_embedding")(x, start_index=positions)  # (B, 1, d)
         at = tf.stack([tf.range(tf.shape(ids)[0]), positions], axis=1)  # (B, 2): row, position
-        k_positions = tf.range(tf.shape(parts[0])[1])
         new_parts = []
         for i, block in enumerate(self.blocks):
             def attend(q, k, v, keys=parts[2 * i], values=parts[2 * i + 1]):
                 for new, old in ((k, keys), (v, values)):
                     kept = tf.where(write[:, tf.newaxis], new[:, 0], tf.gather_nd(old, at))
                     new_parts.append(tf.tensor_scatter_nd_update(old, at, kept))
-                return layers.attention(q, new_parts[-2], new_parts[-1], c.heads, positions[:, tf.newaxis],
-                                        k_positions)
+                return layers.attention_one(q, new_parts[-2], new_parts[-1], c.heads, positions)
 
             x = block(x, attend)
         logits = get("logits")([get("final_ln")(x), table])

@@ -114,7 +114,7 @@ def attention(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, num_heads: int,
     Args:
         q: `[B, Tq, d]`; k, v: `[B, Tk, d]`.
         num_heads: heads; d must divide by it.
-        q_positions: int `[Tq]`, or `[B, Tq]` when rows sit at different positions; k_positions: int `[Tk]`.
+        q_positions: int `[Tq]`; k_positions: int `[Tk]`.
     Returns:
         `[B, Tq, d]`.
     """
@@ -126,10 +126,7 @@ def attention(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, num_heads: int,
 
     scores = tf.matmul(heads(q), heads(k), transpose_b=True)  # (B, nh, Tq, Tk)
     scores = scores * tf.cast(1.0 / math.sqrt(head_dim), scores.dtype)
-    if q_positions.shape.rank == 2:  # per row: (B, 1, Tq, Tk), the same for every head
-        visible = q_positions[:, tf.newaxis, :, tf.newaxis] >= k_positions[tf.newaxis, tf.newaxis, tf.newaxis, :]
-    else:
-        visible = q_positions[:, tf.newaxis] >= k_positions[tf.newaxis, :]  # (Tq, Tk)
+    visible = q_positions[:, tf.newaxis] >= k_positions[tf.newaxis, :]  # (Tq, Tk)
     # Softmax in float32 even under mixed precision. A masked score becomes 30 below the row's
     # lowest, so its weight is under e^-30 of any visible one; no extreme constant such as
     # -1e9, which would stretch an int8 range over every real score in a quantized TFLite model.
@@ -139,6 +136,33 @@ def attention(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, num_heads: int,
     weights = tf.cast(tf.nn.softmax(scores, axis=-1), v.dtype)
     out = tf.matmul(weights, heads(v))  # (B, nh, Tq, hs)
     return tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [batch, -1, d])  # (B, Tq, d)
+
+
+def attention_one(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, num_heads: int, q_positions: tf.Tensor) -> tf.Tensor:
+    """`attention` of one query per row, each at its own position, over keys at positions 0..Tk-1.
+
+    Multiplies and sums instead of batched matmuls: the keys and values are read once, in
+    place, where `attention` would lay each cache out head by head (a copy of the whole
+    cache at every decoding step, most of a step's time at batch 16).
+
+    Args:
+        q: `[B, 1, d]`; k, v: `[B, Tk, d]`.
+        q_positions: int `[B]`.
+    Returns:
+        `[B, 1, d]`.
+    """
+    batch, d = tf.shape(q)[0], q.shape[-1]
+    head_dim = d // num_heads
+    q = tf.reshape(q, [batch, 1, num_heads, head_dim])
+    k = tf.reshape(k, [batch, -1, num_heads, head_dim])  # a view: no transpose
+    v = tf.reshape(v, [batch, -1, num_heads, head_dim])
+    scores = tf.reduce_sum(q * k, axis=-1) * tf.cast(1.0 / math.sqrt(head_dim), q.dtype)  # (B, Tk, nh)
+    scores = tf.cast(scores, tf.float32)
+    visible = tf.range(tf.shape(k)[1])[tf.newaxis, :, tf.newaxis] <= q_positions[:, tf.newaxis, tf.newaxis]
+    floor = tf.stop_gradient(tf.reduce_min(scores, axis=1, keepdims=True)) - 30.0  # as `attention` masks
+    weights = tf.cast(tf.nn.softmax(tf.where(visible, scores, floor), axis=1), v.dtype)  # (B, Tk, nh)
+    out = tf.reduce_sum(weights[..., tf.newaxis] * v, axis=1)  # (B, nh, hs)
+    return tf.reshape(out, [batch, 1, d])
 
 
 ATTENTION_BLOCKS = 4  # query blocks of `causal_self_attention` (fastest of 2, 4, 8 at T=128 and 256)

@@ -133,13 +133,11 @@ class LSTMDecoder:
         dtype = layers.get_layer(self.model, "rnn0").compute_dtype
         return tf.zeros([batch_size, c.layers, 2, c.units], dtype)
 
-    def call_with_cache(self, ids: tf.Tensor, cache: tf.Tensor | None, index=None,
-                        write=None) -> tuple[tf.Tensor, tf.Tensor]:
+    def call_with_cache(self, ids: tf.Tensor, cache: tf.Tensor | None, index=None) -> tuple[tf.Tensor, tf.Tensor]:
         """Feeds tokens `[B, S]` after the state in `cache`; `index` is unused (state is sequential).
 
         `cache=None` starts from the zero state without passing one, which is
-        what lets TFLite fuse each layer into its sequence-LSTM kernel. `write`, bool `[B]`: the
-        rows whose state advances (default all); the others keep theirs.
+        what lets TFLite fuse each layer into its sequence-LSTM kernel.
 
         Returns:
             `(logits [B, S, V] float32, updated state)`.
@@ -157,10 +155,7 @@ class LSTMDecoder:
                 cell = tf.zeros_like(h)
             x = get(f"rnn{i}_dropout")(x)  # identity at inference; under QAT it may carry a fake-quant
             states.append(tf.stack([h, cell], axis=1))  # (B, 2, units)
-        state = tf.stack(states, axis=1)
-        if write is not None:
-            state = tf.where(write[:, tf.newaxis, tf.newaxis, tf.newaxis], state, cache)
-        return self._logits(x, table), state
+        return self._logits(x, table), tf.stack(states, axis=1)
 
     def prefill(self, ids: tf.Tensor, count, cache: tf.Tensor) -> tf.Tensor:
         """The state after the first `count` tokens of `ids` `[B, T]`, one `step` at a time (any count, one
@@ -178,8 +173,9 @@ class LSTMDecoder:
             `(logits after each row's last token [B, V] float32, state)`.
         """
         def body(i, state, last):
-            logits, state = self.call_with_cache(ids[:, i:i + 1], state, write=i < lengths)
-            return i + 1, state, tf.where((i == lengths - 1)[:, tf.newaxis], logits[:, 0], last)
+            logits, new_state = self.step(ids[:, i], state)
+            state = tf.where((i < lengths)[:, tf.newaxis, tf.newaxis, tf.newaxis], new_state, state)
+            return i + 1, state, tf.where((i == lengths - 1)[:, tf.newaxis], logits, last)
 
         cache = self.init_cache(tf.shape(ids)[0])
         last = tf.zeros([tf.shape(ids)[0], self.vocab_size], tf.float32)
@@ -196,10 +192,10 @@ class LSTMDecoder:
 
     def step_rows(self, ids: tf.Tensor, parts: list[tf.Tensor], positions: tf.Tensor,
                   write: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """One token per row `[B]`; the rows not in `write` keep their state."""
+        """One token per row `[B]` (`step`); the rows not in `write` keep their state."""
         del positions
-        logits, state = self.call_with_cache(ids[:, tf.newaxis], parts[0], write=write)
-        return logits[:, 0], [state]
+        logits, state = self.step(ids, parts[0])
+        return logits, [tf.where(write[:, tf.newaxis, tf.newaxis, tf.newaxis], state, parts[0])]
 
     def step(self, ids: tf.Tensor, cache: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """One token per row, `[B]`, through the cells directly (no recurrent loop op).
