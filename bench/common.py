@@ -15,13 +15,19 @@ CORPUS = ROOT / "data" / "shakespeare.txt.gz"
 
 
 def untrained_export(root: pathlib.Path, family: str, preset: str,
-                     export_base: str = "") -> tuple[pathlib.Path, pathlib.Path]:
+                     export_base: str = "", never_eos: bool = False) -> tuple[pathlib.Path, pathlib.Path]:
     """Prepares the bundled corpus (char tokenizer) in ROOT/FAMILY, saves an untrained PRESET
     model as its checkpoint and exports it. Latency does not depend on the weights.
+
+    `never_eos`: greedy decoding never picks [EOS] (its logit is held at 0, or -10 through an
+    untied bias, while the others spread around 0), so every request makes all the tokens it
+    asks for, whatever the random initialization: a load of fixed lengths.
 
     Returns:
         (the workdir, the exported version directory).
     """
+    import tensorflow as tf
+
     import models
     from pipelines import checkpoints, prepare, tokenizers
     from serving.exporters import savedmodel
@@ -31,7 +37,18 @@ def untrained_export(root: pathlib.Path, family: str, preset: str,
                     workdir)
     vocab = json.loads((workdir / "data" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     config = models.make_config(family, preset, vocab)
-    checkpoints.save(workdir, models.build(config), config, step=1)
+    model = models.build(config)
+    if never_eos:
+        table = model.get_layer("token_embedding").embeddings
+        table.assign(tf.tensor_scatter_nd_update(table, [[tokenizers.EOS_ID]], tf.zeros([1, table.shape[1]])))
+        logits = model.get_layer("logits")
+        if logits.weights and len(logits.weights) == 2:  # an untied Dense: kernel and bias
+            kernel, bias = logits.weights
+            columns = tf.tensor_scatter_nd_update(tf.transpose(kernel), [[tokenizers.EOS_ID]],
+                                                  tf.zeros([1, kernel.shape[0]]))
+            kernel.assign(tf.transpose(columns))
+            bias.assign(tf.tensor_scatter_nd_update(bias, [[tokenizers.EOS_ID]], [-10.0]))
+    checkpoints.save(workdir, model, config, step=1)
     return workdir, savedmodel.export(workdir, savedmodel.ExportConfig(export_base=export_base))
 
 

@@ -1,7 +1,8 @@
 """Many generations at once: `lmstack serve`'s step scheduler against request-level batching and in-process loops.
 
 For the transformer and the LSTM at the `small` preset (char tokenizer on the bundled
-corpus; untrained weights: speed does not depend on them), two `lmstack serve`
+corpus; untrained weights, whose [EOS] greedy decoding never picks, so every request makes
+the tokens it asks for), two `lmstack serve`
 processes, both on the documented fast path (`--xla_cpu_compilation_enabled`,
 `--tensorflow_intra_op_parallelism=1`):
 
@@ -202,7 +203,7 @@ def main() -> None:
     (root / "batching.txt").write_text(BATCHING)
     results = []
     for family in args.families.split(","):
-        workdir, version = untrained_export(root, family, "small")
+        workdir, version = untrained_export(root, family, "small", never_eos=True)
         base = f"--model_base_path={version.parent}"
         servers = {"steps": Server(base, *FAST, log=root / f"{family}-steps.log"),
                    "requests": Server(base, *FAST, "--continuous_batching=false", "--enable_batching",

@@ -162,7 +162,7 @@ def decode(decoder, tokens: tf.Tensor, keep: tf.Tensor, new: tf.Tensor, sampling
     return tokens
 
 
-STEPS = 16  # the most decoding steps one `continue_rows` call runs (the width of its output)
+STEPS = 64  # the most decoding steps one `continue_rows` call runs (the width of its output)
 
 
 def start_rows(decoder, tokens: tf.Tensor, lengths: tf.Tensor, cache_length, sampling: Sampling

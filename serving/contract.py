@@ -42,8 +42,8 @@ them like any other):
                        finished: that token is [EOS], so the row has no new tokens)
     decode             token int32 [B], position int32 [B], cache, steps int32 [B], temperature,
                        top_k, top_p, seed float/int [B]
-                       -> token_ids int32 [B, 16], num_tokens int32 [B], cache
-                       (up to steps[i] <= 16 more tokens for each row, every row at its own position:
+                       -> token_ids int32 [B, 64], num_tokens int32 [B], cache
+                       (up to steps[i] <= 64 more tokens for each row, every row at its own position:
                        its last token `token` sits at `position` and is not in its cache yet; the
                        same tokens generate makes, whatever else is in the batch. A row stops at
                        [EOS] (num_tokens < steps) or after its steps; a row with steps 0 is left
@@ -89,7 +89,7 @@ DECODE = "decode"
 DETOKENIZE = "detokenize"
 PREFILL_XLA = PREFILL + XLA_SUFFIX
 DECODE_XLA = DECODE + XLA_SUFFIX
-DECODE_STEPS = 16  # the most tokens one decode call makes per row (the width of its token_ids)
+DECODE_STEPS = 64  # the most tokens one decode call makes per row (the width of its token_ids)
 
 # Tensor names.
 PROMPT = "prompt"

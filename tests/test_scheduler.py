@@ -149,7 +149,7 @@ def test_a_passed_deadline_frees_the_slot_at_the_next_call(lstm):
         with pytest.raises(ServingError) as late:
             core.predict("lm", None, c.SERVING_DEFAULT, {c.PROMPT: np.array([b"ROMEO."], object),
                                                          c.MAX_NEW_TOKENS: np.array([2000], np.int32)},
-                         call=Call(timeout=0.5))
+                         call=Call(timeout=0.05))
         assert late.value.code == "DEADLINE_EXCEEDED"
         _wait_for(lambda: _slots_in_use(core) == 0, seconds=10)
         assert time.monotonic() - began < 10  # it did not run its 2,000 tokens to the end

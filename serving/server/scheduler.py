@@ -49,6 +49,7 @@ log = logging.getLogger("lmstack.serve")
 
 CACHE_BUDGET_BYTES = 1 << 30  # what the default pool may hold: 1 GiB of caches
 MAX_DEFAULT_SLOTS = 32
+FULL_BATCH = 16  # the batch `steps_per_call` is given for
 _GREEDY = {c.TEMPERATURE: 0.0, c.TOP_K: 0, c.TOP_P: 1.0, c.SEED: 0}
 
 
@@ -59,8 +60,10 @@ class SchedulerOptions:
     Attributes:
         slots: sequences decoded at once, each holding a cache (0: as many as 1 GiB of caches
             holds, at most 32 and at most the export's largest compiled batch).
-        steps_per_call: decoding steps one call runs before finished rows leave and waiting rows
-            join (1 to 16): more amortizes each call's fixed cost, fewer lets rows join sooner.
+        steps_per_call: decoding steps one call runs at a batch of 16 or more, before finished rows
+            leave and waiting rows join (1 to 64): more spreads each call's fixed cost, fewer lets
+            rows join sooner. A smaller batch, whose steps cost less, runs proportionally more (up
+            to 64), so that a call takes about as long.
         max_waiting: rows that may wait for a slot; a request past it fails with RESOURCE_EXHAUSTED
             (0: 8 per slot).
     """
@@ -73,6 +76,10 @@ class SchedulerOptions:
             raise ValueError("--generation_slots and --generation_max_waiting take 0 (the default) or more")
         if not 1 <= self.steps_per_call <= c.DECODE_STEPS:
             raise ValueError(f"--generation_steps_per_call={self.steps_per_call}: takes 1 to {c.DECODE_STEPS}")
+
+    def steps(self, batch: int) -> int:
+        """The steps of a call over `batch` sequences (see `steps_per_call`)."""
+        return min(c.DECODE_STEPS, self.steps_per_call * max(1, FULL_BATCH // batch))
 
 
 def for_version(loaded: LoadedVersion, options: SchedulerOptions, xla: bool, warm_up: bool) -> Scheduler | None:
@@ -168,7 +175,7 @@ class Scheduler:
         per_slot = int(np.prod(shape[1:])) * spec.dtype.size
         self.slots = options.slots or max(1, min(MAX_DEFAULT_SLOTS, self.batch_buckets[-1],
                                                  CACHE_BUDGET_BYTES // per_slot))
-        self.steps_per_call = options.steps_per_call
+        self.options = options
         self.max_waiting = options.max_waiting or 8 * self.slots
         self._pool = tf.Variable(tf.zeros([self.slots] + shape[1:], spec.dtype), trainable=False)
         self._step = tf.function(self._step_fn, reduce_retracing=True)
@@ -186,8 +193,9 @@ class Scheduler:
                          threading.Thread(target=self._decode_loop, name="decode", daemon=True)]
         for thread in self._threads:
             thread.start()
-        log.info("%s: generation scheduled step by step over %d slots (%.1f MB of caches), %d steps per call",
-                 self.name, self.slots, self.slots * per_slot / 1e6, self.steps_per_call)
+        log.info("%s: generation scheduled step by step over %d slots (%.1f MB of caches), %d steps per call "
+                 "at a batch of %d", self.name, self.slots, self.slots * per_slot / 1e6, options.steps_per_call,
+                 FULL_BATCH)
 
     # -- requests --------------------------------------------------------------
 
@@ -351,9 +359,10 @@ class Scheduler:
 
     def _run_decode(self, rows: list[_Row], spare: list[int], waiting: bool) -> None:
         remaining = [r.max_new - len(r.tokens) for r in rows]
-        # With rows waiting for a slot, stop when the first row can finish, so it frees its slot.
-        steps = min(self.steps_per_call, min(remaining)) if waiting else self.steps_per_call
         size = next((b for b in self.batch_buckets if b >= len(rows)), len(rows))
+        steps = self.options.steps(size)
+        if waiting:  # rows wait for a slot: stop when the first row can finish, so it frees its slot
+            steps = min(steps, min(remaining))
         pad = size - len(rows)
         slots = [r.slot for r in rows] + spare[:pad]
         ids, counts = self._step(

@@ -80,8 +80,9 @@ class Options:
             signatures); off, each request runs call by call, batched as TF Serving batches.
         generation_slots: (lmstack extension) sequences decoded at once (0: as many as 1 GiB of caches
             holds, at most 32 and the export's largest compiled batch).
-        generation_steps_per_call: (lmstack extension) decoding steps per call before finished sequences
-            leave and waiting ones join (1-16).
+        generation_steps_per_call: (lmstack extension) decoding steps per call at a batch of 16 or more,
+            before finished sequences leave and waiting ones join (1-64; smaller batches run
+            proportionally more steps, up to 64).
         generation_max_waiting: (lmstack extension) sequences that may wait for a slot; past it a request
             fails with RESOURCE_EXHAUSTED (0: 8 per slot).
     """
