@@ -352,6 +352,8 @@ def test_bad_streams_fail_before_they_start(running, inputs, status, message):
     (["--model_config_file={tmp}/missing.config"], "cannot read the model config file"),
     (["--model_base_path=nope://bucket/lm"], "no filesystem here handles nope://"),
     (["--model_base_path={tmp}", "--tensorflow_intra_op_parallelism=-1"], "take 0 (TensorFlow's choice)"),
+    (["--model_base_path={tmp}", "--generation_steps_per_call=0"], "--generation_steps_per_call=0: takes 1 to 64"),
+    (["--model_base_path={tmp}", "--generation_slots=-2"], "--generation_slots and --generation_max_waiting"),
 ])
 def test_serve_bad_flags(tmp_path, capsys, flags, message):
     from app.main import main
