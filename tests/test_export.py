@@ -72,7 +72,7 @@ def test_signature_shapes_and_dtypes(exported):
     workdir, _, loaded = exported
     assert set(loaded.signatures) == set(c.SIGNATURES)
     # The cache's rank is the model's: a transformer's keys and values, an LSTM's state.
-    cache_rank = 5 if checkpoints.read_model_config(workdir).__class__.__name__ == "GPTConfig" else 4
+    cache_rank = 5 if isinstance(checkpoints.read_model_config(workdir), models.GPTConfig) else 4
     rank = lambda t: cache_rank if t.rank is None else t.rank
     for name, contract in c.SIGNATURES.items():
         fn = loaded.signatures[name]

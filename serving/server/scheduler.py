@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
+import heapq
 import logging
 import threading
 from typing import Any, Iterator
@@ -43,7 +43,7 @@ import tensorflow as tf
 from serving import contract as c
 from serving.contract import ServingError
 from serving.server.core import op_error_message
-from serving.server.versions import LoadedVersion, join, read_bytes
+from serving.server.versions import LoadedVersion
 
 log = logging.getLogger("lmstack.serve")
 
@@ -101,9 +101,7 @@ class _Row:
     slot: int = -1
     token: int = 0  # the last token, at `position`, not yet in the cache
     position: int = 0
-    prompt_tokens: int = 0
     stopped: bool = False  # met [EOS]
-    done: bool = False
 
 
 class Generation:
@@ -171,7 +169,7 @@ class Scheduler:
         shape = list(spec.shape)
         if len(shape) == 5:  # a transformer's cache: its length is the context
             shape[3] = loaded.context
-        self.batch_buckets = _batch_buckets(loaded.path)
+        self.batch_buckets = loaded.batch_buckets
         per_slot = int(np.prod(shape[1:])) * spec.dtype.size
         self.slots = options.slots or max(1, min(MAX_DEFAULT_SLOTS, self.batch_buckets[-1],
                                                  CACHE_BUDGET_BYTES // per_slot))
@@ -181,7 +179,7 @@ class Scheduler:
         self._step = tf.function(self._step_fn, reduce_retracing=True)
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Row] = collections.deque()
-        self._free = list(range(self.slots))[::-1]  # pop() takes the lowest slot
+        self._free = list(range(self.slots))  # a heap: the lowest free slot first
         self._staged: list[tuple[list[_Row], tf.Tensor]] = []
         self._active: dict[int, _Row] = {}  # slot -> row
         self._live: set[Generation] = set()  # requests not yet done, wherever their rows are
@@ -207,7 +205,7 @@ class Scheduler:
                 pass
         finally:
             generation.cancelled = generation.cancelled or not generation.done
-        return self._outputs(generation.rows)
+        return self._outputs([r.tokens for r in generation.rows])
 
     def stream(self, inputs: dict[str, np.ndarray], call) -> Iterator[dict[str, Any]]:
         """One prompt's tokens as they are made: `{"text", "token_ids"}` events, then the last
@@ -256,7 +254,6 @@ class Scheduler:
                                                          f"{self.max_waiting} (--generation_max_waiting): retry later")
             for row in generation.rows:
                 if row.max_new <= 0:
-                    row.done = True
                     generation._pending -= 1
                 else:
                     self._waiting.append(row)
@@ -294,7 +291,7 @@ class Scheduler:
                 while self._waiting and self._free:
                     row = self._waiting.popleft()
                     if not self._abandoned(row):
-                        row.slot = self._free.pop()
+                        row.slot = heapq.heappop(self._free)
                         rows.append(row)
             if rows:
                 self._run_prefill(rows)
@@ -310,7 +307,7 @@ class Scheduler:
             return
         staying, stay_rows = [], []
         for i, row in enumerate(rows):
-            row.prompt_tokens = row.position = int(counts[i])
+            row.position = int(counts[i])
             row.token, row.stopped = int(first[i]), bool(stopped[i])
             if not row.stopped:
                 row.tokens.append(row.token)
@@ -346,7 +343,7 @@ class Scheduler:
                     for rows, _ in staged:
                         self._active.update((r.slot, r) for r in rows)
                     for row in [r for r in self._active.values() if self._abandoned(r)]:
-                        self._release(row)
+                        self._free_slot(row)
                     rows = sorted(self._active.values(), key=lambda r: r.slot)
                     spare = [s for s in range(self.slots) if s not in self._active]
                     waiting = bool(self._waiting)
@@ -378,8 +375,6 @@ class Scheduler:
                 row.token, row.position = row.tokens[-1], row.position + count
             row.stopped = count < wanted
             if row.stopped or len(row.tokens) >= row.max_new:
-                with self._cond:
-                    self._release(row)
                 self._finish(row)
             row.generation._update()
 
@@ -417,23 +412,18 @@ class Scheduler:
                 g._fail(e)
         return True
 
-    def _release(self, row: _Row) -> None:
-        """Frees a row's slot (under the lock)."""
+    def _free_slot(self, row: _Row) -> None:
+        """Gives a row's slot back, whether it was in the pool or only prefilled (under the lock)."""
         if row.slot >= 0:
             self._active.pop(row.slot, None)
-            self._free.append(row.slot)
-            self._free.sort(reverse=True)
+            heapq.heappush(self._free, row.slot)
             row.slot = -1
             self._cond.notify_all()
 
     def _finish(self, row: _Row) -> None:
-        if row.slot >= 0 and row.slot not in self._active:  # finished at its prefill: never joined
-            with self._cond:
-                self._free.append(row.slot)
-                self._free.sort(reverse=True)
-                row.slot = -1
-                self._cond.notify_all()
-        row.done = True
+        """A row is done: its slot frees, and its request completes once every row is."""
+        with self._cond:
+            self._free_slot(row)
         row.generation._update(done_rows=1)
         if row.generation.done:
             with self._cond:
@@ -449,25 +439,18 @@ class Scheduler:
             failure = ServingError("INTERNAL", f"internal error: {type(error).__name__}")
         with self._cond:
             for row in rows:
-                if row.slot >= 0:
-                    self._active.pop(row.slot, None)
-                    self._free.append(row.slot)
-                    row.slot = -1
-            self._free.sort(reverse=True)
-            self._cond.notify_all()
+                self._free_slot(row)
+            self._live.difference_update(row.generation for row in rows)
         for row in rows:
             row.generation._fail(failure)
-        with self._cond:
-            self._live.difference_update(row.generation for row in rows)
 
     def _text(self, token_lists: list[list[int]]) -> list[str]:
-        ids, counts = _padded(token_lists)
-        out = self._detokenize(**{c.TOKEN_IDS: tf.constant(ids), c.NUM_TOKENS: tf.constant(counts)})
-        return [t.decode("utf-8", errors="replace") for t in out[c.TEXT].numpy()]
+        return [t.decode("utf-8", errors="replace") for t in self._outputs(token_lists)[c.COMPLETION]]
 
-    def _outputs(self, rows: list[_Row]) -> dict[str, np.ndarray]:
-        ids, counts = _padded([r.tokens for r in rows])
-        if not rows:
+    def _outputs(self, token_lists: list[list[int]]) -> dict[str, np.ndarray]:
+        """The signature's outputs for these rows' tokens: their text, and the ids zero-padded."""
+        ids, counts = _padded(token_lists)
+        if not token_lists:
             return {c.COMPLETION: np.zeros([0], object), c.TOKEN_IDS: ids}
         out = self._detokenize(**{c.TOKEN_IDS: tf.constant(ids), c.NUM_TOKENS: tf.constant(counts)})
         return {c.COMPLETION: out[c.TEXT].numpy(), c.TOKEN_IDS: ids}
@@ -479,12 +462,3 @@ def _padded(token_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     for i, tokens in enumerate(token_lists):
         ids[i, :len(tokens)] = tokens
     return ids, np.array([len(t) for t in token_lists], np.int32)
-
-
-def _batch_buckets(path: str) -> list[int]:
-    """The batch sizes the export's compiled signatures were built for (lmstack_config.json)."""
-    try:
-        info = json.loads(read_bytes(join(path, c.ASSETS_EXTRA, c.CONFIG_FILE)))
-        return sorted(info["xla_buckets"]["batch"])
-    except (tf.errors.OpError, KeyError, ValueError):
-        return [1, 2, 4, 8, 16, 32]

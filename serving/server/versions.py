@@ -51,6 +51,8 @@ class LoadedVersion:
     signatures: dict[str, Any]  # name -> concrete function
     methods: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> SignatureDef method name
     context: int | None = None  # a transformer's context: max_new_tokens must stay below it
+    # The batch sizes its compiled signatures were built for (a step scheduler pads to them).
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     scheduler: Any = None  # the step scheduler of its generation (`serving.server.scheduler`), if any
 
     def __post_init__(self):
@@ -176,14 +178,17 @@ def replay_warmup(loaded: LoadedVersion, warmup_file: str | os.PathLike, xla: bo
     return len(calls)
 
 
-def model_context(path: str | os.PathLike) -> int | None:
-    """A transformer export's context length (from its lmstack_config.json), or None."""
+def export_info(path: str | os.PathLike) -> dict[str, Any]:
+    """An export's lmstack_config.json ({} for a SavedModel without one)."""
     import json
 
     config = join(path, c.ASSETS_EXTRA, c.CONFIG_FILE)
-    if not is_file(config):
-        return None
-    model = json.loads(read_bytes(config)).get("model") or {}
+    return json.loads(read_bytes(config)) if is_file(config) else {}
+
+
+def model_context(path: str | os.PathLike, info: dict[str, Any] | None = None) -> int | None:
+    """A transformer export's context length (from its lmstack_config.json, or `info` read from it), or None."""
+    model = (export_info(path) if info is None else info).get("model") or {}
     return int(model["seq_len"]) if model.get("family") == "transformer" and "seq_len" in model else None
 
 
@@ -313,8 +318,11 @@ class ServedModel:
         began = time.perf_counter()
         try:
             model = tf.saved_model.load(path)
+            info = export_info(path)
             loaded = LoadedVersion(version, path, model, dict(model.signatures), method_names(path),
-                                   model_context(path))
+                                   model_context(path, info))
+            if "xla_buckets" in info:
+                loaded.batch_buckets = tuple(sorted(info["xla_buckets"]["batch"]))
             warmed = 0
             if self.warmup:
                 extra = join(path, c.ASSETS_EXTRA)
