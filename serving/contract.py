@@ -1,6 +1,6 @@
 """The serving contract: signature, tensor and file names shared by the exporter, the server and the clients.
 
-An exported language model answers thirteen signatures (TensorFlow Serving's
+An exported language model answers fourteen signatures (TensorFlow Serving's
 `signature_name`); every tensor's first dimension is the batch:
 
     serving_default    prompt string [B], max_new_tokens int32 [B]
@@ -51,7 +51,13 @@ them like any other):
                        num_tokens)
     detokenize         token_ids int32 [B, T], num_tokens int32 [B] -> text string [B]
                        (the text of each row's first num_tokens ids)
+    tokenize           text string [B] -> token_ids int32 [B, T], num_tokens int32 [B]
+                       (each text's tokens, zero-padded: what a prompt costs in the context. A
+                       generation reads an empty prompt as [EOS] alone, one token)
     prefill_xla, decode_xla   the same, XLA-compiled over the export's shape buckets.
+
+(`tokenize` is here too: a server counts a prompt's tokens with it before it runs, as the
+OpenAI-compatible API's limits and usage counts need.)
 
 The cache is a transformer's keys and values, `[B, layers, 2, length, d_model]` (any length up to
 the context; a prefill makes it the context), or an LSTM's state `[B, layers, 2, units]`.
@@ -87,6 +93,7 @@ GENERATE_CHUNK_XLA = GENERATE_CHUNK + XLA_SUFFIX
 PREFILL = "prefill"
 DECODE = "decode"
 DETOKENIZE = "detokenize"
+TOKENIZE = "tokenize"
 PREFILL_XLA = PREFILL + XLA_SUFFIX
 DECODE_XLA = DECODE + XLA_SUFFIX
 DECODE_STEPS = 64  # the most tokens one decode call makes per row (the width of its token_ids)
@@ -207,6 +214,8 @@ SIGNATURES: dict[str, Signature] = {
     DECODE_XLA: _DECODE,
     DETOKENIZE: Signature(inputs={TOKEN_IDS: Tensor("int32", 2), NUM_TOKENS: Tensor("int32", 1)},
                           outputs={TEXT: Tensor("string", 1)}),
+    TOKENIZE: Signature(inputs={TEXT: Tensor("string", 1)},
+                        outputs={TOKEN_IDS: Tensor("int32", 2), NUM_TOKENS: Tensor("int32", 1)}),
 }
 GENERATION_SIGNATURES = (SERVING_DEFAULT, GENERATE, SERVING_DEFAULT_XLA, GENERATE_XLA)  # what a scheduler runs
 STEP_SIGNATURES = (PREFILL, DECODE, DETOKENIZE)  # what a step scheduler needs (with the _xla twins, faster)

@@ -174,6 +174,18 @@ def test_step_signatures_make_generates_text(exported, compiled):
     assert sum(map(len, tokens)) > 10
 
 
+def test_tokenize_counts_the_tokens_a_generation_reads(exported):
+    _, _, loaded = exported
+    out = call(loaded, c.TOKENIZE, text=tf.constant(["ROMEO.", "", "To be"]))
+    assert out[c.NUM_TOKENS].tolist() == [6, 0, 5]  # the char model: a token a character
+    prefill = call(loaded, c.PREFILL, prompt=tf.constant(["ROMEO.", "To be"]), max_new_tokens=tf.constant([1, 1]),
+                   temperature=tf.constant([0.0, 0.0]), top_k=tf.constant([0, 0]), top_p=tf.constant([1.0, 1.0]),
+                   seed=tf.constant([0, 0]))
+    assert prefill[c.NUM_TOKENS].tolist() == [6, 5]
+    detokenized = call(loaded, c.DETOKENIZE, token_ids=tf.constant(out[c.TOKEN_IDS]), num_tokens=out[c.NUM_TOKENS])
+    assert [t.decode() for t in detokenized[c.TEXT]] == ["ROMEO.", "", "To be"]
+
+
 def test_one_overflow_rule(exported):
     """max_new_tokens must stay below a transformer's context, as `lmstack generate` and the device require."""
     workdir, _, loaded = exported
@@ -324,10 +336,20 @@ def test_xla_warmup_export_needs_a_server_with_xla(transformer, tmp_path, capsys
     workdir, _, _ = transformer
     base = tmp_path / "lm"
     buckets = ",".join(map(str, TEST_BUCKETS["batch_buckets"]))
+    # A chat template as Hugging Face's tokenizer_config.json holds one (its eos_token an added-token object).
+    template = tmp_path / "tokenizer_config.json"
+    template.write_text(json.dumps({"chat_template": "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                                                     "{% if add_generation_prompt %}<assistant>{% endif %}",
+                                    "eos_token": {"content": "</s>"}, "stop": ["<user>"]}))
     code, out, err = run_cli(capsys, "export", f"--workdir={workdir}", f"--export_base={base}", "--xla_warmup",
-                             f"--batch_buckets={buckets}")
+                             f"--batch_buckets={buckets}", f"--chat_template={template}")
     assert code == 0, err
     extra = base / "1" / c.ASSETS_EXTRA
+    from serving.server import chat
+
+    carried = chat.ChatTemplate.from_export(json.loads((extra / c.CONFIG_FILE).read_text()))
+    assert carried.stop == ("<user>",) and carried.eos_token == "</s>"
+    assert carried.render([{"role": "user", "content": "Hi"}]) == "<user>Hi<assistant>"
     records = tf.data.TFRecordDataset(str(extra / c.WARMUP_FILE)).as_numpy_iterator()
     from tensorflow_serving.apis import prediction_log_pb2
     names = {prediction_log_pb2.PredictionLog.FromString(r).predict_log.request.model_spec.signature_name
@@ -339,7 +361,10 @@ def test_xla_warmup_export_needs_a_server_with_xla(transformer, tmp_path, capsys
     assert "XLA compilation disabled" in without.failed[1] and "--xla_cpu_compilation_enabled" in without.failed[1]
     with_xla = server.ServedModel("lm", base, xla=True)
     assert with_xla.load_latest().version == 1
-    for argv, message in [(["--batch_buckets=0,4"], "each at least 1"), (["--length_buckets=a"], "integers")]:
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m.content }}")
+    for argv, message in [(["--batch_buckets=0,4"], "each at least 1"), (["--length_buckets=a"], "integers"),
+                          ([f"--chat_template={tmp_path / 'broken.jinja'}"], "does not compile"),
+                          ([f"--chat_template={tmp_path / 'none.jinja'}"], "cannot read it")]:
         code, _, err = run_cli(capsys, "export", f"--workdir={workdir}", f"--export_base={tmp_path / 'x'}", *argv)
         assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()

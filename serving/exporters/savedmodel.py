@@ -1,7 +1,7 @@
 """Export: a workdir's model + tokenizer -> a SavedModel that TensorFlow Serving serves, text in and text out.
 
     EXPORT_BASE/VERSION/
-      saved_model.pb, variables/       the signatures of `serving.contract` (thirteen)
+      saved_model.pb, variables/       the signatures of `serving.contract` (fourteen)
       assets/                          the tokenizer's files (vocabulary / SentencePiece model)
       assets.extra/lmstack_config.json the run's config, the tokenizer's, the checkpoint step
       assets.extra/tf_serving_warmup_requests   one PredictionLog per signature
@@ -56,6 +56,11 @@ class ExportConfig:
             --xla_cpu_compilation_enabled compiles every bucket at load; without that flag it
             then fails to load the export. (`lmstack serve --xla_cpu_compilation_enabled`
             compiles them at load either way.)
+        chat_template: a file with the chat template `lmstack serve`'s /v1/chat/completions lays a
+            conversation out with: a Jinja template, or a JSON object with "chat_template" and
+            optionally "stop" (strings that end the assistant's turn), "bos_token" and
+            "eos_token", as Hugging Face's tokenizer_config.json holds them ('': the plain
+            default of `serving.server.chat`).
     """
     variant: str = ""
     export_base: str = ""
@@ -64,6 +69,7 @@ class ExportConfig:
     batch_buckets: tuple[int, ...] = decoding.Buckets.batch
     length_buckets: tuple[int, ...] = decoding.Buckets.length
     xla_warmup: bool = False
+    chat_template: str = ""
 
     def __post_init__(self):
         for name in ("batch_buckets", "length_buckets"):
@@ -313,7 +319,7 @@ class LanguageModelModule(tf.Module):
         return self._continue_rows(token, position, cache, steps, sampling)
 
     def step_signatures(self) -> dict[str, Any]:
-        """The prefill, decode and detokenize signatures (and the compiled twins)."""
+        """The prefill, decode, detokenize and tokenize signatures (and the compiled twins)."""
         cache = cache_shape(self._decoder)
         sampled = lambda compiled: tf.function(
             lambda prompt, max_new_tokens, temperature, top_k, top_p, seed: self._prefill(
@@ -327,7 +333,12 @@ class LanguageModelModule(tf.Module):
             lambda token_ids, num_tokens: {c.TEXT: self._detokenize(tf.RaggedTensor.from_tensor(
                 token_ids, lengths=tf.clip_by_value(num_tokens, 0, tf.shape(token_ids)[1])))},
             input_signature=_spec(c.DETOKENIZE))
+        tokenize = tf.function(
+            lambda text: (lambda ids: {c.TOKEN_IDS: ids.to_tensor(default_value=0),
+                                       c.NUM_TOKENS: tf.cast(ids.row_lengths(), tf.int32)})(self._tokenize(text)),
+            input_signature=_spec(c.TOKENIZE))
         return {c.PREFILL: sampled(False).get_concrete_function(),
+                c.TOKENIZE: tokenize.get_concrete_function(),
                 c.PREFILL_XLA: sampled(True).get_concrete_function(),
                 c.DECODE: stepped(False).get_concrete_function(), c.DECODE_XLA: stepped(True).get_concrete_function(),
                 c.DETOKENIZE: detokenize.get_concrete_function()}
@@ -336,6 +347,44 @@ class LanguageModelModule(tf.Module):
         steps = self.step_signatures()
         return {name: steps[name] if name in steps else getattr(self, name).get_concrete_function()
                 for name in c.SIGNATURES}
+
+
+def read_chat_template(path: str):
+    """The chat template of `--chat_template=FILE` (see ExportConfig), checked on a small conversation.
+
+    Raises:
+        UserError: a file that cannot be read, bad JSON, or a template that does not compile.
+    """
+    from serving.server import chat
+
+    file = fs.path(path)
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--chat_template={path}: cannot read it ({e})") from None
+    template = chat.ChatTemplate(template=text, stop=())
+    if text.lstrip().startswith("{") and path.endswith(".json"):
+        try:
+            entry = json.loads(text)
+            template = chat.ChatTemplate(template=entry["chat_template"], stop=tuple(entry.get("stop") or ()),
+                                         bos_token=_token_text(entry.get("bos_token")),
+                                         eos_token=_token_text(entry.get("eos_token")))
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--chat_template={path}: a JSON file holds {{\"chat_template\": \"...\", \"stop\": "
+                            f"[...]}} (as tokenizer_config.json does): {type(e).__name__}: {e}") from None
+        if not isinstance(template.template, str) or not all(isinstance(s, str) and s for s in template.stop):
+            raise UserError(f"--chat_template={path}: \"chat_template\" is a string and \"stop\" a list of "
+                            "non-empty strings")
+    try:
+        chat.check(template)
+    except chat.TemplateError as e:
+        raise UserError(f"--chat_template={path}: {e}") from None
+    return template
+
+
+def _token_text(token) -> str:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    return token.get("content", "") if isinstance(token, dict) else (token or "")
 
 
 def _tokenizer_files(tokenizer_dir: fs.Path) -> list[str]:
@@ -365,6 +414,7 @@ def warmup_requests(model_name: str, cache: list) -> list[bytes]:
         (c.PREFILL, _SAMPLED_WARMUP),
         (c.DECODE, step),
         (c.DETOKENIZE, {c.TOKEN_IDS: [[tokenizers.EOS_ID]], c.NUM_TOKENS: [1]}),
+        (c.TOKENIZE, {c.TEXT: [WARMUP_PROMPT]}),
     ])
 
 
@@ -425,6 +475,7 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
     final = base / str(version)
     if final.exists():
         raise UserError(f"{final} already exists; pick another --version or leave it out for the next free one")
+    chat_template = read_chat_template(config.chat_template) if config.chat_template else None
     tokenizer = tokenizers.load(wd.tokenizer_dir)
     files = _tokenizer_files(wd.tokenizer_dir)
     xla_warmup: list[bytes] = []
@@ -433,6 +484,8 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
 
         if config.variant:
             raise UserError(f"{wd.root} is a classifier workdir: it has no optimized variants; drop --variant")
+        if chat_template is not None:
+            raise UserError(f"{wd.root} is a classifier workdir: it does not chat; drop --chat_template")
         module, info = classifier.build(wd.root, tokenizer, files)
         signatures, warmup = c.CLASSIFIER_SIGNATURES, classifier.warmup_requests(config.model_name)
         methods = {c.CLASSIFY: c.CLASSIFY_METHOD}
@@ -447,6 +500,8 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
         xla_warmup = xla_warmup_requests(config.model_name, module.buckets, tokenizer)
         if config.xla_warmup:
             warmup, xla_warmup = warmup + xla_warmup, []
+        if chat_template is not None:
+            info["chat_template"] = chat_template.to_json()
 
     # Built aside and renamed whole: a server polling EXPORT_BASE never sees half a version.
     with workdir_lib.publish_dir(final) as staging:

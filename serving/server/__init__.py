@@ -19,6 +19,9 @@ The parts, each about the size of its counterpart in TensorFlow Serving:
     deadlines.py   deadlines and abandoned requests: their work is cancelled
     grpc_api.py    PredictionService, ModelService and the health service
     rest_api.py    the HTTP routes (on waitress)
+    scheduler.py   continuous batching: generation step by step over a pool of cache slots
+    openai_api.py  the OpenAI-compatible routes (--openai_api_port), on the same core
+    chat.py        chat templates (Jinja, sandboxed) for /v1/chat/completions
     json_codec.py  TensorFlow Serving's JSON for tensors
 """
 

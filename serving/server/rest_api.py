@@ -180,15 +180,20 @@ def _only_input(core: ModelServer, name: str, version: int | None, signature: st
     return specs[0]
 
 
-def _json_framing_errors():
-    """A waitress channel whose own errors (bad framing, oversized bodies) answer {"error": ...} too."""
+def _tf_serving_error(code: int, reason: str, detail: str) -> bytes:
+    return json.dumps({"error": f"{reason}: {detail}"}).encode("utf-8")
+
+
+def _json_framing_errors(error_body=_tf_serving_error):
+    """A waitress channel whose own errors (bad framing, oversized bodies) answer JSON too:
+    `error_body(code, reason, detail)` (TF Serving's {"error": ...} by default)."""
     from waitress.channel import HTTPChannel
     from waitress.task import ErrorTask
 
     class JsonErrorTask(ErrorTask):
         def execute(self):
             error = self.request.error
-            body = json.dumps({"error": f"{error.reason}: {error.body}"}).encode("utf-8")
+            body = error_body(error.code, error.reason, error.body)
             self.status = f"{error.code} {error.reason}"
             self.response_headers.append(("Content-Type", "application/json"))
             self.set_close_on_finish()  # what follows a malformed request cannot be trusted
@@ -202,7 +207,7 @@ def _json_framing_errors():
 
 
 class RestServer:
-    """A waitress server for `RestApi` in a thread of its own.
+    """A waitress server for `RestApi` (or another WSGI `app` over the core) in a thread of its own.
 
     Args:
         core: the server's models.
@@ -211,19 +216,21 @@ class RestServer:
         threads: workers running requests (TF Serving's --rest_api_num_threads).
         timeout: seconds a request may run.
         idle_timeout: seconds an idle keep-alive connection stays open.
+        app: the WSGI application (None: `RestApi(core, timeout)`), and `error_body(code, reason,
+            detail)` the JSON bytes of waitress's own errors.
     """
 
     def __init__(self, core: ModelServer, port: int, host: str = "0.0.0.0", threads: int = 8,
-                 timeout: float | None = 30.0, idle_timeout: float = 30.0):
+                 timeout: float | None = 30.0, idle_timeout: float = 30.0, app=None, error_body=_tf_serving_error):
         from waitress.server import create_server
 
         self._server = create_server(
-            RestApi(core, timeout), host=host, port=port, threads=threads, ident="lmstack-serving",
+            app or RestApi(core, timeout), host=host, port=port, threads=threads, ident="lmstack-serving",
             max_request_body_size=core.limits.max_request_bytes, channel_timeout=int(max(1, idle_timeout)),
             cleanup_interval=int(max(1, idle_timeout)), channel_request_lookahead=1,
             connection_limit=1000, asyncore_use_poll=True, expose_tracebacks=False, clear_untrusted_proxy_headers=True,
             backlog=1024)
-        self._server.channel_class = _json_framing_errors()
+        self._server.channel_class = _json_framing_errors(error_body)
         self.port = self._server.effective_port
         self._thread = threading.Thread(target=self._server.run, name="rest", daemon=True)
         self._thread.start()

@@ -20,7 +20,7 @@ import threading
 from typing import Any
 
 from serving.server.batching import BatchingParameters
-from serving.server import grpc_api, rest_api, scheduler
+from serving.server import grpc_api, openai_api, rest_api, scheduler
 from serving.server.config import (SSLConfig, models_from_config_file, read_batching_parameters,
                                    read_monitoring_config, read_ssl_config)
 from serving.server.core import Limits, ModelServer
@@ -85,6 +85,11 @@ class Options:
             proportionally more steps, up to 64).
         generation_max_waiting: (lmstack extension) sequences that may wait for a slot; past it a request
             fails with RESOURCE_EXHAUSTED (0: 8 per slot).
+        openai_api_port: (lmstack extension) serve the OpenAI-compatible API (/v1/models,
+            /v1/completions, /v1/chat/completions) on this port (0: off).
+        openai_api_keys_file: (lmstack extension) API keys, one a line (re-read when it changes): an
+            OpenAI request without `Authorization: Bearer KEY` is refused (401). Without it the API is
+            open, as the TF Serving ports are.
     """
     port: int = 8500
     rest_api_port: int = 8501
@@ -122,6 +127,8 @@ class Options:
     generation_slots: int = SchedulerOptions.slots
     generation_steps_per_call: int = SchedulerOptions.steps_per_call
     generation_max_waiting: int = SchedulerOptions.max_waiting
+    openai_api_port: int = 0
+    openai_api_keys_file: str = ""
 
     def validate(self) -> None:
         """Raises ValueError for the settings that cannot start a server, one line each."""
@@ -135,7 +142,11 @@ class Options:
         if set(self.saved_model_tags.split(",")) != {"serve"}:
             raise ValueError(f"--saved_model_tags={self.saved_model_tags}: lmstack serves the 'serve' tag set of "
                              "SavedModels (TensorFlow's loader with the exported signatures)")
-        for name in ("port", "rest_api_port"):
+        if self.openai_api_keys_file and not self.openai_api_port:
+            raise ValueError("--openai_api_keys_file needs --openai_api_port")
+        if self.openai_api_keys_file and not os.path.isfile(self.openai_api_keys_file):
+            raise ValueError(f"--openai_api_keys_file={self.openai_api_keys_file}: no such file (one API key a line)")
+        for name in ("port", "rest_api_port", "openai_api_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"--{name}={getattr(self, name)}: a port is 0 (any free one) to 65535")
         for name in ("rest_api_num_threads", "max_num_load_retries", "file_system_poll_wait_seconds",
@@ -173,6 +184,7 @@ class Server:
         core: the protocol-free server (models, batching, metrics, limits).
         loaded: model name -> the version serving when it started.
         grpc_port, rest_port: the ports it listens on (the free ones picked for a 0).
+        openai_port: the OpenAI-compatible API's port (0: not served).
         batching: the batching parameters, or None without batching.
         metrics_path: the REST path of the Prometheus page, or None.
         ssl: the gRPC TLS settings, or None.
@@ -182,9 +194,10 @@ class Server:
                  batching: BatchingParameters | None, metrics_path: str | None, ssl: SSLConfig | None):
         self.options, self.core, self.loaded = options, core, loaded
         self.batching, self.metrics_path, self.ssl = batching, metrics_path, ssl
-        self.grpc_port = self.rest_port = 0
+        self.grpc_port = self.rest_port = self.openai_port = 0
         self._grpc: Any = None
         self._rest: rest_api.RestServer | None = None
+        self._openai: rest_api.RestServer | None = None
 
     @classmethod
     def build_and_start(cls, options: Options) -> Server:
@@ -238,12 +251,19 @@ class Server:
                 core, options.port, workers=options.grpc_max_threads, host=options.bind_address, ssl=ssl,
                 health=options.enable_grpc_healthcheck_service, channel_arguments=channel_arguments)
             timeout = options.rest_api_timeout_in_ms / 1000 if options.rest_api_timeout_in_ms > 0 else None
+            threads = options.rest_api_num_threads or 4 * (os.cpu_count() or 1)
             server._rest, server.rest_port = rest_api.start_rest(
-                core, options.rest_api_port, host=options.bind_address, timeout=timeout,
-                threads=options.rest_api_num_threads or 4 * (os.cpu_count() or 1))
+                core, options.rest_api_port, host=options.bind_address, timeout=timeout, threads=threads)
+            if options.openai_api_port:
+                keys = openai_api.Keys(options.openai_api_keys_file) if options.openai_api_keys_file else None
+                server._openai = rest_api.RestServer(
+                    core, options.openai_api_port, host=options.bind_address, threads=threads,
+                    app=openai_api.OpenAiApi(core, timeout, keys), error_body=openai_api.framing_error)
+                server.openai_port = server._openai.port
         except (OSError, RuntimeError, ValueError) as e:
             server.stop(grace=0)
-            raise ValueError(f"cannot listen: {e}; choose other --port/--rest_api_port/--bind_address") from None
+            raise ValueError(f"cannot listen: {e}; choose other --port/--rest_api_port/--openai_api_port/"
+                             "--bind_address") from None
         return server
 
     def wait_for_termination(self) -> None:
@@ -268,12 +288,14 @@ class Server:
         core.stop_polling()
         if core.health is not None:
             core.health.enter_graceful_shutdown()
-        if self._rest is not None:
-            self._rest.stop_accepting()
+        for http in (self._rest, self._openai):
+            if http is not None:
+                http.stop_accepting()
         done = self._grpc.stop(grace=grace) if self._grpc is not None else None  # refuses new RPCs
         drained = core.drain(timeout=grace)
-        if self._rest is not None:
-            self._rest.shutdown()
+        for http in (self._rest, self._openai):
+            if http is not None:
+                http.shutdown()
         if done is not None:
             done.wait()
         if core.batcher is not None:

@@ -54,6 +54,7 @@ class LoadedVersion:
     # The batch sizes its compiled signatures were built for (a step scheduler pads to them).
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     scheduler: Any = None  # the step scheduler of its generation (`serving.server.scheduler`), if any
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)  # its lmstack_config.json ({} without one)
 
     def __post_init__(self):
         # structured_input_signature rebuilds its answer on every access: read it once.
@@ -320,7 +321,7 @@ class ServedModel:
             model = tf.saved_model.load(path)
             info = export_info(path)
             loaded = LoadedVersion(version, path, model, dict(model.signatures), method_names(path),
-                                   model_context(path, info))
+                                   model_context(path, info), info=info)
             if "xla_buckets" in info:
                 loaded.batch_buckets = tuple(sorted(info["xla_buckets"]["batch"]))
             warmed = 0

@@ -1,0 +1,590 @@
+"""The OpenAI-compatible API (`lmstack serve --openai_api_port`), beside TensorFlow Serving's.
+
+    GET  /v1/models                  every served model (its TF Serving name)
+    GET  /v1/models/{model}          one ("name", "name:VERSION" or "name:LABEL")
+    POST /v1/completions             text completions
+    POST /v1/chat/completions        chat, through the model's chat template (`serving.server.chat`)
+
+The official `openai` client, LangChain, LlamaIndex and the eval harnesses that speak this API
+talk to the same loaded versions, limits, metrics and generation scheduler as TF Serving's
+clients: each choice is one generation of the `generate` signature (its sampling rule, its seed),
+so a completion's text is the text `lmstack generate` and the Predict API give for the same
+settings, and OpenAI's requests share decoding steps with TF Serving's.
+
+What a request may ask (OpenAI's names; `FIELDS` lists them and `REFUSED` what lmstack refuses):
+`prompt` (a string or a list of them), `messages`, `max_tokens` / `max_completion_tokens`,
+`temperature`, `top_p`, `top_k` (an extension, as vLLM's), `n`, `seed`, `stop` (a string or up
+to 4), `echo`, `stream` with `stream_options.include_usage`. Stop strings are matched on the
+decoded text, so a stop that spans tokens works; the text returned ends before it, and held-back
+text that could start a stop is sent only once it cannot. `usage` counts the model's tokens: the
+prompt's as the model reads it (an empty prompt is [EOS] alone), and every token generated up to
+the end or the stop.
+
+Errors answer OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with its status
+codes: an unknown model 404, a request the model cannot hold (the prompt and max_tokens past the
+context) 400 naming the largest allowed, a field lmstack does not support 400 naming it (never
+silently ignored), a request over the server's limits 400 (413 for the body), a full generation
+queue 429, shutting down 503. With `--openai_api_keys_file`, every request needs
+`Authorization: Bearer KEY` with a key of the file (re-read when it changes), else 401.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import os
+import queue
+import secrets
+import threading
+import time
+import uuid
+from typing import Any, Iterator
+
+import tensorflow as tf
+
+from serving import contract as c
+from serving.contract import HTTP_STATUS, ServingError
+from serving.server import chat
+from serving.server.core import ModelServer, internal_error
+from serving.server.deadlines import Call
+from serving.server.versions import LoadedVersion
+
+MAX_STOPS = 4  # OpenAI's limit on stop strings
+MAX_N = 128  # OpenAI's limit on choices (the server's --max_request_rows bounds prompts x n too)
+DEFAULT_MAX_TOKENS = 16  # /v1/completions' default, as OpenAI's; chat defaults to the rest of the context
+_SEED_RANGE = 1 << 31  # the signature's seed is int32: a request's seed is taken modulo this
+
+# Fields OpenAI takes that lmstack refuses, and why: a client that sends one is told, not ignored.
+REFUSED = {
+    "suffix": "lmstack models continue text; they do not fill in between a prompt and a suffix",
+    "tools": "lmstack models do not call tools", "tool_choice": "lmstack models do not call tools",
+    "functions": "lmstack models do not call functions", "function_call": "lmstack models do not call functions",
+    "parallel_tool_calls": "lmstack models do not call tools",
+    "response_format": "only {\"type\": \"text\"} is supported: lmstack does not constrain output to JSON",
+    "logit_bias": "lmstack does not bias logits (send {} or leave it out)",
+    "best_of": "lmstack does not rank candidates: ask for n choices instead",
+    "logprobs": "lmstack does not return log-probabilities yet",
+    "top_logprobs": "lmstack does not return log-probabilities yet",
+    "presence_penalty": "lmstack's sampling rule has no presence penalty yet (send 0)",
+    "frequency_penalty": "lmstack's sampling rule has no frequency penalty yet (send 0)",
+    "audio": "lmstack models make text only", "modalities": "lmstack models make text only",
+    "prediction": "lmstack does not take predicted outputs", "reasoning_effort": "lmstack models do not reason",
+    "web_search_options": "lmstack models do not search the web",
+}
+# What a refused field may hold and still mean "not asked for" (OpenAI's defaults).
+_HARMLESS = {"response_format": lambda v: isinstance(v, dict) and v.get("type") == "text" and len(v) == 1,
+             "logit_bias": lambda v: v == {}, "best_of": lambda v: v in (None, 1),
+             "logprobs": lambda v: v in (None, False, 0), "top_logprobs": lambda v: v in (None, 0),
+             "presence_penalty": lambda v: v in (None, 0), "frequency_penalty": lambda v: v in (None, 0),
+             "tools": lambda v: v in (None, []), "parallel_tool_calls": lambda v: v is None,
+             "tool_choice": lambda v: v in (None, "none"), "modalities": lambda v: v in (None, ["text"])}
+# Fields taken as information only: they change nothing in the answer.
+_INFORMATIONAL = {"user", "metadata", "store", "service_tier"}
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop", "stream", "stream_options"}
+FIELDS = {"completions": _COMMON | {"prompt", "echo"},
+          "chat": _COMMON | {"messages", "max_completion_tokens"}}
+_ROLES = {"system", "developer", "user", "assistant"}
+
+
+class ApiError(Exception):
+    """A request fails with an OpenAI-shaped error."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind = kind or {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error",
+                             503: "server_error"}.get(status, "server_error" if status >= 500
+                                                       else "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    @classmethod
+    def of(cls, error: ServingError) -> ApiError:
+        return cls(HTTP_STATUS.get(error.code, 500), error.message, code=error.code.lower())
+
+
+class Keys:
+    """The API keys of `--openai_api_keys_file` (one a line; blank lines and #-comments skipped),
+    re-read when the file changes. A file that cannot be read later keeps the keys it had."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._stamp: tuple | None = None
+        self._keys: tuple[bytes, ...] = ()
+        self._lock = threading.Lock()
+        self._read()  # OSError at start: the server does not start
+
+    def _read(self) -> None:
+        stat = os.stat(self.path)
+        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if stamp == self._stamp:
+            return
+        with open(self.path, encoding="utf-8") as f:
+            keys = tuple(line.strip().encode() for line in f if line.strip() and not line.lstrip().startswith("#"))
+        self._keys, self._stamp = keys, stamp
+
+    def allows(self, header: str | None) -> bool:
+        with self._lock:
+            try:
+                self._read()
+            except (OSError, UnicodeDecodeError) as e:
+                from serving.server.versions import log
+
+                log.error("--openai_api_keys_file %s cannot be read (%s): keeping its last keys", self.path, e)
+        if not header or not header.startswith("Bearer "):
+            return False
+        given = header[len("Bearer "):].strip().encode()
+        return any(hmac.compare_digest(given, key) for key in self._keys)
+
+
+@dataclasses.dataclass
+class _Request:
+    """A completions or chat request, checked: what each choice generates."""
+    kind: str  # "completions" or "chat"
+    model: str  # as the client named it (echoed back)
+    loaded: LoadedVersion
+    name: str
+    prompts: list[str]
+    prompt_tokens: list[int]
+    max_tokens: int
+    n: int
+    sampling: dict[str, Any]  # temperature, top_k, top_p
+    seed: int
+    stops: list[str]
+    echo: bool
+    stream: bool
+    include_usage: bool
+
+
+class OpenAiApi:
+    """The WSGI application of the OpenAI-compatible routes (see the module docstring).
+
+    Args:
+        core: the server's models (shared with the TF Serving APIs).
+        timeout: seconds a request may run (None: no limit): --rest_api_timeout_in_ms.
+        keys: the API keys, or None for an open API.
+    """
+
+    def __init__(self, core: ModelServer, timeout: float | None = 30.0, keys: Keys | None = None):
+        self.core, self.timeout, self.keys = core, timeout, keys
+
+    def __call__(self, environ, start_response):
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+        with self.core.track():
+            try:
+                if self.keys is not None and not self.keys.allows(environ.get("HTTP_AUTHORIZATION")):
+                    raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY' with a key "
+                                        "of the server's --openai_api_keys_file", code="invalid_api_key")
+                answer = self._answer(method, path.rstrip("/"), environ)
+                if isinstance(answer, dict):
+                    return _respond(start_response, 200, answer)
+                start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
+                return answer
+            except ApiError as e:
+                return _respond(start_response, e.status, e.body())
+            except ServingError as e:
+                error = ApiError.of(e)
+                return _respond(start_response, error.status, error.body())
+            except Exception as e:  # a bug must not drop the connection or print a traceback
+                return _respond(start_response, 500, ApiError(500, internal_error(f"{method} {path[:200]}", e)).body())
+
+    def _answer(self, method: str, path: str, environ):
+        if path == "/v1/models" and method == "GET":
+            return {"object": "list", "data": [self._model_card(name) for name in sorted(self.core.models)]}
+        if path.startswith("/v1/models/") and method == "GET":
+            model = path[len("/v1/models/"):]
+            self._resolve(model)
+            return self._model_card(model)
+        kind = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}.get(path)
+        if kind is None or method != "POST":
+            raise ApiError(404, f"Unknown route: {method} {path[:200]} (this server answers GET /v1/models, "
+                                "POST /v1/completions and POST /v1/chat/completions)", code="unknown_url")
+        body = _read_json(environ, self.core.limits.max_request_bytes)
+        api = "chat.completions" if kind == "chat" else "completions"
+        with self.core.counted(str(body.get("model", ""))[:200].split(":")[0], api, "REST"):
+            request = self._request(kind, body)
+            disconnected = environ.get("waitress.client_disconnected")
+            call = Call(self.timeout, is_active=(lambda: not disconnected()) if disconnected else None)
+            runs, events = self._start(request, call)
+            if request.stream:
+                return self._events(request, runs, events, call)
+            return self._whole(request, runs, events, call)
+
+    # -- models ----------------------------------------------------------------
+
+    def _resolve(self, model: Any) -> tuple[str, LoadedVersion]:
+        """The served version a model id names: "name", "name:VERSION" or "name:LABEL"."""
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "you must name a model ('model': one of GET /v1/models)", param="model")
+        name, _, pick = model.partition(":") if model not in self.core.models else (model, "", "")
+        if name not in self.core.models:
+            raise ApiError(404, f"The model '{model[:200]}' does not exist (this server has: "
+                                f"{', '.join(sorted(self.core.models))})", param="model", code="model_not_found")
+        version = int(pick) if pick.isascii() and pick.isdigit() else None
+        try:
+            return name, self.core.model(name).get(version, pick if pick and version is None else None)
+        except ServingError as e:
+            raise ApiError(404, f"The model '{model[:200]}' does not exist: {e.message}", param="model",
+                           code="model_not_found") from None
+
+    def _model_card(self, model: str) -> dict[str, Any]:
+        name, loaded = self._resolve(model)
+        card = {"id": model, "object": "model", "created": _created(loaded), "owned_by": "lmstack"}
+        if loaded.context is not None:
+            card["max_model_len"] = loaded.context  # vLLM's field: the context, prompt and completion together
+        return card
+
+    # -- a request, checked ------------------------------------------------------
+
+    def _request(self, kind: str, body: dict[str, Any]) -> _Request:
+        for key in body:
+            if key in REFUSED and not _HARMLESS.get(key, lambda v: v is None)(body[key]):
+                raise ApiError(400, f"'{key}' is not supported: {REFUSED[key]}", param=key,
+                               code="unsupported_parameter")
+            if key not in FIELDS[kind] and key not in REFUSED and key not in _INFORMATIONAL:
+                raise ApiError(400, f"Unrecognized request argument supplied: {str(key)[:100]}", param=str(key)[:100],
+                               code="unrecognized_argument")
+        name, loaded = self._resolve(body.get("model"))
+        if c.TOKENIZE not in loaded.signatures:
+            raise ApiError(400, f"model '{name}' version {loaded.version} was exported before lmstack's OpenAI API "
+                                "(it has no tokenize signature): export it again", param="model",
+                           code="model_too_old")
+        limits = self.core.limits
+        stream = _get(body, "stream", bool, False)
+        options = _get(body, "stream_options", dict, None)
+        if options is not None and not stream:
+            raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
+        options = options or {}
+        if set(options) - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
+            raise ApiError(400, "'stream_options' takes {\"include_usage\": true|false}", param="stream_options")
+        stops = _get(body, "stop", (str, list), None)
+        stops = [stops] if isinstance(stops, str) else (stops or [])
+        if len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
+            raise ApiError(400, f"'stop' is a non-empty string or a list of up to {MAX_STOPS} of them", param="stop")
+        template_stops: list[str] = []
+        if kind == "chat":
+            template = chat.ChatTemplate.from_export(loaded.info)
+            try:
+                prompts = [template.render(_messages(body.get("messages")))]
+            except chat.TemplateError as e:
+                raise ApiError(400, str(e), param="messages") from None
+            template_stops = list(template.stop)
+            echo = False
+            max_tokens = _get(body, "max_completion_tokens", int, None)
+            if max_tokens is None:
+                max_tokens = _get(body, "max_tokens", int, None)
+            param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        else:
+            prompts = _prompts(body.get("prompt", _MISSING))
+            echo = _get(body, "echo", bool, False)
+            max_tokens = _get(body, "max_tokens", int, DEFAULT_MAX_TOKENS)
+            param = "max_tokens"
+        n = _get(body, "n", int, 1)
+        if not 1 <= n <= MAX_N:
+            raise ApiError(400, f"'n' is 1 to {MAX_N}, got {n}", param="n")
+        if len(prompts) * n > limits.max_request_rows:
+            raise ApiError(400, f"{len(prompts)} prompt(s) x n={n} is {len(prompts) * n} generations; this server "
+                                f"runs at most {limits.max_request_rows} for one request (--max_request_rows)",
+                           param="n")
+        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+        if top_p == 0.0:
+            raise ApiError(400, "'top_p' must be above 0 (1 keeps every token; for greedy send temperature 0)",
+                           param="top_p")
+        top_k = _get(body, "top_k", int, 0)
+        if top_k < -1:
+            raise ApiError(400, "'top_k' is 0 or -1 (off) or a number of tokens", param="top_k")
+        seed = _get(body, "seed", int, None)
+        seed = secrets.randbelow(_SEED_RANGE) if seed is None else seed % _SEED_RANGE
+        counts = self._count_tokens(loaded, prompts)
+        context = loaded.context
+        if max_tokens is None:  # chat: the rest of the context, within the server's limit
+            max_tokens = limits.max_new_tokens if context is None else min(limits.max_new_tokens,
+                                                                           context - max(counts))
+        if max_tokens < 0:
+            raise ApiError(400, f"'{param}' must not be negative", param=param)
+        if max_tokens > limits.max_new_tokens:
+            raise ApiError(400, f"'{param}' is {max_tokens}; this server makes at most {limits.max_new_tokens} "
+                                "tokens a request (--max_new_tokens_limit)", param=param)
+        if context is not None and max(counts) + max_tokens > context:
+            longest, what = max(counts), "messages" if kind == "chat" else "prompt"
+            raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                                f"{longest + max_tokens} tokens ({longest} in the {what}"
+                                f", {max_tokens} in the completion). Ask for at most {max(0, context - longest)} new "
+                                "tokens" + (f", or shorten the prompt to {context - max_tokens} tokens."
+                                            if max_tokens < context else "."), param=param,
+                           code="context_length_exceeded")
+        return _Request(kind, body["model"], loaded, name, prompts, counts, max_tokens, n,
+                        {c.TEMPERATURE: temperature, c.TOP_K: max(0, top_k), c.TOP_P: top_p}, seed,
+                        stops + template_stops, echo, stream, bool(options.get("include_usage")))
+
+    def _count_tokens(self, loaded: LoadedVersion, prompts: list[str]) -> list[int]:
+        """Each prompt's tokens as a generation reads it (an empty one is [EOS] alone)."""
+        text_bytes = sum(len(p.encode("utf-8")) for p in prompts)
+        if text_bytes > self.core.limits.max_text_bytes:
+            raise ApiError(400, f"the prompt holds {text_bytes} bytes; this server takes at most "
+                                f"{self.core.limits.max_text_bytes} (--max_text_bytes)", param="prompt")
+        out = loaded.signatures[c.TOKENIZE](**{c.TEXT: tf.constant(prompts, tf.string)})
+        return [max(1, int(n)) for n in out[c.NUM_TOKENS].numpy()]
+
+    # -- running ---------------------------------------------------------------
+
+    def _start(self, request: _Request, call: Call) -> tuple[list[_Choice], queue.Queue]:
+        """Every choice queued (with a scheduler, they run from now), each as one generation; a
+        request the server cannot take fails here, before an answer starts."""
+        runs: list[_Choice] = []
+        try:
+            for p, prompt in enumerate(request.prompts):
+                for j in range(request.n):
+                    inputs = {c.PROMPT: prompt, c.MAX_NEW_TOKENS: request.max_tokens, **request.sampling,
+                              c.SEED: (request.seed + j) % _SEED_RANGE}
+                    _, chunks = self.core.stream(request.name, request.loaded.version, inputs, None, call)
+                    runs.append(_Choice(len(runs), p, chunks, request.stops))
+        except BaseException:
+            for run in runs:
+                run.chunks.close()
+            raise
+        events: queue.Queue = queue.Queue()
+        for run in runs:
+            threading.Thread(target=run.drain, args=(events,), name="openai-choice", daemon=True).start()
+        return runs, events
+
+    @staticmethod
+    def _pieces(runs: list[_Choice], events: queue.Queue, call: Call) -> Iterator[tuple[_Choice, str | None]]:
+        """(choice, new text) as the choices make it, then (choice, None) once each is done."""
+        left = len(runs)
+        while left:
+            try:
+                run, piece, error = events.get(timeout=0.1)
+            except queue.Empty:
+                call.check()
+                continue
+            if error is not None:
+                raise error
+            left -= piece is None
+            yield run, piece
+
+    def _whole(self, request: _Request, runs: list[_Choice], events: queue.Queue, call: Call) -> dict[str, Any]:
+        texts: dict[int, list[str]] = {run.index: [] for run in runs}
+        try:
+            for run, piece in self._pieces(runs, events, call):
+                texts[run.index].append(piece or "")
+        finally:
+            call.gone.set()  # every choice's generation stops (a failed one takes the rest with it)
+        choices = []
+        for run in runs:
+            text = (request.prompts[run.prompt] if request.echo else "") + "".join(texts[run.index])
+            if request.kind == "chat":
+                choices.append({"index": run.index, "message": {"role": "assistant", "content": text},
+                                "logprobs": None, "finish_reason": run.finish_reason})
+            else:
+                choices.append({"index": run.index, "text": text, "logprobs": None,
+                                "finish_reason": run.finish_reason})
+        return {"id": _id(request.kind), "object": "chat.completion" if request.kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": request.model, "choices": choices,
+                "usage": _usage(request, runs)}
+
+    def _events(self, request: _Request, runs: list[_Choice], events: queue.Queue, call: Call) -> Iterator[bytes]:
+        """The SSE stream: one chunk object per piece of text, each choice's last with its
+        finish_reason, the usage chunk if asked, then `data: [DONE]`."""
+        chat_kind = request.kind == "chat"
+        head = {"id": _id(request.kind), "object": "chat.completion.chunk" if chat_kind else "text_completion",
+                "created": int(time.time()), "model": request.model}
+        usage = {"usage": None} if request.include_usage else {}
+
+        def chunk(run: _Choice, text: str, finish: str | None = None, first: bool = False) -> bytes:
+            if chat_kind:
+                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+                choice = {"index": run.index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": run.index, "text": text, "logprobs": None, "finish_reason": finish}
+            return _sse({**head, "choices": [choice], **usage})
+
+        with self.core.track():
+            try:
+                for run in runs:
+                    opening = request.prompts[run.prompt] if request.echo else ""
+                    if chat_kind or opening:
+                        yield chunk(run, opening, first=True)
+                for run, piece in self._pieces(runs, events, call):
+                    yield chunk(run, "", run.finish_reason) if piece is None else chunk(run, piece)
+                if request.include_usage:
+                    yield _sse({**head, "choices": [], "usage": _usage(request, runs)})
+                yield b"data: [DONE]\n\n"
+            except ServingError as e:
+                yield _sse(ApiError.of(e).body())
+            except Exception as e:  # one log line and an error event, not a traceback
+                yield _sse(ApiError(500, internal_error("openai stream", e)).body())
+            finally:
+                call.gone.set()  # a client that left (waitress closes this generator) stops every choice
+
+
+class _Choice:
+    """One choice: its generation's chunks, read on a thread of its own, with the stop strings
+    applied to its text."""
+
+    def __init__(self, index: int, prompt: int, chunks: Iterator[dict[str, Any]], stops: list[str]):
+        self.index, self.prompt, self.chunks, self.stops = index, prompt, chunks, stops
+        self.hold = max((len(s) for s in stops), default=1) - 1  # text that may yet start a stop
+        self.tokens = 0
+        self.finish_reason: str | None = None
+
+    def drain(self, events: queue.Queue) -> None:
+        """Puts (self, new text, None) as text comes, then (self, None, None) with finish_reason set;
+        (self, None, error) on failure."""
+        text, sent = "", 0
+        try:
+            for chunk in self.chunks:
+                if "completion" in chunk:
+                    self.finish_reason = "stop" if chunk["finished"] else "length"
+                    break
+                self.tokens += len(chunk["token_ids"])
+                text += chunk["text"]
+                cut = _first_stop(text, self.stops, max(0, sent - self.hold))
+                if cut is not None:
+                    text, self.finish_reason = text[:cut], "stop"
+                    break
+                ready = len(text) - self.hold if self.stops else len(text)
+                if ready > sent:
+                    events.put((self, text[sent:ready], None))
+                    sent = ready
+        except ServingError as e:
+            events.put((self, None, e))
+            return
+        except Exception as e:
+            events.put((self, None, ServingError("INTERNAL", internal_error("openai choice", e))))
+            return
+        finally:
+            self.chunks.close()  # a stop met: the generation leaves its slot at the next step
+        if len(text) > sent:
+            events.put((self, text[sent:], None))
+        self.finish_reason = self.finish_reason or "length"
+        events.put((self, None, None))
+
+
+def _first_stop(text: str, stops: list[str], start: int) -> int | None:
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _usage(request: _Request, runs: list[_Choice]) -> dict[str, int]:
+    prompt = sum(request.prompt_tokens)
+    completion = sum(run.tokens for run in runs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+_MISSING = object()
+
+
+def _get(body: dict[str, Any], key: str, kind, default):
+    """A field of `kind` (a type or tuple of types; bools are not numbers), or `default` when absent or null."""
+    value = body.get(key)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        value = object()  # true is not 1
+    if not isinstance(value, kinds):
+        names = " or ".join({bool: "a boolean", int: "an integer", str: "a string", list: "a list",
+                             dict: "an object", float: "a number"}[k] for k in kinds)
+        raise ApiError(400, f"'{key}' must be {names}", param=key, code="invalid_type")
+    return value
+
+
+def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+    value = float(_get(body, key, (int, float), default))
+    if not low <= value <= high:
+        raise ApiError(400, f"'{key}' is {low:g} to {high:g}, got {value:g}", param=key, code="invalid_value")
+    return value
+
+
+def _prompts(prompt) -> list[str]:
+    if prompt is _MISSING:
+        raise ApiError(400, "'prompt' is required: a string or a list of strings", param="prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ApiError(400, "'prompt' must be a string or a non-empty list of strings (lmstack takes text, not "
+                            "token ids)", param="prompt")
+    return prompts
+
+
+def _messages(messages) -> list[dict[str, str]]:
+    """The conversation as the template reads it: roles and text contents."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
+    out = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in _ROLES:
+            why = (" (lmstack models do not call tools)" if role in ("tool", "function") else "")
+            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}{why}",
+                           param=f"messages.[{i}].role")
+        content = message.get("content")
+        if isinstance(content, list):  # text parts
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(400, f"messages[{i}].content: lmstack models read text parts only "
+                                    "({\"type\": \"text\", \"text\": ...})", param=f"messages.[{i}].content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
+                           param=f"messages.[{i}].content")
+        extra = set(message) - {"role", "content", "name"}
+        if extra:
+            raise ApiError(400, f"messages[{i}] has fields lmstack does not support: {sorted(extra)[:5]}",
+                           param=f"messages.[{i}]")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def _read_json(environ, limit: int) -> dict[str, Any]:
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise ApiError(400, "Content-Length is not a number") from None
+    if length > limit:
+        raise ApiError(413, f"the request body of {length} bytes is larger than the {limit} this server takes "
+                            "(--max_request_bytes)", code="request_too_large")
+    data = environ["wsgi.input"].read(length) if length > 0 else b""
+    try:
+        body = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ApiError(400, f"the body is not JSON in UTF-8: {str(e)[:200]}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _created(loaded: LoadedVersion) -> int:
+    try:
+        return int(loaded.info.get("created") or os.path.getmtime(loaded.path))
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
+def _id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+
+
+def _sse(value: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(value)}\n\n".encode("utf-8")
+
+
+def _respond(start_response, status: int, body: dict[str, Any]) -> list[bytes]:
+    from serving.server.rest_api import _REASONS
+
+    data = json.dumps(body).encode("utf-8")
+    start_response(f"{status} {_REASONS.get(status, 'Error')}",
+                   [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+def framing_error(code: int, reason: str, detail: str) -> bytes:
+    """waitress's own errors (bad framing, an oversized body) in OpenAI's shape."""
+    kind = "invalid_request_error" if code < 500 else "server_error"
+    return json.dumps({"error": {"message": f"{reason}: {detail}", "type": kind, "param": None,
+                                 "code": "request_too_large" if code == 413 else None}}).encode("utf-8")
+
