@@ -161,7 +161,7 @@ def main() -> None:
         load_window(lambda: make().openai_unary, 2)  # connections and paths warm
         for r in range(args.rounds):
             for name in load:
-                window = load_window(lambda: getattr(make(), f"{name}_unary"), args.seconds)
+                window = load_window(lambda way=f"{name}_unary": getattr(make(), way), args.seconds)
                 load[name].append(window)
                 print(f"round {r + 1}: {name} {window:.0f} tokens/s at {CLIENTS} clients", file=sys.stderr)
     finally:

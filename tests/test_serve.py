@@ -354,7 +354,8 @@ def test_bad_streams_fail_before_they_start(running, inputs, status, message):
     (["--model_base_path={tmp}", "--tensorflow_intra_op_parallelism=-1"], "take 0 (TensorFlow's choice)"),
     (["--model_base_path={tmp}", "--generation_steps_per_call=0"], "--generation_steps_per_call=0: takes 1 to 64"),
     (["--model_base_path={tmp}", "--generation_slots=-2"], "--generation_slots and --generation_max_waiting"),
-    (["--model_base_path={tmp}", "--openai_api_keys_file={tmp}/b.txt"], "--openai_api_keys_file needs --openai_api_port"),
+    (["--model_base_path={tmp}", "--openai_api_keys_file={tmp}/b.txt"],
+     "--openai_api_keys_file needs --openai_api_port"),
     (["--model_base_path={tmp}", "--openai_api_port=8000", "--openai_api_keys_file={tmp}/keys"], "no such file"),
     (["--model_base_path={tmp}", "--openai_api_port=70000"], "--openai_api_port=70000: a port is"),
 ])
