@@ -41,6 +41,7 @@ import time
 import uuid
 from typing import Any, Iterator
 
+import numpy as np
 import tensorflow as tf
 
 from serving import contract as c
@@ -208,10 +209,9 @@ class OpenAiApi:
             request = self._request(kind, body)
             disconnected = environ.get("waitress.client_disconnected")
             call = Call(self.timeout, is_active=(lambda: not disconnected()) if disconnected else None)
-            runs, events = self._start(request, call)
             if request.stream:
-                return self._events(request, runs, events, call)
-            return self._whole(request, runs, events, call)
+                return self._events(request, *self._start(request, call), call)
+            return self._whole(request, self._choices(request, call))
 
     # -- models ----------------------------------------------------------------
 
@@ -367,25 +367,45 @@ class OpenAiApi:
             left -= piece is None
             yield run, piece
 
-    def _whole(self, request: _Request, runs: list[_Choice], events: queue.Queue, call: Call) -> dict[str, Any]:
-        texts: dict[int, list[str]] = {run.index: [] for run in runs}
-        try:
-            for run, piece in self._pieces(runs, events, call):
-                texts[run.index].append(piece or "")
-        finally:
-            call.gone.set()  # every choice's generation stops (a failed one takes the rest with it)
+    def _choices(self, request: _Request, call: Call) -> list[tuple[str, int, str]]:
+        """Every choice's (text, tokens made, finish_reason), for an answer sent whole.
+
+        Without stop strings, on a version with a step scheduler, one request of a row per choice:
+        what a TF Serving client's Predict request on `generate` costs. With them (or on the
+        call-by-call path), each choice is read as it grows, and stops where a stop string appears.
+        """
+        scheduler = request.loaded.scheduler
+        if request.stops or scheduler is None:
+            runs, events = self._start(request, call)
+            texts: dict[int, list[str]] = {run.index: [] for run in runs}
+            try:
+                for run, piece in self._pieces(runs, events, call):
+                    texts[run.index].append(piece or "")
+            finally:
+                call.gone.set()  # every choice's generation stops (a failed one takes the rest with it)
+            return [("".join(texts[run.index]), run.tokens, run.finish_reason) for run in runs]
+        rows = [(p, j) for p in range(len(request.prompts)) for j in range(request.n)]
+        inputs = {c.PROMPT: np.array([request.prompts[p].encode("utf-8") for p, _ in rows], object),
+                  c.MAX_NEW_TOKENS: np.full([len(rows)], request.max_tokens, np.int32),
+                  **{k: np.full([len(rows)], v) for k, v in request.sampling.items()},
+                  c.SEED: np.array([(request.seed + j) % _SEED_RANGE for _, j in rows], np.int32)}
+        done = scheduler.run(self.core.validate(request.loaded, c.GENERATE, inputs), call).rows
+        return [(text, len(row.tokens), "stop" if row.stopped else "length")
+                for text, row in zip(scheduler.texts([row.tokens for row in done]), done)]
+
+    def _whole(self, request: _Request, answers: list[tuple[str, int, str]]) -> dict[str, Any]:
         choices = []
-        for run in runs:
-            text = (request.prompts[run.prompt] if request.echo else "") + "".join(texts[run.index])
+        for index, (text, _, finish_reason) in enumerate(answers):
+            if request.echo:
+                text = request.prompts[index // request.n] + text
             if request.kind == "chat":
-                choices.append({"index": run.index, "message": {"role": "assistant", "content": text},
-                                "logprobs": None, "finish_reason": run.finish_reason})
+                choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                                "logprobs": None, "finish_reason": finish_reason})
             else:
-                choices.append({"index": run.index, "text": text, "logprobs": None,
-                                "finish_reason": run.finish_reason})
+                choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason})
         return {"id": _id(request.kind), "object": "chat.completion" if request.kind == "chat" else "text_completion",
                 "created": int(time.time()), "model": request.model, "choices": choices,
-                "usage": _usage(request, runs)}
+                "usage": _usage(request, sum(n for _, n, _ in answers))}
 
     def _events(self, request: _Request, runs: list[_Choice], events: queue.Queue, call: Call) -> Iterator[bytes]:
         """The SSE stream: one chunk object per piece of text, each choice's last with its
@@ -412,7 +432,7 @@ class OpenAiApi:
                 for run, piece in self._pieces(runs, events, call):
                     yield chunk(run, "", run.finish_reason) if piece is None else chunk(run, piece)
                 if request.include_usage:
-                    yield _sse({**head, "choices": [], "usage": _usage(request, runs)})
+                    yield _sse({**head, "choices": [], "usage": _usage(request, sum(run.tokens for run in runs))})
                 yield b"data: [DONE]\n\n"
             except ServingError as e:
                 yield _sse(ApiError.of(e).body())
@@ -470,9 +490,8 @@ def _first_stop(text: str, stops: list[str], start: int) -> int | None:
     return min(found) if found else None
 
 
-def _usage(request: _Request, runs: list[_Choice]) -> dict[str, int]:
+def _usage(request: _Request, completion: int) -> dict[str, int]:
     prompt = sum(request.prompt_tokens)
-    completion = sum(run.tokens for run in runs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

@@ -199,13 +199,22 @@ class Scheduler:
 
     def generate(self, inputs: dict[str, np.ndarray], call) -> dict[str, np.ndarray]:
         """Runs a validated generate / serving_default request; returns its outputs as the signature does."""
+        return self._outputs([r.tokens for r in self.run(inputs, call).rows])
+
+    def run(self, inputs: dict[str, np.ndarray], call) -> Generation:
+        """Runs a validated generate / serving_default request to its end: each of its `rows` holds its
+        `tokens` and whether it `stopped` at [EOS]."""
         generation = self.submit(inputs, call)
         try:
             while not generation.wait():
                 pass
         finally:
             generation.cancelled = generation.cancelled or not generation.done
-        return self._outputs([r.tokens for r in generation.rows])
+        return generation
+
+    def texts(self, token_lists: list[list[int]]) -> list[str]:
+        """The text of each list of tokens."""
+        return self._text(token_lists)
 
     def stream(self, inputs: dict[str, np.ndarray], call) -> Iterator[dict[str, Any]]:
         """One prompt's tokens as they are made: `{"text", "token_ids"}` events, then the last
