@@ -213,7 +213,8 @@ def main() -> None:
         cost = {k: figures[k] / figures["rest"] - 1 if "ms" in what else 1 - figures[k] / figures["rest"]
                 for k in ("openai", "raw")}
         table.append({"measure": what, "openai_client": round(figures["openai"], 1),
-                      "raw_http": round(figures["raw"], 1), "tf_serving": round(figures["rest"], 1), "cost": round(cost["openai"], 3),
+                      "raw_http": round(figures["raw"], 1), "tf_serving": round(figures["rest"], 1),
+                      "cost": round(cost["openai"], 3),
                       "raw_cost": round(cost["raw"], 3), "against": against})
         print(f"{what:28} {figures['openai']:14.1f} {figures['raw']:9.1f} {figures['rest']:11.1f} "
               f"{cost['openai']:7.1%} {cost['raw']:9.1%}  {against}")
