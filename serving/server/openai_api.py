@@ -210,7 +210,7 @@ class OpenAiApi:
             disconnected = environ.get("waitress.client_disconnected")
             call = Call(self.timeout, is_active=(lambda: not disconnected()) if disconnected else None)
             if request.stream:
-                return self._events(request, *self._start(request, call), call)
+                return self._events(request, self._start(request, call), call)
             return self._whole(request, self._choices(request, call))
 
     # -- models ----------------------------------------------------------------
@@ -332,7 +332,7 @@ class OpenAiApi:
 
     # -- running ---------------------------------------------------------------
 
-    def _start(self, request: _Request, call: Call) -> tuple[list[_Choice], queue.Queue]:
+    def _start(self, request: _Request, call: Call) -> list[_Choice]:
         """Every choice queued (with a scheduler, they run from now), each as one generation; a
         request the server cannot take fails here, before an answer starts."""
         runs: list[_Choice] = []
@@ -347,14 +347,21 @@ class OpenAiApi:
             for run in runs:
                 run.chunks.close()
             raise
+        return runs
+
+    @staticmethod
+    def _pieces(runs: list[_Choice], call: Call) -> Iterator[tuple[_Choice, str | None]]:
+        """(choice, new text) as the choices make it, then (choice, None) once each is done. One
+        choice is read in this thread; several each on a thread of their own, so none waits for
+        another."""
+        if len(runs) == 1:
+            for piece in runs[0].pieces():
+                yield runs[0], piece
+            yield runs[0], None
+            return
         events: queue.Queue = queue.Queue()
         for run in runs:
             threading.Thread(target=run.drain, args=(events,), name="openai-choice", daemon=True).start()
-        return runs, events
-
-    @staticmethod
-    def _pieces(runs: list[_Choice], events: queue.Queue, call: Call) -> Iterator[tuple[_Choice, str | None]]:
-        """(choice, new text) as the choices make it, then (choice, None) once each is done."""
         left = len(runs)
         while left:
             try:
@@ -376,10 +383,10 @@ class OpenAiApi:
         """
         scheduler = request.loaded.scheduler
         if request.stops or scheduler is None:
-            runs, events = self._start(request, call)
+            runs = self._start(request, call)
             texts: dict[int, list[str]] = {run.index: [] for run in runs}
             try:
-                for run, piece in self._pieces(runs, events, call):
+                for run, piece in self._pieces(runs, call):
                     texts[run.index].append(piece or "")
             finally:
                 call.gone.set()  # every choice's generation stops (a failed one takes the rest with it)
@@ -407,7 +414,7 @@ class OpenAiApi:
                 "created": int(time.time()), "model": request.model, "choices": choices,
                 "usage": _usage(request, sum(n for _, n, _ in answers))}
 
-    def _events(self, request: _Request, runs: list[_Choice], events: queue.Queue, call: Call) -> Iterator[bytes]:
+    def _events(self, request: _Request, runs: list[_Choice], call: Call) -> Iterator[bytes]:
         """The SSE stream: one chunk object per piece of text, each choice's last with its
         finish_reason, the usage chunk if asked, then `data: [DONE]`."""
         chat_kind = request.kind == "chat"
@@ -429,7 +436,7 @@ class OpenAiApi:
                     opening = request.prompts[run.prompt] if request.echo else ""
                     if chat_kind or opening:
                         yield chunk(run, opening, first=True)
-                for run, piece in self._pieces(runs, events, call):
+                for run, piece in self._pieces(runs, call):
                     yield chunk(run, "", run.finish_reason) if piece is None else chunk(run, piece)
                 if request.include_usage:
                     yield _sse({**head, "choices": [], "usage": _usage(request, sum(run.tokens for run in runs))})
@@ -452,9 +459,9 @@ class _Choice:
         self.tokens = 0
         self.finish_reason: str | None = None
 
-    def drain(self, events: queue.Queue) -> None:
-        """Puts (self, new text, None) as text comes, then (self, None, None) with finish_reason set;
-        (self, None, error) on failure."""
+    def pieces(self) -> Iterator[str]:
+        """The choice's new text as it comes; `finish_reason` is set once it ends. Raises the
+        generation's ServingError."""
         text, sent = "", 0
         try:
             for chunk in self.chunks:
@@ -469,19 +476,25 @@ class _Choice:
                     break
                 ready = len(text) - self.hold if self.stops else len(text)
                 if ready > sent:
-                    events.put((self, text[sent:ready], None))
+                    yield text[sent:ready]
                     sent = ready
+        finally:
+            self.chunks.close()  # a stop met or the reader gone: the generation leaves its slot at the next step
+        if len(text) > sent:
+            yield text[sent:]
+        self.finish_reason = self.finish_reason or "length"
+
+    def drain(self, events: queue.Queue) -> None:
+        """Puts (self, new text, None) as text comes, then (self, None, None); (self, None, error) on failure."""
+        try:
+            for piece in self.pieces():
+                events.put((self, piece, None))
         except ServingError as e:
             events.put((self, None, e))
             return
         except Exception as e:
             events.put((self, None, ServingError("INTERNAL", internal_error("openai choice", e))))
             return
-        finally:
-            self.chunks.close()  # a stop met: the generation leaves its slot at the next step
-        if len(text) > sent:
-            events.put((self, text[sent:], None))
-        self.finish_reason = self.finish_reason or "length"
         events.put((self, None, None))
 
 
