@@ -1,6 +1,6 @@
 """The serving contract: signature, tensor and file names shared by the exporter, the server and the clients.
 
-An exported language model answers fourteen signatures (TensorFlow Serving's
+An exported language model answers fifteen signatures (TensorFlow Serving's
 `signature_name`); every tensor's first dimension is the batch:
 
     serving_default    prompt string [B], max_new_tokens int32 [B]
@@ -13,6 +13,12 @@ An exported language model answers fourteen signatures (TensorFlow Serving's
                        (the logits after each row's first num_tokens tokens; what follows them is
                        ignored, so rows of different lengths pad to one [B, T] — and TensorFlow
                        Serving's pad_variable_length_inputs changes no answer)
+    token_logprobs     token_ids int32 [B, T], num_tokens int32 [B]
+                       -> logprobs float [B, T], top_token_ids int32 [B, T, 5], top_logprobs float [B, T, 5]
+                       (for each position t from 1 to num_tokens - 1: log p(token t | the tokens
+                       before it), and the 5 likeliest tokens there with theirs; position 0 and
+                       what follows num_tokens are 0. One forward pass over the rows, which a
+                       transformer's context must hold: what an OpenAI request's `logprobs` shows)
     generate_chunk     the inputs of generate + generated int32 [B, G], num_generated int32 [B],
                        chunk_tokens int32 [B]
                        -> completion string [B], token_ids int32 [B, C], finished bool [B]
@@ -84,6 +90,8 @@ SERVING_DEFAULT = "serving_default"
 GENERATE = "generate"
 SCORE = "score"
 NEXT_TOKEN_LOGITS = "next_token_logits"
+TOKEN_LOGPROBS = "token_logprobs"
+TOP_LOGPROBS = 5  # the alternatives token_logprobs gives at each position
 GENERATE_CHUNK = "generate_chunk"
 # The same three, XLA-compiled (a server must allow XLA: --xla_cpu_compilation_enabled).
 XLA_SUFFIX = "_xla"
@@ -111,6 +119,9 @@ TEXT = "text"
 LOG_LIKELIHOOD = "log_likelihood"
 NUM_TOKENS = "num_tokens"
 LOGITS = "logits"
+LOGPROBS = "logprobs"
+TOP_TOKEN_IDS = "top_token_ids"
+TOP_LOGPROBS_OUTPUT = "top_logprobs"
 GENERATED = "generated"
 NUM_GENERATED = "num_generated"
 CHUNK_TOKENS = "chunk_tokens"
@@ -208,6 +219,10 @@ SIGNATURES: dict[str, Signature] = {
     NEXT_TOKEN_LOGITS: Signature(
         inputs={TOKEN_IDS: Tensor("int32", 2), NUM_TOKENS: Tensor("int32", 1)},
         outputs={LOGITS: Tensor("float32", 2)}),
+    TOKEN_LOGPROBS: Signature(
+        inputs={TOKEN_IDS: Tensor("int32", 2), NUM_TOKENS: Tensor("int32", 1)},
+        outputs={LOGPROBS: Tensor("float32", 2), TOP_TOKEN_IDS: Tensor("int32", 3),
+                 TOP_LOGPROBS_OUTPUT: Tensor("float32", 3)}),
     PREFILL: _PREFILL,
     DECODE: _DECODE,
     PREFILL_XLA: _PREFILL,

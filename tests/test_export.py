@@ -186,6 +186,23 @@ def test_tokenize_counts_the_tokens_a_generation_reads(exported):
     assert [t.decode() for t in detokenized[c.TEXT]] == ["ROMEO.", "", "To be"]
 
 
+def test_token_logprobs_are_the_next_token_distributions(exported):
+    """Each position's log-probability and top 5 are log_softmax of next_token_logits after the tokens before it."""
+    _, _, loaded = exported
+    rows = [[5, 9, 14, 7, 22], [8, 11, 0, 0, 0]]  # the second row has 2 tokens: the rest is padding
+    out = call(loaded, c.TOKEN_LOGPROBS, token_ids=tf.constant(rows), num_tokens=tf.constant([5, 2]))
+    assert out[c.LOGPROBS].shape == (2, 5) and out[c.TOP_TOKEN_IDS].shape == (2, 5, c.TOP_LOGPROBS)
+    for i, row in enumerate(rows):
+        for t in range(1, [5, 2][i]):
+            logits = call(loaded, c.NEXT_TOKEN_LOGITS, token_ids=tf.constant([row[:t]]), num_tokens=tf.constant([t]))
+            log_p = tf.nn.log_softmax(logits[c.LOGITS][0]).numpy()
+            np.testing.assert_allclose(out[c.LOGPROBS][i, t], log_p[row[t]], atol=1e-4)
+            np.testing.assert_allclose(out[c.TOP_LOGPROBS_OUTPUT][i, t], np.sort(log_p)[::-1][:c.TOP_LOGPROBS],
+                                       atol=1e-4)
+            assert out[c.TOP_TOKEN_IDS][i, t, 0] == np.argmax(log_p)
+    assert not out[c.LOGPROBS][:, 0].any() and not out[c.LOGPROBS][1, 2:].any()  # nothing predicts these
+
+
 def test_one_overflow_rule(exported):
     """max_new_tokens must stay below a transformer's context, as `lmstack generate` and the device require."""
     workdir, _, loaded = exported

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import openai
 import pytest
+import tensorflow as tf
 
 from serving import client as client_lib
 from serving import contract as c
@@ -112,6 +113,35 @@ def test_n_choices_with_a_seed_are_the_signatures_and_reproducible(served):
     assert len(set(texts)) > 1
 
 
+def test_logprobs_are_the_models_next_token_distributions(served):
+    running, client = served
+    loaded = running.core.models["lstm"].get(None)
+    out = client.completions.create(model="lstm", prompt="ROMEO.", max_tokens=6, temperature=0, logprobs=3)
+    logprobs = out.choices[0].logprobs
+    assert "".join(logprobs.tokens) == out.choices[0].text and len(logprobs.tokens) == out.usage.completion_tokens
+    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(len(logprobs.tokens))]
+    # Independently: log_softmax of next_token_logits after the prompt and the tokens before.
+    ids = loaded.signatures[c.TOKENIZE](text=tf.constant(["ROMEO." + out.choices[0].text]))[c.TOKEN_IDS]
+    ids = ids.numpy()[0].tolist()
+    for t, (token, value, top) in enumerate(zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs)):
+        logits = loaded.signatures[c.NEXT_TOKEN_LOGITS](token_ids=tf.constant([ids[:6 + t]]),
+                                                       num_tokens=tf.constant([6 + t]))[c.LOGITS]
+        log_p = tf.nn.log_softmax(logits[0]).numpy()
+        assert value == pytest.approx(float(log_p[ids[6 + t]]), abs=1e-4)
+        assert len(top) == 3 and max(top.values()) == pytest.approx(float(log_p.max()), abs=1e-4)
+        assert top[token] == pytest.approx(value, abs=1e-6)  # greedy: the chosen token is the likeliest
+    # An eval harness's scoring call: the prompt echoed with its logprobs, nothing generated.
+    scored = client.completions.create(model="lstm", prompt="To be", max_tokens=0, echo=True, logprobs=0)
+    logprobs = scored.choices[0].logprobs
+    assert logprobs.tokens == list("To be") and logprobs.token_logprobs[0] is None
+    assert all(v < 0 for v in logprobs.token_logprobs[1:]) and logprobs.top_logprobs[1] == {}
+    chat = client.chat.completions.create(model="lstm", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert "".join(entry.token for entry in content) == chat.choices[0].message.content
+    assert all(len(entry.top_logprobs) == 2 and bytes(entry.bytes).decode() == entry.token for entry in content)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_strings_end_the_text_before_them_even_across_tokens(served, stream):
     running, client = served
@@ -166,7 +196,8 @@ def test_chat_applies_the_models_template_and_its_stop(served):
     (dict(prompt="a", max_tokens="9"), 400, "max_tokens", "an integer"),
     (dict(prompt=[1, 2, 3]), 400, "prompt", "not token ids"),
     (dict(prompt="a", suffix="b"), 400, "suffix", "not supported"),
-    (dict(prompt="a", logprobs=2), 400, "logprobs", "not supported"),
+    (dict(prompt="a", logprobs=6), 400, "logprobs", "0 to 5"),
+    (dict(prompt="a", logprobs=2, stream=True), 400, "logprobs", "whole answers only"),
     (dict(prompt="a", extra_body={"tools": [{"type": "function"}]}), 400, "tools", "do not call tools"),
     (dict(prompt="a", extra_body={"colour": "blue"}), 400, "colour", "Unrecognized request argument"),
     (dict(prompt="a", stream_options={"include_usage": True}), 400, "stream_options", "only allowed when"),
@@ -195,8 +226,14 @@ def test_hostile_bodies_get_an_error_and_the_server_keeps_answering(served):
     for body in (b"{not json", b"\xff\xfe\x00bad", b"[1, 2]", b'"text"'):
         status, answer = post("/v1/completions", body)
         assert status == 400 and answer["error"]["type"] == "invalid_request_error", answer
-    status, answer = post("/v1/completions", b"x" * (2 << 20))  # past --max_request_bytes
-    assert status == 413 and "error" in answer
+    # A body past --max_request_bytes is refused from its Content-Length, before it is read.
+    connection = http.client.HTTPConnection("localhost", port, timeout=30)
+    connection.putrequest("POST", "/v1/completions")
+    connection.putheader("Content-Length", str(2 << 20))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]["code"] == "request_too_large"
+    connection.close()
     status, answer = post("/v1/chat/completions", json.dumps({"model": "lstm", "messages": [
         {"role": "tool", "content": "x"}]}).encode())
     assert status == 400 and "do not call tools" in answer["error"]["message"]

@@ -1,7 +1,7 @@
 """Export: a workdir's model + tokenizer -> a SavedModel that TensorFlow Serving serves, text in and text out.
 
     EXPORT_BASE/VERSION/
-      saved_model.pb, variables/       the signatures of `serving.contract` (fourteen)
+      saved_model.pb, variables/       the signatures of `serving.contract` (fifteen)
       assets/                          the tokenizer's files (vocabulary / SentencePiece model)
       assets.extra/lmstack_config.json the run's config, the tokenizer's, the checkpoint step
       assets.extra/tf_serving_warmup_requests   one PredictionLog per signature
@@ -251,6 +251,30 @@ class LanguageModelModule(tf.Module):
         logits = self.model(window, training=False)  # (B, W, V); causal, so padding after `last` is not read
         return {c.LOGITS: tf.cast(tf.gather(logits, last, batch_dims=1), tf.float32)}
 
+    @tf.function(input_signature=_spec(c.TOKEN_LOGPROBS))
+    def token_logprobs(self, token_ids, num_tokens):
+        """log p(token t | tokens before it) at every position t >= 1, and the likeliest tokens there.
+
+        One forward pass (a transformer's context must hold the rows). Positions at or past a row's
+        `num_tokens` are 0, whatever they hold (TensorFlow Serving's batching pads rows).
+        """
+        length = tf.shape(token_ids)[1]
+        checks = [tf.debugging.assert_less_equal(num_tokens, length,
+                                                 message="num_tokens is longer than the row of token_ids")]
+        if self._context is not None:
+            checks.append(tf.debugging.assert_less_equal(
+                length, self._context, message=f"token_logprobs reads at most the context of {self._context} tokens"))
+        with tf.control_dependencies(checks):
+            logits = self.model(token_ids, training=False)  # (B, T, V): position t predicts token t + 1
+        log_p = tf.nn.log_softmax(tf.cast(logits[:, :-1], tf.float32))  # (B, T-1, V)
+        chosen = tf.gather(log_p, token_ids[:, 1:, tf.newaxis], batch_dims=2)[..., 0]  # (B, T-1)
+        top_logprobs, top_ids = tf.math.top_k(log_p, k=c.TOP_LOGPROBS)
+        valid = tf.range(1, length)[tf.newaxis, :] < num_tokens[:, tf.newaxis]  # (B, T-1)
+        front = lambda x: tf.concat([tf.zeros_like(x[:, :1]), x], axis=1)  # position 0 predicts nothing
+        return {c.LOGPROBS: front(tf.where(valid, chosen, 0.0)),
+                c.TOP_TOKEN_IDS: front(tf.where(valid[..., tf.newaxis], top_ids, 0)),
+                c.TOP_LOGPROBS_OUTPUT: front(tf.where(valid[..., tf.newaxis], top_logprobs, 0.0))}
+
     # -- the step signatures (continuous batching in a server; see serving.contract) --
 
     def _prefill(self, prompt, max_new_tokens, sampling: samplers.Sampling, compiled: bool):
@@ -410,6 +434,7 @@ def warmup_requests(model_name: str, cache: list) -> list[bytes]:
                       c.TOP_P: [0.9], c.SEED: [0]}),
         (c.SCORE, {c.TEXT: [WARMUP_PROMPT]}),
         (c.NEXT_TOKEN_LOGITS, {c.TOKEN_IDS: [[tokenizers.EOS_ID]], c.NUM_TOKENS: [1]}),
+        (c.TOKEN_LOGPROBS, {c.TOKEN_IDS: [[tokenizers.EOS_ID, tokenizers.EOS_ID]], c.NUM_TOKENS: [2]}),
         (c.GENERATE_CHUNK, _CHUNK_WARMUP),
         (c.PREFILL, _SAMPLED_WARMUP),
         (c.DECODE, step),

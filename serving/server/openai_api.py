@@ -14,7 +14,8 @@ settings, and OpenAI's requests share decoding steps with TF Serving's.
 What a request may ask (OpenAI's names; `FIELDS` lists them and `REFUSED` what lmstack refuses):
 `prompt` (a string or a list of them), `messages`, `max_tokens` / `max_completion_tokens`,
 `temperature`, `top_p`, `top_k` (an extension, as vLLM's), `n`, `seed`, `stop` (a string or up
-to 4), `echo`, `stream` with `stream_options.include_usage`. Stop strings are matched on the
+to 4), `echo`, `stream` with `stream_options.include_usage`, and `logprobs` (with `top_logprobs`
+for chat) on whole answers, from the `token_logprobs` signature. Stop strings are matched on the
 decoded text, so a stop that spans tokens works; the text returned ends before it, and held-back
 text that could start a stop is sent only once it cannot. `usage` counts the model's tokens: the
 prompt's as the model reads it (an empty prompt is [EOS] alone), and every token generated up to
@@ -65,8 +66,6 @@ REFUSED = {
     "response_format": "only {\"type\": \"text\"} is supported: lmstack does not constrain output to JSON",
     "logit_bias": "lmstack does not bias logits (send {} or leave it out)",
     "best_of": "lmstack does not rank candidates: ask for n choices instead",
-    "logprobs": "lmstack does not return log-probabilities yet",
-    "top_logprobs": "lmstack does not return log-probabilities yet",
     "presence_penalty": "lmstack's sampling rule has no presence penalty yet (send 0)",
     "frequency_penalty": "lmstack's sampling rule has no frequency penalty yet (send 0)",
     "audio": "lmstack models make text only", "modalities": "lmstack models make text only",
@@ -76,15 +75,14 @@ REFUSED = {
 # What a refused field may hold and still mean "not asked for" (OpenAI's defaults).
 _HARMLESS = {"response_format": lambda v: isinstance(v, dict) and v.get("type") == "text" and len(v) == 1,
              "logit_bias": lambda v: v == {}, "best_of": lambda v: v in (None, 1),
-             "logprobs": lambda v: v in (None, False, 0), "top_logprobs": lambda v: v in (None, 0),
              "presence_penalty": lambda v: v in (None, 0), "frequency_penalty": lambda v: v in (None, 0),
              "tools": lambda v: v in (None, []), "parallel_tool_calls": lambda v: v is None,
              "tool_choice": lambda v: v in (None, "none"), "modalities": lambda v: v in (None, ["text"])}
 # Fields taken as information only: they change nothing in the answer.
 _INFORMATIONAL = {"user", "metadata", "store", "service_tier"}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop", "stream", "stream_options"}
-FIELDS = {"completions": _COMMON | {"prompt", "echo"},
-          "chat": _COMMON | {"messages", "max_completion_tokens"}}
+FIELDS = {"completions": _COMMON | {"prompt", "echo", "logprobs"},
+          "chat": _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}}
 _ROLES = {"system", "developer", "user", "assistant"}
 
 
@@ -150,6 +148,7 @@ class _Request:
     name: str
     prompts: list[str]
     prompt_tokens: list[int]
+    prompt_ids: list[list[int]]  # each prompt's tokens as the model reads them
     max_tokens: int
     n: int
     sampling: dict[str, Any]  # temperature, top_k, top_p
@@ -158,6 +157,7 @@ class _Request:
     echo: bool
     stream: bool
     include_usage: bool
+    logprobs: int | None  # alternatives to show at each token (0: the chosen token's alone), or None
 
 
 class OpenAiApi:
@@ -282,6 +282,25 @@ class OpenAiApi:
             echo = _get(body, "echo", bool, False)
             max_tokens = _get(body, "max_tokens", int, DEFAULT_MAX_TOKENS)
             param = "max_tokens"
+        if kind == "chat":
+            top = _get(body, "top_logprobs", int, None)
+            logprobs = (top or 0) if _get(body, "logprobs", bool, False) else None
+            if top is not None and logprobs is None:
+                raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+            logprobs_param = "top_logprobs"
+        else:
+            logprobs, logprobs_param = _get(body, "logprobs", int, None), "logprobs"
+        if logprobs is not None:
+            if not 0 <= logprobs <= c.TOP_LOGPROBS:
+                raise ApiError(400, f"'{logprobs_param}' is 0 to {c.TOP_LOGPROBS} here (the alternatives an lmstack "
+                                    f"export gives at each token), got {logprobs}", param=logprobs_param)
+            if stream:
+                raise ApiError(400, "lmstack gives log-probabilities with whole answers only: drop 'stream' or "
+                                    "'logprobs'", param="logprobs", code="unsupported_parameter")
+            if c.TOKEN_LOGPROBS not in loaded.signatures:
+                raise ApiError(400, f"model '{name}' version {loaded.version} was exported before lmstack gave "
+                                    "log-probabilities (it has no token_logprobs signature): export it again",
+                               param="logprobs", code="model_too_old")
         n = _get(body, "n", int, 1)
         if not 1 <= n <= MAX_N:
             raise ApiError(400, f"'n' is 1 to {MAX_N}, got {n}", param="n")
@@ -299,7 +318,8 @@ class OpenAiApi:
             raise ApiError(400, "'top_k' is 0 or -1 (off) or a number of tokens", param="top_k")
         seed = _get(body, "seed", int, None)
         seed = secrets.randbelow(_SEED_RANGE) if seed is None else seed % _SEED_RANGE
-        counts = self._count_tokens(loaded, prompts)
+        ids = self._tokenize(loaded, prompts)
+        counts = [len(row) for row in ids]
         context = loaded.context
         if max_tokens is None:  # chat: the rest of the context, within the server's limit
             max_tokens = limits.max_new_tokens if context is None else min(limits.max_new_tokens,
@@ -317,18 +337,20 @@ class OpenAiApi:
                                 "tokens" + (f", or shorten the prompt to {context - max_tokens} tokens."
                                             if max_tokens < context else "."), param=param,
                            code="context_length_exceeded")
-        return _Request(kind, body["model"], loaded, name, prompts, counts, max_tokens, n,
+        return _Request(kind, body["model"], loaded, name, prompts, counts, ids, max_tokens, n,
                         {c.TEMPERATURE: temperature, c.TOP_K: max(0, top_k), c.TOP_P: top_p}, seed,
-                        stops + template_stops, echo, stream, bool(options.get("include_usage")))
+                        stops + template_stops, echo, stream, bool(options.get("include_usage")), logprobs)
 
-    def _count_tokens(self, loaded: LoadedVersion, prompts: list[str]) -> list[int]:
+    def _tokenize(self, loaded: LoadedVersion, prompts: list[str]) -> list[list[int]]:
         """Each prompt's tokens as a generation reads it (an empty one is [EOS] alone)."""
         text_bytes = sum(len(p.encode("utf-8")) for p in prompts)
         if text_bytes > self.core.limits.max_text_bytes:
             raise ApiError(400, f"the prompt holds {text_bytes} bytes; this server takes at most "
                                 f"{self.core.limits.max_text_bytes} (--max_text_bytes)", param="prompt")
         out = loaded.signatures[c.TOKENIZE](**{c.TEXT: tf.constant(prompts, tf.string)})
-        return [max(1, int(n)) for n in out[c.NUM_TOKENS].numpy()]
+        ids, counts = out[c.TOKEN_IDS].numpy(), out[c.NUM_TOKENS].numpy()
+        eos = ((loaded.info.get("tokenizer") or {}).get("special_ids") or {}).get("eos", -1)
+        return [ids[i, :n].tolist() if n else [eos] for i, n in enumerate(counts)]
 
     # -- running ---------------------------------------------------------------
 
@@ -374,7 +396,7 @@ class OpenAiApi:
             left -= piece is None
             yield run, piece
 
-    def _choices(self, request: _Request, call: Call) -> list[tuple[str, int, str]]:
+    def _choices(self, request: _Request, call: Call) -> list[tuple[str, list[int], str]]:
         """Every choice's (text, tokens made, finish_reason), for an answer sent whole.
 
         Without stop strings, on a version with a step scheduler, one request of a row per choice:
@@ -390,29 +412,72 @@ class OpenAiApi:
                     texts[run.index].append(piece or "")
             finally:
                 call.gone.set()  # every choice's generation stops (a failed one takes the rest with it)
-            return [("".join(texts[run.index]), run.tokens, run.finish_reason) for run in runs]
+            return [("".join(texts[run.index]), run.token_ids, run.finish_reason) for run in runs]
         rows = [(p, j) for p in range(len(request.prompts)) for j in range(request.n)]
         inputs = {c.PROMPT: np.array([request.prompts[p].encode("utf-8") for p, _ in rows], object),
                   c.MAX_NEW_TOKENS: np.full([len(rows)], request.max_tokens, np.int32),
                   **{k: np.full([len(rows)], v) for k, v in request.sampling.items()},
                   c.SEED: np.array([(request.seed + j) % _SEED_RANGE for _, j in rows], np.int32)}
         done = scheduler.run(self.core.validate(request.loaded, c.GENERATE, inputs), call).rows
-        return [(text, len(row.tokens), "stop" if row.stopped else "length")
+        return [(text, row.tokens, "stop" if row.stopped else "length")
                 for text, row in zip(scheduler.texts([row.tokens for row in done]), done)]
 
-    def _whole(self, request: _Request, answers: list[tuple[str, int, str]]) -> dict[str, Any]:
+    def _whole(self, request: _Request, answers: list[tuple[str, list[int], str]]) -> dict[str, Any]:
+        logprobs = self._logprobs(request, answers) if request.logprobs is not None else [None] * len(answers)
         choices = []
         for index, (text, _, finish_reason) in enumerate(answers):
             if request.echo:
                 text = request.prompts[index // request.n] + text
             if request.kind == "chat":
                 choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                                "logprobs": None, "finish_reason": finish_reason})
+                                "logprobs": logprobs[index], "finish_reason": finish_reason})
             else:
-                choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason})
+                choices.append({"index": index, "text": text, "logprobs": logprobs[index],
+                                "finish_reason": finish_reason})
         return {"id": _id(request.kind), "object": "chat.completion" if request.kind == "chat" else "text_completion",
                 "created": int(time.time()), "model": request.model, "choices": choices,
-                "usage": _usage(request, sum(n for _, n, _ in answers))}
+                "usage": _usage(request, sum(len(ids) for _, ids, _ in answers))}
+
+    def _logprobs(self, request: _Request, answers: list[tuple[str, list[int], str]]) -> list[dict[str, Any]]:
+        """Each choice's `logprobs` object in OpenAI's shape, from the token_logprobs signature: one
+        forward pass over every choice's prompt and new tokens. A choice cut at a stop string shows
+        the tokens of the text it returns."""
+        sequences = []
+        for index, (text, ids, _) in enumerate(answers):
+            prompt = request.prompt_ids[index // request.n]
+            shown = _tokens_within(self._token_texts(request.loaded, ids), len(text))
+            sequences.append((prompt, ids[:shown]))
+        rows = [prompt + new for prompt, new in sequences]
+        padded = np.zeros([len(rows), max(map(len, rows))], np.int32)
+        for i, row in enumerate(rows):
+            padded[i, :len(row)] = row
+        out = request.loaded.signatures[c.TOKEN_LOGPROBS](**{
+            c.TOKEN_IDS: tf.constant(padded), c.NUM_TOKENS: tf.constant([len(r) for r in rows], tf.int32)})
+        chosen, top_ids, top = (out[k].numpy() for k in (c.LOGPROBS, c.TOP_TOKEN_IDS, c.TOP_LOGPROBS_OUTPUT))
+        k = request.logprobs
+        vocabulary = sorted({int(t) for t in top_ids[..., :k].flat} | {t for row in rows for t in row})
+        texts = dict(zip(vocabulary, self._token_texts(request.loaded, vocabulary, raw=True)))
+        results = []
+        for i, (prompt, _) in enumerate(sequences):
+            first = 0 if request.echo else len(prompt)  # echoed prompts show their tokens too
+            if request.echo and request.prompts[i // request.n] == "":
+                first = 1  # the [EOS] an empty prompt is read as is not text of the answer
+            positions = range(first, len(rows[i]))
+            entries = [(texts[rows[i][t]], None if t == 0 else float(chosen[i, t]),
+                        [] if t == 0 else [(texts[int(top_ids[i, t, j])], float(top[i, t, j])) for j in range(k)])
+                       for t in positions]
+            results.append(_chat_logprobs(entries) if request.kind == "chat" else _completion_logprobs(entries))
+        return results
+
+    @staticmethod
+    def _token_texts(loaded: LoadedVersion, ids: list[int], raw: bool = False) -> list:
+        """Each token alone as text (or bytes, `raw`), as the detokenize signature makes it."""
+        if not ids:
+            return []
+        out = loaded.signatures[c.DETOKENIZE](**{c.TOKEN_IDS: tf.constant(np.array(ids, np.int32)[:, None]),
+                                                 c.NUM_TOKENS: tf.ones([len(ids)], tf.int32)})
+        pieces = list(out[c.TEXT].numpy())
+        return pieces if raw else [p.decode("utf-8", errors="replace") for p in pieces]
 
     def _events(self, request: _Request, runs: list[_Choice], call: Call) -> Iterator[bytes]:
         """The SSE stream: one chunk object per piece of text, each choice's last with its
@@ -456,8 +521,12 @@ class _Choice:
     def __init__(self, index: int, prompt: int, chunks: Iterator[dict[str, Any]], stops: list[str]):
         self.index, self.prompt, self.chunks, self.stops = index, prompt, chunks, stops
         self.hold = max((len(s) for s in stops), default=1) - 1  # text that may yet start a stop
-        self.tokens = 0
+        self.token_ids: list[int] = []
         self.finish_reason: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
 
     def pieces(self) -> Iterator[str]:
         """The choice's new text as it comes; `finish_reason` is set once it ends. Raises the
@@ -468,7 +537,7 @@ class _Choice:
                 if "completion" in chunk:
                     self.finish_reason = "stop" if chunk["finished"] else "length"
                     break
-                self.tokens += len(chunk["token_ids"])
+                self.token_ids += [int(t) for t in chunk["token_ids"]]
                 text += chunk["text"]
                 cut = _first_stop(text, self.stops, max(0, sent - self.hold))
                 if cut is not None:
@@ -496,6 +565,34 @@ class _Choice:
             events.put((self, None, ServingError("INTERNAL", internal_error("openai choice", e))))
             return
         events.put((self, None, None))
+
+
+def _tokens_within(pieces: list[str], length: int) -> int:
+    """How many of the tokens (their texts, in order) lie within the first `length` characters."""
+    total = 0
+    for i, piece in enumerate(pieces):
+        total += len(piece)
+        if total > length:
+            return i
+    return len(pieces)
+
+
+def _completion_logprobs(entries: list[tuple[bytes, float | None, list[tuple[bytes, float]]]]) -> dict[str, Any]:
+    """/v1/completions' logprobs: tokens, token_logprobs, top_logprobs, text_offset (into the choice's text)."""
+    tokens = [t.decode("utf-8", errors="replace") for t, _, _ in entries]
+    offsets = np.cumsum([0] + [len(t) for t in tokens[:-1]]).tolist() if tokens else []
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [None if lp is None else {t.decode("utf-8", errors="replace"): v for t, v in top}
+                             for _, lp, top in entries],
+            "text_offset": [int(o) for o in offsets]}
+
+
+def _chat_logprobs(entries: list[tuple[bytes, float | None, list[tuple[bytes, float]]]]) -> dict[str, Any]:
+    """/v1/chat/completions' logprobs: content, one entry a token with its bytes and alternatives."""
+    item = lambda token, logprob: {"token": token.decode("utf-8", errors="replace"), "logprob": logprob,
+                                   "bytes": list(token)}
+    return {"content": [{**item(t, lp), "top_logprobs": [item(a, v) for a, v in top]} for t, lp, top in entries],
+            "refusal": None}
 
 
 def _first_stop(text: str, stops: list[str], start: int) -> int | None:
