@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from models.samplers import Sampling, SamplerConfig, sample_next
+from models.samplers import Penalties, Sampling, SamplerConfig, penalize, sample_next
 
 def context_message(max_length: int) -> str:
     """The one overflow rule, as every backend words it."""
@@ -186,7 +186,7 @@ def start_rows(decoder, tokens: tf.Tensor, lengths: tf.Tensor, cache_length, sam
 
 
 def continue_rows(decoder, tokens: tf.Tensor, positions: tf.Tensor, cache: tf.Tensor, steps: tf.Tensor,
-                  sampling: Sampling, stop_token_id: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+                  sampling: Sampling, stop_token_id: int, penalties: Penalties | None = None) -> tuple:
     """Up to `steps[i]` more tokens for each row, every row at its own position, in one loop.
 
     Row i's last token `tokens[i]` sits at `positions[i]` and is not yet in its cache. Each step
@@ -200,28 +200,37 @@ def continue_rows(decoder, tokens: tf.Tensor, positions: tf.Tensor, cache: tf.Te
         steps: int32 `[B]`, at most `STEPS`; a row with 0 (a free slot's padding) is left alone.
         sampling: per-row settings.
         stop_token_id: a row ends at this token.
+        penalties: presence and frequency penalties with the counts of the tokens generated so far
+            (`samplers.penalize`), or None for none; each new token adds to its row's counts.
     Returns:
-        `(new tokens [B, STEPS] (zeros after each row's count), count [B], cache)`. A row's next
-        call continues from its last new token, at `positions[i] + count[i]`; a row with
-        `count[i] < steps[i]` met the stop token.
+        `(new tokens [B, STEPS] (zeros after each row's count), count [B], cache)`, and the counts
+        after the new tokens with `penalties`. A row's next call continues from its last new token,
+        at `positions[i] + count[i]`; a row with `count[i] < steps[i]` met the stop token.
     """
     batch = tf.shape(tokens)[0]
     new = tf.zeros([batch, STEPS], tf.int32)
     columns = tf.range(STEPS)[tf.newaxis, :]
+    counts = penalties.counts if penalties is not None else tf.zeros([batch, 0])
 
-    def step(i, token, position, parts, new, count, live):
+    def step(i, token, position, parts, new, count, live, counts):
         logits, parts = decoder.step_rows(token, parts, position, live)
+        logits = tf.cast(logits, tf.float32)
+        if penalties is not None:
+            logits = penalize(logits, penalties._replace(counts=counts))
         chosen = _choose_rows(logits, position + 1, sampling)
         live = live & (chosen != stop_token_id)
+        if penalties is not None:
+            counts += tf.one_hot(chosen, tf.shape(counts)[1]) * tf.cast(live, tf.float32)[:, tf.newaxis]
         new = tf.where(live[:, tf.newaxis] & (columns == i), chosen[:, tf.newaxis], new)
         count += tf.cast(live, tf.int32)
         token, position = tf.where(live, chosen, token), tf.where(live, position + 1, position)
-        return i + 1, token, position, parts, new, count, live & (i + 1 < steps)
+        return i + 1, token, position, parts, new, count, live & (i + 1 < steps), counts
 
-    loop = tf.while_loop(lambda i, *args: (i < STEPS) & tf.reduce_any(args[-1]), step,
+    loop = tf.while_loop(lambda i, *args: (i < STEPS) & tf.reduce_any(args[-2]), step,
                          (tf.constant(0), tokens, positions, decoder.split_cache(cache), new,
-                          tf.zeros([batch], tf.int32), steps > 0))
-    return loop[4], loop[5], decoder.join_cache(loop[3])
+                          tf.zeros([batch], tf.int32), steps > 0, counts))
+    out = loop[4], loop[5], decoder.join_cache(loop[3])
+    return out + (loop[7],) if penalties is not None else out
 
 
 def _choose_rows(logits: tf.Tensor, positions: tf.Tensor, sampling: Sampling) -> tf.Tensor:

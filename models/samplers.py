@@ -84,6 +84,23 @@ class Sampling(typing.NamedTuple):
         return Sampling(*(tf.pad(v, [[0, rows]]) for v in self))
 
 
+class Penalties(typing.NamedTuple):
+    """OpenAI's presence and frequency penalties per row, `[B]` each, and the counts they apply to:
+    `counts` float `[B, V]`, how many times each token was generated so far (see `penalize`)."""
+    presence: tf.Tensor
+    frequency: tf.Tensor
+    counts: tf.Tensor
+
+
+def penalize(logits: tf.Tensor, penalties: Penalties) -> tf.Tensor:
+    """The logits less each row's frequency penalty times a token's count so far, and its presence
+    penalty once the token has appeared (OpenAI's rule; vLLM's too). Applied before `sample_next`,
+    greedy rows included; penalties of 0 change nothing."""
+    counts = tf.cast(penalties.counts, logits.dtype)
+    return (logits - penalties.frequency[:, tf.newaxis] * counts
+            - penalties.presence[:, tf.newaxis] * tf.cast(counts > 0, logits.dtype))
+
+
 _MASK = 0xFFFFFFFF
 
 

@@ -47,8 +47,9 @@ them like any other):
                        its first new token, chosen as generate chooses it, at position num_tokens;
                        finished: that token is [EOS], so the row has no new tokens)
     decode             token int32 [B], position int32 [B], cache, steps int32 [B], temperature,
-                       top_k, top_p, seed float/int [B]
-                       -> token_ids int32 [B, 64], num_tokens int32 [B], cache
+                       top_k, top_p, seed float/int [B], presence_penalty, frequency_penalty float [B],
+                       token_counts float [B, V]
+                       -> token_ids int32 [B, 64], num_tokens int32 [B], cache, token_counts
                        (up to steps[i] <= 64 more tokens for each row, every row at its own position:
                        its last token `token` sits at `position` and is not in its cache yet; the
                        same tokens generate makes, whatever else is in the batch. A row stops at
@@ -130,6 +131,9 @@ CACHE = "cache"
 TOKEN = "token"
 POSITION = "position"
 STEPS = "steps"
+PRESENCE_PENALTY = "presence_penalty"
+FREQUENCY_PENALTY = "frequency_penalty"
+TOKEN_COUNTS = "token_counts"
 
 # The classifier's signatures and tensors (TensorFlow Serving's names for the Classify API).
 CLASSIFY = "classify"
@@ -203,8 +207,10 @@ _PREFILL = Signature(inputs=_SAMPLED.inputs,
                      outputs={CACHE: _CACHE, TOKEN: Tensor("int32", 1), NUM_TOKENS: Tensor("int32", 1),
                               FINISHED: Tensor("bool", 1)})
 _DECODE = Signature(inputs={TOKEN: Tensor("int32", 1), POSITION: Tensor("int32", 1), CACHE: _CACHE,
-                            STEPS: Tensor("int32", 1), **_SAMPLING},
-                    outputs={TOKEN_IDS: Tensor("int32", 2), NUM_TOKENS: Tensor("int32", 1), CACHE: _CACHE})
+                            STEPS: Tensor("int32", 1), **_SAMPLING, PRESENCE_PENALTY: Tensor("float32", 1),
+                            FREQUENCY_PENALTY: Tensor("float32", 1), TOKEN_COUNTS: Tensor("float32", 2)},
+                    outputs={TOKEN_IDS: Tensor("int32", 2), NUM_TOKENS: Tensor("int32", 1), CACHE: _CACHE,
+                             TOKEN_COUNTS: Tensor("float32", 2)})
 _SCORE = Signature(inputs={TEXT: Tensor("string", 1)},
                    outputs={LOG_LIKELIHOOD: Tensor("float32", 1), NUM_TOKENS: Tensor("int32", 1)})
 

@@ -128,34 +128,45 @@ def test_compiled_signatures_answer_as_the_uncompiled_ones(exported):
     np.testing.assert_array_equal(compiled[c.TOKEN_IDS], plain[c.TOKEN_IDS])
 
 
-def step_by_step(loaded, prompts, new, settings, compiled: bool, steps: int = 3):
+def vocab_size(loaded) -> int:
+    logits = call(loaded, c.NEXT_TOKEN_LOGITS, token_ids=tf.constant([[3]]), num_tokens=tf.constant([1]))
+    return logits[c.LOGITS].shape[1]
+
+
+def step_by_step(loaded, prompts, new, settings, compiled: bool, steps: int = 3, penalties=(0.0, 0.0)):
     """Generation through prefill, decode (at most `steps` per call, rows at their own positions) and
-    detokenize, as a server's scheduler drives them: (texts, token lists)."""
+    detokenize, as a server's scheduler drives them: (texts, token lists, the token counts decode kept)."""
     suffix = c.XLA_SUFFIX if compiled else ""
     n = len(prompts)
     sampling = {k: tf.constant(v) for k, v in settings.items()}
+    penalized = {c.PRESENCE_PENALTY: tf.fill([n], penalties[0]), c.FREQUENCY_PENALTY: tf.fill([n], penalties[1])}
     first = loaded.signatures[c.PREFILL + suffix](prompt=tf.constant(prompts), max_new_tokens=tf.constant(new),
                                                   **sampling)
     token, position, cache = first[c.TOKEN].numpy(), first[c.NUM_TOKENS].numpy().copy(), first[c.CACHE]
     stopped = first[c.FINISHED].numpy()
     tokens = [[] if stopped[i] or new[i] == 0 else [int(token[i])] for i in range(n)]
+    counts = np.zeros([n, vocab_size(loaded)], np.float32)
+    for i, row in enumerate(tokens):
+        counts[i, row] = 1  # the first new token, chosen by prefill, counts for the penalties
     done = [bool(stopped[i]) or len(tokens[i]) >= new[i] for i in range(n)]
     while not all(done):
         want = np.array([0 if done[i] else min(steps, new[i] - len(tokens[i])) for i in range(n)], np.int32)
         out = loaded.signatures[c.DECODE + suffix](token=tf.constant(token), position=tf.constant(position),
-                                                   cache=cache, steps=tf.constant(want), **sampling)
-        ids, counts, cache = out[c.TOKEN_IDS].numpy(), out[c.NUM_TOKENS].numpy(), out[c.CACHE]
+                                                   cache=cache, steps=tf.constant(want), **sampling, **penalized,
+                                                   token_counts=tf.constant(counts))
+        ids, made, cache = out[c.TOKEN_IDS].numpy(), out[c.NUM_TOKENS].numpy(), out[c.CACHE]
+        counts = out[c.TOKEN_COUNTS].numpy()
         for i in np.flatnonzero(want):
-            tokens[i] += ids[i, :counts[i]].tolist()
+            tokens[i] += ids[i, :made[i]].tolist()
             token[i] = tokens[i][-1] if tokens[i] else token[i]
-            position[i] += counts[i]
-            done[i] = counts[i] < want[i] or len(tokens[i]) >= new[i]
+            position[i] += made[i]
+            done[i] = made[i] < want[i] or len(tokens[i]) >= new[i]
     ids = np.zeros([n, max(map(len, tokens))], np.int32)
     for i, row in enumerate(tokens):
         ids[i, :len(row)] = row
     text = loaded.signatures[c.DETOKENIZE](token_ids=tf.constant(ids),
                                            num_tokens=tf.constant([len(t) for t in tokens]))[c.TEXT].numpy()
-    return text, tokens
+    return text, tokens, counts
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -168,10 +179,33 @@ def test_step_signatures_make_generates_text(exported, compiled):
                 c.SEED: [1, 2, 3, 4]}
     expected = call(loaded, c.GENERATE, prompt=tf.constant(prompts), max_new_tokens=tf.constant(new),
                     **{k: tf.constant(v) for k, v in settings.items()})
-    text, tokens = step_by_step(loaded, prompts, new, settings, compiled)
+    text, tokens, counts = step_by_step(loaded, prompts, new, settings, compiled)
     assert list(text) == list(expected[c.COMPLETION])
     assert tokens == [[t for t in row if t] for row in expected[c.TOKEN_IDS].tolist()]  # 0 is [EOS]: never made
     assert sum(map(len, tokens)) > 10
+    for row, kept in zip(tokens, counts):  # decode kept each row's counts of its new tokens
+        assert kept.tolist() == np.bincount(row, minlength=len(kept)).tolist()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_penalties_follow_openais_rule(exported, compiled):
+    """With presence and frequency penalties, decode's greedy tokens are the argmax of next_token_logits
+    less frequency x count and presence once seen, over the tokens generated so far."""
+    _, _, loaded = exported
+    presence, frequency = 0.7, 1.3
+    # 6 + 10 tokens: the tiny transformer's context holds the whole prompt (the reference reads it all).
+    _, (tokens,), _ = step_by_step(loaded, ["ROMEO."], [10], {c.TEMPERATURE: [0.0], c.TOP_K: [0], c.TOP_P: [1.0],
+                                                            c.SEED: [0]}, compiled, penalties=(presence, frequency))
+    prompt = call(loaded, c.TOKENIZE, text=tf.constant(["ROMEO."]))[c.TOKEN_IDS][0].tolist()
+    counts = np.zeros(vocab_size(loaded))
+    assert len(tokens) >= 6
+    for t, token in enumerate(tokens):  # each token is the argmax of the penalized logits (up to rounding)
+        ids = prompt + tokens[:t]
+        logits = call(loaded, c.NEXT_TOKEN_LOGITS, token_ids=tf.constant([ids]), num_tokens=tf.constant([len(ids)]))
+        penalized = logits[c.LOGITS][0] - frequency * counts - presence * (counts > 0)
+        assert penalized[token] >= penalized.max() - 1e-5, (t, token, int(np.argmax(penalized)))
+        counts[token] += 1
+    assert len(set(tokens)) > 2  # the penalties push greedy decoding off its one favourite token
 
 
 def test_tokenize_counts_the_tokens_a_generation_reads(exported):

@@ -142,6 +142,29 @@ def test_logprobs_are_the_models_next_token_distributions(served):
     assert all(len(entry.top_logprobs) == 2 and bytes(entry.bytes).decode() == entry.token for entry in content)
 
 
+def test_penalties_steer_greedy_decoding_the_same_whole_or_streamed(served):
+    running, client = served
+    loaded = running.core.models["lstm"].get(None)
+    settings = dict(model="lstm", prompt="ROMEO.", max_tokens=10, temperature=0, frequency_penalty=1.5,
+                    presence_penalty=0.5)
+    plain = client.completions.create(**{**settings, "frequency_penalty": 0, "presence_penalty": 0})
+    whole = client.completions.create(**settings)
+    streamed = "".join(ch.choices[0].text for ch in client.completions.create(**settings, stream=True))
+    assert whole.choices[0].text == streamed != plain.choices[0].text
+    # Each token is the argmax of the model's logits less the penalties of the tokens before it.
+    ids = loaded.signatures[c.TOKENIZE](text=tf.constant(["ROMEO." + whole.choices[0].text]))[c.TOKEN_IDS]
+    ids = ids.numpy()[0].tolist()
+    counts = np.zeros(10_000)
+    for t in range(6, len(ids)):
+        logits = loaded.signatures[c.NEXT_TOKEN_LOGITS](token_ids=tf.constant([ids[:t]]),
+                                                       num_tokens=tf.constant([t]))[c.LOGITS].numpy()[0]
+        penalized = logits - 1.5 * counts[:len(logits)] - 0.5 * (counts[:len(logits)] > 0)
+        assert penalized[ids[t]] >= penalized.max() - 1e-5
+        counts[ids[t]] += 1
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(**{**settings, "frequency_penalty": 2.5})
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_strings_end_the_text_before_them_even_across_tokens(served, stream):
     running, client = served
@@ -196,6 +219,7 @@ def test_chat_applies_the_models_template_and_its_stop(served):
     (dict(prompt="a", max_tokens="9"), 400, "max_tokens", "an integer"),
     (dict(prompt=[1, 2, 3]), 400, "prompt", "not token ids"),
     (dict(prompt="a", suffix="b"), 400, "suffix", "not supported"),
+    (dict(prompt="a", presence_penalty=-3), 400, "presence_penalty", "-2 to 2"),
     (dict(prompt="a", logprobs=6), 400, "logprobs", "0 to 5"),
     (dict(prompt="a", logprobs=2, stream=True), 400, "logprobs", "whole answers only"),
     (dict(prompt="a", extra_body={"tools": [{"type": "function"}]}), 400, "tools", "do not call tools"),

@@ -312,7 +312,8 @@ class LanguageModelModule(tf.Module):
     def _start_xla(self, tokens, lengths, sampling):
         return self._start_rows(tokens, lengths, sampling)
 
-    def _continue(self, token, position, cache, steps, sampling: samplers.Sampling, compiled: bool):
+    def _continue(self, token, position, cache, steps, sampling: samplers.Sampling, penalties: samplers.Penalties,
+                  compiled: bool):
         if compiled:  # a batch beyond the largest bucket runs uncompiled; others are padded to one
             batch = tf.shape(token)[0]
             rows = decoding.round_up(batch, self.buckets.batch)
@@ -320,27 +321,27 @@ class LanguageModelModule(tf.Module):
             def padded():
                 extra = rows - batch
                 pad = lambda x: tf.pad(x, [[0, extra]] + [[0, 0]] * (len(x.shape) - 1))
-                ids, count, new_cache = self._continue_xla(pad(token), pad(position), pad(cache), pad(steps),
-                                                           sampling.pad(extra))
-                return ids[:batch], count[:batch], new_cache[:batch]
+                out = self._continue_xla(pad(token), pad(position), pad(cache), pad(steps), sampling.pad(extra),
+                                         samplers.Penalties(*map(pad, penalties)))
+                return tuple(x[:batch] for x in out)
 
-            ids, count, cache = tf.cond(rows > 0, padded,
-                                        lambda: self._continue_graph(token, position, cache, steps, sampling))
+            ids, count, cache, counts = tf.cond(
+                rows > 0, padded, lambda: self._continue_graph(token, position, cache, steps, sampling, penalties))
         else:
-            ids, count, cache = self._continue_graph(token, position, cache, steps, sampling)
-        return {c.TOKEN_IDS: ids, c.NUM_TOKENS: count, c.CACHE: cache}
+            ids, count, cache, counts = self._continue_graph(token, position, cache, steps, sampling, penalties)
+        return {c.TOKEN_IDS: ids, c.NUM_TOKENS: count, c.CACHE: cache, c.TOKEN_COUNTS: counts}
 
-    def _continue_rows(self, token, position, cache, steps, sampling):
+    def _continue_rows(self, token, position, cache, steps, sampling, penalties):
         return decoding.continue_rows(self._decoder, token, position, cache, tf.minimum(steps, c.DECODE_STEPS),
-                                      sampling, self._eos)
+                                      sampling, self._eos, penalties)
 
     @tf.function
-    def _continue_graph(self, token, position, cache, steps, sampling):
-        return self._continue_rows(token, position, cache, steps, sampling)
+    def _continue_graph(self, token, position, cache, steps, sampling, penalties):
+        return self._continue_rows(token, position, cache, steps, sampling, penalties)
 
     @tf.function(jit_compile=True)
-    def _continue_xla(self, token, position, cache, steps, sampling):
-        return self._continue_rows(token, position, cache, steps, sampling)
+    def _continue_xla(self, token, position, cache, steps, sampling, penalties):
+        return self._continue_rows(token, position, cache, steps, sampling, penalties)
 
     def step_signatures(self) -> dict[str, Any]:
         """The prefill, decode, detokenize and tokenize signatures (and the compiled twins)."""
@@ -350,8 +351,10 @@ class LanguageModelModule(tf.Module):
                 prompt, max_new_tokens, samplers.Sampling(temperature, top_k, top_p, seed), compiled),
             input_signature=_spec(c.PREFILL))
         stepped = lambda compiled: tf.function(
-            lambda token, position, cache, steps, temperature, top_k, top_p, seed: self._continue(
-                token, position, cache, steps, samplers.Sampling(temperature, top_k, top_p, seed), compiled),
+            lambda token, position, cache, steps, temperature, top_k, top_p, seed, presence_penalty,
+            frequency_penalty, token_counts: self._continue(
+                token, position, cache, steps, samplers.Sampling(temperature, top_k, top_p, seed),
+                samplers.Penalties(presence_penalty, frequency_penalty, token_counts), compiled),
             input_signature=_spec(c.DECODE, cache))
         detokenize = tf.function(
             lambda token_ids, num_tokens: {c.TEXT: self._detokenize(tf.RaggedTensor.from_tensor(
@@ -420,14 +423,15 @@ _SAMPLED_WARMUP = {c.PROMPT: [WARMUP_PROMPT], c.MAX_NEW_TOKENS: [4], c.TEMPERATU
 _CHUNK_WARMUP = {**_SAMPLED_WARMUP, c.GENERATED: [[tokenizers.EOS_ID]], c.NUM_GENERATED: [1], c.CHUNK_TOKENS: [2]}
 
 
-def warmup_requests(model_name: str, cache: list) -> list[bytes]:
+def warmup_requests(model_name: str, cache: list, vocab: int) -> list[bytes]:
     """Serialized PredictionLog records, one small request per uncompiled signature (`cache`: the
-    step signatures' cache shape, its None dimensions 1 here)."""
+    step signatures' cache shape, its None dimensions 1 here; `vocab`: the model's vocabulary size)."""
     import numpy as np
 
     empty_cache = np.zeros([1 if n is None else n for n in cache], np.float32)
     step = {c.TOKEN: [tokenizers.EOS_ID], c.POSITION: [0], c.CACHE: empty_cache, c.STEPS: [1], c.TEMPERATURE: [1.0],
-            c.TOP_K: [0], c.TOP_P: [0.9], c.SEED: [0]}
+            c.TOP_K: [0], c.TOP_P: [0.9], c.SEED: [0], c.PRESENCE_PENALTY: [0.0], c.FREQUENCY_PENALTY: [0.0],
+            c.TOKEN_COUNTS: np.zeros([1, vocab], np.float32)}
     return _prediction_logs(model_name, [
         (c.SERVING_DEFAULT, {c.PROMPT: [WARMUP_PROMPT], c.MAX_NEW_TOKENS: [4]}),
         (c.GENERATE, {c.PROMPT: [WARMUP_PROMPT], c.MAX_NEW_TOKENS: [4], c.TEMPERATURE: [1.0], c.TOP_K: [0],
@@ -521,7 +525,7 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
         info = {"kind": "language_model", "checkpoint_step": step, "model": models.config_to_json(model_config),
                 "xla_buckets": {"batch": list(module.buckets.batch), "length": list(module.buckets.length)}}
         signatures, methods = c.SIGNATURES, {}
-        warmup = warmup_requests(config.model_name, cache_shape(module._decoder))
+        warmup = warmup_requests(config.model_name, cache_shape(module._decoder), model_config.vocab_size)
         xla_warmup = xla_warmup_requests(config.model_name, module.buckets, tokenizer)
         if config.xla_warmup:
             warmup, xla_warmup = warmup + xla_warmup, []

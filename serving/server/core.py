@@ -35,6 +35,7 @@ UNKNOWN_MODEL = "(unknown)"  # the metrics label of requests for a model the ser
 # double from 1 up to it).
 _STREAM_DEFAULTS = {c.MAX_NEW_TOKENS: 50, c.TEMPERATURE: 0.0, c.TOP_K: 0, c.TOP_P: 1.0, c.SEED: 0}
 _MAX_CHUNK = 16
+_PENALTIES = (c.PRESENCE_PENALTY, c.FREQUENCY_PENALTY)  # a stream's optional penalties (a step scheduler's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,8 +232,9 @@ class ModelServer:
         """Generates one prompt's continuation chunk by chunk (the streaming extension of REST and gRPC).
 
         `inputs`: `prompt` (one string), `max_new_tokens`, and optionally `temperature` (0: greedy),
-        `top_k`, `top_p`, `seed`, as `generate` takes them. Everything is checked before the
-        first chunk runs (a bad request fails as Predict fails). The chunks call
+        `top_k`, `top_p`, `seed`, as `generate` takes them, and `presence_penalty`,
+        `frequency_penalty` (-2 to 2; with a step scheduler, as its `decode` takes them). Everything
+        is checked before the first chunk runs (a bad request fails as Predict fails). The chunks call
         `generate_chunk_xla` (with XLA) or `generate_chunk` with the tokens so far, so the text is
         the text of one `generate` call; they grow 1, 2, 4, 8, 16, 16, ... tokens (the first token
         comes as soon as possible, then the per-call cost is spread). Each chunk is a request of
@@ -246,6 +248,17 @@ class ModelServer:
         """
         call = call or Call()
         loaded = self.model(name).get(version, label)
+        inputs, penalties = dict(inputs), {k: inputs[k] for k in _PENALTIES if k in inputs}
+        for key, value in penalties.items():
+            del inputs[key]
+            value = np.asarray(value)
+            if value.size != 1 or value.dtype.kind not in "iuf" or not -2.0 <= float(value.reshape(-1)[0]) <= 2.0:
+                raise ServingError("INVALID_ARGUMENT", f"{key!r} is one number from -2 to 2")
+            penalties[key] = value.astype(np.float32).reshape([1])
+        if any(v.any() for v in penalties.values()) and loaded.scheduler is None:
+            raise ServingError("FAILED_PRECONDITION", "presence and frequency penalties need generation scheduled "
+                                                      "step by step (--continuous_batching, an export with the step "
+                                                      "signatures)")
         signature = c.GENERATE_CHUNK_XLA if self.xla and c.GENERATE_CHUNK_XLA in loaded.signatures else c.GENERATE_CHUNK
         if signature not in loaded.signatures:
             raise ServingError("FAILED_PRECONDITION", f"model {name!r} version {loaded.version} has no "
@@ -268,7 +281,7 @@ class ModelServer:
                                                    c.CHUNK_TOKENS: np.ones([1], np.int32)})
         wanted = int(arrays[c.MAX_NEW_TOKENS][0])
         if loaded.scheduler is not None:  # tokens as the scheduler makes them: nothing is read twice
-            return loaded, loaded.scheduler.stream(arrays, call)
+            return loaded, loaded.scheduler.stream({**arrays, **penalties}, call)
 
         def chunks():
             generated: list[int] = []

@@ -66,8 +66,6 @@ REFUSED = {
     "response_format": "only {\"type\": \"text\"} is supported: lmstack does not constrain output to JSON",
     "logit_bias": "lmstack does not bias logits (send {} or leave it out)",
     "best_of": "lmstack does not rank candidates: ask for n choices instead",
-    "presence_penalty": "lmstack's sampling rule has no presence penalty yet (send 0)",
-    "frequency_penalty": "lmstack's sampling rule has no frequency penalty yet (send 0)",
     "audio": "lmstack models make text only", "modalities": "lmstack models make text only",
     "prediction": "lmstack does not take predicted outputs", "reasoning_effort": "lmstack models do not reason",
     "web_search_options": "lmstack models do not search the web",
@@ -75,12 +73,12 @@ REFUSED = {
 # What a refused field may hold and still mean "not asked for" (OpenAI's defaults).
 _HARMLESS = {"response_format": lambda v: isinstance(v, dict) and v.get("type") == "text" and len(v) == 1,
              "logit_bias": lambda v: v == {}, "best_of": lambda v: v in (None, 1),
-             "presence_penalty": lambda v: v in (None, 0), "frequency_penalty": lambda v: v in (None, 0),
              "tools": lambda v: v in (None, []), "parallel_tool_calls": lambda v: v is None,
              "tool_choice": lambda v: v in (None, "none"), "modalities": lambda v: v in (None, ["text"])}
 # Fields taken as information only: they change nothing in the answer.
 _INFORMATIONAL = {"user", "metadata", "store", "service_tier"}
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop", "stream", "stream_options"}
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop", "stream", "stream_options",
+           "presence_penalty", "frequency_penalty"}
 FIELDS = {"completions": _COMMON | {"prompt", "echo", "logprobs"},
           "chat": _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}}
 _ROLES = {"system", "developer", "user", "assistant"}
@@ -152,6 +150,7 @@ class _Request:
     max_tokens: int
     n: int
     sampling: dict[str, Any]  # temperature, top_k, top_p
+    penalties: dict[str, float]  # presence_penalty, frequency_penalty: those asked for (not 0)
     seed: int
     stops: list[str]
     echo: bool
@@ -313,6 +312,8 @@ class OpenAiApi:
         if top_p == 0.0:
             raise ApiError(400, "'top_p' must be above 0 (1 keeps every token; for greedy send temperature 0)",
                            param="top_p")
+        penalties = {c.PRESENCE_PENALTY: _number(body, "presence_penalty", 0.0, -2.0, 2.0),
+                     c.FREQUENCY_PENALTY: _number(body, "frequency_penalty", 0.0, -2.0, 2.0)}
         top_k = _get(body, "top_k", int, 0)
         if top_k < -1:
             raise ApiError(400, "'top_k' is 0 or -1 (off) or a number of tokens", param="top_k")
@@ -338,7 +339,8 @@ class OpenAiApi:
                                             if max_tokens < context else "."), param=param,
                            code="context_length_exceeded")
         return _Request(kind, body["model"], loaded, name, prompts, counts, ids, max_tokens, n,
-                        {c.TEMPERATURE: temperature, c.TOP_K: max(0, top_k), c.TOP_P: top_p}, seed,
+                        {c.TEMPERATURE: temperature, c.TOP_K: max(0, top_k), c.TOP_P: top_p},
+                        {k: v for k, v in penalties.items() if v}, seed,
                         stops + template_stops, echo, stream, bool(options.get("include_usage")), logprobs)
 
     def _tokenize(self, loaded: LoadedVersion, prompts: list[str]) -> list[list[int]]:
@@ -362,7 +364,7 @@ class OpenAiApi:
             for p, prompt in enumerate(request.prompts):
                 for j in range(request.n):
                     inputs = {c.PROMPT: prompt, c.MAX_NEW_TOKENS: request.max_tokens, **request.sampling,
-                              c.SEED: (request.seed + j) % _SEED_RANGE}
+                              **request.penalties, c.SEED: (request.seed + j) % _SEED_RANGE}
                     _, chunks = self.core.stream(request.name, request.loaded.version, inputs, None, call)
                     runs.append(_Choice(len(runs), p, chunks, request.stops))
         except BaseException:
@@ -418,7 +420,9 @@ class OpenAiApi:
                   c.MAX_NEW_TOKENS: np.full([len(rows)], request.max_tokens, np.int32),
                   **{k: np.full([len(rows)], v) for k, v in request.sampling.items()},
                   c.SEED: np.array([(request.seed + j) % _SEED_RANGE for _, j in rows], np.int32)}
-        done = scheduler.run(self.core.validate(request.loaded, c.GENERATE, inputs), call).rows
+        arrays = self.core.validate(request.loaded, c.GENERATE, inputs)
+        arrays.update({k: np.full([len(rows)], v, np.float32) for k, v in request.penalties.items()})
+        done = scheduler.run(arrays, call).rows
         return [(text, row.tokens, "stop" if row.stopped else "length")
                 for text, row in zip(scheduler.texts([row.tokens for row in done]), done)]
 

@@ -97,6 +97,7 @@ class _Row:
     prompt: bytes
     max_new: int
     sampling: tuple[float, int, float, int]
+    penalties: tuple[float, float]  # presence, frequency
     tokens: list[int] = dataclasses.field(default_factory=list)
     slot: int = -1
     token: int = 0  # the last token, at `position`, not yet in the cache
@@ -176,11 +177,16 @@ class Scheduler:
         self.options = options
         self.max_waiting = options.max_waiting or 8 * self.slots
         self._pool = tf.Variable(tf.zeros([self.slots] + shape[1:], spec.dtype), trainable=False)
+        # Each slot's counts of the tokens it generated, for the presence and frequency penalties
+        # (an export made before them has none: its requests take no penalties).
+        vocab = (loaded.info.get("model") or {}).get("vocab_size")
+        self._penalized = c.TOKEN_COUNTS in loaded.input_specs(c.DECODE) and vocab is not None
+        self._counts = tf.Variable(tf.zeros([self.slots, vocab if self._penalized else 0]), trainable=False)
         self._step = tf.function(self._step_fn, reduce_retracing=True)
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Row] = collections.deque()
         self._free = list(range(self.slots))  # a heap: the lowest free slot first
-        self._staged: list[tuple[list[_Row], tf.Tensor]] = []
+        self._staged: list[tuple[list[_Row], tf.Tensor, tf.Tensor]] = []
         self._active: dict[int, _Row] = {}  # slot -> row
         self._live: set[Generation] = set()  # requests not yet done, wherever their rows are
         self._closed = False
@@ -250,10 +256,15 @@ class Scheduler:
         prompts = inputs[c.PROMPT]
         generation = Generation(call, len(prompts))
         settings = [np.broadcast_to(inputs.get(k, np.asarray(v)), prompts.shape) for k, v in _GREEDY.items()]
+        penalties = [np.broadcast_to(inputs.get(k, np.float32(0)), prompts.shape)
+                     for k in (c.PRESENCE_PENALTY, c.FREQUENCY_PENALTY)]
+        if not self._penalized and any(p.any() for p in penalties):
+            raise ServingError("FAILED_PRECONDITION", f"{self.name} was exported before lmstack took presence and "
+                                                      "frequency penalties: export it again")
         for i, prompt in enumerate(prompts):
             prompt = prompt.encode() if isinstance(prompt, str) else bytes(prompt)
             generation.rows.append(_Row(generation, prompt, int(inputs[c.MAX_NEW_TOKENS][i]),
-                                        tuple(s[i].item() for s in settings)))
+                                        tuple(s[i].item() for s in settings), tuple(float(p[i]) for p in penalties)))
         with self._cond:
             if self._closed:
                 raise ServingError("UNAVAILABLE", "the server is shutting down")
@@ -328,8 +339,9 @@ class Scheduler:
             row.generation._update()
         if stay_rows:
             cache = out[c.CACHE] if len(staying) == len(rows) else tf.gather(out[c.CACHE], staying)
+            counts = tf.one_hot([r.token for r in stay_rows], self._counts.shape[1])  # the first new token
             with self._cond:
-                self._staged.append((stay_rows, cache))
+                self._staged.append((stay_rows, cache, counts))
                 self._cond.notify_all()
 
     def _decode_loop(self) -> None:
@@ -346,10 +358,11 @@ class Scheduler:
                     return
                 staged, self._staged = self._staged, []
             try:
-                for rows, cache in staged:
+                for rows, cache, counts in staged:
                     self._pool.scatter_nd_update([[r.slot] for r in rows], cache)
+                    self._counts.scatter_nd_update([[r.slot] for r in rows], counts)
                 with self._cond:
-                    for rows, _ in staged:
+                    for rows, _, _ in staged:
                         self._active.update((r.slot, r) for r in rows)
                     for row in [r for r in self._active.values() if self._abandoned(r)]:
                         self._free_slot(row)
@@ -374,7 +387,8 @@ class Scheduler:
         ids, counts = self._step(
             tf.constant(slots, tf.int32), tf.constant([r.token for r in rows] + [0] * pad, tf.int32),
             tf.constant([r.position for r in rows] + [0] * pad, tf.int32),
-            tf.constant([min(steps, n) for n in remaining] + [0] * pad, tf.int32), self._sampling(rows, pad))
+            tf.constant([min(steps, n) for n in remaining] + [0] * pad, tf.int32), self._sampling(rows, pad),
+            self._penalties(rows, pad))
         ids, counts = ids.numpy(), counts.numpy()
         for i, row in enumerate(rows):
             count = int(counts[i])
@@ -387,17 +401,21 @@ class Scheduler:
                 self._finish(row)
             row.generation._update()
 
-    def _step_fn(self, slots, token, position, steps, sampling):
+    def _step_fn(self, slots, token, position, steps, sampling, penalties):
+        if self._penalized:
+            penalties = {**penalties, c.TOKEN_COUNTS: tf.gather(self._counts, slots)}
         out = self._decode(**{c.TOKEN: token, c.POSITION: position, c.CACHE: tf.gather(self._pool, slots),
-                              c.STEPS: steps, **sampling})
+                              c.STEPS: steps, **sampling, **penalties})
         self._pool.scatter_nd_update(slots[:, tf.newaxis], out[c.CACHE])
+        if self._penalized:
+            self._counts.scatter_nd_update(slots[:, tf.newaxis], out[c.TOKEN_COUNTS])
         return out[c.TOKEN_IDS], out[c.NUM_TOKENS]
 
     def _warm_up(self) -> None:
         """Compiles decode_xla for every batch bucket up to the pool's size (a call of no steps)."""
         for size in [b for b in self.batch_buckets if b <= self.slots]:
             zeros = tf.zeros([size], tf.int32)
-            self._step(tf.range(size), zeros, zeros, zeros, self._sampling([], size))
+            self._step(tf.range(size), zeros, zeros, zeros, self._sampling([], size), self._penalties([], size))
 
     # -- helpers -----------------------------------------------------------------
 
@@ -406,6 +424,13 @@ class Scheduler:
         columns = list(zip(*values)) if values else [()] * 4
         return {c.TEMPERATURE: tf.constant(columns[0], tf.float32), c.TOP_K: tf.constant(columns[1], tf.int32),
                 c.TOP_P: tf.constant(columns[2], tf.float32), c.SEED: tf.constant(columns[3], tf.int32)}
+
+    def _penalties(self, rows: list[_Row], pad: int = 0) -> dict[str, tf.Tensor]:
+        if not self._penalized:
+            return {}
+        values = [r.penalties for r in rows] + [(0.0, 0.0)] * pad
+        return {c.PRESENCE_PENALTY: tf.constant([v[0] for v in values], tf.float32),
+                c.FREQUENCY_PENALTY: tf.constant([v[1] for v in values], tf.float32)}
 
     def _abandoned(self, row: _Row) -> bool:
         """A row of a request that failed, was given up or whose call was abandoned (called under the lock)."""
