@@ -67,7 +67,7 @@ lock: venv
 
 # Every benchmark, its table copied to bench/results/NAME.md next to its JSON,
 # then one page of all of them: bench/results/SUMMARY.md.
-BENCHES := pipeline_throughput train_speed precision generation_speed export_latency served_generation concurrent_generation serve_load quality optimize edge finetune
+BENCHES := pipeline_throughput train_speed precision generation_speed export_latency served_generation concurrent_generation openai_api serve_load quality optimize edge finetune
 
 # bench/quality.py's reference GPT needs torch (the `reference` extra): the CPU build on these
 # machines' disk, beside the lock without hashes (that file's hash is not PyPI's CUDA build's);

@@ -16,7 +16,8 @@ the tokenizer becomes a `bpe` tokenizer with GPT-2's own ids
 (`<|endoftext|>` ends and pads documents). The workdir:
 
     WORKDIR/config.json      `import` (source, format) and `model`
-    WORKDIR/tokenizer/       tokenizer.json + vocab.json + merges.txt
+    WORKDIR/tokenizer/       tokenizer.json + vocab.json + merges.txt (+ chat_template.json: the
+                             checkpoint's chat template, from its tokenizer_config.json)
     WORKDIR/checkpoints/     ckpt-0
 
 It is built aside and renamed into place whole. `lmstack prepare` on it
@@ -247,6 +248,29 @@ def _write_tokenizer(checkpoint: Checkpoint, directory: pathlib.Path) -> None:
     })
 
 
+CHAT_TEMPLATE_FILE = "chat_template.json"  # in WORKDIR/tokenizer/: what `lmstack export` carries by default
+
+
+def chat_template(path: pathlib.Path) -> dict[str, Any] | None:
+    """The chat template of a checkpoint's tokenizer_config.json (Hugging Face's place for it), as
+    `lmstack export --chat_template` reads one: the template, its special tokens, and its end-of-turn
+    token as a stop string. None when it has none."""
+    file = path / "tokenizer_config.json"
+    if not file.is_file():
+        return None
+    config = _read_json(file, path)
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if not isinstance(template, str) or not template:
+        return None
+    token = lambda t: t.get("content", "") if isinstance(t, dict) else (t or "")
+    eos = token(config.get("eos_token"))
+    return {"chat_template": template, "bos_token": token(config.get("bos_token")), "eos_token": eos,
+            "stop": [eos] if eos else []}
+
+
 def import_checkpoint(path: str | os.PathLike, workdir: str | os.PathLike,
                       progress: Progress | None = None) -> dict[str, Any]:
     """Writes a new workdir holding the GPT-2 checkpoint at `path`; returns the `import` section.
@@ -270,6 +294,10 @@ def import_checkpoint(path: str | os.PathLike, workdir: str | os.PathLike,
     with workdir_lib.publish_dir(wd.root) as staging:
         (staging / workdir_lib.TOKENIZER_DIR).mkdir()
         _write_tokenizer(checkpoint, staging / workdir_lib.TOKENIZER_DIR)
+        template = chat_template(pathlib.Path(path))
+        if template is not None:  # `lmstack export` carries it to /v1/chat/completions
+            workdir_lib.write_json(staging / workdir_lib.TOKENIZER_DIR / CHAT_TEMPLATE_FILE, template)
+            progress.note("kept the checkpoint's chat template (tokenizer_config.json)")
         workdir_lib.write_json(staging / workdir_lib.CONFIG_FILE,
                                {"lmstack_config_version": 1, workdir_lib.IMPORT_SECTION: section})
         checkpoints.save(staging, model, config, step=0)

@@ -215,6 +215,7 @@ def test_chat_applies_the_models_template_and_its_stop(served):
     (dict(prompt="a", n=10**4), 400, "n", "'n' is 1 to 128"),
     (dict(prompt=["a"] * 100, n=3), 400, "n", "--max_request_rows"),
     (dict(prompt="a", stop=["x"] * 10_000), 400, "stop", "up to 4"),
+    (dict(prompt="a", stop="x" * 300), 400, "stop", "1 to 256 characters"),
     (dict(prompt="a", temperature=7), 400, "temperature", "0 to 2"),
     (dict(prompt="a", max_tokens="9"), 400, "max_tokens", "an integer"),
     (dict(prompt=[1, 2, 3]), 400, "prompt", "not token ids"),

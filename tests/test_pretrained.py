@@ -48,6 +48,13 @@ def sources(tmp_path_factory, english_text):
     reference = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=preprocessor)
     reference.save_to_preset(str(root / "keras_hub"))
     reference.export_to_transformers(str(root / "hf"))
+    # A chat template, as a chat checkpoint's tokenizer_config.json carries one.
+    tokenizer_config = json.loads((root / "hf" / "tokenizer_config.json").read_text()) \
+        if (root / "hf" / "tokenizer_config.json").is_file() else {}
+    (root / "hf" / "tokenizer_config.json").write_text(json.dumps({
+        **tokenizer_config, "eos_token": pretrained.END_OF_TEXT,
+        "chat_template": "{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}"}))
     hub = shutil.copytree(root / "hf", root / "hf_hub")  # the Hub's gpt2: plain names, no lm_head
     from safetensors.numpy import load_file, save_file
 
@@ -196,6 +203,12 @@ def test_the_whole_path_on_an_imported_gpt2(sources, tmp_path, capsys):
     assert pruned["sparsity"] == pytest.approx(0.5, abs=0.02)
 
     exported = pathlib.Path(cli("export", f"--workdir={run}", "--variant=pruned50")["path"])
+    from serving.server import chat
+
+    info = json.loads((exported / "assets.extra" / "lmstack_config.json").read_text())
+    template = chat.ChatTemplate.from_export(info)
+    assert template.stop == (pretrained.END_OF_TEXT,)  # the checkpoint's own template came along
+    assert template.render([{"role": "user", "content": "Hi"}]) == f"<user>Hi{pretrained.END_OF_TEXT}<assistant>"
     core = server.ModelServer({"lm": server.ServedModel("lm", exported.parent)})
     core.refresh()
     grpc_server, rest_server, _, rest_target = start(core)

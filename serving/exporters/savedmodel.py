@@ -59,8 +59,8 @@ class ExportConfig:
         chat_template: a file with the chat template `lmstack serve`'s /v1/chat/completions lays a
             conversation out with: a Jinja template, or a JSON object with "chat_template" and
             optionally "stop" (strings that end the assistant's turn), "bos_token" and
-            "eos_token", as Hugging Face's tokenizer_config.json holds them ('': the plain
-            default of `serving.server.chat`).
+            "eos_token", as Hugging Face's tokenizer_config.json holds them ('': an imported
+            checkpoint's own template, else the plain default of `serving.server.chat`).
     """
     variant: str = ""
     export_base: str = ""
@@ -380,7 +380,7 @@ def read_chat_template(path: str):
     """The chat template of `--chat_template=FILE` (see ExportConfig), checked on a small conversation.
 
     Raises:
-        UserError: a file that cannot be read, bad JSON, or a template that does not compile.
+        ConfigError: a file that cannot be read, bad JSON, or a template that does not compile.
     """
     from serving.server import chat
 
@@ -388,7 +388,7 @@ def read_chat_template(path: str):
     try:
         text = file.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--chat_template={path}: cannot read it ({e})") from None
+        raise ConfigError("chat_template", path, f"cannot read it ({e})") from None
     template = chat.ChatTemplate(template=text, stop=())
     if text.lstrip().startswith("{") and path.endswith(".json"):
         try:
@@ -397,15 +397,16 @@ def read_chat_template(path: str):
                                          bos_token=_token_text(entry.get("bos_token")),
                                          eos_token=_token_text(entry.get("eos_token")))
         except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"--chat_template={path}: a JSON file holds {{\"chat_template\": \"...\", \"stop\": "
-                            f"[...]}} (as tokenizer_config.json does): {type(e).__name__}: {e}") from None
+            raise ConfigError("chat_template", path,
+                              "a JSON file holds {\"chat_template\": \"...\", \"stop\": [...]} (as "
+                              f"tokenizer_config.json does): {type(e).__name__}: {e}") from None
         if not isinstance(template.template, str) or not all(isinstance(s, str) and s for s in template.stop):
-            raise UserError(f"--chat_template={path}: \"chat_template\" is a string and \"stop\" a list of "
-                            "non-empty strings")
+            raise ConfigError("chat_template", path, "\"chat_template\" is a string and \"stop\" a list of non-empty "
+                                                     "strings")
     try:
         chat.check(template)
     except chat.TemplateError as e:
-        raise UserError(f"--chat_template={path}: {e}") from None
+        raise ConfigError("chat_template", path, str(e)) from None
     return template
 
 
@@ -504,7 +505,11 @@ def export(workdir: str | os.PathLike, config: ExportConfig = ExportConfig()) ->
     final = base / str(version)
     if final.exists():
         raise UserError(f"{final} already exists; pick another --version or leave it out for the next free one")
-    chat_template = read_chat_template(config.chat_template) if config.chat_template else None
+    from pipelines import pretrained
+
+    carried = wd.tokenizer_dir / pretrained.CHAT_TEMPLATE_FILE  # an imported checkpoint's own
+    template_file = config.chat_template or (str(carried) if carried.is_file() else "")
+    chat_template = read_chat_template(template_file) if template_file else None
     tokenizer = tokenizers.load(wd.tokenizer_dir)
     files = _tokenizer_files(wd.tokenizer_dir)
     xla_warmup: list[bytes] = []

@@ -53,6 +53,7 @@ from serving.server.deadlines import Call
 from serving.server.versions import LoadedVersion
 
 MAX_STOPS = 4  # OpenAI's limit on stop strings
+MAX_STOP_CHARS = 256  # a stop string's length: a stream holds back that much text that could start one
 MAX_N = 128  # OpenAI's limit on choices (the server's --max_request_rows bounds prompts x n too)
 DEFAULT_MAX_TOKENS = 16  # /v1/completions' default, as OpenAI's; chat defaults to the rest of the context
 _SEED_RANGE = 1 << 31  # the signature's seed is int32: a request's seed is taken modulo this
@@ -261,13 +262,19 @@ class OpenAiApi:
             raise ApiError(400, "'stream_options' takes {\"include_usage\": true|false}", param="stream_options")
         stops = _get(body, "stop", (str, list), None)
         stops = [stops] if isinstance(stops, str) else (stops or [])
-        if len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
-            raise ApiError(400, f"'stop' is a non-empty string or a list of up to {MAX_STOPS} of them", param="stop")
+        if len(stops) > MAX_STOPS or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ApiError(400, f"'stop' is a string of 1 to {MAX_STOP_CHARS} characters or a list of up to "
+                                f"{MAX_STOPS} of them", param="stop")
         template_stops: list[str] = []
         if kind == "chat":
             template = chat.ChatTemplate.from_export(loaded.info)
+            messages = _messages(body.get("messages"))
+            size = sum(len(m["content"].encode("utf-8")) for m in messages)
+            if size > limits.max_text_bytes:  # checked again on the prompt the template makes
+                raise ApiError(400, f"the messages hold {size} bytes; this server takes at most "
+                                    f"{limits.max_text_bytes} (--max_text_bytes)", param="messages")
             try:
-                prompts = [template.render(_messages(body.get("messages")))]
+                prompts = [template.render(messages)]
             except chat.TemplateError as e:
                 raise ApiError(400, str(e), param="messages") from None
             template_stops = list(template.stop)
