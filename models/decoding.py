@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from models.samplers import Penalties, Sampling, SamplerConfig, penalize, sample_next
+from models.samplers import Penalties, Sampling, SamplerConfig, penalize, penalize_numpy, sample_next
 
 def context_message(max_length: int) -> str:
     """The one overflow rule, as every backend words it."""
@@ -56,12 +56,14 @@ class Generator:
         self._step = tf.function(decoder.call_with_cache, jit_compile=True)
         self._decoders: dict[int, Callable] = {}
 
-    def _decode(self, stop_token_id: int) -> Callable:
-        if stop_token_id not in self._decoders:
-            self._decoders[stop_token_id] = tf.function(
-                lambda tokens, keep, new, sampling: decode(self.decoder, tokens, keep, new, sampling, stop_token_id),
+    def _decode(self, stop_token_id: int, penalized: bool) -> Callable:
+        key = (stop_token_id, penalized)
+        if key not in self._decoders:
+            self._decoders[key] = tf.function(
+                lambda tokens, keep, new, sampling, penalties=None: decode(self.decoder, tokens, keep, new, sampling,
+                                                                           stop_token_id, penalties),
                 jit_compile=True)
-        return self._decoders[stop_token_id]
+        return self._decoders[key]
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
                  sampler: SamplerConfig = SamplerConfig(), stop_token_ids: Sequence[int] = ()) -> list[list[int]]:
@@ -88,8 +90,10 @@ class Generator:
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = p
         stop = stop_token_ids[0] if stop_token_ids else -1
-        out = self._decode(stop)(tf.constant(tokens), tf.constant(keep, tf.int32),
-                                              tf.constant(new, tf.int32), sampler.sampling(batch, sampler.draw_seed()))
+        extra = (sampler.penalties(batch, self.decoder.vocab_size),) if sampler.penalized else ()
+        out = self._decode(stop, sampler.penalized)(tf.constant(tokens), tf.constant(keep, tf.int32),
+                                                    tf.constant(new, tf.int32),
+                                                    sampler.sampling(batch, sampler.draw_seed()), *extra)
         results = []
         for row, k, n in zip(out.numpy(), keep, new):
             row = row[k:k + n].tolist()
@@ -109,18 +113,24 @@ class Generator:
         sampling = sampler.sampling(1, sampler.draw_seed())
         cache = self.decoder.init_cache(1, len(prompt) + max_new_tokens)
         logits, cache = step(tf.constant([prompt], tf.int32), cache, tf.constant(0))
+        counts = np.zeros([self.decoder.vocab_size], np.float32)
         for i in range(max_new_tokens):
             position = len(prompt) + i
-            token = int(_choose(tf.cast(logits[:, -1, :], tf.float32), tf.constant(position), *sampling)[0])
+            last = tf.cast(logits[:, -1, :], tf.float32)
+            if sampler.penalized:
+                last = penalize_numpy(last.numpy()[0], counts, sampler.presence_penalty,
+                                      sampler.frequency_penalty)[np.newaxis]
+            token = int(_choose(last, tf.constant(position), *sampling)[0])
             if token in stop_token_ids:
                 return
+            counts[token] += 1
             yield token
             if i + 1 < max_new_tokens:
                 logits, cache = step(tf.constant([[token]], tf.int32), cache, tf.constant(position))
 
 
 def decode(decoder, tokens: tf.Tensor, keep: tf.Tensor, new: tf.Tensor, sampling: Sampling,
-           stop_token_id: int) -> tf.Tensor:
+           stop_token_id: int, penalties: Penalties | None = None) -> tf.Tensor:
     """The decoding loop on a buffer of fixed shape: what both exported paths run.
 
     Every shape inside depends only on the shape of `tokens`, never on the
@@ -133,6 +143,8 @@ def decode(decoder, tokens: tf.Tensor, keep: tf.Tensor, new: tf.Tensor, sampling
         new: int32 `[B]`, the tokens to add to each row; `keep + new <= T`. A row with 0 is done.
         sampling: per-row settings (`Sampling`); temperature 0 is greedy.
         stop_token_id: a row ends at this token.
+        penalties: presence and frequency penalties, their counts zero (`samplers.penalize`), or
+            None; each row's new tokens add to its counts.
     Returns:
         int32 `[B, T]`: row i's new tokens at columns `keep[i] .. keep[i] + new[i] - 1`, zeros after
         its stop token.
@@ -146,19 +158,25 @@ def decode(decoder, tokens: tf.Tensor, keep: tf.Tensor, new: tf.Tensor, sampling
         greedy = lambda: tf.argmax(logits, axis=-1, output_type=tf.int32)
         return tf.cond(any_sampled, lambda: sample_next(logits, index, *sampling), greedy)
 
-    def step(index, tokens, cache, done):
+    def step(index, tokens, cache, done, counts):
         logits, cache = decoder.call_with_cache(tokens[:, index - 1][:, tf.newaxis], cache, index - 1)
-        chosen = choose(tf.cast(logits[:, 0, :], tf.float32), index)
+        logits = tf.cast(logits[:, 0, :], tf.float32)
+        if penalties is not None:
+            logits = penalize(logits, penalties._replace(counts=counts))
+        chosen = choose(logits, index)
         in_prompt = index < keep
         column = tf.one_hot(index, total, on_value=True, off_value=False)[tf.newaxis, :]  # (1, T)
         written = tf.where(in_prompt, tokens[:, index], tf.where(done, 0, chosen))
         tokens = tf.where(column, written[:, tf.newaxis], tokens)
+        if penalties is not None:
+            counts += tf.one_hot(chosen, tf.shape(counts)[1]) * tf.cast(~in_prompt & ~done, tf.float32)[:, tf.newaxis]
         finished = ~in_prompt & ((chosen == stop_token_id) | (index + 1 - keep >= new))
-        return index + 1, tokens, cache, done | finished
+        return index + 1, tokens, cache, done | finished, counts
 
-    _, tokens, _, _ = tf.while_loop(
-        lambda index, tokens, cache, done: (index < total) & ~tf.reduce_all(done),
-        step, (start, tokens, cache, new <= 0))
+    counts = penalties.counts if penalties is not None else tf.zeros([batch, 0])
+    _, tokens, _, _, _ = tf.while_loop(
+        lambda index, tokens, cache, done, counts: (index < total) & ~tf.reduce_all(done),
+        step, (start, tokens, cache, new <= 0, counts))
     return tokens
 
 

@@ -58,6 +58,7 @@ def test_cli_seeded_sampling_repeats(capsys, workdir):
 @pytest.mark.parametrize("args, message", [
     (["--max_new_tokens=0"], "--max_new_tokens=0"),
     (["--temperature=0"], "--temperature=0.0 must be positive"),
+    (["--presence_penalty=3"], "--presence_penalty=3.0 must be in [-2, 2]"),
     (["--top_p=1.5"], "--top_p=1.5"),
 ])
 def test_bad_flags(capsys, workdir, args, message):

@@ -15,7 +15,7 @@ from pipelines.generate import TextGenerator, encode
 from serving import contract as c
 from serving import edge
 from serving.edge import metadata as tflite_metadata
-from serving.exporters import tflite
+from serving.exporters import backends, tflite
 from tests.helpers import run_cli, tiny_export
 from tests.test_workdir import umask
 
@@ -261,17 +261,28 @@ def test_seeded_sampling_is_the_same_on_keras_savedmodel_and_tflite(run):
     model = edge.EdgeModel(path)
     prompt = generator.prompt_ids("ROMEO.")
     for sampler in (SamplerConfig("top_p", temperature=1.5, top_p=0.8, seed=3),
-                    SamplerConfig("top_k", temperature=2.0, top_k=5, seed=11), SamplerConfig("random", seed=7)):
+                    SamplerConfig("top_k", temperature=2.0, top_k=5, seed=11), SamplerConfig("random", seed=7),
+                    SamplerConfig("top_k", temperature=1.2, top_k=8, seed=5, presence_penalty=0.6,
+                                  frequency_penalty=1.1),
+                    SamplerConfig("greedy", presence_penalty=-0.5, frequency_penalty=1.5)):
         keras_text = generator.generate(["ROMEO."], 12, sampler)[0]
         assert keras_text  # an empty text would match trivially
         temperature, top_k, top_p = sampler.settings()
-        saved = generate(prompt=tf.constant(["ROMEO."]), max_new_tokens=tf.constant([12]),
-                         temperature=tf.constant([temperature]), top_k=tf.constant([top_k]),
-                         top_p=tf.constant([top_p]), seed=tf.constant([sampler.seed]))[c.COMPLETION]
-        assert saved.numpy()[0].decode() == keras_text, sampler
+        if sampler.penalized:  # generate's inputs are TF Serving's: penalties go through the step signatures
+            saved = backends.generate("savedmodel", workdir, "ROMEO.", 12, sampler, export_dir=str(export_path))
+            assert "".join(generator.stream("ROMEO.", 12, sampler)) == keras_text, sampler
+        else:
+            saved = generate(prompt=tf.constant(["ROMEO."]), max_new_tokens=tf.constant([12]),
+                             temperature=tf.constant([temperature]), top_k=tf.constant([top_k]),
+                             top_p=tf.constant([top_p]), seed=tf.constant([sampler.seed]))[c.COMPLETION]
+            saved = saved.numpy()[0].decode()
+        assert saved == keras_text, sampler
         device = model.generate(prompt, 12, stop_ids=[model.eos_id], temperature=temperature, top_k=top_k,
-                                top_p=top_p, seed=sampler.seed)
+                                top_p=top_p, seed=sampler.seed or 0, presence_penalty=sampler.presence_penalty,
+                                frequency_penalty=sampler.frequency_penalty)
         assert device == encode(generator.tokenizer, keras_text), sampler
+    penalized = generator.generate(["ROMEO."], 12, SamplerConfig("greedy", frequency_penalty=1.5))[0]
+    assert penalized != generator.generate(["ROMEO."], 12, SamplerConfig("greedy"))[0]  # the penalty steers
 
 
 def test_cli(run, capsys):

@@ -165,10 +165,12 @@ class EdgeModel:
         return self.tokenizer.decode(self.generate(ids, max_new_tokens, stop_ids=[self.eos_id], **sampling))
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = (),
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[int]:
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> list[int]:
         """Continues `prompt`: greedy when `temperature` is 0, else sampled (top-k, then top-p) as
         `models.samplers.sample_next` samples, with the same noise: the same tokens as the
-        SavedModel and in-process generation for the same seed.
+        SavedModel and in-process generation for the same seed. The presence and frequency
+        penalties lower the logits of the tokens generated so far first (`models.samplers.penalize`).
 
         A transformer prompt longer than the cache allows keeps its last tokens.
         """
@@ -180,11 +182,15 @@ class EdgeModel:
         steps = self.steps(list(prompt))
         logits = next(steps)
         new: list[int] = []
+        counts = np.zeros([logits.size], np.float32)
         while len(new) < max_new_tokens:
+            if presence_penalty or frequency_penalty:
+                logits = penalize(logits, counts, presence_penalty, frequency_penalty)
             token = choose(logits, len(prompt) + len(new), temperature, top_k, top_p, seed)
             if token in stop_ids:
                 break
             new.append(token)
+            counts[token] += 1
             if len(new) == max_new_tokens:
                 break
             logits = steps.send(token)
@@ -194,7 +200,8 @@ class EdgeModel:
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int] = (),
                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                       seeds: Sequence[int] = ()) -> list[list[int]]:
+                       seeds: Sequence[int] = (), presence_penalty: float = 0.0,
+                       frequency_penalty: float = 0.0) -> list[list[int]]:
         """`generate` for up to `batch_size` prompts in one pass per token: row i samples with
         `seeds[i]` (default its index), so it gives `generate(prompts[i], ..., seed=seeds[i])`'s tokens.
         N samples of one prompt: `generate_batch([prompt] * N, ..., seeds=range(N))`.
@@ -220,17 +227,22 @@ class EdgeModel:
         rows = self.batch_steps([p[:position] for p in prompts])
         logits = next(rows)
         done = [False] * len(prompts)
+        counts = np.zeros([len(prompts), logits.shape[-1]], np.float32)
         while True:
             fed = []
             for i, prompt in enumerate(prompts):
                 if position < len(prompt):  # still in its prompt
                     fed.append(prompt[position])
                     continue
-                token = choose(logits[i], position, temperature, top_k, top_p, seeds[i])
+                row = logits[i]
+                if presence_penalty or frequency_penalty:
+                    row = penalize(row, counts[i], presence_penalty, frequency_penalty)
+                token = choose(row, position, temperature, top_k, top_p, seeds[i])
                 if not done[i]:
                     done[i] = token in stop_ids
                     if not done[i]:
                         new[i].append(token)
+                        counts[i, token] += 1
                         done[i] = len(new[i]) == max_new_tokens
                 fed.append(token)
             if all(done):
@@ -301,6 +313,12 @@ def uniform_noise(seed: int, position: int, vocab: int) -> np.ndarray:
     ids = (np.arange(vocab, dtype=np.uint64) * np.uint64(0x85EBCA6B)) & np.uint64(_MASK)
     bits = _mix32(row ^ ids)
     return ((bits >> 8).astype(np.float32) + np.float32(0.5)) / np.float32(1 << 24)
+
+
+def penalize(logits: np.ndarray, counts: np.ndarray, presence: float, frequency: float) -> np.ndarray:
+    """`models.samplers.penalize` for one row: float32, the same operations in the same order."""
+    logits = logits.astype(np.float32)
+    return (logits - np.float32(frequency) * counts) - np.float32(presence) * (counts > 0).astype(np.float32)
 
 
 def choose(logits: np.ndarray, position: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
