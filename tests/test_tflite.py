@@ -257,7 +257,8 @@ def test_seeded_sampling_is_the_same_on_keras_savedmodel_and_tflite(run):
     """One sampling rule (top-k, then top-p, Gumbel noise keyed by seed and position) on every backend."""
     _, workdir, export_path, path = run
     generator = TextGenerator(workdir)
-    generate = tf.saved_model.load(str(export_path)).signatures[c.GENERATE]
+    loaded = tf.saved_model.load(str(export_path))
+    generate = loaded.signatures[c.GENERATE]
     model = edge.EdgeModel(path)
     prompt = generator.prompt_ids("ROMEO.")
     for sampler in (SamplerConfig("top_p", temperature=1.5, top_p=0.8, seed=3),
@@ -269,7 +270,7 @@ def test_seeded_sampling_is_the_same_on_keras_savedmodel_and_tflite(run):
         assert keras_text  # an empty text would match trivially
         temperature, top_k, top_p = sampler.settings()
         if sampler.penalized:  # generate's inputs are TF Serving's: penalties go through the step signatures
-            saved = backends.generate("savedmodel", workdir, "ROMEO.", 12, sampler, export_dir=str(export_path))
+            saved = backends.generate_steps(loaded, "ROMEO.", 12, sampler)
             assert "".join(generator.stream("ROMEO.", 12, sampler)) == keras_text, sampler
         else:
             saved = generate(prompt=tf.constant(["ROMEO."]), max_new_tokens=tf.constant([12]),

@@ -56,7 +56,7 @@ def _savedmodel(path: fs.Path, prompt: str, max_new_tokens: int, sampler: Sample
         raise UserError(f"{path} is not a SavedModel version directory (no saved_model.pb)")
     loaded = tf.saved_model.load(str(path))
     if sampler.penalized:  # generate's inputs are TF Serving's contract: the step signatures take penalties
-        return _savedmodel_steps(loaded, path, prompt, max_new_tokens, sampler)
+        return generate_steps(loaded, prompt, max_new_tokens, sampler, str(path))
     if sampler.name == "greedy":
         out = loaded.signatures[c.SERVING_DEFAULT](prompt=tf.constant([prompt]),
                                                    max_new_tokens=tf.constant([max_new_tokens], tf.int32))
@@ -69,8 +69,9 @@ def _savedmodel(path: fs.Path, prompt: str, max_new_tokens: int, sampler: Sample
     return out[c.COMPLETION].numpy()[0].decode("utf-8")
 
 
-def _savedmodel_steps(loaded, path: fs.Path, prompt: str, max_new_tokens: int, sampler: SamplerConfig) -> str:
-    """One prompt through prefill, decode and detokenize, as `lmstack serve`'s scheduler runs them."""
+def generate_steps(loaded, prompt: str, max_new_tokens: int, sampler: SamplerConfig, path: str = "the export") -> str:
+    """One prompt's continuation through a loaded SavedModel's prefill, decode and detokenize signatures,
+    as `lmstack serve`'s scheduler runs them (the path that takes presence and frequency penalties)."""
     if c.TOKEN_COUNTS not in loaded.signatures[c.DECODE].structured_input_signature[1]:
         raise UserError(f"{path} was exported before lmstack took presence and frequency penalties: export again")
     temperature, top_k, top_p = sampler.settings()
