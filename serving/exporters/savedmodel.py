@@ -384,35 +384,16 @@ def read_chat_template(path: str):
     """
     from serving.server import chat
 
-    file = fs.path(path)
     try:
-        text = file.read_text()
+        text = fs.path(path).read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError("chat_template", path, f"cannot read it ({e})") from None
-    template = chat.ChatTemplate(template=text, stop=())
-    if text.lstrip().startswith("{") and path.endswith(".json"):
-        try:
-            entry = json.loads(text)
-            template = chat.ChatTemplate(template=entry["chat_template"], stop=tuple(entry.get("stop") or ()),
-                                         bos_token=_token_text(entry.get("bos_token")),
-                                         eos_token=_token_text(entry.get("eos_token")))
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError("chat_template", path,
-                              "a JSON file holds {\"chat_template\": \"...\", \"stop\": [...]} (as "
-                              f"tokenizer_config.json does): {type(e).__name__}: {e}") from None
-        if not isinstance(template.template, str) or not all(isinstance(s, str) and s for s in template.stop):
-            raise ConfigError("chat_template", path, "\"chat_template\" is a string and \"stop\" a list of non-empty "
-                                                     "strings")
     try:
+        template = chat.ChatTemplate.parse(text, as_json=path.endswith(".json"))
         chat.check(template)
     except chat.TemplateError as e:
         raise ConfigError("chat_template", path, str(e)) from None
     return template
-
-
-def _token_text(token) -> str:
-    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
-    return token.get("content", "") if isinstance(token, dict) else (token or "")
 
 
 def _tokenizer_files(tokenizer_dir: fs.Path) -> list[str]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from typing import Any
 
 DEFAULT_TEMPLATE = (
@@ -61,6 +62,24 @@ class ChatTemplate:
         return cls(template=entry["template"], stop=tuple(entry.get("stop") or ()),
                    bos_token=entry.get("bos_token") or "", eos_token=entry.get("eos_token") or "")
 
+    @classmethod
+    def parse(cls, text: str, as_json: bool) -> ChatTemplate:
+        """A template file's text: Jinja, or (`as_json`) an object with "chat_template" and optionally
+        "stop", "bos_token" and "eos_token" as Hugging Face's tokenizer_config.json holds them (a token
+        a string or an added-token object with "content"). Raises TemplateError."""
+        if not as_json:
+            return cls(template=text, stop=())
+        try:
+            entry = json.loads(text)
+            template = cls(template=entry["chat_template"], stop=tuple(entry.get("stop") or ()),
+                           bos_token=_token_text(entry.get("bos_token")), eos_token=_token_text(entry.get("eos_token")))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise TemplateError("a JSON file holds {\"chat_template\": \"...\", \"stop\": [...]} (as "
+                                f"tokenizer_config.json does): {type(e).__name__}: {e}") from None
+        if not isinstance(template.template, str) or not all(isinstance(s, str) and s for s in template.stop):
+            raise TemplateError("\"chat_template\" is a string and \"stop\" a list of non-empty strings")
+        return template
+
     def to_json(self) -> dict[str, Any]:
         return {"template": self.template, "stop": list(self.stop), "bos_token": self.bos_token,
                 "eos_token": self.eos_token}
@@ -87,6 +106,11 @@ def check(template: ChatTemplate) -> None:
     text = template.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello."}])
     if "Hello." not in text:
         raise TemplateError("the chat template leaves the user's message out of the prompt it makes")
+
+
+def _token_text(token) -> str:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    return token.get("content", "") if isinstance(token, dict) else (token or "")
 
 
 @functools.lru_cache(maxsize=16)

@@ -58,7 +58,7 @@ class RestApi:
             except Exception as e:  # a bug must not drop the connection or print a traceback
                 body = {"error": internal_error(f"{method} {path[:200]}", e)}
                 status, content_type = 500, "application/json"
-        return _respond(start_response, status, body, content_type)
+        return respond(start_response, status, body, content_type)
 
     def _answer(self, method: str, path: str, environ):
         core = self.core
@@ -128,9 +128,9 @@ class RestApi:
                 call = Call(self.timeout, is_active=(lambda: not disconnected()) if disconnected else None)
                 _, chunks = core.stream(name, version, inputs, label, call)
         except ServingError as e:
-            return _respond(start_response, HTTP_STATUS.get(e.code, 500), {"error": e.message})
+            return respond(start_response, HTTP_STATUS.get(e.code, 500), {"error": e.message})
         except Exception as e:  # as in __call__: one log line, a 500, no traceback
-            return _respond(start_response, 500, {"error": internal_error(f"POST {path[:200]}", e)})
+            return respond(start_response, 500, {"error": internal_error(f"POST {path[:200]}", e)})
         start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
         return self._events(chunks, call)
 
@@ -153,7 +153,7 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"
             501: "Not Implemented", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
-def _respond(start_response, status: int, body, content_type: str = "application/json") -> list[bytes]:
+def respond(start_response, status: int, body, content_type: str = "application/json") -> list[bytes]:
     """A whole response: `body` is bytes or a JSON value."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
     start_response(f"{status} {_REASONS.get(status, 'Error')}",

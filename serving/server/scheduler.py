@@ -218,9 +218,6 @@ class Scheduler:
             generation.cancelled = generation.cancelled or not generation.done
         return generation
 
-    def texts(self, token_lists: list[list[int]]) -> list[str]:
-        """The text of each list of tokens."""
-        return self._text(token_lists)
 
     def stream(self, inputs: dict[str, np.ndarray], call) -> Iterator[dict[str, Any]]:
         """One prompt's tokens as they are made: `{"text", "token_ids"}` events, then the last
@@ -239,7 +236,7 @@ class Scheduler:
                 if not new:
                     continue
                 sent += len(new)
-                text = self._text([row.tokens[:sent]])[0]
+                text = self.texts([row.tokens[:sent]])[0]
                 piece = ""
                 if text.startswith(shown) and not text.endswith("\ufffd"):  # not half a character
                     piece, shown = text[len(shown):], text
@@ -478,7 +475,8 @@ class Scheduler:
         for row in rows:
             row.generation._fail(failure)
 
-    def _text(self, token_lists: list[list[int]]) -> list[str]:
+    def texts(self, token_lists: list[list[int]]) -> list[str]:
+        """The text of each list of tokens."""
         return [t.decode("utf-8", errors="replace") for t in self._outputs(token_lists)[c.COMPLETION]]
 
     def _outputs(self, token_lists: list[list[int]]) -> dict[str, np.ndarray]:
