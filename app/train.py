@@ -36,7 +36,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum("model", "transformer", list(models.FAMILIES), "model family", flag_values=fv)
     presets = list(dict.fromkeys(p for cls in models.FAMILIES.values() for p in cls.PRESETS))
     flags.DEFINE_enum("preset", "small", presets, "model size preset (gpt2, gpt2-medium: the transformer's GPT-2 "
-                      "shapes)", flag_values=fv)
+                      "shapes; llama-*: Llama's block at lmstack's shapes; smollm-135m: SmolLM-135M's)", flag_values=fv)
     settings.define_overrides(fv, models.FAMILIES, exclude=NOT_OVERRIDDEN)
     settings.define(fv, train.TrainConfig)
     settings.define_progress(fv)

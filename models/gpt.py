@@ -5,6 +5,11 @@ multi-head self-attention, GELU MLP, residuals through `Add` layers) -> final
 LayerNorm -> logits through the tied token embedding. Every layer is a stock
 tf_keras layer or one of `models.layers`, so TF-MOT can wrap all of them.
 
+The same block in the shape of today's open models (Llama, Mistral, Qwen,
+SmolLM) is a matter of settings: rotary positions, RMSNorm, a gated (SwiGLU)
+MLP, grouped-query attention, no biases, an untied output (the `llama-*`
+presets).
+
 `GPTDecoder` runs the same layers incrementally with a key/value cache.
 """
 
@@ -24,9 +29,16 @@ from models.backend import keras
 
 Init = Literal["glorot", "gpt2"]
 INITS = typing.get_args(Init)
-Activation = Literal["gelu", "gelu_tanh"]
+Activation = Literal["gelu", "gelu_tanh", "silu"]
 ACTIVATIONS = typing.get_args(Activation)
+Positions = Literal["learned", "rope"]
+Norm = Literal["layernorm", "rmsnorm"]
+Mlp = Literal["plain", "gated"]
+Bias = Literal["all", "qkv", "none"]
 INIT_STD = 0.02  # GPT-2's standard deviation for every weight matrix and embedding
+
+
+_LLAMA = dict(positions="rope", norm="rmsnorm", mlp="gated", activation="silu", bias="none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +56,19 @@ class GPTConfig:
             decides: 0 for a run that sees its training data fewer than 2 times, else 0.1).
         init: glorot (Keras's defaults; embeddings N(0, 0.02)) or gpt2 (every weight matrix
             N(0, 0.02), the residual projections N(0, 0.02 / sqrt(2 * layers)), biases zero).
-        activation: the MLP's: gelu (exact, with erf) or gelu_tanh (GPT-2's tanh approximation,
-            which its pre-trained weights expect).
+        activation: the MLP's: gelu (exact, with erf), gelu_tanh (GPT-2's tanh approximation,
+            which its pre-trained weights expect) or silu (a gated MLP's: SwiGLU).
+        positions: learned (a table added to the embedding; GPT-2) or rope (rotary, applied to
+            queries and keys in every block; Llama).
+        rope_theta: rotary positions' frequency base.
+        norm: layernorm (GPT-2) or rmsnorm (Llama).
+        norm_eps: the norms' epsilon.
+        mlp: plain (act(x W1) W2) or gated (act(x Wg) * (x W1) W2; SwiGLU with silu).
+        mlp_dim: the MLP's hidden width (default: mlp_ratio * d_model plain, two thirds of that
+            rounded up to a multiple of 8 gated, which keeps the parameters).
+        kv_heads: key/value heads, grouped-query attention (default: heads); heads must divide by it.
+        bias: the projections with biases: all (GPT-2), qkv (query, key and value only; Qwen) or none (Llama).
+        tie_embeddings: the output layer reuses the token embedding (else a matrix of its own).
     """
     # None dropout: `pipelines.train.run_dropout` decides; a model built with None has rate 0.
     # Glorot is the default init: at the small preset's budget GPT-2's starts slower and ends
@@ -59,6 +82,15 @@ class GPTConfig:
     dropout: float | None = None
     init: Init = "glorot"
     activation: Activation = "gelu"
+    positions: Positions = "learned"
+    rope_theta: float = 10_000.0
+    norm: Norm = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Mlp = "plain"
+    mlp_dim: int | None = None
+    kv_heads: int | None = None
+    bias: Bias = "all"
+    tie_embeddings: bool = True
 
     PRESETS: ClassVar[dict[str, dict]] = {
         "tiny": dict(seq_len=16, layers=2, d_model=32, heads=2, dropout=0.0),
@@ -67,6 +99,13 @@ class GPTConfig:
         # GPT-2's shapes (124M and 355M parameters at its 50,257-token vocabulary), its GELU and init.
         "gpt2": dict(seq_len=1024, layers=12, d_model=768, heads=12, init="gpt2", activation="gelu_tanh"),
         "gpt2-medium": dict(seq_len=1024, layers=24, d_model=1024, heads=16, init="gpt2", activation="gelu_tanh"),
+        # Llama's block (rotary positions, RMSNorm, SwiGLU, grouped-query attention, no biases) at
+        # lmstack's shapes, and at SmolLM-135M's (Hugging Face's Llama-architecture 135M model).
+        "llama-tiny": dict(seq_len=16, layers=2, d_model=32, heads=2, kv_heads=1, dropout=0.0, **_LLAMA),
+        "llama-small": dict(seq_len=128, layers=4, d_model=128, heads=4, kv_heads=2, **_LLAMA),
+        "llama-base": dict(seq_len=256, layers=6, d_model=384, heads=6, kv_heads=2, **_LLAMA),
+        "smollm-135m": dict(seq_len=2048, layers=30, d_model=576, heads=9, kv_heads=3, mlp_dim=1536, init="gpt2",
+                            **_LLAMA),
     }
 
     def __post_init__(self):
@@ -74,18 +113,58 @@ class GPTConfig:
             raise ValueError(f"init={self.init!r}: expected one of {', '.join(INITS)}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r}: expected one of {', '.join(ACTIVATIONS)}")
+        for name, allowed in (("positions", Positions), ("norm", Norm), ("mlp", Mlp), ("bias", Bias)):
+            choices = typing.get_args(allowed)
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(choices)}")
         if self.d_model % self.heads:
             raise ValueError(f"d_model={self.d_model} does not divide into heads={self.heads}")
         check_sizes(self, ("vocab_size", "seq_len", "layers", "d_model", "heads", "mlp_ratio"))
+        if self.kv_heads is not None and (self.kv_heads < 1 or self.heads % self.kv_heads):
+            raise ValueError(f"kv_heads={self.kv_heads}: heads={self.heads} must divide into it")
+        if self.mlp_dim is not None and self.mlp_dim < 1:
+            raise ValueError(f"mlp_dim={self.mlp_dim} must be at least 1")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"rotary positions turn pairs of features: head size d_model/heads={self.head_dim} "
+                             "must be even")
+        if self.activation == "silu" and self.mlp != "gated":
+            raise ValueError("activation=silu is the gated MLP's (SwiGLU): set mlp=gated too")
+        if not (self.rope_theta > 0 and self.norm_eps > 0):
+            raise ValueError(f"rope_theta={self.rope_theta} and norm_eps={self.norm_eps} must be positive")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.heads
 
+    @property
+    def num_kv_heads(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of a token's keys (and of its values): what the cache holds per layer and position."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def hidden_dim(self) -> int:
+        """The MLP's hidden width."""
+        if self.mlp_dim is not None:
+            return self.mlp_dim
+        plain = self.mlp_ratio * self.d_model
+        if self.mlp == "plain":
+            return plain
+        return -(-(2 * plain // 3) // 8) * 8  # Llama's rule: 2/3 of the plain width, up to a multiple of 8
+
     def num_params(self) -> int:
-        d, f = self.d_model, self.mlp_ratio * self.d_model
-        per_block = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d  # q,k,v,o + MLP + 2 LayerNorms
-        return self.vocab_size * d + self.seq_len * d + self.layers * per_block + 2 * d
+        d, kv, f = self.d_model, self.kv_dim, self.hidden_dim
+        qkv_bias = self.bias != "none"
+        other_bias = self.bias == "all"
+        attention = 2 * d * d + 2 * d * kv + qkv_bias * (d + 2 * kv) + other_bias * d
+        mlp = (3 if self.mlp == "gated" else 2) * d * f + other_bias * ((2 if self.mlp == "gated" else 1) * f + d)
+        norm = d if self.norm == "rmsnorm" or not other_bias else 2 * d
+        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        positions = self.seq_len * d if self.positions == "learned" else 0
+        return embeddings + positions + self.layers * (attention + mlp + 2 * norm) + norm
 
     def flops_per_token(self) -> int:
         """Forward-pass FLOPs per token at full context (x3 for a training step).
@@ -93,86 +172,119 @@ class GPTConfig:
         2 FLOPs per multiply-add of every matmul (projections, MLP, tied output)
         plus attention's QK^T and AV over `seq_len` keys (PaLM's convention).
         """
-        d, f = self.d_model, self.mlp_ratio * self.d_model
-        matmul_params = self.layers * (4 * d * d + 2 * d * f) + self.vocab_size * d
+        d, kv, f = self.d_model, self.kv_dim, self.hidden_dim
+        mlp = (3 if self.mlp == "gated" else 2) * d * f
+        matmul_params = self.layers * (2 * d * d + 2 * d * kv + mlp) + self.vocab_size * d
         return 2 * matmul_params + 2 * 2 * self.layers * self.seq_len * d
 
 
 @dataclasses.dataclass(frozen=True)
 class Block:
-    """Transformer block `i`'s layers: x + Dropout(Out(Attn(LN1(x)))), then x + Dropout(MLP(LN2(x))).
+    """Transformer block `i`'s layers: x + Dropout(Out(Attn(Norm1(x)))), then x + Dropout(MLP(Norm2(x))).
 
     The one definition of the forward pass (`__call__`) and of the layer names TF-MOT,
     checkpoints and the exporters see: `block{i}_{field}`. `build_gpt` makes the layers
     (`Block.build`); `GPTDecoder` finds them in a built model, QAT wrappers included
     (`Block.of`), and runs the same `__call__` with attention over its cache.
 
-    The MLP's exact GELU is `mlp_in`'s activation; GPT-2's tanh GELU is a layer of its
-    own, `mlp_act` (TF-MOT's QAT knows activations by name and has no tanh GELU), None
-    with the exact one. The dropouts are None when decoding (inference).
+    The optional layers are None where the config has no use for them:
+    - `rotary` turns queries and keys with rotary positions (learned positions: None).
+    - `mlp_gate` is a gated MLP's gate projection (plain MLP: None).
+    - `mlp_act` is the MLP's activation as a layer of its own: GPT-2's tanh GELU (TF-MOT's
+      QAT knows activations by name and has no tanh GELU) or a gated MLP's `act(gate) * up`;
+      None with the exact GELU, which is `mlp_in`'s activation.
+    - the dropouts are None when decoding (inference).
     """
     ln1: Callable
     query: Callable
     key: Callable
     value: Callable
+    rotary: Callable | None
     attention_output: Callable
     attention_dropout: Callable | None
     attention_residual: Callable
     ln2: Callable
+    mlp_gate: Callable | None
     mlp_in: Callable
     mlp_act: Callable | None
     mlp_out: Callable
     mlp_dropout: Callable | None
     mlp_residual: Callable
 
+    @staticmethod
+    def unused(config: GPTConfig) -> set[str]:
+        """The optional layers a model of `config` does not have."""
+        return ({"rotary"} if config.positions == "learned" else set()) | (
+            {"mlp_gate"} if config.mlp == "plain" else set()) | (
+            {"mlp_act"} if config.mlp == "plain" and config.activation == "gelu" else set())
+
     @classmethod
     def build(cls, config: GPTConfig, i: int) -> Block:
         """New layers for block `i` of a model of `config`."""
         c, rate = config, config.dropout or 0.0
 
-        def dense(field, units, residual=False, **kwargs):
+        def dense(field, units, bias, residual=False, **kwargs):
             if c.init == "gpt2":
                 std = INIT_STD / math.sqrt(2 * c.layers) if residual else INIT_STD
                 kwargs["kernel_initializer"] = keras.initializers.RandomNormal(stddev=std)
-            return keras.layers.Dense(units, name=f"block{i}_{field}", **kwargs)
+            return keras.layers.Dense(units, use_bias=bias, name=f"block{i}_{field}", **kwargs)
 
-        def norm(field):
-            return keras.layers.LayerNormalization(epsilon=1e-5, name=f"block{i}_{field}")
-
-        exact = c.activation == "gelu"
+        qkv_bias, bias = c.bias != "none", c.bias == "all"
+        unused = cls.unused(c)
+        plain_gelu = "mlp_act" in unused
+        if c.mlp == "gated":
+            act = layers.GatedActivation(c.activation, name=f"block{i}_mlp_act")
+        else:
+            act = None if plain_gelu else layers.GELU(approximate=True, name=f"block{i}_mlp_act")
         return cls(
-            ln1=norm("ln1"), query=dense("query", c.d_model), key=dense("key", c.d_model),
-            value=dense("value", c.d_model), attention_output=dense("attention_output", c.d_model, residual=True),
+            ln1=norm(c, f"block{i}_ln1"), query=dense("query", c.d_model, qkv_bias),
+            key=dense("key", c.kv_dim, qkv_bias), value=dense("value", c.kv_dim, qkv_bias),
+            rotary=None if "rotary" in unused else layers.Rotary(c.head_dim, c.seq_len, c.rope_theta,
+                                                                  name=f"block{i}_rotary"),
+            attention_output=dense("attention_output", c.d_model, bias, residual=True),
             attention_dropout=keras.layers.Dropout(rate, name=f"block{i}_attention_dropout"),
             attention_residual=keras.layers.Add(name=f"block{i}_attention_residual"),
-            ln2=norm("ln2"), mlp_in=dense("mlp_in", c.mlp_ratio * c.d_model, activation="gelu" if exact else None),
-            mlp_act=None if exact else layers.GELU(approximate=True, name=f"block{i}_mlp_act"),
-            mlp_out=dense("mlp_out", c.d_model, residual=True),
+            ln2=norm(c, f"block{i}_ln2"),
+            mlp_gate=None if "mlp_gate" in unused else dense("mlp_gate", c.hidden_dim, bias),
+            mlp_in=dense("mlp_in", c.hidden_dim, bias, activation="gelu" if plain_gelu else None),
+            mlp_act=act, mlp_out=dense("mlp_out", c.d_model, bias, residual=True),
             mlp_dropout=keras.layers.Dropout(rate, name=f"block{i}_mlp_dropout"),
             mlp_residual=keras.layers.Add(name=f"block{i}_mlp_residual"))
 
     @classmethod
     def of(cls, model: keras.Model, config: GPTConfig, i: int) -> Block:
         """Block `i`'s layers in a built model, for inference: no dropout."""
-        def get(field):
-            return layers.get_layer(model, f"block{i}_{field}")
-
-        inference = {"attention_dropout": None, "mlp_dropout": None,
-                     "mlp_act": None if config.activation == "gelu" else get("mlp_act")}
-        return cls(**{f.name: inference[f.name] if f.name in inference else get(f.name)
+        absent = cls.unused(config) | {"attention_dropout", "mlp_dropout"}
+        return cls(**{f.name: None if f.name in absent else layers.get_layer(model, f"block{i}_{f.name}")
                       for f in dataclasses.fields(cls)})
 
-    def __call__(self, x: tf.Tensor, attend: Callable) -> tf.Tensor:
+    def __call__(self, x: tf.Tensor, attend: Callable, start=None) -> tf.Tensor:
         """Args:
             x: the residual stream `[B, T, d]`.
             attend: `(q, k, v)` -> the attention output `[B, T, d]` before its projection.
+            start: the position of `x[:, 0]` for rotary positions (a scalar, or int `[B]` per
+                row); None: 0.
         """
         h = self.ln1(x)
-        a = self.attention_output(attend(self.query(h), self.key(h), self.value(h)))
+        q, k = self.query(h), self.key(h)
+        if self.rotary is not None:
+            q, k = self.rotary([q, k]) if start is None else self.rotary([q, k], start_index=start)
+        a = self.attention_output(attend(q, k, self.value(h)))
         x = self.attention_residual([x, _maybe(self.attention_dropout, a)])
-        h = _maybe(self.mlp_act, self.mlp_in(self.ln2(x)))
+        h = self.ln2(x)
+        if self.mlp_gate is not None:
+            h = self.mlp_act([self.mlp_gate(h), self.mlp_in(h)])
+        else:
+            h = _maybe(self.mlp_act, self.mlp_in(h))
         h = self.mlp_out(h)
         return self.mlp_residual([x, _maybe(self.mlp_dropout, h)])
+
+
+def norm(config: GPTConfig, name: str) -> keras.layers.Layer:
+    """A new normalization layer of the config's kind."""
+    if config.norm == "rmsnorm":
+        return layers.RMSNorm(config.norm_eps, name=name)
+    return keras.layers.LayerNormalization(epsilon=config.norm_eps, center=config.bias == "all", name=name)
 
 
 def _maybe(layer: Callable | None, x: tf.Tensor) -> tf.Tensor:
@@ -192,13 +304,19 @@ def build_gpt(config: GPTConfig, seq_len: int | None = None) -> keras.Model:
     c = config
     ids = keras.Input(shape=(seq_len,), dtype="int32", name="token_ids")
     x, table = layers.TokenEmbedding(c.vocab_size, c.d_model, name="token_embedding")(ids)  # (B, T, d), (V, d)
-    x = layers.PositionEmbedding(c.seq_len, name="position_embedding")(x)
+    if c.positions == "learned":
+        x = layers.PositionEmbedding(c.seq_len, name="position_embedding")(x)
     x = keras.layers.Dropout(c.dropout or 0.0, name="embedding_dropout")(x)
     for i in range(c.layers):
-        attention = layers.CausalAttention(c.heads, name=f"block{i}_attention")
+        attention = layers.CausalAttention(c.heads, c.kv_heads, name=f"block{i}_attention")
         x = Block.build(c, i)(x, lambda q, k, v, attention=attention: attention([q, k, v]))
-    x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_ln")(x)
-    logits = layers.TiedLogits(name="logits")([x, table])  # (B, T, V)
+    x = norm(c, "final_ln")(x)
+    if c.tie_embeddings:
+        logits = layers.TiedLogits(name="logits")([x, table])  # (B, T, V)
+    else:
+        init = keras.initializers.RandomNormal(stddev=INIT_STD) if c.init == "gpt2" else "glorot_uniform"
+        logits = keras.layers.Dense(c.vocab_size, use_bias=False, kernel_initializer=init, dtype="float32",
+                                    name="logits")(x)
     return keras.Model(ids, logits, name="gpt")
 
 
@@ -226,9 +344,9 @@ def write_cache(old: tf.Tensor, update: tf.Tensor, positions: tf.Tensor) -> tf.T
 class GPTDecoder:
     """Incremental decoding with a key/value cache, on the layers of a built GPT.
 
-    The cache is one float tensor `[B, layers, 2, max_length, d_model]`
-    (keys, then values, heads side by side); position p of the cache holds the
-    keys/values of the token at position p. Five dimensions at most: TFLite's
+    The cache is one float tensor `[B, layers, 2, max_length, kv_dim]` (keys, then
+    values, heads side by side; kv_dim is d_model without grouped-query attention);
+    position p of the cache holds the keys/values of the token at position p. Five dimensions at most: TFLite's
     kernels (strided slice, int8 calibration) take no more. Layers and keys/values
     are taken apart with `tf.unstack`, not indexing: TFLite runs UNPACK as block
     copies, while a slice of a 5-D tensor goes to its per-element reference kernel
@@ -251,7 +369,7 @@ class GPTDecoder:
         c = self.config
         length = c.seq_len if max_length is None else max_length
         dtype = self._layer("block0_query").compute_dtype
-        return tf.zeros([batch_size, c.layers, 2, length, c.d_model], dtype)
+        return tf.zeros([batch_size, c.layers, 2, length, c.kv_dim], dtype)
 
     def prefill(self, ids: tf.Tensor, count, cache: tf.Tensor) -> tf.Tensor:
         """The cache after the first `count` tokens of `ids` `[B, T]`.
@@ -294,7 +412,8 @@ class GPTDecoder:
         q_positions = index + tf.range(length)
         k_positions = tf.range(max_length)
         x, table = get("token_embedding")(ids)
-        x = get("position_embedding")(x, start_index=index)  # (B, S, d)
+        if c.positions == "learned":
+            x = get("position_embedding")(x, start_index=index)  # (B, S, d)
         layer_caches = tf.unstack(cache, axis=1)  # c.layers x (B, 2, max_len, d)
         new_cache = []
         for block, layer_cache in zip(self.blocks, layer_caches):
@@ -303,16 +422,21 @@ class GPTDecoder:
                 layer_cache = write_cache(layer_cache, kv, q_positions)  # (B, 2, max_len, d)
                 new_cache.append(layer_cache)
                 keys, values = tf.unstack(layer_cache, axis=1)  # (B, max_len, d) each
-                return layers.attention(q, keys, values, c.heads, q_positions, k_positions)
+                return layers.attention(q, keys, values, c.heads, q_positions, k_positions, c.kv_heads)
 
-            x = block(x, attend)
-        logits = get("logits")([get("final_ln")(x), table])
+            x = block(x, attend, start=index)
+        logits = self._logits(get("final_ln")(x), table)
         return logits, tf.stack(new_cache, axis=1)
+
+    def _logits(self, x: tf.Tensor, table: tf.Tensor) -> tf.Tensor:
+        """The output layer: through the tied embedding `table`, or a matrix of its own."""
+        output = self._layer("logits")
+        return output([x, table]) if self.config.tie_embeddings else output(x)
 
     # -- a server's batch of sequences, each at its own position (`models.decoding.continue_rows`) --
 
     def split_cache(self, cache: tf.Tensor) -> list[tf.Tensor]:
-        """The cache as one tensor per layer and kind, `[B, max_len, d]` each (keys of layer 0, its
+        """The cache as one tensor per layer and kind, `[B, max_len, kv_dim]` each (keys of layer 0, its
         values, keys of layer 1, ...): the layout `step_rows` writes in place."""
         return [part for layer in tf.unstack(cache, axis=1) for part in tf.unstack(layer, axis=1)]
 
@@ -340,7 +464,8 @@ class GPTDecoder:
         # serves it, as its logits mean nothing.
         positions = tf.minimum(positions, tf.shape(parts[0])[1] - 1)
         x, table = get("token_embedding")(ids[:, tf.newaxis])
-        x = get("position_embedding")(x, start_index=positions)  # (B, 1, d)
+        if c.positions == "learned":
+            x = get("position_embedding")(x, start_index=positions)  # (B, 1, d)
         at = tf.stack([tf.range(tf.shape(ids)[0]), positions], axis=1)  # (B, 2): row, position
         new_parts = []
         for i, block in enumerate(self.blocks):
@@ -348,8 +473,8 @@ class GPTDecoder:
                 for new, old in ((k, keys), (v, values)):
                     kept = tf.where(write[:, tf.newaxis], new[:, 0], tf.gather_nd(old, at))
                     new_parts.append(tf.tensor_scatter_nd_update(old, at, kept))
-                return layers.attention_one(q, new_parts[-2], new_parts[-1], c.heads, positions)
+                return layers.attention_one(q, new_parts[-2], new_parts[-1], c.heads, positions, c.kv_heads)
 
-            x = block(x, attend)
-        logits = get("logits")([get("final_ln")(x), table])
+            x = block(x, attend, start=positions)
+        logits = self._logits(get("final_ln")(x), table)
         return logits[:, 0], new_parts

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import tensorflow as tf
 
 from models.backend import ClusterableLayer, PrunableLayer, keras
@@ -106,25 +107,31 @@ class PositionEmbedding(keras.layers.Layer, PrunableLayer):
 
 
 def attention(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, num_heads: int,
-              q_positions: tf.Tensor, k_positions: tf.Tensor) -> tf.Tensor:
+              q_positions: tf.Tensor, k_positions: tf.Tensor, kv_heads: int | None = None) -> tf.Tensor:
     """Causal multi-head attention of queries over keys/values.
 
-    A query at position p sees the keys at positions <= p.
+    A query at position p sees the keys at positions <= p. With `kv_heads` < `num_heads`
+    (grouped-query attention) query head h reads key/value head h // (num_heads // kv_heads).
 
     Args:
-        q: `[B, Tq, d]`; k, v: `[B, Tk, d]`.
-        num_heads: heads; d must divide by it.
+        q: `[B, Tq, d]`; k, v: `[B, Tk, d * kv_heads / num_heads]`.
+        num_heads: query heads; d must divide by it.
         q_positions: int `[Tq]`; k_positions: int `[Tk]`.
+        kv_heads: key/value heads (None: num_heads); num_heads must divide by it.
     Returns:
         `[B, Tq, d]`.
     """
     batch, d = tf.shape(q)[0], q.shape[-1]
     head_dim = d // num_heads
+    group = num_heads // (kv_heads or num_heads)
 
-    def heads(x):  # (B, T, d) -> (B, nh, T, hs)
-        return tf.transpose(tf.reshape(x, [batch, -1, num_heads, head_dim]), [0, 2, 1, 3])
+    def heads(x):  # (B, T, h * hs) -> (B, h, T, hs)
+        return tf.transpose(tf.reshape(x, [batch, -1, x.shape[-1] // head_dim, head_dim]), [0, 2, 1, 3])
 
-    scores = tf.matmul(heads(q), heads(k), transpose_b=True)  # (B, nh, Tq, Tk)
+    k, v = heads(k), heads(v)
+    if group > 1:  # each key/value head once per query head of its group
+        k, v = tf.repeat(k, group, axis=1), tf.repeat(v, group, axis=1)
+    scores = tf.matmul(heads(q), k, transpose_b=True)  # (B, nh, Tq, Tk)
     scores = scores * tf.cast(1.0 / math.sqrt(head_dim), scores.dtype)
     visible = q_positions[:, tf.newaxis] >= k_positions[tf.newaxis, :]  # (Tq, Tk)
     # Softmax in float32 even under mixed precision. A masked score becomes 30 below the row's
@@ -134,34 +141,39 @@ def attention(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, num_heads: int,
     floor = tf.stop_gradient(tf.reduce_min(scores, axis=-1, keepdims=True)) - 30.0
     scores = tf.where(visible, scores, floor)
     weights = tf.cast(tf.nn.softmax(scores, axis=-1), v.dtype)
-    out = tf.matmul(weights, heads(v))  # (B, nh, Tq, hs)
+    out = tf.matmul(weights, v)  # (B, nh, Tq, hs)
     return tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [batch, -1, d])  # (B, Tq, d)
 
 
-def attention_one(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, num_heads: int, q_positions: tf.Tensor) -> tf.Tensor:
+def attention_one(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, num_heads: int, q_positions: tf.Tensor,
+                  kv_heads: int | None = None) -> tf.Tensor:
     """`attention` of one query per row, each at its own position, over keys at positions 0..Tk-1.
 
     Multiplies and sums instead of batched matmuls: the keys and values are read once, in
     place, where `attention` would lay each cache out head by head (a copy of the whole
-    cache at every decoding step, most of a step's time at batch 16).
+    cache at every decoding step, most of a step's time at batch 16). A group of query
+    heads meets its key/value head by broadcasting, without copies.
 
     Args:
-        q: `[B, 1, d]`; k, v: `[B, Tk, d]`.
+        q: `[B, 1, d]`; k, v: `[B, Tk, d * kv_heads / num_heads]`.
         q_positions: int `[B]`.
+        kv_heads: key/value heads (None: num_heads).
     Returns:
         `[B, 1, d]`.
     """
     batch, d = tf.shape(q)[0], q.shape[-1]
     head_dim = d // num_heads
-    q = tf.reshape(q, [batch, 1, num_heads, head_dim])
-    k = tf.reshape(k, [batch, -1, num_heads, head_dim])  # a view: no transpose
-    v = tf.reshape(v, [batch, -1, num_heads, head_dim])
-    scores = tf.reduce_sum(q * k, axis=-1) * tf.cast(1.0 / math.sqrt(head_dim), q.dtype)  # (B, Tk, nh)
+    kv_heads = kv_heads or num_heads
+    q = tf.reshape(q, [batch, 1, kv_heads, num_heads // kv_heads, head_dim])
+    k = tf.reshape(k, [batch, -1, kv_heads, 1, head_dim])  # a view: no transpose
+    v = tf.reshape(v, [batch, -1, kv_heads, 1, head_dim])
+    scores = tf.reduce_sum(q * k, axis=-1) * tf.cast(1.0 / math.sqrt(head_dim), q.dtype)  # (B, Tk, kvh, g)
     scores = tf.cast(scores, tf.float32)
-    visible = tf.range(tf.shape(k)[1])[tf.newaxis, :, tf.newaxis] <= q_positions[:, tf.newaxis, tf.newaxis]
+    visible = tf.range(tf.shape(k)[1])[tf.newaxis, :, tf.newaxis, tf.newaxis] \
+        <= q_positions[:, tf.newaxis, tf.newaxis, tf.newaxis]
     floor = tf.stop_gradient(tf.reduce_min(scores, axis=1, keepdims=True)) - 30.0  # as `attention` masks
-    weights = tf.cast(tf.nn.softmax(tf.where(visible, scores, floor), axis=1), v.dtype)  # (B, Tk, nh)
-    out = tf.reduce_sum(weights[..., tf.newaxis] * v, axis=1)  # (B, nh, hs)
+    weights = tf.cast(tf.nn.softmax(tf.where(visible, scores, floor), axis=1), v.dtype)  # (B, Tk, kvh, g)
+    out = tf.reduce_sum(weights[..., tf.newaxis] * v, axis=1)  # (B, kvh, g, hs)
     return tf.reshape(out, [batch, 1, d])
 
 
@@ -169,7 +181,7 @@ ATTENTION_BLOCKS = 4  # query blocks of `causal_self_attention` (fastest of 2, 4
 
 
 def causal_self_attention(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, num_heads: int,
-                          blocks: int = ATTENTION_BLOCKS) -> tf.Tensor:
+                          blocks: int = ATTENTION_BLOCKS, kv_heads: int | None = None) -> tf.Tensor:
     """Causal self-attention over a whole sequence (queries and keys at positions 0..T-1).
 
     With a static length T that `blocks` divides (and T >= 16 * blocks), the
@@ -181,22 +193,24 @@ def causal_self_attention(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, num_heads: i
     (a dynamic or short T) it is that one `attention`.
 
     Args:
-        q, k, v: `[B, T, d]`.
+        q: `[B, T, d]`; k, v: `[B, T, d * kv_heads / num_heads]`.
         num_heads: heads; d must divide by it.
         blocks: query blocks.
+        kv_heads: key/value heads (None: num_heads).
     Returns:
         `[B, T, d]`.
     """
     length = q.shape[1]
     if length is None or blocks <= 1 or length % blocks or length < 16 * blocks:
         positions = tf.range(tf.shape(q)[1])
-        return attention(q, k, v, num_heads, positions, positions)
+        return attention(q, k, v, num_heads, positions, positions, kv_heads)
     size = length // blocks
     positions = tf.range(length)
     outputs = []
     for i in range(blocks):
         rows, seen = slice(i * size, (i + 1) * size), slice(0, (i + 1) * size)
-        outputs.append(attention(q[:, rows], k[:, seen], v[:, seen], num_heads, positions[rows], positions[seen]))
+        outputs.append(attention(q[:, rows], k[:, seen], v[:, seen], num_heads, positions[rows], positions[seen],
+                                 kv_heads))
     return tf.concat(outputs, axis=1)  # (B, T, d)
 
 
@@ -211,19 +225,21 @@ class CausalAttention(keras.layers.Layer, PrunableLayer):
     not cover `MultiHeadAttention`).
 
     Args:
-        num_heads: number of heads.
+        num_heads: number of (query) heads.
+        kv_heads: key/value heads (None: num_heads): grouped-query attention.
 
     Call arguments:
-        inputs: `[q, k, v]`, each `[B, T, d]`.
+        inputs: `[q, k, v]`: `[B, T, d]`, and keys and values `[B, T, d * kv_heads / num_heads]`.
     """
 
-    def __init__(self, num_heads: int, **kwargs):
+    def __init__(self, num_heads: int, kv_heads: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.num_heads = num_heads
+        self.kv_heads = kv_heads
 
     def call(self, inputs):
         q, k, v = inputs
-        return causal_self_attention(q, k, v, self.num_heads)
+        return causal_self_attention(q, k, v, self.num_heads, kv_heads=self.kv_heads)
 
     def compute_output_shape(self, input_shape):
         return input_shape[0]
@@ -232,7 +248,7 @@ class CausalAttention(keras.layers.Layer, PrunableLayer):
         return []
 
     def get_config(self):
-        return {**super().get_config(), "num_heads": self.num_heads}
+        return {**super().get_config(), "num_heads": self.num_heads, "kv_heads": self.kv_heads}
 
 
 class GELU(keras.layers.Layer, PrunableLayer):
@@ -257,6 +273,129 @@ class GELU(keras.layers.Layer, PrunableLayer):
 
     def get_config(self):
         return {**super().get_config(), "approximate": self.approximate}
+
+
+class GatedActivation(keras.layers.Layer, PrunableLayer):
+    """A gated MLP's middle: `act(gate) * up` (SwiGLU with silu, GeGLU with a GELU).
+
+    Args:
+        activation: silu, gelu (exact) or gelu_tanh.
+
+    Call arguments:
+        inputs: `[gate, up]`, each `[B, T, hidden]`.
+    """
+
+    def __init__(self, activation: str = "silu", **kwargs):
+        super().__init__(**kwargs)
+        self.activation = activation
+
+    def call(self, inputs):
+        gate, up = inputs
+        if self.activation == "silu":
+            return tf.nn.silu(gate) * up
+        return tf.nn.gelu(gate, approximate=self.activation == "gelu_tanh") * up
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+    def get_prunable_weights(self):
+        return []
+
+    def get_config(self):
+        return {**super().get_config(), "activation": self.activation}
+
+
+class RMSNorm(keras.layers.Layer, PrunableLayer):
+    """Root-mean-square normalization (Zhang & Sennrich 2019; Llama's): `x / rms(x) * scale`.
+
+    No centring and no bias; computed in float32 under mixed precision.
+
+    Args:
+        epsilon: added to the mean square.
+    """
+
+    def __init__(self, epsilon: float = 1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        self.scale = self.add_weight("scale", shape=[input_shape[-1]], initializer="ones")
+        super().build(input_shape)
+
+    def call(self, x):
+        x32 = tf.cast(x, tf.float32)
+        normed = x32 * tf.math.rsqrt(tf.reduce_mean(tf.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return tf.cast(normed * tf.cast(self.scale, tf.float32), x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_prunable_weights(self):
+        return []
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+class Rotary(keras.layers.Layer, PrunableLayer):
+    """Rotary position embeddings (RoPE, Su et al. 2021) of queries and keys, as Llama lays them out.
+
+    Each head's `head_dim` features are two halves `(x1, x2)`; at position p, pair i turns by the
+    angle `p * theta^(-2i / head_dim)`: `(x1 cos - x2 sin, x2 cos + x1 sin)`. The angles of
+    every position up to `max_length` are a constant table (no weights), gathered per position.
+
+    Args:
+        head_dim: features per head (even).
+        max_length: the longest sequence (the model's context).
+        theta: the base of the angles' frequencies.
+
+    Call arguments:
+        inputs: tensors `[B, T, heads * head_dim]` (queries and keys; any head counts).
+        start_index: position of `[:, 0]`: a scalar, or int `[B]`, one per row (as `PositionEmbedding`).
+
+    Returns:
+        The inputs, each turned.
+    """
+
+    def __init__(self, head_dim: int, max_length: int, theta: float = 10_000.0, **kwargs):
+        super().__init__(**kwargs)
+        self.head_dim = head_dim
+        self.max_length = max_length
+        self.theta = theta
+        frequencies = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (hd/2,)
+        angles = np.arange(max_length, dtype=np.float64)[:, None] * frequencies[None, :]  # (max_len, hd/2)
+        self._cos = np.cos(angles).astype(np.float32)
+        self._sin = np.sin(angles).astype(np.float32)
+
+    def call(self, inputs, start_index=0):
+        length = tf.shape(inputs[0])[1]
+        start_index = tf.convert_to_tensor(start_index, tf.int32)
+        if start_index.shape.rank == 1:
+            at = start_index[:, tf.newaxis] + tf.range(length)[tf.newaxis, :]  # (B, T)
+        else:
+            at = (start_index + tf.range(length))[tf.newaxis, :]  # (1, T)
+        at = tf.minimum(at, self.max_length - 1)
+        cos = tf.gather(tf.constant(self._cos), at)[:, :, tf.newaxis, :]  # (B|1, T, 1, hd/2)
+        sin = tf.gather(tf.constant(self._sin), at)[:, :, tf.newaxis, :]
+        return [self._turn(x, cos, sin) for x in inputs]
+
+    def _turn(self, x, cos, sin):
+        batch, width = tf.shape(x)[0], x.shape[-1]
+        half = self.head_dim // 2
+        heads = tf.reshape(tf.cast(x, tf.float32), [batch, -1, width // self.head_dim, self.head_dim])
+        x1, x2 = heads[..., :half], heads[..., half:]
+        turned = tf.concat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        return tf.cast(tf.reshape(turned, [batch, -1, width]), x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_prunable_weights(self):
+        return []
+
+    def get_config(self):
+        return {**super().get_config(), "head_dim": self.head_dim, "max_length": self.max_length,
+                "theta": self.theta}
 
 
 class TiedLogits(keras.layers.Layer, PrunableLayer):
@@ -298,4 +437,5 @@ def get_layer(model: keras.Model, name: str) -> keras.layers.Layer:
 
 def custom_objects() -> dict[str, type]:
     """For `keras.models.load_model`, `clone_model` and TF-MOT's `quantize_scope`."""
-    return {cls.__name__: cls for cls in (TokenEmbedding, PositionEmbedding, CausalAttention, GELU, TiedLogits)}
+    return {cls.__name__: cls for cls in (TokenEmbedding, PositionEmbedding, Rotary, CausalAttention, RMSNorm, GELU,
+                                          GatedActivation, TiedLogits)}

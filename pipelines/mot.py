@@ -9,8 +9,9 @@
   the Dense layers (annotated one by one: `quantize_model` would refuse the
   int32 input and the custom layers). `CausalAttention` is annotated with a
   no-op config so that its Dense consumer does not ask TF-MOT to quantize
-  the output of a layer it has no config for. Embedding, LSTM, LayerNorm and
-  the attention softmax stay float. With `preserve_sparsity` the
+  the output of a layer it has no config for; the activation layers (GPT-2's
+  tanh GELU, a gated MLP's) get their outputs quantized. Embedding, LSTM,
+  LayerNorm/RMSNorm, rotary positions and the attention softmax stay float. With `preserve_sparsity` the
   pruning-preserving scheme (`tfmot.experimental.combine`) keeps the zeros of
   a pruned model through fine-tuning.
 - `cluster`: `cluster_weights` on the Dense layers, the LSTM and the token
@@ -34,7 +35,7 @@ from tensorflow_model_optimization.python.core.clustering.keras.cluster_wrapper 
 from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import PruneLowMagnitude
 
 from models.backend import keras
-from models.layers import GELU, QUANTIZED_PREFIX, CausalAttention, custom_objects
+from models.layers import GELU, QUANTIZED_PREFIX, CausalAttention, GatedActivation, custom_objects
 
 sparsity = tfmot.sparsity.keras
 quantization = tfmot.quantization.keras
@@ -110,7 +111,7 @@ def quantize(model: keras.Model, preserve_sparsity: bool = False) -> keras.Model
             return quantization.quantize_annotate_layer(layer)
         if isinstance(layer, CausalAttention):
             return quantization.quantize_annotate_layer(layer, NoOpQuantizeConfig())
-        if isinstance(layer, GELU):
+        if isinstance(layer, (GELU, GatedActivation)):
             return quantization.quantize_annotate_layer(layer, OutputQuantizeConfig())
         return layer
 

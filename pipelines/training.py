@@ -121,7 +121,7 @@ class TrainConfig(strategy_lib.Devices):
 
 
 # Weights AdamW does not decay: biases, LayerNorm scales and offsets, position embeddings.
-NO_WEIGHT_DECAY = ["bias", "gamma", "beta", "positions"]
+NO_WEIGHT_DECAY = ["bias", "gamma", "beta", "scale", "positions"]  # LayerNorm gamma/beta, RMSNorm scale
 
 
 def warmup_cosine(peak: float, steps: int, warmup_steps: int, final_fraction: float = 0.1):

@@ -12,24 +12,29 @@ from models.layers import custom_objects
 VOCAB = 24
 T = 12
 
-# The two families get every check; the LSTM's variants (tied output, GRU
-# cell) get the structural ones (`any_variant`), which is where they differ.
+# The two families and the transformer's two blocks (GPT-2's, Llama's) get every
+# check; the other variants (tied or untied output, GRU cell, activations, bias
+# kinds) get the structural ones (`any_variant`), which is where they differ.
 FAMILIES = {
-    "gpt": ("transformer", {}),
-    "lstm": ("lstm", {}),
+    "gpt": ("transformer", "tiny", {}),
+    "llama": ("transformer", "llama-tiny", {}),
+    "lstm": ("lstm", "tiny", {}),
 }
 VARIANTS = {
     **FAMILIES,
-    "lstm_tied": ("lstm", {"tie_embeddings": True}),
-    "gru": ("lstm", {"cell": "gru"}),
-    "gpt_tanh_gelu": ("transformer", {"activation": "gelu_tanh"}),  # GPT-2's (lmstack import)
+    "lstm_tied": ("lstm", "tiny", {"tie_embeddings": True}),
+    "gru": ("lstm", "tiny", {"cell": "gru"}),
+    "gpt_tanh_gelu": ("transformer", "tiny", {"activation": "gelu_tanh"}),  # GPT-2's (lmstack import)
+    # Qwen's biases, Gemma's GeGLU, an untied output, full multi-head attention with rotary positions.
+    "llama_untied_qkv_bias": ("transformer", "llama-tiny", {"tie_embeddings": False, "bias": "qkv", "kv_heads": 2}),
+    "llama_geglu": ("transformer", "llama-tiny", {"activation": "gelu_tanh", "heads": 4, "kv_heads": 2}),
 }
 
 
 def _build(name):
-    family, overrides = VARIANTS[name]
+    family, preset, overrides = VARIANTS[name]
     keras.utils.set_random_seed(0)
-    config = models.make_config(family, "tiny", vocab_size=VOCAB, **overrides)
+    config = models.make_config(family, preset, vocab_size=VOCAB, **overrides)
     return config, models.build(config)
 
 
@@ -223,6 +228,26 @@ def test_stop_tokens_end_a_row(built):
     cut = generator.generate([[3, 4, 5]], 6, stop_token_ids=[stop])[0]
     assert cut == greedy[:greedy.index(stop)]
 
+
+def test_rows_at_their_own_positions_continue_as_generate_does(built):
+    # A server's step path (start_rows, then continue_rows a few steps at a time, each row at its
+    # own position) must make generate's tokens: greedy, prompts of three lengths.
+    config, model = built
+    decoder = models.decoder(model, config)
+    prompts, new = [[1, 5, 7], [2], [4, 4, 9, 4, 4]], 7
+    expected = decoding.Generator(decoder).generate(prompts, new)
+    lengths = tf.constant([len(p) for p in prompts], tf.int32)
+    tokens = tf.constant([p + [0] * (5 - len(p)) for p in prompts], tf.int32)
+    sampling = samplers.Sampling.greedy(3)
+    token, cache = decoding.start_rows(decoder, tokens, lengths, config.seq_len, sampling)
+    made, positions = [[t] for t in token.numpy().tolist()], lengths
+    for steps in (3, 3):
+        out, count, cache = decoding.continue_rows(decoder, token, positions, cache, tf.fill([3], steps), sampling,
+                                                   stop_token_id=-1)
+        for row, tokens_made, c in zip(made, out.numpy(), count.numpy()):
+            row += tokens_made[:c].tolist()
+        token, positions = tf.constant([row[-1] for row in made]), positions + count
+    assert made == expected
 
 @pytest.mark.parametrize("depth", [2, 8])
 def test_gpt2_initialization_shrinks_the_residual_projections_with_depth(depth):

@@ -43,6 +43,19 @@ def checkpoint_steps(workdir):
     return sorted(int(p.name.split("-")[1].split(".")[0]) for p in (workdir / "checkpoints").glob("ckpt-*.index"))
 
 
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_weight_decay_skips_biases_norms_and_positions(preset):
+    # One AdamW step with zero gradients moves a weight only by its decay.
+    model = models.build(models.make_config("transformer", preset, vocab_size=24, bias="all"))
+    before = {v.name: v.numpy() for v in model.trainable_variables}
+    optimizer = training.adamw(0.1, weight_decay=0.5, clip_norm=0.0)
+    optimizer.apply_gradients([(tf.zeros_like(v), v) for v in model.trainable_variables])
+    decayed = {v.name for v in model.trainable_variables if (v.numpy() != before[v.name]).any()}
+    kept = set(before) - decayed
+    assert all(len(before[name].shape) == 2 and "positions" not in name for name in decayed), decayed
+    assert all(len(before[name].shape) == 1 or "positions" in name for name in kept), kept
+
+
 def test_train_writes_checkpoints_metrics_and_logs(workdir, capsys):
     defaults = [flag for flag in TINY if not flag.startswith("--warmup_steps")]  # a 30-step run needs no warmup flag
     code, out, err = run_cli(capsys, "train", f"--workdir={workdir}", *defaults, "--steps=30", "--profile_steps=3,5")
@@ -352,12 +365,15 @@ def test_kill_one_worker_then_relaunch_resumes(workdir):
 
 @pytest.mark.slow
 def test_mixed_precision_runs_evaluate_export_and_convert_like_any_run(workdir, tmp_path, capsys):
+    # On Llama's block (rotary positions, RMSNorm, SwiGLU, grouped-query attention, untied output):
+    # the one end-to-end run of it, from `lmstack train --preset=llama-tiny` to the device.
     import shutil
 
+    llama = [flag.replace("--preset=tiny", "--preset=llama-tiny") for flag in TINY] + ["--tie_embeddings=false"]
     for precision in ("bf16", "fp16"):  # fp16: loss scaling, here inside the accumulating step
         run = shutil.copytree(workdir, tmp_path / precision)
         # A subprocess: the mixed-precision policy is process-wide.
-        result = lmstack("train", f"--workdir={run}", *TINY, "--steps=10", "--batch_size=4", "--grad_accum_steps=2",
+        result = lmstack("train", f"--workdir={run}", *llama, "--steps=10", "--batch_size=4", "--grad_accum_steps=2",
                          f"--mixed_precision={precision}")
         assert result.returncode == 0, result.stderr[-3000:]
         metrics = json.loads((run / "metrics.json").read_text())
@@ -370,10 +386,11 @@ def test_mixed_precision_runs_evaluate_export_and_convert_like_any_run(workdir, 
     for argv in (["export"], ["tflite"]):
         code, _, err = run_cli(capsys, *argv, f"--workdir={run}")
         assert code == 0, err
+    assert json.loads((run / "config.json").read_text())["model"]["positions"] == "rope"
     texts = {}
-    for backend in ("keras", "tflite"):
+    for backend in ("keras", "savedmodel", "tflite"):
         code, out, err = run_cli(capsys, "generate", f"--workdir={run}", f"--backend={backend}", "--prompt=To be",
                                  "--max_new_tokens=12", "--sampler=greedy")
         assert code == 0, err
         texts[backend] = out
-    assert texts["keras"] == texts["tflite"] and len(texts["keras"]) == 12 + 1, texts  # 12 characters + newline
+    assert texts["keras"] == texts["savedmodel"] == texts["tflite"] and len(texts["keras"]) == 12 + 1, texts
