@@ -185,3 +185,29 @@ def test_report_compares_every_variant(run, capsys, tmp_path):
     for png in ("size_vs_quality.png", "loss_curves.png"):
         assert (workdir / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
+
+
+def test_tf_mot_wraps_llamas_block():
+    # Llama's block (rotary positions, RMSNorm, gated MLP, grouped-query attention, untied output):
+    # every kernel pruned, every Dense layer quantized, the kernels clustered; a QAT model decodes
+    # with its cache as it runs whole.
+    import models
+    from models.backend import keras
+
+    config = models.make_config("transformer", "llama-tiny", vocab_size=24, tie_embeddings=False)
+    keras.utils.set_random_seed(0)
+    model = models.build(config)
+    ids = np.random.default_rng(0).integers(0, 24, [2, 12]).astype(np.int32)
+    pruned = mot.prune(model, mot.pruning_schedule("constant", 0.5, 0, 10, 1))
+    kernels = [f"block{i}_{name}/kernel" for i in range(2)
+               for name in ("query", "key", "value", "attention_output", "mlp_gate", "mlp_in", "mlp_out")]
+    assert set(kernels + ["token_embedding/embeddings", "logits/kernel"]) == set(mot.pruned_weight_names(pruned))
+    quantized = mot.quantize(model)
+    assert set(mot.float_layers(quantized)) == {"token_embedding", "final_ln"} | {
+        f"block{i}_{norm}" for i in range(2) for norm in ("ln1", "ln2")}
+    decoder = models.decoder(quantized, config)
+    logits, _ = decoder.call_with_cache(ids, decoder.init_cache(2, config.seq_len), 0)
+    np.testing.assert_allclose(logits.numpy(), quantized(ids).numpy(), atol=1e-5)
+    clustered = mot.strip(mot.cluster(model, 4))
+    assert all(np.unique(clustered.get_layer(f"block0_{name}").kernel.numpy()).size <= 4
+               for name in ("query", "mlp_gate", "mlp_out"))
