@@ -14,6 +14,8 @@ validation split. The rows are the defaults and each default reverted alone:
   peak LR 1e-3  the learning rate `lmstack train` used before (bench/quality.py used 2e-3)
   before        both: `lmstack train` with no flags until the current defaults
   GPT-2 init    GPT-2's initialization (transformer; tried as a default and not kept)
+  Llama block   the `llama-small` preset's block at the same shape: rotary positions, RMSNorm,
+                SwiGLU, 2 key/value heads for 4 query heads, no biases (transformer; seeds 0 and 1)
 
 and `pytorch-gpt`: nanoGPT's model and initialization in PyTorch, same shape,
 same windows, same schedule as the defaults row, trained in a subprocess of
@@ -54,6 +56,9 @@ from pipelines import dataset, prepare, tokenizers, train
 CORPUS = ROOT / "data" / "shakespeare.txt.gz"
 RESULTS = ROOT / "bench" / "results"
 COMPRESSORS = {"gzip -9": 3.14, "bzip2 -9": 2.37, "xz -9e": 2.50}
+# The llama-small preset's block settings (its shape is the small preset's).
+LLAMA_BLOCK = {k: v for k, v in models.GPTConfig.PRESETS["llama-small"].items()
+               if k not in ("seq_len", "layers", "d_model", "heads")}
 # row -> (model overrides, train overrides): the defaults, and each default reverted alone.
 ROWS = {
     "defaults": ({}, {}),
@@ -62,8 +67,11 @@ ROWS = {
     "peak LR 1e-3": ({}, {"learning_rate": 1e-3}),
     "before": ({"dropout": 0.1}, {"learning_rate": 1e-3}),
     "GPT-2 init": ({"init": "gpt2"}, {}),
+    "Llama block": (LLAMA_BLOCK, {}),
+    "Llama block seed 1": (LLAMA_BLOCK, {"seed": 1}),
 }
-FAMILY_ROWS = {"transformer": list(ROWS), "lstm": [r for r in ROWS if r != "GPT-2 init"]}
+TRANSFORMER_ONLY = ("GPT-2 init", "Llama block", "Llama block seed 1")
+FAMILY_ROWS = {"transformer": list(ROWS), "lstm": [r for r in ROWS if r not in TRANSFORMER_ONLY]}
 
 
 # The row whose trained model stays (checkpoints/): bench/optimize.py and bench/edge.py start from it.
@@ -172,6 +180,7 @@ def main() -> None:
                 shutil.rmtree(run / "checkpoints", ignore_errors=True)
         saved = json.loads((run / "config.json").read_text())
         rows.append({"model": family, "row": row, "params": summary["params"], "steps": summary["steps"],
+                     "block": "llama" if saved["model"].get("positions") == "rope" else "gpt2",
                      "dropout": saved["model"]["dropout"], "learning_rate": saved["train"]["learning_rate"],
                      "init": saved["model"].get("init", ""),
                      "val_loss_nats_per_char": summary["loss"], "val_bits_per_char": summary["bits_per_char"],
@@ -182,14 +191,14 @@ def main() -> None:
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "tensorflow": tf.__version__}}
     print(f"\n{args.steps} steps x {args.batch_size} x 128 tokens, char level, bundled Shakespeare "
           f"(validation: {manifest['splits']['val']['tokens']:,} tokens)\n")
-    print(f"{'model':12} {'row':16} {'params':>9} {'dropout':>7} {'init':>6} {'peak LR':>8} "
+    print(f"{'model':12} {'row':18} {'params':>9} {'dropout':>7} {'init':>6} {'peak LR':>8} "
           f"{'val bits/char':>14} {'tokens/s':>9} {'wall s':>7}")
     for r in rows:
-        print(f"{r['model']:12} {r['row']:16} {r['params']:9,} {r['dropout']:7g} {r.get('init', 'gpt2'):>6} "
+        print(f"{r['model']:12} {r['row']:18} {r['params']:9,} {r['dropout']:7g} {r.get('init', 'gpt2'):>6} "
               f"{r['learning_rate']:8g} {r['val_bits_per_char']:14.3f} {r['train_tokens_per_s']:9,} "
               f"{r['wall_seconds']:7.0f}")
     for name, bpc in COMPRESSORS.items():
-        print(f"{name:12} {'':16} {'':>9} {'':>7} {'':>6} {'':>8} {bpc:14.2f}")
+        print(f"{name:12} {'':18} {'':>9} {'':>7} {'':>6} {'':>8} {bpc:14.2f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     print("wrote bench/results/quality.json")

@@ -239,8 +239,7 @@ class Block:
         return cls(
             ln1=norm(c, f"block{i}_ln1"), query=dense("query", c.d_model, qkv_bias),
             key=dense("key", c.kv_dim, qkv_bias), value=dense("value", c.kv_dim, qkv_bias),
-            rotary=None if "rotary" in unused else layers.Rotary(c.head_dim, c.seq_len, c.rope_theta,
-                                                                  name=f"block{i}_rotary"),
+            rotary=None if "rotary" in unused else layers.Rotary(c.head_dim, c.rope_theta, name=f"block{i}_rotary"),
             attention_output=dense("attention_output", c.d_model, bias, residual=True),
             attention_dropout=keras.layers.Dropout(rate, name=f"block{i}_attention_dropout"),
             attention_residual=keras.layers.Add(name=f"block{i}_attention_residual"),

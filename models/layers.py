@@ -341,12 +341,12 @@ class Rotary(keras.layers.Layer, PrunableLayer):
     """Rotary position embeddings (RoPE, Su et al. 2021) of queries and keys, as Llama lays them out.
 
     Each head's `head_dim` features are two halves `(x1, x2)`; at position p, pair i turns by the
-    angle `p * theta^(-2i / head_dim)`: `(x1 cos - x2 sin, x2 cos + x1 sin)`. The angles of
-    every position up to `max_length` are a constant table (no weights), gathered per position.
+    angle `p * theta^(-2i / head_dim)`: `(x1 cos - x2 sin, x2 cos + x1 sin)`. The angles are
+    computed in float32 from the positions, as Hugging Face's and keras-hub's Llama compute them
+    (no weights, and no table whose size grows with the context).
 
     Args:
         head_dim: features per head (even).
-        max_length: the longest sequence (the model's context).
         theta: the base of the angles' frequencies.
 
     Call arguments:
@@ -357,15 +357,12 @@ class Rotary(keras.layers.Layer, PrunableLayer):
         The inputs, each turned.
     """
 
-    def __init__(self, head_dim: int, max_length: int, theta: float = 10_000.0, **kwargs):
+    def __init__(self, head_dim: int, theta: float = 10_000.0, **kwargs):
         super().__init__(**kwargs)
         self.head_dim = head_dim
-        self.max_length = max_length
         self.theta = theta
-        frequencies = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (hd/2,)
-        angles = np.arange(max_length, dtype=np.float64)[:, None] * frequencies[None, :]  # (max_len, hd/2)
-        self._cos = np.cos(angles).astype(np.float32)
-        self._sin = np.sin(angles).astype(np.float32)
+        exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+        self._frequencies = (1.0 / np.float32(theta) ** exponents).astype(np.float32)  # (hd/2,), as HF computes
 
     def call(self, inputs, start_index=0):
         length = tf.shape(inputs[0])[1]
@@ -374,10 +371,8 @@ class Rotary(keras.layers.Layer, PrunableLayer):
             at = start_index[:, tf.newaxis] + tf.range(length)[tf.newaxis, :]  # (B, T)
         else:
             at = (start_index + tf.range(length))[tf.newaxis, :]  # (1, T)
-        at = tf.minimum(at, self.max_length - 1)
-        cos = tf.gather(tf.constant(self._cos), at)[:, :, tf.newaxis, :]  # (B|1, T, 1, hd/2)
-        sin = tf.gather(tf.constant(self._sin), at)[:, :, tf.newaxis, :]
-        return [self._turn(x, cos, sin) for x in inputs]
+        angles = tf.cast(at, tf.float32)[:, :, tf.newaxis, tf.newaxis] * self._frequencies  # (B|1, T, 1, hd/2)
+        return [self._turn(x, tf.cos(angles), tf.sin(angles)) for x in inputs]
 
     def _turn(self, x, cos, sin):
         batch, width = tf.shape(x)[0], x.shape[-1]
@@ -394,8 +389,7 @@ class Rotary(keras.layers.Layer, PrunableLayer):
         return []
 
     def get_config(self):
-        return {**super().get_config(), "head_dim": self.head_dim, "max_length": self.max_length,
-                "theta": self.theta}
+        return {**super().get_config(), "head_dim": self.head_dim, "theta": self.theta}
 
 
 class TiedLogits(keras.layers.Layer, PrunableLayer):
