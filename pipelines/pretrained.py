@@ -1,6 +1,8 @@
-"""`import`: a pre-trained GPT-2 checkpoint -> a workdir every later stage accepts.
+"""`import`: a pre-trained checkpoint -> a workdir every later stage accepts.
 
-Two formats, told apart by their files:
+GPT-2 here; Llama 3, Mistral, Qwen2 and SmolLM in `pipelines.pretrained_llama`,
+whose checkpoints this module reads through the same two doors. GPT-2 comes in
+two formats, told apart by their files:
 
 - a **keras-hub preset** directory (`config.json` naming `GPT2Backbone`,
   `model.weights.h5`, `tokenizer.json`, `assets/tokenizer/{vocabulary.json,
@@ -32,13 +34,12 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
 from typing import Any, Callable
 
 import numpy as np
 
 import models
-from pipelines import checkpoints, tokenizers
+from pipelines import checkpoints, pretrained_llama, tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError
 from pipelines.progress import Progress
@@ -53,20 +54,26 @@ HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "ge
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-    """A GPT-2 checkpoint read into numpy, in Hugging Face's tensor names (`h.0.attn.c_attn.weight`, ...).
+    """A checkpoint read into numpy, in Hugging Face's tensor names (`h.0.attn.c_attn.weight`, ...).
 
     Attributes:
         format: KERAS_HUB or HUGGING_FACE.
+        architecture: gpt2, or one of `pretrained_llama.ARCHITECTURES`.
         config: the lmstack model config it fits.
         weights: name -> float32 array.
-        vocabulary: path of the tokenizer's token -> id JSON.
-        merges: path of its merges.txt.
+        vocabulary: the byte-level BPE tokenizer's token -> id.
+        merges: its merge rules, `"a b"` each.
+        eos: the token that ends a document (and pads).
+        specials: tokens that text may contain literally, each kept whole as its own id.
     """
     format: str
+    architecture: str
     config: models.GPTConfig
     weights: dict[str, np.ndarray]
-    vocabulary: pathlib.Path
-    merges: pathlib.Path
+    vocabulary: dict[str, int]
+    merges: list[str]
+    eos: str
+    specials: list[str]
 
 
 def read(path: str | os.PathLike) -> Checkpoint:
@@ -81,11 +88,29 @@ def read(path: str | os.PathLike) -> Checkpoint:
                           "GPT-2 directory")
     config = _read_json(path / "config.json", path)
     if "class_name" in config or (path / "metadata.json").is_file():
+        if config.get("class_name") in pretrained_llama.KERAS_HUB_CLASSES:
+            hf, weights, vocabulary, merges, special = pretrained_llama.read_keras_hub(path, config["class_name"])
+            return _llama(KERAS_HUB, path, hf, weights, vocabulary, merges, special)
         return _read_keras_hub(path, config)
+    if config.get("model_type") in pretrained_llama.ARCHITECTURES:
+        model_config = pretrained_llama.config_of(config, path)  # refuses what it cannot hold before reading
+        vocabulary, merges, special = pretrained_llama.hugging_face_tokenizer(path, config)
+        weights = pretrained_llama.read_hugging_face_weights(path)
+        return _llama(HUGGING_FACE, path, config, weights, vocabulary, merges, special, model_config)
     if "model_type" in config:
         return _read_hugging_face(path, config)
     raise UserError(f"{path}/config.json is neither a keras-hub preset's (class_name) nor a Hugging Face "
-                    "model's (model_type); lmstack imports GPT-2 in those two formats")
+                    "model's (model_type); lmstack imports GPT-2, Llama, Mistral and Qwen2 in those two formats")
+
+
+def _llama(format: str, path: pathlib.Path, hf: dict[str, Any], weights, vocabulary, merges, special,
+           config: models.GPTConfig | None = None) -> Checkpoint:
+    config = config or pretrained_llama.config_of(hf, path)
+    if not special.get("eos") or special["eos"] not in vocabulary:
+        raise UserError(f"{path}: the tokenizer has no end-of-text token (eos_token) in its vocabulary; lmstack "
+                        "ends documents with it")
+    return Checkpoint(format, hf["model_type"], config, weights, vocabulary, merges, special["eos"],
+                      special["all"] or [special["eos"]])
 
 
 def _read_json(file: pathlib.Path, source: pathlib.Path) -> dict[str, Any]:
@@ -120,8 +145,8 @@ def _gpt_config(vocab: int, context: int, layers: int, width: int, heads: int, i
 
 def _read_hugging_face(path: pathlib.Path, hf: dict[str, Any]) -> Checkpoint:
     if hf.get("model_type") != "gpt2":
-        raise UserError(f"{path} holds a Hugging Face {hf.get('model_type')!r} model; lmstack imports GPT-2 "
-                        "(model_type gpt2)")
+        raise UserError(f"{path} holds a Hugging Face {hf.get('model_type')!r} model; lmstack imports "
+                        f"gpt2, {', '.join(pretrained_llama.ARCHITECTURES)}")
     activation = HF_ACTIVATIONS.get(hf.get("activation_function", "gelu_new"))
     if activation is None:
         raise UserError(f"{path}: activation_function={hf['activation_function']!r}; lmstack's GPT has "
@@ -145,13 +170,19 @@ def _read_hugging_face(path: pathlib.Path, hf: dict[str, Any]) -> Checkpoint:
                         "as GPT-2 does")
     config = _gpt_config(hf["vocab_size"], hf["n_positions"], hf["n_layer"], hf["n_embd"], hf["n_head"],
                          hf.get("n_inner"), float(hf.get("resid_pdrop", 0.1)), activation, path)
-    return Checkpoint(HUGGING_FACE, config, weights, vocabulary, merges)
+    return _gpt2(HUGGING_FACE, config, weights, vocabulary, merges)
+
+
+def _gpt2(format: str, config: models.GPTConfig, weights: dict[str, np.ndarray], vocabulary: pathlib.Path,
+          merges: pathlib.Path) -> Checkpoint:
+    return Checkpoint(format, "gpt2", config, weights, _read_json(vocabulary, vocabulary.parent),
+                      tokenizers._lines(merges), END_OF_TEXT, [END_OF_TEXT])
 
 
 def _read_keras_hub(path: pathlib.Path, config: dict[str, Any]) -> Checkpoint:
     if config.get("class_name") != "GPT2Backbone":
-        raise UserError(f"{path} is a keras-hub {config.get('class_name')!r} preset; lmstack imports GPT-2 "
-                        "(GPT2Backbone)")
+        raise UserError(f"{path} is a keras-hub {config.get('class_name')!r} preset; lmstack imports "
+                        f"GPT2Backbone, {', '.join(pretrained_llama.KERAS_HUB_CLASSES)}")
     _, _, vocabulary, merges = _require(path, "model.weights.h5", "tokenizer.json",
                                         "assets/tokenizer/vocabulary.json", "assets/tokenizer/merges.txt")
     import keras_hub  # Keras 3: its own loader reads its own format
@@ -186,7 +217,7 @@ def _read_keras_hub(path: pathlib.Path, config: dict[str, Any]) -> Checkpoint:
     weights = {k: np.asarray(v, np.float32) for k, v in weights.items()}
     config = _gpt_config(c["vocabulary_size"], c["max_sequence_length"], c["num_layers"], d, c["num_heads"],
                          c["intermediate_dim"], float(c.get("dropout", 0.1)), "gelu_tanh", path)
-    return Checkpoint(KERAS_HUB, config, weights, vocabulary, merges)
+    return _gpt2(KERAS_HUB, config, weights, vocabulary, merges)
 
 
 def assign(model, checkpoint: Checkpoint) -> None:
@@ -195,6 +226,9 @@ def assign(model, checkpoint: Checkpoint) -> None:
     Raises:
         UserError: a tensor is missing or has another shape than the config says.
     """
+    if checkpoint.architecture != "gpt2":
+        pretrained_llama.assign(model, checkpoint.config, checkpoint.weights)
+        return
     d = checkpoint.config.d_model
     w = checkpoint.weights
     used: set[str] = set()
@@ -232,19 +266,21 @@ def assign(model, checkpoint: Checkpoint) -> None:
 
 
 def _write_tokenizer(checkpoint: Checkpoint, directory: pathlib.Path) -> None:
-    vocab = _read_json(checkpoint.vocabulary, checkpoint.vocabulary.parent)
-    if END_OF_TEXT not in vocab:
-        raise UserError(f"{checkpoint.vocabulary} has no {END_OF_TEXT}; GPT-2's vocabulary ends with it")
-    if len(vocab) != checkpoint.config.vocab_size:
-        raise UserError(f"{checkpoint.vocabulary} has {len(vocab):,} tokens, the model {checkpoint.config.vocab_size:,}"
-                        "; the files do not belong together")
-    shutil.copyfile(checkpoint.vocabulary, directory / tokenizers.BPE_VOCAB_FILE)
-    shutil.copyfile(checkpoint.merges, directory / tokenizers.BPE_MERGES_FILE)
-    eos = int(vocab[END_OF_TEXT])
+    vocab = checkpoint.vocabulary
+    if checkpoint.eos not in vocab:
+        raise UserError(f"the checkpoint's vocabulary has no {checkpoint.eos}, its end-of-text token")
+    if len(vocab) > checkpoint.config.vocab_size or (checkpoint.architecture == "gpt2"
+                                                      and len(vocab) != checkpoint.config.vocab_size):
+        raise UserError(f"the tokenizer has {len(vocab):,} tokens, the model {checkpoint.config.vocab_size:,}; "
+                        "the files do not belong together")
+    workdir_lib.write_json(directory / tokenizers.BPE_VOCAB_FILE, vocab)
+    (directory / tokenizers.BPE_MERGES_FILE).write_text("".join(m + "\n" for m in checkpoint.merges),
+                                                        encoding="utf-8")
+    eos = int(vocab[checkpoint.eos])
     workdir_lib.write_json(directory / tokenizers.CONFIG_FILE, {
         "kind": "bpe", "vocab_size": len(vocab), "lowercase": False, "requested_vocab_size": len(vocab),
-        "reserved_tokens": [END_OF_TEXT], "special_ids": {"pad": eos, "eos": eos},
-        "unsplittable_tokens": [END_OF_TEXT], "imported": True,
+        "reserved_tokens": checkpoint.specials, "special_ids": {"pad": eos, "eos": eos},
+        "unsplittable_tokens": checkpoint.specials, "imported": True,
     })
 
 
@@ -284,11 +320,13 @@ def import_checkpoint(path: str | os.PathLike, workdir: str | os.PathLike,
         raise UserError(f"{wd.root} exists and is not empty; import into a new --workdir")
     checkpoint = read(path)
     config = checkpoint.config
-    progress.note(f"read a {checkpoint.format} GPT-2: {config.layers} layers, width {config.d_model}, "
-                  f"{config.heads} heads, context {config.seq_len}, {config.num_params():,} parameters")
+    progress.note(f"read a {checkpoint.format} {checkpoint.architecture}: {config.layers} layers, width "
+                  f"{config.d_model}, {config.heads} heads ({config.num_kv_heads} for keys and values), context "
+                  f"{config.seq_len}, {config.num_params():,} parameters")
     model = models.build(config)
     assign(model, checkpoint)
-    section = {"source": str(pathlib.Path(path).resolve()), "format": checkpoint.format, "architecture": "gpt2"}
+    section = {"source": str(pathlib.Path(path).resolve()), "format": checkpoint.format,
+               "architecture": checkpoint.architecture}
     if wd.root.is_dir():
         wd.root.rmdir()  # empty: published whole below
     with workdir_lib.publish_dir(wd.root) as staging:

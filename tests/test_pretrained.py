@@ -142,8 +142,8 @@ def test_bad_checkpoints_are_one_line_and_write_nothing(sources, tmp_path, capsy
         return edit
 
     cases = [
-        (broken("keras_hub", set_config("class_name", "Llama3Backbone")), "keras-hub 'Llama3Backbone' preset"),
-        (broken("hf", set_config("model_type", "llama")), "Hugging Face 'llama' model"),
+        (broken("keras_hub", set_config("class_name", "GemmaBackbone")), "keras-hub 'GemmaBackbone' preset"),
+        (broken("hf", set_config("model_type", "gemma")), "Hugging Face 'gemma' model"),
         (broken("hf", lambda p: (p / "merges.txt").unlink()), "lacks merges.txt"),
         (broken("hf", set_config("n_embd", 64)), "shape [321, 32], its config.json says [321, 64]"),
         (broken("hf", set_config("vocab_size", 500)), "shape [321, 32], its config.json says [500, 32]"),
@@ -227,3 +227,114 @@ def test_the_whole_path_on_an_imported_gpt2(sources, tmp_path, capsys):
     assert code == 0 and on_device.strip(), err  # ai-edge-litert runs the int8 GPT-2 with its BPE tokenizer
     scored = cli("evaluate", f"--workdir={run}", "--variant=pruned50", "--backend=tflite", "--quantize=int8")
     assert np.isfinite(scored["bits_per_char"])
+
+
+# -- Llama-family checkpoints: Llama 3 and Qwen2, as keras-hub builds and writes them --
+
+LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                  "<|endoftext|>"]  # what keras-hub's Llama3Tokenizer and QwenTokenizer ask the vocabulary for
+
+
+@pytest.fixture(scope="module")
+def llama_sources(tmp_path_factory, english_text):
+    """{name: checkpoint directory} for Llama 3 and Qwen2 in both formats, and keras-hub's CausalLM of each.
+
+    Weights drawn with std 0.5, so the rotary layout, the grouped heads and the biases each change the logits.
+    """
+    import keras
+    import keras_hub
+    import tokenizers as hf
+
+    root = tmp_path_factory.mktemp("llama")
+    bpe = hf.Tokenizer(hf.models.BPE())
+    bpe.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(english_text.splitlines(keepends=True), hf.trainers.BpeTrainer(
+        vocab_size=320, initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.add_special_tokens(LLAMA_SPECIALS)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    dirs, references = {}, {}
+    for name, kind in (("llama3", "Llama3"), ("qwen", "Qwen")):
+        keras.utils.set_random_seed(0)
+        backbone = getattr(keras_hub.models, f"{kind}Backbone")(
+            vocabulary_size=bpe.get_vocab_size(), num_layers=2, num_query_heads=4, num_key_value_heads=2,
+            hidden_dim=32, intermediate_dim=64)
+        rng = np.random.default_rng(0)
+        for variable in backbone.weights:
+            variable.assign(rng.normal(0.0, 0.5, variable.shape).astype(np.float32))
+        tokenizer = getattr(keras_hub.models, f"{kind}Tokenizer")(vocabulary=bpe.get_vocab(), merges=merges)
+        preprocessor = getattr(keras_hub.models, f"{kind}CausalLMPreprocessor")(tokenizer, sequence_length=32)
+        reference = getattr(keras_hub.models, f"{kind}CausalLM")(backbone=backbone, preprocessor=preprocessor)
+        reference.save_to_preset(str(root / f"{name}_keras_hub"))
+        reference.export_to_transformers(str(root / f"{name}_hf"))
+        dirs |= {f"{name}_keras_hub": root / f"{name}_keras_hub", f"{name}_hf": root / f"{name}_hf"}
+        references[name] = reference
+    return dirs, references
+
+
+@pytest.fixture(scope="module")
+def llama_imported(llama_sources, tmp_path_factory):
+    dirs, _ = llama_sources
+    root = tmp_path_factory.mktemp("llama_imported")
+    return {name: (pretrained.import_checkpoint(path, root / name), root / name)[1] for name, path in dirs.items()}
+
+
+@pytest.mark.parametrize("name", ["llama3_keras_hub", "llama3_hf", "qwen_keras_hub", "qwen_hf"])
+def test_logits_and_tokens_equal_keras_hubs_llama_and_qwen(llama_sources, llama_imported, name):
+    _, references = llama_sources
+    reference = references[name.split("_")[0]]
+    ids = np.random.default_rng(1).integers(0, 320, [2, 24]).astype(np.int32)
+    want = np.asarray(reference({"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}))
+    model, config, step = checkpoints.load_model(llama_imported[name])
+    assert step == 0 and config.positions == "rope" and config.num_kv_heads == 2
+    assert config.bias == ("qkv" if name.startswith("qwen") else "none")
+    np.testing.assert_allclose(model(ids).numpy(), want, atol=1e-4)
+    tok = tokenizers.load(llama_imported[name] / "tokenizer")
+    text = TEXT + "<|begin_of_text|><|eot_id|><|endoftext|>"  # special tokens written in the text stay whole
+    assert encode(tok, text) == np.asarray(reference.preprocessor.tokenizer(text)).tolist()
+    assert tok.eos_id == reference.preprocessor.tokenizer.end_token_id
+
+
+def test_greedy_continuation_of_an_imported_llama_matches_keras_hub(llama_sources, llama_imported):
+    import keras_hub
+
+    from models.samplers import SamplerConfig
+    from pipelines.generate import TextGenerator, decode
+
+    _, references = llama_sources
+    tok = tokenizers.load(llama_imported["llama3_hf"] / "tokenizer")
+    prompt = encode(tok, "But soft, what light")
+    n = len(prompt)
+    greedy = keras_hub.models.Llama3CausalLM(backbone=references["llama3"].backbone, preprocessor=None)
+    greedy.compile(sampler="greedy")
+    ids = np.zeros([1, n + 12], np.int32)
+    ids[0, :n] = prompt
+    out = greedy.generate({"token_ids": ids, "padding_mask": np.arange(n + 12)[None] < n}, stop_token_ids=None)
+    want = decode(tok, out["token_ids"][0, n:].tolist())
+    got = TextGenerator(llama_imported["llama3_hf"]).generate(["But soft, what light"], 12,
+                                                              SamplerConfig(name="greedy"))[0]
+    assert got == want and len(got) > 0
+
+
+def test_llama_checkpoints_lmstack_cannot_hold_are_one_line(llama_sources, tmp_path, capsys):
+    dirs, _ = llama_sources
+
+    def changed(edit):
+        path = shutil.copytree(dirs["llama3_hf"], tmp_path / f"src-{len(list(tmp_path.iterdir()))}")
+        for file, update in edit.items():
+            data = json.loads((path / file).read_text())
+            (path / file).write_text(json.dumps(update(data)))
+        return path
+
+    cases = [
+        (changed({"config.json": lambda c: {**c, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}}),
+         "rope_scaling 'llama3'"),
+        (changed({"config.json": lambda c: {**c, "num_local_experts": 8}}), "a mixture of experts"),
+        (changed({"config.json": lambda c: {**c, "head_dim": 16}}), "head_dim 16"),
+        (changed({"tokenizer.json": lambda t: {**t, "pre_tokenizer": {"type": "Metaspace"}}}),
+         "not a byte-level BPE tokenizer"),
+    ]
+    for source, message in cases:
+        workdir = tmp_path / "run"
+        code, _, err = run_cli(capsys, "import", f"--checkpoint={source}", f"--workdir={workdir}")
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert not workdir.exists()

@@ -1,0 +1,246 @@
+"""`import` of Llama-family checkpoints: Llama 3, Mistral, Qwen2 and the models built like them (SmolLM).
+
+Two formats, both read into Hugging Face's tensor names:
+
+- a **Hugging Face** directory: `config.json` with `model_type` llama, mistral or
+  qwen2, the weights as `model.safetensors` or shards listed by
+  `model.safetensors.index.json` (float32, float16 or bfloat16, read here
+  without PyTorch), and a byte-level BPE tokenizer (`tokenizer.json`, or
+  `vocab.json` + `merges.txt`);
+- a **keras-hub preset** of `Llama3Backbone`, `MistralBackbone` or
+  `QwenBackbone`: keras-hub loads it, and its own Hugging Face exporter
+  (`keras_hub.src.utils.transformers.export`) names the tensors, so both
+  formats meet in one mapping.
+
+The weights go into lmstack's transformer with Llama's block (`models.gpt`:
+rotary positions in Hugging Face's half-split layout, RMSNorm, SwiGLU,
+grouped-query attention; Qwen2's query/key/value biases); the tokenizer
+becomes a `bpe` tokenizer with the checkpoint's ids, its special tokens kept
+whole. Refused with one line: what lmstack's block cannot compute (scaled or
+otherwise modified rotary positions, mixtures of experts, another head size,
+another activation) and SentencePiece tokenizers (Llama 2, Mistral v0.1).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import struct
+from typing import Any, Callable
+
+import numpy as np
+
+import models
+from pipelines.errors import UserError
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+# Hugging Face's defaults for a config.json without max_position_embeddings.
+DEFAULT_CONTEXT = {"llama": 2048, "mistral": 32768, "qwen2": 32768}
+KERAS_HUB_CLASSES = {"Llama3Backbone": "llama3", "MistralBackbone": "mistral", "QwenBackbone": "qwen"}
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+def config_of(hf: dict[str, Any], source: pathlib.Path) -> models.GPTConfig:
+    """The lmstack config of a Hugging Face Llama-family config.json.
+
+    Raises:
+        UserError: a model lmstack's block cannot compute exactly.
+    """
+    kind = hf.get("model_type")
+    if kind not in ARCHITECTURES:
+        raise UserError(f"{source} holds a Hugging Face {kind!r} model; lmstack imports {', '.join(ARCHITECTURES)} "
+                        "and gpt2")
+    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    scaling = hf.get("rope_scaling") or {}
+    missing = [what for what, present in (
+        (f"rope_scaling {scaling.get('rope_type', scaling.get('type'))!r} (lmstack's rotary positions are "
+         "unscaled)", scaling and scaling.get("rope_type", scaling.get("type")) != "default"),
+        ("a mixture of experts", any(hf.get(k) for k in ("num_experts", "num_local_experts"))),
+        (f"head_dim {hf.get('head_dim')} (lmstack's is hidden_size / num_attention_heads = {d // heads})",
+         hf.get("head_dim") not in (None, d // heads)),
+        (f"hidden_act {hf.get('hidden_act')!r} (lmstack's gated MLP here is silu)",
+         hf.get("hidden_act", "silu") != "silu"),
+        ("an MLP bias without attention biases, or the reverse",
+         kind == "llama" and bool(hf.get("attention_bias")) != bool(hf.get("mlp_bias"))),
+    ) if present]
+    if missing:
+        raise UserError(f"{source}: lmstack cannot hold this {kind} model: it has {'; '.join(missing)}")
+    context = hf.get("max_position_embeddings", DEFAULT_CONTEXT[kind])
+    # Within its window, sliding-window attention is full attention: a context no longer than the
+    # window keeps the model exact.
+    window = hf.get("sliding_window") if kind == "mistral" or hf.get("use_sliding_window") else None
+    if window:
+        context = min(context, window)
+    bias = "qkv" if kind == "qwen2" else "all" if hf.get("attention_bias") else "none"
+    try:
+        return models.GPTConfig(
+            vocab_size=hf["vocab_size"], seq_len=context, layers=hf["num_hidden_layers"], d_model=d, heads=heads,
+            kv_heads=hf.get("num_key_value_heads", heads), mlp_dim=hf["intermediate_size"], dropout=0.0,
+            init="gpt2", activation="silu", positions="rope", rope_theta=float(hf.get("rope_theta", 10_000.0)),
+            norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), mlp="gated", bias=bias,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", kind == "qwen2")))
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{source}/config.json: {e}") from None
+
+
+def load_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
+    """A safetensors file's tensors as float32 numpy arrays; bfloat16 too (which numpy lacks)."""
+    try:
+        with open(file, "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(size))
+            data = f.read()
+    except (OSError, ValueError, struct.error) as e:
+        raise UserError(f"{file}: cannot read it as safetensors ({e})") from None
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        raw = data[start:end]
+        if info["dtype"] == "BF16":  # the top half of a float32
+            value = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif info["dtype"] in _SAFETENSORS_DTYPES:
+            value = np.frombuffer(raw, _SAFETENSORS_DTYPES[info["dtype"]]).astype(np.float32)
+        else:
+            raise UserError(f"{file}: tensor {name} is {info['dtype']}; lmstack reads float checkpoints "
+                            "(F32, F16, BF16)")
+        tensors[name] = value.reshape(info["shape"])
+    return tensors
+
+
+def read_hugging_face_weights(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """model.safetensors, or every shard its index lists, with `model.` taken off the names."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise UserError(f"{path} has neither model.safetensors nor model.safetensors.index.json; lmstack reads "
+                        "safetensors weights (not PyTorch's .bin)")
+    weights: dict[str, np.ndarray] = {}
+    for shard in shards:
+        weights |= load_safetensors(path / shard)
+    return {k.removeprefix("model."): v for k, v in weights.items()}
+
+
+def hugging_face_tokenizer(path: pathlib.Path, hf: dict[str, Any]) -> tuple[dict[str, int], list[str], dict]:
+    """`(vocabulary, merges, special tokens {"eos", "bos", "all"})` of a Hugging Face byte-level BPE tokenizer."""
+    tokenizer_config = _json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    added: dict[str, int] = {}
+    if (path / "tokenizer.json").is_file():
+        spec = _json(path / "tokenizer.json")
+        model = spec.get("model") or {}
+        if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+            raise UserError(f"{path}/tokenizer.json is not a byte-level BPE tokenizer (a SentencePiece-style one, "
+                            "as Llama 2's and Mistral v0.1's); lmstack imports byte-level BPE tokenizers")
+        vocabulary = dict(model["vocab"])
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        added = {t["content"]: int(t["id"]) for t in spec.get("added_tokens", [])}
+    elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        vocabulary = _json(path / "vocab.json")
+        merges = [line for line in (path / "merges.txt").read_text(encoding="utf-8").splitlines()
+                  if line and not line.startswith("#version")]
+        added = {t["content"]: int(i) for i, t in tokenizer_config.get("added_tokens_decoder", {}).items()}
+    else:
+        raise UserError(f"{path} has no tokenizer.json (nor vocab.json + merges.txt); lmstack imports the "
+                        "checkpoint's own byte-level BPE tokenizer")
+    vocabulary |= added
+    token = lambda t: t.get("content") if isinstance(t, dict) else t
+    by_id = {i: t for t, i in vocabulary.items()}
+    eos_id = hf.get("eos_token_id")
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    eos = token(tokenizer_config.get("eos_token")) or by_id.get(eos_id)
+    bos = token(tokenizer_config.get("bos_token")) or by_id.get(hf.get("bos_token_id"))
+    return vocabulary, merges, {"eos": eos, "bos": bos, "all": sorted(added, key=added.get)}
+
+
+def read_keras_hub(path: pathlib.Path, class_name: str) -> tuple[dict, dict, dict[str, int], list[str], dict]:
+    """`(Hugging Face config, weights, vocabulary, merges, special tokens)` of a keras-hub preset,
+    named by keras-hub's own exporter."""
+    import importlib
+
+    import keras_hub
+
+    name = KERAS_HUB_CLASSES[class_name]
+    if (path / "assets" / "tokenizer" / "vocabulary.spm").is_file():
+        raise UserError(f"{path} has a SentencePiece tokenizer; lmstack imports byte-level BPE tokenizers "
+                        "(Llama 3, Qwen, SmolLM)")
+    try:
+        backbone = keras_hub.models.Backbone.from_preset(str(path))
+        tokenizer = keras_hub.models.Tokenizer.from_preset(str(path))
+    except Exception as e:  # whatever Keras raises, one line
+        raise UserError(f"{path}: keras-hub cannot load this preset ({str(e).splitlines()[0]})") from None
+    exporter = importlib.import_module(f"keras_hub.src.utils.transformers.export.{name}")
+    hf = getattr(exporter, f"get_{name}_config")(backbone)
+    hf.setdefault("model_type", {"llama3": "llama", "qwen": "qwen2"}.get(name, name))
+    weights = {k.removeprefix("model."): np.asarray(v, np.float32)
+               for k, v in getattr(exporter, f"get_{name}_weights_map")(backbone, include_lm_head=True).items()}
+    vocabulary = dict(tokenizer.vocabulary) if isinstance(tokenizer.vocabulary, dict) else {
+        t: i for i, t in enumerate(tokenizer.vocabulary)}
+    specials = [getattr(tokenizer, attr) for attr in getattr(tokenizer, "_special_token_attrs", [])]
+    special = {"eos": tokenizer.end_token, "bos": getattr(tokenizer, "start_token", None),
+               "all": [t for t in dict.fromkeys(specials) if t is not None]}
+    return hf, weights, vocabulary, list(tokenizer.merges), special
+
+
+def assign(model, config: models.GPTConfig, weights: dict[str, np.ndarray]) -> None:
+    """Copies Hugging Face-named Llama-family tensors into a model built from `config`.
+
+    Raises:
+        UserError: a tensor missing, of another shape, or left over.
+    """
+    used: set[str] = set()
+
+    def take(name: str, part: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> np.ndarray:
+        if name not in weights:
+            raise UserError(f"the checkpoint has no tensor {name}; is it a whole {', '.join(ARCHITECTURES)} "
+                            "checkpoint?")
+        used.add(name)
+        return part(weights[name])
+
+    def put(layer_name: str, *values: np.ndarray) -> None:
+        layer = model.get_layer(layer_name)
+        for variable, value in zip(layer.weights, values):
+            if tuple(variable.shape) != value.shape:
+                raise UserError(f"{layer_name}: the checkpoint's tensor has shape {list(value.shape)}, its "
+                                f"config.json says {variable.shape.as_list()}; the files do not belong together")
+            variable.assign(value)
+
+    transpose = np.transpose  # Hugging Face's Linear weights are [out, in]; Dense kernels [in, out]
+    put("token_embedding", take("embed_tokens.weight"))
+    for i in range(config.layers):
+        h = f"layers.{i}."
+        put(f"block{i}_ln1", take(h + "input_layernorm.weight"))
+        put(f"block{i}_ln2", take(h + "post_attention_layernorm.weight"))
+        projections = (("query", "self_attn.q_proj", config.bias != "none"),
+                       ("key", "self_attn.k_proj", config.bias != "none"),
+                       ("value", "self_attn.v_proj", config.bias != "none"),
+                       ("attention_output", "self_attn.o_proj", config.bias == "all"),
+                       ("mlp_gate", "mlp.gate_proj", config.bias == "all"),
+                       ("mlp_in", "mlp.up_proj", config.bias == "all"),
+                       ("mlp_out", "mlp.down_proj", config.bias == "all"))
+        for ours, theirs, bias in projections:
+            put(f"block{i}_{ours}", take(f"{h}{theirs}.weight", transpose),
+                *([take(f"{h}{theirs}.bias")] if bias else []))
+    put("final_ln", take("norm.weight"))
+    head = weights.get("lm_head.weight")
+    if config.tie_embeddings:
+        if head is not None and not np.array_equal(head, weights["embed_tokens.weight"]):
+            raise UserError("the checkpoint's lm_head differs from its token embedding, which its config.json "
+                            "says are tied (tie_word_embeddings)")
+        used.add("lm_head.weight")
+    else:
+        put("logits", take("lm_head.weight", transpose))
+    extra = sorted(k for k in weights if k not in used and not k.endswith("rotary_emb.inv_freq"))
+    if extra:
+        raise UserError(f"the checkpoint has tensors lmstack's block has no place for ({', '.join(extra[:3])}"
+                        f"{', ...' if len(extra) > 3 else ''})")
+
+
+def _json(file: pathlib.Path) -> dict[str, Any]:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{file}: not valid JSON ({e})") from None
