@@ -163,15 +163,17 @@ def test_bad_checkpoints_are_one_line_and_write_nothing(sources, tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_the_whole_path_on_an_imported_gpt2(sources, tmp_path, capsys):
-    """import -> prepare -> continue pre-training -> classifier -> prune -> export -> serve -> TFLite int8."""
+def test_the_whole_path_on_an_imported_llama(llama_sources, tmp_path, capsys):
+    """import -> prepare -> continue pre-training -> classifier -> prune -> export -> serve -> TFLite int8.
+
+    On a Llama 3 checkpoint: GPT-2's block takes every stage in the rest of the suite."""
     from serving import client as client_lib
     from serving import server
     from tests.test_finetune import review_rows, write_csv
     from tests.test_serve import start
 
-    dirs, _ = sources
-    run = tmp_path / "gpt2"
+    dirs, _ = llama_sources
+    run = tmp_path / "llama"
     (tmp_path / "plays.txt").write_text("".join(bundled_lines(5000, 300)), encoding="utf-8")
 
     def cli(*argv):
@@ -179,14 +181,14 @@ def test_the_whole_path_on_an_imported_gpt2(sources, tmp_path, capsys):
         assert code == 0, err[-3000:]
         return json.loads(out.strip().splitlines()[-1])
 
-    cli("import", f"--checkpoint={dirs['hf']}", f"--workdir={run}")
+    cli("import", f"--checkpoint={dirs['llama3_hf']}", f"--workdir={run}")
     code, _, err = run_cli(capsys, "train", f"--workdir={run}", "--steps=4")
     assert code == 2 and "no data yet; run `lmstack prepare" in err
     code, _, err = run_cli(capsys, "prepare", f"--workdir={run}", f"--corpus={tmp_path / 'plays.txt'}",
                            "--tokenizer=wordpiece")
     assert code == 2 and "its own tokenizer" in err
     prepared = cli("prepare", f"--workdir={run}", f"--corpus={tmp_path / 'plays.txt'}", "--min_train_shards=2")
-    assert prepared["vocab_size"] == 321 and (run / "checkpoints" / "ckpt-0.index").is_file()  # the model stays
+    assert prepared["vocab_size"] == 326 and (run / "checkpoints" / "ckpt-0.index").is_file()  # the model stays
     before = cli("evaluate", f"--workdir={run}")
     trained = cli("train", f"--workdir={run}", "--steps=8", "--batch_size=4", "--eval_every=0", "--progress=none")
     config = json.loads((run / "config.json").read_text())
@@ -207,8 +209,9 @@ def test_the_whole_path_on_an_imported_gpt2(sources, tmp_path, capsys):
 
     info = json.loads((exported / "assets.extra" / "lmstack_config.json").read_text())
     template = chat.ChatTemplate.from_export(info)
-    assert template.stop == (pretrained.END_OF_TEXT,)  # the checkpoint's own template came along
-    assert template.render([{"role": "user", "content": "Hi"}]) == f"<user>Hi{pretrained.END_OF_TEXT}<assistant>"
+    assert template.stop == ("<|eot_id|>",)  # the checkpoint's own template came along
+    assert template.render([{"role": "user", "content": "Hi"}]) == \
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>Hi<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
     core = server.ModelServer({"lm": server.ServedModel("lm", exported.parent)})
     core.refresh()
     grpc_server, rest_server, _, rest_target = start(core)
@@ -224,7 +227,7 @@ def test_the_whole_path_on_an_imported_gpt2(sources, tmp_path, capsys):
     cli("tflite", f"--workdir={run}", "--variant=pruned50", "--quantize=int8")
     code, on_device, err = run_cli(capsys, "generate", f"--workdir={run}", "--variant=pruned50", "--backend=tflite",
                                    "--quantize=int8", "--prompt=But soft", "--max_new_tokens=6")
-    assert code == 0 and on_device.strip(), err  # ai-edge-litert runs the int8 GPT-2 with its BPE tokenizer
+    assert code == 0 and on_device.strip(), err  # ai-edge-litert runs the int8 Llama with its BPE tokenizer
     scored = cli("evaluate", f"--workdir={run}", "--variant=pruned50", "--backend=tflite", "--quantize=int8")
     assert np.isfinite(scored["bits_per_char"])
 
@@ -233,6 +236,12 @@ def test_the_whole_path_on_an_imported_gpt2(sources, tmp_path, capsys):
 
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                   "<|endoftext|>"]  # what keras-hub's Llama3Tokenizer and QwenTokenizer ask the vocabulary for
+
+
+# Llama 3's chat template, shortened (no system-prompt date line).
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>"
+                   "{{ m.content }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +275,13 @@ def llama_sources(tmp_path_factory, english_text):
         reference = getattr(keras_hub.models, f"{kind}CausalLM")(backbone=backbone, preprocessor=preprocessor)
         reference.save_to_preset(str(root / f"{name}_keras_hub"))
         reference.export_to_transformers(str(root / f"{name}_hf"))
+        # A short context (keras-hub writes Llama 3's 8,192), and a chat model's template and end of turn.
+        edits = [("config.json", {"max_position_embeddings": 32})] + [
+            ("tokenizer_config.json", {"eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE})] * (
+            name == "llama3")
+        for file, extra in edits:
+            path = root / f"{name}_hf" / file
+            path.write_text(json.dumps({**json.loads(path.read_text()), **extra}))
         dirs |= {f"{name}_keras_hub": root / f"{name}_keras_hub", f"{name}_hf": root / f"{name}_hf"}
         references[name] = reference
     return dirs, references
@@ -291,14 +307,16 @@ def test_logits_and_tokens_equal_keras_hubs_llama_and_qwen(llama_sources, llama_
     tok = tokenizers.load(llama_imported[name] / "tokenizer")
     text = TEXT + "<|begin_of_text|><|eot_id|><|endoftext|>"  # special tokens written in the text stay whole
     assert encode(tok, text) == np.asarray(reference.preprocessor.tokenizer(text)).tolist()
-    assert tok.eos_id == reference.preprocessor.tokenizer.end_token_id
+    # The end of a document: the checkpoint's eos_token, <|eot_id|> for the chat model's files.
+    eos = "<|eot_id|>" if name == "llama3_hf" else reference.preprocessor.tokenizer.end_token
+    assert tok.eos_id == reference.preprocessor.tokenizer.token_to_id(eos)
 
 
 def test_greedy_continuation_of_an_imported_llama_matches_keras_hub(llama_sources, llama_imported):
     import keras_hub
 
-    from models.samplers import SamplerConfig
-    from pipelines.generate import TextGenerator, decode
+    import models
+    from models import decoding
 
     _, references = llama_sources
     tok = tokenizers.load(llama_imported["llama3_hf"] / "tokenizer")
@@ -309,10 +327,9 @@ def test_greedy_continuation_of_an_imported_llama_matches_keras_hub(llama_source
     ids = np.zeros([1, n + 12], np.int32)
     ids[0, :n] = prompt
     out = greedy.generate({"token_ids": ids, "padding_mask": np.arange(n + 12)[None] < n}, stop_token_ids=None)
-    want = decode(tok, out["token_ids"][0, n:].tolist())
-    got = TextGenerator(llama_imported["llama3_hf"]).generate(["But soft, what light"], 12,
-                                                              SamplerConfig(name="greedy"))[0]
-    assert got == want and len(got) > 0
+    model, config, _ = checkpoints.load_model(llama_imported["llama3_hf"])
+    got = decoding.Generator(models.decoder(model, config)).generate([prompt], 12)[0]  # no stop token
+    assert got == out["token_ids"][0, n:].tolist()
 
 
 def test_llama_checkpoints_lmstack_cannot_hold_are_one_line(llama_sources, tmp_path, capsys):
