@@ -7,8 +7,13 @@ saves checkpoints/ckpt-STEP every --checkpoint_every steps, validates every
 and WORKDIR/metrics.json. After a crash or `kill -9`, the same command resumes
 from the last checkpoint and stops at --steps.
 
+With --lora_rank=R, the workdir's trained or imported transformer keeps its
+weights and trains LoRA adapters only (--lora_alpha, --lora_targets);
+every later stage sees the adapters merged into the kernels.
+
 examples:
   lmstack train --workdir=runs/shakespeare --model=transformer --preset=small --steps=1500
+  lmstack train --workdir=runs/smollm --lora_rank=8 --steps=500   # after lmstack import and prepare
   lmstack train --workdir=runs/shakespeare --model=lstm --strategy=mirrored --logical_cpus=2
   lmstack launch --workers=2 -- train --workdir=runs/shakespeare --model=transformer --strategy=multi_worker
 """
@@ -24,6 +29,7 @@ from app import settings
 
 
 NOT_OVERRIDDEN = ("vocab_size",)  # the model's vocabulary is the tokenizer's
+LORA_PREFIX = "lora_"  # the model settings that add LoRA adapters to a trained model (`_with_adapters`)
 RESULT_KEYS = ("model", "params", "steps", "loss", "perplexity", "bits_per_char", "tokens_per_s", "wall_seconds",
                "dropout")
 
@@ -43,6 +49,34 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.mark_flags_as_required(["workdir"], flag_values=fv)
 
 
+def _with_adapters(fv: flags.FlagValues, adapters: dict, shape: dict):
+    """The workdir's trained (or imported) model with LoRA adapters (`--lora_rank`, ...)."""
+    import dataclasses
+
+    import models
+    from pipelines import checkpoints
+    from pipelines.errors import UserError
+
+    if "lora_rank" not in adapters:
+        raise UserError(f"{', '.join('--' + k for k in adapters)} set(s) LoRA adapters up; add --lora_rank=R")
+    if fv["model"].present or fv["preset"].present or shape:
+        raise UserError(f"--lora_rank adds adapters to the model trained in {fv.workdir}, which keeps its shape; "
+                        f"drop --model, --preset and the model flags ({', '.join(shape) or 'none given'})")
+    import tensorflow as tf
+
+    if tf.train.latest_checkpoint(checkpoints.checkpoint_dir(fv.workdir)) is None:
+        raise UserError(f"--lora_rank trains adapters on trained weights, and {fv.workdir} has none yet; run "
+                        f"`lmstack train` or `lmstack import` first")
+    base = checkpoints.read_model_config(fv.workdir)
+    if not isinstance(base, models.GPTConfig):
+        raise UserError(f"--lora_rank adapts a transformer's projections; {fv.workdir} holds an "
+                        f"{models.family_of(base)}, train it whole")
+    try:
+        return dataclasses.replace(base, **adapters)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{', '.join(f'--{k}={v}' for k, v in adapters.items())}: {e}") from None
+
+
 def run(fv: flags.FlagValues) -> int:
 
     import models
@@ -56,17 +90,21 @@ def run(fv: flags.FlagValues) -> int:
     wd = workdir.Workdir(fv.workdir)
     manifest = wd.read_manifest()
     overrides = settings.overrides(fv)
-    if wd.is_imported() and (fv["model"].present or fv["preset"].present or overrides):
-        raise UserError(f"{fv.workdir} holds an imported model, which keeps its shape; drop --model, --preset "
-                        f"and the model flags ({', '.join(overrides) or 'none given'}) to continue training it")
-    try:
-        if wd.is_imported():  # continued pre-training: the checkpoint's own shape
-            model_config = checkpoints.read_model_config(fv.workdir)
-        else:
-            model_config = models.make_config(fv.model, fv.preset, manifest["tokenizer"]["vocab_size"],
-                                              **overrides)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"--model={fv.model} --preset={fv.preset} with {overrides or 'no overrides'}: {e}") from None
+    adapters = {k: v for k, v in overrides.items() if k.startswith(LORA_PREFIX)}
+    shape = {k: v for k, v in overrides.items() if not k.startswith(LORA_PREFIX)}
+    if adapters:
+        model_config = _with_adapters(fv, adapters, shape)
+    else:
+        if wd.is_imported() and (fv["model"].present or fv["preset"].present or shape):
+            raise UserError(f"{fv.workdir} holds an imported model, which keeps its shape; drop --model, --preset "
+                            f"and the model flags ({', '.join(shape) or 'none given'}) to continue training it")
+        try:
+            if wd.is_imported():  # continued pre-training: the checkpoint's own shape
+                model_config = checkpoints.read_model_config(fv.workdir)
+            else:
+                model_config = models.make_config(fv.model, fv.preset, manifest["tokenizer"]["vocab_size"], **shape)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"--model={fv.model} --preset={fv.preset} with {shape or 'no overrides'}: {e}") from None
     config = settings.build(fv, train.TrainConfig)
     summary = train.train(fv.workdir, model_config, config, Progress(sys.stderr),
                           verbose=settings.keras_verbose(fv.progress))

@@ -22,7 +22,7 @@ from typing import Callable, ClassVar, Literal
 
 import tensorflow as tf
 
-from models import layers
+from models import layers, lora
 from models.config import check_sizes
 from models.backend import keras
 
@@ -69,6 +69,12 @@ class GPTConfig:
         kv_heads: key/value heads, grouped-query attention (default: heads); heads must divide by it.
         bias: the projections with biases: all (GPT-2), qkv (query, key and value only; Qwen) or none (Llama).
         tie_embeddings: the output layer reuses the token embedding (else a matrix of its own).
+        lora_rank: LoRA adapters of this rank on the `lora_targets` projections, whose trained weights
+            freeze (`models.lora`); 0: none.
+        lora_alpha: the adapters' update is scaled by lora_alpha / lora_rank (default: lora_rank, a
+            scale of 1).
+        lora_targets: the projections adapted: attention, mlp, or single ones (query, key, value,
+            attention_output, mlp_gate, mlp_in, mlp_out).
     """
     # None dropout: `pipelines.train.run_dropout` decides; a model built with None has rate 0.
     # Glorot is the default init: at the small preset's budget GPT-2's starts slower and ends
@@ -91,6 +97,9 @@ class GPTConfig:
     kv_heads: int | None = None
     bias: Bias = "all"
     tie_embeddings: bool = True
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = ("attention", "mlp")
 
     PRESETS: ClassVar[dict[str, dict]] = {
         "tiny": dict(seq_len=16, layers=2, d_model=32, heads=2, dropout=0.0),
@@ -129,6 +138,11 @@ class GPTConfig:
                              "must be even")
         if self.activation == "silu" and self.mlp != "gated":
             raise ValueError("activation=silu is the gated MLP's (SwiGLU): set mlp=gated too")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # a JSON list comes back a tuple
+        if self.lora_rank < 0 or (self.lora_alpha is not None and self.lora_alpha <= 0):
+            raise ValueError(f"lora_rank={self.lora_rank} and lora_alpha={self.lora_alpha} must be positive "
+                             "(lora_rank 0: no adapters)")
+        lora.projections(self.lora_targets)  # names no layer: ValueError
         if not (self.rope_theta > 0 and self.norm_eps > 0):
             raise ValueError(f"rope_theta={self.rope_theta} and norm_eps={self.norm_eps} must be positive")
 
@@ -164,7 +178,20 @@ class GPTConfig:
         norm = d if self.norm == "rmsnorm" or not other_bias else 2 * d
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         positions = self.seq_len * d if self.positions == "learned" else 0
-        return embeddings + positions + self.layers * (attention + mlp + 2 * norm) + norm
+        return embeddings + positions + self.layers * (attention + mlp + 2 * norm + self._adapter_params()) + norm
+
+    def _adapter_params(self) -> int:
+        """A block's LoRA weights: rank x (in + out) per adapted projection."""
+        if not self.lora_rank:
+            return 0
+        d, kv, f = self.d_model, self.kv_dim, self.hidden_dim
+        shapes = {"query": (d, d), "key": (d, kv), "value": (d, kv), "attention_output": (d, d),
+                  "mlp_gate": (d, f) if self.mlp == "gated" else (0, 0), "mlp_in": (d, f), "mlp_out": (f, d)}
+        return sum(self.lora_rank * sum(shapes[p]) for p in lora.projections(self.lora_targets))
+
+    @property
+    def lora_alpha_or_rank(self) -> float:
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
 
     def flops_per_token(self) -> int:
         """Forward-pass FLOPs per token at full context (x3 for a training step).
@@ -223,10 +250,15 @@ class Block:
         """New layers for block `i` of a model of `config`."""
         c, rate = config, config.dropout or 0.0
 
+        adapted = lora.projections(c.lora_targets) if c.lora_rank else ()
+
         def dense(field, units, bias, residual=False, **kwargs):
             if c.init == "gpt2":
                 std = INIT_STD / math.sqrt(2 * c.layers) if residual else INIT_STD
                 kwargs["kernel_initializer"] = keras.initializers.RandomNormal(stddev=std)
+            if field in adapted:
+                return lora.LoRADense(units, c.lora_rank, c.lora_alpha_or_rank, use_bias=bias, name=f"block{i}_{field}",
+                                      **kwargs)
             return keras.layers.Dense(units, use_bias=bias, name=f"block{i}_{field}", **kwargs)
 
         qkv_bias, bias = c.bias != "none", c.bias == "all"

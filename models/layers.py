@@ -431,5 +431,7 @@ def get_layer(model: keras.Model, name: str) -> keras.layers.Layer:
 
 def custom_objects() -> dict[str, type]:
     """For `keras.models.load_model`, `clone_model` and TF-MOT's `quantize_scope`."""
+    from models.lora import LoRADense
+
     return {cls.__name__: cls for cls in (TokenEmbedding, PositionEmbedding, Rotary, CausalAttention, RMSNorm, GELU,
-                                          GatedActivation, TiedLogits)}
+                                          GatedActivation, TiedLogits, LoRADense)}

@@ -15,6 +15,7 @@ from typing import Any
 import tensorflow as tf
 
 import models
+from models import lora
 from pipelines import fs
 from pipelines import workdir as workdir_lib
 from pipelines.errors import UserError
@@ -101,9 +102,12 @@ def save(workdir: str | os.PathLike, model, config: models.ModelConfig, step: in
     return manager(workdir, tf.train.Checkpoint(model=model)).save(checkpoint_number=step)
 
 
-def load_model(workdir: str | os.PathLike):
+def load_model(workdir: str | os.PathLike, merged: bool = True):
     """Rebuilds the model of a workdir (or variant directory) and restores its newest checkpoint.
 
+    Args:
+        merged: a model trained with LoRA adapters comes back plain, each adapter folded into its
+            kernel (`models.lora.merge`), with its config; False keeps the adapters.
     Returns:
         `(model, config, step)`.
     Raises:
@@ -120,4 +124,6 @@ def load_model(workdir: str | os.PathLike):
         model = mot.quantize(model, preserve_sparsity=made.get("preserve_sparsity", False))
     # expect_partial: a training checkpoint also holds the optimizer, not needed here.
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    if merged:
+        model, config = lora.merge(model, config)
     return model, config, int(latest.rsplit("-", 1)[1])  # ckpt-STEP

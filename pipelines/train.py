@@ -26,6 +26,7 @@ from typing import Any
 import tensorflow as tf
 
 import models
+from models import lora
 from models.backend import keras
 from pipelines import callbacks as callbacks_lib
 from pipelines import checkpoints, data_service, dataset, evaluate
@@ -92,7 +93,11 @@ def _check_resume(wd: workdir_lib.Workdir, model_config: models.ModelConfig, con
     if old_model is None:
         return
     saved = wd.read_config()
+    old_model = models.config_to_json(models.config_from_json(old_model))  # settings added since: their defaults
     new_model = models.config_to_json(model_config)
+    if not old_model.get("lora_rank") and getattr(model_config, "lora_rank", 0):
+        # LoRA adapters on the trained model: its shape must be the one trained.
+        new_model = models.config_to_json(lora.plain_config(model_config))
     diffs = [f"{k}={old_model.get(k)!r} (now {v!r})" for k, v in new_model.items() if old_model.get(k) != v]
     old_train = saved.get(TRAIN_SECTION, {})
     diffs += [f"{k}={old_train.get(k)!r} (now {getattr(config, k)!r})" for k in RESUME_KEYS
@@ -118,6 +123,8 @@ class Plan:
         steps_per_epoch: Keras epochs are the evaluation interval (or the whole run).
         per_call: steps Keras runs per call (`training.steps_per_execution`).
         latest: the newest checkpoint in the workdir, if any.
+        new_adapters: LoRA adapters start on `latest`, a checkpoint without them: its weights are
+            the frozen base, and the adapters' run counts its steps from 0.
     """
     wd: workdir_lib.Workdir
     model_config: models.ModelConfig
@@ -130,6 +137,7 @@ class Plan:
     steps_per_epoch: int
     per_call: int
     latest: str | None
+    new_adapters: bool = False
 
     @property
     def seq_len(self) -> int:
@@ -166,7 +174,10 @@ def train(workdir: str | os.PathLike, model_config: models.ModelConfig, config: 
     if start >= plan.config.steps:
         progress.note(f"{plan.wd.root} is already trained to step {start} (asked for {plan.config.steps}); "
                       "nothing to do")
-        return evaluate.evaluate_model(plan.wd.root, model, plan.model_config, write=plan.chief)
+        evaluation = evaluate.evaluate_model(plan.wd.root, model, plan.model_config, write=plan.chief)
+        return {"model": models.family_of(plan.model_config), "params": plan.model_config.num_params(),
+                "steps": start, "tokens_per_s": None, "wall_seconds": 0.0, "dropout": plan.model_config.dropout,
+                **evaluation}
     train_ds, val_ds, val_steps = _datasets(plan, progress)
     # Every worker saves (MultiWorkerMirroredStrategy needs it), only the chief into the workdir.
     ckpt_dir = checkpoints.checkpoint_dir(plan.wd.root) if plan.chief else \
@@ -229,11 +240,17 @@ def make_plan(workdir: str | os.PathLike, model_config: models.ModelConfig, conf
 
     steps_per_epoch = min(config.eval_every or config.steps, config.steps)
     latest = tf.train.latest_checkpoint(checkpoints.checkpoint_dir(wd.root))
+    new_adapters = bool(getattr(model_config, "lora_rank", 0)) and latest is not None and not any(
+        "lora_a" in name for name, _ in tf.train.list_variables(latest))
+    if new_adapters:
+        progress.note(f"LoRA adapters of rank {model_config.lora_rank} on {', '.join(model_config.lora_targets)}, "
+                      f"over the weights of {latest.rsplit('/', 1)[-1]} (frozen)")
+    first = int(latest.rsplit("-", 1)[1]) if latest and not new_adapters else 0
     # The profiler traces steps by Keras's batch count, so a traced run goes one step per call.
     per_call = 1 if config.profile_range() else training.steps_per_execution(
-        config.steps, steps_per_epoch, config.checkpoint_every, int(latest.rsplit("-", 1)[1]) if latest else 0)
+        config.steps, steps_per_epoch, config.checkpoint_every, first)
     return Plan(wd, model_config, config, manifest, strategy, strategy_lib.is_chief(strategy), global_batch, why,
-                steps_per_epoch, per_call, latest)
+                steps_per_epoch, per_call, latest, new_adapters)
 
 
 def _restore(plan: Plan, model: keras.Model) -> int:
@@ -241,7 +258,11 @@ def _restore(plan: Plan, model: keras.Model) -> int:
     in `fit`); returns the step training starts from."""
     backup_dir = str(plan.wd.root / checkpoints.CHECKPOINT_DIR / "backup")
     if plan.latest and not _has_files(backup_dir):  # a finished run deletes its backup at the end
+        # New adapters take the weights only: their steps start afresh (the optimizer holds slots for
+        # the adapters alone, so the base's others are not restored).
         tf.train.Checkpoint(model=model, optimizer=model.optimizer).restore(plan.latest).expect_partial()
+        if plan.new_adapters:
+            model.optimizer.iterations.assign(0)
     return int(model.optimizer.iterations.numpy())
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import tensorflow as tf
 
 import models
+from models import lora
 from models.backend import keras
 from pipelines import strategy as strategy_lib
 from pipelines.errors import ConfigError, check_at_least, check_choice
@@ -102,11 +103,14 @@ class TrainConfig(strategy_lib.Devices):
         """This config with a learning rate: as given, or the model's `peak_learning_rate`.
 
         A run that starts from pre-trained weights (`lmstack import`) continues at a tenth of it:
-        5e-5 for GPT-2 small's width, Hugging Face's default for fine-tuning it (`run_clm`).
+        5e-5 for GPT-2 small's width, Hugging Face's default for fine-tuning it (`run_clm`). LoRA
+        adapters, which start from nothing, train at the full rate (the LoRA paper's and PEFT's
+        recipes put LoRA's rate about ten times full fine-tuning's).
         """
         if self.learning_rate is not None:
             return self
-        return dataclasses.replace(self, learning_rate=peak_learning_rate(model_config) / (10 if pretrained else 1))
+        tenth = pretrained and not getattr(model_config, "lora_rank", 0)
+        return dataclasses.replace(self, learning_rate=peak_learning_rate(model_config) / (10 if tenth else 1))
 
     def profile_range(self) -> tuple[int, int] | None:
         if not self.profile_steps:
@@ -234,8 +238,12 @@ def accumulate_gradients(model, micro_batches: int):
 
 
 def build_and_compile(model_config: models.ModelConfig, config: TrainConfig, steps_per_execution: int = 1):
-    """A new model, compiled for training (see `compile_for_training`)."""
-    return compile_for_training(models.build(model_config), config.for_model(model_config), steps_per_execution)
+    """A new model, compiled for training (see `compile_for_training`); with LoRA adapters
+    (`lora_rank`), only they train."""
+    model = models.build(model_config)
+    if getattr(model_config, "lora_rank", 0):
+        lora.freeze_all_but_adapters(model)
+    return compile_for_training(model, config.for_model(model_config), steps_per_execution)
 
 
 def steps_per_execution(*intervals: int, longest: int = 16) -> int:

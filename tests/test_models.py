@@ -295,3 +295,33 @@ def test_gpt2_presets_have_gpt2s_parameter_and_flop_counts():
         n = config.num_params() - config.seq_len * config.d_model
         nanogpt = 6 * n + 12 * config.layers * config.d_model * config.seq_len
         assert abs(3 * config.flops_per_token() - nanogpt) / nanogpt < 2e-3
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_lora_adapters_start_as_the_model_and_merge_into_it(preset, tmp_path):
+    from models import lora
+
+    keras.utils.set_random_seed(0)
+    base_config = models.make_config("transformer", preset, vocab_size=VOCAB)
+    base = models.build(base_config)
+    saved = tf.train.Checkpoint(model=base).save(str(tmp_path / "base"))
+    config = models.make_config("transformer", preset, vocab_size=VOCAB, lora_rank=4, lora_alpha=8.0,
+                                lora_targets=("attention", "mlp_out"))
+    adapted = models.build(config)
+    tf.train.Checkpoint(model=adapted).restore(saved).expect_partial()  # a plain checkpoint restores into it
+    ids = random_ids()
+    np.testing.assert_array_equal(adapted(ids).numpy(), base(ids).numpy())  # B = 0: the model as it was
+    assert adapted.count_params() == models.stats(config)["params"] > base.count_params()
+    lora.freeze_all_but_adapters(adapted)
+    names = sorted(v.name.split(":")[0] for v in adapted.trainable_variables)
+    assert names == sorted(f"block{i}_{p}/lora_{ab}" for i in range(2) for ab in "ab"
+                           for p in ("query", "key", "value", "attention_output", "mlp_out"))
+    for variable in adapted.trainable_variables:
+        variable.assign(tf.random.normal(variable.shape, stddev=0.3, seed=1))
+    merged, plain_config = lora.merge(adapted, config)
+    assert plain_config == base_config and not np.allclose(adapted(ids).numpy(), base(ids).numpy(), atol=1e-3)
+    np.testing.assert_allclose(merged(ids).numpy(), adapted(ids).numpy(), atol=1e-5)
+    decoder = models.decoder(adapted, config)  # the cached decoder runs the adapted layers as they are
+    logits, _ = decoder.call_with_cache(ids, decoder.init_cache(3, config.seq_len), 0)
+    np.testing.assert_allclose(logits.numpy(), adapted(ids).numpy(), atol=1e-5)
+    assert models.config_from_json(models.config_to_json(config)) == config

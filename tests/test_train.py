@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -304,6 +305,59 @@ def test_kill_9_then_rerun_resumes(workdir):
     assert resumed and int(resumed[0].split()[-1]) >= killed_at
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["steps"] == 200 and metrics["trained_steps_this_run"] <= 200 - killed_at
+
+
+@pytest.mark.slow
+def test_lora_trains_only_adapters_resumes_after_kill_9_and_merges_for_every_later_stage(workdir, capsys):
+    LORA = ["--lora_rank=4", "--lora_targets=attention,mlp_in", "--batch_size=8", "--eval_every=0",
+            "--progress=none"]
+    code, _, err = run_cli(capsys, "train", f"--workdir={workdir}", "--lora_rank=4", "--steps=10")
+    assert code == 2 and "has none yet" in err and not (workdir / "checkpoints").exists()
+    code, _, err = run_cli(capsys, "train", f"--workdir={workdir}", *TINY, "--steps=20")
+    assert code == 0, err
+    latest = tf.train.latest_checkpoint(str(workdir / "checkpoints"))
+    base = {name: tf.train.load_variable(latest, name) for name, _ in tf.train.list_variables(latest)}
+    config_before = (workdir / "config.json").read_text()
+    for args, message in ((["--lora_rank=4", "--lora_targets=attn"], "'attn' names no layer"),
+                          (["--lora_alpha=8"], "add --lora_rank=R"),
+                          (["--lora_rank=4", "--layers=3"], "keeps its shape")):
+        code, _, err = run_cli(capsys, "train", f"--workdir={workdir}", *args, "--steps=10")
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert (workdir / "config.json").read_text() == config_before
+
+    args = ["train", f"--workdir={workdir}", *LORA, "--steps=120", "--checkpoint_every=20"]
+    proc = subprocess.Popen([sys.executable, "-m", "app", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not [s for s in checkpoint_steps(workdir) if 40 <= s < 120]:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    result = lmstack(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = [line for line in result.stderr.splitlines() if line.startswith("resuming from step")]
+    assert resumed and int(resumed[0].split()[-1]) >= 40  # the adapters' own steps, from 0
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["steps"] == 120 and metrics["trained_steps_this_run"] <= 80
+
+    # Only the adapters moved: every trained weight is the base checkpoint's, bit for bit.
+    adapted = tf.train.latest_checkpoint(str(workdir / "checkpoints"))
+    names = {name for name, _ in tf.train.list_variables(adapted) if name.startswith("model/")
+             and "OPTIMIZER_SLOT" not in name}
+    for name in names - {n for n in names if "lora_" in n}:
+        np.testing.assert_array_equal(tf.train.load_variable(adapted, name), base[name])
+    assert sum("lora_b" in n for n in names) == 2 * 5  # 2 blocks x query, key, value, attention_output, mlp_in
+    assert all(np.abs(tf.train.load_variable(adapted, n)).max() > 0 for n in names if "lora_b" in n)
+
+    # Every later stage loads it merged (`checkpoints.load_model`): a plain model with the adapted logits.
+    from pipelines import checkpoints
+
+    merged, config, step = checkpoints.load_model(workdir)
+    unmerged, adapted_config, _ = checkpoints.load_model(workdir, merged=False)
+    assert step == 120 and config.lora_rank == 0 and adapted_config.lora_rank == 4
+    assert merged.count_params() < unmerged.count_params()
+    ids = np.arange(16, dtype=np.int32)[None] % vocab(workdir)
+    np.testing.assert_allclose(merged(ids).numpy(), unmerged(ids).numpy(), atol=1e-5)
 
 
 def epoch_losses(output: str, prefix: str = "") -> list[float]:
