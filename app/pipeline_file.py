@@ -135,7 +135,10 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
         if not isinstance(train_settings, dict):
             raise UserError(f"--config={path}: models.{family}.train: holds overrides of the train stage's "
                             f"settings (a mapping), got {train_settings!r}")
-        for section, cls, values, exclude in ((f"models.{family}", models.FAMILIES[family], settings, ("vocab_size",)),
+        # LoRA adapters go on a trained model (`lmstack train --lora_rank`), not on the pipeline's new one.
+        lora_fields = tuple(f.name for f in dataclasses.fields(models.FAMILIES[family]) if f.name.startswith("lora_"))
+        for section, cls, values, exclude in ((f"models.{family}", models.FAMILIES[family], settings,
+                                               ("vocab_size", *lora_fields)),
                                               (f"models.{family}.train", None, train_settings, ())):
             try:
                 app_settings.check_mapping(cls, values, exclude=exclude) if cls else BY_NAME["train"].configs(values)

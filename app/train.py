@@ -43,7 +43,10 @@ def define_flags(fv: flags.FlagValues) -> None:
     presets = list(dict.fromkeys(p for cls in models.FAMILIES.values() for p in cls.PRESETS))
     flags.DEFINE_enum("preset", "small", presets, "model size preset (gpt2, gpt2-medium: the transformer's GPT-2 "
                       "shapes; llama-*: Llama's block at lmstack's shapes; smollm-135m: SmolLM-135M's)", flag_values=fv)
-    settings.define_overrides(fv, models.FAMILIES, exclude=NOT_OVERRIDDEN)
+    for name in settings.define_overrides(fv, models.FAMILIES, exclude=NOT_OVERRIDDEN):
+        if name.startswith(LORA_PREFIX):  # not an override of a preset: adapters on the trained model
+            fv[name].help = settings.field_help(models.GPTConfig)[name].rstrip(".") + (
+                "" if name == "lora_rank" else " (with --lora_rank)")
     settings.define(fv, train.TrainConfig)
     settings.define_progress(fv)
     flags.mark_flags_as_required(["workdir"], flag_values=fv)

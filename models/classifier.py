@@ -76,8 +76,9 @@ def backbone(lm: keras.Model, config) -> keras.Model:
 def bottom_layers(config, count: int) -> list[str]:
     """Names of the embeddings and the lowest `count` blocks (or recurrent layers) of a backbone."""
     if isinstance(config, gpt.GPTConfig):
-        names = ["token_embedding", "position_embedding"]
-        block = ("ln1", "query", "key", "value", "attention", "attention_output", "ln2", "mlp_in", "mlp_out")
+        names = ["token_embedding"] + (["position_embedding"] if config.positions == "learned" else [])
+        absent = gpt.Block.unused(config) | {"attention_dropout", "mlp_dropout"}
+        block = ["attention"] + [f.name for f in dataclasses.fields(gpt.Block) if f.name not in absent]
         return names + [f"block{i}_{part}" for i in range(count) for part in block]
     return ["token_embedding"] + [f"rnn{i}" for i in range(count)]
 

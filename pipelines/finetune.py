@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 import models
+from models import lora
 from models import classifier as classifier_lib
 from models.backend import keras
 from pipelines import callbacks as callbacks_lib
@@ -161,7 +162,8 @@ def _check_base(config: FinetuneConfig) -> tuple[fs.Path, models.ModelConfig, di
     if checkpoints.classifier_section(base.root) is not None:
         raise ConfigError("base", config.base, "is a classifier workdir; pass the language-model run it came from")
     base.read_config()  # UserError if not a prepared workdir
-    model_config = checkpoints.read_model_config(base.root)  # UserError if never trained
+    # A base trained with LoRA adapters is loaded merged (`checkpoints.load_model`): its plain shape.
+    model_config = lora.plain_config(checkpoints.read_model_config(base.root))  # UserError if never trained
     if tf.train.latest_checkpoint(checkpoints.checkpoint_dir(base.root)) is None:
         raise ConfigError("base", config.base, f"has no checkpoint; run `lmstack train --workdir={config.base}` first")
     tokenizer_config = tokenizers.load_config(base.tokenizer_dir)

@@ -325,3 +325,14 @@ def test_lora_adapters_start_as_the_model_and_merge_into_it(preset, tmp_path):
     logits, _ = decoder.call_with_cache(ids, decoder.init_cache(3, config.seq_len), 0)
     np.testing.assert_allclose(logits.numpy(), adapted(ids).numpy(), atol=1e-5)
     assert models.config_from_json(models.config_to_json(config)) == config
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_a_classifiers_bottom_layers_are_layers_of_the_backbone(preset):
+    from models import classifier
+
+    config = models.make_config("transformer", preset, vocab_size=VOCAB)
+    model = models.build(config)
+    names = classifier.bottom_layers(config, config.layers)
+    weighted = {layer.name for layer in model.layers if layer.weights}
+    assert {layer.name for layer in model.layers} >= set(names) and weighted <= set(names) | {"final_ln", "logits"}
