@@ -101,6 +101,27 @@ def plain_config(config):
     return dataclasses.replace(config, **defaults)
 
 
+def copy_weights(source: keras.Model, target: keras.Model) -> None:
+    """Copies a model's weights into another of the same layers with adapters added or merged away.
+
+    Layers are matched by name, nested models (a classifier's backbone) included: an adapted
+    layer into a plain one gives its merged kernel; a plain one into an adapted one gives its kernel
+    and bias, the adapters keeping their initial values.
+    """
+    for layer in target.layers:
+        origin = source.get_layer(layer.name)
+        if isinstance(layer, keras.Model):
+            copy_weights(origin, layer)
+        elif isinstance(origin, LoRADense) and not isinstance(layer, LoRADense):
+            layer.set_weights([origin.merged_kernel().numpy()] + ([origin.bias.numpy()] if origin.use_bias else []))
+        elif isinstance(layer, LoRADense) and not isinstance(origin, LoRADense):
+            layer.kernel.assign(origin.kernel)
+            if layer.use_bias:
+                layer.bias.assign(origin.bias)
+        elif layer.weights:
+            layer.set_weights(origin.get_weights())
+
+
 def merge(model: keras.Model, config) -> tuple[keras.Model, object]:
     """The plain model of an adapted one: the same weights with each update folded into its kernel.
 
@@ -112,10 +133,21 @@ def merge(model: keras.Model, config) -> tuple[keras.Model, object]:
     import models  # the builders (models/__init__.py imports this module's users)
 
     plain = models.build(plain_config(config))
-    for layer in plain.layers:
-        source = model.get_layer(layer.name)
-        if isinstance(source, LoRADense):
-            layer.set_weights([source.merged_kernel().numpy()] + ([source.bias.numpy()] if source.use_bias else []))
-        elif layer.weights:
-            layer.set_weights(source.get_weights())
+    copy_weights(model, plain)
     return plain, plain_config(config)
+
+
+def adapt(model: keras.Model, config, rank: int, alpha: float | None, targets) -> tuple[keras.Model, object]:
+    """A plain model with new adapters (`merge`'s inverse): `(model, config with LoRA)`.
+
+    Raises:
+        ValueError: a rank below 1 or targets that name no layer.
+    """
+    import models
+
+    adapted_config = dataclasses.replace(config, lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets))
+    if rank < 1:
+        raise ValueError(f"lora_rank={rank} must be at least 1")
+    adapted = models.build(adapted_config)
+    copy_weights(model, adapted)
+    return adapted, adapted_config

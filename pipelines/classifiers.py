@@ -12,6 +12,8 @@ fine-tuning driver.
 
 from __future__ import annotations
 
+import dataclasses
+
 import gzip
 import json
 import os
@@ -21,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 import models
+from models import lora
 from models import classifier as classifier_lib
 from pipelines import checkpoints, fs, labelled
 from pipelines import workdir as workdir_lib
@@ -83,7 +86,8 @@ def config_from_json(data: dict[str, Any]) -> classifier_lib.ClassifierConfig:
 
 
 def load_classifier(workdir: str | os.PathLike):
-    """Rebuilds a classifier workdir's model and restores its newest checkpoint.
+    """Rebuilds a classifier workdir's model and restores its newest checkpoint; a backbone trained
+    with LoRA adapters comes back plain, each adapter merged into its kernel.
 
     Returns:
         `(model, config, labels, step)`.
@@ -94,6 +98,11 @@ def load_classifier(workdir: str | os.PathLike):
         raise UserError(f"no checkpoint in {checkpoints.checkpoint_dir(workdir)}; rerun `lmstack finetune`")
     model = classifier_lib.build_classifier(config)
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    if getattr(config.backbone, "lora_rank", 0):
+        config = dataclasses.replace(config, backbone=lora.plain_config(config.backbone))
+        plain = classifier_lib.build_classifier(config)
+        lora.copy_weights(model, plain)
+        model = plain
     return model, config, labels, int(latest.rsplit("-", 1)[1])
 
 

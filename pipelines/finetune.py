@@ -78,6 +78,11 @@ class FinetuneConfig(strategy_lib.Devices):
         dropout: before the head.
         max_length: tokens read per text (0: the base's seq_len).
         eval_every: validate every this many steps (0: only at the end).
+        lora_rank: train LoRA adapters of this rank on the base transformer's projections, and the head,
+            instead of the whole backbone (0: no adapters); see `lmstack train --lora_rank`.
+        lora_alpha: the adapters' update is scaled by lora_alpha / lora_rank (default: lora_rank).
+        lora_targets: the projections adapted: attention, mlp, or single ones (query, key, value,
+            attention_output, mlp_gate, mlp_in, mlp_out).
         overwrite: replace an existing classifier workdir.
         seed: split, initialization and data order.
     """
@@ -105,6 +110,9 @@ class FinetuneConfig(strategy_lib.Devices):
     dropout: float = 0.1
     max_length: int = 0
     eval_every: int = 0
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = ("attention", "mlp")
     overwrite: bool = False
     seed: int = 0
 
@@ -134,6 +142,17 @@ class FinetuneConfig(strategy_lib.Devices):
             raise ConfigError("unfreeze_at", self.unfreeze_at, f"must be below steps={self.steps}")
         if self.init == "scratch" and self.freeze != "none":
             raise ConfigError("freeze", self.freeze, "with init=scratch would freeze random weights; use none")
+        check_at_least(self, 0, "lora_rank")
+        if self.lora_rank:
+            if self.freeze != "none" or self.init != "pretrained":
+                raise ConfigError("lora_rank", self.lora_rank, "trains adapters on the pre-trained backbone, which "
+                                  "it freezes; drop freeze and init")
+            if self.lora_alpha is not None and self.lora_alpha <= 0:
+                raise ConfigError("lora_alpha", self.lora_alpha, "must be positive")
+            try:
+                lora.projections(self.lora_targets)
+            except ValueError as e:
+                raise ConfigError("lora_targets", ",".join(self.lora_targets), str(e).split(": ", 1)[1]) from None
         self.check_devices()
 
     def frozen_layers_count(self, layers: int | None) -> int | str:
@@ -219,6 +238,9 @@ def finetune(workdir: str | os.PathLike, config: FinetuneConfig, progress: Progr
     if final.exists() and not (final / workdir_lib.CONFIG_FILE).is_file() and any(final.iterdir()):
         raise UserError(f"{final} is a non-empty directory that is not an lmstack workdir; choose another --workdir")
     base_root, lm_config, tokenizer_config = _check_base(config)
+    if config.lora_rank and not isinstance(lm_config, models.GPTConfig):
+        raise ConfigError("lora_rank", config.lora_rank, f"adapts a transformer's projections; {config.base} holds "
+                          f"an {models.family_of(lm_config)}")
     frozen = config.frozen_layers_count(lm_config.layers)
     context = lm_config.seq_len if models.family_of(lm_config) == "transformer" else None
     max_length = config.max_length or lm_config.seq_len
@@ -249,7 +271,8 @@ def finetune(workdir: str | os.PathLike, config: FinetuneConfig, progress: Progr
                          train_examples, val_examples, frozen, max_length, progress, verbose)
         if config.baseline and config.init == "pretrained":
             progress.note("baseline: the same classifier trained from scratch (no pre-training)")
-            scratch = dataclasses.replace(config, init="scratch", freeze="none", unfreeze_at=0, baseline=False)
+            scratch = dataclasses.replace(config, init="scratch", freeze="none", unfreeze_at=0, baseline=False,
+                                          lora_rank=0)
             baseline = _build(staging / BASELINE_DIR, scratch, strategy, base_root, lm_config, tokenizer_config,
                               tokenizer, classes, train_examples, val_examples, 0, max_length, progress, verbose)
             summary["baseline"] = {k: baseline[k] for k in ("accuracy", "macro_f1", "per_class", "confusion",
@@ -283,7 +306,6 @@ def _build(root: fs.Path, config: FinetuneConfig, strategy, base_root: fs.Path, 
                            "per_class": counts[split], "source": ex.source}
                    for split, ex in (("train", train_examples), ("val", val_examples))}})
 
-    cls_config = classifier_lib.ClassifierConfig(lm_config, len(classes), config.pooling, config.dropout, max_length)
     replicas = strategy.num_replicas_in_sync
     global_batch = config.batch_size * replicas * config.grad_accum_steps  # examples per optimizer step
     keras.mixed_precision.set_global_policy(strategy_lib.PRECISIONS[config.mixed_precision])
@@ -292,15 +314,23 @@ def _build(root: fs.Path, config: FinetuneConfig, strategy, base_root: fs.Path, 
     with strategy.scope():
         if config.init == "pretrained":
             lm, _, base_step = checkpoints.load_model(base_root)
+            if config.lora_rank:  # the base's weights under new adapters
+                lm, lm_config = lora.adapt(lm, lm_config, config.lora_rank, config.lora_alpha, config.lora_targets)
         else:
             lm = models.build(lm_config)
+        cls_config = classifier_lib.ClassifierConfig(lm_config, len(classes), config.pooling, config.dropout,
+                                                     max_length)
         model = classifier_lib.build_classifier(cls_config, lm)
         frozen_names = _freeze(model, cls_config, frozen)
+        if config.lora_rank:
+            lora.freeze_all_but_adapters(model.get_layer("backbone"))
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
     total = int(sum(np.prod(w.shape) for w in model.weights))
     progress.note(f"classifier: {total:,} parameters, {trainable:,} trainable"
                   + (f" (frozen: {'the whole backbone' if frozen == 'all' else f'embeddings + {frozen} bottom layers'})"
-                     if frozen else "") + f"; {replicas} replica(s), global batch {global_batch}")
+                     if frozen else "")
+                  + (f" (the backbone's LoRA adapters of rank {config.lora_rank} and the head)" if config.lora_rank
+                     else "") + f"; {replicas} replica(s), global batch {global_batch}")
     workdir_lib.write_json(root / workdir_lib.CONFIG_FILE, {
         CLASSIFIER_SECTION: classifiers.config_to_json(cls_config, classes),
         FINETUNE_SECTION: dataclasses.asdict(config),

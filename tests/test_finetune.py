@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines import checkpoints, classifiers, evaluate, finetune, labelled
+from pipelines import checkpoints, classifiers, evaluate, finetune, labelled, tokenizers
 from serving import contract as c, server
 from serving.exporters import classifier as classifier_export
 from serving.exporters import savedmodel, tflite
@@ -278,6 +278,26 @@ def test_freezing_really_freezes(base, examples, tmp_path):
     assert any(n.startswith("block1_") for n in changed) and any(n.startswith("final_ln") for n in changed)
 
 
+def test_lora_trains_the_adapters_and_the_head_and_exports_merged(base, examples, tmp_path):
+    lm, _, _ = checkpoints.load_model(base)
+    before = {w.name: w.numpy() for w in lm.weights}
+    summary = finetune.finetune(tmp_path / "lora", tiny_config(base, examples, lora_rank=4, steps=6), verbose=0)
+    assert summary["trainable_params"] < summary["params"] // 4
+    model, config, labels, _ = classifiers.load_classifier(tmp_path / "lora")  # merged: a plain backbone
+    assert config.backbone.lora_rank == 0 and not any("lora" in w.name for w in model.weights)
+    backbone = {w.name: w.numpy() for w in model.get_layer("backbone").weights}
+    adapted = [f"block{i}_{p}/kernel:0" for i in range(2) for p in ("query", "attention_output", "mlp_in")]
+    assert all(not np.allclose(backbone[n], before[n]) for n in adapted)  # the adapters, merged in
+    kept = [n for n in backbone if n not in adapted and not n.startswith(tuple(f"block{i}_" for i in range(2)))]
+    for n in kept + [n for n in backbone if n.endswith("bias:0")]:
+        np.testing.assert_array_equal(backbone[n], before[n], err_msg=n)  # embeddings, norms, biases: frozen
+    # The training run's own scores are the merged model's.
+    val = classifiers.read_split(tmp_path / "lora", "val")
+    tokenizer = tokenizers.load(tmp_path / "lora" / "tokenizer")
+    predicted = classifiers.predict_ids(model, tokenizer, list(val.texts), config.max_length).argmax(axis=1)
+    assert np.mean(np.array(labels)[predicted] == np.array(val.labels)) == pytest.approx(summary["accuracy"])
+
+
 def test_unfreeze_at_trains_the_backbone_after_the_head(base, examples, tmp_path):
     lm, _, _ = checkpoints.load_model(base)
     before = {w.name: w.numpy() for w in lm.weights}
@@ -310,6 +330,7 @@ def test_labelled_files_read_csv_jsonl_and_compressed(tmp_path):
     ("other tokenizer", "uses the char tokenizer, but tokenizer=byte was asked for"),
     ("untrained base", "has no trained model yet"),
     ("classifier base", "is a classifier workdir"),
+    ("lora with freeze", "--lora_rank=4: trains adapters on the pre-trained backbone"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, message, base, examples, classifier, tmp_path, capsys):
     from app.main import main
@@ -339,6 +360,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, message, base, ex
         args["base"] = str(untrained)
     elif case == "classifier base":
         args["base"] = str(classifier[0])
+    elif case == "lora with freeze":
+        args |= {"lora_rank": 4, "freeze": "all"}
     argv = ["finetune", f"--workdir={tmp_path / 'out'}", "--steps=5", "--warmup_steps=1"] + \
         [f"--{k}={v}" for k, v in args.items()]
     with pytest.raises(SystemExit) as e:
