@@ -95,11 +95,12 @@ def _check_resume(wd: workdir_lib.Workdir, model_config: models.ModelConfig, con
     saved = wd.read_config()
     old_model = models.config_to_json(models.config_from_json(old_model))  # settings added since: their defaults
     new_model = models.config_to_json(model_config)
-    if not old_model.get("lora_rank") and getattr(model_config, "lora_rank", 0):
-        # LoRA adapters on the trained model: its shape must be the one trained.
+    # LoRA adapters on the trained model: its shape must be the one trained; how it was trained may differ.
+    new_adapters = not old_model.get("lora_rank") and getattr(model_config, "lora_rank", 0)
+    if new_adapters:
         new_model = models.config_to_json(lora.plain_config(model_config))
     diffs = [f"{k}={old_model.get(k)!r} (now {v!r})" for k, v in new_model.items() if old_model.get(k) != v]
-    old_train = saved.get(TRAIN_SECTION, {})
+    old_train = {} if new_adapters else saved.get(TRAIN_SECTION, {})
     diffs += [f"{k}={old_train.get(k)!r} (now {getattr(config, k)!r})" for k in RESUME_KEYS
               if k in old_train and old_train[k] != getattr(config, k)]
     if diffs:

@@ -309,7 +309,7 @@ def test_kill_9_then_rerun_resumes(workdir):
 
 @pytest.mark.slow
 def test_lora_trains_only_adapters_resumes_after_kill_9_and_merges_for_every_later_stage(workdir, capsys):
-    LORA = ["--lora_rank=4", "--lora_targets=attention,mlp_in", "--batch_size=8", "--eval_every=0",
+    LORA = ["--lora_rank=4", "--lora_targets=attention,mlp_in", "--batch_size=4", "--eval_every=0",
             "--progress=none"]
     code, _, err = run_cli(capsys, "train", f"--workdir={workdir}", "--lora_rank=4", "--steps=10")
     assert code == 2 and "has none yet" in err and not (workdir / "checkpoints").exists()
