@@ -19,7 +19,8 @@ validation split. The rows are the defaults and each default reverted alone:
 
 and `pytorch-gpt`: nanoGPT's model and initialization in PyTorch, same shape,
 same windows, same schedule as the defaults row, trained in a subprocess of
-this job (bench/reference_gpt.py; `make bench` installs it beside the lock).
+this job (bench/reference_gpt.py; `make bench` installs it beside the lock);
+`pytorch-llama` the same with Llama's block, as the Llama block rows.
 
 XLA is on for the transformer and off for the LSTM (XLA compiles tf_keras's
 LSTM step again at every step); it changes speed, not what is learned.
@@ -107,20 +108,23 @@ def _windows(workdir: pathlib.Path, seq_len: int, path: pathlib.Path) -> pathlib
 
 
 def _reference(base: pathlib.Path, model_config, train_config, reuse: bool) -> dict | None:
-    out = base / "pytorch-gpt.json"
+    block = "llama" if model_config.positions == "rope" else "gpt2"
+    out = base / f"pytorch-{'llama' if block == 'llama' else 'gpt'}.json"
     settings = {"steps": train_config.steps, "batch_size": train_config.batch_size, "layers": model_config.layers,
                 "d_model": model_config.d_model, "heads": model_config.heads,
                 "learning_rate": train_config.learning_rate, "warmup_steps": train_config.warmup(),
                 "weight_decay": train_config.weight_decay, "beta_2": 0.99, "clip_norm": train_config.clip_norm}
+    if block == "llama":
+        settings |= {"block": "llama", "kv_heads": model_config.num_kv_heads, "mlp_dim": model_config.hidden_dim}
     if reuse and out.exists():
         saved = json.loads(out.read_text())
         if saved.get("settings") == settings:
             return saved
     if importlib.util.find_spec("torch") is None:
-        print("pytorch-gpt: torch is not installed (`make bench` installs it); row left out", file=sys.stderr)
+        print(f"{out.stem}: torch is not installed (`make bench` installs it); row left out", file=sys.stderr)
         return None
     data = _windows(base / "data-only", model_config.seq_len, base / "windows.npz")
-    print("training pytorch-gpt ...", file=sys.stderr)
+    print(f"training {out.stem} ...", file=sys.stderr)
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "reference_gpt.py"), f"--data={data}",
                            *(f"--{k}={v}" for k, v in settings.items())],
                           capture_output=True, text=True, check=True)
@@ -145,16 +149,18 @@ def main() -> None:
     manifest = prepare.prepare(config, base / "data-only").manifest
     vocab = manifest["tokenizer"]["vocab_size"]
     wanted = [tuple(r.split("/", 1)) for r in args.rows.split(",")] if args.rows else (
-        [(f, r) for f in ("transformer", "lstm") for r in FAMILY_ROWS[f]] + [("pytorch-gpt", "")])
+        [(f, r) for f in ("transformer", "lstm") for r in FAMILY_ROWS[f]]
+        + [("pytorch-gpt", ""), ("pytorch-llama", "")])
     rows = []
     for family, row in wanted:
-        if family == "pytorch-gpt":
-            model_config = models.make_config("transformer", "small", vocab)
+        if family in ("pytorch-gpt", "pytorch-llama"):
+            model_config = models.make_config("transformer", "small", vocab,
+                                              **(LLAMA_BLOCK if family == "pytorch-llama" else {}))
             train_config = train.TrainConfig(steps=args.steps, batch_size=args.batch_size).for_model(model_config)
             result = _reference(base, model_config, train_config, args.reuse)
             if result:
                 nats = result["val_loss_nats_per_token"]
-                rows.append({"model": "pytorch-gpt", "row": "nanoGPT recipe", "params": result["params"],
+                rows.append({"model": family, "row": "nanoGPT recipe", "params": result["params"],
                              "steps": args.steps, "dropout": 0.0, "learning_rate": train_config.learning_rate,
                              "val_loss_nats_per_char": nats, "val_bits_per_char": nats / math.log(2),
                              "train_tokens_per_s": result["train_tokens_per_s"],
