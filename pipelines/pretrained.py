@@ -65,6 +65,7 @@ class Checkpoint:
         merges: its merge rules, `"a b"` each.
         eos: the token that ends a document (and pads).
         specials: tokens that text may contain literally, each kept whole as its own id.
+        sentencepiece: a SentencePiece model (serialized) instead of the BPE, or None.
     """
     format: str
     architecture: str
@@ -74,6 +75,7 @@ class Checkpoint:
     merges: list[str]
     eos: str
     specials: list[str]
+    sentencepiece: bytes | None = None
 
 
 def read(path: str | os.PathLike) -> Checkpoint:
@@ -89,28 +91,30 @@ def read(path: str | os.PathLike) -> Checkpoint:
     config = _read_json(path / "config.json", path)
     if "class_name" in config or (path / "metadata.json").is_file():
         if config.get("class_name") in pretrained_llama.KERAS_HUB_CLASSES:
-            hf, weights, vocabulary, merges, special = pretrained_llama.read_keras_hub(path, config["class_name"])
-            return _llama(KERAS_HUB, path, hf, weights, vocabulary, merges, special)
+            hf, weights, tokenizer = pretrained_llama.read_keras_hub(path, config["class_name"])
+            return _llama(KERAS_HUB, path, hf, weights, tokenizer)
         return _read_keras_hub(path, config)
     if config.get("model_type") in pretrained_llama.ARCHITECTURES:
         model_config = pretrained_llama.config_of(config, path)  # refuses what it cannot hold before reading
-        vocabulary, merges, special = pretrained_llama.hugging_face_tokenizer(path, config)
+        tokenizer = pretrained_llama.hugging_face_tokenizer(path, config)
         weights = pretrained_llama.read_hugging_face_weights(path)
-        return _llama(HUGGING_FACE, path, config, weights, vocabulary, merges, special, model_config)
+        return _llama(HUGGING_FACE, path, config, weights, tokenizer, model_config)
     if "model_type" in config:
         return _read_hugging_face(path, config)
     raise UserError(f"{path}/config.json is neither a keras-hub preset's (class_name) nor a Hugging Face "
                     "model's (model_type); lmstack imports GPT-2, Llama, Mistral and Qwen2 in those two formats")
 
 
-def _llama(format: str, path: pathlib.Path, hf: dict[str, Any], weights, vocabulary, merges, special,
-           config: models.GPTConfig | None = None) -> Checkpoint:
+def _llama(format: str, path: pathlib.Path, hf: dict[str, Any], weights: dict[str, np.ndarray],
+           tokenizer: pretrained_llama.Tokenizer, config: models.GPTConfig | None = None) -> Checkpoint:
     config = config or pretrained_llama.config_of(hf, path)
-    if not special.get("eos") or special["eos"] not in vocabulary:
+    known = pretrained_llama.sentencepiece_pieces(tokenizer.sentencepiece) if tokenizer.sentencepiece \
+        else tokenizer.vocabulary
+    if not tokenizer.eos or tokenizer.eos not in known:
         raise UserError(f"{path}: the tokenizer has no end-of-text token (eos_token) in its vocabulary; lmstack "
                         "ends documents with it")
-    return Checkpoint(format, hf["model_type"], config, weights, vocabulary, merges, special["eos"],
-                      special["all"] or [special["eos"]])
+    return Checkpoint(format, hf["model_type"], config, weights, tokenizer.vocabulary, tokenizer.merges,
+                      tokenizer.eos, tokenizer.specials or [tokenizer.eos], tokenizer.sentencepiece)
 
 
 def _read_json(file: pathlib.Path, source: pathlib.Path) -> dict[str, Any]:
@@ -266,21 +270,28 @@ def assign(model, checkpoint: Checkpoint) -> None:
 
 
 def _write_tokenizer(checkpoint: Checkpoint, directory: pathlib.Path) -> None:
-    vocab = checkpoint.vocabulary
-    if checkpoint.eos not in vocab:
-        raise UserError(f"the checkpoint's vocabulary has no {checkpoint.eos}, its end-of-text token")
-    if len(vocab) > checkpoint.config.vocab_size or (checkpoint.architecture == "gpt2"
-                                                      and len(vocab) != checkpoint.config.vocab_size):
-        raise UserError(f"the tokenizer has {len(vocab):,} tokens, the model {checkpoint.config.vocab_size:,}; "
+    if checkpoint.sentencepiece is not None:
+        pieces = pretrained_llama.sentencepiece_pieces(checkpoint.sentencepiece)
+        size, eos = len(pieces), pieces.index(checkpoint.eos)
+        (directory / tokenizers.SENTENCEPIECE_FILE).write_bytes(checkpoint.sentencepiece)
+        kind, special = "sentencepiece", {}
+    else:
+        vocab = checkpoint.vocabulary
+        if checkpoint.eos not in vocab:
+            raise UserError(f"the checkpoint's vocabulary has no {checkpoint.eos}, its end-of-text token")
+        size, eos = len(vocab), int(vocab[checkpoint.eos])
+        workdir_lib.write_json(directory / tokenizers.BPE_VOCAB_FILE, vocab)
+        (directory / tokenizers.BPE_MERGES_FILE).write_text("".join(m + "\n" for m in checkpoint.merges),
+                                                            encoding="utf-8")
+        kind, special = "bpe", {"unsplittable_tokens": checkpoint.specials}
+    exact = checkpoint.architecture == "gpt2"  # a Llama-family embedding may have rows past the tokenizer's ids
+    if size > checkpoint.config.vocab_size or (exact and size != checkpoint.config.vocab_size):
+        raise UserError(f"the tokenizer has {size:,} tokens, the model {checkpoint.config.vocab_size:,}; "
                         "the files do not belong together")
-    workdir_lib.write_json(directory / tokenizers.BPE_VOCAB_FILE, vocab)
-    (directory / tokenizers.BPE_MERGES_FILE).write_text("".join(m + "\n" for m in checkpoint.merges),
-                                                        encoding="utf-8")
-    eos = int(vocab[checkpoint.eos])
     workdir_lib.write_json(directory / tokenizers.CONFIG_FILE, {
-        "kind": "bpe", "vocab_size": len(vocab), "lowercase": False, "requested_vocab_size": len(vocab),
-        "reserved_tokens": checkpoint.specials, "special_ids": {"pad": eos, "eos": eos},
-        "unsplittable_tokens": checkpoint.specials, "imported": True,
+        "kind": kind, "vocab_size": size, "lowercase": False, "requested_vocab_size": size,
+        "reserved_tokens": checkpoint.specials, "special_ids": {"pad": eos, "eos": eos}, **special,
+        "imported": True,
     })
 
 

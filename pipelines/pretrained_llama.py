@@ -5,24 +5,26 @@ Two formats, both read into Hugging Face's tensor names:
 - a **Hugging Face** directory: `config.json` with `model_type` llama, mistral or
   qwen2, the weights as `model.safetensors` or shards listed by
   `model.safetensors.index.json` (float32, float16 or bfloat16, read here
-  without PyTorch), and a byte-level BPE tokenizer (`tokenizer.json`, or
-  `vocab.json` + `merges.txt`);
-- a **keras-hub preset** of `Llama3Backbone`, `MistralBackbone` or
-  `QwenBackbone`: keras-hub loads it, and its own Hugging Face exporter
-  (`keras_hub.src.utils.transformers.export`) names the tensors, so both
-  formats meet in one mapping.
+  without PyTorch), and the tokenizer: byte-level BPE (`tokenizer.json`, or
+  `vocab.json` + `merges.txt`) or SentencePiece (`tokenizer.model`: Llama 2,
+  Mistral);
+- a **keras-hub preset** of `Llama3Backbone`, `LlamaBackbone`,
+  `MistralBackbone` or `QwenBackbone`: keras-hub loads it, and its own Hugging
+  Face exporter (`keras_hub.src.utils.transformers.export`) names the
+  tensors, so both formats meet in one mapping.
 
 The weights go into lmstack's transformer with Llama's block (`models.gpt`:
 rotary positions in Hugging Face's half-split layout, RMSNorm, SwiGLU,
 grouped-query attention; Qwen2's query/key/value biases); the tokenizer
 becomes a `bpe` tokenizer with the checkpoint's ids, its special tokens kept
-whole. Refused with one line: what lmstack's block cannot compute (scaled or
-otherwise modified rotary positions, mixtures of experts, another head size,
-another activation) and SentencePiece tokenizers (Llama 2, Mistral v0.1).
+whole, or a `sentencepiece` one with the checkpoint's own model. Refused with
+one line: what lmstack's block cannot compute (scaled or otherwise modified
+rotary positions, mixtures of experts, another head size, another activation).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import struct
@@ -36,7 +38,9 @@ from pipelines.errors import UserError
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 # Hugging Face's defaults for a config.json without max_position_embeddings.
 DEFAULT_CONTEXT = {"llama": 2048, "mistral": 32768, "qwen2": 32768}
-KERAS_HUB_CLASSES = {"Llama3Backbone": "llama3", "MistralBackbone": "mistral", "QwenBackbone": "qwen"}
+# keras-hub's backbone -> its Hugging Face exporter (Llama 2's LlamaBackbone has Llama 3's layers).
+KERAS_HUB_CLASSES = {"Llama3Backbone": "llama3", "LlamaBackbone": "llama3", "MistralBackbone": "mistral",
+                     "QwenBackbone": "qwen"}
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 
@@ -125,16 +129,62 @@ def read_hugging_face_weights(path: pathlib.Path) -> dict[str, np.ndarray]:
     return {k.removeprefix("model."): v for k, v in weights.items()}
 
 
-def hugging_face_tokenizer(path: pathlib.Path, hf: dict[str, Any]) -> tuple[dict[str, int], list[str], dict]:
-    """`(vocabulary, merges, special tokens {"eos", "bos", "all"})` of a Hugging Face byte-level BPE tokenizer."""
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+    """A checkpoint's tokenizer as lmstack keeps it.
+
+    Attributes:
+        vocabulary, merges: a byte-level BPE's token -> id and merge rules (empty for SentencePiece).
+        sentencepiece: a SentencePiece model (a serialized ModelProto), or None for BPE.
+        eos: the token that ends a document (and pads).
+        bos: the token that starts one, if the checkpoint names one.
+        specials: BPE tokens that text may contain literally, each kept whole as its own id.
+    """
+    vocabulary: dict[str, int]
+    merges: list[str]
+    sentencepiece: bytes | None
+    eos: str | None
+    bos: str | None
+    specials: list[str]
+
+    @property
+    def size(self) -> int:
+        if self.sentencepiece is None:
+            return len(self.vocabulary)
+        return len(sentencepiece_pieces(self.sentencepiece))
+
+
+def sentencepiece_pieces(proto: bytes) -> list[str]:
+    from sentencepiece import sentencepiece_model_pb2
+
+    return [p.piece for p in sentencepiece_model_pb2.ModelProto.FromString(proto).pieces]
+
+
+def _sentencepiece(proto: bytes, eos: str | None, bos: str | None, hf: dict[str, Any]) -> Tokenizer:
+    pieces = sentencepiece_pieces(proto)
+    eos_id, bos_id = hf.get("eos_token_id"), hf.get("bos_token_id")
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    piece = lambda i: pieces[i] if isinstance(i, int) and 0 <= i < len(pieces) else None
+    return Tokenizer({}, [], proto, eos or piece(eos_id) or ("</s>" if "</s>" in pieces else None),
+                     bos or piece(bos_id), [])
+
+
+def hugging_face_tokenizer(path: pathlib.Path, hf: dict[str, Any]) -> Tokenizer:
+    """A Hugging Face directory's tokenizer: byte-level BPE, or SentencePiece's `tokenizer.model`."""
     tokenizer_config = _json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    token = lambda t: t.get("content") if isinstance(t, dict) else t
+    eos, bos = token(tokenizer_config.get("eos_token")), token(tokenizer_config.get("bos_token"))
+    spec = _json(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+    byte_level = spec is not None and (spec.get("model") or {}).get("type") == "BPE" \
+        and "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+    if not byte_level and (path / "tokenizer.model").is_file():
+        return _sentencepiece((path / "tokenizer.model").read_bytes(), eos, bos, hf)
     added: dict[str, int] = {}
-    if (path / "tokenizer.json").is_file():
-        spec = _json(path / "tokenizer.json")
-        model = spec.get("model") or {}
-        if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-            raise UserError(f"{path}/tokenizer.json is not a byte-level BPE tokenizer (a SentencePiece-style one, "
-                            "as Llama 2's and Mistral v0.1's); lmstack imports byte-level BPE tokenizers")
+    if spec is not None:
+        if not byte_level:
+            raise UserError(f"{path}/tokenizer.json is not a byte-level BPE tokenizer, and there is no "
+                            "tokenizer.model (SentencePiece) beside it; lmstack imports those two kinds")
+        model = spec["model"]
         vocabulary = dict(model["vocab"])
         merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
         added = {t["content"]: int(t["id"]) for t in spec.get("added_tokens", [])}
@@ -144,29 +194,23 @@ def hugging_face_tokenizer(path: pathlib.Path, hf: dict[str, Any]) -> tuple[dict
                   if line and not line.startswith("#version")]
         added = {t["content"]: int(i) for i, t in tokenizer_config.get("added_tokens_decoder", {}).items()}
     else:
-        raise UserError(f"{path} has no tokenizer.json (nor vocab.json + merges.txt); lmstack imports the "
-                        "checkpoint's own byte-level BPE tokenizer")
+        raise UserError(f"{path} has no tokenizer.json, vocab.json + merges.txt or tokenizer.model; lmstack "
+                        "imports the checkpoint's own tokenizer")
     vocabulary |= added
-    token = lambda t: t.get("content") if isinstance(t, dict) else t
     by_id = {i: t for t, i in vocabulary.items()}
     eos_id = hf.get("eos_token_id")
     eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
-    eos = token(tokenizer_config.get("eos_token")) or by_id.get(eos_id)
-    bos = token(tokenizer_config.get("bos_token")) or by_id.get(hf.get("bos_token_id"))
-    return vocabulary, merges, {"eos": eos, "bos": bos, "all": sorted(added, key=added.get)}
+    return Tokenizer(vocabulary, merges, None, eos or by_id.get(eos_id), bos or by_id.get(hf.get("bos_token_id")),
+                     sorted(added, key=added.get))
 
 
-def read_keras_hub(path: pathlib.Path, class_name: str) -> tuple[dict, dict, dict[str, int], list[str], dict]:
-    """`(Hugging Face config, weights, vocabulary, merges, special tokens)` of a keras-hub preset,
-    named by keras-hub's own exporter."""
+def read_keras_hub(path: pathlib.Path, class_name: str) -> tuple[dict, dict, Tokenizer]:
+    """`(Hugging Face config, weights, tokenizer)` of a keras-hub preset, named by keras-hub's own exporter."""
     import importlib
 
     import keras_hub
 
     name = KERAS_HUB_CLASSES[class_name]
-    if (path / "assets" / "tokenizer" / "vocabulary.spm").is_file():
-        raise UserError(f"{path} has a SentencePiece tokenizer; lmstack imports byte-level BPE tokenizers "
-                        "(Llama 3, Qwen, SmolLM)")
     try:
         backbone = keras_hub.models.Backbone.from_preset(str(path))
         tokenizer = keras_hub.models.Tokenizer.from_preset(str(path))
@@ -177,12 +221,15 @@ def read_keras_hub(path: pathlib.Path, class_name: str) -> tuple[dict, dict, dic
     hf.setdefault("model_type", {"llama3": "llama", "qwen": "qwen2"}.get(name, name))
     weights = {k.removeprefix("model."): np.asarray(v, np.float32)
                for k, v in getattr(exporter, f"get_{name}_weights_map")(backbone, include_lm_head=True).items()}
+    bos = getattr(tokenizer, "start_token", None)
+    spm = path / "assets" / "tokenizer" / "vocabulary.spm"
+    if spm.is_file():
+        return hf, weights, _sentencepiece(spm.read_bytes(), tokenizer.end_token, bos, hf)
     vocabulary = dict(tokenizer.vocabulary) if isinstance(tokenizer.vocabulary, dict) else {
         t: i for i, t in enumerate(tokenizer.vocabulary)}
     specials = [getattr(tokenizer, attr) for attr in getattr(tokenizer, "_special_token_attrs", [])]
-    special = {"eos": tokenizer.end_token, "bos": getattr(tokenizer, "start_token", None),
-               "all": [t for t in dict.fromkeys(specials) if t is not None]}
-    return hf, weights, vocabulary, list(tokenizer.merges), special
+    return hf, weights, Tokenizer(vocabulary, list(tokenizer.merges), None, tokenizer.end_token, bos,
+                                  [t for t in dict.fromkeys(specials) if t is not None])
 
 
 def assign(model, config: models.GPTConfig, weights: dict[str, np.ndarray]) -> None:

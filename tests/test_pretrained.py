@@ -261,22 +261,32 @@ def llama_sources(tmp_path_factory, english_text):
         vocab_size=320, initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     bpe.add_special_tokens(LLAMA_SPECIALS)
     merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    import io
+
+    import sentencepiece
+
+    proto = io.BytesIO()  # Mistral's kind of tokenizer: a SentencePiece BPE with byte fallback
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(english_text.splitlines()), model_writer=proto, vocab_size=400, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
     dirs, references = {}, {}
-    for name, kind in (("llama3", "Llama3"), ("qwen", "Qwen")):
+    for name, kind in (("llama3", "Llama3"), ("qwen", "Qwen"), ("mistral", "Mistral")):
         keras.utils.set_random_seed(0)
         backbone = getattr(keras_hub.models, f"{kind}Backbone")(
-            vocabulary_size=bpe.get_vocab_size(), num_layers=2, num_query_heads=4, num_key_value_heads=2,
-            hidden_dim=32, intermediate_dim=64)
+            vocabulary_size=400 if kind == "Mistral" else bpe.get_vocab_size(), num_layers=2, num_query_heads=4,
+            num_key_value_heads=2, hidden_dim=32, intermediate_dim=64,
+            **({"sliding_window": 24} if kind == "Mistral" else {}))
         rng = np.random.default_rng(0)
         for variable in backbone.weights:
             variable.assign(rng.normal(0.0, 0.5, variable.shape).astype(np.float32))
-        tokenizer = getattr(keras_hub.models, f"{kind}Tokenizer")(vocabulary=bpe.get_vocab(), merges=merges)
+        tokenizer = keras_hub.models.MistralTokenizer(proto=proto.getvalue()) if kind == "Mistral" else \
+            getattr(keras_hub.models, f"{kind}Tokenizer")(vocabulary=bpe.get_vocab(), merges=merges)
         preprocessor = getattr(keras_hub.models, f"{kind}CausalLMPreprocessor")(tokenizer, sequence_length=32)
         reference = getattr(keras_hub.models, f"{kind}CausalLM")(backbone=backbone, preprocessor=preprocessor)
         reference.save_to_preset(str(root / f"{name}_keras_hub"))
         reference.export_to_transformers(str(root / f"{name}_hf"))
         # A short context (keras-hub writes Llama 3's 8,192), and a chat model's template and end of turn.
-        edits = [("config.json", {"max_position_embeddings": 32})] + [
+        edits = [("config.json", {"max_position_embeddings": 32})] * (name != "mistral") + [
             ("tokenizer_config.json", {"eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE})] * (
             name == "llama3")
         for file, extra in edits:
@@ -294,8 +304,9 @@ def llama_imported(llama_sources, tmp_path_factory):
     return {name: (pretrained.import_checkpoint(path, root / name), root / name)[1] for name, path in dirs.items()}
 
 
-@pytest.mark.parametrize("name", ["llama3_keras_hub", "llama3_hf", "qwen_keras_hub", "qwen_hf"])
-def test_logits_and_tokens_equal_keras_hubs_llama_and_qwen(llama_sources, llama_imported, name):
+@pytest.mark.parametrize("name", ["llama3_keras_hub", "llama3_hf", "qwen_keras_hub", "qwen_hf", "mistral_keras_hub",
+                                  "mistral_hf"])
+def test_logits_and_tokens_equal_keras_hubs_llama_qwen_and_mistral(llama_sources, llama_imported, name):
     _, references = llama_sources
     reference = references[name.split("_")[0]]
     ids = np.random.default_rng(1).integers(0, 320, [2, 24]).astype(np.int32)
@@ -303,9 +314,13 @@ def test_logits_and_tokens_equal_keras_hubs_llama_and_qwen(llama_sources, llama_
     model, config, step = checkpoints.load_model(llama_imported[name])
     assert step == 0 and config.positions == "rope" and config.num_kv_heads == 2
     assert config.bias == ("qkv" if name.startswith("qwen") else "none")
+    if name.startswith("mistral"):  # no longer than its sliding window, where that is full attention
+        assert config.seq_len == 24 and tokenizers.load_config(llama_imported[name] / "tokenizer")["kind"] == \
+            "sentencepiece"
     np.testing.assert_allclose(model(ids).numpy(), want, atol=1e-4)
     tok = tokenizers.load(llama_imported[name] / "tokenizer")
-    text = TEXT + "<|begin_of_text|><|eot_id|><|endoftext|>"  # special tokens written in the text stay whole
+    # Special tokens written in the text stay whole (a BPE's; SentencePiece reads them as text, as keras-hub does).
+    text = TEXT + "<|begin_of_text|><|eot_id|><|endoftext|>"
     assert encode(tok, text) == np.asarray(reference.preprocessor.tokenizer(text)).tolist()
     # The end of a document: the checkpoint's eos_token, <|eot_id|> for the chat model's files.
     eos = "<|eot_id|>" if name == "llama3_hf" else reference.preprocessor.tokenizer.end_token
