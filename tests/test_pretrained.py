@@ -370,3 +370,19 @@ def test_llama_checkpoints_lmstack_cannot_hold_are_one_line(llama_sources, tmp_p
         code, _, err = run_cli(capsys, "import", f"--checkpoint={source}", f"--workdir={workdir}")
         assert code == 2 and message in err and "Traceback" not in err, err
         assert not workdir.exists()
+
+
+def test_bfloat16_safetensors_read_as_their_float32_values(tmp_path):
+    # Llama-family checkpoints ship in bfloat16, which numpy lacks: read as the float32 they widen to.
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    from pipelines import pretrained_llama
+
+    values = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
+    save_file({"model.a": values.astype(ml_dtypes.bfloat16), "model.b": values.astype(np.float16)},
+              str(tmp_path / "model.safetensors"))
+    read = pretrained_llama.read_hugging_face_weights(tmp_path)
+    np.testing.assert_array_equal(read["a"], values.astype(ml_dtypes.bfloat16).astype(np.float32))
+    np.testing.assert_array_equal(read["b"], values.astype(np.float16).astype(np.float32))
+    assert read["a"].dtype == np.float32 and not np.array_equal(read["a"], values)  # rounded, as stored
