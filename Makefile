@@ -67,13 +67,14 @@ lock: venv
 
 # Every benchmark, its table copied to bench/results/NAME.md next to its JSON,
 # then one page of all of them: bench/results/SUMMARY.md.
-BENCHES := pipeline_throughput train_speed precision generation_speed export_latency served_generation concurrent_generation openai_api serve_load quality optimize edge finetune
+BENCHES := pipeline_throughput train_speed precision generation_speed export_latency served_generation concurrent_generation openai_api serve_load quality optimize edge finetune lora
 
 # bench/quality.py's reference GPT needs torch (the `reference` extra): the CPU build on these
 # machines' disk, beside the lock without hashes (that file's hash is not PyPI's CUDA build's);
 # the lock keeps every pin it shares.
 bench: venv
-	$(BIN)/python -m pip install --quiet --no-build-isolation -c $(LOCK) -e '.[reference]'
+	grep -E '^[A-Za-z0-9_.-]+==' $(LOCK) | sed 's/ *\\$$//' > $(VENV)/constraints.txt  # the lock's pins, no hashes
+	$(BIN)/python -m pip install --quiet --no-build-isolation -c $(VENV)/constraints.txt -e '.[reference]'
 	set -o pipefail; for b in $(BENCHES); do \
 	  case $$b in quality) args=--reuse;; finetune) args=--in_domain;; *) args=;; esac; \
 	  $(BIN)/python bench/$$b.py $$args | tee bench/results/$$b.md || exit 1; \
