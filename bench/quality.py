@@ -86,7 +86,9 @@ def _finished(run: pathlib.Path, model_config, train_config):
         metrics = json.loads((run / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
-    saved_model = {k: v for k, v in config.get("model", {}).items() if k != "dropout"}
+    # Settings added since the run was trained take their defaults (what the run trained with).
+    saved = models.config_to_json(models.config_from_json(config["model"])) if "model" in config else {}
+    saved_model = {k: v for k, v in saved.items() if k != "dropout"}
     wanted_model = {k: v for k, v in models.config_to_json(model_config).items() if k != "dropout"}
     saved_train = config.get("train", {})
     same = (saved_model == wanted_model and metrics.get("steps") == train_config.steps
