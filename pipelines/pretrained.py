@@ -34,12 +34,12 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 import models
-from pipelines import checkpoints, pretrained_llama, tokenizers
+from pipelines import checkpoints, hf_tensors, pretrained_llama, tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError
 from pipelines.progress import Progress
@@ -234,23 +234,8 @@ def assign(model, checkpoint: Checkpoint) -> None:
         pretrained_llama.assign(model, checkpoint.config, checkpoint.weights)
         return
     d = checkpoint.config.d_model
-    w = checkpoint.weights
-    used: set[str] = set()
-
-    def take(name: str, part: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> np.ndarray:
-        if name not in w:
-            raise UserError(f"the checkpoint has no tensor {name}; is it a whole GPT-2 checkpoint?")
-        used.add(name)
-        return part(w[name])
-
-    def put(layer_name: str, *values: np.ndarray) -> None:
-        layer = model.get_layer(layer_name)
-        for variable, value in zip(layer.weights, values):
-            if tuple(variable.shape) != value.shape:
-                raise UserError(f"{layer_name}: the checkpoint's tensor has shape {list(value.shape)}, its "
-                                f"config.json says {variable.shape.as_list()}; the files do not belong together")
-            variable.assign(value)
-
+    copier = hf_tensors.Copier(model, checkpoint.weights, "GPT-2")
+    take, put = copier.take, copier.put
     put("token_embedding", take("wte.weight"))
     put("position_embedding", take("wpe.weight"))
     for i in range(checkpoint.config.layers):
@@ -262,11 +247,7 @@ def assign(model, checkpoint: Checkpoint) -> None:
                              ("mlp_in", "mlp.c_fc"), ("mlp_out", "mlp.c_proj")):
             put(f"block{i}_{ours}", take(f"{h}{theirs}.weight"), take(f"{h}{theirs}.bias"))
     put("final_ln", take("ln_f.weight"), take("ln_f.bias"))
-    # GPT-2's causal-mask buffers (h.N.attn.bias / masked_bias) are constants, not weights.
-    extra = sorted(k for k in w if k not in used and not k.endswith(("attn.bias", "attn.masked_bias")))
-    if extra:
-        raise UserError(f"the checkpoint has tensors lmstack's GPT-2 has no place for ({', '.join(extra[:3])}"
-                        f"{', ...' if len(extra) > 3 else ''}); is it GPT-2?")
+    copier.check_all_used(constants=("attn.bias", "attn.masked_bias"))  # GPT-2's causal-mask buffers
 
 
 def _write_tokenizer(checkpoint: Checkpoint, directory: pathlib.Path) -> None:

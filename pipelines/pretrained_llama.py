@@ -28,11 +28,12 @@ import dataclasses
 import json
 import pathlib
 import struct
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 import models
+from pipelines import hf_tensors
 from pipelines.errors import UserError
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -238,23 +239,8 @@ def assign(model, config: models.GPTConfig, weights: dict[str, np.ndarray]) -> N
     Raises:
         UserError: a tensor missing, of another shape, or left over.
     """
-    used: set[str] = set()
-
-    def take(name: str, part: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> np.ndarray:
-        if name not in weights:
-            raise UserError(f"the checkpoint has no tensor {name}; is it a whole {', '.join(ARCHITECTURES)} "
-                            "checkpoint?")
-        used.add(name)
-        return part(weights[name])
-
-    def put(layer_name: str, *values: np.ndarray) -> None:
-        layer = model.get_layer(layer_name)
-        for variable, value in zip(layer.weights, values):
-            if tuple(variable.shape) != value.shape:
-                raise UserError(f"{layer_name}: the checkpoint's tensor has shape {list(value.shape)}, its "
-                                f"config.json says {variable.shape.as_list()}; the files do not belong together")
-            variable.assign(value)
-
+    copier = hf_tensors.Copier(model, weights, " / ".join(ARCHITECTURES))
+    take, put = copier.take, copier.put
     transpose = np.transpose  # Hugging Face's Linear weights are [out, in]; Dense kernels [in, out]
     put("token_embedding", take("embed_tokens.weight"))
     for i in range(config.layers):
@@ -277,13 +263,10 @@ def assign(model, config: models.GPTConfig, weights: dict[str, np.ndarray]) -> N
         if head is not None and not np.array_equal(head, weights["embed_tokens.weight"]):
             raise UserError("the checkpoint's lm_head differs from its token embedding, which its config.json "
                             "says are tied (tie_word_embeddings)")
-        used.add("lm_head.weight")
+        copier.used.add("lm_head.weight")
     else:
         put("logits", take("lm_head.weight", transpose))
-    extra = sorted(k for k in weights if k not in used and not k.endswith("rotary_emb.inv_freq"))
-    if extra:
-        raise UserError(f"the checkpoint has tensors lmstack's block has no place for ({', '.join(extra[:3])}"
-                        f"{', ...' if len(extra) > 3 else ''})")
+    copier.check_all_used(constants=("rotary_emb.inv_freq",))
 
 
 def _json(file: pathlib.Path) -> dict[str, Any]:
