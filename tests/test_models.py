@@ -12,16 +12,17 @@ from models.layers import custom_objects
 VOCAB = 24
 T = 12
 
-# The two families and the transformer's two blocks (GPT-2's, Llama's) get every
-# check; the other variants (tied or untied output, GRU cell, activations, bias
-# kinds) get the structural ones (`any_variant`), which is where they differ.
+# The two families get every check; the transformer's other block (Llama's) also
+# the decoding ones (`decodes`: rotary positions per row), and every variant (tied
+# or untied output, GRU cell, activations, bias kinds) the structural ones
+# (`any_variant`), which is where they differ.
 FAMILIES = {
     "gpt": ("transformer", "tiny", {}),
-    "llama": ("transformer", "llama-tiny", {}),
     "lstm": ("lstm", "tiny", {}),
 }
+DECODERS = {**FAMILIES, "llama": ("transformer", "llama-tiny", {})}
 VARIANTS = {
-    **FAMILIES,
+    **DECODERS,
     "lstm_tied": ("lstm", "tiny", {"tie_embeddings": True}),
     "gru": ("lstm", "tiny", {"cell": "gru"}),
     "gpt_tanh_gelu": ("transformer", "tiny", {"activation": "gelu_tanh"}),  # GPT-2's (lmstack import)
@@ -40,6 +41,11 @@ def _build(name):
 
 @pytest.fixture(params=list(FAMILIES), scope="module")
 def built(request):
+    return _build(request.param)
+
+
+@pytest.fixture(params=list(DECODERS), scope="module")
+def decodes(request):
     return _build(request.param)
 
 
@@ -168,8 +174,8 @@ def test_save_and_load(built, tmp_path):
 
 
 @pytest.mark.slow
-def test_batched_prompts_of_different_lengths_match_one_by_one(built):
-    config, model = built
+def test_batched_prompts_of_different_lengths_match_one_by_one(decodes):
+    config, model = decodes
     generator = decoding.Generator(models.decoder(model, config))
     prompts = [[3, 4, 5], [6, 7, 8, 9, 10, 11], [12]]
     for sampler in (samplers.SamplerConfig(), samplers.SamplerConfig("top_p", temperature=2.0, seed=3)):
@@ -229,10 +235,10 @@ def test_stop_tokens_end_a_row(built):
     assert cut == greedy[:greedy.index(stop)]
 
 
-def test_rows_at_their_own_positions_continue_as_generate_does(built):
+def test_rows_at_their_own_positions_continue_as_generate_does(decodes):
     # A server's step path (start_rows, then continue_rows a few steps at a time, each row at its
     # own position) must make generate's tokens: greedy, prompts of three lengths.
-    config, model = built
+    config, model = decodes
     decoder = models.decoder(model, config)
     prompts, new = [[1, 5, 7], [2], [4, 4, 9, 4, 4]], 7
     expected = decoding.Generator(decoder).generate(prompts, new)
