@@ -72,6 +72,8 @@ def main() -> None:
                 shutil.rmtree(run)
         for kind, walls in runs.items():
             per_step = (walls[long]["seconds"] - walls[short]["seconds"]) / (long - short)
+            if per_step <= 0:  # start-up noise larger than the steps between the two runs
+                per_step = float("nan")
             rows.append({"preset": preset, "method": kind if kind == "full" else f"LoRA rank {args.rank}",
                          "params": walls[long]["result"]["params"], "seconds_per_step": per_step,
                          "tokens_per_s": BATCH * args.seq_len / per_step,
@@ -87,7 +89,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['preset']} | {r['method']} | {r['params']:,} | {r['seconds_per_step']:.2f} | "
               f"{r['tokens_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} |")
-    print(f"\n(s/step differenced between {short} and {long} steps; full and LoRA runs alternate)")
+    print(f"\n(s/step differenced between {short} and {long} steps, one run each; full and LoRA runs alternate; "
+          "nan: the start-up noise outgrew the difference, rerun with longer --lengths)")
     result = {"benchmark": "lora", "seq_len": args.seq_len, "batch": BATCH, "vocab_size": vocab, "rank": args.rank,
               "lengths": [short, long], "rows": rows,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
