@@ -37,7 +37,9 @@ def make_config(family: str, preset: str, vocab_size: int, **overrides: Any) -> 
 
 
 def config_to_json(config: ModelConfig) -> dict[str, Any]:
-    return {"family": family_of(config), **dataclasses.asdict(config)}
+    """The config as JSON holds it (tuples as lists), with its family."""
+    return {"family": family_of(config),
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}}
 
 
 def config_from_json(data: dict[str, Any]) -> ModelConfig:
