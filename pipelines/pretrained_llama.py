@@ -148,12 +148,6 @@ class Tokenizer:
     bos: str | None
     specials: list[str]
 
-    @property
-    def size(self) -> int:
-        if self.sentencepiece is None:
-            return len(self.vocabulary)
-        return len(sentencepiece_pieces(self.sentencepiece))
-
 
 def sentencepiece_pieces(proto: bytes) -> list[str]:
     from sentencepiece import sentencepiece_model_pb2
