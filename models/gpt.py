@@ -258,28 +258,54 @@ class GPTDecoder:
         Returns:
             `(logits [B, S, V] float32, updated cache)`.
         """
-        c, get = self.config, self._layer
-        index = tf.convert_to_tensor(index, tf.int32)
-        length = tf.shape(ids)[1]
-        max_length = tf.shape(cache)[3]
-        q_positions = index + tf.range(length)
-        k_positions = tf.range(max_length)
-        x, table = get("token_embedding")(ids)
-        if c.positions == "learned":
-            x = get("position_embedding")(x, start_index=index)  # (B, S, d)
         layer_caches = tf.unstack(cache, axis=1)  # c.layers x (B, 2, max_len, d)
         new_cache = []
-        for block, layer_cache in zip(self.blocks, layer_caches):
-            def attend(q, k, v, layer_cache=layer_cache):
-                kv = tf.stack([k, v], axis=1)  # (B, 2, S, d)
-                layer_cache = write_cache(layer_cache, kv, q_positions)  # (B, 2, max_len, d)
-                new_cache.append(layer_cache)
-                keys, values = tf.unstack(layer_cache, axis=1)  # (B, max_len, d) each
+
+        def write(i, k, v, positions):
+            layer_cache = write_cache(layer_caches[i], tf.stack([k, v], axis=1), positions)  # (B, 2, max_len, d)
+            new_cache.append(layer_cache)
+            return tf.unstack(layer_cache, axis=1)  # keys, values (B, max_len, d)
+
+        logits = self._cached(ids, index, tf.shape(cache)[3], write)
+        return logits, tf.stack(new_cache, axis=1)
+
+    def call_with_parts(self, ids: tf.Tensor, parts: list[tf.Tensor], index) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """`call_with_cache` on a cache held as one tensor per layer and kind, `[B, 1, max_len, kv_dim]`
+        each (keys of layer 0, its values, keys of layer 1, ...): LiteRT-LM's `kv_cache_k_i` /
+        `kv_cache_v_i` layout, which lmstack's TFLite files use (`serving.exporters.tflite`).
+
+        Positions past the cache are dropped, not written (a padded prefill chunk may run past the
+        end), and read the last position's embedding; no valid position is affected.
+
+        Returns:
+            `(logits [B, S, V] float32, parts)`.
+        """
+        new_parts = []
+
+        def write(i, k, v, positions):
+            for new, old in ((k, parts[2 * i]), (v, parts[2 * i + 1])):
+                new_parts.append(write_cache(old, new[:, tf.newaxis], positions))
+            return tf.squeeze(new_parts[-2], 1), tf.squeeze(new_parts[-1], 1)  # a reshape, not a slice's copy
+
+        return self._cached(ids, index, tf.shape(parts[0])[2], write), new_parts
+
+    def _cached(self, ids: tf.Tensor, index, max_length, write: Callable) -> tf.Tensor:
+        """The forward pass of `ids` at positions `index ..` against a cache of `max_length` positions
+        that `write(layer, k, v, positions)` updates, returning the layer's keys and values to attend."""
+        c, get = self.config, self._layer
+        index = tf.convert_to_tensor(index, tf.int32)
+        q_positions = index + tf.range(tf.shape(ids)[1])
+        x, table = get("token_embedding")(ids)
+        if c.positions == "learned":
+            x = get("position_embedding")(x, positions=q_positions)  # (B, S, d)
+        k_positions = tf.range(max_length)
+        for i, block in enumerate(self.blocks):
+            def attend(q, k, v, i=i):
+                keys, values = write(i, k, v, q_positions)
                 return layers.attention(q, keys, values, c.heads, q_positions, k_positions, c.kv_heads)
 
             x = block(x, attend, start=index)
-        logits = self._logits(get("final_ln")(x), table)
-        return logits, tf.stack(new_cache, axis=1)
+        return self._logits(get("final_ln")(x), table)
 
     def _logits(self, x: tf.Tensor, table: tf.Tensor) -> tf.Tensor:
         """The output layer: through the tied embedding `table`, or a matrix of its own."""

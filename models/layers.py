@@ -76,6 +76,8 @@ class PositionEmbedding(keras.layers.Layer, PrunableLayer):
         x: float `[B, T, d]`.
         start_index: position of `x[:, 0]` (cached decoding feeds later positions): a scalar, or
             int `[B]`, one per row (a server's batch of sequences at different positions).
+        positions: int `[T]`, the positions of every row's tokens instead of `start_index`'s; one
+            past the table reads its last row (a padded TFLite prefill chunk may run past the end).
     """
 
     def __init__(self, max_length: int, initializer_stddev: float = 0.02, **kwargs):
@@ -89,9 +91,11 @@ class PositionEmbedding(keras.layers.Layer, PrunableLayer):
             initializer=keras.initializers.RandomNormal(stddev=self.initializer_stddev))
         super().build(input_shape)
 
-    def call(self, x, start_index=0):
+    def call(self, x, start_index=0, positions=None):
         length = tf.shape(x)[1]
         table = tf.convert_to_tensor(self.positions)
+        if positions is not None:
+            return x + tf.gather(table, tf.minimum(positions, self.max_length - 1))[tf.newaxis]  # (B, T, d)
         start_index = tf.convert_to_tensor(start_index, tf.int32)
         if start_index.shape.rank == 1:
             return x + tf.gather(table, start_index[:, tf.newaxis] + tf.range(length)[tf.newaxis, :])  # (B, T, d)

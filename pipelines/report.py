@@ -126,6 +126,10 @@ def collect(workdir: str | os.PathLike, latency: bool = True, progress: Progress
         rows.append(Row(path.stem, "tflite", info.get("family", ""), tflite_bytes=path.stat().st_size,
                         perplexity=figures.get("perplexity"), bits_per_char=figures.get("bits_per_char"),
                         ms_per_token=figures.get("ms_per_token")))
+    for path in sorted((wd.root / "tflite").glob("*.litertlm")):  # LiteRT-LM bundles of those files
+        inside = next((r for r in rows if r.variant == path.stem and r.method == "tflite"), None)
+        rows.append(dataclasses.replace(inside, method="litertlm", tflite_bytes=path.stat().st_size) if inside
+                    else Row(path.stem, "litertlm", "transformer", tflite_bytes=path.stat().st_size))
     return rows
 
 

@@ -47,16 +47,17 @@ def test_signatures_shapes_and_built_in_ops(run):
     assert t == model["seq_len"]
     sigs = info["signatures"]
     if family == "transformer":
-        assert set(sigs) == {"prefill", "decode"}
-        cache = [1, model["layers"], 2, t, model["d_model"]]
-        assert sigs["prefill"]["inputs"]["tokens"] == {"shape": [1, t], "dtype": "int32"}
-        assert sigs["prefill"]["outputs"]["logits"]["shape"] == [1, t, model["vocab_size"]]
-        assert sigs["prefill"]["outputs"]["cache"]["shape"] == cache
-        assert sigs["decode"]["inputs"]["cache"]["shape"] == cache
-        assert sigs["decode"]["inputs"]["position"]["shape"] == []
-        assert sigs["decode"]["outputs"]["logits"]["shape"] == [1, model["vocab_size"]]
-        # No slice of the cache or of a layer's keys and values: TFLite's STRIDED_SLICE copies element
-        # by element (5x slower decoding); the cache is taken apart by UNPACK, block copies.
+        assert set(sigs) == {f"prefill_{t}", "decode"}  # the default prefill lengths are past this context
+        cache = [1, 1, t, model["d_model"]]
+        names = {f"kv_cache_{kind}_{i}" for i in range(model["layers"]) for kind in "kv"}
+        for name, length in ((f"prefill_{t}", t), ("decode", 1)):
+            inputs, outputs = sigs[name]["inputs"], sigs[name]["outputs"]
+            assert set(inputs) == {"tokens", "input_pos"} | names and set(outputs) == {"logits"} | names
+            assert inputs["tokens"] == {"shape": [1, length], "dtype": "int32"}
+            assert inputs["input_pos"] == {"shape": [length], "dtype": "int32"}
+            assert outputs["logits"]["shape"] == [1, length, model["vocab_size"]]
+            assert all(inputs[n]["shape"] == outputs[n]["shape"] == cache for n in names)
+        # No slice of a cache: TFLite's STRIDED_SLICE copies element by element (5x slower decoding).
         for signature in sigs:
             assert max(sliced_sizes(path.read_bytes(), signature), default=0) < 2 * t * model["d_model"], signature
     else:

@@ -10,9 +10,11 @@ workdir): texts (or their token ids) in, class scores out.
 Needs nothing of lmstack but the .tflite: its TFLite Metadata describes the model and
 its packed files hold the tokenizer and the sidecar's content (`serving.edge.metadata`;
 files of format 1 read the JSON sidecar and tflite/tokenizer/ next to them).
-`model.tokenizer` turns text into ids without TensorFlow. The transformer runs `prefill`
-once on the right-padded prompt and `decode` per new token; the LSTM runs `step` per
-token. `window_logits` scores a whole window (`prefill` or `sequence`), for evaluation.
+`model.tokenizer` turns text into ids without TensorFlow. The transformer runs the
+shortest `prefill_N` that holds the right-padded prompt, then `decode` per new token
+(LiteRT-LM's signatures; files before format 4: `prefill` and `decode` over one cache);
+the LSTM runs `step` per token. `window_logits` scores a whole window (the whole
+cache's prefill, or `sequence`), for evaluation.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ SIDECAR = "lmstack.json"  # the sidecar's content, packed in the file (serving.e
 #   1  nothing packed: NAME.json and tokenizer/ sit next to the file
 #   2  the sidecar packed as lmstack.json, with the tokenizer's config in it
 #   3  the sidecar packed as lmstack.json; the tokenizer's config is the packed tokenizer.json
-FORMAT = 3
+#   4  as 3; the transformer's signatures are LiteRT-LM's (prefill_N and decode over kv_cache_k_i,
+#      kv_cache_v_i; before: prefill and decode over one `cache`)
+FORMAT = 4
 
 
 def _read(path: str) -> bytes:
@@ -83,8 +87,18 @@ class EdgeModel:
         self.max_seq_len = int(self.info["max_seq_len"])
         self.eos_id = int(self.info["eos_id"])
         self.batch_size = int(self.info.get("batch_size", 1))  # rows per call, decoded in lockstep
-        names = ("prefill", "decode") if self.family == "transformer" else ("sequence", "step")
-        self._window, self._step = (self.interpreter.get_signature_runner(n) for n in names)
+        signatures = self.interpreter.get_signature_list()
+        self._prefills: dict[int, object] = {}  # LiteRT-LM's convention (format 4): length -> prefill_N
+        if self.family == "transformer" and "prefill" not in signatures:
+            self._prefills = {int(name.split("_")[1]): self.interpreter.get_signature_runner(name)
+                              for name in signatures if name.startswith("prefill_")}
+            self._window, self._step = self._prefills[self.max_seq_len], self.interpreter.get_signature_runner("decode")
+            self._zero_caches = {name: np.zeros(detail["shape"], np.float32)
+                                 for name, detail in self._step.get_input_details().items()
+                                 if name.startswith("kv_cache_")}
+        else:
+            names = ("prefill", "decode") if self.family == "transformer" else ("sequence", "step")
+            self._window, self._step = (self.interpreter.get_signature_runner(n) for n in names)
         if self.family == "lstm":  # its state: h and c per layer (older files: one `state` holding both)
             self._zero_state = {name: np.zeros(detail["shape"], np.float32)
                                 for name, detail in self._step.get_input_details().items() if name != "token"}
@@ -102,10 +116,13 @@ class EdgeModel:
 
     def window_logits(self, tokens: np.ndarray) -> np.ndarray:
         """Logits `[T, V]` for one window of `max_seq_len` token ids."""
-        tokens = np.asarray(tokens, np.int32).reshape(1, self.max_seq_len)
+        tokens = np.repeat(np.asarray(tokens, np.int32).reshape(1, self.max_seq_len), self.batch_size, axis=0)
         if self._stateful:
             self.interpreter.reset_all_variables()
-        return self._window(tokens=np.repeat(tokens, self.batch_size, axis=0))["logits"][0]
+        if self._prefills:
+            return self._window(tokens=tokens, input_pos=np.arange(self.max_seq_len, dtype=np.int32),
+                                **self._zero_caches)["logits"][0]
+        return self._window(tokens=tokens)["logits"][0]
 
     def steps(self, prompt: Sequence[int]):
         """A generator protocol: yields next-token logits `[V]`, receives the chosen token.
@@ -135,6 +152,9 @@ class EdgeModel:
         if self.family == "transformer":
             if n > self.max_seq_len:
                 raise ValueError(f"a prompt of {n} tokens does not fit max_seq_len={self.max_seq_len}")
+            if self._prefills:
+                yield from self._cached_steps(rows)
+                return
             tokens = np.zeros([self.batch_size, self.max_seq_len], np.int32)
             tokens[:, :n] = rows
             out = self._window(tokens=tokens)
@@ -155,6 +175,26 @@ class EdgeModel:
             out = self._step(token=np.array(chosen, np.int32).reshape(-1, 1), **state)
             state = {name: out[name] for name in state}
             chosen = yield out["logits"]
+
+    def _cached_steps(self, rows: np.ndarray):
+        """`batch_steps` on LiteRT-LM's signatures, scheduled as the LiteRT-LM engine schedules them, so
+        that an int8 file (whose signatures each have their own ranges) gives the engine's tokens:
+        `prefill_chunks` through the prefills, the last prompt token and each new one through `decode`,
+        the caches passed from call to call."""
+        n = rows.shape[1]
+        caches = self._zero_caches
+        for length, start, stop in prefill_chunks(n, sorted(self._prefills), self.max_seq_len):
+            tokens = np.zeros([self.batch_size, length], np.int32)
+            tokens[:, :stop - start] = rows[:, start:stop]
+            out = self._prefills[length](tokens=tokens, input_pos=np.arange(start, start + length, dtype=np.int32),
+                                         **caches)
+            caches = {name: out[name] for name in caches}
+        chosen = rows[:, -1]
+        for position in range(n - 1, self.max_seq_len):
+            out = self._step(tokens=np.array(chosen, np.int32).reshape(-1, 1),
+                             input_pos=np.array([position], np.int32), **caches)
+            caches = {name: out[name] for name in caches}
+            chosen = yield out["logits"][:, 0]
 
     def complete(self, prompt: str, max_new_tokens: int, **sampling) -> str:
         """The text that follows `prompt` (a new document when it is empty), up to [EOS].
@@ -251,6 +291,27 @@ class EdgeModel:
             position += 1
         rows.close()
         return new
+
+
+def prefill_chunks(n: int, lengths: Sequence[int], context: int) -> list[tuple[int, int, int]]:
+    """How the LiteRT-LM engine (0.18) prefills a prompt of `n` tokens: `(prefill length, start, stop)`
+    per call, tokens `start .. stop - 1` right-padded to the length. Read off the engine by running a
+    file whose caches record which signature wrote each position (docs/guide.md):
+
+    - the prompt's ids are cut into chunks, each the longest prefill length that the ids left fill
+      and the cache holds from there, and a last one right-padded into the shortest that takes the rest;
+    - a call holds its chunk's ids but the last, which waits for the next call (before that chunk's
+      ids), and the prompt's last id goes to `decode`.
+    """
+    chunks, pending, start = [], 0, 0
+    while start < n:
+        fitting = [k for k in lengths if k <= n - start and start + k <= context]
+        length = max(fitting) if fitting else min(k for k in lengths if k >= n - start)
+        stop = min(start + length, n)
+        if stop - 1 > pending:  # its tokens: the one waiting, and the chunk's ids but its last
+            chunks.append((length, pending, stop - 1))
+        pending, start = stop - 1, stop
+    return chunks
 
 
 class EdgeClassifier:

@@ -158,7 +158,7 @@ def _byte_level_bpe(config: Mapping[str, Any], files: Mapping[str, bytes]):
     special = config.get("special_ids", {"pad": 0, "eos": 3})
     skip = ({vocab[t] for t in config.get("reserved_tokens", RESERVED) if t in vocab}
             | {int(v) for v in special.values()})
-    return tokenizer, vocab[_byte_char(0)], skip
+    return tokenizer, vocab[byte_char(0)], skip
 
 
 # keras-nlp's GPT-2 split as RE2 runs it (RE2 has no lookahead; its \s is [\t\n\f\r ]): a marker
@@ -200,7 +200,7 @@ def _split_keeping(text: str, pattern: str) -> list[str]:
     return [p for p in pieces + [text[start:]] if p]
 
 
-def _byte_char(byte: int) -> str:
+def byte_char(byte: int) -> str:
     """GPT-2's printable stand-in for a byte (its bytes_to_unicode table)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     if byte in printable:

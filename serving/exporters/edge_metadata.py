@@ -25,16 +25,19 @@ LABELS = "labels.txt"
 
 # What each tensor of each signature holds (B: batch_size, T: max_seq_len, V: vocabulary, L: layers).
 _TENSORS = {
-    "prefill": {
-        "tokens": "Token ids [B, T]: the prompt (starting after [EOS] for a new document), right-padded.",
-        "logits": "Next-token logits [B, T, V] at every position; read the prompt's last real position.",
-        "cache": "Keys and values [B, L, 2, T, d] of every position, for `decode`."},
+    "prefill": {  # any prefill_N
+        "tokens": "Token ids [B, N] at positions input_pos[0] .., right-padded (padding writes positions that "
+                  "later tokens overwrite).",
+        "input_pos": "The tokens' positions [N]; only input_pos[0] is read.",
+        "logits": "Next-token logits [B, N, V] at every position; read the last real token's.",
+        "kv_cache": "Layer {i}'s {kind} [B, 1, T, d] of every position: zeros to start, then the last call's.",
+        "kv_cache_out": "Layer {i}'s {kind} with these tokens' written at their positions."},
     "decode": {
-        "token": "The token just chosen [B, 1].",
-        "cache": "The cache from `prefill` or the previous `decode`.",
-        "position": "The token's position, one for every row (the prompt's length, then one more each call).",
-        "logits": "Next-token logits [B, V].",
-        "cache_out": "The cache with this token's keys and values."},
+        "tokens": "The token just chosen [B, 1].",
+        "input_pos": "Its position [1]: the prompt's length, then one more each call.",
+        "logits": "Next-token logits [B, 1, V].",
+        "kv_cache": "Layer {i}'s {kind} [B, 1, T, d] from the last prefill or decode.",
+        "kv_cache_out": "Layer {i}'s {kind} with this token's written at its position."},
     "sequence": {
         "tokens": "Token ids [B, T] of a window, scored from a zero state.",
         "logits": "Next-token logits [B, T, V] at every position."},
@@ -68,11 +71,15 @@ def populate(flat: bytes, info: dict[str, Any], tokenizer_files: dict[str, bytes
     graph = model.Subgraphs(0)
     inputs = _tensor_names(signature.Inputs, signature.InputsLength(), graph.InputsAsNumpy())
     outputs = _tensor_names(signature.Outputs, signature.OutputsLength(), graph.OutputsAsNumpy())
-    table = _TENSORS.get(key, {})
+    table = _TENSORS.get(key.split("_")[0] if key.startswith("prefill_") else key, {})
 
-    def described(name: str, out: bool = False) -> str:  # the LSTM's h0, c0, h1, ...: one text per kind
+    def described(name: str, out: bool = False) -> str:  # one text per kind of h0, c0, ..., kv_cache_k_0, ...
+        suffix = "_out" if out else ""
+        if name.startswith("kv_cache_"):
+            _, _, kind, layer = name.split("_")
+            return table.get("kv_cache" + suffix, "").format(i=layer, kind={"k": "keys", "v": "values"}[kind])
         layer = name[1:] if name[:1] in ("h", "c") and name[1:].isdigit() else None
-        return table.get((name[0] if layer else name) + ("_out" if out else ""), "").format(i=layer)
+        return table.get((name[0] if layer else name) + suffix, "").format(i=layer)
 
     output_tensors = []
     for name in outputs:
@@ -139,7 +146,8 @@ def _description(info: dict[str, Any]) -> str:
     else:
         rows = f" {info['batch_size']} rows a call, decoded in lockstep." if info.get("batch_size", 1) > 1 else ""
         what = (f"Generates text: start after [EOS], stop at it.{rows} " + (
-            "Run `prefill` on the right-padded prompt, then `decode` per new token." if info["family"] == "transformer"
+            "Run a `prefill_N` on the prompt (right-padded to N), then `decode` per new token, passing the "
+            "kv caches from call to call (LiteRT-LM's signatures)." if info["family"] == "transformer"
             else "Run `step` per token from a zero state; `sequence` scores a window."))
     weights = "float32" if info["quantize"] == "none" else info["quantize"]
     return (f"{what} Tokenizer: {tokenizer['kind']}, {tokenizer['vocab_size']} ids ({ids}); its files are packed "

@@ -3,18 +3,21 @@
 The file holds signatures an app calls step by step, with fixed shapes
 (`max_seq_len` tokens, batch 1 or `--batch_size` rows decoded in lockstep):
 
-    transformer  prefill(tokens int32 [B, T])              -> logits [B, T, V], cache [B, L, 2, T, d]
-                 decode(token int32 [B, 1], cache, position int32 []) -> logits [B, V], cache
+    transformer  prefill_N(tokens int32 [B, N], input_pos int32 [N], kv_cache_k_0, kv_cache_v_0, ...)
+                     -> logits [B, N, V], kv_cache_k_0, kv_cache_v_0, ...   (kv caches [B, 1, max_seq_len, d])
+                 decode(tokens int32 [B, 1], input_pos int32 [1], kv caches) -> logits [B, 1, V], kv caches
     lstm         sequence(tokens int32 [B, T])             -> logits [B, T, V]
                  step(token int32 [B, 1], h0, c0, h1, c1, ... [B, units]) -> logits [B, V], h0, c0, ...
 
-`prefill` runs a (right-padded) prompt at once; the app reads the logits at
-its last real position and calls `decode` from there. The LSTM's `step`
-carries the state token by token through the cells' arithmetic (prompts and
-generation); `sequence` scores a window from a zero state by running that
-same step in a WHILE loop, so the file holds one set of weights. (TFLite's
-fused UNIDIRECTIONAL_SEQUENCE_LSTM kernel needs its own transposed copy of
-every gate matrix, and was no faster on a window: docs/results.md.)
+The transformer's signatures are LiteRT-LM's (Google's on-device LLM engine; its
+runtime's contract): a `prefill_N` per length of `--prefill_lengths` and one of the
+whole cache (which scores a window), and `decode`. Each writes the keys and values of
+its tokens at positions `input_pos[0] ..` of every layer's cache and returns the
+caches, so a runtime may bind each cache's input and output to one buffer. Prompts
+go through the prefills in chunks (a short chunk right-padded: its padding writes
+positions that later tokens overwrite before any query reads them), the chosen
+tokens through `decode`. `--format=litertlm` packs the same file with its tokenizer
+and LlmMetadata into a `.litertlm` bundle the engine runs (`serving.exporters.litertlm`).
 
 Only TFLite built-in ops are allowed: a model that would need Flex
 (SELECT_TF_OPS) kernels does not run in ai-edge-litert, so conversion fails
@@ -51,13 +54,13 @@ from pipelines.errors import ConfigError, UserError, check_choice
 from pipelines.progress import Progress
 from serving import edge
 from serving.edge import metadata as tflite_metadata
-from serving.exporters import edge_metadata
+from serving.exporters import edge_metadata, litertlm
 
 Quantize = Literal["none", "float16", "dynamic", "int8"]
 QUANTIZATIONS = typing.get_args(Quantize)
+Format = Literal["tflite", "litertlm"]
 TFLITE_DIR = "tflite"
 PREFILL, DECODE, SEQUENCE, STEP, CLASSIFY = "prefill", "decode", "sequence", "step", "classify"
-SIGNATURES = {"transformer": (PREFILL, DECODE), "lstm": (SEQUENCE, STEP)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,10 @@ class TFLiteConfig:
             instead of one per matrix. Off by default: each signature stores its own copy of
             every weight's scales and int64 zero points, 18 % of the `small` transformer's int8
             file, for 0.01 % perplexity there (docs/results.md).
+        prefill_lengths: a transformer's prefill signatures besides the whole cache's (lengths not
+            shorter than max_seq_len are dropped): a runtime prefills a prompt in chunks of these.
+        format: tflite (lmstack's file, run by `serving.edge`), or litertlm: that file and a
+            `.litertlm` bundle of it for Google's LiteRT-LM engine (transformers only).
     """
     variant: str = ""
     quantize: Quantize = "none"
@@ -83,10 +90,15 @@ class TFLiteConfig:
     calibration_windows: int = 32
     batch_size: int = 1
     per_channel: bool = False
+    prefill_lengths: tuple[int, ...] = (32, 128)
+    format: Format = "tflite"
 
     def validate(self) -> None:
         """The checks that need no model (the pipeline runs them before its first stage)."""
         check_choice("quantize", self.quantize, QUANTIZATIONS)
+        check_choice("format", self.format, typing.get_args(Format))
+        if any(n < 1 for n in self.prefill_lengths):
+            raise ConfigError("prefill_lengths", ",".join(map(str, self.prefill_lengths)), "must be at least 1 each")
         for name in ("calibration_windows", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, getattr(self, name), "must be at least 1")
@@ -117,8 +129,26 @@ def find(workdir: str | os.PathLike, variant: str = "", quantize: str = "none") 
     return path
 
 
-def signature_functions(model, config, seq_len: int, batch: int = 1, cell_clip: float = 0.0) -> dict[str, Callable]:
+def cache_names(layers: int) -> list[str]:
+    """A transformer file's cache inputs and outputs, LiteRT-LM's names: kv_cache_k_0, kv_cache_v_0, ..."""
+    return [f"kv_cache_{kind}_{i}" for i in range(layers) for kind in "kv"]
+
+
+def prefill_name(length: int) -> str:
+    return f"{PREFILL}_{length}"
+
+
+def prefill_lengths(seq_len: int, asked: typing.Iterable[int] = ()) -> list[int]:
+    """The prefill signatures' lengths: those asked that are shorter than the cache, and the cache's."""
+    return sorted({n for n in asked if n < seq_len} | {seq_len})
+
+
+def signature_functions(model, config, seq_len: int, batch: int = 1, cell_clip: float = 0.0,
+                        prefill: typing.Iterable[int] = ()) -> dict[str, Callable]:
     """The family's signatures as tf.functions with fixed input shapes (`batch` rows of `seq_len` tokens).
+
+    A transformer gets LiteRT-LM's signatures (one `prefill_N` per length of `prefill_lengths`, and
+    `decode`); see the module's docstring.
 
     `cell_clip` > 0 keeps the LSTM's memory `c` within ±cell_clip after every token (TFLite's own
     LSTM kernel has the same option), for int8 files: see `CELL_CLIP`.
@@ -128,23 +158,19 @@ def signature_functions(model, config, seq_len: int, batch: int = 1, cell_clip: 
     tokens = tf.TensorSpec([batch, seq_len], tf.int32, name="tokens")
     token = tf.TensorSpec([batch, 1], tf.int32, name="token")
     if family == "transformer":
-        cache = tf.TensorSpec(decoder.init_cache(batch, seq_len).shape, tf.float32, name="cache")
+        parts = [tf.TensorSpec([batch, 1, seq_len, config.kv_dim], tf.float32, name=name)
+                 for name in cache_names(config.layers)]
 
-        def prefill(tokens):
-            # 0 (token ids are >= 0), but computed from the input: with a constant 0 the converter folds
-            # the causal mask and the position rows into [T, T] constants the file would carry (80 KB
-            # of a `small` float32 file, 32 KB of its int8 one).
-            start = tf.minimum(tokens[0, 0], 0)
-            logits, cache = decoder.call_with_cache(tokens, decoder.init_cache(batch, seq_len), start)
-            return {"logits": logits, "cache": cache}
+        def signature(length: int):
+            def run(tokens, input_pos, *caches):
+                logits, caches = decoder.call_with_parts(tokens, list(caches), input_pos[0])
+                return {"logits": logits, **{spec.name: cache for spec, cache in zip(parts, caches)}}
 
-        def decode(token, cache, position):
-            logits, cache = decoder.call_with_cache(token, cache, position)
-            return {"logits": logits[:, 0], "cache": cache}
+            return tf.function(run, input_signature=[tf.TensorSpec([batch, length], tf.int32, name="tokens"),
+                                                     tf.TensorSpec([length], tf.int32, name="input_pos"), *parts])
 
-        return {PREFILL: tf.function(prefill, input_signature=[tokens]),
-                DECODE: tf.function(decode, input_signature=[token, cache,
-                                                             tf.TensorSpec([], tf.int32, name="position")])}
+        lengths = prefill_lengths(seq_len, prefill)
+        return {**{prefill_name(n): signature(n) for n in lengths}, DECODE: signature(1)}
     # The LSTM's state is a tensor per layer and kind, h0, c0, h1, c1, ... [B, units]: an int8 file
     # gives each tensor one scale, and c runs into the hundreds where h stays within ±1 (carried
     # together as one tensor, h would lose its precision; docs/results.md has the measurement).
@@ -244,10 +270,9 @@ CELL_CLIP = 8.0
 
 
 def _calibration(workdir, functions, family: str, seq_len: int, windows: int, batch: int = 1):
-    """int8's representative samples: validation windows (`batch` a sample) and, per window, a
-    decode/step call at a random position with the cache/state it would see there."""
+    """int8's representative samples: validation windows (`batch` a sample) through every signature,
+    the transformer's shorter prefills and decode at random positions with the caches they would see."""
     ds = dataset.val_dataset(workdir, seq_len, batch).take(-(-windows // batch))
-    first, second = SIGNATURES[family]
     rng = np.random.default_rng(0)
 
     def samples():
@@ -255,21 +280,40 @@ def _calibration(workdir, functions, family: str, seq_len: int, windows: int, ba
             tokens = x.numpy().astype(np.int32)
             if len(tokens) < batch:  # a short last batch
                 tokens = np.resize(tokens, (batch, seq_len))
-            yield first, {"tokens": tokens}
-            position = int(rng.integers(1, seq_len))
-            token = tokens[:, position:position + 1]
             if family == "transformer":
-                cache = functions[first](tf.constant(tokens))["cache"].numpy()
-                yield second, {"token": token, "cache": cache, "position": np.array(position, np.int32)}
+                yield from _transformer_samples(functions, tokens, rng)
                 continue
+            yield SEQUENCE, {"tokens": tokens}
+            position = int(rng.integers(1, seq_len))
             # The LSTM's state as the file's own `step` makes it (its cell clip included).
-            step = functions[second]
+            step = functions[STEP]
             state = {spec.name: tf.zeros(spec.shape) for spec in step.input_signature[1:]}  # h0, c0, h1, ...
             for t in range(position):
                 out = step(tf.constant(tokens[:, t:t + 1]), *state.values())
                 state = {name: out[name] for name in state}
-            yield second, {"token": token, **{name: value.numpy() for name, value in state.items()}}
+            yield STEP, {"token": tokens[:, position:position + 1],
+                         **{name: value.numpy() for name, value in state.items()}}
     return samples
+
+
+def _transformer_samples(functions, tokens: np.ndarray, rng):
+    """A window through the whole-cache prefill from empty caches; each other signature at a random
+    position that fits, with the caches the window left (later positions hold what the window put
+    there, as a runtime's caches hold earlier chunks' padding)."""
+    seq_len = tokens.shape[1]
+    whole = prefill_name(seq_len)
+    specs = functions[whole].input_signature[2:]
+    caches = {spec.name: np.zeros(spec.shape, np.float32) for spec in specs}
+    yield whole, {"tokens": tokens, "input_pos": np.arange(seq_len, dtype=np.int32), **caches}
+    out = functions[whole](tf.constant(tokens), tf.range(seq_len), *caches.values())
+    caches = {spec.name: out[spec.name].numpy() for spec in specs}
+    for name, fn in functions.items():
+        length = fn.input_signature[0].shape[1]
+        if name == whole:
+            continue
+        start = int(rng.integers(1 if length == 1 else 0, seq_len - length + 1))
+        yield name, {"tokens": tokens[:, start:start + length],
+                     "input_pos": np.arange(start, start + length, dtype=np.int32), **caches}
 
 
 def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
@@ -285,11 +329,15 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
     wd = workdir_lib.Workdir(workdir)
     wd.read_config()
     if checkpoints.classifier_section(wd.root) is not None:
+        if config.format == "litertlm":
+            raise UserError(f"{wd.root} is a classifier workdir; LiteRT-LM runs language models: use --format=tflite")
         return _convert_classifier(wd, config, progress)
     source = checkpoints.model_dir(wd.root, config.variant)
     model, model_config, step = checkpoints.load_model(source)
     made = checkpoints.optimization(source) or {}
     family = models.family_of(model_config)
+    if config.format == "litertlm":
+        litertlm.check_can_bundle(family, config.batch_size, wd.tokenizer_dir)
     seq_len = config.max_seq_len or model_config.seq_len
     if seq_len < 2 or (family == "transformer" and seq_len > model_config.seq_len):
         limit = f"2..{model_config.seq_len} (the model's context)" if family == "transformer" else "at least 2"
@@ -299,7 +347,8 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
                   f"(step {step}) to TFLite, {config.quantize} quantization, max_seq_len {seq_len}"
                   + (f", {config.batch_size} rows a call" if config.batch_size > 1 else ""))
     cell_clip = CELL_CLIP if family == "lstm" and config.quantize == "int8" else 0.0
-    functions = signature_functions(model, model_config, seq_len, config.batch_size, cell_clip)
+    functions = signature_functions(model, model_config, seq_len, config.batch_size, cell_clip,
+                                    config.prefill_lengths)
     representative = (_calibration(wd.root, functions, family, seq_len,
                                    config.calibration_windows, config.batch_size)
                       if config.quantize == "int8" else None)
@@ -308,10 +357,13 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
     flat = convert_functions(functions, config.quantize, representative, trackable=holder,
                              per_channel=config.per_channel)
 
-    return _write(wd, name, flat, config, progress=progress, info={
+    path = _write(wd, name, flat, config, progress=progress, info={
         "family": family, "variant": config.variant or None, "max_seq_len": seq_len, "batch_size": config.batch_size,
         "checkpoint_step": step, "model": models.config_to_json(model_config), "optimization": made.get("method"),
         "cell_clip": cell_clip or None})
+    if config.format == "litertlm":  # the same file, with what LiteRT-LM reads beside it
+        return litertlm.write(wd, name, path.read_bytes(), workdir_lib.read_json(path.with_suffix(".json")))
+    return path
 
 
 def _convert_classifier(wd: workdir_lib.Workdir, config: TFLiteConfig, progress: Progress) -> fs.Path:
@@ -401,21 +453,31 @@ def _signature_shapes(flat: bytes) -> dict[str, Any]:
 
 
 def describe(path: fs.Path) -> str:
+    """What `lmstack tflite` wrote (`path`: a .tflite or a .litertlm) and how to run it."""
+    tflite_file = path.with_suffix(".tflite")
     info = workdir_lib.read_json(path.with_suffix(".json"))
+
     def inputs(signature):
-        return ", ".join(f"{k} {v['shape']}" for k, v in signature["inputs"].items())
+        caches = [v["shape"] for k, v in signature["inputs"].items() if k.startswith("kv_cache_")]
+        return ", ".join([f"{k} {v['shape']}" for k, v in signature["inputs"].items() if not k.startswith("kv_cache_")]
+                         + ([f"{len(caches)} kv caches {caches[0]}"] if caches else []))
 
     sigs = ", ".join(f"{n}({inputs(s)})" for n, s in info["signatures"].items())
+    bundle = path.suffix == litertlm.SUFFIX
+    run = (f"{info['batch_size']} rows in lockstep: run it with serving.edge.EdgeModel(...).generate_batch"
+           if info.get("batch_size", 1) > 1 else
+           f"generate: lmstack generate --workdir={path.parent.parent} --backend=tflite --quantize={info['quantize']}"
+           + (f" --variant={info['variant']}" if info["variant"] else ""))
     return "\n".join([
+        f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB: {tflite_file.name}, its tokenizer and LlmMetadata)"
+        if bundle else
         f"wrote {path} ({info['bytes'] / 1e6:.2f} MB, {info['quantize']}) and {path.with_suffix('.json').name}",
         f"signatures: {sigs}",
         f"ops: {sum(info['ops'].values())} built-in",
         f"classes: {', '.join(info['labels'])}; run it with serving.edge.EdgeClassifier"
-        if info["family"] == "classifier"
-        else f"{info['batch_size']} rows in lockstep: run it with serving.edge.EdgeModel(...).generate_batch"
-        if info.get("batch_size", 1) > 1
-        else f"generate: lmstack generate --workdir={path.parent.parent} --backend=tflite --quantize={info['quantize']}"
-        + (f" --variant={info['variant']}" if info["variant"] else ""),
+        if info["family"] == "classifier" else run,
+        *([f"LiteRT-LM: litert_lm.Engine(\"{path}\") in Python, Engine(EngineConfig(modelPath=...)) on Android "
+           "(docs/guide.md)"] if bundle else []),
     ])
 
 
