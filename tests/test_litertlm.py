@@ -81,7 +81,7 @@ def test_the_engine_generates_lmstacks_text(kind, quantize, tmp_path_factory):
 def test_prefill_chunks_are_the_engines():
     """The schedule read off LiteRT-LM 0.18 (a file whose caches recorded which signature wrote
     each position): longest fitting chunks, one id held back per call, the last id to decode."""
-    chunks = lambda n: runtime.prefill_chunks(n, [4, 8, 16, 32], 32)  # noqa: E731
+    chunks = lambda n: runtime.prefill_chunks(n, [4, 8, 16, 32], 32)
     assert chunks(1) == []
     assert chunks(3) == [(4, 0, 2)]
     assert chunks(5) == [(4, 0, 3), (4, 3, 4)]
