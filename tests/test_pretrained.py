@@ -164,12 +164,12 @@ def test_bad_checkpoints_are_one_line_and_write_nothing(sources, tmp_path, capsy
 
 @pytest.mark.slow
 def test_the_whole_path_on_an_imported_llama(llama_sources, tmp_path, capsys):
-    """import -> prepare -> continue pre-training -> classifier -> prune -> export -> serve -> TFLite int8.
+    """import -> prepare -> continue pre-training -> prune -> export -> serve -> TFLite int8 -> LiteRT-LM.
 
-    On a Llama 3 checkpoint: GPT-2's block takes every stage in the rest of the suite."""
+    On a Llama 3 checkpoint: GPT-2's block takes every stage in the rest of the suite (a classifier on
+    Llama's block: test_finetune's LoRA classifier)."""
     from serving import client as client_lib
     from serving import server
-    from tests.test_finetune import review_rows, write_csv
     from tests.test_serve import start
 
     dirs, _ = llama_sources
@@ -195,11 +195,6 @@ def test_the_whole_path_on_an_imported_llama(llama_sources, tmp_path, capsys):
     assert trained["steps"] == 8 and config["train"]["learning_rate"] == pytest.approx(3e-3 / 10)
     assert trained["loss"] < before["loss"]  # continued pre-training on this text lowers its loss
 
-    reviews = write_csv(tmp_path / "reviews.csv", review_rows(48))
-    cls = cli("finetune", f"--base={run}", f"--train={reviews}", f"--workdir={tmp_path / 'cls'}", "--steps=4",
-              "--batch_size=8", "--progress=none")
-    assert 0.0 <= cls["accuracy"] <= 1.0
-
     pruned = cli("optimize", f"--workdir={run}", "--method=prune", "--steps=6", "--batch_size=4",
                  "--progress=none")
     assert pruned["sparsity"] == pytest.approx(0.5, abs=0.02)
@@ -224,10 +219,22 @@ def test_the_whole_path_on_an_imported_llama(llama_sources, tmp_path, capsys):
                                "--prompt=But soft, what light", "--max_new_tokens=8", "--sampler=greedy")
     assert code == 0 and served == local.removesuffix("\n") and served, err
 
-    cli("tflite", f"--workdir={run}", "--variant=pruned50", "--quantize=int8")
+    bundle = pathlib.Path(cli("tflite", f"--workdir={run}", "--variant=pruned50", "--quantize=int8",
+                              "--format=litertlm", "--prefill_lengths=8")["path"])
     code, on_device, err = run_cli(capsys, "generate", f"--workdir={run}", "--variant=pruned50", "--backend=tflite",
                                    "--quantize=int8", "--prompt=But soft", "--max_new_tokens=6")
     assert code == 0 and on_device.strip(), err  # ai-edge-litert runs the int8 Llama with its BPE tokenizer
+    # Google's LiteRT-LM engine loads the bundle (Llama's block, BPE, chat template) and generates. Its
+    # text is not yet lmstack's on this untrained model's byte soup (open in #43; test_litertlm holds
+    # GPT-2's block to lmstack's text).
+    import litert_lm
+
+    engine = litert_lm.Engine(str(bundle), backend=litert_lm.Backend.CPU())
+    session = engine.create_session(apply_prompt_template=False, max_output_tokens=6, sampler_config=(
+        litert_lm.SamplerConfig(top_k=1, top_p=1.0, temperature=1.0, seed=0)))
+    session.run_prefill(["But soft"])
+    assert session.run_decode().texts[0] and engine.tokenize("But soft") == encode(
+        tokenizers.load(run / "tokenizer"), "But soft")
     scored = cli("evaluate", f"--workdir={run}", "--variant=pruned50", "--backend=tflite", "--quantize=int8")
     assert np.isfinite(scored["bits_per_char"])
 
