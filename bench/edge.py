@@ -15,9 +15,16 @@ has an export.
 Targets: int8 file <= 30 % of float32; int8 and dynamic within +3 % perplexity
 of float32; TFLite decode per token faster than the Keras step.
 
+LiteRT-LM rows (the transformer, float32 and int8): the `.litertlm` bundle of the
+same file in Google's LiteRT-LM engine (CPU backend, its own benchmark counters:
+prefill and decode tokens per second) against lmstack's device loop on the file
+inside it (`serving.edge`: the prefill call of the prompt, then ms per decode
+call), at 1 and 2 threads, one prompt of 16 tokens and 64 new ones. Goal: the
+engine at least as fast as lmstack's loop.
+
 Prints a table per model and writes bench/results/tflite.json.
 
-usage: python bench/edge.py [--models=transformer,lstm] [--windows=256] [--rerun]
+usage: python bench/edge.py [--models=transformer,lstm] [--windows=256] [--rerun] [--litertlm_only]
 """
 
 from __future__ import annotations
@@ -118,6 +125,49 @@ def savedmodel_ms(workdir: pathlib.Path, repeats: int = 3) -> float | None:
     return statistics.median(times)
 
 
+def litertlm_rows(workdir: pathlib.Path, prompt: list[int], rerun: bool) -> list[dict]:
+    """The engine against lmstack's loop on the same file, per quantization and thread count."""
+    import tempfile
+
+    import litert_lm
+
+    rows = []
+    for quantize in ("none", "int8"):
+        name = tflite.file_name("transformer", "", quantize)
+        bundle = workdir / "tflite" / f"{name}.litertlm"
+        if rerun or not bundle.is_file():
+            bundle = tflite.convert(workdir, tflite.TFLiteConfig(quantize=quantize, format="litertlm"))
+        text = edge.EdgeModel(bundle.with_suffix(".tflite")).tokenizer.decode(prompt[1:])
+        for threads in (1, 2):
+            ours = edge.EdgeModel(bundle.with_suffix(".tflite"), num_threads=threads)
+            ids = ours.tokenizer.encode(text)
+            prefill = []
+            for _ in range(3):
+                began = time.perf_counter()
+                next(ours.steps(ids))
+                prefill.append((time.perf_counter() - began) * 1e3)
+            with tempfile.TemporaryDirectory() as cache:
+                engine = litert_lm.Engine(str(bundle), backend=litert_lm.Backend.CPU(thread_count=threads),
+                                          enable_benchmark=True, cache_dir=cache)
+                runs = []
+                for _ in range(3):
+                    session = engine.create_session(apply_prompt_template=False, max_output_tokens=NEW_TOKENS)
+                    session.run_prefill([text])
+                    session.run_decode()
+                    info = session.get_benchmark_info()
+                    runs.append((info.last_prefill_token_count / info.last_prefill_tokens_per_second * 1e3,
+                                 1e3 / info.last_decode_tokens_per_second))
+                    session.close()
+                engine.close()
+            rows.append({"file": bundle.name, "threads": threads, "bytes": bundle.stat().st_size,
+                         "engine_prefill_ms": statistics.median(r[0] for r in runs),
+                         "engine_ms_per_token": statistics.median(r[1] for r in runs),
+                         "lmstack_prefill_ms": statistics.median(prefill),
+                         "lmstack_ms_per_token": decode_ms(ours, ids)})
+            print(f"  {bundle.name} {threads} threads: done", file=sys.stderr)
+    return rows
+
+
 def memory(path: pathlib.Path) -> int:
     out = subprocess.run([sys.executable, "-c", MEMORY_PROBE.format(root=str(ROOT), path=str(path))],
                          capture_output=True, text=True, check=True)
@@ -130,6 +180,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench-quality"))
     parser.add_argument("--windows", type=int, default=256, help="validation windows for bits/char")
     parser.add_argument("--rerun", action="store_true", help="reconvert files that exist")
+    parser.add_argument("--litertlm_only", action="store_true", help="only the LiteRT-LM rows (the transformer)")
     args = parser.parse_args()
     machine = {"node": platform.node(), "cpus": len(tf.config.list_logical_devices("CPU"))}
     results = {"benchmark": "tflite", "machine": machine,
@@ -145,6 +196,21 @@ def main() -> None:
         windows = [(x.numpy()[0], y.numpy()[0]) for x, y in
                    dataset.val_dataset(workdir, config.seq_len, 1).take(args.windows)]
         prompt = [tokenizers.EOS_ID] + [int(t) for t in windows[0][0][:15]]
+        if family == "transformer":
+            engine_rows = litertlm_rows(workdir, prompt, args.rerun)
+            print(f"\n## LiteRT-LM engine against lmstack's device loop ({family}, small), "
+                  f"{len(prompt) - 1}-token prompt, {NEW_TOKENS} new tokens\n")
+            print("| bundle | threads | MB | engine prefill ms | lmstack prefill ms | engine ms/token "
+                  "| lmstack ms/token | engine speed-up |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|")
+            for r in engine_rows:
+                print(f"| {r['file']} | {r['threads']} | {r['bytes'] / 1e6:.2f} | {r['engine_prefill_ms']:.2f} "
+                      f"| {r['lmstack_prefill_ms']:.2f} | {r['engine_ms_per_token']:.2f} "
+                      f"| {r['lmstack_ms_per_token']:.2f} "
+                      f"| {r['lmstack_ms_per_token'] / r['engine_ms_per_token']:.2f}× |")
+            results["models"].setdefault(family, {})["litertlm"] = engine_rows
+        if args.litertlm_only:
+            continue
         rows = [{"file": "keras (checkpoint)", "bits_per_char": nats_per_char(
                     lambda x, model=model: model(x[None])[0].numpy(), windows, chars_per_token),
                  "ms_per_token_1": keras_step_ms(model, config, prompt)}]
@@ -198,9 +264,14 @@ def main() -> None:
         print()
         for what, value, ok in targets:
             print(f"- {what}: {value} ({'met' if ok else 'NOT met'})")
-        results["models"][family] = {"rows": rows, "targets": [
-            {"target": w, "value": v, "met": ok} for w, v, ok in targets]}
+        results["models"].setdefault(family, {}).update({"rows": rows, "targets": [
+            {"target": w, "value": v, "met": ok} for w, v, ok in targets]})
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.litertlm_only and (RESULTS / "tflite.json").is_file():  # the other rows stay as they were
+        kept = json.loads((RESULTS / "tflite.json").read_text())
+        for family, entry in results["models"].items():
+            kept.setdefault("models", {}).setdefault(family, {}).update(entry)
+        results = kept
     (RESULTS / "tflite.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {RESULTS / 'tflite.json'}")
 

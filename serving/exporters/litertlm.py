@@ -28,7 +28,7 @@ from typing import Any
 
 from pipelines import fs, pretrained, tokenizers
 from pipelines import workdir as workdir_lib
-from pipelines.errors import ConfigError, UserError
+from pipelines.errors import ConfigError
 from serving.edge.tokenizer import byte_char
 
 SUFFIX = ".litertlm"
@@ -37,16 +37,16 @@ SUFFIX = ".litertlm"
 def check_can_bundle(family: str, batch_size: int, tokenizer_dir: fs.Path) -> None:
     """Raises a one-line error for what the engine cannot run (before anything is converted)."""
     if family != "transformer":
-        raise UserError(f"--format=litertlm takes a transformer; this is {'an' if family == 'lstm' else 'a'} "
-                        f"{family} (LiteRT-LM carries a KV cache between prompt chunks, which a recurrent state "
-                        "cannot follow through their padding); use --format=tflite and serving.edge")
+        raise ConfigError("format", "litertlm", f"takes a transformer; this is {'an' if family == 'lstm' else 'a'} "
+                          f"{family} (LiteRT-LM carries a KV cache between prompt chunks, which a recurrent state "
+                          "cannot follow through their padding); use format tflite and serving.edge")
     if batch_size != 1:
         raise ConfigError("batch_size", batch_size, "LiteRT-LM runs one sequence a call; use 1 with --format=litertlm")
     kind = tokenizers.load_config(tokenizer_dir)["kind"]
     if kind == "wordpiece":
-        raise UserError("--format=litertlm cannot carry a WordPiece tokenizer: Hugging Face's BERT normalizer "
-                        "(LiteRT-LM's) strips accents where keras-nlp keeps them, so the engine would read other "
-                        "ids; prepare with --tokenizer=bpe, sentencepiece, byte or char")
+        raise ConfigError("format", "litertlm", "cannot carry a WordPiece tokenizer: Hugging Face's BERT normalizer "
+                          "(LiteRT-LM's) strips accents where keras-nlp keeps them, so the engine would read other "
+                          "ids; prepare the corpus with a bpe, sentencepiece, byte or char tokenizer")
 
 
 def hf_tokenizer(config: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:

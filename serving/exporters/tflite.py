@@ -330,7 +330,8 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
     wd.read_config()
     if checkpoints.classifier_section(wd.root) is not None:
         if config.format == "litertlm":
-            raise UserError(f"{wd.root} is a classifier workdir; LiteRT-LM runs language models: use --format=tflite")
+            raise ConfigError("format", config.format, f"{wd.root} is a classifier workdir; LiteRT-LM runs language "
+                              "models: use format tflite")
         return _convert_classifier(wd, config, progress)
     source = checkpoints.model_dir(wd.root, config.variant)
     model, model_config, step = checkpoints.load_model(source)
