@@ -111,6 +111,44 @@ def test_the_tflite_file_alone_generates_text(run, tmp_path):
     assert model.complete("ROMEO.", 12) == TextGenerator(workdir).generate(["ROMEO."], 12)[0]
 
 
+def test_a_transformer_file_of_format_3_still_generates(run, tmp_path):
+    """Files written before LiteRT-LM's signatures (`prefill`, `decode` over one cache) still run."""
+    import models
+    from pipelines import checkpoints
+    from serving.exporters import edge_metadata
+
+    family, workdir, _, path = run
+    if family == "lstm":
+        pytest.skip("the LSTM's signatures did not change")
+    model, config, _ = checkpoints.load_model(checkpoints.model_dir(workdir, ""))
+    decoder, t = models.decoder(model, config), config.seq_len
+    cache = tf.TensorSpec(decoder.init_cache(1, t).shape, tf.float32, name="cache")
+
+    def prefill(tokens):
+        logits, cache = decoder.call_with_cache(tokens, decoder.init_cache(1, t), tf.minimum(tokens[0, 0], 0))
+        return {"logits": logits, "cache": cache}
+
+    def decode(token, cache, position):
+        logits, cache = decoder.call_with_cache(token, cache, position)
+        return {"logits": logits[:, 0], "cache": cache}
+
+    holder = tf.Module()
+    holder.model = model
+    flat = tflite.convert_functions({
+        "prefill": tf.function(prefill, input_signature=[tf.TensorSpec([1, t], tf.int32, name="tokens")]),
+        "decode": tf.function(decode, input_signature=[tf.TensorSpec([1, 1], tf.int32, name="token"), cache,
+                                                       tf.TensorSpec([], tf.int32, name="position")])},
+        trackable=holder)
+    info = {**json.loads(path.with_suffix(".json").read_text()), "format": 3}
+    files = {p.name: p.read_bytes() for p in (workdir / "tokenizer").iterdir()}
+    (tmp_path / "old.tflite").write_bytes(edge_metadata.populate(flat, info, files))
+    old = edge.EdgeModel(tmp_path / "old.tflite")
+    assert set(old.interpreter.get_signature_list()) == {"prefill", "decode"}
+    assert old.complete("ROMEO.", 12) == edge.EdgeModel(path).complete("ROMEO.", 12)
+    window = np.arange(t, dtype=np.int32) % 7
+    np.testing.assert_allclose(old.window_logits(window), edge.EdgeModel(path).window_logits(window), atol=1e-4)
+
+
 def test_float32_greedy_is_the_same_on_keras_savedmodel_and_tflite(run):
     family, workdir, export_path, path = run
     generator = TextGenerator(workdir)
