@@ -59,7 +59,7 @@ def test_the_engine_generates_lmstacks_text(kind, quantize, tmp_path_factory):
     assert bundle == workdir / "tflite" / f"{name}.litertlm"
     ours = edge.EdgeModel(bundle.with_suffix(".tflite"))  # the very file the bundle holds
     assert sorted(ours._prefills) == [4, 8, 16]
-    engine = lm.Engine(str(bundle), backend=lm.Backend.CPU())
+    engine = lm.Engine(str(bundle), backend=lm.Backend.CPU(), cache_dir=str(tmp_path_factory.getbasetemp()))
     assert engine.eos_token_ids == [[ours.eos_id]]
     for text in ["ROMEO. I am", "What, ho! Juliet?\n", "naïve café ±", "[EOS] <|endoftext|>"]:
         assert engine.tokenize(text) == ours.tokenizer.encode(text), text

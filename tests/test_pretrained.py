@@ -225,11 +225,12 @@ def test_the_whole_path_on_an_imported_llama(llama_sources, tmp_path, capsys):
                                    "--quantize=int8", "--prompt=But soft", "--max_new_tokens=6")
     assert code == 0 and on_device.strip(), err  # ai-edge-litert runs the int8 Llama with its BPE tokenizer
     # Google's LiteRT-LM engine loads the bundle (Llama's block, BPE, chat template) and generates. Its
-    # text is not yet lmstack's on this untrained model's byte soup (open in #43; test_litertlm holds
-    # GPT-2's block to lmstack's text).
+    # tokens are not compared: this untrained int8 model's logits are so nearly tied that ai-edge-litert's
+    # own XNNPACK and reference kernels pick other tokens on 4 of 10 prompts (test_litertlm holds trained
+    # models to lmstack's text).
     import litert_lm
 
-    engine = litert_lm.Engine(str(bundle), backend=litert_lm.Backend.CPU())
+    engine = litert_lm.Engine(str(bundle), backend=litert_lm.Backend.CPU(), cache_dir=str(tmp_path))
     session = engine.create_session(apply_prompt_template=False, max_output_tokens=6, sampler_config=(
         litert_lm.SamplerConfig(top_k=1, top_p=1.0, temperature=1.0, seed=0)))
     session.run_prefill(["But soft"])
