@@ -25,21 +25,22 @@ NEW = 5
 _WORKDIRS: dict = {}
 
 
-def trained(kind: str, tmp_path_factory):
-    """A workdir of `kind` with a tiny transformer trained long enough to say more than spaces."""
-    if kind not in _WORKDIRS:
+def trained(kind: str, tmp_path_factory, preset: str = "tiny"):
+    """A workdir of `kind` with a tiny transformer (GPT-2's block, or Llama's with `llama-tiny`) trained
+    long enough to say more than spaces."""
+    if (kind, preset) not in _WORKDIRS:
         import models
 
-        root = tmp_path_factory.mktemp(f"litertlm-{kind}")
+        root = tmp_path_factory.mktemp(f"litertlm-{kind}-{preset}")
         (root / "corpus.txt").write_text("".join(bundled_lines(2000, 400)), encoding="utf-8")
         tokenizer = tokenizers.TokenizerConfig(kind, 300 if kind == "bpe" else 0)
         prepare.prepare(prepare.PrepareConfig(corpus=(str(root / "corpus.txt"),), tokenizer=tokenizer), root / "run")
         vocab = json.loads((root / "run" / "data" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
-        train.train(root / "run", models.make_config("transformer", "tiny", vocab),
+        train.train(root / "run", models.make_config("transformer", preset, vocab),
                     train.TrainConfig(steps=300, batch_size=8, warmup_steps=5, eval_every=0, checkpoint_every=300),
                     verbose=0)
-        _WORKDIRS[kind] = root / "run"
-    return _WORKDIRS[kind]
+        _WORKDIRS[kind, preset] = root / "run"
+    return _WORKDIRS[kind, preset]
 
 
 def engine_text(engine, prompt: str, new: int, **sampler) -> str:
@@ -49,10 +50,12 @@ def engine_text(engine, prompt: str, new: int, **sampler) -> str:
     return session.run_decode().texts[0]
 
 
-@pytest.mark.parametrize("kind, quantize", [("char", "none"), ("char", "int8"), ("byte", "none"),
-                                            pytest.param("bpe", "none", marks=pytest.mark.slow)])
-def test_the_engine_generates_lmstacks_text(kind, quantize, tmp_path_factory):
-    workdir = trained(kind, tmp_path_factory)
+@pytest.mark.parametrize("kind, quantize, preset", [
+    ("char", "none", "tiny"), ("char", "int8", "tiny"), ("byte", "none", "tiny"), ("char", "int8", "llama-tiny"),
+    pytest.param("bpe", "none", "tiny", marks=pytest.mark.slow)])
+def test_the_engine_generates_lmstacks_text(kind, quantize, preset, tmp_path_factory):
+    """GPT-2's block and Llama's (RoPE, RMSNorm, SwiGLU, grouped-query attention)."""
+    workdir = trained(kind, tmp_path_factory, preset)
     bundle = tflite.convert(workdir, tflite.TFLiteConfig(quantize=quantize, format="litertlm",
                                                          prefill_lengths=PREFILLS, calibration_windows=4))
     name = tflite.file_name("transformer", "", quantize)
