@@ -81,6 +81,29 @@ def test_the_engine_generates_lmstacks_text(kind, quantize, preset, tmp_path_fac
     assert 0 < len(ours.tokenizer.encode(sampled)) <= NEW
 
 
+def test_the_engine_chats_with_the_workdirs_template(tmp_path_factory):
+    """An imported checkpoint's chat template (WORKDIR/tokenizer/chat_template.json, Hugging Face's string
+    content) goes into the bundle; the engine's Conversation lays a message out with it and answers
+    with lmstack's continuation of that text, stopping at the template's stop string."""
+    workdir = trained("char", tmp_path_factory)
+    template = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}{% if add_generation_prompt %}.{% endif %}"
+    (workdir / "tokenizer" / "chat_template.json").write_text(json.dumps({"chat_template": template, "stop": ["!"]}))
+    try:
+        bundle = tflite.convert(workdir, tflite.TFLiteConfig(format="litertlm", prefill_lengths=PREFILLS))
+    finally:
+        (workdir / "tokenizer" / "chat_template.json").unlink()
+    engine = lm.Engine(str(bundle), backend=lm.Backend.CPU(), cache_dir=str(tmp_path_factory.getbasetemp()))
+    assert engine.eos_token_ids == [[3], engine.tokenize("!")]
+    conversation = engine.create_conversation()
+    message = {"role": "user", "content": "romeo"}
+    assert conversation.render_message_to_string(message) == "ROMEO."
+    reply = conversation.send_message(message, max_output_tokens=NEW)
+    ours = edge.EdgeModel(bundle.with_suffix(".tflite"))
+    expected = ours.tokenizer.decode(ours.generate(ours.tokenizer.encode("ROMEO."), NEW,
+                                                   stop_ids=[ours.eos_id, *engine.tokenize("!")]))
+    assert reply.contents[0].text == expected and expected.strip()
+
+
 def test_prefill_chunks_are_the_engines():
     """The schedule read off LiteRT-LM 0.18 (a file whose caches recorded which signature wrote
     each position): longest fitting chunks, one id held back per call, the last id to decode."""

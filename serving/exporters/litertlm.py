@@ -10,7 +10,8 @@ holding sections that `litert-lm-builder` writes:
 - the tokenizer: a SentencePiece model as it is, every other kind as a Hugging Face
   `tokenizer.json` that gives lmstack's ids (`hf_tokenizer`);
 - LlmMetadata (`llm_metadata`): the stop token ([EOS], and a chat template's end of turn),
-  the context, a greedy default sampler, and the chat template when the workdir has one.
+  the context, a greedy default sampler, and the chat template when the workdir has one (behind
+  a preamble that turns the engine's content parts into the string Hugging Face's templates expect).
 
 WordPiece is refused: Hugging Face's BERT normalizer strips accents where keras-nlp's
 lowercasing keeps them, so the engine would read other ids than the model was trained on.
@@ -88,6 +89,16 @@ def hf_tokenizer(config: dict[str, Any], files: dict[str, bytes]) -> dict[str, A
             "pre_tokenizer": pre_tokenizer, "post_processor": None, "decoder": decoder, "model": model}
 
 
+# LiteRT-LM hands a template each message's content as a list of parts ([{"type": "text", "text": ...}]),
+# where Hugging Face's text-model templates expect a string: this preamble joins the parts' text first.
+TEXT_PARTS = ("{%- set ns = namespace(messages=[]) -%}"
+              "{%- for m in messages -%}"
+              "{%- if m['content'] is string -%}{%- set ns.messages = ns.messages + [m] -%}"
+              "{%- else -%}{%- set ns.messages = ns.messages + [{'role': m['role'], "
+              "'content': m['content'] | map(attribute='text') | join('')}] -%}"
+              "{%- endif -%}{%- endfor -%}{%- set messages = ns.messages -%}")
+
+
 def llm_metadata(eos_id: int, max_num_tokens: int, chat_template: dict[str, Any] | None) -> bytes:
     """LlmMetadata (litert_lm_builder's proto): stop tokens, context, a greedy default sampler.
 
@@ -106,7 +117,7 @@ def llm_metadata(eos_id: int, max_num_tokens: int, chat_template: dict[str, Any]
     sampler.k, sampler.p, sampler.temperature = 1, 1.0, 1.0
     meta.llm_model_type.generic_model.SetInParent()
     if chat_template:
-        meta.jinja_prompt_template = chat_template["chat_template"]
+        meta.jinja_prompt_template = TEXT_PARTS + chat_template["chat_template"]
     return meta.SerializeToString()
 
 
