@@ -62,7 +62,7 @@ def test_every_stage_runs_once_and_a_changed_setting_reruns_only_what_depends_on
     code, _, err = run_cli(capsys, "pipeline", f"--config={config}")
     assert code == 0 and set(stage_lines(err).values()) == {"up to date"}
 
-    config.write_text(TINY.replace("quantize: none", "quantize: dynamic"))
+    config.write_text(TINY.replace("quantize: none", "quantize: dynamic, format: litertlm"))
     code, _, err = run_cli(capsys, "pipeline", f"--config={config}", "--skip=serve")
     assert code == 0, err
     lines = stage_lines(err)
@@ -70,8 +70,15 @@ def test_every_stage_runs_once_and_a_changed_setting_reruns_only_what_depends_on
     assert lines["transformer serve"] == "skipped"
     assert all(lines[f"transformer {s}"] == "up to date" for s in ("prepare", "train", "evaluate", "optimize",
                                                                    "export"))
-    assert (tmp_path / "run" / "transformer" / "tflite" / "transformer-pruned50-dynamic.tflite").is_file()
-    assert not (tmp_path / "run" / "transformer" / "tflite" / "transformer-pruned50-float32.tflite").exists()
+    tflite_dir = tmp_path / "run" / "transformer" / "tflite"
+    assert (tflite_dir / "transformer-pruned50-dynamic.tflite").is_file()
+    assert not (tflite_dir / "transformer-pruned50-float32.tflite").exists()
+    # A LiteRT-LM bundle of the same file, listed by the report with the figures of the file inside it.
+    assert (tflite_dir / "transformer-pruned50-dynamic.litertlm").is_file()
+    rows = {(r["variant"], r["method"]): r for r in json.loads(
+        (tmp_path / "run" / "transformer" / "report" / "report.json").read_text())}
+    inside, bundle = rows["transformer-pruned50-dynamic", "tflite"], rows["transformer-pruned50-dynamic", "litertlm"]
+    assert bundle["bits_per_char"] == inside["bits_per_char"] and bundle["tflite_bytes"] > inside["tflite_bytes"]
 
 
 @pytest.mark.parametrize("text, message", [
