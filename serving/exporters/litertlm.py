@@ -121,8 +121,10 @@ def llm_metadata(eos_id: int, max_num_tokens: int, chat_template: dict[str, Any]
     return meta.SerializeToString()
 
 
-def write(wd: workdir_lib.Workdir, name: str, flat: bytes, info: dict[str, Any]) -> fs.Path:
-    """WORKDIR/tflite/NAME.litertlm: `flat` (lmstack's TFLite file), the tokenizer and LlmMetadata."""
+def write(wd: workdir_lib.Workdir, name: str, flat: bytes, info: dict[str, Any],
+          tokenizer_files: dict[str, bytes]) -> fs.Path:
+    """WORKDIR/tflite/NAME.litertlm: `flat` (lmstack's TFLite file, `info` its sidecar), the tokenizer
+    (its files by name) and LlmMetadata."""
     from litert_lm_builder import litertlm_builder as builder_lib
 
     config = info["tokenizer"]
@@ -139,11 +141,10 @@ def write(wd: workdir_lib.Workdir, name: str, flat: bytes, info: dict[str, Any])
 
         builder.add_tflite_model(local("model.tflite", flat), builder_lib.TfLiteModelType.PREFILL_DECODE)
         if config["kind"] == "sentencepiece":
-            builder.add_sentencepiece_tokenizer(
-                local("sentencepiece.model", (wd.tokenizer_dir / "sentencepiece.model").read_bytes()))
+            builder.add_sentencepiece_tokenizer(local("sentencepiece.model", tokenizer_files["sentencepiece.model"]))
         else:
-            files = {p.name: p.read_bytes() for p in wd.tokenizer_dir.iterdir() if p.is_file()}
-            builder.add_hf_tokenizer(local("tokenizer.json", json.dumps(hf_tokenizer(config, files)).encode()))
+            builder.add_hf_tokenizer(local("tokenizer.json",
+                                           json.dumps(hf_tokenizer(config, tokenizer_files)).encode()))
         builder.add_llm_metadata(local("llm_metadata.pb", llm_metadata(
             int(info["eos_id"]), int(info["max_seq_len"]), chat_template)))
         out = io.BytesIO()

@@ -334,11 +334,12 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
                               "models: use format tflite")
         return _convert_classifier(wd, config, progress)
     source = checkpoints.model_dir(wd.root, config.variant)
+    if config.format == "litertlm":  # refused before the model loads
+        litertlm.check_can_bundle(models.family_of(checkpoints.read_model_config(source)), config.batch_size,
+                                  wd.tokenizer_dir)
     model, model_config, step = checkpoints.load_model(source)
     made = checkpoints.optimization(source) or {}
     family = models.family_of(model_config)
-    if config.format == "litertlm":
-        litertlm.check_can_bundle(family, config.batch_size, wd.tokenizer_dir)
     seq_len = config.max_seq_len or model_config.seq_len
     if seq_len < 2 or (family == "transformer" and seq_len > model_config.seq_len):
         limit = f"2..{model_config.seq_len} (the model's context)" if family == "transformer" else "at least 2"
@@ -358,13 +359,10 @@ def convert(workdir: str | os.PathLike, config: TFLiteConfig = TFLiteConfig(),
     flat = convert_functions(functions, config.quantize, representative, trackable=holder,
                              per_channel=config.per_channel)
 
-    path = _write(wd, name, flat, config, progress=progress, info={
+    return _write(wd, name, flat, config, progress=progress, info={
         "family": family, "variant": config.variant or None, "max_seq_len": seq_len, "batch_size": config.batch_size,
         "checkpoint_step": step, "model": models.config_to_json(model_config), "optimization": made.get("method"),
         "cell_clip": cell_clip or None})
-    if config.format == "litertlm":  # the same file, with what LiteRT-LM reads beside it
-        return litertlm.write(wd, name, path.read_bytes(), workdir_lib.read_json(path.with_suffix(".json")))
-    return path
 
 
 def _convert_classifier(wd: workdir_lib.Workdir, config: TFLiteConfig, progress: Progress) -> fs.Path:
@@ -414,7 +412,8 @@ def _convert_classifier(wd: workdir_lib.Workdir, config: TFLiteConfig, progress:
 def _write(wd: workdir_lib.Workdir, name: str, flat: bytes, config: TFLiteConfig, info: dict[str, Any],
            progress: Progress) -> fs.Path:
     """WORKDIR/tflite/NAME.tflite with its metadata and files inside, its NAME.json sidecar and
-    (once) the tokenizer files next to it."""
+    (once) the tokenizer files next to it; with `--format=litertlm` also NAME.litertlm, the same
+    file with what LiteRT-LM reads beside it (the bundle's path is returned then)."""
     out = wd.root / TFLITE_DIR
     out.mkdir(exist_ok=True)
     if not (out / "tokenizer").is_dir():
@@ -436,6 +435,8 @@ def _write(wd: workdir_lib.Workdir, name: str, flat: bytes, config: TFLiteConfig
         progress.note(f"{e}; the app reads {name}.json and tflite/tokenizer/")
     workdir_lib.write_bytes(out / f"{name}.tflite", flat)
     workdir_lib.write_json(out / f"{name}.json", {**info, "bytes": len(flat)})
+    if config.format == "litertlm":
+        return litertlm.write(wd, name, flat, info, tokenizer_files)
     return out / f"{name}.tflite"
 
 
