@@ -23,6 +23,7 @@ from google.protobuf import message_factory
 from google.protobuf import wrappers_pb2
 
 from serving.server.batching import BatchingParameters
+from serving.server.request_log import check_logging_config
 from serving.contract import ServingError
 from serving.server.versions import ServedModel, VersionPolicy, check_scheme, read_bytes
 
@@ -137,7 +138,11 @@ def models_from_config(config, source: str = "the model config", **model_options
             policy = VersionPolicy("specific", versions=tuple(m.model_version_policy.specific.versions))
         else:
             policy = VersionPolicy("latest", num_versions=m.model_version_policy.latest.num_versions or 1)
-        served[m.name] = ServedModel(m.name, m.base_path, policy, dict(m.version_labels), **model_options)
+        logging = m.logging_config if m.HasField("logging_config") else None
+        if logging is not None:
+            check_logging_config(m.name, logging)
+        served[m.name] = ServedModel(m.name, m.base_path, policy, dict(m.version_labels),
+                                     logging_config=logging, **model_options)
     if not served:
         raise ServingError("INVALID_ARGUMENT", f"{source} configures no model (model_config_list is empty)")
     return served

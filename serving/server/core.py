@@ -28,6 +28,7 @@ from serving.server.batching import Batcher, BatchingParameters
 from serving.contract import ServingError
 from serving.server.metrics import Registry
 from serving.server.deadlines import Call, Watchdog
+from serving.server.request_log import LogOptions, RequestLogs
 from serving.server.versions import XLA_DISABLED, LoadedVersion, ServedModel, canonical, log, saved_model_proto
 
 UNKNOWN_MODEL = "(unknown)"  # the metrics label of requests for a model the server does not hold
@@ -80,13 +81,17 @@ class ModelServer:
         xla: run the XLA-compiled signatures (`*_xla`; TF Serving's --xla_cpu_compilation_enabled).
             Off, they fail as they do on TensorFlow Serving without it (there with INTERNAL
             "XLA compilation disabled"; here FAILED_PRECONDITION, naming the flag).
+        request_log: how the models' `logging_config`s are written (`serving.server.request_log`).
     """
 
     def __init__(self, models: dict[str, ServedModel], batching: BatchingParameters | None = None,
                  metrics: Registry | None = None, metrics_path: str | None = None, limits: Limits = Limits(),
-                 model_roots: Sequence[str] | None = (), method_name_check: bool = False, xla: bool = False):
+                 model_roots: Sequence[str] | None = (), method_name_check: bool = False, xla: bool = False,
+                 request_log: LogOptions = LogOptions()):
         self.models = models
         self.metrics = metrics or Registry()
+        self.request_logs = RequestLogs(request_log, self.metrics)
+        self.request_logs.update({name: m.logging_config for name, m in models.items()})
         self.metrics_path = metrics_path
         self.limits = limits
         self.batcher = Batcher(batching, self._observe_batch) if batching else None
@@ -150,11 +155,12 @@ class ModelServer:
         for name, model in models.items():
             old = self.models.get(name)
             if old is not None and old.base_path == model.base_path:
-                old.policy, old.labels = model.policy, model.labels
+                old.policy, old.labels, old.logging_config = model.policy, model.labels, model.logging_config
                 model = old
             merged[name] = model
         for model in merged.values():
             model.load_latest()
+        self.request_logs.update({name: m.logging_config for name, m in merged.items()})
         self.models = merged
         self.refresh()
 
@@ -225,7 +231,11 @@ class ModelServer:
                 label: str | None = None, call: Call | None = None) -> tuple[LoadedVersion, dict[str, np.ndarray]]:
         """Runs one request (batched with others if batching is on)."""
         loaded = self.model(name).get(version, label)
-        return loaded, self._run(name, loaded, signature or c.SERVING_DEFAULT, inputs, call or Call())
+        signature = signature or c.SERVING_DEFAULT
+        arrays = self.validate(loaded, signature, inputs)
+        outputs = self._run(name, loaded, signature, arrays, call or Call())
+        self.request_logs.predict(name, loaded.version, signature, arrays, outputs)
+        return loaded, outputs
 
     def stream(self, name: str, version: int | None, inputs: dict[str, Any], label: str | None = None,
                call: Call | None = None) -> tuple[LoadedVersion, Iterator[dict[str, Any]]]:
@@ -280,8 +290,9 @@ class ModelServer:
                                                    c.NUM_GENERATED: np.zeros([1], np.int32),
                                                    c.CHUNK_TOKENS: np.ones([1], np.int32)})
         wanted = int(arrays[c.MAX_NEW_TOKENS][0])
+        request = {c.PROMPT: arrays[c.PROMPT], **{k: arrays[k] for k in _STREAM_DEFAULTS}, **penalties}
         if loaded.scheduler is not None:  # tokens as the scheduler makes them: nothing is read twice
-            return loaded, loaded.scheduler.stream({**arrays, **penalties}, call)
+            return loaded, self._logged(name, loaded, request, loaded.scheduler.stream({**arrays, **penalties}, call))
 
         def chunks():
             generated: list[int] = []
@@ -304,7 +315,30 @@ class ModelServer:
             if text != shown and text.startswith(shown):
                 yield {"text": text[len(shown):], "token_ids": []}
             yield {"completion": text, "finished": finished}
-        return loaded, chunks()
+        return loaded, self._logged(name, loaded, request, chunks())
+
+    def _logged(self, name: str, loaded: LoadedVersion, request: dict[str, np.ndarray],
+                chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """A stream's chunks, logged (if its model logs requests) as a Predict request of `generate`
+        once it ends: when its last chunk is read, or when its reader stops early (at a stop string)."""
+        tokens: list[int] = []
+        text, ended = [], False
+        try:
+            for chunk in chunks:
+                tokens += chunk.get("token_ids", [])
+                text.append(chunk.get("text", ""))
+                if "completion" in chunk:
+                    text = [chunk["completion"]]
+                yield chunk
+            ended = True
+        except GeneratorExit:
+            ended = True
+            raise
+        finally:
+            if ended:
+                self.request_logs.predict(name, loaded.version, c.GENERATE, request, {
+                    c.COMPLETION: np.array(["".join(text).encode("utf-8")], object),
+                    c.TOKEN_IDS: np.array([tokens], np.int32).reshape([1, len(tokens)])})
 
     def classify(self, name: str, version: int | None, signature: str, examples: list[bytes],
                  label: str | None = None, call: Call | None = None) -> tuple[LoadedVersion, Any, Any]:
@@ -330,6 +364,7 @@ class ModelServer:
         scores, classes = outputs.get(c.SCORES), outputs.get(c.CLASSES)
         if scores is None and classes is None:
             raise ServingError("INVALID_ARGUMENT", "Expected classification signature outputs classes and/or scores")
+        self.request_logs.classify(name, loaded.version, signature, examples, classes, scores)
         return loaded, classes, scores
 
     def validate(self, loaded: LoadedVersion, signature: str, inputs: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -21,6 +21,8 @@ BATCH_SIZE = ":tensorflow:serving:batching_session:processed_batch_size"
 QUEUING_LATENCY = ":tensorflow:serving:batching_session:queuing_latency"  # microseconds
 QUEUE_ROWS = "lmstack:batching:queued_rows"
 LOADED_VERSIONS = "lmstack:model:loaded_versions"
+REQUEST_LOG_COUNT = ":tensorflow:serving:request_log_count"
+REQUEST_LOG_DELETED = "lmstack:request_log:deleted_files"
 
 LATENCY_BUCKETS_US = tuple(float(10 * 1.8 ** i) for i in range(33))  # 10 us .. ~2.6e9 us, TF Serving's scheme
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -117,10 +119,15 @@ class Registry:
                                          ("model_name",), LATENCY_BUCKETS_US)
         self.queued_rows = Gauge(QUEUE_ROWS, "Rows waiting in the batching queues.", ("model_name",))
         self.loaded_versions = Gauge(LOADED_VERSIONS, "Versions loaded and serving, by model.", ("model_name",))
+        self.request_log_count = Counter(
+            REQUEST_LOG_COUNT, "The total number of requests logged from the model server sliced down by model_name "
+            "and status code.", ("model_name", "status_code"))
+        self.request_log_deleted = Counter(REQUEST_LOG_DELETED, "Request log files deleted to stay within "
+                                           "--request_log_max_total_bytes.", ("filename_prefix",))
 
     def render(self) -> str:
         lines: list[str] = []
         for metric in (self.request_count, self.request_latency, self.batch_size, self.queuing_latency,
-                       self.queued_rows, self.loaded_versions):
+                       self.queued_rows, self.loaded_versions, self.request_log_count, self.request_log_deleted):
             lines += metric.render()
         return "\n".join(lines) + "\n"

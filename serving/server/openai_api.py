@@ -235,8 +235,12 @@ class OpenAiApi:
         arrays = self.core.validate(request.loaded, c.GENERATE, inputs)
         arrays.update({k: np.full([len(rows)], v, np.float32) for k, v in request.penalties.items()})
         done = scheduler.run(arrays, call).rows
-        return [(text, row.tokens, "stop" if row.stopped else "length")
-                for text, row in zip(scheduler.texts([row.tokens for row in done]), done)]
+        texts = scheduler.texts([row.tokens for row in done])
+        width = max((len(row.tokens) for row in done), default=0)
+        self.core.request_logs.predict(request.name, request.loaded.version, c.GENERATE, arrays, {
+            c.COMPLETION: np.array([t.encode("utf-8") for t in texts], object),
+            c.TOKEN_IDS: np.array([row.tokens + [0] * (width - len(row.tokens)) for row in done], np.int32)})
+        return [(text, row.tokens, "stop" if row.stopped else "length") for text, row in zip(texts, done)]
 
     def _whole(self, request: Request, answers: list[tuple[str, list[int], str]]) -> dict[str, Any]:
         logprobs = self._logprobs(request, answers) if request.logprobs is not None else [None] * len(answers)

@@ -24,6 +24,7 @@ from serving.server import grpc_api, openai_api, rest_api, scheduler
 from serving.server.config import (SSLConfig, models_from_config_file, read_batching_parameters,
                                    read_monitoring_config, read_ssl_config)
 from serving.server.core import Limits, ModelServer
+from serving.server.request_log import LogOptions
 from serving.server.scheduler import SchedulerOptions
 from serving.server.versions import LoadedVersion, ServedModel
 
@@ -90,6 +91,14 @@ class Options:
         openai_api_keys_file: (lmstack extension) API keys, one a line (re-read when it changes): an
             OpenAI request without `Authorization: Bearer KEY` is refused (401). Without it the API is
             open, as the TF Serving ports are.
+        request_log_max_file_bytes: (lmstack extension) request logs (a model's logging_config) start a
+            new file past this size...
+        request_log_max_file_seconds: (lmstack extension) ... or this age.
+        request_log_max_total_bytes: (lmstack extension) the request log files under one prefix
+            together; the oldest are deleted to stay within it.
+        request_log_max_queued: (lmstack extension) records waiting to be written; past it new ones are
+            dropped (and counted), so slow storage never holds a request.
+        request_log_seed: (lmstack extension) seeds which requests are sampled (0: a random seed).
     """
     port: int = 8500
     rest_api_port: int = 8501
@@ -129,6 +138,11 @@ class Options:
     generation_max_waiting: int = SchedulerOptions.max_waiting
     openai_api_port: int = 0
     openai_api_keys_file: str = ""
+    request_log_max_file_bytes: int = LogOptions.max_file_bytes
+    request_log_max_file_seconds: int = int(LogOptions.max_file_seconds)
+    request_log_max_total_bytes: int = LogOptions.max_total_bytes
+    request_log_max_queued: int = LogOptions.max_queued
+    request_log_seed: int = LogOptions.seed
 
     def validate(self) -> None:
         """Raises ValueError for the settings that cannot start a server, one line each."""
@@ -159,6 +173,7 @@ class Options:
             raise ValueError("--model_config_file_poll_wait_seconds needs --model_config_file")
         self.limits()
         self.scheduling()
+        self.request_log()
 
     @property
     def xla(self) -> bool:
@@ -168,6 +183,13 @@ class Options:
         """The step scheduler's options (ValueError on a bad one)."""
         return SchedulerOptions(slots=self.generation_slots, steps_per_call=self.generation_steps_per_call,
                                 max_waiting=self.generation_max_waiting)
+
+    def request_log(self) -> LogOptions:
+        """How request logs are written (ValueError on a bad setting)."""
+        return LogOptions(max_file_bytes=self.request_log_max_file_bytes,
+                          max_file_seconds=self.request_log_max_file_seconds,
+                          max_total_bytes=self.request_log_max_total_bytes,
+                          max_queued=self.request_log_max_queued, seed=self.request_log_seed)
 
     def limits(self) -> Limits:
         """The per-request limits (ValueError on one below 1)."""
@@ -239,7 +261,7 @@ class Server:
         roots = None if "*" in options.model_config_roots else options.model_config_roots
         core = ModelServer(served, batching=batching, metrics_path=metrics_path, limits=options.limits(),
                            model_roots=roots, method_name_check=options.enable_signature_method_name_check,
-                           xla=options.xla)
+                           xla=options.xla, request_log=options.request_log())
         core.model_options = model_options
         server = cls(options, core, loaded, batching, metrics_path, ssl)
         core.refresh()
@@ -304,4 +326,5 @@ class Server:
             for loaded in model.versions.values():
                 if loaded.scheduler is not None:
                     loaded.scheduler.close()
+        core.request_logs.close()  # after the last request: its record is written
         return drained

@@ -245,12 +245,13 @@ class ServedModel:
         scheduler: `scheduler(loaded)` makes a loaded version's step scheduler, or None for an export
             without the step signatures (`serving.server.scheduler.for_version`); None: every
             generation request runs call by call.
+        logging_config: the model's LoggingConfig (`serving.server.request_log`), or None: no request logs.
     """
 
     def __init__(self, name: str, base_path: str | os.PathLike, policy: VersionPolicy = VersionPolicy(),
                  labels: dict[str, int] | None = None, max_num_load_retries: int = 5,
                  load_retry_interval: float = 60.0, warmup: bool = True, xla: bool = False,
-                 scheduler: Callable[[LoadedVersion], Any] | None = None):
+                 scheduler: Callable[[LoadedVersion], Any] | None = None, logging_config: Any = None):
         self.name = name
         self.base_path = str(base_path)  # a str, pathlib.Path or GPath
         check_scheme(self.base_path)
@@ -261,6 +262,7 @@ class ServedModel:
         self.warmup = warmup
         self.xla = xla
         self.scheduler = scheduler
+        self.logging_config = logging_config
         self.versions: dict[int, LoadedVersion] = {}
         self.failures: dict[int, _Failure] = {}
         self._lock = threading.Lock()
