@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "tflite": ("app.tflite", "TFLite for on-device generation: prefill/decode or sequence/step, built-in ops"),
     "serve": ("app.serve", "serve exported models over TensorFlow Serving's REST and gRPC APIs"),
     "client": ("app.client", "send a prompt to a TensorFlow Serving (or lmstack serve) endpoint"),
+    "monitor": ("app.monitor", "compare a served model's request logs with its training data: drift, exit 1"),
     "pipeline": ("app.pipeline", "run every stage from one YAML/JSON config; finished stages are not redone"),
     "doctor": ("app.doctor", "check versions, the Keras setting, GPUs and the runtimes; say how to fix"),
     "launch": ("app.launch", "start N local workers of a command with TF_CONFIG (multi-worker dev)"),

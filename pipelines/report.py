@@ -155,7 +155,7 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _save_png(fig, path: fs.Path) -> None:
+def save_png(fig, path: fs.Path) -> None:
     buffer = io.BytesIO()  # matplotlib writes local files only; the report may be on any filesystem
     fig.savefig(buffer, format="png", dpi=110)
     path.write_bytes(buffer.getvalue())
@@ -191,7 +191,7 @@ def plot(rows: list[Row], wd: workdir_lib.Workdir, out: fs.Path) -> list[str]:
         ax.set_title("size against quality (lower left is better)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        _save_png(fig, out / "size_vs_quality.png")
+        save_png(fig, out / "size_vs_quality.png")
         plt.close(fig)
         written.append("size_vs_quality.png")
 
@@ -216,7 +216,7 @@ def plot(rows: list[Row], wd: workdir_lib.Workdir, out: fs.Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        _save_png(fig, out / "loss_curves.png")
+        save_png(fig, out / "loss_curves.png")
         written.append("loss_curves.png")
     plt.close(fig)
     return written
