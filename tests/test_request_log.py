@@ -87,6 +87,25 @@ def test_every_route_is_logged_with_what_was_sent_and_answered(served_bases, tmp
     page = running.core.metrics.render()
     assert f'{metrics.REQUEST_LOG_COUNT}{{model_name="lm",status_code="OK"}} {len(sent)}' in page
 
+    # The LLM series, from the step scheduler: whole answers (REST, gRPC, OpenAI) and streams apart.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(page)}
+    def value(name, suffix, **labels):
+        return sum(s.value for s in families[name].samples if s.name == name + suffix
+                   and all(s.labels.get(k) == v for k, v in labels.items()))
+    ttft = metrics.TIME_TO_FIRST_TOKEN
+    assert value(ttft, "_count", model_name="lm", streamed="false") == 4  # 2 REST rows, gRPC, OpenAI
+    assert value(ttft, "_count", model_name="lm", streamed="true") == 2
+    assert 0 < value(ttft, "_sum", model_name="lm", streamed="true") < 60
+    assert value(metrics.TIME_PER_OUTPUT_TOKEN, "_count", streamed="true") >= 2
+    generated = sum(tensor(log.predict_log.response.outputs[c.TOKEN_IDS]).size for log in logs)
+    assert value(metrics.GENERATED_TOKENS, "_sum", model_name="lm") == 3 + 3 + 4 + 5 + 5 + 3 == generated
+    assert value(metrics.GENERATED_TOKENS, "_count", model_name="lm") == 6
+    assert value(metrics.PROMPT_TOKENS, "_count", model_name="lm") == 6
+    assert value(metrics.BATCH_SIZE, "_count", model_name="lm") > 0
+    assert value(metrics.ACTIVE_ROWS, "", model_name="lm") == 0
+
 
 def test_sampling_is_reproducible_under_a_seed_and_storage_failures_fail_no_request(served_bases, tmp_path):
     # A prefix under a regular file cannot be written (as root too): every record is dropped and counted.

@@ -21,11 +21,20 @@ BATCH_SIZE = ":tensorflow:serving:batching_session:processed_batch_size"
 QUEUING_LATENCY = ":tensorflow:serving:batching_session:queuing_latency"  # microseconds
 QUEUE_ROWS = "lmstack:batching:queued_rows"
 LOADED_VERSIONS = "lmstack:model:loaded_versions"
+TIME_TO_FIRST_TOKEN = "lmstack:generation:time_to_first_token_seconds"
+TIME_PER_OUTPUT_TOKEN = "lmstack:generation:time_per_output_token_seconds"
+PROMPT_TOKENS = "lmstack:generation:prompt_tokens"
+GENERATED_TOKENS = "lmstack:generation:generated_tokens"
+WAITING_ROWS = "lmstack:generation:waiting_rows"
+ACTIVE_ROWS = "lmstack:generation:active_rows"
+CANCELLED_REQUESTS = "lmstack:generation:cancelled_requests"
 REQUEST_LOG_COUNT = ":tensorflow:serving:request_log_count"
 REQUEST_LOG_DELETED = "lmstack:request_log:deleted_files"
 
 LATENCY_BUCKETS_US = tuple(float(10 * 1.8 ** i) for i in range(33))  # 10 us .. ~2.6e9 us, TF Serving's scheme
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TOKEN_BUCKETS = tuple(2 ** i for i in range(17))  # 1 .. 65536 tokens
 
 
 def escape(value: str) -> str:
@@ -119,6 +128,23 @@ class Registry:
                                          ("model_name",), LATENCY_BUCKETS_US)
         self.queued_rows = Gauge(QUEUE_ROWS, "Rows waiting in the batching queues.", ("model_name",))
         self.loaded_versions = Gauge(LOADED_VERSIONS, "Versions loaded and serving, by model.", ("model_name",))
+        # Generation scheduled step by step (serving.server.scheduler); `streamed` is "true" for the
+        # streams (REST :stream, gRPC StreamGenerate, OpenAI stream) and "false" for whole answers.
+        self.time_to_first_token = Histogram(
+            TIME_TO_FIRST_TOKEN, "Seconds from a sequence's arrival to its first generated token.",
+            ("model_name", "streamed"), SECONDS_BUCKETS)
+        self.time_per_output_token = Histogram(
+            TIME_PER_OUTPUT_TOKEN, "Seconds between a sequence's generated tokens (one observation per decoding "
+            "call it takes part in).", ("model_name", "streamed"), SECONDS_BUCKETS)
+        self.prompt_tokens = Histogram(PROMPT_TOKENS, "Prompt tokens of each sequence.", ("model_name",),
+                                       TOKEN_BUCKETS)
+        self.generated_tokens = Histogram(GENERATED_TOKENS, "Tokens generated for each finished sequence.",
+                                          ("model_name",), TOKEN_BUCKETS)
+        self.waiting_rows = Gauge(WAITING_ROWS, "Sequences waiting for a generation slot.", ("model_name",))
+        self.active_rows = Gauge(ACTIVE_ROWS, "Sequences in the generation slots.", ("model_name",))
+        self.cancelled_requests = Counter(
+            CANCELLED_REQUESTS, "Generation requests stopped before their end: the deadline passed, the client "
+            "disconnected, or it stopped reading (a stop string).", ("model_name", "reason"))
         self.request_log_count = Counter(
             REQUEST_LOG_COUNT, "The total number of requests logged from the model server sliced down by model_name "
             "and status code.", ("model_name", "status_code"))
@@ -128,6 +154,8 @@ class Registry:
     def render(self) -> str:
         lines: list[str] = []
         for metric in (self.request_count, self.request_latency, self.batch_size, self.queuing_latency,
-                       self.queued_rows, self.loaded_versions, self.request_log_count, self.request_log_deleted):
+                       self.queued_rows, self.loaded_versions, self.time_to_first_token, self.time_per_output_token,
+                       self.prompt_tokens, self.generated_tokens, self.waiting_rows, self.active_rows,
+                       self.cancelled_requests, self.request_log_count, self.request_log_deleted):
             lines += metric.render()
         return "\n".join(lines) + "\n"

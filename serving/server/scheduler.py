@@ -35,6 +35,7 @@ import dataclasses
 import heapq
 import logging
 import threading
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -43,6 +44,7 @@ import tensorflow as tf
 from serving import contract as c
 from serving.contract import ServingError
 from serving.server.core import op_error_message
+from serving.server.metrics import Registry
 from serving.server.versions import LoadedVersion
 
 log = logging.getLogger("lmstack.serve")
@@ -82,12 +84,13 @@ class SchedulerOptions:
         return min(c.DECODE_STEPS, self.steps_per_call * max(1, FULL_BATCH // batch))
 
 
-def for_version(loaded: LoadedVersion, options: SchedulerOptions, xla: bool, warm_up: bool) -> Scheduler | None:
+def for_version(loaded: LoadedVersion, options: SchedulerOptions, xla: bool, warm_up: bool, model_name: str = "",
+                metrics: Registry | None = None) -> Scheduler | None:
     """A loaded version's scheduler, or None when its export has no step signatures (an export made
     before them, or a classifier): its generation requests then run call by call."""
     if not all(name in loaded.signatures for name in c.STEP_SIGNATURES):
         return None
-    return Scheduler(loaded, options, xla, warm_up)
+    return Scheduler(loaded, options, xla, warm_up, model_name, metrics)
 
 
 @dataclasses.dataclass(eq=False)
@@ -103,6 +106,8 @@ class _Row:
     token: int = 0  # the last token, at `position`, not yet in the cache
     position: int = 0
     stopped: bool = False  # met [EOS]
+    queued_at: float = 0.0  # time.monotonic() when it arrived
+    last_at: float = 0.0  # ... when its last token was made
 
 
 class Generation:
@@ -113,6 +118,7 @@ class Generation:
         self.rows: list[_Row] = []
         self.error: ServingError | None = None
         self.cancelled = False
+        self.streamed = False
         self._cond = threading.Condition()
         self._pending = rows
 
@@ -158,11 +164,14 @@ class Scheduler:
         options: slots, steps per call, queue bound.
         xla: use the compiled signatures (prefill_xla, decode_xla).
         warm_up: compile decode_xla's batch buckets now (with `xla`).
+        model_name, metrics: where its figures go (time to first token, time per output token, token
+            counts, slots in use and waiting, decoding batch sizes, cancellations); None: nowhere.
     """
 
     def __init__(self, loaded: LoadedVersion, options: SchedulerOptions = SchedulerOptions(), xla: bool = False,
-                 warm_up: bool = True):
+                 warm_up: bool = True, model_name: str = "", metrics: Registry | None = None):
         self.name = f"version {loaded.version}"
+        self.model_name, self.metrics = model_name, metrics
         self._prefill = loaded.signatures[c.PREFILL_XLA if xla else c.PREFILL]
         self._decode = loaded.signatures[c.DECODE_XLA if xla else c.DECODE]
         self._detokenize = loaded.signatures[c.DETOKENIZE]
@@ -223,7 +232,9 @@ class Scheduler:
         """One prompt's tokens as they are made: `{"text", "token_ids"}` events, then the last
         `{"completion", "finished"}` (the events of `ModelServer.stream`). Queues it now (a full
         queue fails here, before the first event)."""
-        return self._events(self.submit(inputs, call))
+        generation = self.submit(inputs, call)
+        generation.streamed = True
+        return self._events(generation)
 
     def _events(self, generation: Generation) -> Iterator[dict[str, Any]]:
         (row,) = generation.rows
@@ -252,6 +263,7 @@ class Scheduler:
         """Queues a request's rows (validated inputs of generate or serving_default)."""
         prompts = inputs[c.PROMPT]
         generation = Generation(call, len(prompts))
+        arrived = time.monotonic()
         settings = [np.broadcast_to(inputs.get(k, np.asarray(v)), prompts.shape) for k, v in _GREEDY.items()]
         penalties = [np.broadcast_to(inputs.get(k, np.float32(0)), prompts.shape)
                      for k in (c.PRESENCE_PENALTY, c.FREQUENCY_PENALTY)]
@@ -261,7 +273,8 @@ class Scheduler:
         for i, prompt in enumerate(prompts):
             prompt = prompt.encode() if isinstance(prompt, str) else bytes(prompt)
             generation.rows.append(_Row(generation, prompt, int(inputs[c.MAX_NEW_TOKENS][i]),
-                                        tuple(s[i].item() for s in settings), tuple(float(p[i]) for p in penalties)))
+                                        tuple(s[i].item() for s in settings), tuple(float(p[i]) for p in penalties),
+                                        queued_at=arrived))
         with self._cond:
             if self._closed:
                 raise ServingError("UNAVAILABLE", "the server is shutting down")
@@ -314,6 +327,7 @@ class Scheduler:
                 self._run_prefill(rows)
 
     def _run_prefill(self, rows: list[_Row]) -> None:
+        started = time.monotonic()
         try:
             out = self._prefill(**{c.PROMPT: tf.constant([r.prompt for r in rows]),
                                    c.MAX_NEW_TOKENS: tf.constant([r.max_new for r in rows], tf.int32),
@@ -323,11 +337,19 @@ class Scheduler:
             self._fail(rows, e)
             return
         staying, stay_rows = [], []
+        now = time.monotonic()
         for i, row in enumerate(rows):
             row.position = int(counts[i])
             row.token, row.stopped = int(first[i]), bool(stopped[i])
             if not row.stopped:
                 row.tokens.append(row.token)
+                row.last_at = now
+            if self.metrics is not None:
+                streamed = "true" if row.generation.streamed else "false"
+                self.metrics.queuing_latency.observe(self.model_name, value=(started - row.queued_at) * 1e6)
+                self.metrics.prompt_tokens.observe(self.model_name, value=row.position)
+                if not row.stopped:
+                    self.metrics.time_to_first_token.observe(self.model_name, streamed, value=now - row.queued_at)
             if row.stopped or len(row.tokens) >= row.max_new:
                 self._finish(row)
             else:
@@ -366,6 +388,7 @@ class Scheduler:
                     rows = sorted(self._active.values(), key=lambda r: r.slot)
                     spare = [s for s in range(self.slots) if s not in self._active]
                     waiting = bool(self._waiting)
+                    self._gauges(len(rows))
                 if rows:
                     self._run_decode(rows, spare, waiting)
             except Exception as e:  # a bug or a TensorFlow error: the rows in the pool fail, the server goes on
@@ -387,12 +410,20 @@ class Scheduler:
             tf.constant([min(steps, n) for n in remaining] + [0] * pad, tf.int32), self._sampling(rows, pad),
             self._penalties(rows, pad))
         ids, counts = ids.numpy(), counts.numpy()
+        now = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(self.model_name, value=len(rows))
         for i, row in enumerate(rows):
             count = int(counts[i])
             wanted = min(steps, remaining[i])
             if count:
                 row.tokens.extend(ids[i, :count].tolist())
                 row.token, row.position = row.tokens[-1], row.position + count
+                if self.metrics is not None:
+                    self.metrics.time_per_output_token.observe(
+                        self.model_name, "true" if row.generation.streamed else "false",
+                        value=(now - row.last_at) / count)
+                row.last_at = now
             row.stopped = count < wanted
             if row.stopped or len(row.tokens) >= row.max_new:
                 self._finish(row)
@@ -429,6 +460,12 @@ class Scheduler:
         return {c.PRESENCE_PENALTY: tf.constant([v[0] for v in values], tf.float32),
                 c.FREQUENCY_PENALTY: tf.constant([v[1] for v in values], tf.float32)}
 
+    def _gauges(self, active: int) -> None:
+        """Sequences in the slots and waiting for one, on the metrics page (called under the lock)."""
+        if self.metrics is not None:
+            self.metrics.waiting_rows.set(self.model_name, value=len(self._waiting))
+            self.metrics.active_rows.set(self.model_name, value=active)
+
     def _abandoned(self, row: _Row) -> bool:
         """A row of a request that failed, was given up or whose call was abandoned (called under the lock)."""
         g = row.generation
@@ -436,6 +473,9 @@ class Scheduler:
             return False
         self._live.discard(g)
         if g.error is None:
+            if self.metrics is not None:
+                reason = "deadline" if g.call.expired() else "disconnect" if g.call.abandoned() else "stopped_reading"
+                self.metrics.cancelled_requests.inc(self.model_name, reason)
             try:
                 g.call.check()
                 g._fail(ServingError("CANCELLED", "the request was abandoned"))
@@ -453,8 +493,11 @@ class Scheduler:
 
     def _finish(self, row: _Row) -> None:
         """A row is done: its slot frees, and its request completes once every row is."""
+        if self.metrics is not None:
+            self.metrics.generated_tokens.observe(self.model_name, value=len(row.tokens))
         with self._cond:
             self._free_slot(row)
+            self._gauges(len(self._active))  # before its request hears it is done
         row.generation._update(done_rows=1)
         if row.generation.done:
             with self._cond:

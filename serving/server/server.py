@@ -24,6 +24,7 @@ from serving.server import grpc_api, openai_api, rest_api, scheduler
 from serving.server.config import (SSLConfig, models_from_config_file, read_batching_parameters,
                                    read_monitoring_config, read_ssl_config)
 from serving.server.core import Limits, ModelServer
+from serving.server.metrics import Registry
 from serving.server.request_log import LogOptions
 from serving.server.scheduler import SchedulerOptions
 from serving.server.versions import LoadedVersion, ServedModel
@@ -238,12 +239,13 @@ class Server:
             tf.config.threading.set_intra_op_parallelism_threads(options.tensorflow_intra_op_parallelism)
         if options.tensorflow_inter_op_parallelism:
             tf.config.threading.set_inter_op_parallelism_threads(options.tensorflow_inter_op_parallelism)
+        metrics = Registry()  # the core's, and the step schedulers' it makes
         model_options = {"max_num_load_retries": options.max_num_load_retries,
                          "load_retry_interval": max(0.0, options.load_retry_interval_micros / 1e6),
                          "warmup": options.enable_model_warmup, "xla": options.xla}
         if options.continuous_batching:
             model_options["scheduler"] = functools.partial(
-                scheduler.for_version, options=options.scheduling(), xla=options.xla,
+                scheduler.for_version, options=options.scheduling(), xla=options.xla, metrics=metrics,
                 warm_up=options.enable_model_warmup)
         batching = None
         if options.enable_batching:
@@ -259,9 +261,10 @@ class Server:
             served = {options.model_name: ServedModel(options.model_name, options.model_base_path, **model_options)}
         loaded = {name: model.load_latest() for name, model in served.items()}
         roots = None if "*" in options.model_config_roots else options.model_config_roots
-        core = ModelServer(served, batching=batching, metrics_path=metrics_path, limits=options.limits(),
-                           model_roots=roots, method_name_check=options.enable_signature_method_name_check,
-                           xla=options.xla, request_log=options.request_log())
+        core = ModelServer(served, batching=batching, metrics=metrics, metrics_path=metrics_path,
+                           limits=options.limits(), model_roots=roots,
+                           method_name_check=options.enable_signature_method_name_check, xla=options.xla,
+                           request_log=options.request_log())
         core.model_options = model_options
         server = cls(options, core, loaded, batching, metrics_path, ssl)
         core.refresh()

@@ -339,7 +339,7 @@ class ServedModel:
                     warmed += replay_warmup(loaded, join(extra, c.XLA_WARMUP_FILE), self.xla,
                                             threads=os.cpu_count() or 1, skip=unused)
             if self.scheduler is not None:
-                loaded.scheduler = self.scheduler(loaded)
+                loaded.scheduler = self.scheduler(loaded, model_name=self.name)
         except Exception as e:  # a broken export must not take the server down
             attempts = (failure.attempts if failure else 0) + 1
             message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
