@@ -2,6 +2,7 @@
 tensorflow-serving-api's own `PredictionLog` proto: what was sent and answered, sampling, rotation,
 the size bound, and storage that fails without failing a request."""
 
+import json
 import random
 
 import numpy as np
@@ -185,3 +186,23 @@ def test_a_classify_log_holds_the_examples_and_classes(tmp_path):
 def test_a_logging_config_this_server_cannot_carry_out_stops_it_at_start(served_bases, tmp_path, logging, message):
     with pytest.raises(ServingError, match=message.replace("[", r"\[")):
         start(tmp_path, served_bases, logging)
+
+
+def test_the_dashboard_and_alert_rules_use_series_the_server_exports():
+    import re
+
+    import yaml
+
+    from tests.helpers import ROOT
+
+    registry = metrics.Registry()
+    exported = {m.name for m in vars(registry).values() if isinstance(m, metrics._Metric)}
+    dashboard = json.loads((ROOT / "deploy" / "serving" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    rules = yaml.safe_load((ROOT / "deploy" / "serving" / "alerts.yml").read_text())["groups"][0]["rules"]
+    assert all(r["alert"] and r["expr"] and r["annotations"]["summary"] for r in rules)
+    exprs += [r["expr"] for r in rules]
+    names = {name for e in exprs for name in re.findall(r"(:?[a-z_]+(?::[a-z_]+)+)", e)}
+    used = {name if name in exported else re.sub(r"_(bucket|sum|count)$", "", name) for name in names}
+    assert used and used <= exported, used - exported
+    assert {metrics.TIME_TO_FIRST_TOKEN, metrics.TIME_PER_OUTPUT_TOKEN, metrics.REQUEST_LOG_COUNT} <= used
