@@ -158,9 +158,12 @@ def load_config(path: str | os.PathLike) -> PipelineConfig:
             BY_NAME[stage].configs(data.get(stage) or {}, tokenizer=tokenizer)
         except ConfigError as e:
             raise UserError(f"--config={path}: {e.as_key(stage)}") from None
+    stages = {s: dict(data.get(s) or {}) for s in STAGES}
+    if stages["serve"].get("request_logs"):  # a filename prefix: beside the file, as the other paths
+        stages["serve"]["request_logs"] = str(_beside(here, stages["serve"]["request_logs"]))
     return PipelineConfig(
         workdir=_beside(here, data["workdir"]),
         corpus=tuple(str(_beside(here, c)) for c in corpus),
         tokenizer=dict(tokenizer),
         models={f: dict(s or {}) for f, s in families.items()},
-        stages={s: dict(data.get(s) or {}) for s in STAGES}, skip=skip)
+        stages=stages, skip=skip)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -137,12 +139,22 @@ class ServeCheck:
         sample_tokens: also ask for this many sampled tokens, shown in the summary (0: none; a
             transformer: at most its context - 1).
         temperature: the sample's temperature.
+        request_logs: a filename prefix (local or gs://): the server logs requests there with a
+            model config's logging_config (TF Serving's PredictionLog TFRecords, which `lmstack monitor`
+            reads); empty: no request logs.
+        request_log_sampling_rate: the share of requests logged (0 to 1).
     """
     prompt: str = "ROMEO."
     max_new_tokens: int = 32
     start_timeout: float = 180.0
     sample_tokens: int = 0
     temperature: float = 0.8
+    request_logs: str = ""
+    request_log_sampling_rate: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.request_log_sampling_rate <= 1.0:
+            raise ConfigError("request_log_sampling_rate", self.request_log_sampling_rate, "must be from 0 to 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,11 +243,19 @@ def _serve(run: StageRun) -> dict[str, Any]:
     version = fs.path(export_state["path"])
     name = version.parent.name
     grpc_port, rest_port = free_ports(2)
-    server = subprocess.Popen([sys.executable, "-m", "app", "serve", f"--model_name={name}",
-                               f"--model_base_path={version.parent}", f"--port={grpc_port}",
+    (check,) = run.configs()
+    model = [f"--model_name={name}", f"--model_base_path={version.parent}"]
+    if check.request_logs:  # TF Serving's way: a model config file whose model has a logging_config
+        config = pathlib.Path(tempfile.mkdtemp(prefix="lmstack-serve-")) / "models.config"
+        config.write_text(f"model_config_list {{ config {{ name: {json.dumps(name)} "
+                          f"base_path: {json.dumps(str(version.parent))} logging_config {{ "
+                          f"log_collector_config {{ type: \"tfrecord\" "
+                          f"filename_prefix: {json.dumps(check.request_logs)} }} "
+                          f"sampling_config {{ sampling_rate: {check.request_log_sampling_rate} }} }} }} }}")
+        model = [f"--model_config_file={config}"]
+    server = subprocess.Popen([sys.executable, "-m", "app", "serve", *model, f"--port={grpc_port}",
                                f"--rest_api_port={rest_port}", "--bind_address=127.0.0.1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    (check,) = run.configs()
     # One setting serves both families: a transformer is asked for what fits its context.
     context = model_context(version)
     fit = (lambda n: n) if context is None else (lambda n: min(n, context - 1))
@@ -263,7 +283,8 @@ def _serve(run: StageRun) -> dict[str, Any]:
             _, err = server.communicate()
     if server.returncode != 0:
         raise UserError(f"lmstack serve exited with status {server.returncode}: {err.strip().splitlines()[-1:]}")
-    return {"model_name": name, "version": int(version.name), "prompt": prompt, **answers}
+    logs = {"request_logs": check.request_logs} if check.request_logs else {}
+    return {"model_name": name, "version": int(version.name), "prompt": prompt, **answers, **logs}
 
 
 def _tflite(run: StageRun) -> dict[str, Any]:

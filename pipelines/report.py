@@ -238,6 +238,22 @@ def sparsity_table(rows: list[Row]) -> str:
     return "\n\n".join(parts)
 
 
+def monitor_section(wd: workdir_lib.Workdir) -> list[str]:
+    """The last `lmstack monitor` run's windows and plot (none if it never ran)."""
+    from pipelines import monitor  # it draws its plot with save_png, from here
+
+    path = wd.root / monitor.MONITOR_DIR / monitor.MONITOR_FILE
+    if not path.is_file():
+        return []
+    result = workdir_lib.read_json(path)
+    drifted = sum(1 for w in result["windows"] if w["drift"])
+    return ["## Served traffic against the training data (the last `lmstack monitor`)", "",
+            f"Request logs {result['logs']}, windows of {result['window_seconds']} s, checked "
+            f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(result['written']))} UTC: "
+            + (f"**{drifted} of {len(result['windows'])} windows drifted**." if drifted else "no drift."), "",
+            monitor.table(result["windows"]), "", f"![monitor](../{monitor.MONITOR_DIR}/monitor.png)", ""]
+
+
 def write(workdir: str | os.PathLike, latency: bool = True, progress: Progress | None = None,
           tflite_measure: Callable[..., dict[str, Any]] | None = None) -> fs.Path:
     """Measures every model of the workdir and writes WORKDIR/report/ (report.md, PNGs, report.json)."""
@@ -264,6 +280,7 @@ def write(workdir: str | os.PathLike, latency: bool = True, progress: Progress |
     detail = sparsity_table(rows)
     if detail:
         text += ["## Per-weight detail", "", detail, ""]
+    text += monitor_section(wd)
     workdir_lib.write_json(out / "report.json", [dataclasses.asdict(r) for r in rows])
     (out / "report.md").write_text("\n".join(text), encoding="utf-8")
     return out / "report.md"

@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from pipelines import monitor
+from pipelines import monitor, report
+from pipelines import workdir as workdir_lib
 from tests.helpers import ROOT, bundled_lines, run_cli, tiny_export
 
 HOUR = 3600
@@ -60,6 +61,10 @@ def test_in_domain_prompts_pass_and_another_domain_is_flagged(workdir, tmp_path,
     assert drifted["js_excess"] > result["thresholds"]["max_js_excess"] > quiet["js_excess"]
     assert (workdir / "monitor" / "monitor.png").stat().st_size > 10_000
     assert "| window (UTC) |" in err and "1 of 3 windows drifted" in err
+    # `lmstack report` shows the last monitor run.
+    section = "\n".join(report.monitor_section(workdir_lib.Workdir(workdir)))
+    assert "**1 of 3 windows drifted**" in section and "| window (UTC) |" in section
+    assert "![monitor](../monitor/monitor.png)" in section
 
     # Only the in-domain hours: exit 0.
     status, out, err = run_cli(capsys, "monitor", f"--logs={prefix}", f"--workdir={workdir}", "--window=1h",

@@ -18,7 +18,7 @@ prepare: {val_fraction: 0.1}
 train: {steps: 20, batch_size: 8, warmup_steps: 2, eval_every: 0, checkpoint_every: 20}
 optimize: {method: prune, target_sparsity: 0.5, steps: 10, frequency: 2, end_step: 6}
 export: {variant: pruned50}
-serve: {prompt: "ROMEO.", max_new_tokens: 8, sample_tokens: 12}
+serve: {prompt: "ROMEO.", max_new_tokens: 8, sample_tokens: 12, request_logs: logs/lm}
 tflite: {variant: pruned50, quantize: none, prompt: "ROMEO.", max_new_tokens: 8}
 report: {latency: false}
 """
@@ -57,6 +57,10 @@ def test_every_stage_runs_once_and_a_changed_setting_reruns_only_what_depends_on
     # The summary ends with what the served model writes, sampled, after the prompt.
     assert served["sample"] and "samples:" in err
     assert "transformer, served, temperature 0.8:\n\n    ROMEO." + served["sample"].splitlines()[0] in err
+    # The server logged the stage's three requests (REST, gRPC, the sample) beside the config file.
+    import tensorflow as tf
+    assert served["request_logs"] == str(tmp_path / "logs" / "lm")
+    assert sum(1 for _ in tf.data.TFRecordDataset(tf.io.gfile.glob(f"{tmp_path}/logs/lm-*.tfrecord"))) == 3
     assert json.loads(out)["workdir"] == str(tmp_path / "run")
 
     code, _, err = run_cli(capsys, "pipeline", f"--config={config}")
