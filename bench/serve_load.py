@@ -24,9 +24,15 @@ one large request leaves behind, and whether it keeps growing.
 Both servers run `--rest_api_num_threads=32`, one REST worker per client
 (TF Serving's default is 4 per CPU: 8 here, which caps a REST batch at 8).
 
+The request-log rows: two batching servers side by side, each from a model config file, one
+whose model has a `logging_config` at sampling rate 1 (every request and response written as a
+PredictionLog TFRecord) and one without; windows alternate between them as above, and "vs off"
+is the logging server's throughput (and p99) over the other's. `--logging_only` runs just these
+rows and merges them into an existing serve_load.json.
+
 Prints a table and writes bench/results/serve_load.json.
 
-usage: python bench/serve_load.py [--seconds=4] [--rounds=3]
+usage: python bench/serve_load.py [--seconds=4] [--rounds=3] [--logging_only]
 """
 
 from __future__ import annotations
@@ -178,6 +184,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="length of one load window")
     parser.add_argument("--rounds", type=int, default=3, help="alternating off/on windows per row")
+    parser.add_argument("--logging_only", action="store_true", help="only the request-log rows (merged into "
+                        "bench/results/serve_load.json)")
     args = parser.parse_args()
 
     import app  # noqa: F401
@@ -192,6 +200,19 @@ def main() -> None:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="lmstack-serve-bench-"))
     base = tmp / "models" / "lm"
     _, version = untrained_export(tmp, "transformer", "tiny", export_base=str(base))
+    batching_file = tmp / "batching.txt"
+    batching_file.write_text("max_batch_size { value: 32 }\nbatch_timeout_micros { value: 5000 }\n"
+                             "num_batch_threads { value: 2 }\nmax_enqueued_batches { value: 100 }\n")
+    logging_rows = request_log_rows(Server, tmp, base, batching_file, args)
+    if args.logging_only:
+        path = RESULTS / "serve_load.json"
+        result = json.loads(path.read_text()) if path.is_file() else {"benchmark": "serve_load"}
+        result["request_log_rows"] = logging_rows
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print_request_log_rows(logging_rows)
+        print("wrote bench/results/serve_load.json (request_log_rows)")
+        return
 
     # The reference: the same signature in-process, batch 1.
     loaded = tf.saved_model.load(str(version))
@@ -216,9 +237,6 @@ def main() -> None:
     reference["batch32_rows_per_s"] = 32 / float(np.median(times))
     print(f"in-process: p50 {reference['p50_ms']:.2f} ms", file=sys.stderr)
 
-    batching_file = tmp / "batching.txt"
-    batching_file.write_text("max_batch_size { value: 32 }\nbatch_timeout_micros { value: 5000 }\n"
-                             "num_batch_threads { value: 2 }\nmax_enqueued_batches { value: 100 }\n")
     flags = [f"--model_base_path={base}", "--model_name=lm", *THREADS]
     # Both servers run side by side; load windows alternate between them, so
     # each batching-on window has a batching-off window next to it in time.
@@ -270,7 +288,7 @@ def main() -> None:
     result = {"benchmark": "serve_load", "seconds": args.seconds, "rounds": args.rounds,
               "server_flags": list(THREADS), "new_tokens": NEW_TOKENS, "preset": "tiny",
               "in_process": reference, "p50_overhead_ms_paired": overhead, "server_rss_mb_two_versions": rss_two,
-              "large_request_rss_mb": memory,
+              "large_request_rss_mb": memory, "request_log_rows": logging_rows,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows}
     print(f"{'protocol':8} {'batching':8} {'clients':>7} {'req/s':>8} {'vs off':>7} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'p50 - in-proc':>13} {'RSS MB':>7} {'errors':>6}")
@@ -286,9 +304,66 @@ def main() -> None:
           f"{memory['after_one']:.0f} MB after one, {memory['after_eleven']:.0f} MB after eleven")
     print(f"server RSS with two versions loaded: {rss_two:.0f} MB; in-process batch of 32: "
           f"{reference['batch32_rows_per_s']:.0f} rows/s")
+    print_request_log_rows(logging_rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serve_load.json").write_text(json.dumps(result, indent=2) + "\n")
     print("wrote bench/results/serve_load.json")
+
+
+def request_log_rows(server_class, tmp: pathlib.Path, base: pathlib.Path, batching_file: pathlib.Path,
+                     args) -> list[dict]:
+    """Throughput and p99 with every request logged (sampling rate 1) against no logging, paired."""
+    logs = tmp / "logs"
+    configs = {}
+    for logging in (False, True):
+        config = tmp / f"models-{'logged' if logging else 'plain'}.config"
+        extra = (f'logging_config {{ log_collector_config {{ type: "tfrecord" filename_prefix: "{logs}/lm" }} '
+                 f'sampling_config {{ sampling_rate: 1.0 }} }}') if logging else ""
+        config.write_text(f'model_config_list {{ config {{ name: "lm" base_path: "{base}" {extra} }} }}')
+        configs[logging] = config
+    servers = {logging: server_class(f"--model_config_file={configs[logging]}", *THREADS, "--enable_batching",
+                                     f"--batching_parameters_file={batching_file}") for logging in (False, True)}
+    windows: dict[tuple, list[dict]] = {}
+    try:
+        for protocol in ("grpc", "rest"):
+            for server in servers.values():
+                load(server.target(protocol), protocol, 4, 1.0)
+            for clients in (1, 32):
+                for r in range(args.rounds):
+                    for logging, server in servers.items():
+                        windows.setdefault((protocol, logging, clients), []).append(
+                            load(server.target(protocol), protocol, clients, args.seconds))
+                    on, off = (windows[(protocol, b, clients)][-1]["requests_per_s"] for b in (True, False))
+                    print(f"{protocol} clients={clients} round {r + 1}: logging off {off:.1f} req/s, on {on:.1f} "
+                          f"req/s ({on / off:.3f}x)", file=sys.stderr)
+    finally:
+        for server in servers.values():
+            server.stop()
+    import tensorflow as tf
+
+    records = sum(1 for _ in tf.data.TFRecordDataset(tf.io.gfile.glob(f"{logs}/lm-*.tfrecord")))
+    sent = sum(w["requests"] for (_, logging, _), runs in windows.items() if logging for w in runs)
+    rows = []
+    for protocol, clients in sorted({(p, c) for p, _, c in windows}):
+        on, off = windows[(protocol, True, clients)], windows[(protocol, False, clients)]
+        rows.append({"protocol": protocol, "clients": clients, "rounds": len(on),
+                     "requests_per_s_logged": float(np.median([w["requests_per_s"] for w in on])),
+                     "requests_per_s_plain": float(np.median([w["requests_per_s"] for w in off])),
+                     "throughput_vs_plain": float(np.median([a["requests_per_s"] / b["requests_per_s"]
+                                                             for a, b in zip(on, off)])),
+                     "p99_vs_plain": float(np.median([a["p99_ms"] / b["p99_ms"] for a, b in zip(on, off)])),
+                     "errors": sum(w["errors"] for w in on + off)})
+    rows.append({"records_written": records, "requests_answered_logged": sent})
+    return rows
+
+
+def print_request_log_rows(rows: list[dict]) -> None:
+    print(f"{'protocol':8} {'clients':>7} {'logged req/s':>12} {'plain req/s':>11} {'throughput':>10} {'p99':>6}")
+    for r in rows[:-1]:
+        print(f"{r['protocol']:8} {r['clients']:7} {r['requests_per_s_logged']:12.1f} "
+              f"{r['requests_per_s_plain']:11.1f} {r['throughput_vs_plain']:9.3f}x {r['p99_vs_plain']:5.2f}x")
+    print(f"request log records written: {rows[-1]['records_written']} of {rows[-1]['requests_answered_logged']} "
+          "requests answered by the logging server (the rest were in flight at its stop, or warm-up)")
 
 
 if __name__ == "__main__":
