@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from pipelines import classifiers
 from serving import contract as c
+from serving.exporters.module import ServedModule
 
 WARMUP_TEXT = "A film."
 
@@ -31,7 +32,7 @@ def _spec(signature: str) -> list[tf.TensorSpec]:
     return [tf.TensorSpec([None], tf.string, name=name) for name in c.CLASSIFIER_SIGNATURES[signature].inputs]
 
 
-class ClassifierModule(tf.Module):
+class ClassifierModule(ServedModule):
     """The exported classifier: tokenizer + model + class names.
 
     Args:
@@ -43,8 +44,7 @@ class ClassifierModule(tf.Module):
     """
 
     def __init__(self, model, max_length: int, labels: Sequence[str], tokenizer, asset_files: list[str]):
-        super().__init__(name="lmstack_classifier")
-        self.model = model
+        super().__init__("lmstack_classifier", model)
         self.tokenizer = tokenizer
         self.tokenizer_assets = [tf.saved_model.Asset(f) for f in asset_files]
         self.labels = tf.constant(list(labels))

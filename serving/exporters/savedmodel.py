@@ -33,6 +33,7 @@ from pipelines import checkpoints, fs, tokenizers
 from pipelines import workdir as workdir_lib
 from pipelines.errors import ConfigError, UserError
 from serving import contract as c
+from serving.exporters.module import ServedModule
 
 DEFAULT_EXPORT_DIR = "export"
 WARMUP_PROMPT = "The "
@@ -96,7 +97,7 @@ def cache_shape(decoder) -> list:
     return shape
 
 
-class LanguageModelModule(tf.Module):
+class LanguageModelModule(ServedModule):
     """The exported object: tokenizer + model + decoding loop, one method per signature.
 
     Args:
@@ -109,8 +110,7 @@ class LanguageModelModule(tf.Module):
 
     def __init__(self, model, config: models.ModelConfig, tokenizer, asset_files: list[str],
                  buckets: decoding.Buckets = decoding.Buckets()):
-        super().__init__(name="lmstack")
-        self.model = model
+        super().__init__("lmstack", model)
         self.tokenizer = tokenizer
         self._eos = tokenizer.eos_id  # ends a document: generation starts after it and stops at it
         self.tokenizer_assets = [tf.saved_model.Asset(f) for f in asset_files]
