@@ -38,9 +38,10 @@ quickstart: venv
 # for a quick check), in one pytest session over two processes, one test file
 # at a time each (`--dist loadfile`): a file's module fixtures (trained runs,
 # exports) are built once for its fast and slow tests alike, and test_train's
-# multi-worker tests never overlap one another.
+# multi-worker tests never overlap one another. Files go out longest first
+# (tests/conftest.py's LONGEST_FIRST, kept by --no-loadscope-reorder).
 test: venv
-	$(BIN)/python -m pytest -q --durations=15 -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q --durations=15 -n 2 --dist loadfile --no-loadscope-reorder
 
 # ruff, as configured in pyproject.toml; CI (.ci/run) runs it before the tests.
 lint: venv
