@@ -109,27 +109,31 @@ def test_every_route_is_logged_with_what_was_sent_and_answered(served_bases, tmp
 
 
 def test_sampling_is_reproducible_under_a_seed_and_storage_failures_fail_no_request(served_bases, tmp_path):
-    # A prefix under a regular file cannot be written (as root too): every record is dropped and counted.
+    # Two names for one model, each logging at rate 0.25: "lm" where it can, "broken" under a regular
+    # file, which cannot be written (as root too): every record sampled there is dropped and counted.
     (tmp_path / "a-file").write_text("")
-    broken, kept = str(tmp_path / "a-file" / "lm"), str(tmp_path / "kept" / "lm")
-    for prefix in (kept, broken):
-        running = start(tmp_path, served_bases, tfrecord(prefix, rate=0.25), request_log_seed=7)
-        try:
+    kept, broken = str(tmp_path / "kept" / "lm"), str(tmp_path / "a-file" / "lm")
+    config = tmp_path / "models.config"
+    config.write_text("model_config_list { " + " ".join(
+        f'config {{ name: "{name}" base_path: "{served_bases / "transformer"}" logging_config {{ '
+        f'{tfrecord(prefix, rate=0.25)} }} }}' for name, prefix in (("lm", kept), ("broken", broken))) + " }")
+    running = server.Server.build_and_start(server.Options(
+        model_config_file=str(config), port=0, rest_api_port=0, bind_address="127.0.0.1",
+        file_system_poll_wait_seconds=0, request_log_seed=7))
+    try:
+        for name in ("lm", "broken"):
             for i in range(24):
-                status, _ = post(("127.0.0.1", running.rest_port), "/v1/models/lm:predict",
+                status, _ = post(("127.0.0.1", running.rest_port), f"/v1/models/{name}:predict",
                                  {"inputs": {"prompt": [f"line {i}"], "max_new_tokens": [1]}})
                 assert status == 200
-        finally:
-            running.stop()
-        draws = random.Random(7)
-        expected = [i for i in range(24) if draws.random() < 0.25]
-        counts = running.core.metrics.request_log_count
-        if prefix == kept:
-            logged = [tensor(log.predict_log.request.inputs[c.PROMPT])[0].decode() for log in read_logs(kept)]
-            assert logged == [f"line {i}" for i in expected]
-            assert counts.value("lm", "OK") == len(expected)
-        else:
-            assert counts.value("lm", "UNAVAILABLE") == len(expected) and counts.value("lm", "OK") == 0
+    finally:
+        running.stop()
+    draws = random.Random(7)  # each logging config samples with its own generator, seeded alike
+    expected = [i for i in range(24) if draws.random() < 0.25]
+    counts = running.core.metrics.request_log_count
+    logged = [tensor(log.predict_log.request.inputs[c.PROMPT])[0].decode() for log in read_logs(kept)]
+    assert logged == [f"line {i}" for i in expected] and counts.value("lm", "OK") == len(expected)
+    assert counts.value("broken", "UNAVAILABLE") == len(expected) and counts.value("broken", "OK") == 0
 
 
 def test_files_rotate_and_the_oldest_go_to_stay_within_the_bound(tmp_path):
