@@ -43,9 +43,10 @@ def run(fv: flags.FlagValues) -> int:
     from pipelines import monitor
     from pipelines.progress import Progress
 
+    since = monitor.parse_duration(fv.since, "since") if fv.since else 0
     result = monitor.monitor(fv.logs, fv.workdir, window=monitor.parse_duration(fv.window),
-                             thresholds=settings.build(fv, monitor.Thresholds), model=fv.model,
-                             since=monitor.parse_duration(fv.since) if fv.since else 0, progress=Progress(sys.stderr))
+                             thresholds=settings.build(fv, monitor.Thresholds), model=fv.model, since=since,
+                             progress=Progress(sys.stderr))
     print(monitor.table(result["windows"]), file=sys.stderr)
     drifted = [w for w in result["windows"] if w["drift"]]
     print(f"{len(drifted)} of {len(result['windows'])} windows drifted" if drifted else "no drift",

@@ -32,9 +32,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipelines import checkpoints, dataset, fs, tokenizers
-from pipelines.report import save_png
 from pipelines import workdir as workdir_lib
-from pipelines.errors import UserError
+from pipelines.errors import ConfigError, UserError
 from pipelines.progress import Progress
 
 MONITOR_DIR = "monitor"
@@ -61,8 +60,8 @@ class Thresholds:
     min_window_tokens: int = 500
 
 
-def parse_duration(text: str) -> int:
-    """'90s', '30m', '1h', '7d' (or seconds) -> seconds; UserError otherwise."""
+def parse_duration(text: str, field: str = "window") -> int:
+    """'90s', '30m', '1h', '7d' (or seconds) -> seconds; ConfigError naming `field` otherwise."""
     text = text.strip()
     unit = text[-1:] if text[-1:] in _UNITS else "s"
     number = text[:-1] if text[-1:] in _UNITS else text
@@ -71,7 +70,7 @@ def parse_duration(text: str) -> int:
     except ValueError:
         seconds = 0
     if seconds <= 0:
-        raise UserError(f"--window={text}: a duration is a positive number with s, m, h or d (e.g. 1h)")
+        raise ConfigError(field, text, "a duration is a positive number with s, m, h or d (e.g. 1h)")
     return int(math.ceil(seconds))
 
 
@@ -90,15 +89,15 @@ def read_logs(prefix: str, progress: Progress | None = None) -> list[Logged]:
 
     files = sorted(tf.io.gfile.glob(f"{prefix}-*.tfrecord"))
     if not files:
-        raise UserError(f"--logs={prefix}: no request logs {prefix}-*.tfrecord (the logging_config's "
-                        "filename_prefix of a model `lmstack serve` serves)")
+        raise ConfigError("logs", prefix, f"no request logs {prefix}-*.tfrecord (give the logging_config's "
+                                          "filename_prefix of a model `lmstack serve` serves)")
     logged = []
     for record in tf.data.TFRecordDataset(files):
         log = prediction_log_pb2.PredictionLog()
         try:
             log.ParseFromString(record.numpy())
         except Exception:  # protobuf's DecodeError: not a PredictionLog
-            raise UserError(f"--logs={prefix}: a record is not a TensorFlow Serving PredictionLog") from None
+            raise ConfigError("logs", prefix, "a record is not a TensorFlow Serving PredictionLog") from None
         if log.WhichOneof("log_type") != "predict_log":
             continue
         inputs, outputs = log.predict_log.request.inputs, log.predict_log.response.outputs
@@ -259,8 +258,8 @@ def monitor(logs: str, workdir: str | os.PathLike, window: int = 3600, threshold
     if since:
         requests = [r for r in requests if r.time >= time.time() - since]
     if not requests:
-        raise UserError(f"--logs={logs}: no logged prompts" + (f" for model {model!r}" if model else "")
-                        + (" in the time asked for (--since)" if since else ""))
+        raise ConfigError("logs", logs, "no logged prompts" + (f" for model {model!r}" if model else "")
+                          + (" in the time asked for (since)" if since else ""))
     ref = _Reference(workdir, seed, progress)
     groups: dict[int, list[Logged]] = {}
     for r in requests:
@@ -318,6 +317,6 @@ def plot(windows: list[dict[str, Any]], thresholds: Thresholds, out: fs.Path) ->
     fig.suptitle("Served prompts against the training data, per window")
     fig.tight_layout()
     path = out / "monitor.png"
-    save_png(fig, path)
+    workdir_lib.write_png(fig, path)
     plt.close(fig)
     return [str(path)]

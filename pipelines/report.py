@@ -155,12 +155,6 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def save_png(fig, path: fs.Path) -> None:
-    buffer = io.BytesIO()  # matplotlib writes local files only; the report may be on any filesystem
-    fig.savefig(buffer, format="png", dpi=110)
-    path.write_bytes(buffer.getvalue())
-
-
 def _loss_curve(log_dir: fs.Path) -> list[tuple[int, float]]:
     points = []
     for path in sorted(tf.io.gfile.glob(str(log_dir / "train" / "events.out.tfevents.*"))):
@@ -191,7 +185,7 @@ def plot(rows: list[Row], wd: workdir_lib.Workdir, out: fs.Path) -> list[str]:
         ax.set_title("size against quality (lower left is better)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        save_png(fig, out / "size_vs_quality.png")
+        workdir_lib.write_png(fig, out / "size_vs_quality.png")
         plt.close(fig)
         written.append("size_vs_quality.png")
 
@@ -216,7 +210,7 @@ def plot(rows: list[Row], wd: workdir_lib.Workdir, out: fs.Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        save_png(fig, out / "loss_curves.png")
+        workdir_lib.write_png(fig, out / "loss_curves.png")
         written.append("loss_curves.png")
     plt.close(fig)
     return written
@@ -240,7 +234,7 @@ def sparsity_table(rows: list[Row]) -> str:
 
 def monitor_section(wd: workdir_lib.Workdir) -> list[str]:
     """The last `lmstack monitor` run's windows and plot (none if it never ran)."""
-    from pipelines import monitor  # it draws its plot with save_png, from here
+    from pipelines import monitor
 
     path = wd.root / monitor.MONITOR_DIR / monitor.MONITOR_FILE
     if not path.is_file():

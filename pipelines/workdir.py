@@ -23,6 +23,7 @@ everything else (`PUBLISHED_MARKER`), which readers require (`published`).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import pathlib
@@ -122,6 +123,13 @@ def read_json(path: str | os.PathLike | fs.GPath) -> Any:
 def write_json(path: str | os.PathLike | fs.GPath, obj: Any) -> None:
     """Writes JSON atomically: a reader sees the old file or the new one, never half."""
     write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def write_png(figure, path: str | os.PathLike | fs.GPath) -> None:
+    """Writes a matplotlib figure as a PNG, atomically, on any filesystem (matplotlib writes local files only)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    write_bytes(path, buffer.getvalue())
 
 
 def write_bytes(path: str | os.PathLike | fs.GPath, data: bytes) -> None:
