@@ -57,7 +57,7 @@ class Thresholds:
     max_js_excess: float = 0.04
     max_unk_rate: float = 0.02
     max_perplexity_ratio: float = 2.0
-    min_window_tokens: int = 500
+    min_window_tokens: int = 200
 
 
 def parse_duration(text: str, field: str = "window") -> int:
@@ -310,7 +310,11 @@ def plot(windows: list[dict[str, Any]], thresholds: Thresholds, out: fs.Path) ->
     for ax, (key, title, limit) in zip(axes, panels):
         values = [np.nan if w[key] is None else w[key] for w in windows]
         ax.plot(range(len(values)), values, marker="o")
+        crossed = [i for i, w in enumerate(windows) if key in w["drift"]]
+        ax.scatter(crossed, [values[i] for i in crossed], color="red", zorder=3, label="drift")
         ax.axhline(limit, color="red", linestyle="--", linewidth=1, label="threshold")
+        if key == "perplexity_ratio":
+            ax.set_yscale("log")  # in-domain sits near 1; another language can be thousands
         ax.set_ylabel(title, fontsize=8)
         ax.legend(fontsize=7, loc="upper left")
     axes[-1].set_xticks(range(len(labels)), labels, rotation=30, fontsize=7)

@@ -233,7 +233,7 @@ class ModelServer:
         loaded = self.model(name).get(version, label)
         signature = signature or c.SERVING_DEFAULT
         arrays = self.validate(loaded, signature, inputs)
-        outputs = self._run(name, loaded, signature, arrays, call or Call())
+        outputs = self._run(name, loaded, signature, arrays, call or Call(), checked=True)
         self.request_logs.predict(name, loaded.version, signature, arrays, outputs)
         return loaded, outputs
 
@@ -412,9 +412,10 @@ class ModelServer:
         return arrays
 
     def _run(self, name: str, loaded: LoadedVersion, signature: str, inputs: dict[str, Any],
-             call: Call) -> dict[str, np.ndarray]:
-        """One signature call on the version a request holds (batched if batching is on)."""
-        arrays = self.validate(loaded, signature, inputs)
+             call: Call, checked: bool = False) -> dict[str, np.ndarray]:
+        """One signature call on the version a request holds (batched if batching is on); `checked`:
+        the inputs are `validate`'s arrays already."""
+        arrays = inputs if checked else self.validate(loaded, signature, inputs)
         call.check()
         if loaded.scheduler is not None and signature in c.GENERATION_SIGNATURES:
             return loaded.scheduler.generate(arrays, call)  # step by step, with the other sequences
