@@ -164,10 +164,10 @@ def test_bad_checkpoints_are_one_line_and_write_nothing(sources, tmp_path, capsy
 
 @pytest.mark.slow
 def test_the_whole_path_on_an_imported_llama(llama_sources, tmp_path, capsys):
-    """import -> prepare -> continue pre-training -> export -> serve -> TFLite int8 -> LiteRT-LM.
+    """import -> prepare -> continue pre-training -> prune -> export -> serve -> TFLite int8 -> LiteRT-LM.
 
     On a Llama 3 checkpoint: GPT-2's block takes every stage in the rest of the suite (a classifier on
-    Llama's block: test_finetune's LoRA classifier; TF-MOT on it: test_optimize)."""
+    Llama's block: test_finetune's LoRA classifier)."""
     from serving import client as client_lib
     from serving import server
     from tests.test_serve import start
@@ -195,7 +195,11 @@ def test_the_whole_path_on_an_imported_llama(llama_sources, tmp_path, capsys):
     assert trained["steps"] == 8 and config["train"]["learning_rate"] == pytest.approx(3e-3 / 10)
     assert trained["loss"] < before["loss"]  # continued pre-training on this text lowers its loss
 
-    exported = pathlib.Path(cli("export", f"--workdir={run}")["path"])
+    pruned = cli("optimize", f"--workdir={run}", "--method=prune", "--steps=6", "--batch_size=4",
+                 "--progress=none")
+    assert pruned["sparsity"] == pytest.approx(0.5, abs=0.02)
+
+    exported = pathlib.Path(cli("export", f"--workdir={run}", "--variant=pruned50")["path"])
     from serving.server import chat
 
     info = json.loads((exported / "assets.extra" / "lmstack_config.json").read_text())
@@ -211,14 +215,14 @@ def test_the_whole_path_on_an_imported_llama(llama_sources, tmp_path, capsys):
     finally:
         rest_server.shutdown()
         grpc_server.stop(None)
-    code, local, err = run_cli(capsys, "generate", f"--workdir={run}", "--prompt=But soft, what light",
-                               "--max_new_tokens=8", "--sampler=greedy")
+    code, local, err = run_cli(capsys, "generate", f"--workdir={run}", "--variant=pruned50",
+                               "--prompt=But soft, what light", "--max_new_tokens=8", "--sampler=greedy")
     assert code == 0 and served == local.removesuffix("\n") and served, err
 
-    bundle = pathlib.Path(cli("tflite", f"--workdir={run}", "--quantize=int8", "--format=litertlm",
-                              "--prefill_lengths=8")["path"])
-    code, on_device, err = run_cli(capsys, "generate", f"--workdir={run}", "--backend=tflite", "--quantize=int8",
-                                   "--prompt=But soft", "--max_new_tokens=6")
+    bundle = pathlib.Path(cli("tflite", f"--workdir={run}", "--variant=pruned50", "--quantize=int8",
+                              "--format=litertlm", "--prefill_lengths=8")["path"])
+    code, on_device, err = run_cli(capsys, "generate", f"--workdir={run}", "--variant=pruned50", "--backend=tflite",
+                                   "--quantize=int8", "--prompt=But soft", "--max_new_tokens=6")
     assert code == 0 and on_device.strip(), err  # ai-edge-litert runs the int8 Llama with its BPE tokenizer
     # Google's LiteRT-LM engine loads the bundle (Llama's block, BPE, chat template) and generates. Its
     # tokens are not compared: this untrained int8 model's logits are so nearly tied that ai-edge-litert's
@@ -232,7 +236,7 @@ def test_the_whole_path_on_an_imported_llama(llama_sources, tmp_path, capsys):
     session.run_prefill(["But soft"])
     assert session.run_decode().texts[0] and engine.tokenize("But soft") == encode(
         tokenizers.load(run / "tokenizer"), "But soft")
-    scored = cli("evaluate", f"--workdir={run}", "--backend=tflite", "--quantize=int8")
+    scored = cli("evaluate", f"--workdir={run}", "--variant=pruned50", "--backend=tflite", "--quantize=int8")
     assert np.isfinite(scored["bits_per_char"])
 
 
