@@ -264,50 +264,21 @@ class RequestLogs:
         for collector in collectors:
             collector.close()
 
-    def _sampled(self, model_name: str) -> _Logger | None:
-        logger = self._models.get(model_name)
-        return logger if logger is not None and logger.sample() else None
-
     def predict(self, model_name: str, version: int, signature: str, inputs: dict[str, np.ndarray],
                 outputs: dict[str, np.ndarray]) -> None:
         """Logs a Predict request and its response (if sampled); the protos are made off this thread."""
-        logger = self._sampled(model_name)
-        if logger is None:
-            return
-        stamp = int(time.time())
-
-        def build() -> bytes:
-            from tensorflow_serving.apis import prediction_log_pb2
-
-            record = prediction_log_pb2.PredictionLog()
-            _metadata(record.log_metadata, logger.config, model_name, version, signature, stamp)
-            request, response = record.predict_log.request, record.predict_log.response
-            request.model_spec.CopyFrom(record.log_metadata.model_spec)
-            response.model_spec.CopyFrom(record.log_metadata.model_spec)
+        def fill(request, response) -> None:
             for key, value in inputs.items():
                 _fill_tensor(request.inputs[key], value)
             for key, value in outputs.items():
                 _fill_tensor(response.outputs[key], value)
-            return record.SerializeToString()
 
-        logger.collector.put(model_name, build)
+        self._log(model_name, version, signature, "predict_log", fill)
 
     def classify(self, model_name: str, version: int, signature: str, examples: list[bytes],
                  classes, scores) -> None:
         """Logs a Classify request (its serialized tf.Examples) and its classifications (if sampled)."""
-        logger = self._sampled(model_name)
-        if logger is None:
-            return
-        stamp = int(time.time())
-
-        def build() -> bytes:
-            from tensorflow_serving.apis import prediction_log_pb2
-
-            record = prediction_log_pb2.PredictionLog()
-            _metadata(record.log_metadata, logger.config, model_name, version, signature, stamp)
-            request, response = record.classify_log.request, record.classify_log.response
-            request.model_spec.CopyFrom(record.log_metadata.model_spec)
-            response.model_spec.CopyFrom(record.log_metadata.model_spec)
+        def fill(request, response) -> None:
             for example in examples:
                 request.input.example_list.examples.add().ParseFromString(example)
             rows = len(scores) if scores is not None else len(classes)
@@ -321,6 +292,33 @@ class RequestLogs:
                             classes[i][j], bytes) else str(classes[i][j])
                     if scores is not None:
                         entry.score = float(scores[i][j])
+
+        self._log(model_name, version, signature, "classify_log", fill)
+
+    def _log(self, model_name: str, version: int, signature: str, kind: str,
+             fill: Callable[[Any, Any], None]) -> None:
+        """Queues a PredictionLog of `kind` (predict_log, classify_log) if this request is sampled;
+        `fill(request, response)` writes the request and response protos, on the writer's thread."""
+        logger = self._models.get(model_name)
+        if logger is None or not logger.sample():
+            return
+        stamp = int(time.time())
+
+        def build() -> bytes:
+            from tensorflow_serving.apis import prediction_log_pb2
+
+            record = prediction_log_pb2.PredictionLog()
+            metadata = record.log_metadata
+            metadata.model_spec.name = model_name
+            metadata.model_spec.version.value = version
+            metadata.model_spec.signature_name = signature
+            metadata.sampling_config.CopyFrom(logger.config.sampling_config)
+            metadata.saved_model_tags.append("serve")
+            metadata.timestamp_secs = stamp
+            log = getattr(record, kind)
+            log.request.model_spec.CopyFrom(metadata.model_spec)
+            log.response.model_spec.CopyFrom(metadata.model_spec)
+            fill(log.request, log.response)
             return record.SerializeToString()
 
         logger.collector.put(model_name, build)
@@ -337,12 +335,3 @@ def _fill_tensor(proto, value) -> None:
     else:
         proto.dtype = tf.as_dtype(array.dtype).as_datatype_enum
         proto.tensor_content = np.ascontiguousarray(array).tobytes()
-
-
-def _metadata(metadata, config, model_name: str, version: int, signature: str, stamp: int) -> None:
-    metadata.model_spec.name = model_name
-    metadata.model_spec.version.value = version
-    metadata.model_spec.signature_name = signature
-    metadata.sampling_config.CopyFrom(config.sampling_config)
-    metadata.saved_model_tags.append("serve")
-    metadata.timestamp_secs = stamp
