@@ -180,6 +180,25 @@ def paired_overhead(fn, server, reps: int = 80) -> dict:
     return {name: float(np.median(d)) for name, d in differences.items()}
 
 
+def paired_windows(servers: dict, rounds: int, seconds: float, what: str) -> dict[tuple, list[dict]]:
+    """Load windows alternating between two servers ({False: without `what`, True: with it}), so each
+    window has one of the other beside it in time: (protocol, with, clients) -> its windows."""
+    windows: dict[tuple, list[dict]] = {}
+    for protocol in ("grpc", "rest"):
+        for server in servers.values():
+            load(server.target(protocol), protocol, 4, 1.0)  # warm connections and the batch shapes
+        for clients in (1, 32):
+            for r in range(rounds):
+                for flag, server in servers.items():
+                    window = load(server.target(protocol), protocol, clients, seconds)
+                    window["server_rss_mb"] = rss_mb(server.process.pid)
+                    windows.setdefault((protocol, flag, clients), []).append(window)
+                on, off = (windows[(protocol, b, clients)][-1]["requests_per_s"] for b in (True, False))
+                print(f"{protocol} clients={clients} round {r + 1}: {what} off {off:.1f} req/s, on {on:.1f} req/s "
+                      f"({on / off:.3f}x)", file=sys.stderr)
+    return windows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="length of one load window")
@@ -245,19 +264,7 @@ def main() -> None:
     try:
         memory = large_request_memory(servers[False])
         overhead = paired_overhead(fn, servers[False])
-        windows: dict[tuple, list[dict]] = {}
-        for protocol in ("grpc", "rest"):
-            for server in servers.values():
-                load(server.target(protocol), protocol, 4, 1.0)  # warm connections and the batch shapes
-            for clients in (1, 32):
-                for r in range(args.rounds):
-                    for batching, server in servers.items():
-                        window = load(server.target(protocol), protocol, clients, args.seconds)
-                        window["server_rss_mb"] = rss_mb(server.process.pid)
-                        windows.setdefault((protocol, batching, clients), []).append(window)
-                    on, off = (windows[(protocol, b, clients)][-1]["requests_per_s"] for b in (True, False))
-                    print(f"{protocol} clients={clients} round {r + 1}: batching off {off:.1f} req/s, "
-                          f"on {on:.1f} req/s ({on / off:.2f}x)", file=sys.stderr)
+        windows = paired_windows(servers, args.rounds, args.seconds, "batching")
     finally:
         for server in servers.values():
             server.stop()
@@ -323,19 +330,8 @@ def request_log_rows(server_class, tmp: pathlib.Path, base: pathlib.Path, batchi
         configs[logging] = config
     servers = {logging: server_class(f"--model_config_file={configs[logging]}", *THREADS, "--enable_batching",
                                      f"--batching_parameters_file={batching_file}") for logging in (False, True)}
-    windows: dict[tuple, list[dict]] = {}
     try:
-        for protocol in ("grpc", "rest"):
-            for server in servers.values():
-                load(server.target(protocol), protocol, 4, 1.0)
-            for clients in (1, 32):
-                for r in range(args.rounds):
-                    for logging, server in servers.items():
-                        windows.setdefault((protocol, logging, clients), []).append(
-                            load(server.target(protocol), protocol, clients, args.seconds))
-                    on, off = (windows[(protocol, b, clients)][-1]["requests_per_s"] for b in (True, False))
-                    print(f"{protocol} clients={clients} round {r + 1}: logging off {off:.1f} req/s, on {on:.1f} "
-                          f"req/s ({on / off:.3f}x)", file=sys.stderr)
+        windows = paired_windows(servers, args.rounds, args.seconds, "logging")
     finally:
         for server in servers.values():
             server.stop()
