@@ -39,9 +39,9 @@ quickstart: venv
 # at a time each (`--dist loadfile`): a file's module fixtures (trained runs,
 # exports) are built once for its fast and slow tests alike, and test_train's
 # multi-worker tests never overlap one another. Files go out longest first
-# (tests/conftest.py's LONGEST_FIRST, kept by --no-loadscope-reorder).
+# (tests/conftest.py's LONGEST_FIRST, kept by).
 test: venv
-	$(BIN)/python -m pytest -q --durations=15 -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q --durations=15 -n 2 --dist loadfile
 
 # ruff, as configured in pyproject.toml; CI (.ci/run) runs it before the tests.
 lint: venv
